@@ -1,0 +1,35 @@
+//! `core.*`: ping, jobs, and the method list.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::{query, Ctx, MethodDef, Params};
+use crate::error::ServiceError;
+use crate::method;
+
+pub fn methods() -> Vec<MethodDef> {
+    vec![
+        method!("core.ping", Public, ping),
+        method!("core.get_jobs", Read, get_jobs),
+        method!("core.get_methods", Read, get_methods),
+    ]
+}
+
+async fn ping(_: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    p.at_most(0, "core.ping")?;
+    Ok(json!("pong"))
+}
+
+async fn get_jobs(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    query(&ctx.app.jobs.list(), &p, "core.get_jobs")
+}
+
+async fn get_methods(_: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    p.at_most(0, "core.get_methods")?;
+    let mut out = serde_json::Map::new();
+    for (name, access) in super::method_list() {
+        out.insert(name.to_string(), json!({"access": format!("{access:?}").to_uppercase()}));
+    }
+    Ok(Value::Object(out))
+}

@@ -1,0 +1,140 @@
+//! Every API method, declared once: its TrueNAS name, who may call it, and the
+//! handler that decodes its positional parameters. One file per namespace.
+//! Both wire dialects and the unix socket dispatch through [`dispatch`].
+
+mod api_key;
+mod audit;
+mod auth;
+mod core;
+pub mod params;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use serde_json::Value;
+
+use crate::error::ServiceError;
+use crate::service::audit::{record, AuditEvent};
+use crate::service::auth::{Caller, Session};
+use crate::service::App;
+pub use params::Params;
+
+pub type BoxFuture = Pin<Box<dyn Future<Output = Result<Value, ServiceError>> + Send>>;
+pub type Handler = fn(Arc<Ctx>, Params) -> BoxFuture;
+
+/// Who may call a method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Access {
+    /// No login needed (login methods, `core.ping`).
+    Public,
+    /// Any logged-in account (read-only admins included).
+    Read,
+    /// Full admins only; every call is audited.
+    Write,
+}
+
+pub struct MethodDef {
+    pub name: &'static str,
+    pub access: Access,
+    pub handler: Handler,
+}
+
+/// Build a [`MethodDef`] from an `async fn(Arc<Ctx>, Params) -> Result<Value>`.
+#[macro_export]
+macro_rules! method {
+    ($name:literal, $access:ident, $f:path) => {
+        $crate::api::MethodDef {
+            name: $name,
+            access: $crate::api::Access::$access,
+            handler: |c, p| Box::pin($f(c, p)),
+        }
+    };
+}
+
+/// The context of one call.
+pub struct Ctx {
+    pub app: Arc<App>,
+    pub session: Arc<Session>,
+    pub method: &'static str,
+    description: Mutex<Option<String>>,
+}
+
+impl Ctx {
+    /// The authenticated caller (present for every non-public method).
+    pub fn caller(&self) -> Result<Caller, ServiceError> {
+        self.session.caller().ok_or(ServiceError::NotAuthenticated)
+    }
+
+    /// Say what this call does, for the audit log (e.g. `Create Keychain Credential: x`).
+    pub fn describe(&self, d: impl Into<String>) {
+        *self.description.lock().unwrap_or_else(|p| p.into_inner()) = Some(d.into());
+    }
+}
+
+fn registry() -> &'static HashMap<&'static str, MethodDef> {
+    static R: OnceLock<HashMap<&'static str, MethodDef>> = OnceLock::new();
+    R.get_or_init(|| {
+        let mut all = Vec::new();
+        all.extend(auth::methods());
+        all.extend(api_key::methods());
+        all.extend(audit::methods());
+        all.extend(core::methods());
+        all.into_iter().map(|m| (m.name, m)).collect()
+    })
+}
+
+/// Names and access of every method (for tests and `core.get_methods`).
+pub fn method_list() -> Vec<(&'static str, Access)> {
+    let mut v: Vec<_> = registry().values().map(|m| (m.name, m.access)).collect();
+    v.sort();
+    v
+}
+
+#[derive(Debug)]
+pub enum CallFailure {
+    NoMethod,
+    Failed(ServiceError),
+}
+
+/// Look up, authorise, run and (for writes) audit one call.
+pub async fn dispatch(app: &Arc<App>, session: &Arc<Session>, method: &str, params: Vec<Value>) -> Result<Value, CallFailure> {
+    let def = registry().get(method).ok_or(CallFailure::NoMethod)?;
+    if def.access != Access::Public {
+        match session.caller() {
+            None => return Err(CallFailure::Failed(ServiceError::NotAuthenticated)),
+            Some(c) if def.access == Access::Write && !c.role.can_write() => {
+                record(app, session, AuditEvent::method(def.name, def.name, None, false, Some("Not authorized".into())));
+                return Err(CallFailure::Failed(ServiceError::NotAuthorized));
+            }
+            Some(_) => {}
+        }
+    }
+    let ctx = Arc::new(Ctx { app: app.clone(), session: session.clone(), method: def.name, description: Mutex::new(None) });
+    let out = (def.handler)(ctx.clone(), Params(params)).await;
+    if def.access == Access::Write {
+        let desc = ctx.description.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_else(|| def.name.to_string());
+        let err = out.as_ref().err().map(|e| e.to_string());
+        record(app, session, AuditEvent::method(def.name, &desc, None, out.is_ok(), err));
+    }
+    out.map_err(CallFailure::Failed)
+}
+
+/// Run a TrueNAS query (`[filters, options]`) over already-built entries.
+pub fn query(items: &[Value], params: &Params, schema: &str) -> Result<Value, ServiceError> {
+    use keyhaven_core::query::{filter_list, parse_filters, QueryError, QueryOptions};
+    params.at_most(2, schema)?;
+    let filters = parse_filters(params.raw(0).unwrap_or(&Value::Null)).map_err(|e| prefix_errors(e, schema))?;
+    let options =
+        QueryOptions::from_value(params.raw(1).unwrap_or(&Value::Null)).map_err(|e| prefix_errors(e, schema))?;
+    match filter_list(items, &filters, &options) {
+        Ok(r) => Ok(r.into_value()),
+        Err(QueryError::NotFound) => Err(ServiceError::call(crate::error::ENOENT, "No matching records found")),
+        Err(QueryError::Invalid(v)) => Err(prefix_errors(v, schema)),
+    }
+}
+
+fn prefix_errors(v: keyhaven_core::ValidationErrors, schema: &str) -> ServiceError {
+    ServiceError::Validation(keyhaven_core::ValidationErrors(v.0.into_iter().map(|e| e.prefixed(schema)).collect()))
+}

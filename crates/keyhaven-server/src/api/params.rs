@@ -1,0 +1,221 @@
+//! Strict decoding of positional JSON-RPC parameters into typed arguments.
+//!
+//! Like TrueNAS's pydantic models: no type coercion, unknown fields refused,
+//! plain strings capped at 1024 characters ([`Str`]) while long texts
+//! (keys, sshpubkey, options) use `String`. Every failure is a field-named
+//! validation error `<schema>.<path>`.
+
+use std::fmt;
+use std::ops::Deref;
+
+use serde::de::{DeserializeOwned, Deserializer};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ServiceError;
+use keyhaven_core::error::{FieldError, ValidationErrors};
+
+/// Cap of plain strings, as TrueNAS's models.
+pub const STR_MAX: usize = 1024;
+
+/// A string of at most [`STR_MAX`] characters.
+#[derive(Clone, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(transparent)]
+pub struct Str(pub String);
+
+impl fmt::Debug for Str {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Deref for Str {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Str {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.chars().count() > STR_MAX {
+            return Err(serde::de::Error::custom(format!("String should have at most {STR_MAX} characters")));
+        }
+        Ok(Str(s))
+    }
+}
+
+/// A secret string parameter (password, token, OTP): redacted in Debug and zeroed on drop.
+#[derive(Clone, Default)]
+pub struct Secret(pub secrecy::SecretString);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"********\"")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.chars().count() > STR_MAX {
+            return Err(serde::de::Error::custom(format!("String should have at most {STR_MAX} characters")));
+        }
+        Ok(Secret(secrecy::SecretString::from(s)))
+    }
+}
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        use secrecy::ExposeSecret;
+        self.0.expose_secret()
+    }
+}
+
+/// Turn serde's message into TrueNAS/pydantic wording.
+fn pydantic_message(msg: &str) -> String {
+    if let Some(rest) = msg.strip_prefix("invalid type: ") {
+        let expected = rest.split("expected ").nth(1).unwrap_or("").trim_end_matches(|c| c == '.' || c == ' ');
+        let what = if expected.contains("string") || expected.contains("Str") {
+            "Input should be a valid string"
+        } else if expected.contains("bool") {
+            "Input should be a valid boolean"
+        } else if expected.contains("integer") || expected.starts_with("i64") || expected.starts_with("u") {
+            "Input should be a valid integer"
+        } else if expected.contains("sequence") || expected.contains("array") {
+            "Input should be a valid list"
+        } else if expected.contains("map") || expected.contains("struct") {
+            "Input should be a valid dictionary"
+        } else {
+            return format!("Input should be {expected}");
+        };
+        return what.to_string();
+    }
+    if msg.starts_with("unknown field") {
+        return "Extra inputs are not permitted".into();
+    }
+    if msg.starts_with("missing field") {
+        return "Field required".into();
+    }
+    if let Some(rest) = msg.strip_prefix("unknown variant ") {
+        // "unknown variant `X`, expected one of `A`, `B`"
+        let expected = rest.split("expected ").nth(1).unwrap_or("").replace('`', "'");
+        return format!("Input should be {expected}");
+    }
+    if msg.starts_with("invalid value: integer") {
+        return "Input should be a valid integer in range".into();
+    }
+    msg.to_string()
+}
+
+fn backticked(msg: &str) -> Option<&str> {
+    let start = msg.find('`')? + 1;
+    let end = start + msg[start..].find('`')?;
+    Some(&msg[start..end])
+}
+
+/// Decode one value against a schema name, mapping errors to `<schema>.<path>`.
+pub fn decode<T: DeserializeOwned>(v: Value, schema: &str) -> Result<T, ServiceError> {
+    serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
+        let mut path = e.path().to_string();
+        let inner = e.inner().to_string();
+        // serde_path_to_error points at the struct for unknown or missing fields.
+        if inner.starts_with("unknown field") || inner.starts_with("missing field") {
+            if let Some(f) = backticked(&inner) {
+                if !path.ends_with(f) {
+                    path = if path == "." || path.is_empty() { f.to_string() } else { format!("{path}.{f}") };
+                }
+            }
+        }
+        let path = path.trim_start_matches('.').replace("[", ".").replace(']', "");
+        let attr = if path.is_empty() { schema.to_string() } else { format!("{schema}.{path}") };
+        let msg = pydantic_message(inner.split(" at line ").next().unwrap_or(&inner));
+        ServiceError::Validation(FieldError::new(attr, msg).into())
+    })
+}
+
+/// The positional parameters of one call.
+#[derive(Debug, Clone, Default)]
+pub struct Params(pub Vec<Value>);
+
+impl Params {
+    /// Refuse more than `n` positional arguments.
+    pub fn at_most(&self, n: usize, method: &str) -> Result<(), ServiceError> {
+        if self.0.len() > n {
+            return Err(ServiceError::Validation(ValidationErrors::single(
+                method,
+                format!("Too many arguments (expected at most {n}, got {})", self.0.len()),
+            )));
+        }
+        Ok(())
+    }
+
+    /// A required argument.
+    pub fn req<T: DeserializeOwned>(&self, idx: usize, schema: &str) -> Result<T, ServiceError> {
+        match self.0.get(idx) {
+            Some(v) => decode(v.clone(), schema),
+            None => Err(ServiceError::field(schema, "Field required")),
+        }
+    }
+
+    /// An optional argument: absent or null gives `T::default()`.
+    pub fn opt<T: DeserializeOwned + Default>(&self, idx: usize, schema: &str) -> Result<T, ServiceError> {
+        match self.0.get(idx) {
+            None | Some(Value::Null) => Ok(T::default()),
+            Some(v) => decode(v.clone(), schema),
+        }
+    }
+
+    pub fn raw(&self, idx: usize) -> Option<&Value> {
+        self.0.get(idx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        port: i64,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Outer {
+        name: Str,
+        #[serde(default)]
+        flag: bool,
+        attributes: Option<Inner>,
+    }
+
+    fn err(v: Value) -> (String, String) {
+        match decode::<Outer>(v, "x_create") {
+            Err(ServiceError::Validation(v)) => (v.0[0].attribute.clone(), v.0[0].message.clone()),
+            other => panic!("expected validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn field_named_errors() {
+        assert_eq!(err(serde_json::json!({"name": 5})), ("x_create.name".into(), "Input should be a valid string".into()));
+        assert_eq!(err(serde_json::json!({"name": "a", "bogus": 1})), ("x_create.bogus".into(), "Extra inputs are not permitted".into()));
+        assert_eq!(err(serde_json::json!({})), ("x_create.name".into(), "Field required".into()));
+        assert_eq!(
+            err(serde_json::json!({"name": "a", "attributes": {"port": "22"}})),
+            ("x_create.attributes.port".into(), "Input should be a valid integer".into())
+        );
+        assert_eq!(
+            err(serde_json::json!({"name": "a", "attributes": {"port": 1, "x": 1}})),
+            ("x_create.attributes.x".into(), "Extra inputs are not permitted".into())
+        );
+        assert_eq!(err(serde_json::json!({"name": "a", "flag": 1})), ("x_create.flag".into(), "Input should be a valid boolean".into()));
+        let long = "a".repeat(1025);
+        assert_eq!(err(serde_json::json!({"name": long})).1, "String should have at most 1024 characters");
+        assert_eq!(err(serde_json::json!([1])).0, "x_create");
+    }
+}

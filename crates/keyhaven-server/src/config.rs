@@ -1,0 +1,345 @@
+//! Settings, declared once.
+//!
+//! Every setting has one entry in [`SETTINGS`]: its name (the TOML key, dotted
+//! for tables), its environment variable, its command-line flag if any, its
+//! default and its documentation. Values resolve as flag > env > file > default.
+//! The README's configuration table is generated from the same list
+//! (`keyhaven settings-table`) and a test keeps the two equal.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Path,
+    Addr,
+    Bool,
+    Str,
+    Choice(&'static [&'static str]),
+}
+
+pub struct SettingDef {
+    pub name: &'static str,
+    pub env: &'static str,
+    pub flag: Option<&'static str>,
+    pub default: &'static str,
+    pub kind: Kind,
+    pub doc: &'static str,
+}
+
+pub const SETTINGS: &[SettingDef] = &[
+    SettingDef {
+        name: "data_dir",
+        env: "KEYHAVEN_DATA_DIR",
+        flag: Some("--data-dir"),
+        default: "./keyhaven-data",
+        kind: Kind::Path,
+        doc: "Directory holding the database, master.key, sshd files and TLS material (created 0711 on first start).",
+    },
+    SettingDef {
+        name: "listen",
+        env: "KEYHAVEN_LISTEN",
+        flag: Some("--listen"),
+        default: "127.0.0.1:8080",
+        kind: Kind::Addr,
+        doc: "Address and port of the API and web UI. Plain HTTP only on loopback; any other address is served over TLS. Port 0 picks a free port.",
+    },
+    SettingDef {
+        name: "tls",
+        env: "KEYHAVEN_TLS",
+        flag: None,
+        default: "false",
+        kind: Kind::Bool,
+        doc: "Serve TLS on a loopback address too (non-loopback addresses always use TLS).",
+    },
+    SettingDef {
+        name: "tls_cert",
+        env: "KEYHAVEN_TLS_CERT",
+        flag: None,
+        default: "",
+        kind: Kind::Path,
+        doc: "PEM certificate chain to serve; empty = a self-signed certificate generated into <data>/tls/.",
+    },
+    SettingDef {
+        name: "tls_key",
+        env: "KEYHAVEN_TLS_KEY",
+        flag: None,
+        default: "",
+        kind: Kind::Path,
+        doc: "PEM private key for tls_cert.",
+    },
+    SettingDef {
+        name: "log",
+        env: "KEYHAVEN_LOG",
+        flag: None,
+        default: "info",
+        kind: Kind::Str,
+        doc: "Log filter (tracing EnvFilter syntax, e.g. `info,keyhaven_server=debug`). Logs go to stderr and never contain secrets.",
+    },
+    SettingDef {
+        name: "sshd_path",
+        env: "KEYHAVEN_SSHD_PATH",
+        flag: None,
+        default: "/usr/sbin/sshd",
+        kind: Kind::Path,
+        doc: "Absolute path of OpenSSH's sshd (Debian package openssh-server).",
+    },
+    SettingDef {
+        name: "accounts.manage_os",
+        env: "KEYHAVEN_ACCOUNTS_MANAGE_OS",
+        flag: None,
+        default: "false",
+        kind: Kind::Bool,
+        doc: "Create, change and remove OS accounts (useradd/usermod/userdel) for keyhaven accounts. Off: an account's OS account must already exist.",
+    },
+    SettingDef {
+        name: "ssh.authorized_keys_location",
+        env: "KEYHAVEN_SSH_AUTHORIZED_KEYS_LOCATION",
+        flag: None,
+        default: "data",
+        kind: Kind::Choice(&["data", "home"]),
+        doc: "Where account keys are written: `data` = <data>/sshd/authorized_keys/<user> (root-owned), `home` = ~/.ssh/authorized_keys as TrueNAS does.",
+    },
+];
+
+/// The admin password used on first start only (never stored in a file keyhaven reads back).
+pub const ADMIN_PASSWORD_ENV: &str = "KEYHAVEN_ADMIN_PASSWORD";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; check the path given to --config")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("unknown setting `{key}` in {path}; known settings: {known}")]
+    Unknown { key: String, path: PathBuf, known: String },
+    #[error("setting `{name}` ({source_desc}): {message}")]
+    Invalid { name: String, source_desc: String, message: String },
+}
+
+/// Resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub tls: bool,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub log: String,
+    pub sshd_path: PathBuf,
+    pub manage_os_accounts: bool,
+    pub authorized_keys_in_home: bool,
+}
+
+impl Config {
+    /// Whether the listener must use TLS (non-loopback, or forced).
+    pub fn use_tls(&self) -> bool {
+        self.tls || !self.listen.ip().is_loopback()
+    }
+
+    /// Resolve from flags (`name` → value), the environment and an optional file.
+    pub fn resolve(
+        flags: &BTreeMap<&'static str, String>,
+        env: &dyn Fn(&str) -> Option<String>,
+        file: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        let file_values = match file {
+            Some(p) => read_file(p)?,
+            None => BTreeMap::new(),
+        };
+        let mut values: BTreeMap<&'static str, (String, String)> = BTreeMap::new();
+        for def in SETTINGS {
+            let (v, src) = if let Some(v) = flags.get(def.name) {
+                (v.clone(), format!("flag {}", def.flag.unwrap_or(def.name)))
+            } else if let Some(v) = env(def.env) {
+                (v, format!("environment variable {}", def.env))
+            } else if let Some(v) = file_values.get(def.name) {
+                (v.clone(), format!("config file {}", file.map(|p| p.display().to_string()).unwrap_or_default()))
+            } else {
+                (def.default.to_string(), "default".to_string())
+            };
+            check_kind(def, &v, &src)?;
+            values.insert(def.name, (v, src));
+        }
+        let get = |n: &str| values[n].0.clone();
+        let opt_path = |n: &str| {
+            let v = get(n);
+            if v.is_empty() {
+                None
+            } else {
+                Some(PathBuf::from(v))
+            }
+        };
+        let cfg = Config {
+            data_dir: PathBuf::from(get("data_dir")),
+            listen: get("listen").parse().expect("checked by check_kind"),
+            tls: parse_bool(&get("tls")).expect("checked"),
+            tls_cert: opt_path("tls_cert"),
+            tls_key: opt_path("tls_key"),
+            log: get("log"),
+            sshd_path: PathBuf::from(get("sshd_path")),
+            manage_os_accounts: parse_bool(&get("accounts.manage_os")).expect("checked"),
+            authorized_keys_in_home: get("ssh.authorized_keys_location") == "home",
+        };
+        if cfg.tls_cert.is_some() != cfg.tls_key.is_some() {
+            return Err(ConfigError::Invalid {
+                name: "tls_cert".into(),
+                source_desc: values["tls_cert"].1.clone(),
+                message: "tls_cert and tls_key must be set together".into(),
+            });
+        }
+        if !cfg.sshd_path.is_absolute() {
+            return Err(ConfigError::Invalid {
+                name: "sshd_path".into(),
+                source_desc: values["sshd_path"].1.clone(),
+                message: "must be an absolute path (sshd refuses to re-exec otherwise)".into(),
+            });
+        }
+        Ok(cfg)
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" | "" => Some(false),
+        _ => None,
+    }
+}
+
+fn check_kind(def: &SettingDef, v: &str, src: &str) -> Result<(), ConfigError> {
+    let bad = |message: String| ConfigError::Invalid { name: def.name.into(), source_desc: src.into(), message };
+    match def.kind {
+        Kind::Addr => {
+            v.parse::<SocketAddr>().map_err(|_| bad(format!("`{v}` is not an ADDRESS:PORT such as 127.0.0.1:8080 or [::1]:8080")))?;
+        }
+        Kind::Bool => {
+            parse_bool(v).ok_or_else(|| bad(format!("`{v}` is not a boolean (use true or false)")))?;
+        }
+        Kind::Choice(choices) => {
+            if !choices.contains(&v) {
+                return Err(bad(format!("`{v}` is not one of {}", choices.join(", "))));
+            }
+        }
+        Kind::Path | Kind::Str => {}
+    }
+    Ok(())
+}
+
+fn read_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+    let mut out = BTreeMap::new();
+    flatten("", &toml::Value::Table(table), &mut out, path)?;
+    Ok(out)
+}
+
+fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>, path: &Path) -> Result<(), ConfigError> {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let is_known_table = SETTINGS.iter().any(|d| d.name.starts_with(&format!("{key}.")));
+                if matches!(v, toml::Value::Table(_)) && is_known_table {
+                    flatten(&key, v, out, path)?;
+                } else if SETTINGS.iter().any(|d| d.name == key) {
+                    let s = match v {
+                        toml::Value::String(s) => s.clone(),
+                        toml::Value::Boolean(b) => b.to_string(),
+                        toml::Value::Integer(i) => i.to_string(),
+                        other => {
+                            return Err(ConfigError::Invalid {
+                                name: key,
+                                source_desc: format!("config file {}", path.display()),
+                                message: format!("unsupported value {other}"),
+                            })
+                        }
+                    };
+                    out.insert(key, s);
+                } else {
+                    return Err(ConfigError::Unknown {
+                        key,
+                        path: path.into(),
+                        known: SETTINGS.iter().map(|d| d.name).collect::<Vec<_>>().join(", "),
+                    });
+                }
+            }
+            Ok(())
+        }
+        _ => unreachable!("only tables are flattened"),
+    }
+}
+
+/// The README's configuration table, generated from [`SETTINGS`].
+pub fn markdown_table() -> String {
+    let mut s = String::from("| setting (TOML) | flag | environment | default | meaning |\n|---|---|---|---|---|\n");
+    for d in SETTINGS {
+        let default = if d.default.is_empty() { "(none)".to_string() } else { format!("`{}`", d.default) };
+        s.push_str(&format!(
+            "| `{}` | {} | `{}` | {} | {} |\n",
+            d.name,
+            d.flag.map(|f| format!("`{f}`")).unwrap_or_else(|| "—".into()),
+            d.env,
+            default,
+            d.doc
+        ));
+    }
+    s.push_str(&format!(
+        "| — | — | `{ADMIN_PASSWORD_ENV}` | (generated) | Password of the `admin` account, used on first start only; otherwise one is generated, printed once on stderr and written to `<data>/initial-admin-password` (0600). |\n"
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(flags: &[(&'static str, &str)], env: &[(&str, &str)], file: Option<&str>) -> Result<Config, ConfigError> {
+        let flags = flags.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        if let Some(f) = file {
+            std::fs::write(&path, f).unwrap();
+        }
+        Config::resolve(&flags, &|k| env.get(k).cloned(), file.map(|_| path.as_path()))
+    }
+
+    #[test]
+    fn precedence_flag_env_file_default() {
+        let c = resolve(&[], &[], None).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.data_dir, PathBuf::from("./keyhaven-data"));
+        let c = resolve(&[], &[], Some("listen = \"127.0.0.1:1\"\n")).unwrap();
+        assert_eq!(c.listen.port(), 1);
+        let c = resolve(&[], &[("KEYHAVEN_LISTEN", "127.0.0.1:2")], Some("listen = \"127.0.0.1:1\"\n")).unwrap();
+        assert_eq!(c.listen.port(), 2);
+        let c = resolve(&[("listen", "127.0.0.1:3")], &[("KEYHAVEN_LISTEN", "127.0.0.1:2")], Some("listen = \"127.0.0.1:1\"\n"))
+            .unwrap();
+        assert_eq!(c.listen.port(), 3);
+    }
+
+    #[test]
+    fn nested_tables_and_unknown_keys() {
+        let c = resolve(&[], &[], Some("[accounts]\nmanage_os = true\n[ssh]\nauthorized_keys_location = \"home\"\n")).unwrap();
+        assert!(c.manage_os_accounts);
+        assert!(c.authorized_keys_in_home);
+        let e = resolve(&[], &[], Some("listne = \"x\"\n")).unwrap_err();
+        assert!(e.to_string().contains("unknown setting `listne`"), "{e}");
+        let e = resolve(&[], &[], Some("[accounts]\nmanage = true\n")).unwrap_err();
+        assert!(e.to_string().contains("accounts.manage"), "{e}");
+        let e = resolve(&[], &[], Some("[ssh]\nauthorized_keys_location = \"elsewhere\"\n")).unwrap_err();
+        assert!(e.to_string().contains("not one of data, home"), "{e}");
+    }
+
+    #[test]
+    fn tls_rules() {
+        assert!(!resolve(&[], &[], None).unwrap().use_tls());
+        assert!(resolve(&[("listen", "0.0.0.0:8443")], &[], None).unwrap().use_tls());
+        assert!(resolve(&[], &[("KEYHAVEN_TLS", "true")], None).unwrap().use_tls());
+        assert!(resolve(&[], &[("KEYHAVEN_TLS_CERT", "/x")], None).is_err());
+        assert!(resolve(&[("listen", "nonsense")], &[], None).unwrap_err().to_string().contains("flag --listen"));
+    }
+}

@@ -1,0 +1,148 @@
+//! Long-running work (RSA-4096 keygen, pairing, service start) as TrueNAS-style
+//! jobs with progress, listed by `core.get_jobs`.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+
+use crate::error::{errname, ServiceError};
+
+const KEEP_FINISHED: usize = 1000;
+
+#[derive(Debug, Clone)]
+struct Job {
+    id: i64,
+    method: String,
+    state: &'static str,
+    percent: f64,
+    description: String,
+    result: Value,
+    error: Option<String>,
+    exc_info: Value,
+    started: f64,
+    finished: Option<f64>,
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+#[derive(Default)]
+pub struct Jobs {
+    next: AtomicI64,
+    jobs: Mutex<BTreeMap<i64, Job>>,
+}
+
+/// Handed to a job's body to report progress.
+#[derive(Clone)]
+pub struct JobHandle {
+    pub id: i64,
+    jobs: Arc<Jobs>,
+}
+
+impl JobHandle {
+    pub fn progress(&self, percent: f64, description: impl Into<String>) {
+        if let Some(j) = self.jobs.jobs.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&self.id) {
+            j.percent = percent;
+            j.description = description.into();
+        }
+    }
+}
+
+impl Jobs {
+    /// Start `body` in the background and return the job id at once.
+    pub fn spawn<F, Fut>(self: &Arc<Self>, method: &str, body: F) -> i64
+    where
+        F: FnOnce(JobHandle) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Value, ServiceError>> + Send + 'static,
+    {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            jobs.insert(
+                id,
+                Job {
+                    id,
+                    method: method.to_string(),
+                    state: "RUNNING",
+                    percent: 0.0,
+                    description: String::new(),
+                    result: Value::Null,
+                    error: None,
+                    exc_info: Value::Null,
+                    started: now(),
+                    finished: None,
+                },
+            );
+            while jobs.len() > KEEP_FINISHED {
+                let oldest_done = jobs.iter().find(|(_, j)| j.finished.is_some()).map(|(k, _)| *k);
+                match oldest_done {
+                    Some(k) => jobs.remove(&k),
+                    None => break,
+                };
+            }
+        }
+        let handle = JobHandle { id, jobs: self.clone() };
+        let jobs = self.clone();
+        tokio::spawn(async move {
+            let out = body(handle).await;
+            let mut all = jobs.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(j) = all.get_mut(&id) {
+                j.finished = Some(now());
+                match out {
+                    Ok(v) => {
+                        j.state = "SUCCESS";
+                        j.percent = 100.0;
+                        j.result = v;
+                    }
+                    Err(e) => {
+                        j.state = "FAILED";
+                        j.exc_info = json!({"type": if matches!(e, ServiceError::Validation(_)) {"VALIDATION"} else {"CallError"}, "errno": e.errno(), "errname": errname(e.errno())});
+                        j.error = Some(e.to_string());
+                    }
+                }
+            }
+        });
+        id
+    }
+
+    pub fn get(&self, id: i64) -> Option<Value> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(to_value)
+    }
+
+    pub fn list(&self) -> Vec<Value> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values().map(to_value).collect()
+    }
+
+    /// Wait until a job has finished and return its entry.
+    pub async fn wait(&self, id: i64) -> Option<Value> {
+        loop {
+            let j = self.get(id)?;
+            if j["state"] != "RUNNING" {
+                return Some(j);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn to_value(j: &Job) -> Value {
+    json!({
+        "id": j.id,
+        "method": j.method,
+        "arguments": [],
+        "state": j.state,
+        "progress": {"percent": j.percent, "description": j.description, "extra": null},
+        "result": j.result,
+        "error": j.error,
+        "exception": null,
+        "exc_info": j.exc_info,
+        "time_started": {"$date": (j.started * 1000.0) as i64},
+        "time_finished": j.finished.map(|f| json!({"$date": (f * 1000.0) as i64})),
+        "abortable": false,
+        "transient": false,
+    })
+}

@@ -1,0 +1,182 @@
+//! `keyhaven serve`: self-checks, first-start setup, listeners, the ready line
+//! and clean shutdown on SIGTERM/SIGINT.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use zeroize::Zeroizing;
+
+use crate::config::{Config, ADMIN_PASSWORD_ENV};
+use crate::service::{users, App};
+use crate::transport;
+use keyhaven_store::{Store, DB_FILE, MASTER_KEY_FILE};
+
+pub const INITIAL_PASSWORD_FILE: &str = "initial-admin-password";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("{0}")]
+    Unsafe(String),
+    #[error("cannot create data dir {path}: {source}; create it yourself (mode 0711) or choose another --data-dir")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Store(#[from] keyhaven_store::StoreError),
+    #[error("cannot listen on {addr}: {source}; is another keyhaven (or another service) using it? pick another --listen")]
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("cannot create the local socket {path}: {source}")]
+    Socket { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Tls(#[from] transport::tls::TlsError),
+    #[error("first-start setup failed: {0}")]
+    Bootstrap(String),
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+/// Refuse files or folders that group or others can read (DESIGN.md §2).
+fn check_mode(path: &Path, what: &str, allowed_extra: u32, fix_mode: u32) -> Result<(), StartupError> {
+    let Ok(meta) = std::fs::metadata(path) else { return Ok(()) };
+    let mode = meta.permissions().mode() & 0o777;
+    let forbidden = 0o077 & !allowed_extra;
+    if mode & forbidden != 0 {
+        return Err(StartupError::Unsafe(format!(
+            "{what} {} has mode {:04o}, which lets group or others read or change it; \
+             run `chmod {:04o} {}` and start keyhaven again",
+            path.display(),
+            mode,
+            fix_mode,
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Every directory from `/` to `dir` must be owned by root (or us) and not
+/// writable by group or others, or sshd's StrictModes refuses the
+/// authorized-keys files below it. Returns a description of the first offender.
+pub fn strict_modes_problem(dir: &Path) -> Option<String> {
+    let me = unsafe { libc::geteuid() };
+    let abs = std::fs::canonicalize(dir).ok()?;
+    let mut cur = PathBuf::from("/");
+    let mut parts = vec![cur.clone()];
+    for c in abs.components().skip(1) {
+        cur.push(c);
+        parts.push(cur.clone());
+    }
+    for p in parts {
+        let m = std::fs::metadata(&p).ok()?;
+        let mode = m.permissions().mode() & 0o7777;
+        if (m.uid() != 0 && m.uid() != me) || mode & 0o022 != 0 {
+            return Some(format!(
+                "{} (owner uid {}, mode {:04o}) is writable by group or others or owned by another user; \
+                 sshd (StrictModes) will refuse keys stored below it. Put the data dir on a path of root-owned, \
+                 non-world-writable directories (e.g. /var/lib/keyhaven)",
+                p.display(),
+                m.uid(),
+                mode
+            ));
+        }
+    }
+    None
+}
+
+/// Create the data dir (0711) on first start, and check the modes of what exists.
+pub fn prepare_data_dir(dir: &Path) -> Result<(), StartupError> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(dir)
+            .map_err(|source| StartupError::CreateDir { path: dir.to_path_buf(), source })?;
+    }
+    // 0711: traversable (sshd reads per-user key files as that user), not listable.
+    check_mode(dir, "data dir", 0o011, 0o711)?;
+    check_mode(&dir.join(DB_FILE), "database", 0, 0o600)?;
+    check_mode(&dir.join(MASTER_KEY_FILE), "master key", 0, 0o600)?;
+    check_mode(&dir.join(INITIAL_PASSWORD_FILE), "initial admin password file", 0, 0o600)?;
+    Ok(())
+}
+
+/// Open the store and create the built-in accounts on first start.
+pub fn open_store(cfg: &Config) -> Result<Store, StartupError> {
+    prepare_data_dir(&cfg.data_dir)?;
+    let (store, first_start) = Store::open(&cfg.data_dir)?;
+    // SQLite creates -wal/-shm files with the DB's mode; check them as well.
+    check_mode(&cfg.data_dir.join(format!("{DB_FILE}-wal")), "database journal", 0, 0o600)?;
+    let admin_pw = std::env::var(ADMIN_PASSWORD_ENV).ok().filter(|s| !s.is_empty()).map(Zeroizing::new);
+    let boot = users::bootstrap(&store, admin_pw).map_err(|e| StartupError::Bootstrap(e.to_string()))?;
+    if let Some(pw) = boot.generated_admin_password {
+        let path = cfg.data_dir.join(INITIAL_PASSWORD_FILE);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| StartupError::Write { path: path.clone(), source })?;
+        f.write_all(format!("{}\n", pw.as_str()).as_bytes()).map_err(|source| StartupError::Write { path: path.clone(), source })?;
+        eprintln!(
+            "keyhaven: created account `admin` with password {} (also in {}; change it, then delete that file)",
+            pw.as_str(),
+            path.display()
+        );
+    } else if first_start {
+        eprintln!("keyhaven: created account `admin` with the password from {ADMIN_PASSWORD_ENV}");
+    }
+    Ok(store)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Run the daemon until SIGTERM/SIGINT.
+pub async fn serve(cfg: Config) -> Result<(), StartupError> {
+    let started = Instant::now();
+    let store = open_store(&cfg)?;
+    if let Some(problem) = strict_modes_problem(&cfg.data_dir) {
+        tracing::warn!("{problem}");
+    }
+    let tls = if cfg.use_tls() {
+        let (c, k) = transport::tls::ensure_cert(
+            &cfg.data_dir,
+            cfg.tls_cert.as_deref(),
+            cfg.tls_key.as_deref(),
+            &[cfg.listen.ip().to_string()],
+        )?;
+        Some(transport::tls::acceptor(&c, &k)?)
+    } else {
+        None
+    };
+    let listener = TcpListener::bind(cfg.listen).await.map_err(|source| StartupError::Listen { addr: cfg.listen, source })?;
+    let local = listener.local_addr().map_err(|source| StartupError::Listen { addr: cfg.listen, source })?;
+    let unix = transport::unix::bind(&cfg.data_dir)
+        .map_err(|source| StartupError::Socket { path: transport::unix::socket_path(&cfg.data_dir), source })?;
+
+    let data_dir = cfg.data_dir.clone();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let app = App::new(cfg, store);
+    let router = transport::router(app.clone());
+    let unix_task = tokio::spawn(transport::unix::serve(app.clone(), unix));
+
+    println!("keyhaven listening on {scheme}://{local}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
+
+    transport::serve_tcp(listener, router, tls, shutdown_signal()).await;
+
+    tracing::info!("shutting down");
+    unix_task.abort();
+    let _ = std::fs::remove_file(transport::unix::socket_path(&data_dir));
+    drop(Arc::try_unwrap(app).ok());
+    Ok(())
+}

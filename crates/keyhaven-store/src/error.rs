@@ -1,0 +1,37 @@
+//! Errors of the store layer. They never carry secret plaintext.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database migration failed: {0}")]
+    Migration(#[from] rusqlite_migration::Error),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{path} is not a valid master key (expected exactly 32 bytes); restore it from your backup"
+    )]
+    BadMasterKey { path: PathBuf },
+    #[error(
+        "the master key in {path} does not match this database; restore the master.key that belongs to it"
+    )]
+    WrongMasterKey { path: PathBuf },
+    #[error("a secret in {table}.{column} (row {row}) could not be decrypted; the master key or the row was tampered with")]
+    Decrypt { table: &'static str, column: &'static str, row: i64 },
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;

@@ -1,0 +1,19 @@
+//! keyhaven's store layer: the SQLite schema, its embedded forward-only
+//! migrations, the encryption of secret columns and the transactions around them.
+//!
+//! No business rules live here: callers hand in validated records and get records
+//! back. Secret columns (private keys, sshd host private keys, TOTP seeds) are
+//! sealed with XChaCha20-Poly1305 under the data dir's `master.key`, with the
+//! table, row id and column bound as associated data so a ciphertext cannot be
+//! moved to another row. Passwords, API keys and tokens are stored only as hashes
+//! computed by the service layer.
+
+mod crypto;
+mod db;
+mod error;
+pub mod records;
+
+pub use crypto::{MasterKey, MASTER_KEY_FILE};
+pub use db::{Store, DB_FILE};
+pub use error::StoreError;
+pub use records::*;
