@@ -1,0 +1,181 @@
+//! Login mechanisms, tokens, API keys, rate limiting and the audit trail.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::util::*;
+
+async fn login_ex(c: &mut Client, data: Value) -> Value {
+    c.call("auth.login_ex", json!([data])).await
+}
+
+#[tokio::test]
+async fn password_login_paths() {
+    let d = Daemon::start();
+    let mut c = d.client().await;
+    let r = login_ex(&mut c, json!({"mechanism": "PASSWORD_PLAIN", "username": "admin", "password": "wrong"})).await;
+    assert_eq!(r, json!({"response_type": "AUTH_ERR"}));
+    let r = login_ex(&mut c, json!({"mechanism": "PASSWORD_PLAIN", "username": "nobody", "password": "x"})).await;
+    assert_eq!(r["response_type"], "AUTH_ERR");
+    // root has no password: password login is impossible.
+    let r = login_ex(&mut c, json!({"mechanism": "PASSWORD_PLAIN", "username": "root", "password": ""})).await;
+    assert_eq!(r["response_type"], "AUTH_ERR");
+    let r = login_ex(&mut c, json!({"mechanism": "PASSWORD_PLAIN", "username": "admin", "password": ADMIN_PASSWORD})).await;
+    assert_eq!(r["response_type"], "SUCCESS");
+    assert_eq!(r["authenticator"], "LEVEL_1");
+    assert_eq!(r["user_info"]["pw_name"], "admin");
+    for k in ["pw_name", "pw_uid", "pw_gid", "pw_dir", "pw_shell", "pw_gecos", "grouplist", "privilege", "account_attributes"] {
+        assert!(r["user_info"].get(k).is_some(), "user_info lacks {k}");
+    }
+    let me = c.call("auth.me", json!([])).await;
+    assert_eq!(me["privilege"]["roles"]["$set"], json!(["FULL_ADMIN"]));
+    assert_eq!(c.call("auth.logout", json!([])).await, true);
+    assert_eq!(c.err("auth.me", json!([])).await["data"]["error"], 207);
+
+    // login_options.user_info = false
+    let r = login_ex(
+        &mut c,
+        json!({"mechanism": "PASSWORD_PLAIN", "username": "admin", "password": ADMIN_PASSWORD, "login_options": {"user_info": false}}),
+    )
+    .await;
+    assert_eq!(r["user_info"], Value::Null);
+
+    // Legacy auth.login answers booleans.
+    let mut c2 = d.client().await;
+    assert_eq!(c2.call("auth.login", json!(["admin", "bad"])).await, false);
+    assert_eq!(c2.call("auth.login", json!(["admin", ADMIN_PASSWORD])).await, true);
+}
+
+#[tokio::test]
+async fn api_keys() {
+    let d = Daemon::start();
+    let mut a = d.admin().await;
+    let k = a.call("api_key.create", json!([{"name": "backup", "username": "admin"}])).await;
+    let key = k["key"].as_str().unwrap().to_string();
+    assert!(key.starts_with(&format!("{}-", k["id"])), "key is <id>-<secret>: {key}");
+    // The key is shown once: query never returns it.
+    let listed = a.call("api_key.query", json!([[["name", "=", "backup"]], {"get": true}])).await;
+    assert!(listed.get("key").is_none());
+    assert!(!listed.to_string().contains(&key[3..]));
+    let e = a.err("api_key.create", json!([{"name": "backup", "username": "admin"}])).await;
+    assert_field(&e, "api_key_create.name", "already exists");
+    let e = a.err("api_key.create", json!([{"name": "other", "username": "ghost"}])).await;
+    assert_field(&e, "api_key_create.username", "does not exist");
+
+    let mut c = d.client().await;
+    let r = login_ex(&mut c, json!({"mechanism": "API_KEY_PLAIN", "username": "admin", "api_key": key})).await;
+    assert_eq!(r["response_type"], "SUCCESS");
+    let mut c = d.client().await;
+    let r = login_ex(&mut c, json!({"mechanism": "API_KEY_PLAIN", "username": "root", "api_key": key})).await;
+    assert_eq!(r["response_type"], "AUTH_ERR", "key belongs to admin, not root");
+    let mut c = d.client().await;
+    let tampered = format!("{}x", &key[..key.len() - 1]);
+    assert_eq!(c.call("auth.login_with_api_key", json!([tampered])).await, false);
+    assert_eq!(c.call("auth.login_with_api_key", json!([key.clone()])).await, true);
+
+    // Deleted keys stop working.
+    a.call("api_key.delete", json!([k["id"]])).await;
+    let mut c = d.client().await;
+    assert_eq!(c.call("auth.login_with_api_key", json!([key])).await, false);
+    let e = a.err("api_key.delete", json!([9999])).await;
+    assert_field(&e, "api_key_delete.id", "does not exist");
+}
+
+#[tokio::test]
+async fn tokens_expiry_single_use_and_origin() {
+    let d = Daemon::start();
+    let mut a = d.admin().await;
+
+    // Multi-use, any origin.
+    let t = a.call("auth.generate_token", json!([600, {}, false])).await.as_str().unwrap().to_string();
+    for _ in 0..2 {
+        let mut c = d.client().await;
+        let r = login_ex(&mut c, json!({"mechanism": "TOKEN_PLAIN", "token": t})).await;
+        assert_eq!(r["response_type"], "SUCCESS");
+        assert_eq!(c.call("auth.me", json!([])).await["pw_name"], "admin");
+    }
+
+    // Single use.
+    let t = a.call("auth.generate_token", json!([600, {}, false, true])).await.as_str().unwrap().to_string();
+    let mut c = d.client().await;
+    assert_eq!(c.call("auth.login_with_token", json!([t.clone()])).await, true);
+    let mut c = d.client().await;
+    assert_eq!(c.call("auth.login_with_token", json!([t])).await, false, "single-use token used twice");
+
+    // Expiry.
+    let t = a.call("auth.generate_token", json!([1, {}, false])).await.as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let mut c = d.client().await;
+    let r = login_ex(&mut c, json!({"mechanism": "TOKEN_PLAIN", "token": t})).await;
+    assert_eq!(r["response_type"], "AUTH_ERR", "expired token accepted");
+
+    // match_origin (default true): a token minted from 127.0.0.1 is refused from 127.0.0.2.
+    let t = a.call("auth.generate_token", json!([])).await.as_str().unwrap().to_string();
+    let url = d.ws_url("/api/current");
+    let mut other = Client::connect_from(&url, d.addr, "127.0.0.2".parse().unwrap()).await;
+    assert_eq!(other.call("auth.login_with_token", json!([t.clone()])).await, false, "origin not enforced");
+    let mut same = Client::connect_from(&url, d.addr, "127.0.0.1".parse().unwrap()).await;
+    assert_eq!(same.call("auth.login_with_token", json!([t])).await, true);
+
+    // Bad ttl is a field error.
+    let e = a.err("auth.generate_token", json!([0])).await;
+    assert_field(&e, "auth_generate_token.ttl", "between");
+    let e = a.err("auth.generate_token", json!(["600"])).await;
+    assert_field(&e, "auth_generate_token.ttl", "valid integer");
+}
+
+#[tokio::test]
+async fn failed_logins_are_slowed_refused_and_audited() {
+    let d = Daemon::start();
+    let mut c = d.client().await;
+    let bad = json!({"mechanism": "PASSWORD_PLAIN", "username": "admin", "password": "nope"});
+    // First failures answer quickly; after three they are slowed.
+    let t0 = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(login_ex(&mut c, bad.clone()).await["response_type"], "AUTH_ERR");
+    }
+    let fast = t0.elapsed();
+    let t1 = Instant::now();
+    assert_eq!(login_ex(&mut c, bad.clone()).await["response_type"], "AUTH_ERR");
+    let slowed = t1.elapsed();
+    assert!(slowed >= Duration::from_millis(240), "4th failure not slowed ({slowed:?}, first three {fast:?})");
+    // Up to the lockout: ten failures in all.
+    for _ in 0..6 {
+        login_ex(&mut c, bad.clone()).await;
+    }
+    // Now even the right password is refused for this user and address.
+    let good = json!({"mechanism": "PASSWORD_PLAIN", "username": "admin", "password": ADMIN_PASSWORD});
+    assert_eq!(login_ex(&mut c, good).await["response_type"], "AUTH_ERR", "lockout not enforced");
+
+    // The local socket still works, and the audit log has every failure without the password.
+    let audit = d.cli_json(&["audit.query", r#"[["event","=","AUTHENTICATION"],["success","=",false]]"#]);
+    let entries = audit.as_array().unwrap();
+    assert!(entries.len() >= 11, "expected every failure audited, got {}", entries.len());
+    assert!(entries.iter().all(|e| e["username"] == "admin" && e["address"] == "127.0.0.1"));
+    assert!(entries.last().unwrap()["event_data"]["error"].as_str().unwrap().contains("too many failed logins"));
+    let text = audit.to_string();
+    assert!(!text.contains("nope") && !text.contains(ADMIN_PASSWORD), "a password reached the audit log");
+}
+
+#[tokio::test]
+async fn state_changes_are_audited_without_secrets() {
+    let d = Daemon::start();
+    let mut a = d.admin().await;
+    let k = a.call("api_key.create", json!([{"name": "audited", "username": "admin"}])).await;
+    let key = k["key"].as_str().unwrap();
+    let secret = key.split_once('-').unwrap().1;
+    let _ = a.err("api_key.create", json!([{"name": "audited", "username": "admin"}])).await;
+    let entries = a.call("audit.query", json!([[["event", "=", "METHOD_CALL"]], {"order_by": ["audit_id"]}])).await;
+    let e = entries.as_array().unwrap();
+    let created: Vec<_> = e.iter().filter(|x| x["event_data"]["method"] == "api_key.create").collect();
+    assert_eq!(created.len(), 2);
+    assert_eq!(created[0]["success"], true);
+    assert_eq!(created[0]["event_data"]["description"], "Create API key: audited");
+    assert_eq!(created[0]["username"], "admin");
+    assert_eq!(created[1]["success"], false);
+    assert!(!entries.to_string().contains(secret));
+    // TrueNAS's dict form of audit.query works too.
+    let n = a.call("audit.query", json!([{"services": ["MIDDLEWARE"], "query-filters": [["event", "=", "AUTHENTICATION"]], "query-options": {"count": true}}])).await;
+    assert!(n.as_i64().unwrap() >= 1);
+}

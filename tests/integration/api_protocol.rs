@@ -1,0 +1,137 @@
+//! JSON-RPC 2.0 at /api/current and the legacy dialect at /websocket.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::util::*;
+
+#[tokio::test]
+async fn jsonrpc_protocol_errors_and_notifications() {
+    let d = Daemon::start();
+    let mut c = d.client().await;
+
+    // core.ping is public.
+    assert_eq!(c.call("core.ping", json!([])).await, "pong");
+
+    c.send_text("{not json").await;
+    let r = c.recv().await.unwrap();
+    assert_eq!(r["error"]["code"], -32700);
+    assert_eq!(r["id"], serde_json::Value::Null);
+
+    c.send_text(r#"{"jsonrpc":"2.0","method":"core.ping","params":{},"id":7}"#).await;
+    let r = c.recv().await.unwrap();
+    assert_eq!(r["error"]["code"], -32600);
+    assert_eq!(r["id"], 7);
+
+    c.send_text(r#"{"jsonrpc":"1.0","method":"core.ping","id":8}"#).await;
+    assert_eq!(c.recv().await.unwrap()["error"]["code"], -32600);
+
+    let e = c.err("no.such_method", json!([])).await;
+    assert_eq!(e["code"], -32601);
+    assert_eq!(e["message"], "Method does not exist");
+
+    // Notifications (no id) get no reply, but are executed.
+    c.send_text(r#"{"jsonrpc":"2.0","method":"core.ping"}"#).await;
+    c.send_text(r#"{"jsonrpc":"2.0","method":"auth.login_ex","params":[{"mechanism":"PASSWORD_PLAIN","username":"admin","password":"correct horse battery staple"}]}"#).await;
+    assert!(c.silent_for(Duration::from_millis(800)).await, "a notification must not be answered");
+    // The notified login took effect on this connection.
+    assert_eq!(c.call("auth.me", json!([])).await["pw_name"], "admin");
+
+    // String ids are echoed.
+    c.send_text(r#"{"jsonrpc":"2.0","method":"core.ping","id":"abc"}"#).await;
+    let r = c.recv().await.unwrap();
+    assert_eq!(r["id"], "abc");
+    assert_eq!(r["result"], "pong");
+}
+
+#[tokio::test]
+async fn not_authenticated_before_login() {
+    let d = Daemon::start();
+    let mut c = d.client().await;
+    for m in ["auth.me", "api_key.query", "audit.query", "core.get_jobs", "auth.generate_token", "api_key.create"] {
+        let e = c.err(m, json!([])).await;
+        assert_eq!(e["code"], -32001, "{m}: {e}");
+        assert_eq!(e["data"]["error"], 207, "{m}");
+        assert_eq!(e["data"]["errname"], "ENOTAUTHENTICATED");
+        assert_eq!(e["data"]["reason"], "[ENOTAUTHENTICATED] Not authenticated");
+    }
+    assert_eq!(c.call("auth.mechanism_choices", json!([])).await, json!(["PASSWORD_PLAIN", "API_KEY_PLAIN", "TOKEN_PLAIN", "OTP_TOKEN"]));
+}
+
+#[tokio::test]
+async fn message_size_caps() {
+    let d = Daemon::start();
+    // Before login: more than 8 KiB closes the connection.
+    let mut c = d.client().await;
+    let big = "x".repeat(9 * 1024);
+    c.send_text(&json!({"jsonrpc":"2.0","id":1,"method":"core.ping","params":[big]}).to_string()).await;
+    assert!(c.recv().await.is_none(), "connection must close");
+
+    // After login: 9 KiB is fine (a validation error, not a close), 70 KiB closes.
+    let mut c = d.admin().await;
+    let e = c.err("api_key.create", json!([{"name": "x".repeat(9 * 1024), "username": "admin"}])).await;
+    assert_field(&e, "api_key_create.name", "at most 1024 characters");
+    let huge = "y".repeat(70 * 1024);
+    c.send_text(&json!({"jsonrpc":"2.0","id":2,"method":"core.ping","params":[huge]}).to_string()).await;
+    assert!(c.recv().await.is_none(), "connection must close above 64 KiB");
+}
+
+#[tokio::test]
+async fn per_connection_concurrency_cap() {
+    let d = Daemon::start();
+    let mut c = d.admin().await;
+    // 40 password logins at once: each takes an Argon2 verification, so many
+    // are in flight together and the cap (20) answers the rest with -32000.
+    for i in 0..40 {
+        c.send_text(
+            &json!({"jsonrpc":"2.0","id": 1000 + i,"method":"auth.login",
+                    "params":["admin", ADMIN_PASSWORD]})
+            .to_string(),
+        )
+        .await;
+    }
+    let mut capped = 0;
+    let mut ok = 0;
+    for _ in 0..40 {
+        let r = c.recv().await.unwrap();
+        if r["error"]["code"] == -32000 {
+            assert!(r["error"]["message"].as_str().unwrap().contains("Maximum number of concurrent calls (20)"));
+            capped += 1;
+        } else {
+            assert_eq!(r["result"], true, "{r}");
+            ok += 1;
+        }
+    }
+    assert!(capped > 0, "the cap never triggered");
+    assert!(ok >= 20, "at least the first 20 run");
+}
+
+#[tokio::test]
+async fn legacy_dialect() {
+    let d = Daemon::start();
+    let mut c = Client::connect(&d.ws_url("/websocket")).await;
+    c.send_text(r#"{"msg":"method","id":"1","method":"core.ping","params":[]}"#).await;
+    assert_eq!(c.recv().await.unwrap()["msg"], "failed", "method before connect");
+    c.send_text(r#"{"msg":"connect","version":"1","support":["1"]}"#).await;
+    let r = c.recv().await.unwrap();
+    assert_eq!(r["msg"], "connected");
+    assert!(r["session"].is_string());
+    c.send_text(r#"{"msg":"method","id":"2","method":"core.ping","params":[]}"#).await;
+    assert_eq!(c.recv().await.unwrap(), json!({"msg":"result","id":"2","result":"pong"}));
+    c.send_text(r#"{"msg":"method","id":"3","method":"auth.me","params":[]}"#).await;
+    let r = c.recv().await.unwrap();
+    assert_eq!(r["error"]["error"], 207);
+    assert_eq!(r["error"]["errname"], "ENOTAUTHENTICATED");
+    assert!(r["error"].get("trace").is_some() && r["error"].get("extra").is_some() && r["error"].get("type").is_some());
+    c.send_text(&json!({"msg":"method","id":"4","method":"auth.login","params":["admin", ADMIN_PASSWORD]}).to_string()).await;
+    assert_eq!(c.recv().await.unwrap()["result"], true);
+    c.send_text(r#"{"msg":"method","id":"5","method":"api_key.create","params":[{"name": 5, "username": "admin"}]}"#).await;
+    let r = c.recv().await.unwrap();
+    assert_eq!(r["error"]["type"], "VALIDATION");
+    assert_eq!(r["error"]["extra"][0][0], "api_key_create.name");
+    c.send_text(r#"{"msg":"method","id":"6","method":"nope.nope","params":[]}"#).await;
+    assert_eq!(c.recv().await.unwrap()["error"]["error"], 201);
+    c.send_text(r#"{"msg":"ping","id":"p"}"#).await;
+    assert_eq!(c.recv().await.unwrap(), json!({"msg":"pong","id":"p"}));
+}

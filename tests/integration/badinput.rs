@@ -1,0 +1,71 @@
+//! Bad input for every method: wrong types, missing and unknown fields, huge
+//! strings, unknown ids. Each answer is a field-named error (never a panic or a
+//! dropped connection) and the store is unchanged.
+
+use serde_json::{json, Value};
+
+use crate::util::*;
+
+/// Method, params, expected attribute (prefix match) and message fragment.
+fn table() -> Vec<(&'static str, Value, &'static str, &'static str)> {
+    let huge = "h".repeat(5000);
+    vec![
+        ("auth.login_ex", json!([]), "auth_login_ex.login_data", "Field required"),
+        ("auth.login_ex", json!(["x"]), "auth_login_ex.login_data", "valid dictionary"),
+        ("auth.login_ex", json!([{}]), "auth_login_ex.login_data.mechanism", "Field required"),
+        ("auth.login_ex", json!([{"mechanism": "MAGIC"}]), "auth_login_ex.login_data.mechanism", "PASSWORD_PLAIN"),
+        ("auth.login_ex", json!([{"mechanism": 1}]), "auth_login_ex.login_data.mechanism", "valid string"),
+        ("auth.login_ex", json!([{"mechanism": "PASSWORD_PLAIN", "username": "a"}]), "auth_login_ex.login_data.password", "Field required"),
+        ("auth.login_ex", json!([{"mechanism": "PASSWORD_PLAIN", "username": "a", "password": "b", "x": 1}]), "auth_login_ex.login_data.x", "Extra inputs"),
+        ("auth.login_ex", json!([{"mechanism": "PASSWORD_PLAIN", "username": 1, "password": "b"}]), "auth_login_ex.login_data.username", "valid string"),
+        ("auth.login_ex", json!([{"mechanism": "PASSWORD_PLAIN", "username": huge, "password": "b"}]), "auth_login_ex.login_data.username", "at most 1024"),
+        ("auth.login_ex", json!([{"mechanism": "TOKEN_PLAIN"}]), "auth_login_ex.login_data.token", "Field required"),
+        ("auth.login_ex", json!([{"mechanism": "API_KEY_PLAIN", "username": "a", "api_key": 5}]), "auth_login_ex.login_data.api_key", "valid string"),
+        ("auth.login_ex", json!([{"mechanism": "PASSWORD_PLAIN", "username": "a", "password": "b", "login_options": {"user_info": "yes"}}]), "auth_login_ex.login_data.login_options.user_info", "valid boolean"),
+        ("auth.login", json!([1, "x"]), "auth_login.username", "valid string"),
+        ("auth.login", json!(["admin"]), "auth_login.password", "Field required"),
+        ("auth.login", json!(["a", "b", "c", "d"]), "auth.login", "Too many arguments"),
+        ("auth.login_with_api_key", json!([]), "auth_login_with_api_key.api_key", "Field required"),
+        ("auth.login_with_token", json!([{}]), "auth_login_with_token.token", "valid string"),
+        ("auth.generate_token", json!([true]), "auth_generate_token.ttl", "valid integer"),
+        ("auth.generate_token", json!([60, []]), "auth_generate_token.attrs", "valid dictionary"),
+        ("auth.generate_token", json!([60, {}, "no"]), "auth_generate_token.match_origin", "valid boolean"),
+        ("api_key.create", json!([]), "api_key_create", "Field required"),
+        ("api_key.create", json!([{"name": "n"}]), "api_key_create.username", "Field required"),
+        ("api_key.create", json!([{"name": "n", "username": "admin", "readonly": true}]), "api_key_create.readonly", "Extra inputs"),
+        ("api_key.create", json!([{"name": "", "username": "admin"}]), "api_key_create.name", "empty"),
+        ("api_key.create", json!([{"name": huge, "username": "admin"}]), "api_key_create.name", "at most 1024"),
+        ("api_key.delete", json!(["1"]), "api_key_delete.id", "valid integer"),
+        ("api_key.delete", json!([123456]), "api_key_delete.id", "does not exist"),
+        ("api_key.query", json!(["x"]), "api_key_query.filters", ""),
+        ("api_key.query", json!([[["name", "~~", "x"]]]), "api_key_query.filters", ""),
+        ("api_key.query", json!([[], {"limit": "5"}]), "api_key_query.options.limit", ""),
+        ("api_key.query", json!([[], {"bogus": 1}]), "api_key_query.options.bogus", "Extra inputs"),
+        ("audit.query", json!([[["event", "=", "x", "y"]]]), "audit_query.filters", ""),
+        ("audit.query", json!([{"query-filters": [], "junk": 1}]), "audit_query.junk", "Extra inputs"),
+        ("core.get_jobs", json!([[["id", "~", "("]]]), "core.get_jobs.filters", ""),
+        ("core.ping", json!([1]), "core.ping", "Too many arguments"),
+    ]
+}
+
+#[tokio::test]
+async fn every_method_rejects_bad_input_with_field_errors_and_changes_nothing() {
+    let d = Daemon::start();
+    let mut a = d.admin().await;
+    a.call("api_key.create", json!([{"name": "existing", "username": "admin"}])).await;
+    let before_keys = a.call("api_key.query", json!([])).await;
+    let before_tokens_ok = a.call("auth.me", json!([])).await;
+
+    for (method, params, attr, msg) in table() {
+        let e = a.err(method, params.clone()).await;
+        let ex = extra(&e);
+        assert!(
+            ex.iter().any(|(at, m)| at.starts_with(attr) && m.contains(msg)),
+            "{method} {params}: expected [{attr}…] containing {msg:?}, got {ex:?}"
+        );
+        assert_eq!(e["data"]["errname"], "EINVAL");
+    }
+    // The connection survived every bad call and is still logged in as admin.
+    assert_eq!(a.call("auth.me", json!([])).await, before_tokens_ok);
+    assert_eq!(a.call("api_key.query", json!([])).await, before_keys, "bad input changed the store");
+}

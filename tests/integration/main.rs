@@ -1,0 +1,9 @@
+//! keyhaven's integration tests: one binary (like ripgrep's), real daemons,
+//! real sockets. Modules follow the capabilities they test.
+
+mod util;
+
+mod api_auth;
+mod api_protocol;
+mod badinput;
+mod daemon;

@@ -1,0 +1,342 @@
+//! Test harness: real `keyhaven serve` processes on random loopback ports, real
+//! WebSocket clients, data dirs on a StrictModes-safe path, cleanup by PID.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const ADMIN_PASSWORD: &str = "correct horse battery staple";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keyhaven")
+}
+
+/// Base for data dirs: root-owned, 0755, outside /tmp, so sshd's StrictModes
+/// accepts files below it whatever folder the checkout lives in.
+pub fn test_base() -> PathBuf {
+    let base = if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/var/lib/keyhaven-test")
+    } else {
+        std::env::temp_dir().join("keyhaven-test")
+    };
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
+    base
+}
+
+/// A fresh directory (not created: keyhaven creates its data dir itself).
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    pub fn new(tag: &str) -> TestDir {
+        let mut r = [0u8; 6];
+        getrandom(&mut r);
+        let p = test_base().join(format!("{tag}-{}", hex(&r)));
+        TestDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn getrandom(buf: &mut [u8]) {
+    let mut f = std::fs::File::open("/dev/urandom").unwrap();
+    f.read_exact(buf).unwrap();
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A running daemon, killed (by PID) on drop.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub dir: Arc<TestDir>,
+    pub url: String,
+    pub addr: SocketAddr,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+pub struct DaemonOpts {
+    pub listen: String,
+    pub env: Vec<(String, String)>,
+    pub args: Vec<String>,
+}
+
+impl Default for DaemonOpts {
+    fn default() -> Self {
+        DaemonOpts { listen: "127.0.0.1:0".into(), env: vec![], args: vec![] }
+    }
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Self::start_in(Arc::new(TestDir::new("d")), DaemonOpts::default())
+    }
+
+    pub fn start_in(dir: Arc<TestDir>, opts: DaemonOpts) -> Daemon {
+        Self::try_start_in(dir, opts).unwrap_or_else(|e| panic!("daemon did not start: {e}"))
+    }
+
+    pub fn try_start_in(dir: Arc<TestDir>, opts: DaemonOpts) -> Result<Daemon, String> {
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve").arg("--data-dir").arg(dir.path()).arg("--listen").arg(&opts.listen);
+        cmd.args(&opts.args);
+        cmd.env("KEYHAVEN_ADMIN_PASSWORD", ADMIN_PASSWORD).env("KEYHAVEN_LOG", "info");
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        let mut child = cmd.spawn().expect("spawn keyhaven");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        {
+            let stderr = stderr.clone();
+            let mut err = child.stderr.take().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    stderr.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = out.read_line(&mut line).map(|_| line.clone());
+            let _ = tx.send(r);
+            // Keep draining stdout so the daemon never blocks on a full pipe.
+            let mut sink = String::new();
+            while out.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Ok(l)) if l.starts_with("keyhaven listening on ") => l,
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(format!("no ready line ({other:?}); stderr:\n{}", stderr.lock().unwrap()));
+            }
+        };
+        let url = line.trim().trim_start_matches("keyhaven listening on ").to_string();
+        let hostport = url.split("://").nth(1).unwrap().to_string();
+        let addr: SocketAddr = hostport.parse().unwrap();
+        Ok(Daemon { child: Some(child), dir, url, addr, stderr })
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("{}{}", self.url.replacen("http", "ws", 1), path)
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.ws_url("/api/current")).await
+    }
+
+    pub async fn admin(&self) -> Client {
+        let mut c = self.client().await;
+        c.login("admin", ADMIN_PASSWORD).await;
+        c
+    }
+
+    /// `keyhaven call` through the local socket.
+    pub fn call_cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .arg("call")
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `keyhaven call` and parse the JSON it prints.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let o = self.call_cli(args);
+        assert!(o.status.success(), "keyhaven call {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return c.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A raw JSON-RPC 2.0 client.
+pub struct Client {
+    pub ws: Ws,
+    next: u64,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        Client { ws, next: 0 }
+    }
+
+    pub async fn connect_from(url: &str, addr: SocketAddr, source: std::net::IpAddr) -> Client {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(source, 0)).unwrap();
+        let stream = sock.connect(addr).await.unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)).await.unwrap();
+        Client { ws, next: 0 }
+    }
+
+    pub async fn send_text(&mut self, t: &str) {
+        self.ws.send(Message::Text(t.to_string().into())).await.unwrap();
+    }
+
+    /// Next text message, or None when the server closed the connection.
+    pub async fn recv(&mut self) -> Option<Value> {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), self.ws.next()).await.expect("reply within 30 s") {
+                Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Whether the server sends anything within `d`.
+    pub async fn silent_for(&mut self, d: Duration) -> bool {
+        tokio::time::timeout(d, self.ws.next()).await.is_err()
+    }
+
+    /// Full response object for a call.
+    pub async fn raw(&mut self, method: &str, params: Value) -> Value {
+        self.next += 1;
+        let id = self.next;
+        self.send_text(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()).await;
+        loop {
+            let m = self.recv().await.expect("connection closed before the reply");
+            if m.get("id") == Some(&json!(id)) {
+                return m;
+            }
+        }
+    }
+
+    /// Result of a call; panics on error.
+    pub async fn call(&mut self, method: &str, params: Value) -> Value {
+        let r = self.raw(method, params).await;
+        if let Some(e) = r.get("error") {
+            panic!("{method} failed: {e}");
+        }
+        r["result"].clone()
+    }
+
+    /// Error object of a call; panics on success.
+    pub async fn err(&mut self, method: &str, params: Value) -> Value {
+        let r = self.raw(method, params).await;
+        match r.get("error") {
+            Some(e) => e.clone(),
+            None => panic!("{method} unexpectedly succeeded: {}", r["result"]),
+        }
+    }
+
+    pub async fn login(&mut self, user: &str, pw: &str) {
+        let r = self.call("auth.login_ex", json!([{"mechanism": "PASSWORD_PLAIN", "username": user, "password": pw}])).await;
+        assert_eq!(r["response_type"], "SUCCESS", "login as {user}: {r}");
+    }
+}
+
+/// The `[attribute, message, errno]` triples of a -32602 error.
+pub fn extra(e: &Value) -> Vec<(String, String)> {
+    assert_eq!(e["code"], -32602, "expected a validation error, got {e}");
+    e["data"]["extra"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x[0].as_str().unwrap_or("").to_string(), x[1].as_str().unwrap().to_string()))
+        .collect()
+}
+
+/// Assert a validation error names `attr` (and its message contains `msg`).
+pub fn assert_field(e: &Value, attr: &str, msg: &str) {
+    let ex = extra(e);
+    assert!(
+        ex.iter().any(|(a, m)| a == attr && m.contains(msg)),
+        "expected [{attr}] containing {msg:?}, got {ex:?}"
+    );
+}
+
+/// Assert a call error with errno name.
+pub fn assert_call_error(e: &Value, errname: &str, msg: &str) {
+    assert_eq!(e["code"], -32001, "expected a call error, got {e}");
+    assert_eq!(e["data"]["errname"], errname, "{e}");
+    assert!(e["data"]["reason"].as_str().unwrap().contains(msg), "expected {msg:?} in {e}");
+}
+
+/// Every file under `dir` (recursively), after checkpointing the SQLite WAL.
+pub fn all_bytes_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                out.push((p.clone(), std::fs::read(&p).unwrap_or_default()));
+            }
+        }
+    }
+    out
+}
+
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
