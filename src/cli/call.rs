@@ -77,7 +77,12 @@ pub fn run(a: CallArgs) -> Result<ExitCode, String> {
 }
 
 fn call_local(a: &CallArgs, params: Vec<Value>) -> Result<Value, String> {
-    let cfg = resolve_config(&a.common, None)?;
+    local(&a.common, &a.method, params)
+}
+
+/// One call through the local unix socket (full admin).
+pub fn local(common: &Common, method: &str, params: Vec<Value>) -> Result<Value, String> {
+    let cfg = resolve_config(common, None)?;
     let path = keyhaven_server::transport::unix::socket_path(&cfg.data_dir);
     let mut s = UnixStream::connect(&path).map_err(|e| {
         format!(
@@ -86,7 +91,7 @@ fn call_local(a: &CallArgs, params: Vec<Value>) -> Result<Value, String> {
             path.display()
         )
     })?;
-    let req = json!({"jsonrpc": "2.0", "id": 1, "method": a.method, "params": params});
+    let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
     s.write_all(format!("{req}\n").as_bytes()).map_err(|e| format!("sending the request failed: {e}"))?;
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line).map_err(|e| format!("reading the reply failed: {e}"))?;

@@ -1,6 +1,7 @@
 //! Command-line parsing and the subcommands.
 
 mod call;
+mod keypair;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -38,6 +39,9 @@ enum Cmd {
     },
     /// Call an API method and print its JSON result, e.g. `keyhaven call core.ping`.
     Call(call::CallArgs),
+    /// Manage SSH key pairs (generate, import, list, show, download, delete).
+    #[command(subcommand)]
+    Keypair(keypair::KeypairCmd),
     /// Re-encrypt every stored secret under a new master key (stop the daemon first).
     RotateMasterKey {
         #[command(flatten)]
@@ -76,6 +80,7 @@ pub fn run() -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Call(args) => call::run(args),
+        Cmd::Keypair(k) => keypair::run(k),
         Cmd::RotateMasterKey { common } => {
             let cfg = resolve_config(&common, None)?;
             init_logging(&cfg.log);

@@ -6,6 +6,7 @@ mod api_key;
 mod audit;
 mod auth;
 mod core;
+mod keychaincredential;
 pub mod params;
 
 use std::collections::HashMap;
@@ -81,6 +82,7 @@ fn registry() -> &'static HashMap<&'static str, MethodDef> {
         all.extend(api_key::methods());
         all.extend(audit::methods());
         all.extend(core::methods());
+        all.extend(keychaincredential::methods());
         all.into_iter().map(|m| (m.name, m)).collect()
     })
 }

@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod auth;
 pub mod jobs;
+pub mod keychain;
 pub mod users;
 
 use std::sync::Arc;
@@ -18,11 +19,14 @@ pub struct App {
     pub store: Store,
     pub auth: auth::AuthState,
     pub jobs: Arc<jobs::Jobs>,
+    pub keychain: keychain::KeychainCache,
 }
 
 impl App {
     pub fn new(config: Config, store: Store) -> Arc<App> {
-        Arc::new(App { config, store, auth: auth::AuthState::default(), jobs: Arc::new(jobs::Jobs::default()) })
+        Arc::new(App { config, store, auth: auth::AuthState::default(), jobs: Arc::new(jobs::Jobs::default()),
+            keychain: keychain::KeychainCache::default(),
+        })
     }
 }
 

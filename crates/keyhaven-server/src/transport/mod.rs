@@ -3,6 +3,7 @@
 //! graceful shutdown.
 
 pub mod client;
+pub mod download;
 pub mod tls;
 pub mod unix;
 pub mod wire;
@@ -34,6 +35,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/current", get(api_current))
         .route("/api/versions", get(|| async { Json(json!(["current"])) }))
         .route("/websocket", get(legacy))
+        .route("/_download/keychaincredential/{id}/{which}", get(download::get_key).post(download::post_key))
         .route("/", get(index))
         .with_state(app)
 }

@@ -15,7 +15,15 @@ pub const CALL_ERROR: i64 = -32001;
 fn extra(e: &ServiceError) -> Value {
     match e {
         ServiceError::Validation(v) => {
-            Value::Array(v.0.iter().map(|f| json!([f.attribute, f.message, f.errno])).collect())
+            // An empty attribute is TrueNAS's `None` (e.g. InstanceNotFound).
+            Value::Array(
+                v.0.iter()
+                    .map(|f| {
+                        let attr = if f.attribute.is_empty() { Value::Null } else { json!(f.attribute) };
+                        json!([attr, f.message, f.errno])
+                    })
+                    .collect(),
+            )
         }
         _ => Value::Null,
     }
@@ -26,7 +34,13 @@ fn reason(e: &ServiceError) -> String {
         ServiceError::Validation(v) => v
             .0
             .iter()
-            .map(|f| format!("[{}] {}: {}", errname(f.errno), f.attribute, f.message))
+            .map(|f| {
+                if f.attribute.is_empty() {
+                    format!("[{}] {}", errname(f.errno), f.message)
+                } else {
+                    format!("[{}] {}: {}", errname(f.errno), f.attribute, f.message)
+                }
+            })
             .collect::<Vec<_>>()
             .join("\n"),
         other => format!("[{}] {}", errname(other.errno()), other),

@@ -1,0 +1,363 @@
+//! Keychain credentials: SSH key pairs and SSH connections (`SSH_CREDENTIALS`),
+//! sharing one name space as in TrueNAS. Validation, normalisation, used-by
+//! tracking and cascade deletes live here; key parsing is the domain's.
+//!
+//! Entries without their private keys are cached in memory (rebuilt after each
+//! write) so that `keychaincredential.query` filters thousands of credentials
+//! without touching SQLite or decrypting anything it will not return.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+
+use serde_json::{json, Map, Value};
+use zeroize::Zeroizing;
+
+use super::App;
+use crate::error::{ServiceError, EINVAL, ENOENT};
+use keyhaven_core::error::{FieldError, ValidationErrors};
+use keyhaven_core::keys::{self, GenerateOptions, KeyAlgorithm};
+
+pub const SSH_KEY_PAIR: &str = "SSH_KEY_PAIR";
+pub const SSH_CREDENTIALS: &str = "SSH_CREDENTIALS";
+pub const REDACTED: &str = "********";
+
+/// Cached entries (private keys left null) and the ids that do have one.
+#[derive(Default)]
+pub struct KeychainCache {
+    inner: RwLock<Option<Arc<Cached>>>,
+}
+
+pub struct Cached {
+    pub entries: Vec<Value>,
+    pub with_private: HashSet<i64>,
+}
+
+/// SSH_KEY_PAIR attributes as given by a caller.
+#[derive(Debug, Default)]
+pub struct KeyPairInput {
+    pub private_key: Option<String>,
+    pub public_key: Option<String>,
+    pub passphrase: Option<secrecy::SecretString>,
+}
+
+/// SSH_CREDENTIALS attributes as given by a caller.
+#[derive(Debug, Clone)]
+pub struct ConnectionInput {
+    pub host: String,
+    pub port: i64,
+    pub username: String,
+    pub private_key: i64,
+    pub remote_host_key: String,
+    pub connect_timeout: i64,
+}
+
+pub enum AttributesInput {
+    KeyPair(KeyPairInput),
+    Connection(ConnectionInput),
+}
+
+/// One `used_by` row, with the id it refers to (for cascades).
+pub struct Dependent {
+    pub id: i64,
+    pub title: String,
+    pub unbind_method: &'static str,
+}
+
+impl App {
+    fn keychain_cached(&self) -> Result<Arc<Cached>, ServiceError> {
+        if let Some(c) = self.keychain.inner.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(c.clone());
+        }
+        let mut guard = self.keychain.inner.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let mut entries = Vec::new();
+        let mut with_private = HashSet::new();
+        for r in self.store.keychain_list()? {
+            if r.has_private_key {
+                with_private.insert(r.id);
+            }
+            entries.push(entry_value(&r));
+        }
+        let c = Arc::new(Cached { entries, with_private });
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    fn keychain_changed(&self) {
+        *self.keychain.inner.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Entries without private keys (for filtering).
+    pub fn keychain_entries(&self) -> Result<Arc<Cached>, ServiceError> {
+        self.keychain_cached()
+    }
+
+    /// Fill in `attributes.private_key` of a key-pair entry from the store.
+    pub fn keychain_fill_private(&self, entry: &mut Value, cached: &Cached) -> Result<(), ServiceError> {
+        let Some(id) = entry.get("id").and_then(Value::as_i64) else { return Ok(()) };
+        if !cached.with_private.contains(&id) {
+            return Ok(());
+        }
+        if let Some(Value::Object(attrs)) = entry.get_mut("attributes") {
+            if attrs.contains_key("private_key") {
+                let pk = self.store.keychain_private_key(id)?;
+                attrs.insert("private_key".into(), pk.map(|p| json!(p.as_str())).unwrap_or(Value::Null));
+            }
+        }
+        Ok(())
+    }
+
+    /// One entry with its private key (if any).
+    pub fn keychain_get(&self, id: i64) -> Result<Value, ServiceError> {
+        let cached = self.keychain_cached()?;
+        let mut e = cached
+            .entries
+            .iter()
+            .find(|e| e["id"] == id)
+            .cloned()
+            .ok_or_else(|| not_found(id))?;
+        self.keychain_fill_private(&mut e, &cached)?;
+        Ok(e)
+    }
+
+    fn keychain_name_taken(&self, name: &str, except: Option<i64>) -> Result<bool, ServiceError> {
+        let cached = self.keychain_cached()?;
+        Ok(cached.entries.iter().any(|e| e["name"] == name && e["id"].as_i64() != except))
+    }
+
+    /// The private key of a key pair, for use (connections, downloads).
+    pub fn keypair_private_key(&self, id: i64) -> Result<Option<Zeroizing<String>>, ServiceError> {
+        Ok(self.store.keychain_private_key(id)?)
+    }
+
+    /// Validate and store a new credential; returns the stored entry.
+    pub fn keychain_create(&self, name: &str, attrs: AttributesInput, schema: &str) -> Result<Value, ServiceError> {
+        if name.trim().is_empty() {
+            return Err(ServiceError::field(format!("{schema}.name"), "String should have at least 1 character"));
+        }
+        // TrueNAS checks the name first and stops there when it is taken.
+        if self.keychain_name_taken(name, None)? {
+            return Err(ServiceError::field(format!("{schema}.name"), "Object with this name already exists"));
+        }
+        let (kind, attributes, private) = self.validate_attributes(attrs, schema, None)?;
+        let id = self.store.keychain_insert(name, kind, &attributes, private.as_deref().map(|s| s.as_str()));
+        self.keychain_changed();
+        let id = id.map_err(|e| match e {
+            keyhaven_store::StoreError::Conflict(_) => {
+                ServiceError::field(format!("{schema}.name"), "Object with this name already exists")
+            }
+            other => other.into(),
+        })?;
+        self.keychain_get(id)
+    }
+
+    /// Replace name and/or attributes of a credential (type cannot change).
+    pub fn keychain_update(
+        &self,
+        id: i64,
+        name: Option<&str>,
+        attrs: Option<AttributesInput>,
+        schema: &str,
+    ) -> Result<Value, ServiceError> {
+        let rec = self.store.keychain_get(id)?.ok_or_else(|| not_found(id))?;
+        let name = name.unwrap_or(&rec.name).to_string();
+        if name.trim().is_empty() {
+            return Err(ServiceError::field(format!("{schema}.name"), "String should have at least 1 character"));
+        }
+        if self.keychain_name_taken(&name, Some(id))? {
+            return Err(ServiceError::field(format!("{schema}.name"), "Object with this name already exists"));
+        }
+        let (attributes, private) = match attrs {
+            None => (rec.attributes.clone(), self.store.keychain_private_key(id)?),
+            Some(a) => {
+                let (kind, attributes, private) = self.validate_attributes(a, schema, Some(id))?;
+                if kind != rec.kind {
+                    return Err(ServiceError::field(
+                        format!("{schema}.attributes"),
+                        format!("This credential is of type {}; its type cannot be changed", rec.kind),
+                    ));
+                }
+                (attributes, private)
+            }
+        };
+        let r = self.store.keychain_update(id, &name, &attributes, private.as_deref().map(|s| s.as_str()));
+        self.keychain_changed();
+        r.map_err(|e| match e {
+            keyhaven_store::StoreError::Conflict(_) => {
+                ServiceError::field(format!("{schema}.name"), "Object with this name already exists")
+            }
+            other => other.into(),
+        })?;
+        self.keychain_get(id)
+    }
+
+    fn validate_attributes(
+        &self,
+        attrs: AttributesInput,
+        schema: &str,
+        self_id: Option<i64>,
+    ) -> Result<(&'static str, Value, Option<Zeroizing<String>>), ServiceError> {
+        let prefix = format!("{schema}.attributes");
+        match attrs {
+            AttributesInput::KeyPair(kp) => {
+                use secrecy::ExposeSecret;
+                let pass = kp.passphrase.as_ref().map(|p| p.expose_secret().to_string()).map(Zeroizing::new);
+                let v = keys::validate_key_pair(
+                    kp.private_key.as_deref().filter(|s| !s.trim().is_empty()),
+                    kp.public_key.as_deref().filter(|s| !s.trim().is_empty()),
+                    pass.as_deref().map(|s| s.as_str()),
+                )
+                .map_err(|e| ServiceError::Validation(FieldError::from(e).prefixed(&prefix).into()))?;
+                let attributes = json!({
+                    "private_key": Value::Null,
+                    "public_key": v.public_key,
+                    "key_type": v.info.key_type,
+                    "algorithm": v.info.algorithm.as_str(),
+                    "bits": v.info.bits,
+                    "comment": v.info.comment,
+                    "fingerprint": v.info.fingerprint,
+                });
+                Ok((SSH_KEY_PAIR, attributes, v.private_key))
+            }
+            AttributesInput::Connection(c) => {
+                let mut errs = ValidationErrors::new();
+                if c.host.trim().is_empty() {
+                    errs.add(format!("{prefix}.host"), "Host must not be empty");
+                }
+                if !(1..=65535).contains(&c.port) {
+                    errs.add(format!("{prefix}.port"), "Port must be between 1 and 65535");
+                }
+                if c.username.trim().is_empty() {
+                    errs.add(format!("{prefix}.username"), "Username must not be empty");
+                }
+                if !(1..=300).contains(&c.connect_timeout) {
+                    errs.add(format!("{prefix}.connect_timeout"), "Connect timeout must be between 1 and 300 seconds");
+                }
+                match self.store.keychain_get(c.private_key)? {
+                    Some(r) if r.kind == SSH_KEY_PAIR && r.has_private_key => {}
+                    Some(r) if r.kind == SSH_KEY_PAIR => errs.add(
+                        format!("{prefix}.private_key"),
+                        format!("SSH key pair {} has no private key; import its private key first", r.name),
+                    ),
+                    Some(_) if Some(c.private_key) == self_id => {
+                        errs.add(format!("{prefix}.private_key"), "A connection cannot use itself as its key pair")
+                    }
+                    Some(r) => errs.add(
+                        format!("{prefix}.private_key"),
+                        format!("Credential {} ({}) is not an SSH key pair", c.private_key, r.name),
+                    ),
+                    None => errs.push(
+                        FieldError::new(
+                            format!("{prefix}.private_key"),
+                            format!("SSH key pair {} does not exist", c.private_key),
+                        )
+                        .with_errno(ENOENT),
+                    ),
+                }
+                let mut host_keys = Vec::new();
+                match keys::parse_host_key_lines(&c.remote_host_key) {
+                    Ok(lines) => host_keys = lines,
+                    Err((line, msg)) => errs.add(format!("{prefix}.remote_host_key"), format!("Line {line}: {msg}")),
+                }
+                errs.check()?;
+                let remote_host_key = host_keys.iter().map(|h| h.to_line()).collect::<Vec<_>>().join("\n");
+                let attributes = json!({
+                    "host": c.host.trim(),
+                    "port": c.port,
+                    "username": c.username,
+                    "private_key": c.private_key,
+                    "remote_host_key": remote_host_key,
+                    "connect_timeout": c.connect_timeout,
+                });
+                Ok((SSH_CREDENTIALS, attributes, None))
+            }
+        }
+    }
+
+    /// What uses a credential, recursively (TrueNAS `used_by`).
+    pub fn keychain_used_by(&self, id: i64) -> Result<Vec<Dependent>, ServiceError> {
+        let cached = self.keychain_cached()?;
+        let me = cached.entries.iter().find(|e| e["id"] == id).ok_or_else(|| not_found(id))?;
+        let mut out = Vec::new();
+        if me["type"] == SSH_KEY_PAIR {
+            for e in cached.entries.iter().filter(|e| e["type"] == SSH_CREDENTIALS && e["attributes"]["private_key"] == id) {
+                out.push(Dependent {
+                    id: e["id"].as_i64().unwrap_or_default(),
+                    title: format!("SSH credentials {}", e["name"].as_str().unwrap_or("")),
+                    unbind_method: "delete",
+                });
+                // A connection has no dependents of its own in keyhaven (no
+                // replication or rsync tasks), so the recursion ends here.
+            }
+        }
+        Ok(out)
+    }
+
+    /// Delete a credential; with `cascade`, its dependents too, all in one transaction.
+    pub fn keychain_delete(&self, id: i64, cascade: bool) -> Result<String, ServiceError> {
+        let rec = self.store.keychain_get(id)?.ok_or_else(|| not_found(id))?;
+        let deps = self.keychain_used_by(id)?;
+        if !deps.is_empty() && !cascade {
+            return Err(ServiceError::field("options.cascade", "This credential is used and no cascade option is specified"));
+        }
+        let mut ids: Vec<i64> = deps.iter().filter(|d| d.unbind_method == "delete").map(|d| d.id).collect();
+        ids.push(id);
+        let r = self.store.keychain_delete_many(&ids);
+        self.keychain_changed();
+        r?;
+        Ok(rec.name)
+    }
+
+    /// Generate a key pair (RSA off the async executor). Nothing is stored.
+    pub async fn generate_key_pair(&self, opts: GenerateOptions) -> Result<keys::KeyPairText, ServiceError> {
+        keys::validate_generate_options(&opts)
+            .map_err(|e| ServiceError::Validation(e.prefixed("keychain_credential_generate_ssh_key_pair").into()))?;
+        // RSA keygen searches for primes and can take seconds: never on the executor.
+        let out = if opts.algorithm == KeyAlgorithm::Rsa {
+            tokio::task::spawn_blocking(move || keys::generate(&opts))
+                .await
+                .map_err(|e| ServiceError::internal("key generation", e))?
+        } else {
+            keys::generate(&opts)
+        };
+        out.map_err(|e| ServiceError::Validation(e.prefixed("keychain_credential_generate_ssh_key_pair").into()))
+    }
+}
+
+pub fn not_found(id: i64) -> ServiceError {
+    ServiceError::Validation(FieldError::new("", format!("KeychainCredential {id} does not exist")).with_errno(ENOENT).into())
+}
+
+/// Build the wire entry from a record (private key left null).
+fn entry_value(r: &keyhaven_store::KeychainRecord) -> Value {
+    let mut attrs = r.attributes.as_object().cloned().unwrap_or_default();
+    let mut e = Map::new();
+    e.insert("id".into(), json!(r.id));
+    e.insert("name".into(), json!(r.name));
+    e.insert("type".into(), json!(r.kind));
+    if r.kind == SSH_KEY_PAIR {
+        // keyhaven extensions, additive: never rename or drop a TrueNAS field.
+        for k in ["key_type", "bits", "comment", "fingerprint", "algorithm"] {
+            e.insert(k.into(), attrs.remove(k).unwrap_or(Value::Null));
+        }
+        attrs.insert("private_key".into(), Value::Null);
+    }
+    e.insert("attributes".into(), Value::Object(attrs));
+    Value::Object(e)
+}
+
+/// Read-only admins see `attributes` redacted (TrueNAS's Secret field).
+pub fn redact(entry: &mut Value) {
+    if let Some(a) = entry.get_mut("attributes") {
+        *a = json!(REDACTED);
+    }
+}
+
+/// Map `keys::KeyAlgorithm` errors from strings.
+pub fn parse_algorithm(s: &str, attr: &str) -> Result<KeyAlgorithm, ServiceError> {
+    s.parse::<KeyAlgorithm>().map_err(|_| {
+        ServiceError::Validation(FieldError::new(attr, "Input should be 'ED25519', 'ECDSA' or 'RSA'").with_errno(EINVAL).into())
+    })
+}

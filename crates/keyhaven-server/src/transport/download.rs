@@ -1,0 +1,164 @@
+//! File downloads: `GET /_download/keychaincredential/{id}/public_key` and
+//! `/private_key`, authorised by an API key (`Authorization: Bearer`) or a
+//! token from `auth.generate_token` (`?auth_token=`; single use honoured).
+//! `POST` to the private-key URL with `{"passphrase": …}` returns the key
+//! encrypted with it, so a passphrase never travels in a URL. Every
+//! private-key download is audited; anonymous requests get 401.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::service::audit::{record, AuditEvent};
+use crate::service::auth::{AuthVia, Caller, Role, Session, SessionAuth};
+use crate::service::keychain::SSH_KEY_PAIR;
+use crate::service::App;
+use keyhaven_core::keys::{self, KeyAlgorithm};
+
+fn plain(status: StatusCode, msg: &str) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{msg}\n")).into_response()
+}
+
+/// Authenticate a download request; `Err` is the response to send.
+fn authenticate(app: &App, headers: &HeaderMap, q: &HashMap<String, String>, origin: &str) -> Result<Caller, Response> {
+    let unauthorized = || {
+        let mut r = plain(
+            StatusCode::UNAUTHORIZED,
+            "Authentication required: send `Authorization: Bearer <API key>` or `?auth_token=<token from auth.generate_token>`",
+        );
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r
+    };
+    let (username, via) = if let Some(h) = headers.get(header::AUTHORIZATION) {
+        let h = h.to_str().map_err(|_| unauthorized())?;
+        let key = h.strip_prefix("Bearer ").ok_or_else(unauthorized)?;
+        let rec = app.check_api_key(key.trim()).ok_or_else(unauthorized)?;
+        (rec.username, AuthVia::ApiKey)
+    } else if let Some(t) = q.get("auth_token") {
+        (app.take_token(t, origin).map_err(|_| unauthorized())?, AuthVia::Token)
+    } else {
+        return Err(unauthorized());
+    };
+    let user = app.store.user_by_name(&username).ok().flatten().ok_or_else(unauthorized)?;
+    let data = crate::service::users::UserData::from_record(&user);
+    if data.locked {
+        return Err(unauthorized());
+    }
+    let role = Role::from_roles(&data.roles)
+        .ok_or_else(|| plain(StatusCode::FORBIDDEN, "This account has no API access"))?;
+    Ok(Caller { username, role, via })
+}
+
+fn safe_file_name(name: &str) -> String {
+    let s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    if s.is_empty() { "key".into() } else { s }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassphraseBody {
+    passphrase: String,
+}
+
+pub async fn get_key(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((id, which)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    serve_key(app, peer, id, which, q, headers, None).await
+}
+
+pub async fn post_key(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((id, which)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if which != "private_key" {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "POST is only for private_key (to encrypt it with a passphrase)");
+    }
+    let pass = match serde_json::from_slice::<PassphraseBody>(&body) {
+        Ok(b) if !b.passphrase.is_empty() => SecretString::from(b.passphrase),
+        _ => return plain(StatusCode::BAD_REQUEST, "Send a JSON body {\"passphrase\": \"…\"} with a non-empty passphrase"),
+    };
+    serve_key(app, peer, id, which, q, headers, Some(pass)).await
+}
+
+async fn serve_key(
+    app: Arc<App>,
+    peer: SocketAddr,
+    id: String,
+    which: String,
+    q: HashMap<String, String>,
+    headers: HeaderMap,
+    passphrase: Option<SecretString>,
+) -> Response {
+    let origin = peer.ip().to_string();
+    let caller = match authenticate(&app, &headers, &q, &origin) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let session = Session::new(origin);
+    *session.auth.lock().unwrap_or_else(|p| p.into_inner()) = SessionAuth::Authenticated(caller.clone());
+    let Ok(id) = id.parse::<i64>() else { return plain(StatusCode::NOT_FOUND, "No such credential") };
+    let entry = match app.keychain_get(id) {
+        Ok(e) if e["type"] == SSH_KEY_PAIR => e,
+        _ => return plain(StatusCode::NOT_FOUND, &format!("SSH key pair {id} does not exist")),
+    };
+    let name = entry["name"].as_str().unwrap_or("key").to_string();
+    let alg: KeyAlgorithm = entry["algorithm"].as_str().and_then(|a| a.parse().ok()).unwrap_or_default();
+    let stem = format!("{}_{}", safe_file_name(&name), keys::file_stem(alg));
+    let (body, file) = match which.as_str() {
+        "public_key" => match entry["attributes"]["public_key"].as_str() {
+            Some(p) => (zeroize::Zeroizing::new(p.to_string()), format!("{stem}.pub")),
+            None => return plain(StatusCode::NOT_FOUND, "This key pair has no public key"),
+        },
+        "private_key" => {
+            let desc = format!("Download private key: {name}");
+            if !caller.role.can_write() {
+                record(&app, &session, AuditEvent::method("download.private_key", &desc, None, false, Some("Not authorized".into())));
+                return plain(StatusCode::FORBIDDEN, "Not authorized: read-only admins cannot download private keys");
+            }
+            let pk = match app.keypair_private_key(id) {
+                Ok(Some(pk)) => pk,
+                Ok(None) => return plain(StatusCode::NOT_FOUND, "This key pair has no private key (public key only)"),
+                Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            };
+            let body = match &passphrase {
+                None => pk,
+                Some(pass) => {
+                    use secrecy::ExposeSecret;
+                    let pass = pass.expose_secret().to_string();
+                    match tokio::task::spawn_blocking(move || keys::encrypt_private_key(&pk, &pass)).await {
+                        Ok(Ok(enc)) => enc,
+                        _ => return plain(StatusCode::INTERNAL_SERVER_ERROR, "Encrypting the private key failed"),
+                    }
+                }
+            };
+            let desc = if passphrase.is_some() { format!("{desc} (passphrase-protected)") } else { desc };
+            record(&app, &session, AuditEvent::method("download.private_key", &desc, None, true, None));
+            (body, stem)
+        }
+        _ => return plain(StatusCode::NOT_FOUND, "Use public_key or private_key"),
+    };
+    let disposition = format!("attachment; filename=\"{file}\"");
+    let mut r = (StatusCode::OK, body.as_str().to_string()).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    if let Ok(v) = HeaderValue::from_str(&disposition) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
