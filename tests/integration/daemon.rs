@@ -203,3 +203,11 @@ async fn rotate_master_key_cli() {
     let mut c = d.admin().await;
     assert_eq!(c.call("core.ping", json!([])).await, "pong");
 }
+
+#[test]
+fn readme_configuration_table_matches_the_declared_settings() {
+    let out = Command::new(bin()).arg("settings-table").output().unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(readme.contains(&table), "README.md's configuration table is out of date; paste `keyhaven settings-table` into it");
+}

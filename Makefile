@@ -1,0 +1,26 @@
+# keyhaven: `make test` installs what the tests need (apt-get, when missing) and
+# runs every test: Rust unit and integration tests, then the compatibility
+# tests with third-party TrueNAS clients. `make bench` runs the benchmarks.
+
+CARGO ?= cargo
+
+.PHONY: test deps rust-tests compat-tests bench lint
+
+test: deps rust-tests compat-tests
+
+deps:
+	bash scripts/install-test-deps.sh
+
+rust-tests:
+	$(CARGO) build --workspace --all-targets
+	$(CARGO) test --workspace --no-fail-fast
+
+compat-tests:
+	KEYHAVEN_BIN=target/debug/keyhaven bash tests/compat/run.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+bench: deps
+	$(CARGO) bench --bench keyhaven

@@ -1,0 +1,314 @@
+//! keyhaven's benchmarks, measured against OpenSSH's own tools on the same
+//! machine in the same run. `cargo bench --bench keyhaven [-- GROUP…]` prints a
+//! Markdown report (groups: daemon, keygen, keychain; default all).
+//!
+//! Nothing here asserts a time: the goals are written next to the figures and
+//! BENCHMARKS.md records one run.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const PASSWORD: &str = "bench-password";
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+struct Daemon {
+    child: Child,
+    url: String,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn base() -> std::path::PathBuf {
+    let b = std::path::PathBuf::from(if unsafe { libc::geteuid() } == 0 { "/var/lib/keyhaven-bench" } else { "/tmp/keyhaven-bench" });
+    std::fs::create_dir_all(&b).unwrap();
+    b
+}
+
+fn fresh_dir() -> std::path::PathBuf {
+    let mut r = [0u8; 6];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut r).unwrap();
+    base().join(r.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// Start a daemon; returns it and the time from spawn to its ready line.
+fn start(dir: Option<std::path::PathBuf>) -> (Daemon, Duration) {
+    let dir = dir.unwrap_or_else(fresh_dir);
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyhaven"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .env("KEYHAVEN_ADMIN_PASSWORD", PASSWORD)
+        .env("KEYHAVEN_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let ready = t.elapsed();
+    let url = line.trim().trim_start_matches("keyhaven listening on ").replacen("http", "ws", 1);
+    (Daemon { child, url, dir }, ready)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(d: &Daemon, login: bool) -> Ws {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/api/current", d.url)).await.unwrap();
+    if login {
+        call(&mut ws, "auth.login", json!(["admin", PASSWORD])).await;
+    }
+    ws
+}
+
+async fn call(ws: &mut Ws, method: &str, params: Value) -> Value {
+    ws.send(Message::Text(json!({"jsonrpc":"2.0","id":0,"method":method,"params":params}).to_string().into())).await.unwrap();
+    loop {
+        if let Some(Ok(Message::Text(t))) = ws.next().await {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if let Some(e) = v.get("error") {
+                panic!("{method}: {e}");
+            }
+            return v["result"].clone();
+        }
+    }
+}
+
+/// Send `n` calls with up to `window` in flight; returns elapsed time.
+async fn pipelined(ws: &mut Ws, n: usize, window: usize, make: impl Fn(usize) -> String) -> Duration {
+    let t = Instant::now();
+    let mut sent = 0;
+    let mut got = 0;
+    while got < n {
+        while sent < n && sent - got < window {
+            ws.feed(Message::Text(make(sent).into())).await.unwrap();
+            sent += 1;
+        }
+        ws.flush().await.unwrap();
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                assert!(!t.contains("\"error\""), "error reply: {t}");
+                got += 1;
+            }
+            Some(Ok(_)) => {}
+            other => panic!("connection ended: {other:?}"),
+        }
+    }
+    t.elapsed()
+}
+
+fn ping(i: usize) -> String {
+    format!(r#"{{"jsonrpc":"2.0","id":{i},"method":"core.ping","params":[]}}"#)
+}
+
+async fn bench_daemon() {
+    println!("## Daemon (issue 2)\n");
+    // Start to ready: median of 10 first starts (includes creating the DB,
+    // master key and Argon2 hash of the admin password) and 10 restarts.
+    let mut first = vec![];
+    let mut again = vec![];
+    for _ in 0..10 {
+        let (d, t) = start(None);
+        first.push(t.as_secs_f64() * 1000.0);
+        let dir = d.dir.clone();
+        let mut d = d;
+        unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+        let _ = d.child.wait();
+        let (d2, t2) = start(Some(dir));
+        again.push(t2.as_secs_f64() * 1000.0);
+        drop(d2);
+        std::mem::forget(d);
+    }
+    println!("| measure | result | goal |\n|---|---|---|");
+    println!("| start to ready, first start (median of 10) | {:.1} ms | < 200 ms |", median(&mut first));
+    println!("| start to ready, restart (median of 10) | {:.1} ms | < 200 ms |", median(&mut again));
+
+    let (d, _) = start(None);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!("| idle RSS after start | {:.1} MB | < 30 MB |", rss_kib(d.child.id()) as f64 / 1024.0);
+
+    for conns in [1usize, 8] {
+        let per = 200_000 / conns;
+        let mut wss = vec![];
+        for _ in 0..conns {
+            wss.push(connect(&d, false).await);
+        }
+        // warm-up
+        for ws in wss.iter_mut() {
+            pipelined(ws, 2000, 64, ping).await;
+        }
+        let t = Instant::now();
+        let mut tasks = vec![];
+        for mut ws in wss {
+            tasks.push(tokio::spawn(async move { pipelined(&mut ws, per, 64, ping).await }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let rate = (per * conns) as f64 / t.elapsed().as_secs_f64();
+        let goal = if conns == 8 { "≥ 50,000/s" } else { "—" };
+        println!("| `core.ping` over {conns} connection(s), 64 in flight each | {rate:.0} calls/s | {goal} |");
+    }
+    println!("| RSS after the ping runs | {:.1} MB | — |", rss_kib(d.child.id()) as f64 / 1024.0);
+    println!();
+}
+
+fn ssh_keygen_ms(t: &str, bits: Option<u32>, dir: &std::path::Path) -> f64 {
+    let f = dir.join("k");
+    let _ = std::fs::remove_file(&f);
+    let _ = std::fs::remove_file(dir.join("k.pub"));
+    let mut c = Command::new("ssh-keygen");
+    c.args(["-q", "-N", "", "-t", t, "-f"]).arg(&f);
+    if let Some(b) = bits {
+        c.args(["-b", &b.to_string()]);
+    }
+    let s = Instant::now();
+    assert!(c.status().unwrap().success());
+    s.elapsed().as_secs_f64() * 1000.0
+}
+
+fn ours_ms(alg: keyhaven_core::keys::KeyAlgorithm, bits: Option<u32>) -> f64 {
+    let o = keyhaven_core::keys::GenerateOptions { algorithm: alg, bits, comment: None };
+    let s = Instant::now();
+    let kp = keyhaven_core::keys::generate(&o).unwrap();
+    // What a user gets: serialised pair plus its fingerprint.
+    let _ = keyhaven_core::keys::public_key_info(&kp.public_key).unwrap();
+    s.elapsed().as_secs_f64() * 1000.0
+}
+
+fn bench_keygen() {
+    use keyhaven_core::keys::KeyAlgorithm as A;
+    println!("## Key generation vs `ssh-keygen` (issue 3)\n");
+    println!("keyhaven: in-process generate + OpenSSH serialisation + SHA256 fingerprint. ssh-keygen: wall time of `ssh-keygen -q -N '' -t T [-b B] -f F` (includes process start). Runs interleaved (one of each per round); ratio = keyhaven median / ssh-keygen median.\n");
+    println!("| key | runs | keyhaven median (p25–p75) | ssh-keygen median (p25–p75) | ratio | goal |\n|---|---|---|---|---|---|");
+    let dir = fresh_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases: [(&str, A, &str, Option<u32>, usize, &str); 7] = [
+        ("Ed25519", A::Ed25519, "ed25519", None, 51, "—"),
+        ("ECDSA P-256", A::Ecdsa, "ecdsa", Some(256), 51, "—"),
+        ("ECDSA P-384", A::Ecdsa, "ecdsa", Some(384), 31, "—"),
+        ("ECDSA P-521", A::Ecdsa, "ecdsa", Some(521), 31, "—"),
+        ("RSA-2048", A::Rsa, "rsa", Some(2048), 31, "—"),
+        ("RSA-3072", A::Rsa, "rsa", Some(3072), 31, "≤ 0.7×"),
+        ("RSA-4096", A::Rsa, "rsa", Some(4096), 25, "—"),
+    ];
+    for (label, alg, t, bits, runs, goal) in cases {
+        let mut ours = vec![];
+        let mut theirs = vec![];
+        for _ in 0..runs {
+            ours.push(ours_ms(alg, bits));
+            theirs.push(ssh_keygen_ms(t, bits, &dir));
+        }
+        let (o25, o75) = (pct(&mut ours, 0.25), pct(&mut ours, 0.75));
+        let (t25, t75) = (pct(&mut theirs, 0.25), pct(&mut theirs, 0.75));
+        let (om, tm) = (median(&mut ours), median(&mut theirs));
+        println!("| {label} | {runs} | {om:.2} ms ({o25:.2}–{o75:.2}) | {tm:.2} ms ({t25:.2}–{t75:.2}) | {:.2}× | {goal} |", om / tm);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!();
+}
+
+async fn bench_keychain() {
+    println!("## Keychain through the API (issue 3)\n");
+    println!("| measure | result | goal |\n|---|---|---|");
+    let (d, _) = start(None);
+    let mut ws = connect(&d, true).await;
+    // Ed25519 generate + store: generate_ssh_key_pair then create, pipelined on one connection.
+    let n = 4000;
+    let t = Instant::now();
+    let mut pending = std::collections::VecDeque::new();
+    let window = 32;
+    let mut done = 0;
+    let mut next = 0;
+    while done < n {
+        while next < n && pending.len() < window {
+            ws.feed(Message::Text(json!({"jsonrpc":"2.0","id": next,"method":"keychaincredential.generate_ssh_key_pair","params":[]}).to_string().into())).await.unwrap();
+            pending.push_back(next);
+            next += 1;
+        }
+        ws.flush().await.unwrap();
+        let Some(Ok(Message::Text(txt))) = ws.next().await else { continue };
+        let v: Value = serde_json::from_str(&txt).unwrap();
+        let id = v["id"].as_i64().unwrap();
+        if id < 1_000_000 {
+            // A generated pair: store it.
+            let r = &v["result"];
+            ws.feed(Message::Text(json!({"jsonrpc":"2.0","id": 1_000_000 + id,"method":"keychaincredential.create",
+                "params":[{"name": format!("gen-{id}"), "type": "SSH_KEY_PAIR", "attributes": {"private_key": r["private_key"], "public_key": r["public_key"]}}]}).to_string().into())).await.unwrap();
+        } else {
+            assert!(v.get("error").is_none(), "{v}");
+            pending.pop_front();
+            done += 1;
+        }
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    println!("| Ed25519 generate + store through the API, one connection | {rate:.0} key pairs/s | ≥ 2,000/s |");
+
+    // Fill up to 10,000 credentials (half key pairs, half connections).
+    let count = call(&mut ws, "keychaincredential.query", json!([[], {"count": true}])).await.as_u64().unwrap() as usize;
+    let first_key = call(&mut ws, "keychaincredential.query", json!([[["name","=","gen-0"]], {"get": true}])).await["id"].clone();
+    let missing = 10_000 - count;
+    pipelined(&mut ws, missing, 64, |i| {
+        json!({"jsonrpc":"2.0","id":i,"method":"keychaincredential.create","params":[{"name": format!("conn-{i}"), "type":"SSH_CREDENTIALS",
+            "attributes": {"host": format!("host{i}.example"), "private_key": first_key, "remote_host_key": ""}}]}).to_string()
+    }).await;
+    assert_eq!(call(&mut ws, "keychaincredential.query", json!([[], {"count": true}])).await, 10_000);
+    let mut lat = vec![];
+    for i in 0..2000 {
+        let name = if i % 2 == 0 { format!("gen-{}", i % 4000) } else { format!("conn-{}", i % 6000) };
+        let s = Instant::now();
+        let r = call(&mut ws, "keychaincredential.query", json!([[["name", "=", name]]])).await;
+        lat.push(s.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(r.as_array().unwrap().len(), 1);
+    }
+    let p50 = median(&mut lat);
+    let p99 = pct(&mut lat, 0.99);
+    println!("| `keychaincredential.query` by name, 10,000 stored (round trip, 2,000 calls) | p50 {p50:.3} ms, p99 {p99:.3} ms | p50 < 1 ms |");
+    println!("| daemon RSS after that | {:.1} MB | < 30 MB |", rss_kib(d.child.id()) as f64 / 1024.0);
+    println!();
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let want = |g: &str| args.is_empty() || args.iter().any(|a| a == g);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    println!("# keyhaven benchmark run\n");
+    println!("Machine: {} cores; OpenSSH: {}\n", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        String::from_utf8_lossy(&Command::new("ssh").arg("-V").output().unwrap().stderr).trim());
+    if want("daemon") {
+        rt.block_on(bench_daemon());
+    }
+    if want("keygen") {
+        bench_keygen();
+    }
+    if want("keychain") {
+        rt.block_on(bench_keychain());
+    }
+}

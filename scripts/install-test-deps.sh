@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what keyhaven's tests need on a fresh Debian machine, only when missing:
+# OpenSSH's server and client (sshd, ssh, ssh-keygen, ssh-keyscan), openssl (key
+# interop tests), Python's venv module (compatibility tests with pytruenas and
+# aiotruenas-client).
+set -euo pipefail
+
+missing=()
+need() { # need <command-or-path> <package>
+  if ! command -v "$1" >/dev/null 2>&1 && [ ! -x "$1" ]; then missing+=("$2"); fi
+}
+need /usr/sbin/sshd openssh-server
+need ssh openssh-client
+need ssh-keygen openssh-client
+need ssh-keyscan openssh-client
+need openssl openssl
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+  # shellcheck disable=SC2207
+  pkgs=($(printf '%s\n' "${missing[@]}" | sort -u))
+  echo "installing test dependencies: ${pkgs[*]}"
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  # policy-rc.d may forbid starting services; keyhaven starts its own sshd anyway.
+  $SUDO apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+fi
+# sshd as root needs its privilege-separation directory.
+if [ "$(id -u)" -eq 0 ] && [ ! -d /run/sshd ]; then mkdir -p /run/sshd && chmod 0755 /run/sshd; fi
