@@ -150,6 +150,21 @@ def keyhaven(tmp_path_factory) -> Keyhaven:
     _stop(kh.proc)
 
 
+@pytest.fixture
+def fresh_keyhaven(tmp_path) -> Keyhaven:
+    """A daemon of the test's own, for tests that fail logins on purpose.
+
+    keyhaven counts failed logins per client address: after 3 it delays every
+    login from that address (250 ms doubling to 4 s), after 10 it refuses them
+    for 5 minutes, and a successful login does not clear the address's count.
+    Every client here connects from 127.0.0.1, so failures made on the shared
+    daemon would slow down, and eventually lock out, the rest of the suite.
+    """
+    kh = _start(tmp_path)
+    yield kh
+    _stop(kh.proc)
+
+
 @pytest.fixture(scope="session")
 def api_key(keyhaven: Keyhaven) -> str:
     """A full-admin API key string (``<id>-<secret>``), created out of band."""
@@ -178,7 +193,7 @@ def pytest_terminal_summary(terminalreporter):
     if not _KEYCHAIN_OUTCOMES:
         return
     terminalreporter.section(
-        "keychaincredential.* tests (marker 'keychain'; expected to fail until the server side lands)"
+        "keychaincredential.* tests (marker 'keychain'; server side newly landed)"
     )
     for nodeid, outcome in _KEYCHAIN_OUTCOMES.items():
         terminalreporter.write_line(f"{outcome.upper():8} {nodeid}")

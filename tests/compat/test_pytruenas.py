@@ -8,6 +8,7 @@ namespace and the exceptions exported from ``pytruenas``.
 from __future__ import annotations
 
 import errno
+import re
 import uuid
 
 import pytest
@@ -27,11 +28,14 @@ ENOTAUTHENTICATED = 207  # truenas_api_client.exc.ENOTAUTHENTICATED
 
 @pytest.fixture
 def clients(keyhaven):
-    """Factory for clients that are closed when the test ends."""
+    """Factory for clients that are closed when the test ends.
+
+    ``on=`` names another daemon (``fresh_keyhaven``) than the shared one.
+    """
     made: list[TrueNASClient] = []
 
-    def make(**options) -> TrueNASClient:
-        client = TrueNASClient(keyhaven.target, **options)
+    def make(on=None, **options) -> TrueNASClient:
+        client = TrueNASClient((on or keyhaven).target, **options)
         made.append(client)
         return client
 
@@ -76,22 +80,24 @@ def test_password_login_ex(clients, keyhaven):
     assert client.ping() == "pong"
 
 
-def test_wrong_password_legacy_login(clients):
-    client = clients(username="admin", password="definitely-not-the-password")
+def test_wrong_password_legacy_login(clients, fresh_keyhaven):
+    client = clients(on=fresh_keyhaven, username="admin", password="definitely-not-the-password")
     with pytest.raises(AuthenticationError) as info:
         client.ping()  # autologin -> auth.login answers False
     assert info.value.response_type == "AUTH_ERR"
 
 
-def test_wrong_password_login_ex(clients):
-    client = clients(username="admin", password="definitely-not-the-password", autologin=False)
+def test_wrong_password_login_ex(clients, fresh_keyhaven):
+    client = clients(
+        on=fresh_keyhaven, username="admin", password="definitely-not-the-password", autologin=False
+    )
     with pytest.raises(AuthenticationError) as info:
         client.login(login_ex=True)
     assert info.value.response_type == "AUTH_ERR"
 
 
-def test_unknown_user_login_ex(clients):
-    client = clients(username="no-such-user", password="whatever", autologin=False)
+def test_unknown_user_login_ex(clients, fresh_keyhaven):
+    client = clients(on=fresh_keyhaven, username="no-such-user", password="whatever", autologin=False)
     with pytest.raises(AuthenticationError) as info:
         client.login(login_ex=True)
     assert info.value.response_type == "AUTH_ERR"
@@ -124,13 +130,15 @@ def test_api_key_login_ex(clients, api_key):
     _assert_admin(client.me())
 
 
-def test_wrong_api_key(clients, api_key):
-    key_id = api_key.split("-", 1)[0]
+def test_wrong_api_key(clients, fresh_keyhaven):
+    key = fresh_keyhaven.cli("api_key.create", {"name": "wrong-key-test", "username": "admin"})["key"]
+    key_id = key.split("-", 1)[0]
     bogus = f"{key_id}-{'A' * 64}"
-    client = clients(api_key=bogus)
+    assert bogus != key
+    client = clients(on=fresh_keyhaven, api_key=bogus)
     with pytest.raises(AuthenticationError):
         client.ping()
-    client2 = clients(username="admin", api_key=bogus, autologin=False)
+    client2 = clients(on=fresh_keyhaven, username="admin", api_key=bogus, autologin=False)
     with pytest.raises(AuthenticationError) as info:
         client2.login(login_ex=True)
     assert info.value.response_type == "AUTH_ERR"
@@ -154,17 +162,18 @@ def test_token_login_ex(admin, clients):
     _assert_admin(client.me())
 
 
-def test_single_use_token(admin, clients):
+def test_single_use_token(clients, fresh_keyhaven):
+    admin = clients(on=fresh_keyhaven, username="admin", password=fresh_keyhaven.password)
     token = admin.api.auth.generate_token(600, {}, False, True)
-    first = clients(token=token)
+    first = clients(on=fresh_keyhaven, token=token)
     _assert_admin(first.me())
-    second = clients(token=token)
+    second = clients(on=fresh_keyhaven, token=token)
     with pytest.raises(AuthenticationError):
         second.me()
 
 
-def test_bogus_token(clients):
-    client = clients(token="not-a-real-token")
+def test_bogus_token(clients, fresh_keyhaven):
+    client = clients(on=fresh_keyhaven, token="not-a-real-token")
     with pytest.raises(AuthenticationError):
         client.ping()
 
@@ -243,12 +252,22 @@ def _same_public_key(a: str, b: str) -> bool:
     return a.split()[:2] == b.split()[:2]
 
 
+# TrueNAS generates RSA (`ssh-keygen -t rsa`); keyhaven defaults to Ed25519
+# (shared/DESIGN.md). Clients only need a valid OpenSSH key pair.
+PUBLIC_KEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) AAAA[0-9A-Za-z+/]+=*( .*)?\n?$")
+
+
+def _assert_generated_pair(pair: dict) -> None:
+    assert {"private_key", "public_key"} <= set(pair), pair.keys()
+    assert pair["private_key"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    assert pair["private_key"].rstrip().endswith("-----END OPENSSH PRIVATE KEY-----")
+    assert PUBLIC_KEY.match(pair["public_key"]), pair["public_key"]
+
+
 @pytest.mark.keychain
 def test_keychain_generate_ssh_key_pair(admin):
     pair = admin.api.keychaincredential.generate_ssh_key_pair()
-    assert set(pair) == {"private_key", "public_key"}
-    assert pair["private_key"].startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
-    assert pair["public_key"].startswith("ssh-rsa AAAA")
+    _assert_generated_pair(pair)
     # Nothing is stored.
     assert admin.api.keychaincredential.query([["attributes.public_key", "=", pair["public_key"]]]) == []
 

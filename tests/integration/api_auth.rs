@@ -79,7 +79,7 @@ async fn api_keys() {
     let mut c = d.client().await;
     assert_eq!(c.call("auth.login_with_api_key", json!([key])).await, false);
     let e = a.err("api_key.delete", json!([9999])).await;
-    assert_field(&e, "api_key_delete.id", "does not exist");
+    assert_eq!(e["data"]["extra"][0], json!([null, "API key 9999 does not exist", 2]), "TrueNAS's InstanceNotFound shape");
 }
 
 #[tokio::test]

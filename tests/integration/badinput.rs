@@ -36,7 +36,7 @@ fn table() -> Vec<(&'static str, Value, &'static str, &'static str)> {
         ("api_key.create", json!([{"name": "", "username": "admin"}]), "api_key_create.name", "empty"),
         ("api_key.create", json!([{"name": huge, "username": "admin"}]), "api_key_create.name", "at most 1024"),
         ("api_key.delete", json!(["1"]), "api_key_delete.id", "valid integer"),
-        ("api_key.delete", json!([123456]), "api_key_delete.id", "does not exist"),
+        ("api_key.delete", json!([123456]), "", "API key 123456 does not exist"),
         ("api_key.query", json!(["x"]), "api_key_query.filters", ""),
         ("api_key.query", json!([[["name", "~~", "x"]]]), "api_key_query.filters", ""),
         ("api_key.query", json!([[], {"limit": "5"}]), "api_key_query.options.limit", ""),

@@ -62,7 +62,7 @@ async fn delete(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
         .app
         .store
         .api_key_by_id(id)?
-        .ok_or_else(|| ServiceError::field_errno("api_key_delete.id", format!("API key {id} does not exist"), ENOENT))?;
+        .ok_or_else(|| ServiceError::field_errno("", format!("API key {id} does not exist"), ENOENT))?;
     ctx.describe(format!("Delete API key: {}", rec.name));
     ctx.app.store.api_key_delete(id)?;
     Ok(json!(true))

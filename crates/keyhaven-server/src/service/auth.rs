@@ -194,8 +194,14 @@ impl AuthState {
         locked
     }
 
-    fn record_success(&self, username: &str) {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&format!("user:{username}"));
+    /// A successful login clears the user's and the address's counters: the
+    /// address has just proved it holds valid credentials.
+    fn record_success(&self, username: &str, address: &str) {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(&format!("user:{username}"));
+        if map.get(&format!("addr:{address}")).is_some_and(|f| f.locked_until.is_none()) {
+            map.remove(&format!("addr:{address}"));
+        }
     }
 }
 
@@ -301,7 +307,7 @@ impl App {
     }
 
     fn login_succeeded(&self, session: &Session, caller: Caller, mechanism: &str) -> LoginOutcome {
-        self.auth.record_success(&caller.username);
+        self.auth.record_success(&caller.username, &session.address);
         session.set(SessionAuth::Authenticated(caller.clone()));
         audit::record(self, session, AuditEvent::login(Some(&caller.username), mechanism, true, None));
         LoginOutcome::Success(caller)

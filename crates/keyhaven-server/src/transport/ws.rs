@@ -106,11 +106,19 @@ fn parse_legacy(text: &str, connected: &mut bool, session: &Session) -> Incoming
             Incoming::Call { id: Some(id), method, params }
         }
         "method" => Incoming::Reply(json!({"msg": "failed", "reason": "send {\"msg\": \"connect\"} first"})),
-        "sub" | "unsub" => {
-            // Event subscriptions are not offered; answer so clients do not hang.
+        // keyhaven publishes no events yet; like TrueNAS it confirms an
+        // authorised subscription with `ready` (clients wait for it) and never
+        // answers `unsub`.
+        "sub" => {
             let id = m.remove("id").unwrap_or(Value::Null);
-            Incoming::Reply(json!({"msg": "nosub", "id": id}))
+            if session.caller().is_some() {
+                Incoming::Reply(json!({"msg": "ready", "subs": [id]}))
+            } else {
+                Incoming::Reply(json!({"msg": "result", "id": id, "error": {
+                    "error": 13, "errname": "EACCES", "type": null, "reason": "Not authorized", "trace": null, "extra": null}}))
+            }
         }
+        "unsub" => Incoming::Ignore,
         _ => Incoming::Ignore,
     }
 }
