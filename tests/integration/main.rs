@@ -7,3 +7,5 @@ mod api_auth;
 mod api_protocol;
 mod badinput;
 mod daemon;
+mod keychain;
+mod sshd;

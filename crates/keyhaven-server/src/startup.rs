@@ -167,6 +167,10 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
     let app = App::new(cfg, store);
     let router = transport::router(app.clone());
     let unix_task = tokio::spawn(transport::unix::serve(app.clone(), unix));
+    {
+        let app = app.clone();
+        tokio::spawn(async move { app.start_enabled_services().await });
+    }
 
     println!("keyhaven listening on {scheme}://{local}");
     let _ = std::io::stdout().flush();
@@ -176,6 +180,9 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
 
     tracing::info!("shutting down");
     unix_task.abort();
+    if let Err(e) = app.sshd.stop().await {
+        tracing::warn!("stopping sshd: {e}");
+    }
     let _ = std::fs::remove_file(transport::unix::socket_path(&data_dir));
     drop(Arc::try_unwrap(app).ok());
     Ok(())

@@ -108,9 +108,9 @@ async fn query_m(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
         for e in &mut all {
             app.keychain_fill_private(e, &cached)?;
         }
-        query(&all, &p, "keychaincredential.query")?
+        query(&all, &p, "keychaincredential_query")?
     } else {
-        let mut out = query(&cached.entries, &p, "keychaincredential.query")?;
+        let mut out = query(&cached.entries, &p, "keychaincredential_query")?;
         if can_write {
             match &mut out {
                 Value::Array(a) => {

@@ -7,6 +7,9 @@ mod audit;
 mod auth;
 mod core;
 mod keychaincredential;
+mod service;
+mod ssh;
+mod user;
 pub mod params;
 
 use std::collections::HashMap;
@@ -83,6 +86,9 @@ fn registry() -> &'static HashMap<&'static str, MethodDef> {
         all.extend(audit::methods());
         all.extend(core::methods());
         all.extend(keychaincredential::methods());
+        all.extend(service::methods());
+        all.extend(ssh::methods());
+        all.extend(user::methods());
         all.into_iter().map(|m| (m.name, m)).collect()
     })
 }

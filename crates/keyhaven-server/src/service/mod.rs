@@ -4,6 +4,7 @@ pub mod audit;
 pub mod auth;
 pub mod jobs;
 pub mod keychain;
+pub mod sshd;
 pub mod users;
 
 use std::sync::Arc;
@@ -20,12 +21,35 @@ pub struct App {
     pub auth: auth::AuthState,
     pub jobs: Arc<jobs::Jobs>,
     pub keychain: keychain::KeychainCache,
+    /// The supervised OpenSSH sshd.
+    pub sshd: keyhaven_ssh::supervisor::Supervisor,
+    /// Where account keys are written for sshd.
+    pub keys_location: keyhaven_ssh::files::KeysLocation,
+    /// Serialises SSH configuration changes (render, check, swap, reload).
+    pub ssh_lock: tokio::sync::Mutex<()>,
 }
 
 impl App {
     pub fn new(config: Config, store: Store) -> Arc<App> {
-        Arc::new(App { config, store, auth: auth::AuthState::default(), jobs: Arc::new(jobs::Jobs::default()),
+        let data = std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+        let sshd = keyhaven_ssh::supervisor::Supervisor::new(keyhaven_ssh::supervisor::SshdPaths {
+            sshd: config.sshd_path.clone(),
+            dir: data.join("sshd"),
+        });
+        let keys_location = if config.authorized_keys_in_home {
+            keyhaven_ssh::files::KeysLocation::Home
+        } else {
+            keyhaven_ssh::files::KeysLocation::Data(data.join("sshd").join("authorized_keys"))
+        };
+        Arc::new(App {
+            config,
+            store,
+            auth: auth::AuthState::default(),
+            jobs: Arc::new(jobs::Jobs::default()),
             keychain: keychain::KeychainCache::default(),
+            sshd,
+            keys_location,
+            ssh_lock: tokio::sync::Mutex::new(()),
         })
     }
 }

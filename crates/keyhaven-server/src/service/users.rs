@@ -132,3 +132,384 @@ impl App {
         }))
     }
 }
+
+// ------------------------------------------------------------------ CRUD
+
+use keyhaven_core::authorized_keys;
+use keyhaven_core::error::{FieldError, ValidationErrors};
+use keyhaven_ssh::accounts::{self, OsAccount};
+use keyhaven_ssh::files::KeysOwner;
+use serde_json::{json, Value};
+
+use crate::error::{EACCES, ENOENT, EPERM};
+
+pub const ROLES: &[&str] = &["FULL_ADMIN", "READONLY_ADMIN"];
+
+/// Fields a caller may set on `user.create` / `user.update` (None = unchanged / default).
+#[derive(Debug, Default)]
+pub struct UserInput {
+    pub username: Option<String>,
+    pub uid: Option<i64>,
+    pub full_name: Option<String>,
+    pub home: Option<String>,
+    pub shell: Option<String>,
+    pub email: Option<Option<String>>,
+    pub password: Option<secrecy::SecretString>,
+    pub password_disabled: Option<bool>,
+    pub locked: Option<bool>,
+    pub ssh_password_enabled: Option<bool>,
+    pub sshpubkey: Option<Option<String>>,
+    pub sudo_commands: Option<Vec<String>>,
+    pub sudo_commands_nopasswd: Option<Vec<String>>,
+    pub roles: Option<Vec<String>>,
+}
+
+fn valid_username(u: &str) -> bool {
+    let mut chars = u.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && u.len() <= 32
+        && u.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-' || c == '.')
+}
+
+impl App {
+    /// TrueNAS's `user` entry for an account.
+    pub fn user_entry(&self, r: &UserRecord) -> Value {
+        let d = UserData::from_record(r);
+        let os = accounts::lookup(&r.username);
+        json!({
+            "id": r.id,
+            "uid": d.uid,
+            "username": r.username,
+            "unixhash": "*",
+            "smbhash": "*",
+            "home": d.home,
+            "shell": d.shell,
+            "full_name": d.full_name,
+            "builtin": d.builtin,
+            "immutable": d.builtin,
+            "smb": false,
+            "group": {"bsdgrp_gid": os.as_ref().map(|o| o.gid), "bsdgrp_group": d.group},
+            "groups": os.as_ref().map(|o| o.groups.clone()).unwrap_or_default(),
+            "password_disabled": d.password_disabled || r.password_hash.is_none(),
+            "ssh_password_enabled": d.ssh_password_enabled,
+            "sshpubkey": d.sshpubkey,
+            "locked": d.locked,
+            "sudo_commands": d.sudo_commands,
+            "sudo_commands_nopasswd": d.sudo_commands_nopasswd,
+            "email": d.email,
+            "local": true,
+            "id_type_both": false,
+            "sid": null,
+            "roles": d.roles,
+            "twofactor_auth_configured": r.has_twofactor_secret && d.twofactor_enabled,
+            "os_account": os.is_some(),
+        })
+    }
+
+    pub fn user_entries(&self) -> Result<Vec<Value>, ServiceError> {
+        Ok(self.store.users_list()?.iter().map(|r| self.user_entry(r)).collect())
+    }
+
+    pub fn user_by_id(&self, id: i64) -> Result<(UserRecord, UserData), ServiceError> {
+        let r = self
+            .store
+            .user_by_id(id)?
+            .ok_or_else(|| ServiceError::Validation(FieldError::new("", format!("User {id} does not exist")).with_errno(ENOENT).into()))?;
+        let d = UserData::from_record(&r);
+        Ok((r, d))
+    }
+
+    fn validate_common(&self, input: &UserInput, schema: &str, errs: &mut ValidationErrors) {
+        if let Some(Some(text)) = &input.sshpubkey {
+            if let Err(e) = authorized_keys::parse_authorized_keys(text) {
+                errs.push(e.to_field_error(format!("{schema}.sshpubkey")));
+            }
+        }
+        if let Some(roles) = &input.roles {
+            for (i, r) in roles.iter().enumerate() {
+                if !ROLES.contains(&r.as_str()) {
+                    errs.add(format!("{schema}.roles.{i}"), format!("Input should be {}", ROLES.join(" or ")));
+                }
+            }
+        }
+        if let Some(shell) = &input.shell {
+            if !shell.starts_with('/') {
+                errs.add(format!("{schema}.shell"), "Shell must be an absolute path such as /usr/bin/bash");
+            } else if !std::path::Path::new(shell).exists() {
+                errs.add(format!("{schema}.shell"), format!("{shell}: no such shell on this system"));
+            }
+        }
+        if let Some(home) = &input.home {
+            if !home.starts_with('/') {
+                errs.add(format!("{schema}.home"), "Home must be an absolute path");
+            }
+        }
+        for (field, list) in [("sudo_commands", &input.sudo_commands), ("sudo_commands_nopasswd", &input.sudo_commands_nopasswd)] {
+            for (i, c) in list.iter().flatten().enumerate() {
+                if c.trim().is_empty() || c.contains('\n') {
+                    errs.add(format!("{schema}.{field}.{i}"), "A sudo command must be one non-empty line");
+                }
+            }
+        }
+        if let Some(pw) = &input.password {
+            use secrecy::ExposeSecret;
+            if pw.expose_secret().contains('\n') {
+                errs.add(format!("{schema}.password"), "Password must not contain a newline");
+            }
+        }
+    }
+
+    /// `user.create`.
+    pub async fn user_create(&self, input: UserInput) -> Result<Value, ServiceError> {
+        const S: &str = "user_create";
+        let mut errs = ValidationErrors::new();
+        let username = input.username.clone().unwrap_or_default();
+        if !valid_username(&username) {
+            errs.add(
+                format!("{S}.username"),
+                "Username must start with a lowercase letter or underscore and contain only lowercase letters, digits, `_`, `-` and `.` (at most 32 characters)",
+            );
+        } else if self.store.user_by_name(&username)?.is_some() {
+            errs.add(format!("{S}.username"), format!("A user with the username \"{username}\" already exists"));
+        }
+        let disabled = input.password_disabled.unwrap_or(false);
+        if input.password.is_none() && !disabled {
+            errs.add(format!("{S}.password"), "Password is required unless password_disabled is set");
+        }
+        if input.password.is_some() && disabled {
+            errs.add(format!("{S}.password_disabled"), "Leave password empty when password_disabled is set");
+        }
+        self.validate_common(&input, S, &mut errs);
+        let os = accounts::lookup(&username);
+        let manage = self.config.manage_os_accounts;
+        if errs.is_empty() && os.is_none() && !manage {
+            errs.add(
+                format!("{S}.username"),
+                format!(
+                    "There is no OS account named {username} on this system, and sshd needs one. Create it first (e.g. `useradd -m {username}`) or set accounts.manage_os = true so keyhaven creates it"
+                ),
+            );
+        }
+        if let (Some(os), false) = (&os, manage) {
+            if let Some(uid) = input.uid.filter(|u| *u != os.uid as i64) {
+                errs.add(format!("{S}.uid"), format!("The OS account {username} has uid {}, not {uid}", os.uid));
+            }
+        }
+        errs.check()?;
+
+        use secrecy::ExposeSecret;
+        let shell = input.shell.clone().unwrap_or_else(|| {
+            os.as_ref().map(|o| o.shell.clone()).unwrap_or_else(|| {
+                if std::path::Path::new("/usr/bin/bash").exists() { "/usr/bin/bash".into() } else { "/bin/sh".into() }
+            })
+        });
+        let full_name = input.full_name.clone().unwrap_or_default();
+        let os = match os {
+            Some(o) => o,
+            None => {
+                let home = input.home.clone().unwrap_or_else(|| format!("/home/{username}"));
+                accounts::create(&username, input.uid.map(|u| u as u32), Some(&home), &shell, &full_name)
+                    .map_err(|e| ServiceError::field(format!("{S}.username"), format!("Creating the OS account failed: {e}")))?;
+                accounts::lookup(&username).ok_or_else(|| ServiceError::internal("useradd", "account missing after creation"))?
+            }
+        };
+        if manage {
+            let pw = input.password.as_ref().map(|p| p.expose_secret().to_string());
+            accounts::set_password(&username, pw.as_deref())
+                .map_err(|e| ServiceError::field(format!("{S}.password"), format!("Setting the OS password failed: {e}")))?;
+        }
+        let data = UserData {
+            uid: os.uid as i64,
+            full_name,
+            home: input.home.clone().unwrap_or_else(|| os.home.display().to_string()),
+            shell,
+            email: input.email.clone().flatten(),
+            group: os.groups.first().cloned().unwrap_or_default(),
+            ssh_password_enabled: input.ssh_password_enabled.unwrap_or(false),
+            password_disabled: disabled,
+            locked: input.locked.unwrap_or(false),
+            sudo_commands: input.sudo_commands.clone().unwrap_or_default(),
+            sudo_commands_nopasswd: input.sudo_commands_nopasswd.clone().unwrap_or_default(),
+            builtin: false,
+            roles: input.roles.clone().unwrap_or_default(),
+            sshpubkey: input.sshpubkey.clone().flatten().map(|t| authorized_keys::normalize(&t)).filter(|t| !t.is_empty()),
+            twofactor_enabled: false,
+        };
+        let hash = match &input.password {
+            Some(p) => {
+                let p = p.expose_secret().to_string();
+                Some(tokio::task::spawn_blocking(move || super::auth::hash_password(&p)).await.map_err(|e| ServiceError::internal("password hashing", e))?)
+            }
+            None => None,
+        };
+        let id = self.store.user_insert(&username, &data.to_value(), hash.as_deref())?;
+        self.write_user_keys(&username, &data)?;
+        self.ssh_users_changed().await;
+        let r = self.store.user_by_id(id)?.ok_or_else(|| ServiceError::internal("user.create", "row vanished"))?;
+        Ok(self.user_entry(&r))
+    }
+
+    /// `user.update`.
+    pub async fn user_update(&self, id: i64, input: UserInput) -> Result<Value, ServiceError> {
+        const S: &str = "user_update";
+        let (rec, mut data) = self.user_by_id(id)?;
+        let mut errs = ValidationErrors::new();
+        if let Some(u) = &input.username {
+            if u != &rec.username {
+                errs.add(format!("{S}.username"), "Renaming an account is not supported; create a new account instead");
+            }
+        }
+        if input.uid.is_some_and(|u| u != data.uid) {
+            errs.add(format!("{S}.uid"), "The uid of an existing account cannot be changed");
+        }
+        if data.builtin && input.roles.as_ref().is_some_and(|r| !r.iter().any(|x| x == "FULL_ADMIN")) {
+            errs.add(format!("{S}.roles"), format!("{} is a built-in administrator and keeps FULL_ADMIN", rec.username));
+        }
+        self.validate_common(&input, S, &mut errs);
+        let manage = self.config.manage_os_accounts;
+        if !manage {
+            if let Some(h) = input.home.as_ref().filter(|h| **h != data.home) {
+                errs.add(format!("{S}.home"), format!("Changing the home to {h} needs accounts.manage_os = true (keyhaven does not modify OS accounts otherwise)"));
+            }
+        }
+        errs.check()?;
+        use secrecy::ExposeSecret;
+        if let Some(v) = input.full_name {
+            data.full_name = v;
+        }
+        if let Some(v) = input.shell {
+            data.shell = v;
+        }
+        if let Some(v) = input.home {
+            data.home = v;
+        }
+        if let Some(v) = input.email {
+            data.email = v;
+        }
+        if let Some(v) = input.locked {
+            data.locked = v;
+        }
+        if let Some(v) = input.password_disabled {
+            data.password_disabled = v;
+        }
+        if let Some(v) = input.ssh_password_enabled {
+            data.ssh_password_enabled = v;
+        }
+        if let Some(v) = input.sudo_commands {
+            data.sudo_commands = v;
+        }
+        if let Some(v) = input.sudo_commands_nopasswd {
+            data.sudo_commands_nopasswd = v;
+        }
+        if let Some(v) = input.roles {
+            data.roles = v;
+        }
+        let keys_changed = input.sshpubkey.is_some();
+        if let Some(v) = input.sshpubkey {
+            data.sshpubkey = v.map(|t| authorized_keys::normalize(&t)).filter(|t| !t.is_empty());
+        }
+        if manage && accounts::lookup(&rec.username).is_some() {
+            accounts::modify(&rec.username, &data.shell, &data.full_name)
+                .map_err(|e| ServiceError::field(format!("{S}.shell"), format!("Updating the OS account failed: {e}")))?;
+            if let Some(p) = &input.password {
+                accounts::set_password(&rec.username, Some(p.expose_secret()))
+                    .map_err(|e| ServiceError::field(format!("{S}.password"), format!("Setting the OS password failed: {e}")))?;
+            }
+        }
+        let hash = match &input.password {
+            Some(p) => {
+                let p = p.expose_secret().to_string();
+                Some(Some(tokio::task::spawn_blocking(move || super::auth::hash_password(&p)).await.map_err(|e| ServiceError::internal("password hashing", e))?))
+            }
+            None => None,
+        };
+        self.store.user_update(id, &rec.username, &data.to_value(), hash.as_ref().map(|h| h.as_deref()))?;
+        if keys_changed {
+            self.write_user_keys(&rec.username, &data)?;
+        }
+        self.ssh_users_changed().await;
+        let r = self.store.user_by_id(id)?.ok_or_else(|| ServiceError::internal("user.update", "row vanished"))?;
+        Ok(self.user_entry(&r))
+    }
+
+    /// `user.delete`.
+    pub async fn user_delete(&self, id: i64) -> Result<String, ServiceError> {
+        let (rec, data) = self.user_by_id(id)?;
+        if data.builtin {
+            return Err(ServiceError::call(EPERM, format!("{} is a built-in account and cannot be deleted", rec.username)));
+        }
+        let empty = UserData { sshpubkey: None, ..data.clone() };
+        self.write_user_keys(&rec.username, &empty)?;
+        if self.config.manage_os_accounts && accounts::lookup(&rec.username).is_some() {
+            accounts::delete(&rec.username).map_err(|e| ServiceError::call(EACCES, format!("Deleting the OS account failed: {e}")))?;
+        }
+        self.store.api_keys_delete_for_user(&rec.username)?;
+        self.store.user_delete(id)?;
+        self.ssh_users_changed().await;
+        Ok(rec.username)
+    }
+
+    /// Write an account's authorized keys where sshd looks for them.
+    pub fn write_user_keys(&self, username: &str, data: &UserData) -> Result<(), ServiceError> {
+        let os: Option<OsAccount> = accounts::lookup(username);
+        let (uid, gid, home) = match &os {
+            Some(o) => (o.uid, o.gid, o.home.clone()),
+            None => (data.uid.max(0) as u32, data.uid.max(0) as u32, std::path::PathBuf::from(&data.home)),
+        };
+        let owner = KeysOwner { username, uid, gid, home: &home };
+        self.keys_location
+            .write(&owner, data.sshpubkey.as_deref().unwrap_or(""))
+            .map_err(|e| ServiceError::call(EACCES, format!("Failed to update authorized keys: {e}")))?;
+        Ok(())
+    }
+
+    /// Rewrite every account's keys (start of the SSH service).
+    pub fn sync_all_user_keys(&self) -> Result<(), ServiceError> {
+        for r in self.store.users_list()? {
+            let d = UserData::from_record(&r);
+            if d.sshpubkey.is_some() || self.config.authorized_keys_in_home {
+                if let Err(e) = self.write_user_keys(&r.username, &d) {
+                    tracing::warn!(user = %r.username, "{e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------- two-factor
+
+    /// Enable (or renew) TOTP for an account: a new seed, sealed at rest.
+    /// Returns the provisioning URI, shown this once.
+    pub fn twofactor_renew(&self, username: &str) -> Result<String, ServiceError> {
+        let (rec, mut data) = self
+            .user(username)?
+            .ok_or_else(|| ServiceError::field_errno("user_renew_2fa_secret.username", format!("User {username} does not exist"), ENOENT))?;
+        let secret = totp_rs::Secret::generate();
+        let b32 = secret.to_base32();
+        let totp = totp_rs::Builder::new()
+            .with_algorithm(totp_rs::Algorithm::SHA1)
+            .with_digits(6)
+            .with_skew(1)
+            .with_step_duration(30)
+            .with_secret(secret)
+            .with_account_name(username.to_string())
+            .with_issuer(Some("keyhaven"))
+            .build()
+            .map_err(|e| ServiceError::internal("TOTP setup", e))?;
+        let uri = totp.to_url().map_err(|e| ServiceError::internal("TOTP setup", e))?;
+        self.store.user_set_twofactor_secret(rec.id, Some(&b32))?;
+        data.twofactor_enabled = true;
+        self.store.user_update(rec.id, &rec.username, &data.to_value(), None)?;
+        Ok(uri)
+    }
+
+    pub fn twofactor_unset(&self, username: &str) -> Result<(), ServiceError> {
+        let (rec, mut data) = self
+            .user(username)?
+            .ok_or_else(|| ServiceError::field_errno("user_unset_2fa_secret.username", format!("User {username} does not exist"), ENOENT))?;
+        self.store.user_set_twofactor_secret(rec.id, None)?;
+        data.twofactor_enabled = false;
+        self.store.user_update(rec.id, &rec.username, &data.to_value(), None)?;
+        Ok(())
+    }
+}
