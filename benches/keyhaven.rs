@@ -210,7 +210,8 @@ fn bench_keygen() {
     println!("| key | runs | keyhaven median (p25–p75) | ssh-keygen median (p25–p75) | ratio | goal |\n|---|---|---|---|---|---|");
     let dir = fresh_dir();
     std::fs::create_dir_all(&dir).unwrap();
-    let cases: [(&str, A, &str, Option<u32>, usize, &str); 7] = [
+    type Case = (&'static str, A, &'static str, Option<u32>, usize, &'static str);
+    let cases: [Case; 7] = [
         ("Ed25519", A::Ed25519, "ed25519", None, 51, "—"),
         ("ECDSA P-256", A::Ecdsa, "ecdsa", Some(256), 51, "—"),
         ("ECDSA P-384", A::Ecdsa, "ecdsa", Some(384), 31, "—"),

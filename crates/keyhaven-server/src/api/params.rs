@@ -76,7 +76,7 @@ impl Secret {
 /// Turn serde's message into TrueNAS/pydantic wording.
 fn pydantic_message(msg: &str) -> String {
     if let Some(rest) = msg.strip_prefix("invalid type: ") {
-        let expected = rest.split("expected ").nth(1).unwrap_or("").trim_end_matches(|c| c == '.' || c == ' ');
+        let expected = rest.split("expected ").nth(1).unwrap_or("").trim_end_matches(['.', ' ']);
         let what = if expected.contains("string") || expected.contains("Str") {
             "Input should be a valid string"
         } else if expected.contains("bool") {

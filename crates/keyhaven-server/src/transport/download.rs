@@ -27,6 +27,7 @@ fn plain(status: StatusCode, msg: &str) -> Response {
 }
 
 /// Authenticate a download request; `Err` is the response to send.
+#[allow(clippy::result_large_err)] // the error is the HTTP response to send
 fn authenticate(app: &App, headers: &HeaderMap, q: &HashMap<String, String>, origin: &str) -> Result<Caller, Response> {
     let unauthorized = || {
         let mut r = plain(
