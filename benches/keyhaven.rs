@@ -1,6 +1,6 @@
 //! keyhaven's benchmarks, measured against OpenSSH's own tools on the same
 //! machine in the same run. `cargo bench --bench keyhaven [-- GROUP…]` prints a
-//! Markdown report (groups: daemon, keygen, keychain; default all).
+//! Markdown report (groups: daemon, keygen, keychain, sshd; default all).
 //!
 //! Nothing here asserts a time: the goals are written next to the figures and
 //! BENCHMARKS.md records one run.
@@ -296,6 +296,152 @@ async fn bench_keychain() {
     println!();
 }
 
+/// Restores the system account files when dropped (the sshd bench adds
+/// 10,000 throwaway accounts to /etc/passwd for keyhaven to map to).
+struct PasswdGuard(Vec<(&'static str, Vec<u8>)>);
+
+impl PasswdGuard {
+    fn add_accounts(n: usize) -> PasswdGuard {
+        let files = ["/etc/passwd", "/etc/group"];
+        let saved: Vec<_> = files.iter().map(|f| (*f, std::fs::read(f).unwrap())).collect();
+        let mut passwd = String::new();
+        for i in 0..n {
+            passwd.push_str(&format!("khb{i:05}:x:{}:{}::/nonexistent:/usr/sbin/nologin\n", 40000 + i, 40000 + i));
+        }
+        use std::io::Write;
+        std::fs::OpenOptions::new().append(true).open("/etc/passwd").unwrap().write_all(passwd.as_bytes()).unwrap();
+        PasswdGuard(saved)
+    }
+}
+
+impl Drop for PasswdGuard {
+    fn drop(&mut self) {
+        for (f, b) in &self.0 {
+            std::fs::write(f, b).unwrap();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn start_sshd(ws: &mut Ws, d: &Daemon) -> (u16, std::path::PathBuf) {
+    let port = free_port();
+    call(ws, "ssh.update", json!([{"tcpport": port}])).await;
+    let job = call(ws, "service.control", json!(["START", "ssh"])).await;
+    loop {
+        let j = call(ws, "core.get_jobs", json!([[["id", "=", job]], {"get": true}])).await;
+        if j["state"] != "RUNNING" {
+            assert_eq!(j["state"], "SUCCESS", "{j}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cfg = call(ws, "ssh.config", json!([])).await;
+    let kh = d.dir.join("bench_known_hosts");
+    let lines: Vec<String> =
+        cfg["host_keys"].as_array().unwrap().iter().map(|k| format!("[127.0.0.1]:{port} {}", k["public_key"].as_str().unwrap())).collect();
+    std::fs::write(&kh, lines.join("\n") + "\n").unwrap();
+    (port, kh)
+}
+
+fn ssh_login_ms(key: &std::path::Path, kh: &std::path::Path, port: u16) -> f64 {
+    let t = Instant::now();
+    let st = Command::new("ssh")
+        .arg("-i")
+        .arg(key)
+        .args(["-p", &port.to_string(), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", kh.display()))
+        .args(["root@127.0.0.1", "true"])
+        .stdin(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "ssh login failed");
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+async fn bench_sshd() {
+    println!("## Accounts and sshd (issue 4)\n");
+    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/usr/sbin/sshd").exists() {
+        println!("skipped: needs root and /usr/sbin/sshd\n");
+        return;
+    }
+    println!("| measure | result | goal |\n|---|---|---|");
+    let (a, _) = start(None);
+    let (b, _) = start(None);
+    let mut wa = connect(&a, true).await;
+    let mut wb = connect(&b, true).await;
+    let kp = call(&mut wa, "keychaincredential.generate_ssh_key_pair", json!([])).await;
+    let key = a.dir.join("bench_id");
+    std::fs::write(&key, kp["private_key"].as_str().unwrap()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let root_a = call(&mut wa, "user.query", json!([[["username", "=", "root"]], {"get": true}])).await["id"].clone();
+    let root_b = call(&mut wb, "user.query", json!([[["username", "=", "root"]], {"get": true}])).await["id"].clone();
+
+    // B: 10,000 accounts with 3 keys each (created before sshd starts).
+    let mut three = vec![];
+    for _ in 0..3 {
+        three.push(call(&mut wb, "keychaincredential.generate_ssh_key_pair", json!([])).await["public_key"].as_str().unwrap().trim().to_string());
+    }
+    let three = three.join("\n");
+    let n = 10_000;
+    let guard = PasswdGuard::add_accounts(n);
+    let t = Instant::now();
+    pipelined(&mut wb, n, 32, |i| {
+        json!({"jsonrpc": "2.0", "id": i, "method": "user.create", "params": [{"username": format!("khb{i:05}"), "password_disabled": true, "sshpubkey": three}]}).to_string()
+    })
+    .await;
+    let created = t.elapsed();
+    let count = call(&mut wb, "user.query", json!([[], {"count": true}])).await;
+    println!("| create 10,000 accounts × 3 keys through the API | {:.1} s ({count} accounts) | — |", created.as_secs_f64());
+
+    let pubkey = kp["public_key"].as_str().unwrap();
+    call(&mut wa, "user.update", json!([root_a, {"sshpubkey": pubkey}])).await;
+    call(&mut wb, "user.update", json!([root_b, {"sshpubkey": format!("{three}\n{pubkey}")}])).await;
+    let (pa, kha) = start_sshd(&mut wa, &a).await;
+    let (pb, khb) = start_sshd(&mut wb, &b).await;
+    // warm-up
+    ssh_login_ms(&key, &kha, pa);
+    ssh_login_ms(&key, &khb, pb);
+    let mut la = vec![];
+    let mut lb = vec![];
+    for _ in 0..21 {
+        la.push(ssh_login_ms(&key, &kha, pa));
+        lb.push(ssh_login_ms(&key, &khb, pb));
+    }
+    let (ma, mb) = (median(&mut la), median(&mut lb));
+    println!("| `ssh -i key root@127.0.0.1 true`, 1 account (median of 21, interleaved) | {ma:.1} ms | — |");
+    println!("| same, 10,000 accounts × 3 keys | {mb:.1} ms | — |");
+    println!("| ratio 10,000 accounts / 1 account | {:.3} | ≤ 1.1 |", mb / ma);
+    drop(guard);
+
+    // From user.update of sshpubkey to the key working: the reply is sent after
+    // the file is written (atomically) and sshd reads it at the next login.
+    let other = call(&mut wa, "keychaincredential.generate_ssh_key_pair", json!([])).await["public_key"].as_str().unwrap().to_string();
+    let mut lat = vec![];
+    for i in 0..50 {
+        let keys = if i % 2 == 0 { format!("{other}\n{pubkey}") } else { pubkey.to_string() };
+        let t = Instant::now();
+        call(&mut wa, "user.update", json!([root_a, {"sshpubkey": keys}])).await;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    // Prove it: swap in a fresh key and log in with it right after the reply.
+    let fresh = call(&mut wa, "keychaincredential.generate_ssh_key_pair", json!([])).await;
+    let fresh_key = a.dir.join("bench_fresh");
+    std::fs::write(&fresh_key, fresh["private_key"].as_str().unwrap()).unwrap();
+    std::fs::set_permissions(&fresh_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let t = Instant::now();
+    call(&mut wa, "user.update", json!([root_a, {"sshpubkey": fresh["public_key"]}])).await;
+    let upd = t.elapsed().as_secs_f64() * 1000.0;
+    ssh_login_ms(&fresh_key, &kha, pa);
+    println!("| `user.update` of sshpubkey until the key works (reply after the atomic write; median of 50) | {:.2} ms (p99 {:.2} ms) | < 50 ms |", median(&mut lat), pct(&mut lat, 0.99));
+    println!("| … checked: a fresh key logged in right after its update ({upd:.2} ms) | ok | — |");
+    println!();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let want = |g: &str| args.is_empty() || args.iter().any(|a| a == g);
@@ -311,5 +457,8 @@ fn main() {
     }
     if want("keychain") {
         rt.block_on(bench_keychain());
+    }
+    if want("sshd") {
+        rt.block_on(bench_sshd());
     }
 }

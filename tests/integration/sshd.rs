@@ -274,7 +274,8 @@ async fn password_login_only_for_enabled_accounts_and_groups() {
     let _guard = OsUsers(vec![u1.clone(), u2.clone()]);
     let pw = "Sup3r-secret-pw";
     let a = c.call("user.create", json!([{"username": u1, "full_name": "Pw User", "password": pw, "ssh_password_enabled": true}])).await;
-    assert_eq!(a["os_account"], true);
+    assert!(Command::new("id").arg(&u1).status().unwrap().success(), "OS account created");
+    assert_eq!(a["uid"].as_i64(), Some(String::from_utf8(Command::new("id").args(["-u", &u1]).output().unwrap().stdout).unwrap().trim().parse().unwrap()));
     c.call("user.create", json!([{"username": u2, "full_name": "No Pw", "password": pw}])).await;
     c.call("ssh.update", json!([{"passwordauth": true}])).await;
     let port = start_ssh(&mut c).await;

@@ -14,6 +14,7 @@ use keyhaven_store::{Store, UserRecord};
 #[serde(default)]
 pub struct UserData {
     pub uid: i64,
+    pub gid: i64,
     pub full_name: String,
     pub home: String,
     pub shell: String,
@@ -34,6 +35,7 @@ impl Default for UserData {
     fn default() -> Self {
         UserData {
             uid: 0,
+            gid: 0,
             full_name: String::new(),
             home: "/var/empty".into(),
             shell: "/usr/sbin/nologin".into(),
@@ -86,6 +88,7 @@ pub fn bootstrap(store: &Store, admin_password: Option<Zeroizing<String>>) -> Re
         let (uid, home, shell) = os_account("root").unwrap_or((0, "/root".into(), "/bin/bash".into()));
         let data = UserData {
             uid,
+            gid: uid,
             full_name: "root".into(),
             home,
             shell,
@@ -109,6 +112,7 @@ pub fn bootstrap(store: &Store, admin_password: Option<Zeroizing<String>>) -> Re
         let (uid, home, shell) = os_account("admin").unwrap_or((950, "/var/empty".into(), "/usr/sbin/nologin".into()));
         let data = UserData {
             uid,
+            gid: uid,
             full_name: "Administrator".into(),
             home,
             shell,
@@ -175,7 +179,8 @@ impl App {
     /// TrueNAS's `user` entry for an account.
     pub fn user_entry(&self, r: &UserRecord) -> Value {
         let d = UserData::from_record(r);
-        let os = accounts::lookup(&r.username);
+        // No NSS lookup here: `user.query` builds every entry, and with tens of
+        // thousands of accounts a getpwnam per entry would dominate.
         json!({
             "id": r.id,
             "uid": d.uid,
@@ -188,8 +193,8 @@ impl App {
             "builtin": d.builtin,
             "immutable": d.builtin,
             "smb": false,
-            "group": {"bsdgrp_gid": os.as_ref().map(|o| o.gid), "bsdgrp_group": d.group},
-            "groups": os.as_ref().map(|o| o.groups.clone()).unwrap_or_default(),
+            "group": {"bsdgrp_gid": d.gid, "bsdgrp_group": d.group},
+            "groups": [],
             "password_disabled": d.password_disabled || r.password_hash.is_none(),
             "ssh_password_enabled": d.ssh_password_enabled,
             "sshpubkey": d.sshpubkey,
@@ -202,7 +207,6 @@ impl App {
             "sid": null,
             "roles": d.roles,
             "twofactor_auth_configured": r.has_twofactor_secret && d.twofactor_enabled,
-            "os_account": os.is_some(),
         })
     }
 
@@ -320,6 +324,7 @@ impl App {
         }
         let data = UserData {
             uid: os.uid as i64,
+            gid: os.gid as i64,
             full_name,
             home: input.home.clone().unwrap_or_else(|| os.home.display().to_string()),
             shell,
