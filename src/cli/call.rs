@@ -10,8 +10,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::{resolve_config, Common};
-use keyhaven_server::transport::client::{ClientError, RpcClient};
-use keyhaven_server::transport::ws::Dialect;
+use keyhaven_server::remote::{ClientError, Dialect, RpcClient};
 
 #[derive(Args)]
 pub struct CallArgs {

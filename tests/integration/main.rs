@@ -9,3 +9,4 @@ mod badinput;
 mod daemon;
 mod keychain;
 mod sshd;
+mod pairing;

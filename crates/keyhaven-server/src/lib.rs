@@ -8,10 +8,13 @@
 //! * [`transport`] carries [`api`] over JSON-RPC 2.0 (`/api/current`), TrueNAS's
 //!   legacy dialect (`/websocket`), the download endpoints and the local
 //!   unix socket used by `keyhaven call`.
+//! * [`remote`] is the client for another system's API (JSON-RPC or legacy),
+//!   used by pairing and by `keyhaven call --url`.
 
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod remote;
 pub mod service;
 pub mod startup;
 pub mod transport;

@@ -9,6 +9,7 @@ use super::params::{decode, Secret, Str};
 use super::{query, Ctx, MethodDef, Params};
 use crate::error::ServiceError;
 use crate::method;
+use crate::service::pairing;
 use crate::service::keychain::{self, AttributesInput, ConnectionInput, KeyPairInput, SSH_CREDENTIALS, SSH_KEY_PAIR};
 use keyhaven_core::keys::{GenerateOptions, KeyAlgorithm};
 
@@ -21,6 +22,12 @@ pub fn methods() -> Vec<MethodDef> {
         method!("keychaincredential.delete", Write, delete),
         method!("keychaincredential.used_by", Read, used_by),
         method!("keychaincredential.generate_ssh_key_pair", Write, generate_ssh_key_pair),
+        method!("keychaincredential.remote_ssh_host_key_scan", Write, remote_ssh_host_key_scan),
+        method!("keychaincredential.remote_ssh_host_key_scan_fingerprints", Write, remote_ssh_host_key_scan_fingerprints),
+        method!("keychaincredential.test_ssh_connection", Read, test_ssh_connection),
+        method!("keychaincredential.ssh_pair", Write, ssh_pair),
+        method!("keychaincredential.remote_ssh_semiautomatic_setup", Write, remote_ssh_semiautomatic_setup),
+        method!("keychaincredential.setup_ssh_connection", Write, setup_ssh_connection),
     ]
 }
 
@@ -248,4 +255,292 @@ async fn generate_ssh_key_pair(ctx: Arc<Ctx>, p: Params) -> Result<Value, Servic
     )?;
     let kp = ctx.app.generate_key_pair(opts).await?;
     Ok(json!({"private_key": kp.private_key.as_str(), "public_key": kp.public_key}))
+}
+
+// ------------------------------------------------------------------ pairing
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScanIn {
+    host: Str,
+    #[serde(default = "default_port")]
+    port: i64,
+    #[serde(default = "default_timeout")]
+    connect_timeout: i64,
+}
+
+async fn scan(p: &Params, method: &str) -> Result<Vec<keyhaven_ssh::client::ScannedKey>, ServiceError> {
+    const S: &str = "keychain_remote_ssh_host_key_scan";
+    p.at_most(1, method)?;
+    let a: ScanIn = p.req(0, S)?;
+    let mut errs = keyhaven_core::ValidationErrors::new();
+    if a.host.trim().is_empty() {
+        errs.add(format!("{S}.host"), "String should have at least 1 character");
+    }
+    if !(1..=65535).contains(&a.port) {
+        errs.add(format!("{S}.port"), "Port must be between 1 and 65535");
+    }
+    if !(1..=300).contains(&a.connect_timeout) {
+        errs.add(format!("{S}.connect_timeout"), "Connect timeout must be between 1 and 300 seconds");
+    }
+    errs.check()?;
+    pairing::host_key_scan(a.host.trim(), a.port as u16, std::time::Duration::from_secs(a.connect_timeout as u64)).await
+}
+
+async fn remote_ssh_host_key_scan(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    let keys = scan(&p, "keychaincredential.remote_ssh_host_key_scan").await?;
+    if let Some(h) = p.raw(0).and_then(|v| v.get("host")).and_then(Value::as_str) {
+        ctx.describe(format!("Discover remote host key: {h}"));
+    }
+    Ok(json!(keys.iter().map(|k| k.line()).collect::<Vec<_>>().join("\n")))
+}
+
+async fn remote_ssh_host_key_scan_fingerprints(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    let keys = scan(&p, "keychaincredential.remote_ssh_host_key_scan_fingerprints").await?;
+    if let Some(h) = p.raw(0).and_then(|v| v.get("host")).and_then(Value::as_str) {
+        ctx.describe(format!("Discover remote host key: {h}"));
+    }
+    Ok(Value::Array(
+        keys.iter().map(|k| json!({"type": k.key_type, "public_key": k.line(), "fingerprint": k.fingerprint})).collect(),
+    ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TestIn {
+    #[serde(default)]
+    timeout: Option<u64>,
+}
+
+async fn test_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    const S: &str = "keychain_test_ssh_connection";
+    p.at_most(2, "keychaincredential.test_ssh_connection")?;
+    let id: i64 = p.req(0, &format!("{S}.id"))?;
+    let o: TestIn = p.opt(1, &format!("{S}.options"))?;
+    if o.timeout.is_some_and(|t| !(1..=300).contains(&t)) {
+        return Err(ServiceError::field(format!("{S}.options.timeout"), "Timeout must be between 1 and 300 seconds"));
+    }
+    ctx.app.test_ssh_connection(id, o.timeout).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PairIn {
+    remote_hostname: Str,
+    #[serde(default = "default_user")]
+    username: Str,
+    public_key: String,
+}
+
+async fn ssh_pair(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    const S: &str = "keychain_ssh_pair";
+    p.at_most(1, "keychaincredential.ssh_pair")?;
+    let a: PairIn = p.req(0, S)?;
+    let mut errs = keyhaven_core::ValidationErrors::new();
+    if a.remote_hostname.trim().is_empty() {
+        errs.add(format!("{S}.remote_hostname"), "String should have at least 1 character");
+    }
+    if a.username.trim().is_empty() {
+        errs.add(format!("{S}.username"), "String should have at least 1 character");
+    }
+    if a.public_key.trim().is_empty() {
+        errs.add(format!("{S}.public_key"), "String should have at least 1 character");
+    }
+    errs.check()?;
+    ctx.describe(format!("SSH pair: authorize a key for {}", &*a.username));
+    ctx.app.ssh_pair(a.remote_hostname.trim(), &a.username, &a.public_key, S).await
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The semi-automatic arguments shared by both setup methods (minus name/key).
+macro_rules! semi_struct {
+    ($name:ident { $($extra:tt)* }) => {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct $name {
+            $($extra)*
+            url: String,
+            #[serde(default = "default_true")]
+            verify_ssl: bool,
+            #[serde(default)]
+            token: Option<Secret>,
+            #[serde(default = "default_user")]
+            admin_username: Str,
+            #[serde(default)]
+            password: Option<Secret>,
+            #[serde(default)]
+            otp_token: Option<Secret>,
+            #[serde(default = "default_user")]
+            username: Str,
+            #[serde(default = "default_timeout")]
+            connect_timeout: i64,
+            #[serde(default)]
+            sudo: bool,
+        }
+
+        impl $name {
+            fn semi(self, schema: &str) -> Result<pairing::SemiAutomatic, ServiceError> {
+                check_semi(&self.url, &self.username, self.connect_timeout, schema)?;
+                Ok(pairing::SemiAutomatic {
+                    url: self.url.trim().to_string(),
+                    verify_ssl: self.verify_ssl,
+                    token: self.token.map(|s| s.0),
+                    admin_username: self.admin_username.0,
+                    password: self.password.map(|s| s.0),
+                    otp_token: self.otp_token.map(|s| s.0),
+                    username: self.username.0,
+                    connect_timeout: self.connect_timeout,
+                    sudo: self.sudo,
+                })
+            }
+        }
+    };
+}
+
+semi_struct!(SemiFullIn { name: Str, private_key: i64, });
+semi_struct!(SemiIn {});
+
+fn check_semi(url: &str, username: &str, connect_timeout: i64, schema: &str) -> Result<(), ServiceError> {
+    let mut errs = keyhaven_core::ValidationErrors::new();
+    let u = url.trim();
+    if u.chars().count() > 2083 {
+        errs.add(format!("{schema}.url"), "URL should have at most 2083 characters");
+    } else if !(u.starts_with("http://") || u.starts_with("https://")) || pairing::url_host(u).is_empty() {
+        errs.add(format!("{schema}.url"), "Input should be a valid URL: http:// or https:// followed by a host");
+    }
+    if username.trim().is_empty() {
+        errs.add(format!("{schema}.username"), "String should have at least 1 character");
+    }
+    if !(1..=300).contains(&connect_timeout) {
+        errs.add(format!("{schema}.connect_timeout"), "Connect timeout must be between 1 and 300 seconds");
+    }
+    errs.check()?;
+    Ok(())
+}
+
+async fn remote_ssh_semiautomatic_setup(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    const S: &str = "keychain_remote_ssh_semiautomatic_setup";
+    p.at_most(1, "keychaincredential.remote_ssh_semiautomatic_setup")?;
+    let a: SemiFullIn = p.req(0, S)?;
+    if a.name.trim().is_empty() {
+        return Err(ServiceError::field(format!("{S}.name"), "String should have at least 1 character"));
+    }
+    ctx.describe(format!("SSH Semi-automatic Setup: {}", &*a.name));
+    let (name, key) = (a.name.0.clone(), a.private_key);
+    let semi = a.semi(S)?;
+    ctx.app.remote_semiautomatic_setup(&name, key, &semi).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrivateKeyChoice {
+    #[serde(default = "default_true")]
+    generate_key: bool,
+    #[serde(default)]
+    name: Option<Str>,
+    #[serde(default)]
+    existing_key_id: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManualIn {
+    host: Str,
+    #[serde(default = "default_port")]
+    port: i64,
+    #[serde(default = "default_user")]
+    username: Str,
+    remote_host_key: String,
+    #[serde(default = "default_timeout")]
+    connect_timeout: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetupIn {
+    connection_name: Str,
+    #[serde(default)]
+    setup_type: Option<Str>,
+    private_key: PrivateKeyChoice,
+    #[serde(default)]
+    manual_setup: Option<ManualIn>,
+    #[serde(default)]
+    semi_automatic_setup: Option<SemiIn>,
+}
+
+async fn setup_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    const S: &str = "setup_ssh_connection";
+    p.at_most(1, "keychaincredential.setup_ssh_connection")?;
+    let a: SetupIn = p.req(0, S)?;
+    let mut errs = keyhaven_core::ValidationErrors::new();
+    if a.connection_name.trim().is_empty() {
+        errs.add(format!("{S}.connection_name"), "String should have at least 1 character");
+    }
+    let key = match (a.private_key.generate_key, a.private_key.name, a.private_key.existing_key_id) {
+        (true, Some(n), None) if !n.trim().is_empty() => Some(pairing::KeyChoice::Generate { name: n.0 }),
+        (true, _, Some(_)) => {
+            errs.add(format!("{S}.private_key.existing_key_id"), "Extra inputs are not permitted when generate_key is true");
+            None
+        }
+        (true, _, None) => {
+            errs.add(format!("{S}.private_key.name"), "Field required: the name of the key pair to generate");
+            None
+        }
+        (false, None, Some(id)) => Some(pairing::KeyChoice::Existing(id)),
+        (false, Some(_), _) => {
+            errs.add(format!("{S}.private_key.name"), "Extra inputs are not permitted when generate_key is false");
+            None
+        }
+        (false, None, None) => {
+            errs.add(format!("{S}.private_key.existing_key_id"), "Field required");
+            None
+        }
+    };
+    let setup_type = a.setup_type.as_deref().unwrap_or("MANUAL").to_string();
+    let kind = match (setup_type.as_str(), a.manual_setup, a.semi_automatic_setup) {
+        ("MANUAL", Some(m), None) => Some(pairing::SetupKind::Manual(pairing::Manual {
+            host: m.host.0,
+            port: m.port,
+            username: m.username.0,
+            remote_host_key: m.remote_host_key,
+            connect_timeout: m.connect_timeout,
+        })),
+        ("SEMI-AUTOMATIC", None, Some(s)) => match s.semi(&format!("{S}.semi_automatic_setup")) {
+            Ok(s) => Some(pairing::SetupKind::SemiAutomatic(s)),
+            Err(ServiceError::Validation(v)) => {
+                errs.0.extend(v.0);
+                None
+            }
+            Err(e) => return Err(e),
+        },
+        ("MANUAL", None, _) => {
+            errs.add(format!("{S}.manual_setup"), "Field required");
+            None
+        }
+        ("MANUAL", Some(_), Some(_)) => {
+            errs.add(format!("{S}.semi_automatic_setup"), "Extra inputs are not permitted with setup_type MANUAL");
+            None
+        }
+        ("SEMI-AUTOMATIC", _, None) => {
+            errs.add(format!("{S}.semi_automatic_setup"), "Field required");
+            None
+        }
+        ("SEMI-AUTOMATIC", Some(_), Some(_)) => {
+            errs.add(format!("{S}.manual_setup"), "Extra inputs are not permitted with setup_type SEMI-AUTOMATIC");
+            None
+        }
+        _ => {
+            errs.add(format!("{S}.setup_type"), "Input should be 'MANUAL' or 'SEMI-AUTOMATIC'");
+            None
+        }
+    };
+    errs.check()?;
+    let (Some(key), Some(kind)) = (key, kind) else {
+        return Err(ServiceError::internal("setup_ssh_connection", "arguments not decoded"));
+    };
+    ctx.describe(format!("Setup SSH Connection: {}", &*a.connection_name));
+    ctx.app.setup_ssh_connection(&a.connection_name, key, kind).await
 }

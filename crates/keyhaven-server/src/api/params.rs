@@ -117,6 +117,11 @@ fn backticked(msg: &str) -> Option<&str> {
 
 /// Decode one value against a schema name, mapping errors to `<schema>.<path>`.
 pub fn decode<T: DeserializeOwned>(v: Value, schema: &str) -> Result<T, ServiceError> {
+    // serde lets a derived struct be read from a JSON array (as a tuple);
+    // pydantic does not. Every non-list parameter type is refused an array.
+    if v.is_array() && !std::any::type_name::<T>().contains("Vec<") {
+        return Err(ServiceError::Validation(FieldError::new(schema, "Input should be a valid dictionary").into()));
+    }
     serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
         let mut path = e.path().to_string();
         let inner = e.inner().to_string();
@@ -128,7 +133,8 @@ pub fn decode<T: DeserializeOwned>(v: Value, schema: &str) -> Result<T, ServiceE
                 }
             }
         }
-        let path = path.trim_start_matches('.').replace("[", ".").replace(']', "");
+        let path = path.replace('[', ".").replace(']', "");
+        let path = path.trim_matches('.').replace("..", ".");
         let attr = if path.is_empty() { schema.to_string() } else { format!("{schema}.{path}") };
         let msg = pydantic_message(inner.split(" at line ").next().unwrap_or(&inner));
         ServiceError::Validation(FieldError::new(attr, msg).into())
@@ -216,6 +222,6 @@ mod tests {
         assert_eq!(err(serde_json::json!({"name": "a", "flag": 1})), ("x_create.flag".into(), "Input should be a valid boolean".into()));
         let long = "a".repeat(1025);
         assert_eq!(err(serde_json::json!({"name": long})).1, "String should have at most 1024 characters");
-        assert_eq!(err(serde_json::json!([1])).0, "x_create");
+        assert_eq!(err(serde_json::json!([1])), ("x_create".into(), "Input should be a valid dictionary".into()));
     }
 }

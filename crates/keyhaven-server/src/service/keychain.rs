@@ -27,6 +27,7 @@ pub struct KeychainCache {
     inner: RwLock<Option<Arc<Cached>>>,
 }
 
+#[derive(Clone)]
 pub struct Cached {
     pub entries: Vec<Value>,
     pub with_private: HashSet<i64>,
@@ -85,8 +86,31 @@ impl App {
         Ok(c)
     }
 
-    fn keychain_changed(&self) {
-        *self.keychain.inner.write().unwrap_or_else(|p| p.into_inner()) = None;
+    /// Bring the cache in line with the store after a write to rows `ids`:
+    /// patched in place (a full rebuild per write made bulk inserts quadratic).
+    /// On any doubt the cache is dropped and rebuilt by the next reader.
+    fn keychain_changed(&self, ids: &[i64]) {
+        let mut guard = self.keychain.inner.write().unwrap_or_else(|p| p.into_inner());
+        let Some(arc) = guard.as_mut() else { return };
+        let cached = Arc::make_mut(arc);
+        for &id in ids {
+            cached.entries.retain(|e| e["id"] != id);
+            cached.with_private.remove(&id);
+            match self.store.keychain_get(id) {
+                Ok(Some(r)) => {
+                    if r.has_private_key {
+                        cached.with_private.insert(r.id);
+                    }
+                    let pos = cached.entries.partition_point(|e| e["id"].as_i64().unwrap_or(0) < id);
+                    cached.entries.insert(pos, entry_value(&r));
+                }
+                Ok(None) => {}
+                Err(_) => {
+                    *guard = None;
+                    return;
+                }
+            }
+        }
     }
 
     /// Entries without private keys (for filtering).
@@ -112,12 +136,9 @@ impl App {
     /// One entry with its private key (if any).
     pub fn keychain_get(&self, id: i64) -> Result<Value, ServiceError> {
         let cached = self.keychain_cached()?;
-        let mut e = cached
-            .entries
-            .iter()
-            .find(|e| e["id"] == id)
-            .cloned()
-            .ok_or_else(|| not_found(id))?;
+        // Entries are kept in id order.
+        let pos = cached.entries.partition_point(|e| e["id"].as_i64().unwrap_or(0) < id);
+        let mut e = cached.entries.get(pos).filter(|e| e["id"] == id).cloned().ok_or_else(|| not_found(id))?;
         self.keychain_fill_private(&mut e, &cached)?;
         Ok(e)
     }
@@ -143,7 +164,9 @@ impl App {
         }
         let (kind, attributes, private) = self.validate_attributes(attrs, schema, None)?;
         let id = self.store.keychain_insert(name, kind, &attributes, private.as_deref().map(|s| s.as_str()));
-        self.keychain_changed();
+        if let Ok(id) = &id {
+            self.keychain_changed(&[*id]);
+        }
         let id = id.map_err(|e| match e {
             keyhaven_store::StoreError::Conflict(_) => {
                 ServiceError::field(format!("{schema}.name"), "Object with this name already exists")
@@ -183,7 +206,7 @@ impl App {
             }
         };
         let r = self.store.keychain_update(id, &name, &attributes, private.as_deref().map(|s| s.as_str()));
-        self.keychain_changed();
+        self.keychain_changed(&[id]);
         r.map_err(|e| match e {
             keyhaven_store::StoreError::Conflict(_) => {
                 ServiceError::field(format!("{schema}.name"), "Object with this name already exists")
@@ -305,7 +328,7 @@ impl App {
         let mut ids: Vec<i64> = deps.iter().filter(|d| d.unbind_method == "delete").map(|d| d.id).collect();
         ids.push(id);
         let r = self.store.keychain_delete_many(&ids);
-        self.keychain_changed();
+        self.keychain_changed(&ids);
         r?;
         Ok(rec.name)
     }

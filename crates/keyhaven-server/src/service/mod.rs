@@ -4,6 +4,7 @@ pub mod audit;
 pub mod auth;
 pub mod jobs;
 pub mod keychain;
+pub mod pairing;
 pub mod sshd;
 pub mod users;
 

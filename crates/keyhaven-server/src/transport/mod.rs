@@ -2,9 +2,11 @@
 //! plain or TLS listeners, the local unix socket for `keyhaven call`, and
 //! graceful shutdown.
 
-pub mod client;
+/// Kept for existing imports; the client lives in [`crate::remote`].
+pub use crate::remote as client;
 pub mod download;
 pub mod tls;
+pub mod ui;
 pub mod unix;
 pub mod wire;
 pub mod ws;
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -36,16 +38,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/versions", get(|| async { Json(json!(["current"])) }))
         .route("/websocket", get(legacy))
         .route("/_download/keychaincredential/{id}/{which}", get(download::get_key).post(download::post_key))
-        .route("/", get(index))
+        .merge(ui::routes())
         .with_state(app)
-}
-
-async fn index() -> impl IntoResponse {
-    Json(json!({
-        "service": "keyhaven",
-        "version": env!("CARGO_PKG_VERSION"),
-        "api": {"jsonrpc": "/api/current", "legacy": "/websocket"},
-    }))
 }
 
 fn upgrade(app: Arc<App>, ws: WebSocketUpgrade, peer: SocketAddr, dialect: Dialect) -> Response {

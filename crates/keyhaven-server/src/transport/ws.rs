@@ -21,11 +21,7 @@ pub const MAX_MESSAGE_AFTER_AUTH: usize = 64 * 1024;
 pub const MAX_MESSAGE_BEFORE_AUTH: usize = 8 * 1024;
 pub const MAX_CONCURRENT_CALLS: usize = 20;
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Dialect {
-    JsonRpc,
-    Legacy,
-}
+pub use crate::remote::Dialect;
 
 enum Incoming {
     Call { id: Option<Value>, method: String, params: Vec<Value> },

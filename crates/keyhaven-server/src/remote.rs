@@ -1,6 +1,7 @@
 //! A client for another system's API (keyhaven or TrueNAS): JSON-RPC 2.0 at
 //! `<url>/api/current`, or the legacy dialect at `<url>/websocket`. Used by
-//! `keyhaven call --url` and by semi-automatic pairing. Certificates are
+//! `keyhaven call --url` and by semi-automatic pairing (service layer), so it
+//! sits beside both layers rather than inside the transport. Certificates are
 //! verified against the web PKI unless the caller turns verification off.
 
 use std::sync::Arc;
@@ -15,7 +16,14 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
-use super::ws::Dialect;
+/// Which WebSocket dialect a connection speaks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Dialect {
+    /// JSON-RPC 2.0 at `/api/current`.
+    JsonRpc,
+    /// TrueNAS's legacy DDP-style dialect at `/websocket`.
+    Legacy,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

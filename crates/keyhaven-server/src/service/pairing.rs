@@ -1,0 +1,403 @@
+//! Pairing and connection checks: host-key discovery, testing a stored SSH
+//! connection, the remote side of semi-automatic setup (`ssh_pair`) and the
+//! local side (`remote_ssh_semiautomatic_setup`, `setup_ssh_connection`).
+//!
+//! The local side talks to the other system through [`crate::remote`] (the
+//! API client shared with `keyhaven call --url`), never through the transport.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::App;
+use crate::error::{ServiceError, EFAULT, EINVAL, ENOENT, ESSLCERTVERIFICATIONERROR};
+use super::keychain::{AttributesInput, ConnectionInput, KeyPairInput, SSH_KEY_PAIR};
+use super::users::UserInput;
+use crate::remote::{ClientError, Dialect, RpcClient};
+use secrecy::{ExposeSecret, SecretString};
+use keyhaven_core::{authorized_keys, keys};
+use keyhaven_ssh::files::KeysLocation;
+use keyhaven_ssh::supervisor::SshdState;
+use keyhaven_ssh::client::{self as ssh_client, ScanError, ScannedKey, TestTarget};
+
+/// Discover the host keys of `host:port` (keyhaven's `ssh-keyscan`).
+pub async fn host_key_scan(host: &str, port: u16, timeout: Duration) -> Result<Vec<ScannedKey>, ServiceError> {
+    match ssh_client::scan_host_keys(host, port, timeout).await {
+        Ok(k) if k.is_empty() => Err(ServiceError::call(
+            EFAULT,
+            format!("ssh-keyscan failed: {host} port {port} offered no Ed25519, ECDSA or RSA host key"),
+        )),
+        Ok(k) => Ok(k),
+        Err(ScanError::Timeout) => Err(ServiceError::call(EFAULT, "SSH timeout")),
+        Err(e) => Err(ServiceError::call(EFAULT, format!("ssh-keyscan failed: {e}"))),
+    }
+}
+
+impl App {
+    /// Test a stored SSH connection: pinned host keys, its key pair, `true`.
+    pub async fn test_ssh_connection(&self, id: i64, timeout: Option<u64>) -> Result<Value, ServiceError> {
+        let e = self.keychain_get(id)?;
+        if e["type"] != super::keychain::SSH_CREDENTIALS {
+            return Err(ServiceError::call(EINVAL, "Credential is not of type SSH_CREDENTIALS"));
+        }
+        let a = &e["attributes"];
+        let kp_id = a["private_key"].as_i64().unwrap_or_default();
+        let private = self
+            .keypair_private_key(kp_id)
+            .ok()
+            .flatten()
+            .ok_or_else(|| ServiceError::call(ENOENT, format!("SSH key pair {kp_id} of this connection does not exist or has no private key")))?;
+        let pinned = keys::parse_host_key_lines(a["remote_host_key"].as_str().unwrap_or(""))
+            .map_err(|(line, m)| ServiceError::call(EINVAL, format!("Stored remote_host_key, line {line}: {m}")))?;
+        let port = a["port"].as_i64().and_then(|p| u16::try_from(p).ok()).unwrap_or(22);
+        let secs = timeout.unwrap_or_else(|| a["connect_timeout"].as_u64().unwrap_or(10)).clamp(1, 300);
+        let target = TestTarget {
+            host: a["host"].as_str().unwrap_or("").to_string(),
+            port,
+            username: a["username"].as_str().unwrap_or("root").to_string(),
+            private_key_openssh: private,
+            pinned_host_keys: pinned.into_iter().map(|k| (k.key_type, k.base64)).collect(),
+            timeout: Duration::from_secs(secs),
+        };
+        let r = ssh_client::test_connection(&target).await;
+        Ok(json!({
+            "ok": r.ok,
+            "stage": r.stage.as_str(),
+            "host_key_fingerprint": r.host_key_fingerprint,
+            "latency_ms": r.latency_ms,
+            "error": r.error,
+        }))
+    }
+
+    /// `keychaincredential.ssh_pair`, the remote side of semi-automatic setup:
+    /// check the account, enable and start sshd if needed, authorize
+    /// `public_key` once, report the SSH port and the host keys.
+    pub async fn ssh_pair(&self, remote_hostname: &str, username: &str, public_key: &str, schema: &str) -> Result<Value, ServiceError> {
+        let public_key = public_key.trim();
+        if let Err(e) = authorized_keys::parse_authorized_keys(public_key) {
+            return Err(e.to_field_error(format!("{schema}.public_key")).into());
+        }
+        let (rec, data) =
+            self.user(username)?.ok_or_else(|| ServiceError::call(EFAULT, format!("User {username} does not exist")))?;
+        if let KeysLocation::Home = self.keys_location {
+            let home = data.home.as_str();
+            if home.starts_with("/var/empty") || home.starts_with("/nonexistent") || !std::path::Path::new(home).is_dir() {
+                return Err(ServiceError::call(ENOENT, format!("Home directory {home} does not exist")));
+            }
+        }
+        if !self.ssh_enabled()? {
+            self.ssh_set_enabled(true)?;
+        }
+        if self.sshd.state() != SshdState::Running {
+            self.ssh_control("START").await?;
+        }
+        let host_keys = self.host_public_keys()?;
+        let mut lines = Vec::new();
+        for (label, pred) in [
+            ("RSA", (|t: &str| t == "ssh-rsa") as fn(&str) -> bool),
+            ("ECDSA", |t: &str| t.starts_with("ecdsa-")),
+            ("ED25519", |t: &str| t == "ssh-ed25519"),
+        ] {
+            let k = host_keys
+                .iter()
+                .find(|k| pred(&k.key_type))
+                .ok_or_else(|| ServiceError::call(EFAULT, format!("Host {label} key not configured")))?;
+            lines.push(format!("{remote_hostname} {}\n", k.to_line()));
+        }
+        let current = data.sshpubkey.clone().unwrap_or_default();
+        if !current.contains(public_key) {
+            let mut new = current.trim_end().to_string();
+            if !new.is_empty() {
+                new.push('\n');
+            }
+            new.push_str(public_key);
+            new.push('\n');
+            let input = UserInput { sshpubkey: Some(Some(new)), ..UserInput::default() };
+            self.user_update(rec.id, input).await?;
+        }
+        Ok(json!({"port": self.ssh_settings()?.tcpport, "host_key": lines.concat()}))
+    }
+}
+
+/// How long one remote API call may take (pairing may start the remote sshd,
+/// which generates its host keys on first start).
+const REMOTE_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+const CREATE: &str = "keychain_credential_create";
+
+/// Arguments of semi-automatic setup besides the connection name and key pair.
+pub struct SemiAutomatic {
+    pub url: String,
+    pub verify_ssl: bool,
+    pub token: Option<SecretString>,
+    pub admin_username: String,
+    pub password: Option<SecretString>,
+    pub otp_token: Option<SecretString>,
+    pub username: String,
+    pub connect_timeout: i64,
+    pub sudo: bool,
+}
+
+/// A manual connection (SSH_CREDENTIALS attributes without the key pair).
+pub struct Manual {
+    pub host: String,
+    pub port: i64,
+    pub username: String,
+    pub remote_host_key: String,
+    pub connect_timeout: i64,
+}
+
+pub enum KeyChoice {
+    /// Generate (Ed25519) and store a key pair under this name.
+    Generate { name: String },
+    Existing(i64),
+}
+
+pub enum SetupKind {
+    Manual(Manual),
+    SemiAutomatic(SemiAutomatic),
+}
+
+fn filled(s: &Option<SecretString>) -> Option<&str> {
+    s.as_ref().map(|s| s.expose_secret()).filter(|s| !s.is_empty())
+}
+
+/// Host part of an http(s) URL: lower-cased, IPv6 without brackets, port dropped.
+pub fn url_host(url: &str) -> String {
+    let rest = url.trim().split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let authority = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
+    let host = if let Some(r) = authority.strip_prefix('[') {
+        r.split(']').next().unwrap_or("")
+    } else {
+        authority.split(':').next().unwrap_or("")
+    };
+    host.to_lowercase()
+}
+
+/// `remote_host_key` text from `ssh_pair`'s `host_key`: first token of each line dropped.
+pub fn strip_host_tokens(host_key: &str) -> String {
+    host_key
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("# "))
+        .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn remote_reason(e: &ClientError) -> String {
+    match e {
+        ClientError::Remote { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Connect to the remote API: JSON-RPC at `/api/current`, or the legacy
+/// `/websocket` when the remote does not have the former (older TrueNAS).
+async fn connect_remote(url: &str, verify_ssl: bool) -> Result<RpcClient, ServiceError> {
+    let map = |e: ClientError| match e {
+        ClientError::CertificateVerification(m) => ServiceError::call(ESSLCERTVERIFICATIONERROR, m),
+        other => ServiceError::call(EFAULT, format!("Unable to connect to remote system: {other}")),
+    };
+    match RpcClient::connect(url, Dialect::JsonRpc, verify_ssl, REMOTE_CALL_TIMEOUT).await {
+        Ok(c) => Ok(c),
+        Err(ClientError::NotFound(_)) => RpcClient::connect(url, Dialect::Legacy, verify_ssl, REMOTE_CALL_TIMEOUT).await.map_err(map),
+        Err(e) => Err(map(e)),
+    }
+}
+
+fn login_failure(r: &Value) -> String {
+    match r.get("response_type").and_then(Value::as_str) {
+        Some("EXPIRED") => "Account credentials have expired".into(),
+        Some("DENIED") => "Account does not have API access".into(),
+        Some("OTP_REQUIRED") => "Two-factor authentication is enabled for this account on the remote system: \
+                                 give the current one-time password (otp_token)"
+            .into(),
+        Some("REDIRECT") => "The remote system is not the active controller; use the URL of the active one".into(),
+        _ => "Invalid username or password".into(),
+    }
+}
+
+/// Log in on the remote with a token or a password (+ OTP).
+async fn remote_login(c: &mut RpcClient, s: &SemiAutomatic) -> Result<(), ServiceError> {
+    let fail = |m: String| ServiceError::call(EFAULT, m);
+    let err = |e: ClientError| ServiceError::call(EFAULT, remote_reason(&e));
+    if let Some(token) = filled(&s.token) {
+        let ok = match c.dialect() {
+            Dialect::JsonRpc => {
+                let r = c.call("auth.login_ex", vec![json!({"mechanism": "TOKEN_PLAIN", "token": token})]).await.map_err(err)?;
+                r["response_type"] == "SUCCESS"
+            }
+            Dialect::Legacy => c.call("auth.login_with_token", vec![json!(token)]).await.map_err(err)? == json!(true),
+        };
+        return if ok { Ok(()) } else { Err(fail("Invalid token".into())) };
+    }
+    let Some(password) = filled(&s.password) else {
+        return Err(fail("You should specify either remote system password or temporary authentication token".into()));
+    };
+    let otp = filled(&s.otp_token);
+    let mut legacy_params = vec![json!(s.admin_username), json!(password)];
+    if let Some(o) = otp {
+        legacy_params.push(json!(o));
+    }
+    if c.dialect() == Dialect::JsonRpc {
+        let r = c
+            .call("auth.login_ex", vec![json!({"mechanism": "PASSWORD_PLAIN", "username": s.admin_username, "password": password})])
+            .await;
+        let r = match r {
+            Err(e) if e.is_no_method() => None,
+            Err(e) => return Err(err(e)),
+            Ok(r) => Some(r),
+        };
+        if let Some(mut r) = r {
+            if r["response_type"] == "OTP_REQUIRED" {
+                if let Some(o) = otp {
+                    r = c.call("auth.login_ex", vec![json!({"mechanism": "OTP_TOKEN", "otp_token": o})]).await.map_err(err)?;
+                }
+            }
+            return if r["response_type"] == "SUCCESS" { Ok(()) } else { Err(fail(login_failure(&r))) };
+        }
+    }
+    match c.call("auth.login", legacy_params).await.map_err(err)? {
+        Value::Bool(true) => Ok(()),
+        _ => Err(fail("Invalid username or password".into())),
+    }
+}
+
+impl App {
+    /// `keychaincredential.remote_ssh_semiautomatic_setup` (reference §2.8).
+    pub async fn remote_semiautomatic_setup(&self, name: &str, key_id: i64, s: &SemiAutomatic) -> Result<Value, ServiceError> {
+        let not_found = || ServiceError::call(EFAULT, "Specified key pair not found");
+        let kp = self.keychain_get(key_id).map_err(|_| not_found())?;
+        if kp["type"] != SSH_KEY_PAIR || !matches!(self.keypair_private_key(key_id), Ok(Some(k)) if !k.trim().is_empty()) {
+            return Err(not_found());
+        }
+        let public_key = kp["attributes"]["public_key"].as_str().unwrap_or("").trim().to_string();
+        let mut c = connect_remote(&s.url, s.verify_ssl).await?;
+        let r = self.pair_with(&mut c, &public_key, s).await;
+        c.close().await;
+        let (port, host_key) = r?;
+        let conn = ConnectionInput {
+            host: url_host(&s.url),
+            port,
+            username: s.username.clone(),
+            private_key: key_id,
+            remote_host_key: strip_host_tokens(&host_key),
+            connect_timeout: s.connect_timeout,
+        };
+        self.keychain_create(name, AttributesInput::Connection(conn), CREATE)
+    }
+
+    async fn pair_with(&self, c: &mut RpcClient, public_key: &str, s: &SemiAutomatic) -> Result<(i64, String), ServiceError> {
+        remote_login(c, s).await?;
+        let pair = c
+            .call("keychaincredential.ssh_pair", vec![json!({"remote_hostname": "any-host", "username": s.username, "public_key": public_key})])
+            .await
+            .map_err(|e| match e {
+                ClientError::Remote { reason, .. } => ServiceError::call(
+                    EFAULT,
+                    format!(
+                        "Semi-automatic SSH connection setup failed: {reason}\n\nPlease make sure that home directory for {} user on the remote system exists and is writeable.",
+                        s.username
+                    ),
+                ),
+                other => ServiceError::call(EFAULT, format!("Semi-automatic SSH connection setup failed: {other}")),
+            })?;
+        let port = pair["port"].as_i64().ok_or_else(|| ServiceError::call(EFAULT, format!("Semi-automatic SSH connection setup failed: the remote returned no SSH port ({pair})")))?;
+        let host_key = pair["host_key"].as_str().unwrap_or("").to_string();
+        let upd_err = |e: ClientError| ServiceError::call(EFAULT, format!("Error updating remote user attributes: {}", remote_reason(&e)));
+        let user = c
+            .call("user.query", vec![json!([["username", "=", s.username], ["local", "=", true]]), json!({"get": true})])
+            .await
+            .map_err(upd_err)?;
+        let mut update = serde_json::Map::new();
+        if user["shell"] == "/usr/sbin/nologin" {
+            update.insert("shell".into(), json!("/usr/bin/bash"));
+        }
+        if s.sudo {
+            let mut cmds: Vec<Value> = user["sudo_commands_nopasswd"].as_array().cloned().unwrap_or_default();
+            if !cmds.iter().any(|c| c == "ALL" || c == "/usr/sbin/zfs") {
+                cmds.push(json!("/usr/sbin/zfs"));
+                update.insert("sudo_commands_nopasswd".into(), Value::Array(cmds));
+            }
+        }
+        c.call("user.update", vec![user["id"].clone(), Value::Object(update)]).await.map_err(upd_err)?;
+        Ok((port, host_key))
+    }
+
+    /// `keychaincredential.setup_ssh_connection` (reference §2.10). Names are
+    /// checked first; a key pair generated here is removed again on failure.
+    pub async fn setup_ssh_connection(&self, connection_name: &str, key: KeyChoice, kind: SetupKind) -> Result<Value, ServiceError> {
+        const S: &str = "setup_ssh_connection";
+        let cached = self.keychain_entries()?;
+        let taken = |n: &str| cached.entries.iter().any(|e| e["name"] == n);
+        let mut errs = keyhaven_core::ValidationErrors::new();
+        match &key {
+            KeyChoice::Generate { name } if taken(name) => {
+                errs.add(format!("{S}.private_key.name"), "Is already in use by another SSH Key pair")
+            }
+            KeyChoice::Existing(id) if !cached.entries.iter().any(|e| e["id"] == *id) => {
+                errs.add(format!("{S}.private_key.existing_key_id"), "SSH Key Pair not found")
+            }
+            _ => {}
+        }
+        if taken(connection_name) {
+            errs.add(format!("{S}.connection_name"), "Is already in use by another Keychain Credential");
+        }
+        drop(cached);
+        errs.check()?;
+        let (key_id, generated) = match key {
+            KeyChoice::Generate { name } => {
+                let kp = self.generate_key_pair(keys::GenerateOptions { algorithm: keys::KeyAlgorithm::Ed25519, bits: None, comment: None }).await?;
+                let input = KeyPairInput { private_key: Some(kp.private_key.to_string()), public_key: Some(kp.public_key.clone()), passphrase: None };
+                let e = self.keychain_create(&name, AttributesInput::KeyPair(input), CREATE)?;
+                (e["id"].as_i64().unwrap_or_default(), true)
+            }
+            KeyChoice::Existing(id) => {
+                let e = self.keychain_get(id).map_err(|_| ServiceError::call(ENOENT, "Credential does not exist"))?;
+                if e["type"] != SSH_KEY_PAIR {
+                    return Err(ServiceError::call(EINVAL, "Credential is not of type SSH_KEY_PAIR"));
+                }
+                (id, false)
+            }
+        };
+        let r = match kind {
+            SetupKind::SemiAutomatic(s) => self.remote_semiautomatic_setup(connection_name, key_id, &s).await,
+            SetupKind::Manual(m) => {
+                let conn = ConnectionInput {
+                    host: m.host,
+                    port: m.port,
+                    username: m.username,
+                    private_key: key_id,
+                    remote_host_key: m.remote_host_key,
+                    connect_timeout: m.connect_timeout,
+                };
+                self.keychain_create(connection_name, AttributesInput::Connection(conn), CREATE)
+            }
+        };
+        if r.is_err() && generated {
+            if let Err(e) = self.keychain_delete(key_id, false) {
+                tracing::error!("could not remove the key pair generated for {connection_name}: {e}");
+            }
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_from_urls() {
+        assert_eq!(url_host("https://NAS.example:8443/ui"), "nas.example");
+        assert_eq!(url_host("http://[fe80::1]:80"), "fe80::1");
+        assert_eq!(url_host("http://10.0.0.5"), "10.0.0.5");
+        assert_eq!(url_host("http://"), "");
+    }
+
+    #[test]
+    fn host_tokens_dropped() {
+        assert_eq!(strip_host_tokens("any-host ssh-rsa AAA\n\nany-host ssh-ed25519 BBB c\n"), "ssh-rsa AAA\nssh-ed25519 BBB c");
+    }
+}

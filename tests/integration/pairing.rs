@@ -1,0 +1,407 @@
+//! Host-key discovery, connection tests and semi-automatic pairing between two
+//! real keyhaven daemons (DESIGN §5, reference §2.7–2.10), with real sshd.
+
+use std::collections::BTreeSet;
+
+use serde_json::{json, Value};
+
+use crate::sshd::{free_port, key_file, known_hosts, sshd_available, ssh_key_login, start_ssh};
+use crate::util::*;
+
+fn skip() -> bool {
+    if !sshd_available() {
+        eprintln!("skipped: needs root and /usr/sbin/sshd");
+        return true;
+    }
+    false
+}
+
+/// Create an SSH_KEY_PAIR from a freshly generated key; returns the entry.
+async fn new_key_pair(c: &mut Client, name: &str) -> Value {
+    let kp = c.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
+    c.call(
+        "keychaincredential.create",
+        json!([{"name": name, "type": "SSH_KEY_PAIR", "attributes": {"private_key": kp["private_key"], "public_key": kp["public_key"]}}]),
+    )
+    .await
+}
+
+async fn root_id(c: &mut Client) -> Value {
+    c.call("user.query", json!([[["username", "=", "root"]], {"get": true}])).await["id"].clone()
+}
+
+#[tokio::test]
+async fn host_key_scan_of_own_sshd_and_errors() {
+    if skip() {
+        return;
+    }
+    let d = Daemon::start();
+    let mut c = d.admin().await;
+    let port = start_ssh(&mut c).await;
+    let cfg = c.call("ssh.config", json!([])).await;
+    let expected: BTreeSet<String> =
+        cfg["host_keys"].as_array().unwrap().iter().map(|k| k["public_key"].as_str().unwrap().to_string()).collect();
+    let expected_fp: BTreeSet<String> =
+        cfg["host_keys"].as_array().unwrap().iter().map(|k| k["fingerprint"].as_str().unwrap().to_string()).collect();
+
+    let text = c.call("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port}])).await;
+    let text = text.as_str().unwrap();
+    assert!(!text.ends_with('\n'), "no trailing newline: {text:?}");
+    let got: BTreeSet<String> = text.split('\n').map(str::to_string).collect();
+    assert_eq!(got, expected, "scan = ssh.config host keys");
+    assert!(text.starts_with("ssh-ed25519 "), "Ed25519 first: {text}");
+
+    let fps = c.call("keychaincredential.remote_ssh_host_key_scan_fingerprints", json!([{"host": "127.0.0.1", "port": port, "connect_timeout": 5}])).await;
+    let fps = fps.as_array().unwrap();
+    assert_eq!(fps.len(), 3);
+    let got_fp: BTreeSet<String> = fps.iter().map(|k| k["fingerprint"].as_str().unwrap().to_string()).collect();
+    assert_eq!(got_fp, expected_fp);
+    for k in fps {
+        assert!(k["public_key"].as_str().unwrap().starts_with(k["type"].as_str().unwrap()), "{k}");
+    }
+
+    // Nothing listens there.
+    let closed = free_port();
+    let e = c.err("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": closed, "connect_timeout": 3}])).await;
+    assert_call_error(&e, "EFAULT", "refused");
+    // Unresolvable host.
+    let e = c.err("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "invalid.invalid.invalid", "connect_timeout": 3}])).await;
+    assert_call_error(&e, "EFAULT", "resolve");
+    // Strict params.
+    let e = c.err("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "bogus": 1}])).await;
+    assert_eq!(e["code"], -32602, "{e}");
+    let e = c.err("keychaincredential.remote_ssh_host_key_scan", json!([{"host": ""}])).await;
+    assert_field(&e, "keychain_remote_ssh_host_key_scan.host", "at least 1");
+}
+
+#[tokio::test]
+async fn test_ssh_connection_ok_and_wrong_host_key() {
+    if skip() {
+        return;
+    }
+    let d = Daemon::start();
+    let mut c = d.admin().await;
+    let port = start_ssh(&mut c).await;
+    let kp = new_key_pair(&mut c, "conn-key").await;
+    let rid = root_id(&mut c).await;
+    c.call("user.update", json!([rid, {"sshpubkey": kp["attributes"]["public_key"]}])).await;
+    let host_keys = c.call("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port}])).await;
+    let conn = c
+        .call(
+            "keychaincredential.create",
+            json!([{"name": "local", "type": "SSH_CREDENTIALS", "attributes": {
+                "host": "127.0.0.1", "port": port, "username": "root", "private_key": kp["id"], "remote_host_key": host_keys}}]),
+        )
+        .await;
+    let r = c.call("keychaincredential.test_ssh_connection", json!([conn["id"]])).await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["stage"], "exec", "{r}");
+    assert!(r["error"].is_null(), "{r}");
+    assert!(r["host_key_fingerprint"].as_str().unwrap().starts_with("SHA256:"), "{r}");
+    assert!(r["latency_ms"].is_u64(), "{r}");
+
+    // Pinned key of another "host": refused before authenticating, both fingerprints named.
+    let other = new_key_pair(&mut c, "not-the-host").await;
+    let wrong = c
+        .call(
+            "keychaincredential.create",
+            json!([{"name": "wrong-pin", "type": "SSH_CREDENTIALS", "attributes": {
+                "host": "127.0.0.1", "port": port, "username": "root", "private_key": kp["id"],
+                "remote_host_key": other["attributes"]["public_key"]}}]),
+        )
+        .await;
+    let r = c.call("keychaincredential.test_ssh_connection", json!([wrong["id"], {"timeout": 5}])).await;
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["stage"], "host_key", "{r}");
+    let err = r["error"].as_str().unwrap();
+    let presented = r["host_key_fingerprint"].as_str().unwrap();
+    assert!(err.contains(presented), "presented fingerprint in {err}");
+    assert!(err.contains(other["fingerprint"].as_str().unwrap()), "pinned fingerprint in {err}");
+
+    // Not a connection / missing.
+    let e = c.err("keychaincredential.test_ssh_connection", json!([kp["id"]])).await;
+    assert_call_error(&e, "EINVAL", "not of type SSH_CREDENTIALS");
+    let e = c.err("keychaincredential.test_ssh_connection", json!([99999])).await;
+    assert!(e["data"]["reason"].as_str().unwrap().contains("does not exist"), "{e}");
+}
+
+#[tokio::test]
+async fn ssh_pair_starts_sshd_authorizes_once_and_reports_host_keys() {
+    if skip() {
+        return;
+    }
+    let b = Daemon::start();
+    let mut c = b.admin().await;
+    let port = free_port();
+    c.call("ssh.update", json!([{"tcpport": port}])).await;
+    let kp = c.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
+    let public = kp["public_key"].as_str().unwrap().trim().to_string();
+
+    let e = c.err("keychaincredential.ssh_pair", json!([{"remote_hostname": "any-host", "username": "nosuchuser", "public_key": public}])).await;
+    assert_call_error(&e, "EFAULT", "User nosuchuser does not exist");
+    let e = c.err("keychaincredential.ssh_pair", json!([{"remote_hostname": "any-host", "public_key": "not a key"}])).await;
+    assert_eq!(e["code"], -32602, "{e}");
+    assert_eq!(e["data"]["extra"][0][0], "keychain_ssh_pair.public_key", "{e}");
+    let s = c.call("service.query", json!([[["service", "=", "ssh"]], {"get": true}])).await;
+    assert_eq!((s["enable"].clone(), s["state"].clone()), (json!(false), json!("STOPPED")), "failed pairing changed nothing: {s}");
+
+    let r = c.call("keychaincredential.ssh_pair", json!([{"remote_hostname": "any-host", "public_key": public}])).await;
+    assert_eq!(r["port"], port, "{r}");
+    let lines: Vec<&str> = r["host_key"].as_str().unwrap().lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 3, "{r}");
+    assert!(lines[0].starts_with("any-host ssh-rsa "), "{r}");
+    assert!(lines[1].starts_with("any-host ecdsa-sha2-"), "{r}");
+    assert!(lines[2].starts_with("any-host ssh-ed25519 "), "{r}");
+    let s = c.call("service.query", json!([[["service", "=", "ssh"]], {"get": true}])).await;
+    assert_eq!((s["enable"].clone(), s["state"].clone()), (json!(true), json!("RUNNING")), "{s}");
+
+    // Idempotent.
+    c.call("keychaincredential.ssh_pair", json!([{"remote_hostname": "any-host", "username": "root", "public_key": public}])).await;
+    let root = c.call("user.query", json!([[["username", "=", "root"]], {"get": true}])).await;
+    assert_eq!(root["sshpubkey"].as_str().unwrap().matches(&public).count(), 1, "{root}");
+
+    // The key really logs in, with the host keys ssh_pair reported.
+    let work = TestDir::new("pair-work");
+    std::fs::create_dir_all(work.path()).unwrap();
+    let kh = known_hosts(&mut c, work.path(), port).await;
+    let key = key_file(work.path(), "id", kp["private_key"].as_str().unwrap());
+    let o = ssh_key_login(&key, &kh, port, "root");
+    assert!(o.status.success(), "ssh failed: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[tokio::test]
+async fn ssh_pair_home_location_needs_a_home() {
+    let dir = std::sync::Arc::new(TestDir::new("pair-home"));
+    let b = Daemon::start_in(
+        dir,
+        DaemonOpts { env: vec![("KEYHAVEN_SSH_AUTHORIZED_KEYS_LOCATION".into(), "home".into())], ..DaemonOpts::default() },
+    );
+    let mut c = b.admin().await;
+    let admin = c.call("user.query", json!([[["username", "=", "admin"]], {"get": true}])).await;
+    let home = admin["home"].as_str().unwrap().to_string();
+    if !home.starts_with("/var/empty") {
+        eprintln!("skipped: this machine has an OS admin account with home {home}");
+        return;
+    }
+    let kp = c.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
+    let e = c.err("keychaincredential.ssh_pair", json!([{"remote_hostname": "h", "username": "admin", "public_key": kp["public_key"]}])).await;
+    assert_call_error(&e, "ENOENT", &format!("Home directory {home} does not exist"));
+}
+
+/// A remote keyhaven whose SSH service will use a free port once pairing starts it.
+async fn remote_b(opts: DaemonOpts) -> (Daemon, u16) {
+    let b = Daemon::start_in(std::sync::Arc::new(TestDir::new("pair-b")), opts);
+    let port = free_port();
+    let o = b.call_cli(&["ssh.update", &json!({"tcpport": port}).to_string()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (b, port)
+}
+
+fn semi(url: &str, extra: Value) -> Value {
+    let mut v = json!({"url": url, "admin_username": "admin", "username": "root"});
+    v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    v
+}
+
+#[tokio::test]
+async fn semiautomatic_setup_between_two_daemons() {
+    if skip() {
+        return;
+    }
+    let a = Daemon::start();
+    let (b, b_ssh) = remote_b(DaemonOpts::default()).await;
+    let mut ca = a.admin().await;
+    let kp = new_key_pair(&mut ca, "a-key").await;
+
+    // Password login over HTTP.
+    let mut args = semi(&b.url, json!({"password": ADMIN_PASSWORD}));
+    args["name"] = json!("to-b");
+    args["private_key"] = kp["id"].clone();
+    let conn = ca.call("keychaincredential.remote_ssh_semiautomatic_setup", json!([args])).await;
+    assert_eq!(conn["type"], "SSH_CREDENTIALS");
+    let at = &conn["attributes"];
+    assert_eq!((at["host"].clone(), at["port"].clone(), at["username"].clone()), (json!("127.0.0.1"), json!(b_ssh), json!("root")), "{conn}");
+    let mut cb = b.admin().await;
+    let cfg = cb.call("ssh.config", json!([])).await;
+    let pinned: BTreeSet<&str> = at["remote_host_key"].as_str().unwrap().lines().collect();
+    let b_keys: BTreeSet<&str> = cfg["host_keys"].as_array().unwrap().iter().map(|k| k["public_key"].as_str().unwrap()).collect();
+    assert_eq!(pinned, b_keys, "pinned = B's host keys");
+    let r = ca.call("keychaincredential.test_ssh_connection", json!([conn["id"]])).await;
+    assert_eq!(r["ok"], true, "{r}");
+
+    // Plain ssh with the key downloaded from A and the pinned host keys.
+    let work = TestDir::new("pair-ssh");
+    std::fs::create_dir_all(work.path()).unwrap();
+    let private = ca.call("keychaincredential.get_instance", json!([kp["id"]])).await["attributes"]["private_key"].as_str().unwrap().to_string();
+    let key = key_file(work.path(), "id", &private);
+    let kh = work.path().join("known_hosts");
+    let lines: Vec<String> = pinned.iter().map(|l| format!("[127.0.0.1]:{b_ssh} {l}")).collect();
+    std::fs::write(&kh, lines.join("\n") + "\n").unwrap();
+    let o = ssh_key_login(&key, &kh, b_ssh, "root");
+    assert!(o.status.success(), "ssh failed: {}", String::from_utf8_lossy(&o.stderr));
+    // Cross-check with B's own view of its host keys.
+    let kh_b = known_hosts(&mut cb, work.path(), b_ssh).await;
+    assert!(ssh_key_login(&key, &kh_b, b_ssh, "root").status.success());
+
+    // Token login through setup_ssh_connection, reusing the key pair.
+    let token = cb.call("auth.generate_token", json!([600, {}, false])).await;
+    let conn2 = ca
+        .call(
+            "keychaincredential.setup_ssh_connection",
+            json!([{"connection_name": "to-b-token", "setup_type": "SEMI-AUTOMATIC",
+                    "private_key": {"generate_key": false, "existing_key_id": kp["id"]},
+                    "semi_automatic_setup": semi(&b.url, json!({"token": token}))}]),
+        )
+        .await;
+    assert_eq!(conn2["attributes"]["private_key"], kp["id"]);
+    assert_eq!(ca.call("keychaincredential.test_ssh_connection", json!([conn2["id"]])).await["ok"], true);
+    let root = cb.call("user.query", json!([[["username", "=", "root"]], {"get": true}])).await;
+    let pubkey = kp["attributes"]["public_key"].as_str().unwrap().trim();
+    assert_eq!(root["sshpubkey"].as_str().unwrap().matches(pubkey).count(), 1, "key authorized once: {root}");
+
+    // Generated key named by the caller.
+    let conn3 = ca
+        .call(
+            "keychaincredential.setup_ssh_connection",
+            json!([{"connection_name": "to-b-gen", "setup_type": "SEMI-AUTOMATIC",
+                    "private_key": {"generate_key": true, "name": "to-b-gen Key"},
+                    "semi_automatic_setup": semi(&b.url, json!({"password": ADMIN_PASSWORD}))}]),
+        )
+        .await;
+    let gen = ca.call("keychaincredential.query", json!([[["name", "=", "to-b-gen Key"]], {"get": true}])).await;
+    assert_eq!(conn3["attributes"]["private_key"], gen["id"]);
+    assert_eq!(ca.call("keychaincredential.test_ssh_connection", json!([conn3["id"]])).await["ok"], true);
+
+    // Failures.
+    let mut bad = semi(&b.url, json!({"password": "wrong password"}));
+    bad["name"] = json!("x1");
+    bad["private_key"] = kp["id"].clone();
+    let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([bad])).await;
+    assert_call_error(&e, "EFAULT", "Invalid username or password");
+    let mut none = semi(&b.url, json!({}));
+    none["name"] = json!("x2");
+    none["private_key"] = kp["id"].clone();
+    let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([none])).await;
+    assert_call_error(&e, "EFAULT", "You should specify either remote system password or temporary authentication token");
+    let mut nokey = semi(&b.url, json!({"password": ADMIN_PASSWORD}));
+    nokey["name"] = json!("x3");
+    nokey["private_key"] = json!(99999);
+    let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([nokey])).await;
+    assert_call_error(&e, "EFAULT", "Specified key pair not found");
+    let mut down = semi(&format!("http://127.0.0.1:{}", free_port()), json!({"password": ADMIN_PASSWORD}));
+    down["name"] = json!("x4");
+    down["private_key"] = kp["id"].clone();
+    let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([down])).await;
+    assert_call_error(&e, "EFAULT", "Unable to connect to remote system: ");
+    // Existing connection name: normal create validation, after pairing.
+    let mut dup = semi(&b.url, json!({"password": ADMIN_PASSWORD}));
+    dup["name"] = json!("to-b");
+    dup["private_key"] = kp["id"].clone();
+    let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([dup])).await;
+    assert_field(&e, "keychain_credential_create.name", "Object with this name already exists");
+
+    // Rollback of a generated key (invalid token).
+    let e = ca
+        .err(
+            "keychaincredential.setup_ssh_connection",
+            json!([{"connection_name": "rollback", "setup_type": "SEMI-AUTOMATIC",
+                    "private_key": {"generate_key": true, "name": "rollback Key"},
+                    "semi_automatic_setup": semi(&b.url, json!({"token": "not-a-token"}))}]),
+        )
+        .await;
+    assert_call_error(&e, "EFAULT", "Invalid token");
+    assert_eq!(ca.call("keychaincredential.query", json!([[["name", "in", ["rollback Key", "rollback"]]], {"count": true}])).await, 0);
+
+    // Name pre-validation: all problems at once, nothing created.
+    let before = ca.call("keychaincredential.query", json!([[], {"count": true}])).await;
+    let e = ca
+        .err(
+            "keychaincredential.setup_ssh_connection",
+            json!([{"connection_name": "to-b", "setup_type": "SEMI-AUTOMATIC",
+                    "private_key": {"generate_key": true, "name": "a-key"},
+                    "semi_automatic_setup": semi(&b.url, json!({"password": ADMIN_PASSWORD}))}]),
+        )
+        .await;
+    assert_field(&e, "setup_ssh_connection.private_key.name", "Is already in use by another SSH Key pair");
+    assert_field(&e, "setup_ssh_connection.connection_name", "Is already in use by another Keychain Credential");
+    let e = ca
+        .err(
+            "keychaincredential.setup_ssh_connection",
+            json!([{"connection_name": "new-one", "setup_type": "MANUAL",
+                    "private_key": {"generate_key": false, "existing_key_id": 99999},
+                    "manual_setup": {"host": "h", "remote_host_key": "x"}}]),
+        )
+        .await;
+    assert_field(&e, "setup_ssh_connection.private_key.existing_key_id", "SSH Key Pair not found");
+    assert_eq!(ca.call("keychaincredential.query", json!([[], {"count": true}])).await, before);
+
+    // Manual setup with a generated key.
+    let hk = ca.call("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": b_ssh}])).await;
+    let m = ca
+        .call(
+            "keychaincredential.setup_ssh_connection",
+            json!([{"connection_name": "manual-b", "setup_type": "MANUAL",
+                    "private_key": {"generate_key": true, "name": "manual-b Key"},
+                    "manual_setup": {"host": "127.0.0.1", "port": b_ssh, "remote_host_key": hk}}]),
+        )
+        .await;
+    assert_eq!(m["attributes"]["remote_host_key"], hk);
+}
+
+#[tokio::test]
+async fn semiautomatic_setup_over_https_honours_verify_ssl() {
+    if skip() {
+        return;
+    }
+    let a = Daemon::start();
+    let (b, b_ssh) = remote_b(DaemonOpts { env: vec![("KEYHAVEN_TLS".into(), "true".into())], ..DaemonOpts::default() }).await;
+    assert!(b.url.starts_with("https://"), "{}", b.url);
+    let mut ca = a.admin().await;
+    let kp = new_key_pair(&mut ca, "tls-key").await;
+    let mut args = semi(&b.url, json!({"password": ADMIN_PASSWORD}));
+    args["name"] = json!("tls");
+    args["private_key"] = kp["id"].clone();
+    let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([args.clone()])).await;
+    assert_eq!(e["data"]["error"], 208, "{e}");
+    assert_call_error(&e, "ESSLCERTVERIFICATIONERROR", "certificate");
+    args["verify_ssl"] = json!(false);
+    let conn = ca.call("keychaincredential.remote_ssh_semiautomatic_setup", json!([args])).await;
+    assert_eq!(conn["attributes"]["port"], b_ssh);
+    assert_eq!(ca.call("keychaincredential.test_ssh_connection", json!([conn["id"]])).await["ok"], true);
+}
+
+/// What a TrueNAS system does when it pairs with keyhaven: the legacy
+/// `/websocket` dialect, `auth.login`, `ssh_pair`, `user.query` + `user.update`.
+#[tokio::test]
+async fn legacy_dialect_pairing_path() {
+    use keyhaven_server::remote::{Dialect, RpcClient};
+    if skip() {
+        return;
+    }
+    let (b, b_ssh) = remote_b(DaemonOpts::default()).await;
+    let mut c = RpcClient::connect(&b.url, Dialect::Legacy, true, std::time::Duration::from_secs(60)).await.unwrap();
+    assert_eq!(c.call("auth.login", vec![json!("admin"), json!("wrong")]).await.unwrap(), json!(false));
+    assert_eq!(c.call("auth.login", vec![json!("admin"), json!(ADMIN_PASSWORD)]).await.unwrap(), json!(true));
+    let mut cb = b.admin().await;
+    let kp = cb.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
+    let r = c
+        .call("keychaincredential.ssh_pair", vec![json!({"remote_hostname": "any-host", "username": "root", "public_key": kp["public_key"]})])
+        .await
+        .unwrap();
+    assert_eq!(r["port"], b_ssh);
+    assert!(r["host_key"].as_str().unwrap().contains("any-host ssh-"), "{r}");
+    let e = c
+        .call("keychaincredential.ssh_pair", vec![json!({"remote_hostname": "any-host", "username": "ghost", "public_key": kp["public_key"]})])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("User ghost does not exist"), "{e}");
+    let u = c.call("user.query", vec![json!([["username", "=", "root"], ["local", "=", true]]), json!({"get": true})]).await.unwrap();
+    c.call("user.update", vec![u["id"].clone(), json!({})]).await.unwrap();
+    c.close().await;
+    let work = TestDir::new("pair-legacy");
+    std::fs::create_dir_all(work.path()).unwrap();
+    let kh = known_hosts(&mut cb, work.path(), b_ssh).await;
+    let key = key_file(work.path(), "id", kp["private_key"].as_str().unwrap());
+    let o = ssh_key_login(&key, &kh, b_ssh, "root");
+    assert!(o.status.success(), "ssh failed: {}", String::from_utf8_lossy(&o.stderr));
+}
