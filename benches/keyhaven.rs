@@ -1,6 +1,6 @@
 //! keyhaven's benchmarks, measured against OpenSSH's own tools on the same
 //! machine in the same run. `cargo bench --bench keyhaven [-- GROUP…]` prints a
-//! Markdown report (groups: daemon, keygen, keychain, sshd; default all).
+//! Markdown report (groups: daemon, keygen, keychain, sshd, pairing; default all).
 //!
 //! Nothing here asserts a time: the goals are written next to the figures and
 //! BENCHMARKS.md records one run.
@@ -443,6 +443,73 @@ async fn bench_sshd() {
     println!();
 }
 
+async fn bench_pairing() {
+    println!("## Host keys, connection test and pairing (issue 5)\n");
+    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/usr/sbin/sshd").exists() {
+        println!("skipped: needs root and /usr/sbin/sshd\n");
+        return;
+    }
+    println!("| measure | keyhaven median | OpenSSH median | ratio | goal |\n|---|---|---|---|---|");
+    let (a, _) = start(None);
+    let (b, _) = start(None);
+    let mut wa = connect(&a, true).await;
+    let mut wb = connect(&b, true).await;
+    let (port_b, kh_b) = start_sshd(&mut wb, &b).await;
+
+    // Host key scan of B's sshd: through A's API vs ssh-keyscan (all types).
+    let _ = call(&mut wa, "keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port_b}])).await;
+    let mut ours = vec![];
+    let mut theirs = vec![];
+    for _ in 0..21 {
+        let t = Instant::now();
+        let r = call(&mut wa, "keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port_b}])).await;
+        ours.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(r.as_str().unwrap().lines().count(), 3);
+        let t = Instant::now();
+        let o = Command::new("ssh-keyscan").args(["-p", &port_b.to_string(), "127.0.0.1"]).stderr(Stdio::null()).output().unwrap();
+        theirs.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(String::from_utf8_lossy(&o.stdout).lines().filter(|l| !l.starts_with('#')).count(), 3);
+    }
+    let (o, t) = (median(&mut ours), median(&mut theirs));
+    println!("| host key scan, 3 key types (`remote_ssh_host_key_scan` vs `ssh-keyscan -p P 127.0.0.1`, 21 interleaved) | {o:.1} ms | {t:.1} ms | {:.2} | ≤ 0.3 and < 50 ms |", o / t);
+
+    // Semi-automatic setup A → B end to end (generated Ed25519 key, password login, ssh_pair, pinning).
+    let url = b.url.replacen("ws", "http", 1);
+    let mut setup = vec![];
+    let mut conn_id = Value::Null;
+    for i in 0..11 {
+        let t = Instant::now();
+        let r = call(&mut wa, "keychaincredential.setup_ssh_connection", json!([{
+            "setup_type": "SEMI-AUTOMATIC", "connection_name": format!("b{i}"),
+            "private_key": {"generate_key": true, "name": format!("b{i} Key")},
+            "semi_automatic_setup": {"url": url, "admin_username": "admin", "password": PASSWORD, "username": "root"}}])).await;
+        setup.push(t.elapsed().as_secs_f64() * 1000.0);
+        conn_id = r["id"].clone();
+    }
+    println!("| semi-automatic setup A → B on loopback, Ed25519 (median of 11) | {:.1} ms | — | — | < 300 ms |", median(&mut setup));
+
+    // Connection test vs ssh -i … true with the same key and pinned host keys.
+    let conn = call(&mut wa, "keychaincredential.get_instance", json!([conn_id])).await;
+    let kp = call(&mut wa, "keychaincredential.get_instance", json!([conn["attributes"]["private_key"]])).await;
+    let key = a.dir.join("pair_id");
+    std::fs::write(&key, kp["attributes"]["private_key"].as_str().unwrap()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let _ = call(&mut wa, "keychaincredential.test_ssh_connection", json!([conn_id])).await;
+    let mut ours = vec![];
+    let mut theirs = vec![];
+    for _ in 0..21 {
+        let t = Instant::now();
+        let r = call(&mut wa, "keychaincredential.test_ssh_connection", json!([conn_id])).await;
+        ours.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(r["ok"], true, "{r}");
+        theirs.push(ssh_login_ms(&key, &kh_b, port_b));
+    }
+    let (o, t) = (median(&mut ours), median(&mut theirs));
+    println!("| connection test (`test_ssh_connection` vs `ssh -i key -o BatchMode=yes -p P root@127.0.0.1 true`, 21 interleaved) | {o:.1} ms | {t:.1} ms | {:.2} | ≤ 0.6 |", o / t);
+    println!();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let want = |g: &str| args.is_empty() || args.iter().any(|a| a == g);
@@ -461,5 +528,8 @@ fn main() {
     }
     if want("sshd") {
         rt.block_on(bench_sshd());
+    }
+    if want("pairing") {
+        rt.block_on(bench_pairing());
     }
 }

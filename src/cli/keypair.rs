@@ -293,14 +293,13 @@ pub fn run(cmd: KeypairCmd) -> Result<ExitCode, String> {
             let name: String = e["name"].as_str().unwrap_or("key").chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
             let default_name = format!("{name}_id_{alg}{}", if private { "" } else { ".pub" });
             let text = if private {
-                let pk = e["attributes"]["private_key"].as_str().ok_or("this key pair has no private key")?.to_string();
-                match &passphrase_file {
-                    Some(p) => {
-                        let pass = read_secret_file(p)?;
-                        encrypt_via_ssh_key(&pk, &pass)?
-                    }
-                    None => pk,
+                // Through the audited API method, never a plain read.
+                let mut opts = json!({});
+                if let Some(p) = &passphrase_file {
+                    opts["passphrase"] = json!(read_secret_file(p)?);
                 }
+                let r = local(&common, "keychaincredential.download_private_key", vec![e["id"].clone(), opts])?;
+                r["private_key"].as_str().ok_or("this key pair has no private key")?.to_string()
             } else {
                 e["attributes"]["public_key"].as_str().ok_or("this key pair has no public key")?.to_string()
             };
@@ -332,8 +331,4 @@ pub fn run(cmd: KeypairCmd) -> Result<ExitCode, String> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn encrypt_via_ssh_key(pk: &str, pass: &str) -> Result<String, String> {
-    keyhaven_core::keys::encrypt_private_key(pk, pass).map(|z| z.as_str().to_string())
 }

@@ -917,8 +917,8 @@ async fn downloads_need_auth_name_files_encrypt_on_request_and_are_audited() {
     }
 
     // Not found cases.
-    for (id, which) in [(json!(9999), "private_key"), (json!("abc"), "public_key"), (conn["id"].clone(), "private_key"), (ed["id"].clone(), "secret")] {
-        let r = http(&d, "GET", &url(&id, which), &[("Authorization", &auth)], None).await;
+    for (id, which) in [("9999", "private_key"), ("abc", "public_key"), (&*conn["id"].to_string(), "private_key"), (&*ed["id"].to_string(), "secret")] {
+        let r = http(&d, "GET", &format!("/_download/keychaincredential/{id}/{which}"), &[("Authorization", &auth)], None).await;
         assert_eq!(r.status, 404, "{id} {which}");
     }
     let r = http(&d, "GET", &url(&pub_only["id"], "private_key"), &[("Authorization", &auth)], None).await;

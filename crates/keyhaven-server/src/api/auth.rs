@@ -17,6 +17,8 @@ pub const MECHANISMS: &[&str] = &["PASSWORD_PLAIN", "API_KEY_PLAIN", "TOKEN_PLAI
 pub fn methods() -> Vec<MethodDef> {
     vec![
         method!("auth.login_ex", Public, login_ex),
+        // TrueNAS's OTP continuation wrapper (pytruenas calls it after OTP_REQUIRED).
+        method!("auth.login_ex_continue", Public, login_ex),
         method!("auth.login", Public, login),
         method!("auth.login_with_api_key", Public, login_with_api_key),
         method!("auth.login_with_token", Public, login_with_token),

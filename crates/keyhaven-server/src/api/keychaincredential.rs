@@ -22,6 +22,7 @@ pub fn methods() -> Vec<MethodDef> {
         method!("keychaincredential.delete", Write, delete),
         method!("keychaincredential.used_by", Read, used_by),
         method!("keychaincredential.generate_ssh_key_pair", Write, generate_ssh_key_pair),
+        method!("keychaincredential.download_private_key", Write, download_private_key),
         method!("keychaincredential.remote_ssh_host_key_scan", Write, remote_ssh_host_key_scan),
         method!("keychaincredential.remote_ssh_host_key_scan_fingerprints", Write, remote_ssh_host_key_scan_fingerprints),
         method!("keychaincredential.test_ssh_connection", Read, test_ssh_connection),
@@ -543,4 +544,43 @@ async fn setup_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, Service
     };
     ctx.describe(format!("Setup SSH Connection: {}", &*a.connection_name));
     ctx.app.setup_ssh_connection(&a.connection_name, key, kind).await
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DownloadIn {
+    #[serde(default)]
+    passphrase: Option<Secret>,
+}
+
+/// keyhaven extension for the CLI: a key pair's private key as a file
+/// (optionally passphrase-encrypted), audited like an HTTP download.
+async fn download_private_key(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    const S: &str = "keychaincredential_download_private_key";
+    p.at_most(2, "keychaincredential.download_private_key")?;
+    let id: i64 = p.req(0, &format!("{S}.id"))?;
+    let o: DownloadIn = p.opt(1, &format!("{S}.options"))?;
+    let e = ctx.app.keychain_get(id)?;
+    let name = e["name"].as_str().unwrap_or("key").to_string();
+    ctx.describe(format!("Download private key: {name}{}", if o.passphrase.is_some() { " (passphrase-protected)" } else { "" }));
+    if e["type"] != SSH_KEY_PAIR {
+        return Err(ServiceError::field(format!("{S}.id"), format!("Credential {id} is not an SSH key pair")));
+    }
+    let pk = ctx
+        .app
+        .keypair_private_key(id)?
+        .ok_or_else(|| ServiceError::field(format!("{S}.id"), "This key pair has no private key (public key only)"))?;
+    let text = match o.passphrase {
+        None => pk,
+        Some(pass) => {
+            let pass = pass.expose().to_string();
+            tokio::task::spawn_blocking(move || keyhaven_core::keys::encrypt_private_key(&pk, &pass))
+                .await
+                .map_err(|e| ServiceError::internal("key encryption", e))?
+                .map_err(|e| ServiceError::internal("key encryption", e))?
+        }
+    };
+    let alg: KeyAlgorithm = e["algorithm"].as_str().and_then(|a| a.parse().ok()).unwrap_or_default();
+    let safe: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    Ok(json!({"file_name": format!("{safe}_{}", keyhaven_core::keys::file_stem(alg)), "private_key": text.as_str()}))
 }

@@ -6,7 +6,7 @@
 //! write) so that `keychaincredential.query` filters thousands of credentials
 //! without touching SQLite or decrypting anything it will not return.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use serde_json::{json, Map, Value};
@@ -31,6 +31,8 @@ pub struct KeychainCache {
 pub struct Cached {
     pub entries: Vec<Value>,
     pub with_private: HashSet<i64>,
+    /// name → id, for the uniqueness check.
+    pub names: HashMap<String, i64>,
 }
 
 /// SSH_KEY_PAIR attributes as given by a caller.
@@ -75,13 +77,15 @@ impl App {
         }
         let mut entries = Vec::new();
         let mut with_private = HashSet::new();
+        let mut names = HashMap::new();
         for r in self.store.keychain_list()? {
             if r.has_private_key {
                 with_private.insert(r.id);
             }
+            names.insert(r.name.clone(), r.id);
             entries.push(entry_value(&r));
         }
-        let c = Arc::new(Cached { entries, with_private });
+        let c = Arc::new(Cached { entries, with_private, names });
         *guard = Some(c.clone());
         Ok(c)
     }
@@ -94,14 +98,20 @@ impl App {
         let Some(arc) = guard.as_mut() else { return };
         let cached = Arc::make_mut(arc);
         for &id in ids {
-            cached.entries.retain(|e| e["id"] != id);
+            let pos = cached.entries.partition_point(|e| e["id"].as_i64().unwrap_or(0) < id);
+            if cached.entries.get(pos).is_some_and(|e| e["id"] == id) {
+                let old = cached.entries.remove(pos);
+                if let Some(n) = old["name"].as_str() {
+                    cached.names.remove(n);
+                }
+            }
             cached.with_private.remove(&id);
             match self.store.keychain_get(id) {
                 Ok(Some(r)) => {
                     if r.has_private_key {
                         cached.with_private.insert(r.id);
                     }
-                    let pos = cached.entries.partition_point(|e| e["id"].as_i64().unwrap_or(0) < id);
+                    cached.names.insert(r.name.clone(), r.id);
                     cached.entries.insert(pos, entry_value(&r));
                 }
                 Ok(None) => {}
@@ -145,7 +155,7 @@ impl App {
 
     fn keychain_name_taken(&self, name: &str, except: Option<i64>) -> Result<bool, ServiceError> {
         let cached = self.keychain_cached()?;
-        Ok(cached.entries.iter().any(|e| e["name"] == name && e["id"].as_i64() != except))
+        Ok(cached.names.get(name).is_some_and(|id| Some(*id) != except))
     }
 
     /// The private key of a key pair, for use (connections, downloads).
