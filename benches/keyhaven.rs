@@ -277,7 +277,7 @@ async fn bench_keychain() {
     let count = call(&mut ws, "keychaincredential.query", json!([[], {"count": true}])).await.as_u64().unwrap() as usize;
     let first_key = call(&mut ws, "keychaincredential.query", json!([[["name","=","gen-0"]], {"get": true}])).await["id"].clone();
     let missing = 10_000 - count;
-    pipelined(&mut ws, missing, 64, |i| {
+    pipelined(&mut ws, missing, 16, |i| {
         json!({"jsonrpc":"2.0","id":i,"method":"keychaincredential.create","params":[{"name": format!("conn-{i}"), "type":"SSH_CREDENTIALS",
             "attributes": {"host": format!("host{i}.example"), "private_key": first_key, "remote_host_key": ""}}]}).to_string()
     }).await;

@@ -2,7 +2,7 @@
 # Installs what keyhaven's tests need on a fresh Debian machine, only when missing:
 # OpenSSH's server and client (sshd, ssh, ssh-keygen, ssh-keyscan), openssl (key
 # interop tests), Python's venv module (compatibility tests with pytruenas and
-# aiotruenas-client).
+# aiotruenas-client), Chromium and chromedriver (web UI tests).
 set -euo pipefail
 
 missing=()
@@ -14,6 +14,8 @@ need ssh openssh-client
 need ssh-keygen openssh-client
 need ssh-keyscan openssh-client
 need openssl openssl
+need chromium chromium
+need chromedriver chromium-driver
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
 
 if [ ${#missing[@]} -gt 0 ]; then

@@ -10,3 +10,4 @@ mod daemon;
 mod keychain;
 mod sshd;
 mod pairing;
+mod ui;

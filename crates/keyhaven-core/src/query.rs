@@ -1085,8 +1085,10 @@ impl From<FieldError> for QueryError {
 ///
 /// `count` wins over `get`, and counts every match (ignoring `offset` and
 /// `limit`). `get` returns the first entry after ordering and `offset`.
-pub fn filter_list(
-    items: &[Value],
+/// `items` may be `Value`s or anything that borrows one (`Arc<Value>` lets a
+/// cache share its entries without cloning them).
+pub fn filter_list<T: std::borrow::Borrow<Value>>(
+    items: &[T],
     filters: &Filters,
     options: &QueryOptions,
 ) -> Result<QueryResult, QueryError> {
@@ -1096,7 +1098,7 @@ pub fn filter_list(
         .iter()
         .map(|o| parse_order_key(o))
         .collect();
-    let hits = items.iter().filter(|item| matches(item, filters));
+    let hits = items.iter().map(|t| t.borrow()).filter(|item| matches(item, filters));
 
     if options.count {
         return Ok(QueryResult::Count(hits.count()));
@@ -1150,7 +1152,7 @@ pub fn filter_list(
 
 /// Validate raw `filters` and `options` arguments together (reporting the
 /// problems of both) and run the query, returning the wire result.
-pub fn query(items: &[Value], filters: &Value, options: &Value) -> Result<Value, QueryError> {
+pub fn query<T: std::borrow::Borrow<Value>>(items: &[T], filters: &Value, options: &Value) -> Result<Value, QueryError> {
     let parsed_filters = parse_filters(filters);
     let parsed_options = QueryOptions::from_value(options);
     let (filters, options) = match (parsed_filters, parsed_options) {

@@ -98,6 +98,7 @@ function toast(msg, cls) {
   }
   const box = $('toasts');
   box.append(t);
+  while (box.children.length > 3) box.firstElementChild.remove();
   if (box.showPopover) {
     if (box.matches(':popover-open')) box.hidePopover();
     box.showPopover();
@@ -682,7 +683,7 @@ function userForm(u) {
 async function enroll2fa(u) {
   if (!await confirmDialog('Two-factor authentication', h('p', {}, `Create a new one-time-password secret for ${u.username}? The old one stops working.`))) return;
   try {
-    const r = await busy('Creating the secret…', () => rpc.call('user.renew_2fa_secret', u.username));
+    const r = await busy('Creating the secret…', () => rpc.call('user.renew_2fa_secret', u.username, {}));
     const uri = r.provisioning_uri || (r.twofactor_config && r.twofactor_config.provisioning_uri) || JSON.stringify(r);
     await infoDialog('Add this account to your authenticator app', h('div', {},
       h('p', {}, 'Enter this URI (or its secret) in your authenticator app. It is shown only once.'),
@@ -874,6 +875,7 @@ async function onLogin(ev) {
       otpStage = false;
       await loggedIn();
     } else if (r.response_type === 'OTP_REQUIRED') {
+      if (otpStage) err.textContent = 'That one-time password was not accepted. Try again.';
       otpStage = true;
       $('login-creds').hidden = true;
       $('login-otp-box').hidden = false;

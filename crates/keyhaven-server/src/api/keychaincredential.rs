@@ -112,7 +112,7 @@ async fn query_m(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
         || p.raw(1).and_then(|o| o.get("select")).is_some_and(|s| s.as_array().is_some_and(|a| !a.is_empty()));
     let can_write = ctx.caller()?.role.can_write();
     let out = if needs_full && can_write {
-        let mut all = cached.entries.clone();
+        let mut all: Vec<Value> = cached.entries.iter().map(|e| (**e).clone()).collect();
         for e in &mut all {
             app.keychain_fill_private(e, &cached)?;
         }

@@ -130,7 +130,7 @@ pub async fn dispatch(app: &Arc<App>, session: &Arc<Session>, method: &str, para
 }
 
 /// Run a TrueNAS query (`[filters, options]`) over already-built entries.
-pub fn query(items: &[Value], params: &Params, schema: &str) -> Result<Value, ServiceError> {
+pub fn query<T: std::borrow::Borrow<Value>>(items: &[T], params: &Params, schema: &str) -> Result<Value, ServiceError> {
     use keyhaven_core::query::{filter_list, parse_filters, QueryError, QueryOptions};
     params.at_most(2, schema)?;
     let filters = parse_filters(params.raw(0).unwrap_or(&Value::Null)).map_err(|e| prefix_errors(e, schema))?;

@@ -29,7 +29,8 @@ pub struct KeychainCache {
 
 #[derive(Clone)]
 pub struct Cached {
-    pub entries: Vec<Value>,
+    /// Shared entries: a write copies the vector of pointers, never the entries.
+    pub entries: Vec<Arc<Value>>,
     pub with_private: HashSet<i64>,
     /// name → id, for the uniqueness check.
     pub names: HashMap<String, i64>,
@@ -83,7 +84,7 @@ impl App {
                 with_private.insert(r.id);
             }
             names.insert(r.name.clone(), r.id);
-            entries.push(entry_value(&r));
+            entries.push(Arc::new(entry_value(&r)));
         }
         let c = Arc::new(Cached { entries, with_private, names });
         *guard = Some(c.clone());
@@ -112,7 +113,7 @@ impl App {
                         cached.with_private.insert(r.id);
                     }
                     cached.names.insert(r.name.clone(), r.id);
-                    cached.entries.insert(pos, entry_value(&r));
+                    cached.entries.insert(pos, Arc::new(entry_value(&r)));
                 }
                 Ok(None) => {}
                 Err(_) => {
@@ -148,7 +149,7 @@ impl App {
         let cached = self.keychain_cached()?;
         // Entries are kept in id order.
         let pos = cached.entries.partition_point(|e| e["id"].as_i64().unwrap_or(0) < id);
-        let mut e = cached.entries.get(pos).filter(|e| e["id"] == id).cloned().ok_or_else(|| not_found(id))?;
+        let mut e = cached.entries.get(pos).filter(|e| e["id"] == id).map(|e| (**e).clone()).ok_or_else(|| not_found(id))?;
         self.keychain_fill_private(&mut e, &cached)?;
         Ok(e)
     }

@@ -109,9 +109,17 @@ impl App {
             let private = self.store.host_key_private(alg_name)?.ok_or_else(|| ServiceError::internal("host keys", "missing after generation"))?;
             let public = self.store.host_keys_list()?.into_iter().find(|k| k.algorithm == *alg_name).map(|k| k.public_key).unwrap_or_default();
             let path = dir.join(format!("ssh_host_{stem}_key"));
-            files::write_atomic(&path, private.as_bytes(), 0o600, None).map_err(|e| ServiceError::internal("writing host keys", e))?;
-            files::write_atomic(&dir.join(format!("ssh_host_{stem}_key.pub")), public.as_bytes(), 0o644, None)
-                .map_err(|e| ServiceError::internal("writing host keys", e))?;
+            let pub_path = dir.join(format!("ssh_host_{stem}_key.pub"));
+            // Rewrite only what differs: this runs on every render.
+            let same = |p: &std::path::Path, want: &[u8]| std::fs::read(p).is_ok_and(|have| have == want);
+            if !same(&path, private.as_bytes()) {
+                files::write_atomic(&path, private.as_bytes(), 0o600, None)
+                    .map_err(|e| ServiceError::internal("writing host keys", e))?;
+            }
+            if !same(&pub_path, public.as_bytes()) {
+                files::write_atomic(&pub_path, public.as_bytes(), 0o644, None)
+                    .map_err(|e| ServiceError::internal("writing host keys", e))?;
+            }
             paths.push(path.display().to_string());
         }
         Ok(paths)
@@ -218,6 +226,9 @@ impl App {
         let r = async {
             let s = self.ssh_settings()?;
             let text = self.render_ssh(&s).await?;
+            if std::fs::read_to_string(self.sshd.paths().config_file()).is_ok_and(|cur| cur == text) {
+                return Ok(());
+            }
             self.sshd.apply_config(&text).await.map_err(|e| sshd_error("ssh", e))
         }
         .await;

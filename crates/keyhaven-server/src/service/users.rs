@@ -349,7 +349,10 @@ impl App {
         };
         let id = self.store.user_insert(&username, &data.to_value(), hash.as_deref())?;
         self.write_user_keys(&username, &data)?;
-        self.ssh_users_changed().await;
+        // sshd_config lists password users only; keys files need no reload.
+        if data.ssh_password_enabled {
+            self.ssh_users_changed().await;
+        }
         let r = self.store.user_by_id(id)?.ok_or_else(|| ServiceError::internal("user.create", "row vanished"))?;
         Ok(self.user_entry(&r))
     }
@@ -410,6 +413,7 @@ impl App {
             data.roles = v;
         }
         let keys_changed = input.sshpubkey.is_some();
+        let password_login_changed = data.ssh_password_enabled != UserData::from_record(&rec).ssh_password_enabled;
         if let Some(v) = input.sshpubkey {
             data.sshpubkey = v.map(|t| authorized_keys::normalize(&t)).filter(|t| !t.is_empty());
         }
@@ -432,7 +436,9 @@ impl App {
         if keys_changed {
             self.write_user_keys(&rec.username, &data)?;
         }
-        self.ssh_users_changed().await;
+        if password_login_changed {
+            self.ssh_users_changed().await;
+        }
         let r = self.store.user_by_id(id)?.ok_or_else(|| ServiceError::internal("user.update", "row vanished"))?;
         Ok(self.user_entry(&r))
     }
@@ -450,7 +456,9 @@ impl App {
         }
         self.store.api_keys_delete_for_user(&rec.username)?;
         self.store.user_delete(id)?;
-        self.ssh_users_changed().await;
+        if data.ssh_password_enabled {
+            self.ssh_users_changed().await;
+        }
         Ok(rec.username)
     }
 

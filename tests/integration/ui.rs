@@ -1,0 +1,399 @@
+//! The web UI (issue 6) in headless Chromium driven by chromedriver: a real
+//! daemon, a real browser, the same JSON-RPC API. Screenshots of each screen go
+//! to `target/ui-screenshots/<name>.png`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use thirtyfour::prelude::*;
+use thirtyfour::ChromiumLikeCapabilities;
+
+use crate::sshd::{free_port, sshd_available};
+use crate::util::*;
+
+/// chromedriver as a child process, killed by PID on drop.
+struct ChromeDriver {
+    child: Child,
+    port: u16,
+}
+
+impl ChromeDriver {
+    fn start() -> ChromeDriver {
+        let exe = which("chromedriver").unwrap_or_else(|| {
+            panic!(
+                "chromedriver is not installed: the UI tests need Debian's `chromium` and `chromium-driver` \
+                 (run scripts/install-test-deps.sh, or apt-get install -y chromium chromium-driver)"
+            )
+        });
+        let port = free_port();
+        let child = Command::new(exe)
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn chromedriver");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not listen on port {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ChromeDriver { child, port }
+    }
+}
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn which(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| PathBuf::from(d).join(cmd)).find(|p| p.is_file())
+}
+
+fn screenshot_dir() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target").join("ui-screenshots");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+async fn shot(driver: &WebDriver, name: &str) {
+    let path = screenshot_dir().join(format!("{name}.png"));
+    driver.screenshot(&path).await.unwrap_or_else(|e| panic!("screenshot {name}: {e}"));
+}
+
+/// Evaluate `body` (a JS function body) until it returns something truthy; returns it.
+async fn wait_js(driver: &WebDriver, what: &str, body: &str, args: Vec<Value>) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = driver.execute(body, args.clone()).await.unwrap().json().clone();
+        let truthy = !matches!(&v, Value::Null | Value::Bool(false)) && v != json!("") && v != json!(0);
+        if truthy {
+            return v;
+        }
+        if Instant::now() > deadline {
+            let page = driver
+                .execute("return document.body.innerText", vec![])
+                .await
+                .map(|r| r.json().to_string())
+                .unwrap_or_default();
+            shot(driver, &format!("timeout-{}", what.replace(' ', "-"))).await;
+            panic!("timed out waiting for {what}; page text: {page}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn js(driver: &WebDriver, body: &str, args: Vec<Value>) -> Value {
+    driver.execute(body, args).await.unwrap_or_else(|e| panic!("script failed: {e}\n{body}")).json().clone()
+}
+
+/// Set a form control's value by id or selector (fires input/change like typing would).
+async fn fill(driver: &WebDriver, selector: &str, value: &str) {
+    let ok = js(
+        driver,
+        "const el = document.querySelector(arguments[0]); if (!el) return false;
+         el.value = arguments[1]; el.dispatchEvent(new Event('input', {bubbles: true}));
+         el.dispatchEvent(new Event('change', {bubbles: true})); return true;",
+        vec![json!(selector), json!(value)],
+    )
+    .await;
+    assert_eq!(ok, json!(true), "no element {selector}");
+}
+
+async fn click(driver: &WebDriver, css: &str) {
+    driver.find(By::Css(css)).await.unwrap_or_else(|e| panic!("no element {css}: {e}")).click().await.unwrap();
+}
+
+/// The modal form's control for a field name.
+fn field(name: &str) -> String {
+    format!("#modal [name='{name}']")
+}
+
+async fn modal_closed(driver: &WebDriver, what: &str) {
+    wait_js(
+        driver,
+        what,
+        "return !document.getElementById('modal').open && !document.getElementById('busy').open;",
+        vec![],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_ui_in_headless_chromium() {
+    let started = Instant::now();
+    let d = Daemon::start();
+    let cd = ChromeDriver::start();
+
+    let mut caps = DesiredCapabilities::chrome();
+    if std::path::Path::new("/usr/bin/chromium").exists() {
+        caps.set_binary("/usr/bin/chromium").unwrap();
+    }
+    for a in [
+        "--headless",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1280,800",
+    ] {
+        caps.add_arg(a).unwrap();
+    }
+    let driver = WebDriver::new(format!("http://127.0.0.1:{}", cd.port), caps).await.expect("start headless chromium");
+    let result = std::panic::AssertUnwindSafe(run(&driver, &d));
+    let outcome = futures_util::FutureExt::catch_unwind(result).await;
+    let _ = driver.quit().await;
+    drop(cd);
+    if let Err(p) = outcome {
+        eprintln!("daemon stderr:\n{}", d.stderr());
+        std::panic::resume_unwind(p);
+    }
+    eprintln!("UI test took {:?}", started.elapsed());
+}
+
+async fn run(driver: &WebDriver, d: &Daemon) {
+    // The page and its security headers.
+    driver.goto(format!("{}/", d.url)).await.unwrap();
+    wait_js(driver, "login form", "return !document.getElementById('login').hidden;", vec![]).await;
+    shot(driver, "01-login").await;
+
+    // Wrong password: the refusal is shown.
+    fill(driver, "#login-username", "admin").await;
+    fill(driver, "#login-password", "wrong").await;
+    click(driver, "#login-submit").await;
+    wait_js(driver, "login error", "return document.getElementById('login-error').textContent;", vec![]).await;
+
+    // Log in.
+    fill(driver, "#login-password", ADMIN_PASSWORD).await;
+    click(driver, "#login-submit").await;
+    wait_js(driver, "backup credentials page", "return document.querySelector('#view-backup h1');", vec![]).await;
+
+    // Generate an Ed25519 key pair through the form.
+    click(driver, "#add-keypair").await;
+    fill(driver, &field("name"), "ui-key").await;
+    fill(driver, &field("key_type"), "ED25519").await;
+    shot(driver, "02-keypair-form").await;
+    click(driver, "#form-submit").await;
+    modal_closed(driver, "keypair saved").await;
+    let fp = wait_js(
+        driver,
+        "fingerprint in table",
+        "const r = document.querySelector(\"tr[data-name='ui-key']\"); return r && r.textContent.includes('SHA256:') ? r.textContent : null;",
+        vec![],
+    )
+    .await;
+    let keys = d.cli_json(&["keychaincredential.query", r#"[["name", "=", "ui-key"]]"#]);
+    let kp = &keys[0];
+    let fingerprint = kp["fingerprint"].as_str().unwrap();
+    assert!(fp.as_str().unwrap().contains(fingerprint), "table row {fp} lacks {fingerprint}");
+    assert!(fp.as_str().unwrap().contains("ED25519"), "{fp}");
+    let private = kp["attributes"]["private_key"].as_str().unwrap().to_string();
+    let public = kp["attributes"]["public_key"].as_str().unwrap().trim().to_string();
+    // The private key never reaches the page's DOM.
+    let body = js(driver, "return document.documentElement.outerHTML;", vec![]).await;
+    assert!(!body.as_str().unwrap().contains("PRIVATE KEY"), "private key rendered in the page");
+    shot(driver, "03-backup-credentials").await;
+
+    // Users: a pasted private key is refused inline with the server's message.
+    click(driver, "a[data-nav='users']").await;
+    wait_js(driver, "users page", "return document.querySelector(\"#view-users tr[data-name='admin']\");", vec![])
+        .await;
+    shot(driver, "04-users").await;
+    click(driver, "button[aria-label='Edit admin']").await;
+    fill(driver, &field("sshpubkey"), &private).await;
+    click(driver, "#form-submit").await;
+    let err = wait_js(
+        driver,
+        "inline sshpubkey error",
+        "const e = document.querySelector(\"#modal [data-error-for='sshpubkey']\"); return e && e.textContent;",
+        vec![],
+    )
+    .await;
+    assert!(err.as_str().unwrap().contains("private key"), "inline error: {err}");
+    shot(driver, "05-user-private-key-refused").await;
+
+    // Paste the public key and save.
+    fill(driver, &field("sshpubkey"), &public).await;
+    click(driver, "#form-submit").await;
+    modal_closed(driver, "user saved").await;
+    let admin = d.cli_json(&["user.query", r#"[["username", "=", "admin"]]"#, r#"{"get": true}"#]);
+    assert_eq!(admin["sshpubkey"].as_str().unwrap().trim(), public);
+
+    // System › Services › SSH: set a free port, start the service.
+    click(driver, "a[data-nav='ssh']").await;
+    wait_js(driver, "ssh page", "return document.getElementById('ssh-save');", vec![]).await;
+    shot(driver, "06-ssh-service").await;
+    if sshd_available() {
+        let port = free_port();
+        fill(driver, "#view-ssh [name='tcpport']", &port.to_string()).await;
+        click(driver, "#ssh-save").await;
+        wait_js(
+            driver,
+            "port saved",
+            "return document.querySelector(\"#view-ssh [name='tcpport']\")?.value === arguments[0] && !document.getElementById('busy').open;",
+            vec![json!(port.to_string())],
+        )
+        .await;
+        click(driver, "#svc-start").await;
+        wait_js(
+            driver,
+            "sshd running",
+            "return document.getElementById('svc-state')?.textContent === 'RUNNING';",
+            vec![],
+        )
+        .await;
+        shot(driver, "07-ssh-running").await;
+
+        // A manual connection to it, with Discover Remote Host Key.
+        click(driver, "a[data-nav='backup']").await;
+        wait_js(driver, "backup page again", "return document.getElementById('add-connection');", vec![]).await;
+        click(driver, "#add-connection").await;
+        fill(driver, &field("name"), "loopback").await;
+        if js(driver, "return !!document.querySelector(\"#modal [name='setup_method']\");", vec![]).await == json!(true)
+        {
+            fill(driver, &field("setup_method"), "MANUAL").await;
+        }
+        fill(driver, &field("host"), "127.0.0.1").await;
+        fill(driver, &field("port"), &port.to_string()).await;
+        fill(driver, &field("username"), "admin").await;
+        fill(driver, &field("private_key"), &kp["id"].to_string()).await;
+        let can_discover = js(driver, "return !!document.getElementById('discover');", vec![]).await == json!(true);
+        if can_discover {
+            click(driver, "#discover").await;
+            wait_js(driver, "discovered fingerprints", "return document.getElementById('discover-confirm');", vec![])
+                .await;
+            shot(driver, "08-discover").await;
+            click(driver, "#discover-confirm").await;
+            let hk =
+                js(driver, &format!("return document.querySelector(\"{}\").value;", field("remote_host_key")), vec![])
+                    .await;
+            assert!(hk.as_str().unwrap().contains("ssh-ed25519 "), "{hk}");
+        } else {
+            let cfg = d.cli_json(&["ssh.config"]);
+            let lines: Vec<&str> =
+                cfg["host_keys"].as_array().unwrap().iter().map(|k| k["public_key"].as_str().unwrap()).collect();
+            fill(driver, &field("remote_host_key"), &lines.join("\n")).await;
+        }
+        shot(driver, "09-connection-form").await;
+        click(driver, "#form-submit").await;
+        modal_closed(driver, "connection saved").await;
+        let row = wait_js(
+            driver,
+            "connection row",
+            "const r = document.querySelector(\"tr[data-name='loopback']\"); return r && r.textContent;",
+            vec![],
+        )
+        .await;
+        assert!(row.as_str().unwrap().contains("ui-key"), "{row}");
+        shot(driver, "10-connections").await;
+
+        // Test action: the result stages are shown (whatever the outcome).
+        click(driver, "button[aria-label='Test loopback']").await;
+        let r = wait_js(
+            driver,
+            "test result",
+            "const e = document.getElementById('test-result'); return e && e.textContent;",
+            vec![],
+        )
+        .await;
+        assert!(r.as_str().unwrap().contains("Stage"), "{r}");
+        shot(driver, "11-connection-test").await;
+        click(driver, "#modal .modal-foot button").await;
+        modal_closed(driver, "test dialog closed").await;
+    } else {
+        eprintln!("not root or no /usr/sbin/sshd: skipping the SSH service start and the connection");
+    }
+
+    // Audit log.
+    click(driver, "a[data-nav='audit']").await;
+    wait_js(driver, "audit rows", "return document.querySelectorAll('#view-audit tbody tr').length > 2;", vec![]).await;
+    shot(driver, "12-audit").await;
+
+    // Logout ends the session.
+    click(driver, "#logout").await;
+    wait_js(driver, "login after logout", "return !document.getElementById('login').hidden;", vec![]).await;
+
+    // Two-factor login: password, then the OTP field on the same socket.
+    let e = d.cli_json(&["user.renew_2fa_secret", "admin", "{}"]);
+    let uri = e["provisioning_uri"].as_str().unwrap();
+    let secret = uri.split("secret=").nth(1).unwrap().split('&').next().unwrap();
+    let totp = totp_rs::Builder::new()
+        .with_secret(totp_rs::Secret::try_from_base32(secret).unwrap())
+        .with_digits(6)
+        .with_step_duration(30)
+        .with_skew(1)
+        .build()
+        .unwrap();
+    fill(driver, "#login-username", "admin").await;
+    fill(driver, "#login-password", ADMIN_PASSWORD).await;
+    click(driver, "#login-submit").await;
+    wait_js(driver, "OTP field", "return !document.getElementById('login-otp-box').hidden;", vec![]).await;
+    fill(driver, "#login-otp", "000000").await;
+    click(driver, "#login-submit").await;
+    wait_js(driver, "wrong OTP message", "return document.getElementById('login-error').textContent;", vec![]).await;
+    shot(driver, "13-login-otp").await;
+    fill(driver, "#login-otp", &totp.generate_current().to_string()).await;
+    click(driver, "#login-submit").await;
+    wait_js(driver, "logged in with OTP", "return document.getElementById('login').hidden && !document.getElementById('topbar').hidden && document.querySelector('#view h1');", vec![]).await;
+}
+
+/// The UI's HTTP surface: assets embedded, strict headers, no traversal.
+#[tokio::test]
+async fn ui_assets_have_strict_security_headers() {
+    let d = Daemon::start();
+    for (path, ctype) in [("/", "text/html"), ("/ui/app.js", "text/javascript"), ("/ui/app.css", "text/css")] {
+        let (status, headers, body) = http_get(d.addr, path).await;
+        assert_eq!(status, 200, "{path}");
+        let h = |n: &str| {
+            headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone()).unwrap_or_default()
+        };
+        assert!(h("content-type").starts_with(ctype), "{path}: {}", h("content-type"));
+        let csp = h("content-security-policy");
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+            "{csp}"
+        );
+        assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+        assert_eq!(h("x-content-type-options"), "nosniff");
+        assert_eq!(h("referrer-policy"), "no-referrer");
+        assert_eq!(h("x-frame-options"), "DENY");
+        assert!(!body.is_empty());
+    }
+    let (_, _, index) = http_get(d.addr, "/").await;
+    assert!(!index.contains("<script>") && !index.contains("style="), "inline script or style in index.html");
+    for bad in ["/ui/..%2fCargo.toml", "/ui/nope.js", "/ui/.hidden"] {
+        let (status, _, _) = http_get(d.addr, bad).await;
+        assert_eq!(status, 404, "{bad}");
+    }
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, Vec<(String, String)>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
+    (status, headers, body.to_string())
+}
