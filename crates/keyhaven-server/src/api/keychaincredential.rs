@@ -105,33 +105,55 @@ fn redact_if_readonly(ctx: &Ctx, mut v: Value) -> Result<Value, ServiceError> {
     Ok(v)
 }
 
+/// The entry a top-level `["name", "=", s]` or `["id", "=", n]` filter pins
+/// down, if any: the list is an AND, so no other entry can match.
+fn pinned_id(cached: &keychain::Cached, filters: Option<&Value>) -> Option<Option<i64>> {
+    let list = filters?.as_array()?;
+    for f in list {
+        let Some([field, op, value]) = f.as_array().map(Vec::as_slice) else { continue };
+        if op != "=" {
+            continue;
+        }
+        match (field.as_str(), value) {
+            (Some("name"), Value::String(n)) => return Some(cached.names.get(n).copied()),
+            (Some("id"), Value::Number(n)) if n.is_i64() => {
+                let id = n.as_i64().unwrap_or_default();
+                return Some(cached.contains(id).then_some(id));
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 async fn query_m(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let app = &ctx.app;
     let cached = app.keychain_entries()?;
-    let needs_full = p.raw(0).is_some_and(|f| f.to_string().contains("private_key"))
-        || p.raw(1).and_then(|o| o.get("select")).is_some_and(|s| s.as_array().is_some_and(|a| !a.is_empty()));
     let can_write = ctx.caller()?.role.can_write();
-    let out = if needs_full && can_write {
-        let mut all: Vec<Value> = cached.entries.iter().map(|e| (**e).clone()).collect();
-        for e in &mut all {
+    // Candidates: the one entry an indexed equality filter names, or all.
+    let mut items: Vec<Value> = match pinned_id(&cached, p.raw(0)) {
+        Some(id) => id.and_then(|id| cached.get(id)).into_iter().collect(),
+        None => cached.all(),
+    };
+    let needs_private = p.raw(0).is_some_and(|f| f.to_string().contains("private_key"))
+        || p.raw(1).and_then(|o| o.get("select")).is_some_and(|s| s.as_array().is_some_and(|a| !a.is_empty()));
+    if needs_private && can_write {
+        for e in &mut items {
             app.keychain_fill_private(e, &cached)?;
         }
-        query(&all, &p, "keychaincredential_query")?
-    } else {
-        let mut out = query(&cached.entries, &p, "keychaincredential_query")?;
-        if can_write {
-            match &mut out {
-                Value::Array(a) => {
-                    for e in a {
-                        app.keychain_fill_private(e, &cached)?;
-                    }
+    }
+    let mut out = query(&items, &p, "keychaincredential_query")?;
+    if can_write && !needs_private {
+        match &mut out {
+            Value::Array(a) => {
+                for e in a {
+                    app.keychain_fill_private(e, &cached)?;
                 }
-                Value::Object(_) => app.keychain_fill_private(&mut out, &cached)?,
-                _ => {}
             }
+            Value::Object(_) => app.keychain_fill_private(&mut out, &cached)?,
+            _ => {}
         }
-        out
-    };
+    }
     redact_if_readonly(&ctx, out)
 }
 

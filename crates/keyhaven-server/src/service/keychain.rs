@@ -27,13 +27,82 @@ pub struct KeychainCache {
     inner: RwLock<Option<Arc<Cached>>>,
 }
 
+/// One cached entry as compact JSON text: thousands of credentials stay a
+/// few megabytes, where parsed `Value` trees took ten times that.
 #[derive(Clone)]
+struct CachedEntry {
+    id: i64,
+    json: Arc<str>,
+}
+
+#[derive(Clone, Default)]
 pub struct Cached {
-    /// Shared entries: a write copies the vector of pointers, never the entries.
-    pub entries: Vec<Arc<Value>>,
+    /// In id order.
+    entries: Vec<CachedEntry>,
     pub with_private: HashSet<i64>,
-    /// name → id, for the uniqueness check.
+    /// name → id (uniqueness checks and the `name =` fast path).
     pub names: HashMap<String, i64>,
+    /// SSH_CREDENTIALS id → the key pair it uses (`used_by`).
+    pub connection_keys: HashMap<i64, i64>,
+}
+
+impl Cached {
+    fn pos(&self, id: i64) -> Result<usize, usize> {
+        self.entries.binary_search_by_key(&id, |e| e.id)
+    }
+
+    pub fn contains(&self, id: i64) -> bool {
+        self.pos(id).is_ok()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// One entry, parsed (private key null).
+    pub fn get(&self, id: i64) -> Option<Value> {
+        self.pos(id).ok().and_then(|i| serde_json::from_str(&self.entries[i].json).ok())
+    }
+
+    /// Every entry, parsed (private keys null), in id order.
+    pub fn all(&self) -> Vec<Value> {
+        self.entries.iter().filter_map(|e| serde_json::from_str(&e.json).ok()).collect()
+    }
+
+    fn remove(&mut self, id: i64) {
+        if let Ok(i) = self.pos(id) {
+            let old = self.entries.remove(i);
+            if let Ok(v) = serde_json::from_str::<Value>(&old.json) {
+                if let Some(n) = v["name"].as_str() {
+                    if self.names.get(n) == Some(&id) {
+                        self.names.remove(n);
+                    }
+                }
+            }
+        }
+        self.with_private.remove(&id);
+        self.connection_keys.remove(&id);
+    }
+
+    fn put(&mut self, r: &keyhaven_store::KeychainRecord) {
+        self.remove(r.id);
+        if r.has_private_key {
+            self.with_private.insert(r.id);
+        }
+        self.names.insert(r.name.clone(), r.id);
+        if r.kind == SSH_CREDENTIALS {
+            if let Some(k) = r.attributes["private_key"].as_i64() {
+                self.connection_keys.insert(r.id, k);
+            }
+        }
+        let json: Arc<str> = Arc::from(entry_value(r).to_string());
+        let i = self.pos(r.id).unwrap_or_else(|i| i);
+        self.entries.insert(i, CachedEntry { id: r.id, json });
+    }
 }
 
 /// SSH_KEY_PAIR attributes as given by a caller.
@@ -76,17 +145,11 @@ impl App {
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
-        let mut entries = Vec::new();
-        let mut with_private = HashSet::new();
-        let mut names = HashMap::new();
+        let mut c = Cached::default();
         for r in self.store.keychain_list()? {
-            if r.has_private_key {
-                with_private.insert(r.id);
-            }
-            names.insert(r.name.clone(), r.id);
-            entries.push(Arc::new(entry_value(&r)));
+            c.put(&r);
         }
-        let c = Arc::new(Cached { entries, with_private, names });
+        let c = Arc::new(c);
         *guard = Some(c.clone());
         Ok(c)
     }
@@ -99,23 +162,9 @@ impl App {
         let Some(arc) = guard.as_mut() else { return };
         let cached = Arc::make_mut(arc);
         for &id in ids {
-            let pos = cached.entries.partition_point(|e| e["id"].as_i64().unwrap_or(0) < id);
-            if cached.entries.get(pos).is_some_and(|e| e["id"] == id) {
-                let old = cached.entries.remove(pos);
-                if let Some(n) = old["name"].as_str() {
-                    cached.names.remove(n);
-                }
-            }
-            cached.with_private.remove(&id);
             match self.store.keychain_get(id) {
-                Ok(Some(r)) => {
-                    if r.has_private_key {
-                        cached.with_private.insert(r.id);
-                    }
-                    cached.names.insert(r.name.clone(), r.id);
-                    cached.entries.insert(pos, Arc::new(entry_value(&r)));
-                }
-                Ok(None) => {}
+                Ok(Some(r)) => cached.put(&r),
+                Ok(None) => cached.remove(id),
                 Err(_) => {
                     *guard = None;
                     return;
@@ -147,9 +196,7 @@ impl App {
     /// One entry with its private key (if any).
     pub fn keychain_get(&self, id: i64) -> Result<Value, ServiceError> {
         let cached = self.keychain_cached()?;
-        // Entries are kept in id order.
-        let pos = cached.entries.partition_point(|e| e["id"].as_i64().unwrap_or(0) < id);
-        let mut e = cached.entries.get(pos).filter(|e| e["id"] == id).map(|e| (**e).clone()).ok_or_else(|| not_found(id))?;
+        let mut e = cached.get(id).ok_or_else(|| not_found(id))?;
         self.keychain_fill_private(&mut e, &cached)?;
         Ok(e)
     }
@@ -313,15 +360,14 @@ impl App {
     /// What uses a credential, recursively (TrueNAS `used_by`).
     pub fn keychain_used_by(&self, id: i64) -> Result<Vec<Dependent>, ServiceError> {
         let cached = self.keychain_cached()?;
-        let me = cached.entries.iter().find(|e| e["id"] == id).ok_or_else(|| not_found(id))?;
+        let me = cached.get(id).ok_or_else(|| not_found(id))?;
         let mut out = Vec::new();
         if me["type"] == SSH_KEY_PAIR {
-            for e in cached.entries.iter().filter(|e| e["type"] == SSH_CREDENTIALS && e["attributes"]["private_key"] == id) {
-                out.push(Dependent {
-                    id: e["id"].as_i64().unwrap_or_default(),
-                    title: format!("SSH credentials {}", e["name"].as_str().unwrap_or("")),
-                    unbind_method: "delete",
-                });
+            let mut users: Vec<i64> = cached.connection_keys.iter().filter(|(_, k)| **k == id).map(|(c, _)| *c).collect();
+            users.sort_unstable();
+            for c in users {
+                let name = cached.get(c).and_then(|e| e["name"].as_str().map(str::to_string)).unwrap_or_default();
+                out.push(Dependent { id: c, title: format!("SSH credentials {name}"), unbind_method: "delete" });
                 // A connection has no dependents of its own in keyhaven (no
                 // replication or rsync tasks), so the recursion ends here.
             }

@@ -330,13 +330,13 @@ impl App {
     pub async fn setup_ssh_connection(&self, connection_name: &str, key: KeyChoice, kind: SetupKind) -> Result<Value, ServiceError> {
         const S: &str = "setup_ssh_connection";
         let cached = self.keychain_entries()?;
-        let taken = |n: &str| cached.entries.iter().any(|e| e["name"] == n);
+        let taken = |n: &str| cached.names.contains_key(n);
         let mut errs = keyhaven_core::ValidationErrors::new();
         match &key {
             KeyChoice::Generate { name } if taken(name) => {
                 errs.add(format!("{S}.private_key.name"), "Is already in use by another SSH Key pair")
             }
-            KeyChoice::Existing(id) if !cached.entries.iter().any(|e| e["id"] == *id) => {
+            KeyChoice::Existing(id) if !cached.contains(*id) => {
                 errs.add(format!("{S}.private_key.existing_key_id"), "SSH Key Pair not found")
             }
             _ => {}
