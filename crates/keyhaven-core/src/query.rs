@@ -2144,7 +2144,7 @@ mod tests {
         );
         assert_eq!(n, Ok(QueryResult::Count(4)));
         assert_eq!(
-            query(&[], &json!([]), &json!({"count": true})),
+            query::<Value>(&[], &json!([]), &json!({"count": true})),
             Ok(json!(0))
         );
     }
@@ -2184,7 +2184,7 @@ mod tests {
             Err(QueryError::NotFound)
         );
         assert_eq!(
-            query(&[], &json!([]), &json!({"get": true})),
+            query::<Value>(&[], &json!([]), &json!({"get": true})),
             Err(QueryError::NotFound)
         );
         // Built directly, `get` honours offset (from_value rejects the combination).

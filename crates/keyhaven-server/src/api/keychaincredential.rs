@@ -127,17 +127,33 @@ fn pinned_id(cached: &keychain::Cached, filters: Option<&Value>) -> Option<Optio
 }
 
 async fn query_m(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    use keyhaven_core::query::{matches, parse_filters, QueryOptions};
     let app = &ctx.app;
     let cached = app.keychain_entries()?;
     let can_write = ctx.caller()?.role.can_write();
-    // Candidates: the one entry an indexed equality filter names, or all.
-    let mut items: Vec<Value> = match pinned_id(&cached, p.raw(0)) {
-        Some(id) => id.and_then(|id| cached.get(id)).into_iter().collect(),
-        None => cached.all(),
+    let needs_private = can_write
+        && (p.raw(0).is_some_and(|f| f.to_string().contains("private_key"))
+            || p.raw(1).and_then(|o| o.get("select")).is_some_and(|s| s.as_array().is_some_and(|a| !a.is_empty())));
+    let filters = parse_filters(p.raw(0).unwrap_or(&Value::Null));
+    let options = QueryOptions::from_value(p.raw(1).unwrap_or(&Value::Null));
+    // Candidates: the one entry an indexed equality filter names, or the
+    // entries that pass the filters, parsed one at a time. Invalid filters or
+    // options fall through to `query`, which reports them.
+    let items: Vec<Value> = match (&filters, &options, pinned_id(&cached, p.raw(0))) {
+        (Ok(f), Ok(o), None) if f.is_empty() && o.count && !needs_private => {
+            return Ok(json!(cached.len()));
+        }
+        (Ok(_), Ok(_), Some(id)) => id.and_then(|id| cached.get(id)).into_iter().collect(),
+        (Ok(f), Ok(_), None) => cached.matching(|v| {
+            if needs_private {
+                app.keychain_fill_private(v, &cached)?;
+            }
+            Ok(matches(v, f))
+        })?,
+        _ => vec![],
     };
-    let needs_private = p.raw(0).is_some_and(|f| f.to_string().contains("private_key"))
-        || p.raw(1).and_then(|o| o.get("select")).is_some_and(|s| s.as_array().is_some_and(|a| !a.is_empty()));
-    if needs_private && can_write {
+    let mut items = items;
+    if needs_private {
         for e in &mut items {
             app.keychain_fill_private(e, &cached)?;
         }

@@ -68,9 +68,17 @@ impl Cached {
         self.pos(id).ok().and_then(|i| serde_json::from_str(&self.entries[i].json).ok())
     }
 
-    /// Every entry, parsed (private keys null), in id order.
-    pub fn all(&self) -> Vec<Value> {
-        self.entries.iter().filter_map(|e| serde_json::from_str(&e.json).ok()).collect()
+    /// The entries `keep` accepts, parsed one at a time (private keys null),
+    /// in id order: only the matches are ever held in memory together.
+    pub fn matching(&self, mut keep: impl FnMut(&mut Value) -> Result<bool, ServiceError>) -> Result<Vec<Value>, ServiceError> {
+        let mut out = Vec::new();
+        for e in &self.entries {
+            let Ok(mut v) = serde_json::from_str::<Value>(&e.json) else { continue };
+            if keep(&mut v)? {
+                out.push(v);
+            }
+        }
+        Ok(out)
     }
 
     fn remove(&mut self, id: i64) {
