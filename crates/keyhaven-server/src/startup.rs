@@ -171,6 +171,15 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
         let app = app.clone();
         tokio::spawn(async move { app.start_enabled_services().await });
     }
+    // glibc keeps freed memory after bursts (bulk creates, large queries);
+    // hand it back to the system now and then so an idle daemon stays small.
+    #[cfg(target_env = "gnu")]
+    tokio::spawn(async {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+        }
+    });
 
     println!("keyhaven listening on {scheme}://{local}");
     let _ = std::io::stdout().flush();
