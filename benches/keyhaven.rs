@@ -18,7 +18,11 @@ const PASSWORD: &str = "bench-password";
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -41,7 +45,11 @@ impl Drop for Daemon {
 }
 
 fn base() -> std::path::PathBuf {
-    let b = std::path::PathBuf::from(if unsafe { libc::geteuid() } == 0 { "/var/lib/keyhaven-bench" } else { "/tmp/keyhaven-bench" });
+    let b = std::path::PathBuf::from(if unsafe { libc::geteuid() } == 0 {
+        "/var/lib/keyhaven-bench"
+    } else {
+        "/tmp/keyhaven-bench"
+    });
     std::fs::create_dir_all(&b).unwrap();
     b
 }
@@ -89,7 +97,9 @@ async fn connect(d: &Daemon, login: bool) -> Ws {
 }
 
 async fn call(ws: &mut Ws, method: &str, params: Value) -> Value {
-    ws.send(Message::Text(json!({"jsonrpc":"2.0","id":0,"method":method,"params":params}).to_string().into())).await.unwrap();
+    ws.send(Message::Text(json!({"jsonrpc":"2.0","id":0,"method":method,"params":params}).to_string().into()))
+        .await
+        .unwrap();
     loop {
         if let Some(Ok(Message::Text(t))) = ws.next().await {
             let v: Value = serde_json::from_str(&t).unwrap();
@@ -230,7 +240,10 @@ fn bench_keygen() {
         let (o25, o75) = (pct(&mut ours, 0.25), pct(&mut ours, 0.75));
         let (t25, t75) = (pct(&mut theirs, 0.25), pct(&mut theirs, 0.75));
         let (om, tm) = (median(&mut ours), median(&mut theirs));
-        println!("| {label} | {runs} | {om:.2} ms ({o25:.2}–{o75:.2}) | {tm:.2} ms ({t25:.2}–{t75:.2}) | {:.2}× | {goal} |", om / tm);
+        println!(
+            "| {label} | {runs} | {om:.2} ms ({o25:.2}–{o75:.2}) | {tm:.2} ms ({t25:.2}–{t75:.2}) | {:.2}× | {goal} |",
+            om / tm
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     println!();
@@ -251,7 +264,13 @@ async fn bench_keychain() {
     let mut next = 0;
     while done < n {
         while next < n && pending.len() < window {
-            ws.feed(Message::Text(json!({"jsonrpc":"2.0","id": next,"method":"keychaincredential.generate_ssh_key_pair","params":[]}).to_string().into())).await.unwrap();
+            ws.feed(Message::Text(
+                json!({"jsonrpc":"2.0","id": next,"method":"keychaincredential.generate_ssh_key_pair","params":[]})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
             pending.push_back(next);
             next += 1;
         }
@@ -274,8 +293,10 @@ async fn bench_keychain() {
     println!("| Ed25519 generate + store through the API, one connection | {rate:.0} key pairs/s | ≥ 2,000/s |");
 
     // Fill up to 10,000 credentials (half key pairs, half connections).
-    let count = call(&mut ws, "keychaincredential.query", json!([[], {"count": true}])).await.as_u64().unwrap() as usize;
-    let first_key = call(&mut ws, "keychaincredential.query", json!([[["name","=","gen-0"]], {"get": true}])).await["id"].clone();
+    let count =
+        call(&mut ws, "keychaincredential.query", json!([[], {"count": true}])).await.as_u64().unwrap() as usize;
+    let first_key =
+        call(&mut ws, "keychaincredential.query", json!([[["name","=","gen-0"]], {"get": true}])).await["id"].clone();
     let missing = 10_000 - count;
     pipelined(&mut ws, missing, 16, |i| {
         json!({"jsonrpc":"2.0","id":i,"method":"keychaincredential.create","params":[{"name": format!("conn-{i}"), "type":"SSH_CREDENTIALS",
@@ -294,7 +315,10 @@ async fn bench_keychain() {
     let p99 = pct(&mut lat, 0.99);
     println!("| `keychaincredential.query` by name, 10,000 stored (round trip, 2,000 calls) | p50 {p50:.3} ms, p99 {p99:.3} ms | p50 < 1 ms |");
     tokio::time::sleep(Duration::from_secs(6)).await;
-    println!("| daemon RSS after that (10,000 credentials, 6 s idle) | {:.1} MB | < 30 MB |", rss_kib(d.child.id()) as f64 / 1024.0);
+    println!(
+        "| daemon RSS after that (10,000 credentials, 6 s idle) | {:.1} MB | < 30 MB |",
+        rss_kib(d.child.id()) as f64 / 1024.0
+    );
     println!();
 }
 
@@ -342,8 +366,12 @@ async fn start_sshd(ws: &mut Ws, d: &Daemon) -> (u16, std::path::PathBuf) {
     }
     let cfg = call(ws, "ssh.config", json!([])).await;
     let kh = d.dir.join("bench_known_hosts");
-    let lines: Vec<String> =
-        cfg["host_keys"].as_array().unwrap().iter().map(|k| format!("[127.0.0.1]:{port} {}", k["public_key"].as_str().unwrap())).collect();
+    let lines: Vec<String> = cfg["host_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| format!("[127.0.0.1]:{port} {}", k["public_key"].as_str().unwrap()))
+        .collect();
     std::fs::write(&kh, lines.join("\n") + "\n").unwrap();
     (port, kh)
 }
@@ -353,7 +381,16 @@ fn ssh_login_ms(key: &std::path::Path, kh: &std::path::Path, port: u16) -> f64 {
     let st = Command::new("ssh")
         .arg("-i")
         .arg(key)
-        .args(["-p", &port.to_string(), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes"])
+        .args([
+            "-p",
+            &port.to_string(),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ])
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", kh.display()))
         .args(["root@127.0.0.1", "true"])
@@ -386,7 +423,13 @@ async fn bench_sshd() {
     // B: 10,000 accounts with 3 keys each (created before sshd starts).
     let mut three = vec![];
     for _ in 0..3 {
-        three.push(call(&mut wb, "keychaincredential.generate_ssh_key_pair", json!([])).await["public_key"].as_str().unwrap().trim().to_string());
+        three.push(
+            call(&mut wb, "keychaincredential.generate_ssh_key_pair", json!([])).await["public_key"]
+                .as_str()
+                .unwrap()
+                .trim()
+                .to_string(),
+        );
     }
     let three = three.join("\n");
     let n = 10_000;
@@ -398,7 +441,10 @@ async fn bench_sshd() {
     .await;
     let created = t.elapsed();
     let count = call(&mut wb, "user.query", json!([[], {"count": true}])).await;
-    println!("| create 10,000 accounts × 3 keys through the API | {:.1} s ({count} accounts) | — |", created.as_secs_f64());
+    println!(
+        "| create 10,000 accounts × 3 keys through the API | {:.1} s ({count} accounts) | — |",
+        created.as_secs_f64()
+    );
 
     let pubkey = kp["public_key"].as_str().unwrap();
     call(&mut wa, "user.update", json!([root_a, {"sshpubkey": pubkey}])).await;
@@ -422,7 +468,10 @@ async fn bench_sshd() {
 
     // From user.update of sshpubkey to the key working: the reply is sent after
     // the file is written (atomically) and sshd reads it at the next login.
-    let other = call(&mut wa, "keychaincredential.generate_ssh_key_pair", json!([])).await["public_key"].as_str().unwrap().to_string();
+    let other = call(&mut wa, "keychaincredential.generate_ssh_key_pair", json!([])).await["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let mut lat = vec![];
     for i in 0..50 {
         let keys = if i % 2 == 0 { format!("{other}\n{pubkey}") } else { pubkey.to_string() };
@@ -458,16 +507,27 @@ async fn bench_pairing() {
     let (port_b, kh_b) = start_sshd(&mut wb, &b).await;
 
     // Host key scan of B's sshd: through A's API vs ssh-keyscan (all types).
-    let _ = call(&mut wa, "keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port_b}])).await;
+    let _ =
+        call(&mut wa, "keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port_b}]))
+            .await;
     let mut ours = vec![];
     let mut theirs = vec![];
     for _ in 0..21 {
         let t = Instant::now();
-        let r = call(&mut wa, "keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port_b}])).await;
+        let r = call(
+            &mut wa,
+            "keychaincredential.remote_ssh_host_key_scan",
+            json!([{"host": "127.0.0.1", "port": port_b}]),
+        )
+        .await;
         ours.push(t.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(r.as_str().unwrap().lines().count(), 3);
         let t = Instant::now();
-        let o = Command::new("ssh-keyscan").args(["-p", &port_b.to_string(), "127.0.0.1"]).stderr(Stdio::null()).output().unwrap();
+        let o = Command::new("ssh-keyscan")
+            .args(["-p", &port_b.to_string(), "127.0.0.1"])
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
         theirs.push(t.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(String::from_utf8_lossy(&o.stdout).lines().filter(|l| !l.starts_with('#')).count(), 3);
     }
@@ -487,7 +547,10 @@ async fn bench_pairing() {
         setup.push(t.elapsed().as_secs_f64() * 1000.0);
         conn_id = r["id"].clone();
     }
-    println!("| semi-automatic setup A → B on loopback, Ed25519 (median of 11) | {:.1} ms | — | — | < 300 ms |", median(&mut setup));
+    println!(
+        "| semi-automatic setup A → B on loopback, Ed25519 (median of 11) | {:.1} ms | — | — | < 300 ms |",
+        median(&mut setup)
+    );
 
     // Connection test vs ssh -i … true with the same key and pinned host keys.
     let conn = call(&mut wa, "keychaincredential.get_instance", json!([conn_id])).await;
@@ -516,8 +579,11 @@ fn main() {
     let want = |g: &str| args.is_empty() || args.iter().any(|a| a == g);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     println!("# keyhaven benchmark run\n");
-    println!("Machine: {} cores; OpenSSH: {}\n", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        String::from_utf8_lossy(&Command::new("ssh").arg("-V").output().unwrap().stderr).trim());
+    println!(
+        "Machine: {} cores; OpenSSH: {}\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        String::from_utf8_lossy(&Command::new("ssh").arg("-V").output().unwrap().stderr).trim()
+    );
     if want("daemon") {
         rt.block_on(bench_daemon());
     }

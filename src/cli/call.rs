@@ -105,12 +105,14 @@ fn call_remote(a: &CallArgs, url: &str, params: Vec<Value>) -> Result<Value, Str
     let key = a.api_key.clone().ok_or("--url needs an API key: pass --api-key or set KEYHAVEN_API_KEY (create one with `keyhaven call api_key.create '{\"name\": \"cli\", \"username\": \"admin\"}'`)")?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let mut c = RpcClient::connect(url, Dialect::JsonRpc, !a.insecure, Duration::from_secs(30))
-            .await
-            .map_err(|e| match e {
-                ClientError::CertificateVerification(m) => format!("{m}; pass --insecure to skip verification of a self-signed certificate"),
+        let mut c = RpcClient::connect(url, Dialect::JsonRpc, !a.insecure, Duration::from_secs(30)).await.map_err(
+            |e| match e {
+                ClientError::CertificateVerification(m) => {
+                    format!("{m}; pass --insecure to skip verification of a self-signed certificate")
+                }
                 other => format!("cannot connect to {url}: {other}"),
-            })?;
+            },
+        )?;
         let login = c
             .call("auth.login_ex", vec![json!({"mechanism": "API_KEY_PLAIN", "username": a.username, "api_key": key})])
             .await

@@ -236,7 +236,9 @@ pub fn run(cmd: KeypairCmd) -> Result<ExitCode, String> {
             let e = local(
                 &out.common,
                 "keychaincredential.create",
-                vec![json!({"name": name, "type": "SSH_KEY_PAIR", "attributes": {"private_key": kp["private_key"], "public_key": kp["public_key"]}})],
+                vec![
+                    json!({"name": name, "type": "SSH_KEY_PAIR", "attributes": {"private_key": kp["private_key"], "public_key": kp["public_key"]}}),
+                ],
             )?;
             show_one(&out.common, &e, out.json)?;
         }
@@ -246,10 +248,12 @@ pub fn run(cmd: KeypairCmd) -> Result<ExitCode, String> {
             }
             let mut attrs = json!({});
             if let Some(p) = &private_key {
-                attrs["private_key"] = json!(std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?);
+                attrs["private_key"] =
+                    json!(std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?);
             }
             if let Some(p) = &public_key {
-                attrs["public_key"] = json!(std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?);
+                attrs["public_key"] =
+                    json!(std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?);
             }
             let pass = match &passphrase_file {
                 Some(p) => Some(read_secret_file(p)?),
@@ -258,14 +262,20 @@ pub fn run(cmd: KeypairCmd) -> Result<ExitCode, String> {
             if let Some(pp) = pass {
                 attrs["passphrase"] = json!(pp);
             }
-            let e = local(&out.common, "keychaincredential.create", vec![json!({"name": name, "type": "SSH_KEY_PAIR", "attributes": attrs})])?;
+            let e = local(
+                &out.common,
+                "keychaincredential.create",
+                vec![json!({"name": name, "type": "SSH_KEY_PAIR", "attributes": attrs})],
+            )?;
             show_one(&out.common, &e, out.json)?;
         }
         KeypairCmd::List { out } => {
             let all = local(&out.common, "keychaincredential.query", vec![json!([])])?;
             let all = all.as_array().cloned().unwrap_or_default();
             let pairs: Vec<&Value> = all.iter().filter(|e| e["type"] == "SSH_KEY_PAIR").collect();
-            let used = |id: &Value| all.iter().filter(|c| c["type"] == "SSH_CREDENTIALS" && &c["attributes"]["private_key"] == id).count();
+            let used = |id: &Value| {
+                all.iter().filter(|c| c["type"] == "SSH_CREDENTIALS" && &c["attributes"]["private_key"] == id).count()
+            };
             if out.json {
                 let v: Vec<Value> = pairs
                     .iter()
@@ -290,7 +300,12 @@ pub fn run(cmd: KeypairCmd) -> Result<ExitCode, String> {
         KeypairCmd::Download { key, private, output, passphrase_file, common } => {
             let e = resolve(&common, &key)?;
             let alg = e["algorithm"].as_str().unwrap_or("ED25519").to_ascii_lowercase();
-            let name: String = e["name"].as_str().unwrap_or("key").chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+            let name: String = e["name"]
+                .as_str()
+                .unwrap_or("key")
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+                .collect();
             let default_name = format!("{name}_id_{alg}{}", if private { "" } else { ".pub" });
             let text = if private {
                 // Through the audited API method, never a plain read.

@@ -11,7 +11,11 @@ use clap::{Args, Parser, Subcommand};
 use keyhaven_server::config::{Config, SETTINGS};
 
 #[derive(Parser)]
-#[command(name = "keyhaven", version, about = "SSH credentials service: key pairs, connections, authorized keys and a supervised sshd")]
+#[command(
+    name = "keyhaven",
+    version,
+    about = "SSH credentials service: key pairs, connections, authorized keys and a supervised sshd"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -65,8 +69,10 @@ pub fn resolve_config(common: &Common, listen: Option<String>) -> Result<Config,
 }
 
 fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
 pub fn run() -> Result<ExitCode, String> {

@@ -21,11 +21,22 @@ async fn password_login_paths() {
     // root has no password: password login is impossible.
     let r = login_ex(&mut c, json!({"mechanism": "PASSWORD_PLAIN", "username": "root", "password": ""})).await;
     assert_eq!(r["response_type"], "AUTH_ERR");
-    let r = login_ex(&mut c, json!({"mechanism": "PASSWORD_PLAIN", "username": "admin", "password": ADMIN_PASSWORD})).await;
+    let r =
+        login_ex(&mut c, json!({"mechanism": "PASSWORD_PLAIN", "username": "admin", "password": ADMIN_PASSWORD})).await;
     assert_eq!(r["response_type"], "SUCCESS");
     assert_eq!(r["authenticator"], "LEVEL_1");
     assert_eq!(r["user_info"]["pw_name"], "admin");
-    for k in ["pw_name", "pw_uid", "pw_gid", "pw_dir", "pw_shell", "pw_gecos", "grouplist", "privilege", "account_attributes"] {
+    for k in [
+        "pw_name",
+        "pw_uid",
+        "pw_gid",
+        "pw_dir",
+        "pw_shell",
+        "pw_gecos",
+        "grouplist",
+        "privilege",
+        "account_attributes",
+    ] {
         assert!(r["user_info"].get(k).is_some(), "user_info lacks {k}");
     }
     let me = c.call("auth.me", json!([])).await;
@@ -79,7 +90,11 @@ async fn api_keys() {
     let mut c = d.client().await;
     assert_eq!(c.call("auth.login_with_api_key", json!([key])).await, false);
     let e = a.err("api_key.delete", json!([9999])).await;
-    assert_eq!(e["data"]["extra"][0], json!([null, "API key 9999 does not exist", 2]), "TrueNAS's InstanceNotFound shape");
+    assert_eq!(
+        e["data"]["extra"][0],
+        json!([null, "API key 9999 does not exist", 2]),
+        "TrueNAS's InstanceNotFound shape"
+    );
 }
 
 #[tokio::test]

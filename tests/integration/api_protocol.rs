@@ -56,7 +56,10 @@ async fn not_authenticated_before_login() {
         assert_eq!(e["data"]["errname"], "ENOTAUTHENTICATED");
         assert_eq!(e["data"]["reason"], "[ENOTAUTHENTICATED] Not authenticated");
     }
-    assert_eq!(c.call("auth.mechanism_choices", json!([])).await, json!(["PASSWORD_PLAIN", "API_KEY_PLAIN", "TOKEN_PLAIN", "OTP_TOKEN"]));
+    assert_eq!(
+        c.call("auth.mechanism_choices", json!([])).await,
+        json!(["PASSWORD_PLAIN", "API_KEY_PLAIN", "TOKEN_PLAIN", "OTP_TOKEN"])
+    );
 }
 
 #[tokio::test]
@@ -124,9 +127,11 @@ async fn legacy_dialect() {
     assert_eq!(r["error"]["error"], 207);
     assert_eq!(r["error"]["errname"], "ENOTAUTHENTICATED");
     assert!(r["error"].get("trace").is_some() && r["error"].get("extra").is_some() && r["error"].get("type").is_some());
-    c.send_text(&json!({"msg":"method","id":"4","method":"auth.login","params":["admin", ADMIN_PASSWORD]}).to_string()).await;
+    c.send_text(&json!({"msg":"method","id":"4","method":"auth.login","params":["admin", ADMIN_PASSWORD]}).to_string())
+        .await;
     assert_eq!(c.recv().await.unwrap()["result"], true);
-    c.send_text(r#"{"msg":"method","id":"5","method":"api_key.create","params":[{"name": 5, "username": "admin"}]}"#).await;
+    c.send_text(r#"{"msg":"method","id":"5","method":"api_key.create","params":[{"name": 5, "username": "admin"}]}"#)
+        .await;
     let r = c.recv().await.unwrap();
     assert_eq!(r["error"]["type"], "VALIDATION");
     assert_eq!(r["error"]["extra"][0][0], "api_key_create.name");

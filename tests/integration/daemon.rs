@@ -15,7 +15,10 @@ fn mode(p: &std::path::Path) -> u32 {
 #[tokio::test]
 async fn first_start_layout_restart_and_clean_shutdown() {
     let dir = Arc::new(TestDir::new("first"));
-    let mut d = Daemon::start_in(dir.clone(), DaemonOpts { env: vec![("KEYHAVEN_ADMIN_PASSWORD".into(), String::new())], ..Default::default() });
+    let mut d = Daemon::start_in(
+        dir.clone(),
+        DaemonOpts { env: vec![("KEYHAVEN_ADMIN_PASSWORD".into(), String::new())], ..Default::default() },
+    );
     let p = dir.path();
     assert_eq!(mode(p), 0o711);
     assert_eq!(mode(&p.join("master.key")), 0o600);
@@ -30,7 +33,10 @@ async fn first_start_layout_restart_and_clean_shutdown() {
     assert_eq!(d.stderr().matches(&pw).count(), 1, "password printed exactly once");
     let mut c = d.client().await;
     c.login("admin", &pw).await;
-    let key = c.call("api_key.create", json!([{"name": "persist", "username": "admin"}])).await["key"].as_str().unwrap().to_string();
+    let key = c.call("api_key.create", json!([{"name": "persist", "username": "admin"}])).await["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // SIGTERM: clean exit, socket removed.
     let status = d.stop();
@@ -58,7 +64,10 @@ async fn secrets_never_reach_db_files_or_logs() {
     let dir = Arc::new(TestDir::new("secrets"));
     let mut d = Daemon::start_in(dir.clone(), DaemonOpts::default());
     let mut a = d.admin().await;
-    let key = a.call("api_key.create", json!([{"name": "k", "username": "admin"}])).await["key"].as_str().unwrap().to_string();
+    let key = a.call("api_key.create", json!([{"name": "k", "username": "admin"}])).await["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let token = a.call("auth.generate_token", json!([600, {}, false])).await.as_str().unwrap().to_string();
     let mut c = d.client().await;
     assert_eq!(c.call("auth.login_with_token", json!([token.clone()])).await, true);
@@ -112,7 +121,10 @@ async fn startup_refuses_unsafe_modes_and_bad_config() {
     std::fs::create_dir_all(cfg_dir.path()).unwrap();
     let cfg = cfg_dir.path().join("keyhaven.toml");
     std::fs::write(&cfg, "lisen = \"127.0.0.1:0\"\n").unwrap();
-    let e = start_err(dir.clone(), DaemonOpts { args: vec!["--config".into(), cfg.display().to_string()], ..Default::default() });
+    let e = start_err(
+        dir.clone(),
+        DaemonOpts { args: vec!["--config".into(), cfg.display().to_string()], ..Default::default() },
+    );
     assert!(e.contains("unknown setting `lisen`"), "{e}");
 
     // A wrong master key is refused, not silently used.
@@ -125,7 +137,14 @@ async fn startup_refuses_unsafe_modes_and_bad_config() {
     // And it still starts once things are right (config file value used for listen).
     std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\n[accounts]\nmanage_os = false\n").unwrap();
     let dir2 = Arc::new(TestDir::new("cfgok"));
-    let d = Daemon::start_in(dir2, DaemonOpts { listen: "127.0.0.1:0".into(), args: vec!["--config".into(), cfg.display().to_string()], ..Default::default() });
+    let d = Daemon::start_in(
+        dir2,
+        DaemonOpts {
+            listen: "127.0.0.1:0".into(),
+            args: vec!["--config".into(), cfg.display().to_string()],
+            ..Default::default()
+        },
+    );
     assert!(d.url.starts_with("http://127.0.0.1:"));
 }
 
@@ -148,7 +167,8 @@ async fn tls_on_non_loopback_and_when_forced() {
     assert!(!out.status.success() && err.contains("CERTIFICATE_VERIFY_FAILED") && err.contains("--insecure"), "{err}");
 
     let dir3 = Arc::new(TestDir::new("tlsforced"));
-    let d3 = Daemon::start_in(dir3, DaemonOpts { env: vec![("KEYHAVEN_TLS".into(), "true".into())], ..Default::default() });
+    let d3 =
+        Daemon::start_in(dir3, DaemonOpts { env: vec![("KEYHAVEN_TLS".into(), "true".into())], ..Default::default() });
     assert!(d3.url.starts_with("https://127.0.0.1:"));
 }
 
@@ -170,7 +190,8 @@ async fn cli_call_local_and_remote() {
     assert!(String::from_utf8_lossy(&o.stderr).starts_with("keyhaven: Method does not exist"));
 
     // Remote with an API key.
-    let o = Command::new(bin()).args(["call", "--url", &d.url, "--api-key", key, "--compact", "auth.me"]).output().unwrap();
+    let o =
+        Command::new(bin()).args(["call", "--url", &d.url, "--api-key", key, "--compact", "auth.me"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let me: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(me["pw_name"], "admin");
@@ -209,5 +230,8 @@ fn readme_configuration_table_matches_the_declared_settings() {
     let out = Command::new(bin()).arg("settings-table").output().unwrap();
     let table = String::from_utf8(out.stdout).unwrap();
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    assert!(readme.contains(&table), "README.md's configuration table is out of date; paste `keyhaven settings-table` into it");
+    assert!(
+        readme.contains(&table),
+        "README.md's configuration table is out of date; paste `keyhaven settings-table` into it"
+    );
 }

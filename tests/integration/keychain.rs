@@ -92,7 +92,10 @@ fn assert_no_key_material(d: &mut Daemon, control: &str, keys: &[(String, String
     std::thread::sleep(Duration::from_millis(100));
     let files = all_bytes_under(d.dir.path());
     assert!(files.iter().any(|(p, _)| p.ends_with("keyhaven.db")), "no database under {}", d.dir.path().display());
-    assert!(files.iter().any(|(_, b)| contains(b, control.as_bytes())), "the search does not see stored data ({control})");
+    assert!(
+        files.iter().any(|(_, b)| contains(b, control.as_bytes())),
+        "the search does not see stored data ({control})"
+    );
     let log = d.stderr();
     let mut checked = 0;
     for (private, public) in keys {
@@ -218,15 +221,16 @@ async fn http_from(
     req.push_str(body);
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = vec![];
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf)).await.expect("HTTP reply within 30 s").unwrap();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf))
+        .await
+        .expect("HTTP reply within 30 s")
+        .unwrap();
     let split = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP header end");
     let head = String::from_utf8_lossy(&buf[..split]).into_owned();
     let mut lines = head.split("\r\n");
     let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
     let mut body = buf[split + 4..].to_vec();
     if headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked")) {
         body = dechunk(&body);
@@ -298,7 +302,9 @@ async fn crud_names_used_by_and_cascade_delete() {
         json!({"host": "backup.example.com", "port": 2222, "username": "repl", "private_key": kp_id,
                "remote_host_key": host_key, "connect_timeout": 15})
     );
-    let c2 = create_conn(&mut a, "conn2", json!({"host": "10.0.0.9", "private_key": kp_id, "remote_host_key": host_key})).await;
+    let c2 =
+        create_conn(&mut a, "conn2", json!({"host": "10.0.0.9", "private_key": kp_id, "remote_host_key": host_key}))
+            .await;
     let c2_id = c2["id"].as_i64().unwrap();
     // Defaults as TrueNAS.
     assert_eq!(c2["attributes"]["port"], 22);
@@ -310,15 +316,25 @@ async fn crud_names_used_by_and_cascade_delete() {
     for taken in ["k1", "conn1"] {
         let e = create_err(&mut a, taken, "SSH_KEY_PAIR", json!({"public_key": "junk"})).await;
         assert_eq!(extra(&e), clash, "{taken}");
-        let e = create_err(&mut a, taken, "SSH_CREDENTIALS", json!({"host": "", "private_key": 0, "remote_host_key": "junk"})).await;
+        let e = create_err(
+            &mut a,
+            taken,
+            "SSH_CREDENTIALS",
+            json!({"host": "", "private_key": 0, "remote_host_key": "junk"}),
+        )
+        .await;
         assert_eq!(extra(&e), clash, "{taken}");
     }
     let e = create_err(&mut a, "", "SSH_KEY_PAIR", json!({"public_key": kp["attributes"]["public_key"]})).await;
     assert_field(&e, &format!("{CREATE}.name"), "at least 1 character");
 
     // Queries.
-    let conns = a.call("keychaincredential.query", json!([[["type", "=", "SSH_CREDENTIALS"]], {"order_by": ["name"]}])).await;
-    assert_eq!(conns.as_array().unwrap().iter().map(|c| c["name"].clone()).collect::<Vec<_>>(), vec![json!("conn1"), json!("conn2")]);
+    let conns =
+        a.call("keychaincredential.query", json!([[["type", "=", "SSH_CREDENTIALS"]], {"order_by": ["name"]}])).await;
+    assert_eq!(
+        conns.as_array().unwrap().iter().map(|c| c["name"].clone()).collect::<Vec<_>>(),
+        vec![json!("conn1"), json!("conn2")]
+    );
     assert_eq!(count(&mut a).await, 3);
     let sel = a.call("keychaincredential.query", json!([[["name", "=", "k1"]], {"select": ["id", "name"]}])).await;
     assert_eq!(sel, json!([{"id": kp_id, "name": "k1"}]));
@@ -334,7 +350,10 @@ async fn crud_names_used_by_and_cascade_delete() {
     assert_eq!(renamed["name"], "k1-renamed");
     assert_eq!(renamed["attributes"], kp["attributes"], "a rename keeps the keys (private key included)");
     let c1u = a
-        .call("keychaincredential.update", json!([c1_id, {"attributes": {"host": "h2", "private_key": kp_id, "remote_host_key": host_key}}]))
+        .call(
+            "keychaincredential.update",
+            json!([c1_id, {"attributes": {"host": "h2", "private_key": kp_id, "remote_host_key": host_key}}]),
+        )
         .await;
     assert_eq!(c1u["attributes"]["host"], "h2");
     assert_eq!(c1u["attributes"]["port"], 22, "attributes are replaced wholesale, not merged");
@@ -350,7 +369,12 @@ async fn crud_names_used_by_and_cascade_delete() {
     // An unused pair may be made public-only by update.
     let k3 = new_pair(&mut a, "k3").await;
     let k3_id = k3["id"].as_i64().unwrap();
-    let k3u = a.call("keychaincredential.update", json!([k3_id, {"attributes": {"public_key": k3["attributes"]["public_key"]}}])).await;
+    let k3u = a
+        .call(
+            "keychaincredential.update",
+            json!([k3_id, {"attributes": {"public_key": k3["attributes"]["public_key"]}}]),
+        )
+        .await;
     assert_eq!(k3u["attributes"]["private_key"], Value::Null);
     assert_eq!(k3u["fingerprint"], k3["fingerprint"]);
 
@@ -380,7 +404,10 @@ async fn crud_names_used_by_and_cascade_delete() {
         let e = a.err("keychaincredential.delete", params).await;
         assert_eq!(
             extra(&e),
-            vec![("options.cascade".to_string(), "This credential is used and no cascade option is specified".to_string())]
+            vec![(
+                "options.cascade".to_string(),
+                "This credential is used and no cascade option is specified".to_string()
+            )]
         );
     }
     assert_eq!(a.call("keychaincredential.query", json!([])).await, before);
@@ -407,8 +434,15 @@ async fn crud_names_used_by_and_cascade_delete() {
 
     // Writes are audited with TrueNAS's descriptions.
     let audit = a.call("audit.query", json!([[["event", "=", "METHOD_CALL"]]])).await;
-    let descs: Vec<String> = audit.as_array().unwrap().iter().filter_map(|e| e["event_data"]["description"].as_str().map(str::to_string)).collect();
-    for want in ["Create Keychain Credential: k1", "Update Keychain Credential: k1", "Delete Keychain Credential: conn2"] {
+    let descs: Vec<String> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["event_data"]["description"].as_str().map(str::to_string))
+        .collect();
+    for want in
+        ["Create Keychain Credential: k1", "Update Keychain Credential: k1", "Delete Keychain Credential: conn2"]
+    {
         assert!(descs.iter().any(|x| x == want), "no audit entry {want:?} in {descs:?}");
     }
 }
@@ -454,7 +488,11 @@ async fn ssh_credentials_are_validated() {
     for t in [0, -5, 301, 3600] {
         let mut at = conn_attrs(kp_id, &host_ed);
         at["connect_timeout"] = json!(t);
-        assert_field(&create_err(&mut a, "c", "SSH_CREDENTIALS", at).await, &attr("connect_timeout"), "between 1 and 300");
+        assert_field(
+            &create_err(&mut a, "c", "SSH_CREDENTIALS", at).await,
+            &attr("connect_timeout"),
+            "between 1 and 300",
+        );
     }
     // Several problems are reported together.
     let mut at = conn_attrs(kp_id, &host_ed);
@@ -482,7 +520,10 @@ async fn ssh_credentials_are_validated() {
     assert_eq!(a.call("keychaincredential.query", json!([])).await, before, "a refused create stored something");
 
     // Boundaries are accepted; known_hosts host fields, comments and blank lines are dropped.
-    let mut at = conn_attrs(kp_id, &format!("[127.0.0.1]:2222 {host_ed}\n\n# a comment\nbackup.example.com,10.0.0.5 {host_ec} root@backup\n"));
+    let mut at = conn_attrs(
+        kp_id,
+        &format!("[127.0.0.1]:2222 {host_ed}\n\n# a comment\nbackup.example.com,10.0.0.5 {host_ec} root@backup\n"),
+    );
     at["port"] = json!(1);
     at["connect_timeout"] = json!(1);
     let c = create_conn(&mut a, "edges1", at).await;
@@ -536,7 +577,8 @@ async fn key_pair_validation_messages() {
     // Encrypted without passphrase; wrong passphrase; then the right one.
     let e = create_err(&mut a, "e", "SSH_KEY_PAIR", json!({"private_key": enc_text})).await;
     assert_field(&e, &pk("private_key"), "Encrypted private keys are not allowed");
-    let e = create_err(&mut a, "e", "SSH_KEY_PAIR", json!({"private_key": enc_text, "passphrase": "wrong passphrase"})).await;
+    let e = create_err(&mut a, "e", "SSH_KEY_PAIR", json!({"private_key": enc_text, "passphrase": "wrong passphrase"}))
+        .await;
     assert_eq!(extra(&e).len(), 1, "{e}");
     assert_field(&e, &pk("passphrase"), "passphrase");
     let e = create_err(&mut a, "e", "SSH_KEY_PAIR", json!({"private_key": enc_text, "passphrase": ""})).await;
@@ -554,7 +596,9 @@ async fn key_pair_validation_messages() {
     let again = a.call("keychaincredential.get_instance", json!([imported["id"]])).await;
     assert!(!again.to_string().contains(pass));
     // A passphrase with an unencrypted key is ignored (and not stored either).
-    let p2 = create_pair(&mut a, "plain-with-pass", json!({"private_key": plain_text, "passphrase": "unused-pass-xyz"})).await;
+    let p2 =
+        create_pair(&mut a, "plain-with-pass", json!({"private_key": plain_text, "passphrase": "unused-pass-xyz"}))
+            .await;
     assert_eq!(p2["fingerprint"].as_str().unwrap(), plain_fp);
 
     // RSA-1024 is refused, as private and as public key.
@@ -570,7 +614,9 @@ async fn key_pair_validation_messages() {
     // Mismatched pair; neither key.
     let e = create_err(&mut a, "m", "SSH_KEY_PAIR", json!({"private_key": plain_text, "public_key": enc_pub})).await;
     assert_eq!(extra(&e), vec![(pk("public_key"), "Private key and public key do not match".to_string())]);
-    for attrs in [json!({}), json!({"private_key": null, "public_key": null}), json!({"private_key": "", "public_key": "  \n"})] {
+    for attrs in
+        [json!({}), json!({"private_key": null, "public_key": null}), json!({"private_key": "", "public_key": "  \n"})]
+    {
         let e = create_err(&mut a, "n", "SSH_KEY_PAIR", attrs).await;
         assert_eq!(extra(&e), vec![(pk("public_key"), "You must specify a key".to_string())]);
     }
@@ -702,7 +748,12 @@ async fn generated_keys_of_every_type_and_size_pass_ssh_keygen() {
         let (kbits, kfp) = keygen_fingerprint(&f);
         assert_eq!(kbits, *bits, "{kt} {size:?}");
         assert_eq!(key_blob(&keygen_public(&f, "")), key_blob(&public), "ssh-keygen -y disagrees for {kt} {size:?}");
-        let e = create_pair(&mut a, &format!("gen-{kt}-{}", size.unwrap_or(0)), json!({"private_key": private, "public_key": public})).await;
+        let e = create_pair(
+            &mut a,
+            &format!("gen-{kt}-{}", size.unwrap_or(0)),
+            json!({"private_key": private, "public_key": public}),
+        )
+        .await;
         assert_eq!(e["fingerprint"].as_str().unwrap(), kfp, "{kt} {size:?}");
         assert_eq!(e["key_type"], *key_type);
         assert_eq!(e["algorithm"], *kt);
@@ -729,11 +780,8 @@ async fn ssh_keygen_keys_import_in_every_format() {
     let pass = "imp0rt-Passphrase-7731";
     let mut keys = vec![];
 
-    let types: &[(&str, &[&str], &str)] = &[
-        ("ed25519", &[], "ED25519"),
-        ("ecdsa", &["-b", "384"], "ECDSA"),
-        ("rsa", &["-b", "2048"], "RSA"),
-    ];
+    let types: &[(&str, &[&str], &str)] =
+        &[("ed25519", &[], "ED25519"), ("ecdsa", &["-b", "384"], "ECDSA"), ("rsa", &["-b", "2048"], "RSA")];
     let formats: &[(&str, &[&str])] = &[("openssh", &[]), ("pem", &["-m", "PEM"]), ("pkcs8", &["-m", "PKCS8"])];
     for (t, targs, alg) in types {
         for (fmt, fargs) in formats {
@@ -755,7 +803,11 @@ async fn ssh_keygen_keys_import_in_every_format() {
                 let mut attrs = json!({"private_key": text});
                 if encrypted {
                     let e = create_err(&mut a, &stem, "SSH_KEY_PAIR", attrs.clone()).await;
-                    assert_field(&e, &format!("{CREATE}.attributes.private_key"), "Encrypted private keys are not allowed");
+                    assert_field(
+                        &e,
+                        &format!("{CREATE}.attributes.private_key"),
+                        "Encrypted private keys are not allowed",
+                    );
                     attrs["passphrase"] = json!("not-the-passphrase");
                     let e = create_err(&mut a, &stem, "SSH_KEY_PAIR", attrs.clone()).await;
                     assert_field(&e, &format!("{CREATE}.attributes.passphrase"), "");
@@ -766,10 +818,16 @@ async fn ssh_keygen_keys_import_in_every_format() {
                 assert_eq!(e["bits"], kbits, "{stem}");
                 assert_eq!(e["algorithm"], *alg, "{stem}");
                 assert_eq!(key_blob(e["attributes"]["public_key"].as_str().unwrap()), key_blob(&pub_text), "{stem}");
-                assert!(e["attributes"].get("passphrase").is_none() && !e.to_string().contains(pass), "{stem}: passphrase returned");
+                assert!(
+                    e["attributes"].get("passphrase").is_none() && !e.to_string().contains(pass),
+                    "{stem}: passphrase returned"
+                );
                 // Stored normalised: unencrypted OpenSSH that ssh-keygen reads without a passphrase.
                 let stored = e["attributes"]["private_key"].as_str().unwrap().to_string();
-                assert!(stored.starts_with(OPENSSH_HEADER) && stored.ends_with("-----END OPENSSH PRIVATE KEY-----\n"), "{stem}");
+                assert!(
+                    stored.starts_with(OPENSSH_HEADER) && stored.ends_with("-----END OPENSSH PRIVATE KEY-----\n"),
+                    "{stem}"
+                );
                 let sf = write_secret(dir, &format!("{stem}.stored"), &stored);
                 assert_eq!(key_blob(&keygen_public(&sf, "")), key_blob(&pub_text), "{stem}: stored key unreadable");
                 assert_eq!(keygen_fingerprint(&sf).1, kfp);
@@ -816,9 +874,17 @@ async fn downloads_need_auth_name_files_encrypt_on_request_and_are_audited() {
     ssh_keygen_ok(&["-q", "-t", "rsa", "-b", "2048", "-m", "PEM", "-N", "", "-f", rsa_file.to_str().unwrap()]);
     let rsa = create_pair(&mut a, "legacy", json!({"private_key": std::fs::read_to_string(&rsa_file).unwrap()})).await;
     let pub_only = create_pair(&mut a, "pubonly", json!({"public_key": ed["attributes"]["public_key"]})).await;
-    let conn = create_conn(&mut a, "conn", conn_attrs(ed["id"].as_i64().unwrap(), &key_blob(ec["attributes"]["public_key"].as_str().unwrap()))).await;
+    let conn = create_conn(
+        &mut a,
+        "conn",
+        conn_attrs(ed["id"].as_i64().unwrap(), &key_blob(ec["attributes"]["public_key"].as_str().unwrap())),
+    )
+    .await;
 
-    let key = a.call("api_key.create", json!([{"name": "dl", "username": "admin"}])).await["key"].as_str().unwrap().to_string();
+    let key = a.call("api_key.create", json!([{"name": "dl", "username": "admin"}])).await["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let auth = bearer(&key);
     let url = |id: &Value, which: &str| format!("/_download/keychaincredential/{id}/{which}");
     let mut private_downloads = 0;
@@ -847,8 +913,14 @@ async fn downloads_need_auth_name_files_encrypt_on_request_and_are_audited() {
     assert!(enc.starts_with(OPENSSH_HEADER));
     assert_ne!(enc, ed["attributes"]["private_key"].as_str().unwrap());
     let f = write_secret(dir, "web_enc", &enc);
-    assert_eq!(key_blob(&keygen_public(&f, "dl-pass phrase")), key_blob(ed["attributes"]["public_key"].as_str().unwrap()));
-    assert!(!ssh_keygen(&["-y", "-P", "", "-f", f.to_str().unwrap()]).status.success(), "encrypted key opened without passphrase");
+    assert_eq!(
+        key_blob(&keygen_public(&f, "dl-pass phrase")),
+        key_blob(ed["attributes"]["public_key"].as_str().unwrap())
+    );
+    assert!(
+        !ssh_keygen(&["-y", "-P", "", "-f", f.to_str().unwrap()]).status.success(),
+        "encrypted key opened without passphrase"
+    );
     // …and it imports back with that passphrase.
     let back = create_pair(&mut a, "web-back", json!({"private_key": enc, "passphrase": "dl-pass phrase"})).await;
     assert_eq!(back["fingerprint"], ed["fingerprint"]);
@@ -877,7 +949,15 @@ async fn downloads_need_auth_name_files_encrypt_on_request_and_are_audited() {
     assert_eq!(r.status, 401);
     // Default token (match_origin): refused from another address, accepted from this one.
     let t2 = a.call("auth.generate_token", json!([])).await.as_str().unwrap().to_string();
-    let r = http_from(&d, Some("127.0.0.2"), "GET", &format!("{}?auth_token={t2}", url(&rsa["id"], "public_key")), &[], None).await;
+    let r = http_from(
+        &d,
+        Some("127.0.0.2"),
+        "GET",
+        &format!("{}?auth_token={t2}", url(&rsa["id"], "public_key")),
+        &[],
+        None,
+    )
+    .await;
     assert_eq!(r.status, 401, "origin not enforced");
     let t2 = a.call("auth.generate_token", json!([])).await.as_str().unwrap().to_string();
     let r = http(&d, "GET", &format!("{}?auth_token={t2}", url(&rsa["id"], "public_key")), &[], None).await;
@@ -889,8 +969,15 @@ async fn downloads_need_auth_name_files_encrypt_on_request_and_are_audited() {
     assert_eq!(r.status, 401, "expired token accepted");
 
     // A read-only admin may fetch public keys but not private ones (refusal audited).
-    a.call("user.create", json!([{"username": "daemon", "full_name": "ro", "password": "ro-password-1", "roles": ["READONLY_ADMIN"]}])).await;
-    let ro_key = a.call("api_key.create", json!([{"name": "ro", "username": "daemon"}])).await["key"].as_str().unwrap().to_string();
+    a.call(
+        "user.create",
+        json!([{"username": "daemon", "full_name": "ro", "password": "ro-password-1", "roles": ["READONLY_ADMIN"]}]),
+    )
+    .await;
+    let ro_key = a.call("api_key.create", json!([{"name": "ro", "username": "daemon"}])).await["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let r = http(&d, "GET", &url(&ed["id"], "public_key"), &[("Authorization", &bearer(&ro_key))], None).await;
     assert_eq!(r.status, 200);
     let r = http(&d, "GET", &url(&ed["id"], "private_key"), &[("Authorization", &bearer(&ro_key))], None).await;
@@ -917,8 +1004,15 @@ async fn downloads_need_auth_name_files_encrypt_on_request_and_are_audited() {
     }
 
     // Not found cases.
-    for (id, which) in [("9999", "private_key"), ("abc", "public_key"), (&*conn["id"].to_string(), "private_key"), (&*ed["id"].to_string(), "secret")] {
-        let r = http(&d, "GET", &format!("/_download/keychaincredential/{id}/{which}"), &[("Authorization", &auth)], None).await;
+    for (id, which) in [
+        ("9999", "private_key"),
+        ("abc", "public_key"),
+        (&*conn["id"].to_string(), "private_key"),
+        (&*ed["id"].to_string(), "secret"),
+    ] {
+        let r =
+            http(&d, "GET", &format!("/_download/keychaincredential/{id}/{which}"), &[("Authorization", &auth)], None)
+                .await;
         assert_eq!(r.status, 404, "{id} {which}");
     }
     let r = http(&d, "GET", &url(&pub_only["id"], "private_key"), &[("Authorization", &auth)], None).await;
@@ -928,7 +1022,8 @@ async fn downloads_need_auth_name_files_encrypt_on_request_and_are_audited() {
 
     // Every private-key download is audited, without key material or passphrase.
     let audit = a.call("audit.query", json!([[["event", "=", "METHOD_CALL"]]])).await;
-    let all: Vec<&Value> = audit.as_array().unwrap().iter().filter(|e| e["event_data"]["method"] == "download.private_key").collect();
+    let all: Vec<&Value> =
+        audit.as_array().unwrap().iter().filter(|e| e["event_data"]["method"] == "download.private_key").collect();
     let (dls, refused): (Vec<&Value>, Vec<&Value>) = all.into_iter().partition(|e| e["success"] == true);
     assert_eq!(dls.len(), private_downloads, "{dls:?}");
     assert!(dls.iter().all(|e| e["username"] == "admin" && e["address"] == "127.0.0.1"));
@@ -956,9 +1051,16 @@ async fn keypair_cli_generate_import_list_show_download_delete() {
     assert_eq!(ed["algorithm"], "ED25519");
     assert_eq!(ed["used_by"], json!([]));
     assert!(!out.contains("BEGIN OPENSSH"), "show/generate printed the private key");
-    let (out, _) = keypair_cli_ok(&d, dir, &["generate", "cli-ec", "--type", "ecdsa", "--bits", "384", "--comment", "ops@example", "--json"]);
+    let (out, _) = keypair_cli_ok(
+        &d,
+        dir,
+        &["generate", "cli-ec", "--type", "ecdsa", "--bits", "384", "--comment", "ops@example", "--json"],
+    );
     let ec: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!((ec["algorithm"].clone(), ec["bits"].clone(), ec["comment"].clone()), (json!("ECDSA"), json!(384), json!("ops@example")));
+    assert_eq!(
+        (ec["algorithm"].clone(), ec["bits"].clone(), ec["comment"].clone()),
+        (json!("ECDSA"), json!(384), json!("ops@example"))
+    );
     let (out, err) = keypair_cli_ok(&d, dir, &["generate", "cli-rsa", "--type", "rsa", "--bits", "2048"]);
     assert!(err.contains("generating RSA-2048 key") && err.contains("done in"), "no progress on stderr: {err}");
     assert!(out.contains("cli-rsa") && out.contains("RSA") && out.contains("2048"), "{out}");
@@ -970,13 +1072,29 @@ async fn keypair_cli_generate_import_list_show_download_delete() {
     let f = dir.join("imp");
     ssh_keygen_ok(&["-q", "-t", "ecdsa", "-N", "cli secret pass", "-C", "imp@cli", "-f", f.to_str().unwrap()]);
     let passfile = write_secret(dir, "passfile", "cli secret pass\n");
-    let (out, _) = keypair_cli_ok(&d, dir, &["import", "cli-imp", "--private-key", f.to_str().unwrap(), "--passphrase-file", passfile.to_str().unwrap(), "--json"]);
+    let (out, _) = keypair_cli_ok(
+        &d,
+        dir,
+        &[
+            "import",
+            "cli-imp",
+            "--private-key",
+            f.to_str().unwrap(),
+            "--passphrase-file",
+            passfile.to_str().unwrap(),
+            "--json",
+        ],
+    );
     let imp: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(imp["fingerprint"].as_str().unwrap(), keygen_fingerprint(&dir.join("imp.pub")).1);
     let o = keypair_cli(&d, dir, &["import", "cli-imp2", "--private-key", f.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("Encrypted private keys are not allowed"));
-    let o = keypair_cli(&d, dir, &["import", "cli-imp", "--private-key", f.to_str().unwrap(), "--passphrase-file", passfile.to_str().unwrap()]);
+    let o = keypair_cli(
+        &d,
+        dir,
+        &["import", "cli-imp", "--private-key", f.to_str().unwrap(), "--passphrase-file", passfile.to_str().unwrap()],
+    );
     assert!(!o.status.success(), "duplicate name accepted");
     assert!(String::from_utf8_lossy(&o.stderr).contains("Object with this name already exists"));
     // public-only import
@@ -1041,8 +1159,23 @@ async fn keypair_cli_generate_import_list_show_download_delete() {
     assert!(!o.status.success(), "download overwrote an existing file");
     let encf = dir.join("cli-ec.enc");
     let dlpass = write_secret(dir, "dlpass", "download pass\n");
-    keypair_cli_ok(&d, dir, &["download", "cli-ec", "--private", "--passphrase-file", dlpass.to_str().unwrap(), "-o", encf.to_str().unwrap()]);
-    assert_eq!(key_blob(&keygen_public(&encf, "download pass")), key_blob(ec["attributes"]["public_key"].as_str().unwrap()));
+    keypair_cli_ok(
+        &d,
+        dir,
+        &[
+            "download",
+            "cli-ec",
+            "--private",
+            "--passphrase-file",
+            dlpass.to_str().unwrap(),
+            "-o",
+            encf.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        key_blob(&keygen_public(&encf, "download pass")),
+        key_blob(ec["attributes"]["public_key"].as_str().unwrap())
+    );
     let o = keypair_cli(&d, dir, &["download", "cli-pub", "--private", "-o", dir.join("nope").to_str().unwrap()]);
     assert!(!o.status.success(), "downloaded a private key of a public-only pair");
 
@@ -1102,64 +1235,204 @@ async fn every_keychain_method_rejects_bad_input_and_changes_nothing() {
         ("keychaincredential.query", json!([[["name", "~~", "x"]]]), "keychaincredential_query.filters".into(), ""),
         ("keychaincredential.query", json!([[["name", "=", "x", "y"]]]), "keychaincredential_query.filters".into(), ""),
         ("keychaincredential.query", json!([[], {"limit": "5"}]), "keychaincredential_query.options.limit".into(), ""),
-        ("keychaincredential.query", json!([[], {"bogus": 1}]), "keychaincredential_query.options.bogus".into(), "Extra inputs"),
+        (
+            "keychaincredential.query",
+            json!([[], {"bogus": 1}]),
+            "keychaincredential_query.options.bogus".into(),
+            "Extra inputs",
+        ),
         ("keychaincredential.query", json!([[], {}, 3]), "keychaincredential_query".into(), "Too many arguments"),
         // get_instance
         ("keychaincredential.get_instance", json!([]), "keychaincredential_get_instance.id".into(), "Field required"),
         ("keychaincredential.get_instance", json!(["1"]), "keychaincredential_get_instance.id".into(), "valid integer"),
         ("keychaincredential.get_instance", json!([1.5]), "keychaincredential_get_instance.id".into(), "valid integer"),
-        ("keychaincredential.get_instance", json!([null]), "keychaincredential_get_instance.id".into(), "valid integer"),
+        (
+            "keychaincredential.get_instance",
+            json!([null]),
+            "keychaincredential_get_instance.id".into(),
+            "valid integer",
+        ),
         ("keychaincredential.get_instance", json!([99999]), String::new(), "KeychainCredential 99999 does not exist"),
         ("keychaincredential.get_instance", json!([-1]), String::new(), "KeychainCredential -1 does not exist"),
         // create: envelope
         ("keychaincredential.create", json!([]), CREATE.into(), "Field required"),
         ("keychaincredential.create", json!(["x"]), CREATE.into(), "valid dictionary"),
         ("keychaincredential.create", json!([[]]), CREATE.into(), "valid dictionary"),
-        ("keychaincredential.create", json!([["n", "SSH_KEY_PAIR", {"public_key": pub_key}]]), CREATE.into(), "valid dictionary"),
+        (
+            "keychaincredential.create",
+            json!([["n", "SSH_KEY_PAIR", {"public_key": pub_key}]]),
+            CREATE.into(),
+            "valid dictionary",
+        ),
         ("keychaincredential.create", kpc(json!([null, pub_key])), ca.clone(), "valid dictionary"),
-        ("keychaincredential.create", cc(json!(["h", 22, "root", kp_id, host_key, 10])), ca.clone(), "valid dictionary"),
+        (
+            "keychaincredential.create",
+            cc(json!(["h", 22, "root", kp_id, host_key, 10])),
+            ca.clone(),
+            "valid dictionary",
+        ),
         ("keychaincredential.create", json!([{}]), format!("{CREATE}.name"), "Field required"),
-        ("keychaincredential.create", json!([{"name": "n", "attributes": {}}]), format!("{CREATE}.type"), "Field required"),
-        ("keychaincredential.create", json!([{"name": "n", "type": "SSH_KEY_PAIR"}]), format!("{CREATE}.attributes"), "Field required"),
-        ("keychaincredential.create", json!([{"name": 5, "type": "SSH_KEY_PAIR", "attributes": {}}]), format!("{CREATE}.name"), "valid string"),
-        ("keychaincredential.create", json!([{"name": huge, "type": "SSH_KEY_PAIR", "attributes": {"public_key": pub_key}}]), format!("{CREATE}.name"), "at most 1024"),
-        ("keychaincredential.create", json!([{"name": "", "type": "SSH_KEY_PAIR", "attributes": {"public_key": pub_key}}]), format!("{CREATE}.name"), "at least 1"),
-        ("keychaincredential.create", json!([{"name": "n", "type": "SSH_KEYPAIR", "attributes": {}}]), format!("{CREATE}.type"), "SSH_KEY_PAIR"),
-        ("keychaincredential.create", json!([{"name": "n", "type": null, "attributes": {}}]), format!("{CREATE}.type"), ""),
-        ("keychaincredential.create", json!([{"name": "n", "type": "SSH_KEY_PAIR", "attributes": "x"}]), format!("{CREATE}.attributes"), "valid dictionary"),
-        ("keychaincredential.create", json!([{"name": "n", "type": "SSH_KEY_PAIR", "attributes": {}, "id": 7}]), format!("{CREATE}.id"), "Extra inputs"),
-        ("keychaincredential.create", json!([{"name": "kp", "type": "SSH_KEY_PAIR", "attributes": {"public_key": pub_key}}]), format!("{CREATE}.name"), "Object with this name already exists"),
-        ("keychaincredential.create", json!([kpc(json!({"public_key": pub_key}))[0], 1]), "keychaincredential.create".into(), "Too many arguments"),
+        (
+            "keychaincredential.create",
+            json!([{"name": "n", "attributes": {}}]),
+            format!("{CREATE}.type"),
+            "Field required",
+        ),
+        (
+            "keychaincredential.create",
+            json!([{"name": "n", "type": "SSH_KEY_PAIR"}]),
+            format!("{CREATE}.attributes"),
+            "Field required",
+        ),
+        (
+            "keychaincredential.create",
+            json!([{"name": 5, "type": "SSH_KEY_PAIR", "attributes": {}}]),
+            format!("{CREATE}.name"),
+            "valid string",
+        ),
+        (
+            "keychaincredential.create",
+            json!([{"name": huge, "type": "SSH_KEY_PAIR", "attributes": {"public_key": pub_key}}]),
+            format!("{CREATE}.name"),
+            "at most 1024",
+        ),
+        (
+            "keychaincredential.create",
+            json!([{"name": "", "type": "SSH_KEY_PAIR", "attributes": {"public_key": pub_key}}]),
+            format!("{CREATE}.name"),
+            "at least 1",
+        ),
+        (
+            "keychaincredential.create",
+            json!([{"name": "n", "type": "SSH_KEYPAIR", "attributes": {}}]),
+            format!("{CREATE}.type"),
+            "SSH_KEY_PAIR",
+        ),
+        (
+            "keychaincredential.create",
+            json!([{"name": "n", "type": null, "attributes": {}}]),
+            format!("{CREATE}.type"),
+            "",
+        ),
+        (
+            "keychaincredential.create",
+            json!([{"name": "n", "type": "SSH_KEY_PAIR", "attributes": "x"}]),
+            format!("{CREATE}.attributes"),
+            "valid dictionary",
+        ),
+        (
+            "keychaincredential.create",
+            json!([{"name": "n", "type": "SSH_KEY_PAIR", "attributes": {}, "id": 7}]),
+            format!("{CREATE}.id"),
+            "Extra inputs",
+        ),
+        (
+            "keychaincredential.create",
+            json!([{"name": "kp", "type": "SSH_KEY_PAIR", "attributes": {"public_key": pub_key}}]),
+            format!("{CREATE}.name"),
+            "Object with this name already exists",
+        ),
+        (
+            "keychaincredential.create",
+            json!([kpc(json!({"public_key": pub_key}))[0], 1]),
+            "keychaincredential.create".into(),
+            "Too many arguments",
+        ),
         // create: key pair attributes
         ("keychaincredential.create", kpc(json!({"public_key": 5})), format!("{ca}.public_key"), "valid string"),
         ("keychaincredential.create", kpc(json!({"private_key": ["x"]})), format!("{ca}.private_key"), "valid string"),
-        ("keychaincredential.create", kpc(json!({"public_key": pub_key, "passphrase": 1})), format!("{ca}.passphrase"), "valid string"),
-        ("keychaincredential.create", kpc(json!({"public_key": pub_key, "passphrase": huge})), format!("{ca}.passphrase"), "at most"),
-        ("keychaincredential.create", kpc(json!({"public_key": pub_key, "comment": "x"})), format!("{ca}.comment"), "Extra inputs"),
-        ("keychaincredential.create", kpc(json!({"public_key": pub_key, "fingerprint": "x"})), format!("{ca}.fingerprint"), "Extra inputs"),
+        (
+            "keychaincredential.create",
+            kpc(json!({"public_key": pub_key, "passphrase": 1})),
+            format!("{ca}.passphrase"),
+            "valid string",
+        ),
+        (
+            "keychaincredential.create",
+            kpc(json!({"public_key": pub_key, "passphrase": huge})),
+            format!("{ca}.passphrase"),
+            "at most",
+        ),
+        (
+            "keychaincredential.create",
+            kpc(json!({"public_key": pub_key, "comment": "x"})),
+            format!("{ca}.comment"),
+            "Extra inputs",
+        ),
+        (
+            "keychaincredential.create",
+            kpc(json!({"public_key": pub_key, "fingerprint": "x"})),
+            format!("{ca}.fingerprint"),
+            "Extra inputs",
+        ),
         ("keychaincredential.create", kpc(conn_attrs(kp_id, &host_key)), ca.clone(), "Extra inputs"),
         ("keychaincredential.create", kpc(json!({"private_key": huge_key})), format!("{ca}.private_key"), ""),
         ("keychaincredential.create", kpc(json!({"public_key": huge_key})), format!("{ca}.public_key"), ""),
         ("keychaincredential.create", kpc(json!({"private_key": huge})), format!("{ca}.private_key"), ""),
-        ("keychaincredential.create", kpc(json!({"public_key": format!("ssh-ed25519 {huge}")})), format!("{ca}.public_key"), ""),
+        (
+            "keychaincredential.create",
+            kpc(json!({"public_key": format!("ssh-ed25519 {huge}")})),
+            format!("{ca}.public_key"),
+            "",
+        ),
         // create: connection attributes
         ("keychaincredential.create", cc(json!({"public_key": pub_key})), ca.clone(), ""),
-        ("keychaincredential.create", cc(json!({"private_key": kp_id, "remote_host_key": host_key})), format!("{ca}.host"), "Field required"),
-        ("keychaincredential.create", cc(json!({"host": "h", "remote_host_key": host_key})), format!("{ca}.private_key"), "Field required"),
-        ("keychaincredential.create", cc(json!({"host": "h", "private_key": kp_id})), format!("{ca}.remote_host_key"), "Field required"),
+        (
+            "keychaincredential.create",
+            cc(json!({"private_key": kp_id, "remote_host_key": host_key})),
+            format!("{ca}.host"),
+            "Field required",
+        ),
+        (
+            "keychaincredential.create",
+            cc(json!({"host": "h", "remote_host_key": host_key})),
+            format!("{ca}.private_key"),
+            "Field required",
+        ),
+        (
+            "keychaincredential.create",
+            cc(json!({"host": "h", "private_key": kp_id})),
+            format!("{ca}.remote_host_key"),
+            "Field required",
+        ),
         ("keychaincredential.create", cc(conn_with("port", json!("22"))), format!("{ca}.port"), "valid integer"),
         ("keychaincredential.create", cc(conn_with("port", json!(22.5))), format!("{ca}.port"), "valid integer"),
         ("keychaincredential.create", cc(conn_with("port", json!(1e30))), format!("{ca}.port"), "valid integer"),
         ("keychaincredential.create", cc(conn_with("port", json!(null))), format!("{ca}.port"), "valid integer"),
-        ("keychaincredential.create", cc(conn_with("connect_timeout", json!(true))), format!("{ca}.connect_timeout"), "valid integer"),
-        ("keychaincredential.create", cc(conn_with("private_key", json!("1"))), format!("{ca}.private_key"), "valid integer"),
-        ("keychaincredential.create", cc(conn_with("private_key", pub_key.clone())), format!("{ca}.private_key"), "valid integer"),
+        (
+            "keychaincredential.create",
+            cc(conn_with("connect_timeout", json!(true))),
+            format!("{ca}.connect_timeout"),
+            "valid integer",
+        ),
+        (
+            "keychaincredential.create",
+            cc(conn_with("private_key", json!("1"))),
+            format!("{ca}.private_key"),
+            "valid integer",
+        ),
+        (
+            "keychaincredential.create",
+            cc(conn_with("private_key", pub_key.clone())),
+            format!("{ca}.private_key"),
+            "valid integer",
+        ),
         ("keychaincredential.create", cc(conn_with("host", json!(huge))), format!("{ca}.host"), "at most 1024"),
         ("keychaincredential.create", cc(conn_with("host", json!(["h"]))), format!("{ca}.host"), "valid string"),
         ("keychaincredential.create", cc(conn_with("username", json!(huge))), format!("{ca}.username"), "at most 1024"),
         ("keychaincredential.create", cc(conn_with("username", json!(""))), format!("{ca}.username"), ""),
-        ("keychaincredential.create", cc(conn_with("remote_host_key", json!(huge_key))), format!("{ca}.remote_host_key"), ""),
-        ("keychaincredential.create", cc(conn_with("remote_host_key", json!(7))), format!("{ca}.remote_host_key"), "valid string"),
+        (
+            "keychaincredential.create",
+            cc(conn_with("remote_host_key", json!(huge_key))),
+            format!("{ca}.remote_host_key"),
+            "",
+        ),
+        (
+            "keychaincredential.create",
+            cc(conn_with("remote_host_key", json!(7))),
+            format!("{ca}.remote_host_key"),
+            "valid string",
+        ),
         ("keychaincredential.create", cc(conn_with("cipher", json!("FAST"))), format!("{ca}.cipher"), "Extra inputs"),
         // update
         ("keychaincredential.update", json!([]), format!("{UPDATE}.id"), "Field required"),
@@ -1167,26 +1440,76 @@ async fn every_keychain_method_rejects_bad_input_and_changes_nothing() {
         ("keychaincredential.update", json!(["1", {}]), format!("{UPDATE}.id"), "valid integer"),
         ("keychaincredential.update", json!([kp_id, "x"]), UPDATE.into(), "valid dictionary"),
         ("keychaincredential.update", json!([kp_id, ["renamed"]]), UPDATE.into(), "valid dictionary"),
-        ("keychaincredential.update", json!([kp_id, {"type": "SSH_CREDENTIALS"}]), format!("{UPDATE}.type"), "Extra inputs are not permitted"),
-        ("keychaincredential.update", json!([c_id, {"type": "SSH_KEY_PAIR", "attributes": {"public_key": pub_key}}]), format!("{UPDATE}.type"), "Extra inputs are not permitted"),
+        (
+            "keychaincredential.update",
+            json!([kp_id, {"type": "SSH_CREDENTIALS"}]),
+            format!("{UPDATE}.type"),
+            "Extra inputs are not permitted",
+        ),
+        (
+            "keychaincredential.update",
+            json!([c_id, {"type": "SSH_KEY_PAIR", "attributes": {"public_key": pub_key}}]),
+            format!("{UPDATE}.type"),
+            "Extra inputs are not permitted",
+        ),
         ("keychaincredential.update", json!([kp_id, {"id": 5}]), format!("{UPDATE}.id"), "Extra inputs"),
         ("keychaincredential.update", json!([kp_id, {"name": 5}]), format!("{UPDATE}.name"), "valid string"),
         ("keychaincredential.update", json!([kp_id, {"name": ""}]), format!("{UPDATE}.name"), "at least 1"),
         ("keychaincredential.update", json!([kp_id, {"name": huge}]), format!("{UPDATE}.name"), "at most 1024"),
-        ("keychaincredential.update", json!([kp_id, {"name": "conn"}]), format!("{UPDATE}.name"), "Object with this name already exists"),
-        ("keychaincredential.update", json!([kp_id, {"attributes": []}]), format!("{UPDATE}.attributes"), "valid dictionary"),
-        ("keychaincredential.update", json!([kp_id, {"attributes": conn_attrs(kp_id, &host_key)}]), ua.clone(), "Extra inputs"),
+        (
+            "keychaincredential.update",
+            json!([kp_id, {"name": "conn"}]),
+            format!("{UPDATE}.name"),
+            "Object with this name already exists",
+        ),
+        (
+            "keychaincredential.update",
+            json!([kp_id, {"attributes": []}]),
+            format!("{UPDATE}.attributes"),
+            "valid dictionary",
+        ),
+        (
+            "keychaincredential.update",
+            json!([kp_id, {"attributes": conn_attrs(kp_id, &host_key)}]),
+            ua.clone(),
+            "Extra inputs",
+        ),
         ("keychaincredential.update", json!([c_id, {"attributes": {"public_key": pub_key}}]), ua.clone(), ""),
-        ("keychaincredential.update", json!([c_id, {"attributes": conn_with("port", json!("x"))}]), format!("{ua}.port"), "valid integer"),
-        ("keychaincredential.update", json!([c_id, {"attributes": conn_with("private_key", json!(c_id))}]), format!("{ua}.private_key"), ""),
-        ("keychaincredential.update", json!([kp_id, {"attributes": {"private_key": huge_key}}]), format!("{ua}.private_key"), ""),
-        ("keychaincredential.update", json!([99999, {"name": "x"}]), String::new(), "KeychainCredential 99999 does not exist"),
+        (
+            "keychaincredential.update",
+            json!([c_id, {"attributes": conn_with("port", json!("x"))}]),
+            format!("{ua}.port"),
+            "valid integer",
+        ),
+        (
+            "keychaincredential.update",
+            json!([c_id, {"attributes": conn_with("private_key", json!(c_id))}]),
+            format!("{ua}.private_key"),
+            "",
+        ),
+        (
+            "keychaincredential.update",
+            json!([kp_id, {"attributes": {"private_key": huge_key}}]),
+            format!("{ua}.private_key"),
+            "",
+        ),
+        (
+            "keychaincredential.update",
+            json!([99999, {"name": "x"}]),
+            String::new(),
+            "KeychainCredential 99999 does not exist",
+        ),
         ("keychaincredential.update", json!([kp_id, {}, 1]), "keychaincredential.update".into(), "Too many arguments"),
         // delete
         ("keychaincredential.delete", json!([]), "keychaincredential_delete.id".into(), "Field required"),
         ("keychaincredential.delete", json!(["1"]), "keychaincredential_delete.id".into(), "valid integer"),
         ("keychaincredential.delete", json!([99999]), String::new(), "KeychainCredential 99999 does not exist"),
-        ("keychaincredential.delete", json!([kp_id]), "options.cascade".into(), "This credential is used and no cascade option is specified"),
+        (
+            "keychaincredential.delete",
+            json!([kp_id]),
+            "options.cascade".into(),
+            "This credential is used and no cascade option is specified",
+        ),
         ("keychaincredential.delete", json!([kp_id, {"cascade": "yes"}]), "options.cascade".into(), "valid boolean"),
         ("keychaincredential.delete", json!([kp_id, {"cascade": 1}]), "options.cascade".into(), "valid boolean"),
         ("keychaincredential.delete", json!([kp_id, {"force": true}]), "options.force".into(), "Extra inputs"),
@@ -1202,14 +1525,39 @@ async fn every_keychain_method_rejects_bad_input_and_changes_nothing() {
         // generate_ssh_key_pair
         ("keychaincredential.generate_ssh_key_pair", json!(["x"]), g.into(), "valid dictionary"),
         ("keychaincredential.generate_ssh_key_pair", json!([["RSA", 1024]]), g.into(), "valid dictionary"),
-        ("keychaincredential.generate_ssh_key_pair", json!([{"key_type": "DSA"}]), format!("{g}.key_type"), "'ED25519', 'ECDSA' or 'RSA'"),
+        (
+            "keychaincredential.generate_ssh_key_pair",
+            json!([{"key_type": "DSA"}]),
+            format!("{g}.key_type"),
+            "'ED25519', 'ECDSA' or 'RSA'",
+        ),
         ("keychaincredential.generate_ssh_key_pair", json!([{"key_type": huge}]), format!("{g}.key_type"), ""),
-        ("keychaincredential.generate_ssh_key_pair", json!([{"key_type": "RSA", "size": 1024}]), format!("{g}.size"), "2048"),
-        ("keychaincredential.generate_ssh_key_pair", json!([{"key_type": "RSA", "size": 99999999999u64}]), format!("{g}.size"), ""),
+        (
+            "keychaincredential.generate_ssh_key_pair",
+            json!([{"key_type": "RSA", "size": 1024}]),
+            format!("{g}.size"),
+            "2048",
+        ),
+        (
+            "keychaincredential.generate_ssh_key_pair",
+            json!([{"key_type": "RSA", "size": 99999999999u64}]),
+            format!("{g}.size"),
+            "",
+        ),
         ("keychaincredential.generate_ssh_key_pair", json!([{"comment": huge}]), format!("{g}.comment"), ""),
         ("keychaincredential.generate_ssh_key_pair", json!([{"comment": "a\u{0}b"}]), format!("{g}.comment"), ""),
-        ("keychaincredential.generate_ssh_key_pair", json!([{"passphrase": "x"}]), format!("{g}.passphrase"), "Extra inputs"),
-        ("keychaincredential.generate_ssh_key_pair", json!([{}, 1]), "keychaincredential.generate_ssh_key_pair".into(), "Too many arguments"),
+        (
+            "keychaincredential.generate_ssh_key_pair",
+            json!([{"passphrase": "x"}]),
+            format!("{g}.passphrase"),
+            "Extra inputs",
+        ),
+        (
+            "keychaincredential.generate_ssh_key_pair",
+            json!([{}, 1]),
+            "keychaincredential.generate_ssh_key_pair".into(),
+            "Too many arguments",
+        ),
     ];
 
     let before = a.call("keychaincredential.query", json!([])).await;
@@ -1220,7 +1568,11 @@ async fn every_keychain_method_rejects_bad_input_and_changes_nothing() {
         let e = r["error"].clone();
         let shown = {
             let s = params.to_string();
-            if s.len() > 200 { format!("{}…", &s[..200]) } else { s }
+            if s.len() > 200 {
+                format!("{}…", &s[..200])
+            } else {
+                s
+            }
         };
         if e["code"] != -32602 {
             failures.push(format!("{method} {shown}: expected a validation error, got {e}"));
@@ -1238,7 +1590,13 @@ async fn every_keychain_method_rejects_bad_input_and_changes_nothing() {
             failures.push(format!("{method} {shown}: error is {} bytes", e.to_string().len()));
         }
     }
-    assert!(failures.is_empty(), "{} of {} bad inputs answered wrongly:\n{}", failures.len(), table.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} bad inputs answered wrongly:\n{}",
+        failures.len(),
+        table.len(),
+        failures.join("\n")
+    );
     // The connection survived every bad call, still logged in, and nothing changed.
     assert_eq!(a.call("auth.me", json!([])).await, me);
     assert_eq!(a.call("keychaincredential.query", json!([])).await, before, "bad input changed the store");

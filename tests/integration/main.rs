@@ -8,6 +8,6 @@ mod api_protocol;
 mod badinput;
 mod daemon;
 mod keychain;
-mod sshd;
 mod pairing;
+mod sshd;
 mod ui;

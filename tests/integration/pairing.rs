@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{json, Value};
 
-use crate::sshd::{free_port, key_file, known_hosts, sshd_available, ssh_key_login, start_ssh};
+use crate::sshd::{free_port, key_file, known_hosts, ssh_key_login, sshd_available, start_ssh};
 use crate::util::*;
 
 fn skip() -> bool {
@@ -44,14 +44,20 @@ async fn host_key_scan_of_own_sshd_and_errors() {
     let expected_fp: BTreeSet<String> =
         cfg["host_keys"].as_array().unwrap().iter().map(|k| k["fingerprint"].as_str().unwrap().to_string()).collect();
 
-    let text = c.call("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port}])).await;
+    let text =
+        c.call("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port}])).await;
     let text = text.as_str().unwrap();
     assert!(!text.ends_with('\n'), "no trailing newline: {text:?}");
     let got: BTreeSet<String> = text.split('\n').map(str::to_string).collect();
     assert_eq!(got, expected, "scan = ssh.config host keys");
     assert!(text.starts_with("ssh-ed25519 "), "Ed25519 first: {text}");
 
-    let fps = c.call("keychaincredential.remote_ssh_host_key_scan_fingerprints", json!([{"host": "127.0.0.1", "port": port, "connect_timeout": 5}])).await;
+    let fps = c
+        .call(
+            "keychaincredential.remote_ssh_host_key_scan_fingerprints",
+            json!([{"host": "127.0.0.1", "port": port, "connect_timeout": 5}]),
+        )
+        .await;
     let fps = fps.as_array().unwrap();
     assert_eq!(fps.len(), 3);
     let got_fp: BTreeSet<String> = fps.iter().map(|k| k["fingerprint"].as_str().unwrap().to_string()).collect();
@@ -62,10 +68,20 @@ async fn host_key_scan_of_own_sshd_and_errors() {
 
     // Nothing listens there.
     let closed = free_port();
-    let e = c.err("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": closed, "connect_timeout": 3}])).await;
+    let e = c
+        .err(
+            "keychaincredential.remote_ssh_host_key_scan",
+            json!([{"host": "127.0.0.1", "port": closed, "connect_timeout": 3}]),
+        )
+        .await;
     assert_call_error(&e, "EFAULT", "refused");
     // Unresolvable host.
-    let e = c.err("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "invalid.invalid.invalid", "connect_timeout": 3}])).await;
+    let e = c
+        .err(
+            "keychaincredential.remote_ssh_host_key_scan",
+            json!([{"host": "invalid.invalid.invalid", "connect_timeout": 3}]),
+        )
+        .await;
     assert_call_error(&e, "EFAULT", "resolve");
     // Strict params.
     let e = c.err("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "bogus": 1}])).await;
@@ -85,7 +101,8 @@ async fn test_ssh_connection_ok_and_wrong_host_key() {
     let kp = new_key_pair(&mut c, "conn-key").await;
     let rid = root_id(&mut c).await;
     c.call("user.update", json!([rid, {"sshpubkey": kp["attributes"]["public_key"]}])).await;
-    let host_keys = c.call("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port}])).await;
+    let host_keys =
+        c.call("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port}])).await;
     let conn = c
         .call(
             "keychaincredential.create",
@@ -137,13 +154,23 @@ async fn ssh_pair_starts_sshd_authorizes_once_and_reports_host_keys() {
     let kp = c.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
     let public = kp["public_key"].as_str().unwrap().trim().to_string();
 
-    let e = c.err("keychaincredential.ssh_pair", json!([{"remote_hostname": "any-host", "username": "nosuchuser", "public_key": public}])).await;
+    let e = c
+        .err(
+            "keychaincredential.ssh_pair",
+            json!([{"remote_hostname": "any-host", "username": "nosuchuser", "public_key": public}]),
+        )
+        .await;
     assert_call_error(&e, "EFAULT", "User nosuchuser does not exist");
-    let e = c.err("keychaincredential.ssh_pair", json!([{"remote_hostname": "any-host", "public_key": "not a key"}])).await;
+    let e =
+        c.err("keychaincredential.ssh_pair", json!([{"remote_hostname": "any-host", "public_key": "not a key"}])).await;
     assert_eq!(e["code"], -32602, "{e}");
     assert_eq!(e["data"]["extra"][0][0], "keychain_ssh_pair.public_key", "{e}");
     let s = c.call("service.query", json!([[["service", "=", "ssh"]], {"get": true}])).await;
-    assert_eq!((s["enable"].clone(), s["state"].clone()), (json!(false), json!("STOPPED")), "failed pairing changed nothing: {s}");
+    assert_eq!(
+        (s["enable"].clone(), s["state"].clone()),
+        (json!(false), json!("STOPPED")),
+        "failed pairing changed nothing: {s}"
+    );
 
     let r = c.call("keychaincredential.ssh_pair", json!([{"remote_hostname": "any-host", "public_key": public}])).await;
     assert_eq!(r["port"], port, "{r}");
@@ -156,7 +183,11 @@ async fn ssh_pair_starts_sshd_authorizes_once_and_reports_host_keys() {
     assert_eq!((s["enable"].clone(), s["state"].clone()), (json!(true), json!("RUNNING")), "{s}");
 
     // Idempotent.
-    c.call("keychaincredential.ssh_pair", json!([{"remote_hostname": "any-host", "username": "root", "public_key": public}])).await;
+    c.call(
+        "keychaincredential.ssh_pair",
+        json!([{"remote_hostname": "any-host", "username": "root", "public_key": public}]),
+    )
+    .await;
     let root = c.call("user.query", json!([[["username", "=", "root"]], {"get": true}])).await;
     assert_eq!(root["sshpubkey"].as_str().unwrap().matches(&public).count(), 1, "{root}");
 
@@ -174,7 +205,10 @@ async fn ssh_pair_home_location_needs_a_home() {
     let dir = std::sync::Arc::new(TestDir::new("pair-home"));
     let b = Daemon::start_in(
         dir,
-        DaemonOpts { env: vec![("KEYHAVEN_SSH_AUTHORIZED_KEYS_LOCATION".into(), "home".into())], ..DaemonOpts::default() },
+        DaemonOpts {
+            env: vec![("KEYHAVEN_SSH_AUTHORIZED_KEYS_LOCATION".into(), "home".into())],
+            ..DaemonOpts::default()
+        },
     );
     let mut c = b.admin().await;
     let admin = c.call("user.query", json!([[["username", "=", "admin"]], {"get": true}])).await;
@@ -184,7 +218,12 @@ async fn ssh_pair_home_location_needs_a_home() {
         return;
     }
     let kp = c.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
-    let e = c.err("keychaincredential.ssh_pair", json!([{"remote_hostname": "h", "username": "admin", "public_key": kp["public_key"]}])).await;
+    let e = c
+        .err(
+            "keychaincredential.ssh_pair",
+            json!([{"remote_hostname": "h", "username": "admin", "public_key": kp["public_key"]}]),
+        )
+        .await;
     assert_call_error(&e, "ENOENT", &format!("Home directory {home} does not exist"));
 }
 
@@ -220,11 +259,16 @@ async fn semiautomatic_setup_between_two_daemons() {
     let conn = ca.call("keychaincredential.remote_ssh_semiautomatic_setup", json!([args])).await;
     assert_eq!(conn["type"], "SSH_CREDENTIALS");
     let at = &conn["attributes"];
-    assert_eq!((at["host"].clone(), at["port"].clone(), at["username"].clone()), (json!("127.0.0.1"), json!(b_ssh), json!("root")), "{conn}");
+    assert_eq!(
+        (at["host"].clone(), at["port"].clone(), at["username"].clone()),
+        (json!("127.0.0.1"), json!(b_ssh), json!("root")),
+        "{conn}"
+    );
     let mut cb = b.admin().await;
     let cfg = cb.call("ssh.config", json!([])).await;
     let pinned: BTreeSet<&str> = at["remote_host_key"].as_str().unwrap().lines().collect();
-    let b_keys: BTreeSet<&str> = cfg["host_keys"].as_array().unwrap().iter().map(|k| k["public_key"].as_str().unwrap()).collect();
+    let b_keys: BTreeSet<&str> =
+        cfg["host_keys"].as_array().unwrap().iter().map(|k| k["public_key"].as_str().unwrap()).collect();
     assert_eq!(pinned, b_keys, "pinned = B's host keys");
     let r = ca.call("keychaincredential.test_ssh_connection", json!([conn["id"]])).await;
     assert_eq!(r["ok"], true, "{r}");
@@ -232,7 +276,10 @@ async fn semiautomatic_setup_between_two_daemons() {
     // Plain ssh with the key downloaded from A and the pinned host keys.
     let work = TestDir::new("pair-ssh");
     std::fs::create_dir_all(work.path()).unwrap();
-    let private = ca.call("keychaincredential.get_instance", json!([kp["id"]])).await["attributes"]["private_key"].as_str().unwrap().to_string();
+    let private = ca.call("keychaincredential.get_instance", json!([kp["id"]])).await["attributes"]["private_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let key = key_file(work.path(), "id", &private);
     let kh = work.path().join("known_hosts");
     let lines: Vec<String> = pinned.iter().map(|l| format!("[127.0.0.1]:{b_ssh} {l}")).collect();
@@ -282,7 +329,11 @@ async fn semiautomatic_setup_between_two_daemons() {
     none["name"] = json!("x2");
     none["private_key"] = kp["id"].clone();
     let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([none])).await;
-    assert_call_error(&e, "EFAULT", "You should specify either remote system password or temporary authentication token");
+    assert_call_error(
+        &e,
+        "EFAULT",
+        "You should specify either remote system password or temporary authentication token",
+    );
     let mut nokey = semi(&b.url, json!({"password": ADMIN_PASSWORD}));
     nokey["name"] = json!("x3");
     nokey["private_key"] = json!(99999);
@@ -310,7 +361,11 @@ async fn semiautomatic_setup_between_two_daemons() {
         )
         .await;
     assert_call_error(&e, "EFAULT", "Invalid token");
-    assert_eq!(ca.call("keychaincredential.query", json!([[["name", "in", ["rollback Key", "rollback"]]], {"count": true}])).await, 0);
+    assert_eq!(
+        ca.call("keychaincredential.query", json!([[["name", "in", ["rollback Key", "rollback"]]], {"count": true}]))
+            .await,
+        0
+    );
 
     // Name pre-validation: all problems at once, nothing created.
     let before = ca.call("keychaincredential.query", json!([[], {"count": true}])).await;
@@ -336,7 +391,8 @@ async fn semiautomatic_setup_between_two_daemons() {
     assert_eq!(ca.call("keychaincredential.query", json!([[], {"count": true}])).await, before);
 
     // Manual setup with a generated key.
-    let hk = ca.call("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": b_ssh}])).await;
+    let hk =
+        ca.call("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": b_ssh}])).await;
     let m = ca
         .call(
             "keychaincredential.setup_ssh_connection",
@@ -354,7 +410,8 @@ async fn semiautomatic_setup_over_https_honours_verify_ssl() {
         return;
     }
     let a = Daemon::start();
-    let (b, b_ssh) = remote_b(DaemonOpts { env: vec![("KEYHAVEN_TLS".into(), "true".into())], ..DaemonOpts::default() }).await;
+    let (b, b_ssh) =
+        remote_b(DaemonOpts { env: vec![("KEYHAVEN_TLS".into(), "true".into())], ..DaemonOpts::default() }).await;
     assert!(b.url.starts_with("https://"), "{}", b.url);
     let mut ca = a.admin().await;
     let kp = new_key_pair(&mut ca, "tls-key").await;
@@ -385,17 +442,26 @@ async fn legacy_dialect_pairing_path() {
     let mut cb = b.admin().await;
     let kp = cb.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
     let r = c
-        .call("keychaincredential.ssh_pair", vec![json!({"remote_hostname": "any-host", "username": "root", "public_key": kp["public_key"]})])
+        .call(
+            "keychaincredential.ssh_pair",
+            vec![json!({"remote_hostname": "any-host", "username": "root", "public_key": kp["public_key"]})],
+        )
         .await
         .unwrap();
     assert_eq!(r["port"], b_ssh);
     assert!(r["host_key"].as_str().unwrap().contains("any-host ssh-"), "{r}");
     let e = c
-        .call("keychaincredential.ssh_pair", vec![json!({"remote_hostname": "any-host", "username": "ghost", "public_key": kp["public_key"]})])
+        .call(
+            "keychaincredential.ssh_pair",
+            vec![json!({"remote_hostname": "any-host", "username": "ghost", "public_key": kp["public_key"]})],
+        )
         .await
         .unwrap_err();
     assert!(e.to_string().contains("User ghost does not exist"), "{e}");
-    let u = c.call("user.query", vec![json!([["username", "=", "root"], ["local", "=", true]]), json!({"get": true})]).await.unwrap();
+    let u = c
+        .call("user.query", vec![json!([["username", "=", "root"], ["local", "=", true]]), json!({"get": true})])
+        .await
+        .unwrap();
     c.call("user.update", vec![u["id"].clone(), json!({})]).await.unwrap();
     c.close().await;
     let work = TestDir::new("pair-legacy");

@@ -71,7 +71,16 @@ pub fn ssh_key_login(key: &Path, kh: &Path, port: u16, user: &str) -> std::proce
     Command::new("ssh")
         .args(["-i"])
         .arg(key)
-        .args(["-p", &port.to_string(), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes"])
+        .args([
+            "-p",
+            &port.to_string(),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ])
         .arg("-o")
         .arg(format!("UserKnownHostsFile={}", kh.display()))
         .args(["-o", "ConnectTimeout=10", "-o", "PasswordAuthentication=no"])
@@ -120,7 +129,10 @@ async fn generated_key_on_root_logs_in_and_removal_locks_out() {
     let work = TestDir::new("ssh-work");
     std::fs::create_dir_all(work.path()).unwrap();
     let kh = known_hosts(&mut c, work.path(), port).await;
-    let priv_text = c.call("keychaincredential.get_instance", json!([e["id"]])).await["attributes"]["private_key"].as_str().unwrap().to_string();
+    let priv_text = c.call("keychaincredential.get_instance", json!([e["id"]])).await["attributes"]["private_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let key = key_file(work.path(), "id", &priv_text);
 
     // Not yet authorized.
@@ -148,7 +160,11 @@ async fn generated_key_on_root_logs_in_and_removal_locks_out() {
             "ssh-rsa" => "rsa",
             _ => "ecdsa",
         };
-        let out = Command::new("ssh-keygen").args(["-l", "-f"]).arg(d.dir.path().join(format!("sshd/ssh_host_{stem}_key.pub"))).output().unwrap();
+        let out = Command::new("ssh-keygen")
+            .args(["-l", "-f"])
+            .arg(d.dir.path().join(format!("sshd/ssh_host_{stem}_key.pub")))
+            .output()
+            .unwrap();
         assert!(String::from_utf8_lossy(&out.stdout).contains(k["fingerprint"].as_str().unwrap()));
     }
     // Host private keys are never returned, and are sealed in the DB.
@@ -268,14 +284,31 @@ async fn password_login_only_for_enabled_accounts_and_groups() {
     std::fs::create_dir_all(cfg.path()).unwrap();
     let cfg_file = cfg.path().join("k.toml");
     std::fs::write(&cfg_file, "[accounts]\nmanage_os = true\n").unwrap();
-    let d = Daemon::start_in(Arc::new(TestDir::new("pw")), DaemonOpts { args: vec!["--config".into(), cfg_file.display().to_string()], ..Default::default() });
+    let d = Daemon::start_in(
+        Arc::new(TestDir::new("pw")),
+        DaemonOpts { args: vec!["--config".into(), cfg_file.display().to_string()], ..Default::default() },
+    );
     let mut c = d.admin().await;
     let (u1, u2) = (unique_user("khpw"), unique_user("khno"));
     let _guard = OsUsers(vec![u1.clone(), u2.clone()]);
     let pw = "Sup3r-secret-pw";
-    let a = c.call("user.create", json!([{"username": u1, "full_name": "Pw User", "password": pw, "ssh_password_enabled": true}])).await;
+    let a = c
+        .call(
+            "user.create",
+            json!([{"username": u1, "full_name": "Pw User", "password": pw, "ssh_password_enabled": true}]),
+        )
+        .await;
     assert!(Command::new("id").arg(&u1).status().unwrap().success(), "OS account created");
-    assert_eq!(a["uid"].as_i64(), Some(String::from_utf8(Command::new("id").args(["-u", &u1]).output().unwrap().stdout).unwrap().trim().parse().unwrap()));
+    assert_eq!(
+        a["uid"].as_i64(),
+        Some(
+            String::from_utf8(Command::new("id").args(["-u", &u1]).output().unwrap().stdout)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        )
+    );
     c.call("user.create", json!([{"username": u2, "full_name": "No Pw", "password": pw}])).await;
     c.call("ssh.update", json!([{"passwordauth": true}])).await;
     let port = start_ssh(&mut c).await;
@@ -285,7 +318,10 @@ async fn password_login_only_for_enabled_accounts_and_groups() {
     let o = ssh_password_login(work.path(), &kh, port, &u1, pw);
     assert!(o.status.success(), "password login for an enabled account failed: {}", String::from_utf8_lossy(&o.stderr));
     assert!(!ssh_password_login(work.path(), &kh, port, &u1, "wrong").status.success());
-    assert!(!ssh_password_login(work.path(), &kh, port, &u2, pw).status.success(), "password login allowed for a disabled account");
+    assert!(
+        !ssh_password_login(work.path(), &kh, port, &u2, pw).status.success(),
+        "password login allowed for a disabled account"
+    );
     // Allowed through its group (useradd made a group named after the user).
     c.call("ssh.update", json!([{"password_login_groups": [u2]}])).await;
     let o = ssh_password_login(work.path(), &kh, port, &u2, pw);
@@ -311,7 +347,10 @@ async fn home_location_writes_dot_ssh_as_truenas_does() {
     let d = Daemon::start_in(
         Arc::new(TestDir::new("home")),
         DaemonOpts {
-            env: vec![("KEYHAVEN_ACCOUNTS_MANAGE_OS".into(), "true".into()), ("KEYHAVEN_SSH_AUTHORIZED_KEYS_LOCATION".into(), "home".into())],
+            env: vec![
+                ("KEYHAVEN_ACCOUNTS_MANAGE_OS".into(), "true".into()),
+                ("KEYHAVEN_SSH_AUTHORIZED_KEYS_LOCATION".into(), "home".into()),
+            ],
             ..Default::default()
         },
     );
@@ -340,9 +379,17 @@ async fn readonly_admin_cannot_write_and_sees_redacted_credentials() {
     let d = Daemon::start();
     let mut a = d.admin().await;
     // `daemon` exists on every Debian system: no OS account needs creating.
-    a.call("user.create", json!([{"username": "daemon", "full_name": "ro", "password": "ro-password-1", "roles": ["READONLY_ADMIN"]}])).await;
+    a.call(
+        "user.create",
+        json!([{"username": "daemon", "full_name": "ro", "password": "ro-password-1", "roles": ["READONLY_ADMIN"]}]),
+    )
+    .await;
     let kp = a.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
-    a.call("keychaincredential.create", json!([{"name": "secret", "type": "SSH_KEY_PAIR", "attributes": {"private_key": kp["private_key"]}}])).await;
+    a.call(
+        "keychaincredential.create",
+        json!([{"name": "secret", "type": "SSH_KEY_PAIR", "attributes": {"private_key": kp["private_key"]}}]),
+    )
+    .await;
     let mut ro = d.client().await;
     ro.login("daemon", "ro-password-1").await;
     let methods = ro.call("core.get_methods", json!([])).await;
@@ -386,7 +433,12 @@ async fn two_factor_login() {
     assert!(!q.to_string().contains(&secret));
 
     let mut c = d.client().await;
-    let r = c.call("auth.login_ex", json!([{"mechanism": "PASSWORD_PLAIN", "username": "admin", "password": ADMIN_PASSWORD}])).await;
+    let r = c
+        .call(
+            "auth.login_ex",
+            json!([{"mechanism": "PASSWORD_PLAIN", "username": "admin", "password": ADMIN_PASSWORD}]),
+        )
+        .await;
     assert_eq!(r, json!({"response_type": "OTP_REQUIRED", "username": "admin"}));
     assert_eq!(c.err("auth.me", json!([])).await["data"]["error"], 207, "not logged in before the OTP");
     let r = c.call("auth.login_ex", json!([{"mechanism": "OTP_TOKEN", "otp_token": "000000"}])).await;
@@ -397,7 +449,10 @@ async fn two_factor_login() {
     // auth.login(username, password, otp_token).
     let mut c2 = d.client().await;
     assert_eq!(c2.call("auth.login", json!(["admin", ADMIN_PASSWORD])).await, false, "OTP required");
-    assert_eq!(c2.call("auth.login", json!(["admin", ADMIN_PASSWORD, totp.generate_current().to_string()])).await, true);
+    assert_eq!(
+        c2.call("auth.login", json!(["admin", ADMIN_PASSWORD, totp.generate_current().to_string()])).await,
+        true
+    );
     // Disabled again: the password alone works.
     a.call("user.unset_2fa_secret", json!(["admin"])).await;
     let mut c3 = d.client().await;
@@ -420,9 +475,19 @@ async fn accounts_ssh_and_service_reject_bad_input() {
     let ssh_before = a.call("ssh.config", json!([])).await;
     let cases: Vec<(&str, Value, &str, &str)> = vec![
         ("user.update", json!([rid, {"sshpubkey": kp["private_key"]}]), "user_update.sshpubkey", "private key"),
-        ("user.update", json!([rid, {"sshpubkey": format!("# keys\n{}\nssh-ed25519 AAAAnotbase64", kp["public_key"].as_str().unwrap().trim())}]), "user_update.sshpubkey", "Line 3"),
+        (
+            "user.update",
+            json!([rid, {"sshpubkey": format!("# keys\n{}\nssh-ed25519 AAAAnotbase64", kp["public_key"].as_str().unwrap().trim())}]),
+            "user_update.sshpubkey",
+            "Line 3",
+        ),
         ("user.update", json!([rid, {"sshpubkey": "ssh-foo AAAA"}]), "user_update.sshpubkey", "Line 1"),
-        ("user.update", json!([rid, {"sshpubkey": format!("bogus-option {}", kp["public_key"].as_str().unwrap())}]), "user_update.sshpubkey", "Line 1"),
+        (
+            "user.update",
+            json!([rid, {"sshpubkey": format!("bogus-option {}", kp["public_key"].as_str().unwrap())}]),
+            "user_update.sshpubkey",
+            "Line 1",
+        ),
         ("user.update", json!([rid, {"sshpubkey": 5}]), "user_update.sshpubkey", "valid string"),
         ("user.update", json!([rid, {"nope": 1}]), "user_update.nope", "Extra inputs"),
         ("user.update", json!([rid, {"roles": ["READONLY_ADMIN"]}]), "user_update.roles", "built-in"),
@@ -432,14 +497,24 @@ async fn accounts_ssh_and_service_reject_bad_input() {
         ("user.update", json!(["1", {}]), "user_update.id", "valid integer"),
         ("user.create", json!([{"username": "Bad Name", "password": "x"}]), "user_create.username", "lowercase"),
         ("user.create", json!([{"username": "admin", "password": "x"}]), "user_create.username", "already exists"),
-        ("user.create", json!([{"username": "nosuchosaccount", "password": "x"}]), "user_create.username", "no OS account"),
+        (
+            "user.create",
+            json!([{"username": "nosuchosaccount", "password": "x"}]),
+            "user_create.username",
+            "no OS account",
+        ),
         ("user.create", json!([{"username": "daemon"}]), "user_create.password", "required"),
         ("user.create", json!([{}]), "user_create.username", "Field required"),
         ("user.delete", json!([999999]), "", "does not exist"),
         ("ssh.update", json!([{"tcpport": 0}]), "ssh_update.tcpport", ""),
         ("ssh.update", json!([{"tcpport": 70000}]), "ssh_update.tcpport", ""),
         ("ssh.update", json!([{"tcpport": "22"}]), "ssh_update.tcpport", "valid integer"),
-        ("ssh.update", json!([{"bindiface": ["nosuchif0"]}]), "ssh_update.bindiface", "The following interfaces are not valid: nosuchif0"),
+        (
+            "ssh.update",
+            json!([{"bindiface": ["nosuchif0"]}]),
+            "ssh_update.bindiface",
+            "The following interfaces are not valid: nosuchif0",
+        ),
         ("ssh.update", json!([{"sftp_log_level": "LOUD"}]), "ssh_update.sftp_log_level", ""),
         ("ssh.update", json!([{"weak_ciphers": ["RC4"]}]), "ssh_update.weak_ciphers", ""),
         ("ssh.update", json!([{"options": "HostKey /etc/shadow"}]), "ssh_update.options", "HostKey"),
@@ -454,7 +529,11 @@ async fn accounts_ssh_and_service_reject_bad_input() {
     for (m, p, attr, msg) in cases {
         let e = a.err(m, p.clone()).await;
         let ex = extra(&e);
-        assert!(ex.iter().any(|(at, mm)| at.starts_with(attr) && mm.contains(msg)), "{m} {}: expected [{attr}] ~ {msg:?}, got {ex:?}", p.to_string().chars().take(120).collect::<String>());
+        assert!(
+            ex.iter().any(|(at, mm)| at.starts_with(attr) && mm.contains(msg)),
+            "{m} {}: expected [{attr}] ~ {msg:?}, got {ex:?}",
+            p.to_string().chars().take(120).collect::<String>()
+        );
     }
     // The private-key message tells what to do and leaks no key material.
     let e = a.err("user.update", json!([rid, {"sshpubkey": kp["private_key"]}])).await;

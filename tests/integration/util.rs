@@ -163,13 +163,7 @@ impl Daemon {
 
     /// `keyhaven call` through the local socket.
     pub fn call_cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin())
-            .arg("call")
-            .arg("--data-dir")
-            .arg(self.dir.path())
-            .args(args)
-            .output()
-            .unwrap()
+        Command::new(bin()).arg("call").arg("--data-dir").arg(self.dir.path()).args(args).output().unwrap()
     }
 
     /// `keyhaven call` and parse the JSON it prints.
@@ -287,7 +281,9 @@ impl Client {
     }
 
     pub async fn login(&mut self, user: &str, pw: &str) {
-        let r = self.call("auth.login_ex", json!([{"mechanism": "PASSWORD_PLAIN", "username": user, "password": pw}])).await;
+        let r = self
+            .call("auth.login_ex", json!([{"mechanism": "PASSWORD_PLAIN", "username": user, "password": pw}]))
+            .await;
         assert_eq!(r["response_type"], "SUCCESS", "login as {user}: {r}");
     }
 }
@@ -306,10 +302,7 @@ pub fn extra(e: &Value) -> Vec<(String, String)> {
 /// Assert a validation error names `attr` (and its message contains `msg`).
 pub fn assert_field(e: &Value, attr: &str, msg: &str) {
     let ex = extra(e);
-    assert!(
-        ex.iter().any(|(a, m)| a == attr && m.contains(msg)),
-        "expected [{attr}] containing {msg:?}, got {ex:?}"
-    );
+    assert!(ex.iter().any(|(a, m)| a == attr && m.contains(msg)), "expected [{attr}] containing {msg:?}, got {ex:?}");
 }
 
 /// Assert a call error with errno name.

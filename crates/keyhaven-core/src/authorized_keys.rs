@@ -61,30 +61,15 @@ pub const SUPPORTED_KEY_TYPES: &[&str] = &[
 ];
 
 /// Options that take no value; each of these may also be written `no-<name>`.
-const NEGATABLE_FLAGS: &[&str] = &[
-    "agent-forwarding",
-    "port-forwarding",
-    "pty",
-    "touch-required",
-    "user-rc",
-    "verify-required",
-    "x11-forwarding",
-];
+const NEGATABLE_FLAGS: &[&str] =
+    &["agent-forwarding", "port-forwarding", "pty", "touch-required", "user-rc", "verify-required", "x11-forwarding"];
 
 /// Options that take no value and cannot be negated.
 const PLAIN_FLAGS: &[&str] = &["cert-authority", "restrict"];
 
 /// Options that require a double-quoted value.
-const VALUE_OPTIONS: &[&str] = &[
-    "command",
-    "environment",
-    "expiry-time",
-    "from",
-    "permitlisten",
-    "permitopen",
-    "principals",
-    "tunnel",
-];
+const VALUE_OPTIONS: &[&str] =
+    &["command", "environment", "expiry-time", "from", "permitlisten", "permitopen", "principals", "tunnel"];
 
 /// Value options that sshd refuses to see twice on one line.
 const SINGLE_VALUE_OPTIONS: &[&str] = &["command", "from", "principals"];
@@ -135,10 +120,7 @@ pub struct AuthorizedKeysError {
 
 impl AuthorizedKeysError {
     fn line(line_no: usize, message: impl Into<String>) -> Self {
-        Self {
-            line_no: Some(line_no),
-            message: message.into(),
-        }
+        Self { line_no: Some(line_no), message: message.into() }
     }
 
     /// This error as a [`FieldError`] on `attribute` (message = the `Display` text).
@@ -227,33 +209,25 @@ fn looks_like_private_key(line: &str) -> bool {
         || upper.starts_with("---- END");
     (armour && upper.contains("PRIVATE KEY"))
         || line.starts_with("PuTTY-User-Key-File")
-        || line
-            .split_whitespace()
-            .any(|t| t.starts_with(OPENSSH_PRIVATE_BODY_PREFIX))
+        || line.split_whitespace().any(|t| t.starts_with(OPENSSH_PRIVATE_BODY_PREFIX))
 }
 
 /// Parse one non-blank, non-comment line (already trimmed). Errors are messages
 /// without the line prefix.
 fn parse_line(line: &str, line_no: usize) -> Result<AuthorizedKeyLine, String> {
     if line.chars().any(|c| c.is_control() && c != '\t') {
-        return Err(
-            "contains a control character; each key must be on one line of plain text".to_string(),
-        );
+        return Err("contains a control character; each key must be on one line of plain text".to_string());
     }
     if line.starts_with("---- BEGIN SSH2 PUBLIC KEY") {
-        return Err(
-            "this is an RFC 4716 (SSH2) public key; convert it to the one-line OpenSSH \
+        return Err("this is an RFC 4716 (SSH2) public key; convert it to the one-line OpenSSH \
                     form with `ssh-keygen -i -f <file>` and paste that"
-                .to_string(),
-        );
+            .to_string());
     }
     if line.starts_with("-----BEGIN") || line.starts_with("-----END") {
-        return Err(
-            "this is PEM-armoured data, not an OpenSSH public key; paste the one-line \
+        return Err("this is PEM-armoured data, not an OpenSSH public key; paste the one-line \
                     public key (e.g. the contents of ~/.ssh/id_ed25519.pub); a PEM public key \
                     can be converted with `ssh-keygen -i -m PKCS8 -f <file>`"
-                .to_string(),
-        );
+            .to_string());
     }
 
     let mut words = line.split([' ', '\t']).filter(|w| !w.is_empty());
@@ -262,17 +236,13 @@ fn parse_line(line: &str, line_no: usize) -> Result<AuthorizedKeyLine, String> {
 
     // No options when the first word is a key type, or when it is followed by
     // a base64 blob and cannot be an option (then it is an unknown key type).
-    let bare_type = second.is_some_and(|s| s.starts_with("AAAA"))
-        && !first.contains([',', '=', '"'])
-        && !is_option_name(first);
+    let bare_type =
+        second.is_some_and(|s| s.starts_with("AAAA")) && !first.contains([',', '=', '"']) && !is_option_name(first);
     let has_options = !looks_like_key_type(first) && !bare_type;
 
     let (options, rest) = if has_options {
         if first.starts_with("AAAA") {
-            return Err(
-                "the key type is missing: a line looks like `ssh-ed25519 AAAA… comment`"
-                    .to_string(),
-            );
+            return Err("the key type is missing: a line looks like `ssh-ed25519 AAAA… comment`".to_string());
         }
         let (opts_text, rest) = split_options(line)?;
         (parse_options(opts_text)?, rest)
@@ -316,17 +286,13 @@ fn looks_like_key_type(tok: &str) -> bool {
         return false;
     }
     SUPPORTED_KEY_TYPES.contains(&tok)
-        || ["ssh-", "ecdsa-", "sk-", "rsa-", "x509v3-", "webauthn-"]
-            .iter()
-            .any(|p| tok.starts_with(p))
+        || ["ssh-", "ecdsa-", "sk-", "rsa-", "x509v3-", "webauthn-"].iter().any(|p| tok.starts_with(p))
 }
 
 fn is_option_name(tok: &str) -> bool {
     let lower = tok.to_ascii_lowercase();
     let base = lower.strip_prefix("no-").unwrap_or(&lower);
-    NEGATABLE_FLAGS.contains(&base)
-        || PLAIN_FLAGS.contains(&lower.as_str())
-        || VALUE_OPTIONS.contains(&lower.as_str())
+    NEGATABLE_FLAGS.contains(&base) || PLAIN_FLAGS.contains(&lower.as_str()) || VALUE_OPTIONS.contains(&lower.as_str())
 }
 
 /// Split the quote-aware options field off the start of `line`: it ends at the
@@ -345,11 +311,9 @@ fn split_options(line: &str) -> Result<(&str, &str), String> {
         i += 1;
     }
     if in_quote {
-        Err(
-            "unterminated quote in the key options (a value option looks like \
+        Err("unterminated quote in the key options (a value option looks like \
              command=\"…\")"
-                .to_string(),
-        )
+            .to_string())
     } else {
         Ok((line, ""))
     }
@@ -357,11 +321,7 @@ fn split_options(line: &str) -> Result<(&str, &str), String> {
 
 /// Show a user-supplied name in a message: printable ASCII only, at most 40 chars.
 fn shown(name: &str) -> String {
-    let mut out: String = name
-        .chars()
-        .take(40)
-        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
-        .collect();
+    let mut out: String = name.chars().take(40).map(|c| if c.is_ascii_graphic() { c } else { '?' }).collect();
     if name.chars().count() > 40 {
         out.push('…');
     }
@@ -384,8 +344,7 @@ fn parse_options(text: &str) -> Result<Vec<String>, String> {
         let lower = name.to_ascii_lowercase();
         if name.is_empty() {
             return Err(if i < bytes.len() && bytes[i] == b'"' {
-                "misplaced quote in the key options (a value option looks like from=\"…\")"
-                    .to_string()
+                "misplaced quote in the key options (a value option looks like from=\"…\")".to_string()
             } else {
                 "empty key option (stray comma?)".to_string()
             });
@@ -398,24 +357,18 @@ fn parse_options(text: &str) -> Result<Vec<String>, String> {
         }
         let is_flag = PLAIN_FLAGS.contains(&lower.as_str())
             || NEGATABLE_FLAGS.contains(&lower.strip_prefix("no-").unwrap_or(&lower));
-        let value_option: Option<&'static str> =
-            VALUE_OPTIONS.iter().copied().find(|o| *o == lower);
+        let value_option: Option<&'static str> = VALUE_OPTIONS.iter().copied().find(|o| *o == lower);
 
         if i < bytes.len() && bytes[i] == b'=' {
             if is_flag {
-                return Err(format!(
-                    "key option '{}' does not take a value",
-                    shown(name)
-                ));
+                return Err(format!("key option '{}' does not take a value", shown(name)));
             }
             let Some(canonical) = value_option else {
                 return Err(format!("unknown key option '{}'", shown(name)));
             };
             i += 1;
             if bytes.get(i) != Some(&b'"') {
-                return Err(format!(
-                    "key option '{lower}' needs a double-quoted value, e.g. {lower}=\"…\""
-                ));
+                return Err(format!("key option '{lower}' needs a double-quoted value, e.g. {lower}=\"…\""));
             }
             i += 1;
             let mut value = String::new();
@@ -448,9 +401,7 @@ fn parse_options(text: &str) -> Result<Vec<String>, String> {
             }
             check_option_value(canonical, &value)?;
         } else if value_option.is_some() {
-            return Err(format!(
-                "key option '{lower}' needs a double-quoted value, e.g. {lower}=\"…\""
-            ));
+            return Err(format!("key option '{lower}' needs a double-quoted value, e.g. {lower}=\"…\""));
         } else if !is_flag {
             return Err(format!("unknown key option '{}'", shown(name)));
         }
@@ -465,9 +416,7 @@ fn parse_options(text: &str) -> Result<Vec<String>, String> {
                 }
             }
             Some(_) => {
-                return Err(format!(
-                    "unexpected text after key option '{lower}' (separate options with commas)"
-                ))
+                return Err(format!("unexpected text after key option '{lower}' (separate options with commas)"))
             }
         }
     }
@@ -481,9 +430,7 @@ fn check_option_value(name: &str, value: &str) -> Result<(), String> {
         "expiry-time" if !valid_expiry_time(value) => {
             "must be YYYYMMDD, YYYYMMDDHHMM or YYYYMMDDHHMMSS (optionally ending in Z for UTC)"
         }
-        "permitopen" if !valid_permit(value, false) => {
-            "must look like permitopen=\"host:port\" (port 1-65535 or *)"
-        }
+        "permitopen" if !valid_permit(value, false) => "must look like permitopen=\"host:port\" (port 1-65535 or *)",
         "permitlisten" if !valid_permit(value, true) => {
             "must look like permitlisten=\"[host:]port\" (port 1-65535 or *)"
         }
@@ -495,9 +442,9 @@ fn check_option_value(name: &str, value: &str) -> Result<(), String> {
 }
 
 fn valid_environment(value: &str) -> bool {
-    value.split_once('=').is_some_and(|(var, _)| {
-        !var.is_empty() && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-    })
+    value
+        .split_once('=')
+        .is_some_and(|(var, _)| !var.is_empty() && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
 }
 
 fn valid_tunnel(value: &str) -> bool {
@@ -512,12 +459,10 @@ fn valid_expiry_time(value: &str) -> bool {
     let digits = value
         .strip_suffix(['Z', 'z'])
         .or_else(|| {
-            value.len().checked_sub(3).and_then(|n| {
-                value
-                    .get(n..)
-                    .filter(|s| s.eq_ignore_ascii_case("UTC"))
-                    .map(|_| &value[..n])
-            })
+            value
+                .len()
+                .checked_sub(3)
+                .and_then(|n| value.get(n..).filter(|s| s.eq_ignore_ascii_case("UTC")).map(|_| &value[..n]))
         })
         .unwrap_or(value);
     if !matches!(digits.len(), 8 | 12 | 14) || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -563,25 +508,18 @@ fn check_key_type(key_type: &str) -> Result<(), String> {
         return Ok(());
     }
     if key_type.ends_with("-cert-v01@openssh.com") {
-        return Err(
-            "OpenSSH certificates cannot be used in authorized_keys (sshd never matches \
+        return Err("OpenSSH certificates cannot be used in authorized_keys (sshd never matches \
                     them there); add the public key itself, or the CA's public key with the \
                     cert-authority option to trust certificates it signs"
-                .to_string(),
-        );
+            .to_string());
     }
     if key_type == "ssh-dss" {
-        return Err(
-            "DSA keys (ssh-dss) are not supported: they are insecure and disabled in \
+        return Err("DSA keys (ssh-dss) are not supported: they are insecure and disabled in \
                     OpenSSH; use an Ed25519 key (ssh-keygen -t ed25519)"
-                .to_string(),
-        );
+            .to_string());
     }
     let supported = SUPPORTED_KEY_TYPES.join(", ");
-    Err(format!(
-        "unsupported key type '{}' (supported: {supported})",
-        shown(key_type)
-    ))
+    Err(format!("unsupported key type '{}' (supported: {supported})", shown(key_type)))
 }
 
 /// Lenient decoder used only to read the key type embedded in the blob.
@@ -592,9 +530,8 @@ const LENIENT_B64: GeneralPurpose = GeneralPurpose::new(
 
 /// Check the blob is a valid key of `key_type`; returns its SHA-256 fingerprint.
 fn decode_key(key_type: &str, b64: &str) -> Result<String, String> {
-    let invalid = || {
-        format!("the key data is not a valid {key_type} public key (is the base64 complete and unbroken?)")
-    };
+    let invalid =
+        || format!("the key data is not a valid {key_type} public key (is the base64 complete and unbroken?)");
     let blob = LENIENT_B64.decode(b64).map_err(|_| invalid())?;
     let embedded = blob
         .get(..4)
@@ -603,16 +540,12 @@ fn decode_key(key_type: &str, b64: &str) -> Result<String, String> {
         .and_then(|t| std::str::from_utf8(t).ok())
         .ok_or_else(invalid)?;
     if embedded != key_type {
-        let what = if SUPPORTED_KEY_TYPES.contains(&embedded)
-            || embedded.ends_with("-cert-v01@openssh.com")
-        {
+        let what = if SUPPORTED_KEY_TYPES.contains(&embedded) || embedded.ends_with("-cert-v01@openssh.com") {
             format!("an {embedded} key")
         } else {
             "something else".to_string()
         };
-        return Err(format!(
-            "the line says {key_type} but the key data is {what}"
-        ));
+        return Err(format!("the line says {key_type} but the key data is {what}"));
     }
     let key = PublicKey::from_openssh(&format!("{key_type} {b64}")).map_err(|_| invalid())?;
     if let KeyData::Rsa(rsa) = key.key_data() {
@@ -624,9 +557,7 @@ fn decode_key(key_type: &str, b64: &str) -> Result<String, String> {
             ));
         }
         if bits > MAX_RSA_BITS {
-            return Err(format!(
-                "RSA key is {bits} bits; sshd accepts at most {MAX_RSA_BITS}"
-            ));
+            return Err(format!("RSA key is {bits} bits; sshd accepts at most {MAX_RSA_BITS}"));
         }
     }
     Ok(key.fingerprint(HashAlg::Sha256).to_string())
@@ -637,8 +568,7 @@ mod tests {
     use super::*;
 
     // Public halves of throwaway keys made with ssh-keygen; fingerprints from `ssh-keygen -lf`.
-    const ED25519: &str =
-        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK9NKyrphVtBRFeWkXgnZ3hhUazR6Xdy3l1nQw8wIq7n";
+    const ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK9NKyrphVtBRFeWkXgnZ3hhUazR6Xdy3l1nQw8wIq7n";
     const ED25519_FP: &str = "SHA256:+Atcx1SryFebOabAbPA3jJbQHtjv20k0yoairMr9dXY";
     const ECDSA256: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBCgubu/2PLus7x9ZBFMPeiYOzXrgjlKEMgdEQ+nl1cVmT8Mbjr3EminyHP/+fgyQ+1HaBCMTaVsO4ePJKq2FKgw=";
     const ECDSA256_FP: &str = "SHA256:pAUbrrcDi3uVwitKU0QSEB4LQZKbCxMaSpl1TL8hiaE";
@@ -687,9 +617,7 @@ mod tests {
 
     #[test]
     fn blank_and_comment_lines_are_skipped_and_line_numbers_kept() {
-        let text = format!(
-            "# backup keys\n\n   \n{ED25519} alice@laptop\n  # indented comment\n{RSA2048}\r\n"
-        );
+        let text = format!("# backup keys\n\n   \n{ED25519} alice@laptop\n  # indented comment\n{RSA2048}\r\n");
         let keys = parse_authorized_keys(&text).unwrap();
         assert_eq!(keys.len(), 2);
         assert_eq!(keys[0].line_no, 4);
@@ -697,9 +625,7 @@ mod tests {
         assert_eq!(keys[1].line_no, 6);
         assert_eq!(keys[1].key_type, "ssh-rsa");
         assert!(parse_authorized_keys("").unwrap().is_empty());
-        assert!(parse_authorized_keys("\n# only a comment\n")
-            .unwrap()
-            .is_empty());
+        assert!(parse_authorized_keys("\n# only a comment\n").unwrap().is_empty());
     }
 
     #[test]
@@ -840,10 +766,7 @@ mod tests {
             assert_eq!(e.line_no, Some(2), "{text}");
             assert!(e.message.contains("private key"), "{e}");
             assert!(e.message.contains(".pub"), "{e}");
-            assert!(
-                !e.message.contains("b3BlbnNz") && !e.message.contains("MII"),
-                "{e}"
-            );
+            assert!(!e.message.contains("b3BlbnNz") && !e.message.contains("MII"), "{e}");
         }
         // Reported even when an earlier line is broken.
         let e = err("garbage line\n-----BEGIN OPENSSH PRIVATE KEY-----\n");
@@ -863,25 +786,18 @@ mod tests {
     fn small_rsa_keys_are_refused() {
         let e = err(&format!("{ED25519}\n{RSA1024} old"));
         assert_eq!(e.line_no, Some(2));
-        assert!(
-            e.message.contains("1024 bits") && e.message.contains("2048"),
-            "{e}"
-        );
+        assert!(e.message.contains("1024 bits") && e.message.contains("2048"), "{e}");
     }
 
     #[test]
     fn certificates_dsa_and_unknown_types_are_refused_clearly() {
         let e = err(CERT);
-        assert!(
-            e.message.contains("certificates") && e.message.contains("cert-authority"),
-            "{e}"
-        );
+        assert!(e.message.contains("certificates") && e.message.contains("cert-authority"), "{e}");
         let e = err("ssh-dss AAAAB3NzaC1kc3MAAACBAP1 old");
         assert!(e.message.contains("DSA"), "{e}");
         let e = err("ssh-foo AAAAC3NzaC1lZDI1NTE5 x");
         assert!(e.message.contains("unsupported key type 'ssh-foo'"), "{e}");
-        let e =
-            err("SSH-ED25519 AAAAC3NzaC1lZDI1NTE5AAAAIK9NKyrphVtBRFeWkXgnZ3hhUazR6Xdy3l1nQw8wIq7n");
+        let e = err("SSH-ED25519 AAAAC3NzaC1lZDI1NTE5AAAAIK9NKyrphVtBRFeWkXgnZ3hhUazR6Xdy3l1nQw8wIq7n");
         assert!(e.message.contains("unsupported key type"), "{e}");
         let e = err("AAAAC3NzaC1lZDI1NTE5AAAAIK9NKyrphVtBRFeWkXgnZ3hhUazR6Xdy3l1nQw8wIq7n me@host");
         assert!(e.message.contains("key type is missing"), "{e}");
@@ -892,11 +808,7 @@ mod tests {
     fn type_and_blob_must_agree_and_blob_must_be_valid() {
         let ed_blob = ED25519.split(' ').nth(1).unwrap();
         let e = err(&format!("ssh-rsa {ed_blob} x"));
-        assert!(
-            e.message
-                .contains("says ssh-rsa but the key data is an ssh-ed25519 key"),
-            "{e}"
-        );
+        assert!(e.message.contains("says ssh-rsa but the key data is an ssh-ed25519 key"), "{e}");
         let e = err("ssh-ed25519");
         assert!(e.message.contains("key data is missing"), "{e}");
         let e = err("no-pty ssh-ed25519");
@@ -905,10 +817,7 @@ mod tests {
         assert!(e.message.contains("key type and key are missing"), "{e}");
         let truncated = &ED25519[..ED25519.len() - 8];
         let e = err(truncated);
-        assert!(
-            e.message.contains("not a valid ssh-ed25519 public key"),
-            "{e}"
-        );
+        assert!(e.message.contains("not a valid ssh-ed25519 public key"), "{e}");
         assert!(!e.message.contains("AAAA"), "{e}");
         let e = err("ssh-ed25519 !!!notbase64!!!");
         assert!(e.message.contains("not a valid"), "{e}");
@@ -930,16 +839,10 @@ mod tests {
         assert!(text.len() > MAX_AUTHORIZED_KEYS_BYTES);
         let e = err(&text);
         assert_eq!(e.line_no, None);
-        assert!(
-            e.message.contains("262144") && e.message.contains("256 KiB"),
-            "{e}"
-        );
+        assert!(e.message.contains("262144") && e.message.contains("256 KiB"), "{e}");
         assert!(!e.to_string().starts_with("Line"));
         let ok = format!("{ED25519}\n").repeat(MAX_AUTHORIZED_KEYS_BYTES / 100);
-        assert_eq!(
-            parse_authorized_keys(&ok).unwrap().len(),
-            MAX_AUTHORIZED_KEYS_BYTES / 100
-        );
+        assert_eq!(parse_authorized_keys(&ok).unwrap().len(), MAX_AUTHORIZED_KEYS_BYTES / 100);
     }
 
     #[test]
@@ -993,9 +896,7 @@ mod tests {
             let len = (seed % 40) as usize;
             let mut s = String::new();
             for _ in 0..len {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 s.push(alphabet[(seed >> 33) as usize % alphabet.len()]);
             }
             inputs.push(s);

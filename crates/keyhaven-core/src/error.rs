@@ -34,11 +34,8 @@ impl FieldError {
     /// Prefix the attribute with a schema or parent path (`schema` + `.` + attribute).
     pub fn prefixed(mut self, prefix: &str) -> Self {
         if !prefix.is_empty() {
-            self.attribute = if self.attribute.is_empty() {
-                prefix.to_string()
-            } else {
-                format!("{prefix}.{}", self.attribute)
-            };
+            self.attribute =
+                if self.attribute.is_empty() { prefix.to_string() } else { format!("{prefix}.{}", self.attribute) };
         }
         self
     }

@@ -166,10 +166,7 @@ impl FromStr for KeyAlgorithm {
         } else if t.eq_ignore_ascii_case("RSA") {
             Ok(KeyAlgorithm::Rsa)
         } else {
-            Err(format!(
-                "Unknown key type {}: use ED25519, ECDSA or RSA",
-                quote_if_safe(t, 32)
-            ))
+            Err(format!("Unknown key type {}: use ED25519, ECDSA or RSA", quote_if_safe(t, 32)))
         }
     }
 }
@@ -199,9 +196,7 @@ pub fn validate_generate_options(o: &GenerateOptions) -> Result<u32, FieldError>
                 KeyAlgorithm::Ecdsa => {
                     format!("ECDSA keys must be 256, 384 or 521 bits (got {b}); the default is 256")
                 }
-                KeyAlgorithm::Rsa => format!(
-                    "RSA keys must be 2048, 3072 or 4096 bits (got {b}); the default is 3072"
-                ),
+                KeyAlgorithm::Rsa => format!("RSA keys must be 2048, 3072 or 4096 bits (got {b}); the default is 3072"),
             };
             return Err(FieldError::new("size", msg));
         }
@@ -235,10 +230,7 @@ pub struct KeyPairText {
 
 impl fmt::Debug for KeyPairText {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyPairText")
-            .field("private_key", &"<redacted>")
-            .field("public_key", &self.public_key)
-            .finish()
+        f.debug_struct("KeyPairText").field("private_key", &"<redacted>").field("public_key", &self.public_key).finish()
     }
 }
 
@@ -247,13 +239,9 @@ impl fmt::Debug for KeyPairText {
 pub fn generate(o: &GenerateOptions) -> Result<KeyPairText, FieldError> {
     let bits = validate_generate_options(o)?;
     let mut rng = russh::keys::key::safe_rng();
-    let failed = |e: russh::keys::ssh_key::Error| {
-        FieldError::new("key_type", format!("Key generation failed: {e}"))
-    };
+    let failed = |e: russh::keys::ssh_key::Error| FieldError::new("key_type", format!("Key generation failed: {e}"));
     let mut key = match o.algorithm {
-        KeyAlgorithm::Ed25519 => {
-            PrivateKey::random(&mut rng, Algorithm::Ed25519).map_err(failed)?
-        }
+        KeyAlgorithm::Ed25519 => PrivateKey::random(&mut rng, Algorithm::Ed25519).map_err(failed)?,
         KeyAlgorithm::Ecdsa => {
             let curve = match bits {
                 384 => EcdsaCurve::NistP384,
@@ -270,12 +258,8 @@ pub fn generate(o: &GenerateOptions) -> Result<KeyPairText, FieldError> {
     let comment = o.comment.as_deref().unwrap_or("").trim();
     key.set_comment(comment);
     let private_key = openssh_text(&key).map_err(|e| FieldError::new("key_type", e))?;
-    let public_key = public_line(key.public_key().key_data(), comment)
-        .map_err(|e| FieldError::new("key_type", e))?;
-    Ok(KeyPairText {
-        private_key,
-        public_key,
-    })
+    let public_key = public_line(key.public_key().key_data(), comment).map_err(|e| FieldError::new("key_type", e))?;
+    Ok(KeyPairText { private_key, public_key })
 }
 
 /// File name stem ssh-keygen uses for the algorithm.
@@ -352,22 +336,19 @@ fn classify(key_data: &KeyData) -> Result<(KeyAlgorithm, u32), String> {
             }
             Ok((KeyAlgorithm::Rsa, bits))
         }
-        KeyData::Dsa(_) => Err(format!(
-            "DSA keys are not supported: OpenSSH has disabled them. {MSG_GENERATE_NEW}"
-        )),
+        KeyData::Dsa(_) => Err(format!("DSA keys are not supported: OpenSSH has disabled them. {MSG_GENERATE_NEW}")),
         KeyData::SkEd25519(_) | KeyData::SkEcdsaSha2NistP256(_) => Err(format!(
             "Security-key (FIDO, sk-...) keys are not supported: they need the hardware token \
              at every use. {MSG_SUPPORTED}."
         )),
-        KeyData::Certificate(_) => Err(
-            "SSH certificates are not supported here; use the plain public key (the .pub file \
+        KeyData::Certificate(_) => {
+            Err("SSH certificates are not supported here; use the plain public key (the .pub file \
              without -cert)"
-                .to_string(),
-        ),
-        other => Err(format!(
-            "Unsupported key type {}. {MSG_SUPPORTED}.",
-            quote_if_safe(other.algorithm().as_str(), 64)
-        )),
+                .to_string())
+        }
+        other => {
+            Err(format!("Unsupported key type {}. {MSG_SUPPORTED}.", quote_if_safe(other.algorithm().as_str(), 64)))
+        }
     }
 }
 
@@ -385,14 +366,8 @@ fn mpint_bits(bytes: &[u8]) -> u32 {
 
 /// `"type base64[ comment]\n"`.
 fn public_line(key_data: &KeyData, comment: &str) -> Result<String, String> {
-    let blob = key_data
-        .encode_vec()
-        .map_err(|_| "The public key could not be encoded".to_string())?;
-    let mut s = format!(
-        "{} {}",
-        key_data.algorithm().as_str(),
-        STANDARD.encode(blob)
-    );
+    let blob = key_data.encode_vec().map_err(|_| "The public key could not be encoded".to_string())?;
+    let mut s = format!("{} {}", key_data.algorithm().as_str(), STANDARD.encode(blob));
     let comment = sanitize_comment(comment);
     if !comment.is_empty() {
         s.push(' ');
@@ -404,11 +379,7 @@ fn public_line(key_data: &KeyData, comment: &str) -> Result<String, String> {
 
 /// One line, printable, at most [`MAX_COMMENT_CHARS`] characters.
 fn sanitize_comment(comment: &str) -> String {
-    let s: String = comment
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(MAX_COMMENT_CHARS)
-        .collect();
+    let s: String = comment.chars().map(|c| if c.is_control() { ' ' } else { c }).take(MAX_COMMENT_CHARS).collect();
     s.trim().to_string()
 }
 
@@ -428,9 +399,7 @@ fn split_token(s: &str) -> (&str, &str) {
 
 /// Decode `base64` as an SSH public key blob of type `key_type`.
 fn decode_key_blob(key_type: &str, b64: &str) -> Result<KeyData, &'static str> {
-    let blob = STANDARD
-        .decode(b64)
-        .map_err(|_| "the key data is not valid base64")?;
+    let blob = STANDARD.decode(b64).map_err(|_| "the key data is not valid base64")?;
     let pk = PublicKey::from_bytes(&blob).map_err(|_| "the key data is not a valid SSH key")?;
     let key_data = pk.key_data().clone();
     if key_data.algorithm().as_str() != key_type && !key_data.is_certificate() {
@@ -464,9 +433,7 @@ fn parse_public_line(text: &str) -> Result<(KeyData, String), String> {
         ));
     }
     if t.contains('\n') || t.contains('\r') {
-        return Err(format!(
-            "{MSG_INVALID_PUBLIC}: give exactly one key on a single line (\"type base64 comment\")"
-        ));
+        return Err(format!("{MSG_INVALID_PUBLIC}: give exactly one key on a single line (\"type base64 comment\")"));
     }
     let (key_type, rest) = split_token(t);
     if !is_key_type_name(key_type) {
@@ -478,11 +445,9 @@ fn parse_public_line(text: &str) -> Result<(KeyData, String), String> {
     }
     let key_data = decode_key_blob(key_type, b64).map_err(|_| MSG_INVALID_PUBLIC.to_string())?;
     if key_data.is_certificate() {
-        return Err(
-            "SSH certificates are not supported here; use the plain public key (the .pub file \
+        return Err("SSH certificates are not supported here; use the plain public key (the .pub file \
              without -cert)"
-                .to_string(),
-        );
+            .to_string());
     }
     Ok((key_data, sanitize_comment(comment)))
 }
@@ -548,10 +513,7 @@ pub struct KeyPairError {
 
 impl KeyPairError {
     fn new(field: KeyPairField, message: impl Into<String>) -> Self {
-        Self {
-            field,
-            message: message.into(),
-        }
+        Self { field, message: message.into() }
     }
     fn private(message: impl Into<String>) -> Self {
         Self::new(KeyPairField::PrivateKey, message)
@@ -597,10 +559,7 @@ pub struct ValidatedKeyPair {
 impl fmt::Debug for ValidatedKeyPair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ValidatedKeyPair")
-            .field(
-                "private_key",
-                &self.private_key.as_ref().map(|_| "<redacted>"),
-            )
+            .field("private_key", &self.private_key.as_ref().map(|_| "<redacted>"))
             .field("public_key", &self.public_key)
             .field("info", &self.info)
             .finish()
@@ -626,9 +585,7 @@ pub fn validate_key_pair(
     let passphrase = passphrase.filter(|p| !p.is_empty());
     if let Some(p) = passphrase {
         if p.len() > MAX_PASSPHRASE_LEN {
-            return Err(KeyPairError::passphrase(format!(
-                "The passphrase must be at most {MAX_PASSPHRASE_LEN} bytes"
-            )));
+            return Err(KeyPairError::passphrase(format!("The passphrase must be at most {MAX_PASSPHRASE_LEN} bytes")));
         }
     }
 
@@ -656,19 +613,12 @@ pub fn validate_key_pair(
                     }
                     (given, comment)
                 }
-                None => (
-                    derived.clone(),
-                    sanitize_comment(key.comment().as_str_lossy()),
-                ),
+                None => (derived.clone(), sanitize_comment(key.comment().as_str_lossy())),
             };
             let public_text = public_line(&public_data, &comment).map_err(KeyPairError::public)?;
             let info = key_info(&public_data, &comment).map_err(KeyPairError::public)?;
             let private_text = openssh_text(&key).map_err(KeyPairError::private)?;
-            Ok(ValidatedKeyPair {
-                private_key: Some(private_text),
-                public_key: public_text,
-                info,
-            })
+            Ok(ValidatedKeyPair { private_key: Some(private_text), public_key: public_text, info })
         }
         None => {
             let Some((key_data, comment)) = given_public else {
@@ -677,11 +627,7 @@ pub fn validate_key_pair(
             check_supported(&key_data).map_err(KeyPairError::public)?;
             let public_text = public_line(&key_data, &comment).map_err(KeyPairError::public)?;
             let info = key_info(&key_data, &comment).map_err(KeyPairError::public)?;
-            Ok(ValidatedKeyPair {
-                private_key: None,
-                public_key: public_text,
-                info,
-            })
+            Ok(ValidatedKeyPair { private_key: None, public_key: public_text, info })
         }
     }
 }
@@ -739,9 +685,7 @@ const LENIENT_B64: GeneralPurpose = GeneralPurpose::new(
 );
 
 fn is_armour_begin(line: &str) -> Option<&str> {
-    line.strip_prefix("-----BEGIN ")?
-        .strip_suffix("-----")
-        .map(str::trim)
+    line.strip_prefix("-----BEGIN ")?.strip_suffix("-----").map(str::trim)
 }
 
 /// Find the first `-----BEGIN <...> PRIVATE KEY-----` block (skipping e.g. `EC PARAMETERS`).
@@ -756,11 +700,11 @@ fn find_private_armour<'a>(lines: &[&'a str]) -> Result<Armour<'a>, KeyPairError
         "ENCRYPTED PRIVATE KEY",
         "SSH2 ENCRYPTED PRIVATE KEY",
     ];
-    let Some((start, label)) = lines.iter().enumerate().find_map(|(i, l)| {
-        is_armour_begin(l)
-            .filter(|lab| lab.ends_with("PRIVATE KEY"))
-            .map(|lab| (i, lab))
-    }) else {
+    let Some((start, label)) = lines
+        .iter()
+        .enumerate()
+        .find_map(|(i, l)| is_armour_begin(l).filter(|lab| lab.ends_with("PRIVATE KEY")).map(|lab| (i, lab)))
+    else {
         return Err(KeyPairError::private(MSG_UNREADABLE));
     };
     let Some(label) = LABELS.iter().copied().find(|l| *l == label) else {
@@ -797,10 +741,7 @@ fn find_private_armour<'a>(lines: &[&'a str]) -> Result<Armour<'a>, KeyPairError
         if line.is_empty() {
             continue;
         }
-        if !line
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
-        {
+        if !line.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=') {
             return Err(KeyPairError::private(MSG_DAMAGED));
         }
         b64.push_str(line);
@@ -808,15 +749,8 @@ fn find_private_armour<'a>(lines: &[&'a str]) -> Result<Armour<'a>, KeyPairError
     if b64.is_empty() {
         return Err(KeyPairError::private(MSG_DAMAGED));
     }
-    let der = LENIENT_B64
-        .decode(b64.as_bytes())
-        .map(Zeroizing::new)
-        .map_err(|_| KeyPairError::private(MSG_DAMAGED))?;
-    Ok(Armour {
-        label,
-        headers,
-        der,
-    })
+    let der = LENIENT_B64.decode(b64.as_bytes()).map(Zeroizing::new).map_err(|_| KeyPairError::private(MSG_DAMAGED))?;
+    Ok(Armour { label, headers, der })
 }
 
 /// The PEM header names we look at; others are kept as "other".
@@ -831,11 +765,8 @@ fn header_name(k: &str) -> &'static str {
 }
 
 fn safe_label(label: &str) -> Option<&str> {
-    (label.len() <= 40
-        && label
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b' '))
-    .then_some(label)
+    (label.len() <= 40 && label.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b' '))
+        .then_some(label)
 }
 
 /// Parse a pasted private key into a decrypted [`PrivateKey`].
@@ -850,17 +781,10 @@ fn parse_private_key(text: &str, passphrase: Option<&str>) -> Result<PrivateKey,
         return Err(KeyPairError::private(MSG_LOOKS_PUBLIC));
     }
     let lines: Vec<&str> = text.lines().map(str::trim).collect();
-    if lines
-        .iter()
-        .find(|l| !l.is_empty())
-        .is_some_and(|l| l.starts_with("PuTTY-User-Key-File-"))
-    {
+    if lines.iter().find(|l| !l.is_empty()).is_some_and(|l| l.starts_with("PuTTY-User-Key-File-")) {
         return parse_ppk(&lines, passphrase);
     }
-    if lines
-        .iter()
-        .any(|l| l.starts_with("---- BEGIN SSH2 ENCRYPTED PRIVATE KEY"))
-    {
+    if lines.iter().any(|l| l.starts_with("---- BEGIN SSH2 ENCRYPTED PRIVATE KEY")) {
         return Err(KeyPairError::private(
             "SSH2 (ssh.com / Tectia) private keys are not supported. Convert the key to OpenSSH \
              format first (ssh-keygen -i -f <file>)",
@@ -893,10 +817,9 @@ fn parse_openssh(der: &[u8], passphrase: Option<&str>) -> Result<PrivateKey, Key
         return Err(KeyPairError::private(MSG_DAMAGED));
     }
     let key = PrivateKey::from_bytes(der).map_err(|e| match e {
-        russh::keys::ssh_key::Error::AlgorithmUnknown
-        | russh::keys::ssh_key::Error::AlgorithmUnsupported { .. } => KeyPairError::private(
-            format!("This private key's type is not supported. {MSG_SUPPORTED}."),
-        ),
+        russh::keys::ssh_key::Error::AlgorithmUnknown | russh::keys::ssh_key::Error::AlgorithmUnsupported { .. } => {
+            KeyPairError::private(format!("This private key's type is not supported. {MSG_SUPPORTED}."))
+        }
         _ => KeyPairError::private(MSG_DAMAGED),
     })?;
     // The public half is in clear text even when the key is encrypted: refuse
@@ -919,11 +842,12 @@ fn parse_openssh(der: &[u8], passphrase: Option<&str>) -> Result<PrivateKey, Key
     }
     key.decrypt(pass).map_err(|e| match e {
         russh::keys::ssh_key::Error::Crypto => KeyPairError::passphrase(MSG_WRONG_PASSPHRASE),
-        russh::keys::ssh_key::Error::AlgorithmUnsupported { .. }
-        | russh::keys::ssh_key::Error::AlgorithmUnknown => KeyPairError::private(
-            "This private key is encrypted with a cipher keyhaven cannot read. Re-encrypt it \
+        russh::keys::ssh_key::Error::AlgorithmUnsupported { .. } | russh::keys::ssh_key::Error::AlgorithmUnknown => {
+            KeyPairError::private(
+                "This private key is encrypted with a cipher keyhaven cannot read. Re-encrypt it \
              with a current ssh-keygen (ssh-keygen -p -f <file>) or remove the passphrase",
-        ),
+            )
+        }
         // A wrong passphrase usually fails the checkint comparison, which ssh-key may
         // report as an encoding error rather than `Crypto`.
         _ => KeyPairError::passphrase(MSG_WRONG_PASSPHRASE),
@@ -932,21 +856,11 @@ fn parse_openssh(der: &[u8], passphrase: Option<&str>) -> Result<PrivateKey, Key
 
 /// `-----BEGIN RSA PRIVATE KEY-----` / `-----BEGIN EC PRIVATE KEY-----`, optionally with
 /// `Proc-Type: 4,ENCRYPTED` and `DEK-Info:` (OpenSSL's legacy encryption).
-fn parse_traditional_pem(
-    armour: &Armour<'_>,
-    passphrase: Option<&str>,
-) -> Result<PrivateKey, KeyPairError> {
-    let encrypted = armour
-        .headers
-        .iter()
-        .any(|(k, v)| *k == "Proc-Type" && v.to_ascii_uppercase().contains("ENCRYPTED"));
+fn parse_traditional_pem(armour: &Armour<'_>, passphrase: Option<&str>) -> Result<PrivateKey, KeyPairError> {
+    let encrypted =
+        armour.headers.iter().any(|(k, v)| *k == "Proc-Type" && v.to_ascii_uppercase().contains("ENCRYPTED"));
     let plain: Zeroizing<Vec<u8>> = if encrypted {
-        let Some(dek) = armour
-            .headers
-            .iter()
-            .find(|(k, _)| *k == "DEK-Info")
-            .map(|(_, v)| *v)
-        else {
+        let Some(dek) = armour.headers.iter().find(|(k, _)| *k == "DEK-Info").map(|(_, v)| *v) else {
             return Err(KeyPairError::private(MSG_DAMAGED));
         };
         let Some(pass) = passphrase else {
@@ -1035,9 +949,7 @@ fn parse_encrypted_pkcs8(der: &[u8], passphrase: Option<&str>) -> Result<Private
             )));
         }
     } else if let Some(s) = params.kdf.scrypt() {
-        let mem = 128u64
-            .saturating_mul(u64::from(s.block_size))
-            .saturating_mul(s.cost_parameter);
+        let mem = 128u64.saturating_mul(u64::from(s.block_size)).saturating_mul(s.cost_parameter);
         if mem > MAX_SCRYPT_MEMORY || s.parallelization > 16 {
             return Err(KeyPairError::private(
                 "This key's scrypt passphrase protection asks for more memory or work than \
@@ -1065,11 +977,7 @@ fn parse_ppk(lines: &[&str], passphrase: Option<&str>) -> Result<PrivateKey, Key
         })
     };
     let encrypted = header("Encryption").is_some_and(|v| v != "none");
-    let num = |name: &str| {
-        header(name)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let num = |name: &str| header(name).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     if num("Argon2-Memory") > MAX_ARGON2_MEMORY_KIB
         || num("Argon2-Passes") > MAX_ARGON2_PASSES
         || num("Argon2-Parallelism") > MAX_ARGON2_PARALLELISM
@@ -1083,11 +991,7 @@ fn parse_ppk(lines: &[&str], passphrase: Option<&str>) -> Result<PrivateKey, Key
         return Err(KeyPairError::private(MSG_ENCRYPTED));
     }
     let text = Zeroizing::new(lines.join("\n"));
-    let pass = if encrypted {
-        passphrase.map(str::to_string)
-    } else {
-        None
-    };
+    let pass = if encrypted { passphrase.map(str::to_string) } else { None };
     let key = PrivateKey::from_ppk(text.as_str(), pass).map_err(|_| {
         if encrypted {
             KeyPairError::passphrase(MSG_WRONG_PASSPHRASE)
@@ -1114,9 +1018,7 @@ fn der_is_complete_sequence(der: &[u8]) -> bool {
             if rest.len() < n {
                 return false;
             }
-            let len = rest[..n]
-                .iter()
-                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+            let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
             (len, &rest[n..])
         }
         _ => return false,
@@ -1190,11 +1092,7 @@ fn evp_bytes_to_key(pass: &[u8], salt: &[u8], key_len: usize) -> Zeroizing<Vec<u
 }
 
 /// Decrypt a legacy PEM body; `dek_info` is the `DEK-Info` value (`CIPHER,HEXIV`).
-fn legacy_pem_decrypt(
-    dek_info: &str,
-    data: &[u8],
-    pass: &[u8],
-) -> Result<Zeroizing<Vec<u8>>, KeyPairError> {
+fn legacy_pem_decrypt(dek_info: &str, data: &[u8], pass: &[u8]) -> Result<Zeroizing<Vec<u8>>, KeyPairError> {
     use cbc::cipher::block_padding::Pkcs7;
     use cbc::cipher::{BlockModeDecrypt, KeyIvInit};
 
@@ -1213,10 +1111,7 @@ fn legacy_pem_decrypt(
         }
     };
     let iv = decode_hex(iv_hex.trim()).ok_or_else(|| KeyPairError::private(MSG_DAMAGED))?;
-    if iv.len() != cipher.block_len()
-        || data.is_empty()
-        || !data.len().is_multiple_of(cipher.block_len())
-    {
+    if iv.len() != cipher.block_len() || data.is_empty() || !data.len().is_multiple_of(cipher.block_len()) {
         return Err(KeyPairError::private(MSG_DAMAGED));
     }
     let key = evp_bytes_to_key(pass, &iv[..8], cipher.key_len());
@@ -1260,17 +1155,12 @@ fn legacy_pem_decrypt(
 
 /// Encrypt an unencrypted OpenSSH private key with `passphrase` (bcrypt-pbkdf,
 /// aes256-ctr, as `ssh-keygen -p` does); readable by `ssh-keygen -y -P <pass>`.
-pub fn encrypt_private_key(
-    openssh_private: &str,
-    passphrase: &str,
-) -> Result<Zeroizing<String>, String> {
+pub fn encrypt_private_key(openssh_private: &str, passphrase: &str) -> Result<Zeroizing<String>, String> {
     if passphrase.is_empty() {
         return Err("The passphrase must not be empty".to_string());
     }
     if passphrase.len() > MAX_PASSPHRASE_LEN {
-        return Err(format!(
-            "The passphrase must be at most {MAX_PASSPHRASE_LEN} bytes"
-        ));
+        return Err(format!("The passphrase must be at most {MAX_PASSPHRASE_LEN} bytes"));
     }
     if openssh_private.len() > MAX_PRIVATE_KEY_LEN {
         return Err("The private key is too large".to_string());
@@ -1281,9 +1171,8 @@ pub fn encrypt_private_key(
         return Err("The private key is already encrypted".to_string());
     }
     let mut rng = russh::keys::key::safe_rng();
-    let encrypted = key
-        .encrypt(&mut rng, passphrase)
-        .map_err(|_| "The private key could not be encrypted".to_string())?;
+    let encrypted =
+        key.encrypt(&mut rng, passphrase).map_err(|_| "The private key could not be encrypted".to_string())?;
     openssh_text(&encrypted)
 }
 
@@ -1368,20 +1257,15 @@ pub fn parse_host_key_lines(text: &str) -> Result<Vec<HostKeyLine>, (usize, Stri
             ));
         }
         if key_type.ends_with(CERT_SUFFIX) {
-            return Err((
-                n,
-                "Host certificates are not supported; give the plain host key".into(),
-            ));
+            return Err((n, "Host certificates are not supported; give the plain host key".into()));
         }
         let (b64, _comment) = split_token(rest);
         if b64.is_empty() {
             return Err((n, format!("The {key_type} key data (base64) is missing")));
         }
-        let key_data = decode_key_blob(key_type, b64)
-            .map_err(|why| (n, format!("Invalid {key_type} host key: {why}")))?;
-        let blob = key_data
-            .encode_vec()
-            .map_err(|_| (n, format!("Invalid {key_type} host key")))?;
+        let key_data =
+            decode_key_blob(key_type, b64).map_err(|why| (n, format!("Invalid {key_type} host key: {why}")))?;
+        let blob = key_data.encode_vec().map_err(|_| (n, format!("Invalid {key_type} host key")))?;
         out.push(HostKeyLine {
             key_type: key_type.to_string(),
             base64: STANDARD.encode(blob),
@@ -1397,11 +1281,7 @@ pub fn parse_host_key_lines(text: &str) -> Result<Vec<HostKeyLine>, (usize, Stri
 
 /// `'text'` if it is short and plain (letters, digits, `-_.@`), else `"(not shown)"`.
 fn quote_if_safe(s: &str, max: usize) -> String {
-    if !s.is_empty()
-        && s.len() <= max
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
-    {
+    if !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b)) {
         format!("'{s}'")
     } else {
         "(not shown)".to_string()
@@ -1413,8 +1293,7 @@ fn quote_if_safe(s: &str, max: usize) -> String {
 fn quote_if_type_like(s: &str) -> String {
     if s.len() <= 64
         && s.contains('-')
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.@".contains(&b))
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.@".contains(&b))
     {
         format!("'{s}'")
     } else {
@@ -1427,7 +1306,8 @@ mod tests {
     use super::*;
 
     // Public test vectors from the ssh-key crate (tests/examples), not real credentials.
-    const ED25519_PUB: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILM+rvN+ot98qgEN796jTiQfZfG1KaT0PtFDJ/XFSqti user@example.com";
+    const ED25519_PUB: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILM+rvN+ot98qgEN796jTiQfZfG1KaT0PtFDJ/XFSqti user@example.com";
     const ED25519_FP: &str = "SHA256:UCUiLr7Pjs9wFFJMDByLgc3NrtdU344OgUM45wZPcIQ";
     const ED25519_OPENSSH: &str = "-----BEGIN OPENSSH PRIVATE KEY-----
 b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
@@ -1477,10 +1357,7 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
         if let Some(p) = pass {
             assert!(!msg.contains(p), "passphrase leaked: {msg}");
         }
-        for line in secret_text
-            .lines()
-            .filter(|l| !l.starts_with("-----") && !l.contains(':'))
-        {
+        for line in secret_text.lines().filter(|l| !l.starts_with("-----") && !l.contains(':')) {
             let chars: Vec<char> = line.trim().chars().collect();
             for w in chars.windows(12).step_by(3) {
                 let frag: String = w.iter().collect();
@@ -1499,20 +1376,11 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
         ] {
             assert_eq!(s.parse::<KeyAlgorithm>().unwrap(), a);
         }
-        assert!("DSA"
-            .parse::<KeyAlgorithm>()
-            .unwrap_err()
-            .contains("ED25519, ECDSA or RSA"));
-        assert!("x"
-            .repeat(500)
-            .parse::<KeyAlgorithm>()
-            .unwrap_err()
-            .contains("(not shown)"));
-        for (json, a) in [
-            ("\"ED25519\"", KeyAlgorithm::Ed25519),
-            ("\"ECDSA\"", KeyAlgorithm::Ecdsa),
-            ("\"RSA\"", KeyAlgorithm::Rsa),
-        ] {
+        assert!("DSA".parse::<KeyAlgorithm>().unwrap_err().contains("ED25519, ECDSA or RSA"));
+        assert!("x".repeat(500).parse::<KeyAlgorithm>().unwrap_err().contains("(not shown)"));
+        for (json, a) in
+            [("\"ED25519\"", KeyAlgorithm::Ed25519), ("\"ECDSA\"", KeyAlgorithm::Ecdsa), ("\"RSA\"", KeyAlgorithm::Rsa)]
+        {
             assert_eq!(serde_json::from_str::<KeyAlgorithm>(json).unwrap(), a);
             assert_eq!(serde_json::to_string(&a).unwrap(), json);
             assert_eq!(a.to_string(), json.trim_matches('"'));
@@ -1527,15 +1395,8 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
     #[test]
     fn keys_generate_options() {
         let d = GenerateOptions::default();
-        assert_eq!(
-            (d.algorithm, d.bits, d.comment.as_deref()),
-            (KeyAlgorithm::Ed25519, None, None)
-        );
-        let opt = |algorithm, bits| GenerateOptions {
-            algorithm,
-            bits,
-            comment: None,
-        };
+        assert_eq!((d.algorithm, d.bits, d.comment.as_deref()), (KeyAlgorithm::Ed25519, None, None));
+        let opt = |algorithm, bits| GenerateOptions { algorithm, bits, comment: None };
         use KeyAlgorithm::*;
         for (a, b, want) in [
             (Ed25519, None, Ok(256)),
@@ -1566,24 +1427,15 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
         let e = validate_generate_options(&opt(Ecdsa, Some(1))).unwrap_err();
         assert!(e.message.contains("256, 384 or 521"), "{}", e.message);
 
-        let com = |c: &str| GenerateOptions {
-            comment: Some(c.to_string()),
-            ..Default::default()
-        };
+        let com = |c: &str| GenerateOptions { comment: Some(c.to_string()), ..Default::default() };
         assert!(validate_generate_options(&com("backup@nas ünï 🔑")).is_ok());
         assert!(validate_generate_options(&com("")).is_ok());
         assert!(validate_generate_options(&com(&"é".repeat(1024))).is_ok());
         for bad in ["a\nb", "a\rb", "tab\there", "nul\0", &"x".repeat(1025)] {
-            assert_eq!(
-                validate_generate_options(&com(bad)).unwrap_err().attribute,
-                "comment"
-            );
+            assert_eq!(validate_generate_options(&com(bad)).unwrap_err().attribute, "comment");
         }
         // generate() applies the same checks.
-        assert_eq!(
-            generate(&opt(Rsa, Some(1024))).unwrap_err().attribute,
-            "size"
-        );
+        assert_eq!(generate(&opt(Rsa, Some(1024))).unwrap_err().attribute, "size");
     }
 
     #[test]
@@ -1595,18 +1447,10 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
             (KeyAlgorithm::Ecdsa, Some(521), "ecdsa-sha2-nistp521"),
         ] {
             for comment in [None, Some("team backup")] {
-                let o = GenerateOptions {
-                    algorithm: alg,
-                    bits,
-                    comment: comment.map(Into::into),
-                };
+                let o = GenerateOptions { algorithm: alg, bits, comment: comment.map(Into::into) };
                 let kp = generate(&o).unwrap();
-                assert!(kp
-                    .private_key
-                    .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n"));
-                assert!(kp
-                    .private_key
-                    .ends_with("-----END OPENSSH PRIVATE KEY-----\n"));
+                assert!(kp.private_key.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n"));
+                assert!(kp.private_key.ends_with("-----END OPENSSH PRIVATE KEY-----\n"));
                 let expect_end = match comment {
                     Some(c) => format!(" {c}\n"),
                     None => "=\n".to_string(),
@@ -1635,10 +1479,7 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
             (RSA3072_PUB, RSA3072_FP, 3072, KeyAlgorithm::Rsa),
         ] {
             let info = public_key_info(line).unwrap();
-            assert_eq!(
-                (info.fingerprint.as_str(), info.bits, info.algorithm),
-                (fp, bits, alg)
-            );
+            assert_eq!((info.fingerprint.as_str(), info.bits, info.algorithm), (fp, bits, alg));
             assert_eq!(info.comment, "user@example.com");
             // Public only: stored normalised, one line.
             let v = validate_key_pair(None, Some(&format!("\r\n  {line}  \r\n")), None).unwrap();
@@ -1648,17 +1489,9 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
         // Extra whitespace between fields, comment with spaces kept.
         let messy = format!("ssh-ed25519 \t {}   my  laptop key ", blob(ED25519_PUB));
         let v = validate_key_pair(None, Some(&messy), None).unwrap();
-        assert_eq!(
-            v.public_key,
-            format!("ssh-ed25519 {} my  laptop key\n", blob(ED25519_PUB))
-        );
+        assert_eq!(v.public_key, format!("ssh-ed25519 {} my  laptop key\n", blob(ED25519_PUB)));
         // No comment: no trailing space.
-        let v = validate_key_pair(
-            None,
-            Some(&format!("ssh-ed25519 {}", blob(ED25519_PUB))),
-            None,
-        )
-        .unwrap();
+        let v = validate_key_pair(None, Some(&format!("ssh-ed25519 {}", blob(ED25519_PUB))), None).unwrap();
         assert_eq!(v.public_key, format!("ssh-ed25519 {}\n", blob(ED25519_PUB)));
         assert_eq!(v.info.comment, "");
     }
@@ -1681,60 +1514,33 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
         assert_eq!(v.public_key, format!("{ED25519_PUB}\n"));
         assert_eq!(v.info.fingerprint, ED25519_FP);
         assert_eq!(v.info.comment, "user@example.com");
-        assert_eq!(
-            v.private_key.as_deref().map(String::as_str),
-            Some(ED25519_OPENSSH)
-        );
+        assert_eq!(v.private_key.as_deref().map(String::as_str), Some(ED25519_OPENSSH));
         // Indented / CRLF paste still works.
-        let crlf: String = ED25519_OPENSSH
-            .lines()
-            .map(|l| format!("  {l}\r\n"))
-            .collect();
+        let crlf: String = ED25519_OPENSSH.lines().map(|l| format!("  {l}\r\n")).collect();
         let v2 = validate_key_pair(Some(&crlf), None, Some("ignored")).unwrap();
         assert_eq!(v2.info.fingerprint, ED25519_FP);
         // With the matching public key (other comment): the given one is stored.
-        let v3 = validate_key_pair(
-            Some(ED25519_OPENSSH),
-            Some(&format!("ssh-ed25519 {} other", blob(ED25519_PUB))),
-            None,
-        )
-        .unwrap();
+        let v3 =
+            validate_key_pair(Some(ED25519_OPENSSH), Some(&format!("ssh-ed25519 {} other", blob(ED25519_PUB))), None)
+                .unwrap();
         assert!(v3.public_key.ends_with(" other\n"));
         assert_eq!(v3.info.comment, "other");
         // Mismatch.
         let e = validate_key_pair(Some(ED25519_OPENSSH), Some(P256_PUB), None).unwrap_err();
-        assert_eq!(
-            e,
-            KeyPairError {
-                field: KeyPairField::PublicKey,
-                message: MSG_MISMATCH.into()
-            }
-        );
-        assert_eq!(
-            e.to_string(),
-            "public_key: Private key and public key do not match"
-        );
+        assert_eq!(e, KeyPairError { field: KeyPairField::PublicKey, message: MSG_MISMATCH.into() });
+        assert_eq!(e.to_string(), "public_key: Private key and public key do not match");
         let fe: FieldError = e.clone().into();
-        assert_eq!(
-            (fe.attribute.as_str(), fe.message.as_str()),
-            ("public_key", MSG_MISMATCH)
-        );
+        assert_eq!((fe.attribute.as_str(), fe.message.as_str()), ("public_key", MSG_MISMATCH));
     }
 
     #[test]
     fn keys_ppk_vectors() {
         let v = validate_key_pair(Some(ED25519_PPK), None, None).unwrap();
         assert_eq!(v.info.fingerprint, ED25519_FP);
-        assert!(v
-            .private_key
-            .as_ref()
-            .unwrap()
-            .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
+        assert!(v.private_key.as_ref().unwrap().starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
         let e = validate_key_pair(Some(ED25519_PPK_ENC), None, None).unwrap_err();
         assert_eq!(e.field, KeyPairField::PrivateKey);
-        assert!(e
-            .message
-            .starts_with("Encrypted private keys are not allowed"));
+        assert!(e.message.starts_with("Encrypted private keys are not allowed"));
         let e = validate_key_pair(Some(ED25519_PPK_ENC), None, Some("wrong")).unwrap_err();
         assert_eq!(e.field, KeyPairField::Passphrase);
         let v = validate_key_pair(Some(ED25519_PPK_ENC), Some(ED25519_PUB), Some("123")).unwrap();
@@ -1750,9 +1556,7 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
     #[test]
     fn keys_encrypt_and_reimport() {
         let enc = encrypt_private_key(ED25519_OPENSSH, "s3cret pass").unwrap();
-        assert!(
-            enc.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n") && enc.ends_with("-----\n")
-        );
+        assert!(enc.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n") && enc.ends_with("-----\n"));
         assert_ne!(enc.as_str(), ED25519_OPENSSH);
         let e = validate_key_pair(Some(&enc), None, None).unwrap_err();
         assert_eq!(e.field, KeyPairField::PrivateKey);
@@ -1767,9 +1571,7 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
         assert_eq!(v.info.comment, "user@example.com");
 
         assert!(encrypt_private_key(ED25519_OPENSSH, "").is_err());
-        assert!(encrypt_private_key(&enc, "x")
-            .unwrap_err()
-            .contains("already encrypted"));
+        assert!(encrypt_private_key(&enc, "x").unwrap_err().contains("already encrypted"));
         let e = encrypt_private_key("garbage", "x").unwrap_err();
         assert!(e.contains("not an OpenSSH private key"));
 
@@ -1787,9 +1589,7 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
         let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
         let mut bin = STANDARD.decode(body).unwrap();
         let mut pos = b"openssh-key-v1\0".len();
-        let read_len = |bin: &[u8], pos: usize| {
-            u32::from_be_bytes(bin[pos..pos + 4].try_into().unwrap()) as usize
-        };
+        let read_len = |bin: &[u8], pos: usize| u32::from_be_bytes(bin[pos..pos + 4].try_into().unwrap()) as usize;
         pos += 4 + read_len(&bin, pos); // cipher name
         pos += 4 + read_len(&bin, pos); // kdf name
         pos += 4; // kdf options length
@@ -1808,21 +1608,13 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
     #[test]
     fn keys_public_private_confusion() {
         let e = validate_key_pair(Some(ED25519_PUB), None, None).unwrap_err();
-        assert_eq!(
-            (e.field, e.message.as_str()),
-            (KeyPairField::PrivateKey, MSG_LOOKS_PUBLIC)
-        );
+        assert_eq!((e.field, e.message.as_str()), (KeyPairField::PrivateKey, MSG_LOOKS_PUBLIC));
         let e = validate_key_pair(None, Some(ED25519_OPENSSH), None).unwrap_err();
-        assert_eq!(
-            (e.field, e.message.as_str()),
-            (KeyPairField::PublicKey, MSG_IS_PRIVATE)
-        );
+        assert_eq!((e.field, e.message.as_str()), (KeyPairField::PublicKey, MSG_IS_PRIVATE));
         assert_no_leak(&e.message, ED25519_OPENSSH, None);
         let e = validate_key_pair(None, Some(ED25519_PPK), None).unwrap_err();
         assert_eq!(e.field, KeyPairField::PublicKey);
-        assert!(public_key_info(ED25519_OPENSSH)
-            .unwrap_err()
-            .contains("private key"));
+        assert!(public_key_info(ED25519_OPENSSH).unwrap_err().contains("private key"));
         let e = validate_key_pair(
             Some("-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----"),
             None,
@@ -1836,9 +1628,7 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
             None,
         )
         .unwrap_err();
-        assert!(e
-            .message
-            .starts_with("Invalid public key: this is a PEM public key"));
+        assert!(e.message.starts_with("Invalid public key: this is a PEM public key"));
     }
 
     #[test]
@@ -1854,13 +1644,7 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
         ] {
             assert!(is_private_key_text(yes), "{yes}");
         }
-        for no in [
-            "",
-            ED25519_PUB,
-            "-----BEGIN PUBLIC KEY-----",
-            "private key",
-            "BEGIN PRIVATE KEY",
-        ] {
+        for no in ["", ED25519_PUB, "-----BEGIN PUBLIC KEY-----", "private key", "BEGIN PRIVATE KEY"] {
             assert!(!is_private_key_text(no), "{no}");
         }
     }
@@ -1873,9 +1657,9 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
             "ssh-ed25519".to_string(),
             "ssh-ed25519 !!!!".to_string(),
             "ssh-ed25519 AAAA".to_string(),
-            format!("ssh-rsa {b}"), // type does not match the blob
+            format!("ssh-rsa {b}"),                       // type does not match the blob
             format!("ssh-ed25519 {}", &b[..b.len() - 8]), // truncated
-            format!("ssh-ed25519 {b}AAAA"), // trailing data
+            format!("ssh-ed25519 {b}AAAA"),               // trailing data
             format!("from=\"10.0.0.1\" ssh-ed25519 {b}"), // authorized_keys options
             "ключ ssh".to_string(),
             "\u{0}\u{1}\u{2}".to_string(),
@@ -1887,15 +1671,10 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
         }
         let two = format!("{ED25519_PUB}\n{P256_PUB}");
         let e = validate_key_pair(None, Some(&two), None).unwrap_err();
-        assert!(e
-            .message
-            .starts_with("Invalid public key: give exactly one key"));
+        assert!(e.message.starts_with("Invalid public key: give exactly one key"));
         for empty in [None, Some(""), Some("  \n ")] {
             let e = validate_key_pair(empty, empty, None).unwrap_err();
-            assert_eq!(
-                (e.field, e.message.as_str()),
-                (KeyPairField::PublicKey, MSG_NO_KEY)
-            );
+            assert_eq!((e.field, e.message.as_str()), (KeyPairField::PublicKey, MSG_NO_KEY));
         }
     }
 
@@ -1961,13 +1740,7 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
             state ^= state << 17;
             state
         };
-        let seeds = [
-            ED25519_OPENSSH,
-            ED25519_PPK,
-            ED25519_PUB,
-            P256_PUB,
-            RSA3072_PUB,
-        ];
+        let seeds = [ED25519_OPENSSH, ED25519_PPK, ED25519_PUB, P256_PUB, RSA3072_PUB];
         let alphabet = b"AZaz09+/=-\n :,\0\xff";
         for i in 0..3000 {
             let seed = seeds[i % seeds.len()].as_bytes();
@@ -2012,10 +1785,7 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
         assert_eq!(keys[2].to_line(), format!("ssh-rsa {}", blob(RSA3072_PUB)));
         assert_eq!(keys[3].fingerprint, ED25519_FP);
         assert_eq!(parse_host_key_lines("").unwrap(), vec![]);
-        assert_eq!(
-            parse_host_key_lines("# only a comment\n\n").unwrap(),
-            vec![]
-        );
+        assert_eq!(parse_host_key_lines("# only a comment\n\n").unwrap(), vec![]);
 
         let b = blob(ED25519_PUB);
         for (bad, line) in [
@@ -2050,9 +1820,7 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
         assert!(!der_is_complete_sequence(&[0x30, 0x81, 0x02, 0x05]));
         assert!(!der_is_complete_sequence(&[0x30]));
         assert!(!der_is_complete_sequence(&[0x31, 0x00]));
-        assert!(!der_is_complete_sequence(&[
-            0x30, 0x89, 0, 0, 0, 0, 0, 0, 0, 0, 0
-        ]));
+        assert!(!der_is_complete_sequence(&[0x30, 0x89, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
         assert_eq!(decode_hex("00fF10"), Some(vec![0, 255, 16]));
         assert_eq!(decode_hex("0"), None);
         assert_eq!(decode_hex("zz"), None);

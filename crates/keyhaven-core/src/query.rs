@@ -50,8 +50,7 @@ pub const MAX_FILTERS_DEPTH: usize = 3;
 const NULLS_FIRST: &str = "nulls_first:";
 const NULLS_LAST: &str = "nulls_last:";
 const GET_IMPLIES_ONE: &str = "Invalid options combination. `get` implies a single result.";
-const INVALID_FILTER: &str =
-    "Invalid filter: expected [field, operator, value] or [\"OR\", [branch, ...]]";
+const INVALID_FILTER: &str = "Invalid filter: expected [field, operator, value] or [\"OR\", [branch, ...]]";
 
 static NULL: Value = Value::Null;
 
@@ -87,12 +86,7 @@ impl QueryOptions {
         let map = match v {
             Value::Null => return Ok(opts),
             Value::Object(m) => m,
-            _ => {
-                return Err(ValidationErrors::single(
-                    "options",
-                    "Input should be a valid dictionary",
-                ))
-            }
+            _ => return Err(ValidationErrors::single("options", "Input should be a valid dictionary")),
         };
         let mut errs = ValidationErrors::new();
         for (key, val) in map {
@@ -131,10 +125,7 @@ impl QueryOptions {
                 "limit" => {
                     if let Some(n) = want_usize(val, &attr, &mut errs) {
                         if n > MAX_LIMIT {
-                            errs.add(
-                                attr,
-                                format!("Options limit must be between 1 and {MAX_LIMIT}"),
-                            );
+                            errs.add(attr, format!("Options limit must be between 1 and {MAX_LIMIT}"));
                         } else {
                             opts.limit = n;
                         }
@@ -146,8 +137,7 @@ impl QueryOptions {
                         for (i, item) in items.iter().enumerate() {
                             match item {
                                 Value::String(s) => opts.order_by.push(s.clone()),
-                                _ => errs
-                                    .add(format!("{attr}.{i}"), "Input should be a valid string"),
+                                _ => errs.add(format!("{attr}.{i}"), "Input should be a valid string"),
                             }
                         }
                     }
@@ -257,11 +247,7 @@ fn compile_path(path: &str) -> Vec<Segment> {
             let index = (!key.is_empty() && key.bytes().all(|b| b.is_ascii_digit()))
                 .then(|| key.parse::<usize>().unwrap_or(usize::MAX));
             let wildcard = key == "*";
-            Segment {
-                key,
-                index,
-                wildcard,
-            }
+            Segment { key, index, wildcard }
         })
         .collect()
 }
@@ -405,12 +391,7 @@ pub fn parse_filters(v: &Value) -> Result<Filters, ValidationErrors> {
     let list = match v {
         Value::Null => return Ok(Filters::all()),
         Value::Array(a) => a,
-        _ => {
-            return Err(ValidationErrors::single(
-                "filters",
-                "Input should be a valid list",
-            ))
-        }
+        _ => return Err(ValidationErrors::single("filters", "Input should be a valid list")),
     };
     let mut errs = ValidationErrors::new();
     let parsed = parse_list(list, "filters", 0, &mut errs);
@@ -418,17 +399,8 @@ pub fn parse_filters(v: &Value) -> Result<Filters, ValidationErrors> {
     Ok(Filters(parsed))
 }
 
-fn parse_list(
-    items: &[Value],
-    attr: &str,
-    depth: usize,
-    errs: &mut ValidationErrors,
-) -> Vec<Filter> {
-    items
-        .iter()
-        .enumerate()
-        .filter_map(|(i, f)| parse_entry(f, &format!("{attr}.{i}"), depth, errs))
-        .collect()
+fn parse_list(items: &[Value], attr: &str, depth: usize, errs: &mut ValidationErrors) -> Vec<Filter> {
+    items.iter().enumerate().filter_map(|(i, f)| parse_entry(f, &format!("{attr}.{i}"), depth, errs)).collect()
 }
 
 fn parse_entry(f: &Value, attr: &str, depth: usize, errs: &mut ValidationErrors) -> Option<Filter> {
@@ -446,13 +418,7 @@ fn parse_entry(f: &Value, attr: &str, depth: usize, errs: &mut ValidationErrors)
     }
 }
 
-fn parse_or(
-    op: &Value,
-    branches: &Value,
-    attr: &str,
-    depth: usize,
-    errs: &mut ValidationErrors,
-) -> Option<Filter> {
+fn parse_or(op: &Value, branches: &Value, attr: &str, depth: usize, errs: &mut ValidationErrors) -> Option<Filter> {
     if op.as_str() != Some("OR") {
         errs.add(attr, format!("Invalid operation: {}", describe(op)));
         return None;
@@ -483,30 +449,15 @@ fn parse_or(
                     out.push(vec![f]);
                 }
             }
-            _ => errs.add(
-                battr,
-                "Invalid OR branch: expected a filter or a list of filters",
-            ),
+            _ => errs.add(battr, "Invalid OR branch: expected a filter or a list of filters"),
         }
     }
     (errs.0.len() == before).then_some(Filter::Or(out))
 }
 
-fn parse_cond(
-    field: &Value,
-    op: &Value,
-    value: &Value,
-    attr: &str,
-    errs: &mut ValidationErrors,
-) -> Option<Cond> {
+fn parse_cond(field: &Value, op: &Value, value: &Value, attr: &str, errs: &mut ValidationErrors) -> Option<Cond> {
     let Value::String(field) = field else {
-        errs.add(
-            attr,
-            format!(
-                "Invalid filter: field name must be a string, not {}",
-                describe(field)
-            ),
-        );
+        errs.add(attr, format!("Invalid filter: field name must be a string, not {}", describe(field)));
         return None;
     };
     let Some(op_str) = op.as_str() else {
@@ -523,23 +474,16 @@ fn parse_cond(
     };
 
     let operand_error = match op {
-        Op::Re | Op::StartsWith | Op::NotStartsWith | Op::EndsWith | Op::NotEndsWith
-            if !value.is_string() =>
-        {
+        Op::Re | Op::StartsWith | Op::NotStartsWith | Op::EndsWith | Op::NotEndsWith if !value.is_string() => {
             Some("a string value")
         }
-        Op::In | Op::Nin
-            if !matches!(value, Value::Array(_) | Value::String(_) | Value::Object(_)) =>
-        {
+        Op::In | Op::Nin if !matches!(value, Value::Array(_) | Value::String(_) | Value::Object(_)) => {
             Some("a list or string value")
         }
         _ => None,
     };
     if let Some(wanted) = operand_error {
-        errs.add(
-            attr,
-            format!("Operation {} requires {wanted}", describe_str(op_str)),
-        );
+        errs.add(attr, format!("Operation {} requires {wanted}", describe_str(op_str)));
         return None;
     }
 
@@ -572,13 +516,7 @@ fn parse_cond(
         value.clone()
     };
 
-    Some(Cond {
-        path: compile_path(field),
-        op,
-        fold,
-        value,
-        regex,
-    })
+    Some(Cond { path: compile_path(field), op, fold, value, regex })
 }
 
 /// Compile `pattern` so that it matches like Python's `re.match`: anchored at
@@ -586,12 +524,8 @@ fn parse_cond(
 fn compile_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, regex::Error> {
     // Compiling the bare pattern first proves its groups are balanced, so the
     // wrapper below cannot be escaped (e.g. by `a)|(b`).
-    RegexBuilder::new(pattern)
-        .case_insensitive(case_insensitive)
-        .build()?;
-    RegexBuilder::new(&format!(r"\A(?:{pattern})"))
-        .case_insensitive(case_insensitive)
-        .build()
+    RegexBuilder::new(pattern).case_insensitive(case_insensitive).build()?;
+    RegexBuilder::new(&format!(r"\A(?:{pattern})")).case_insensitive(case_insensitive).build()
 }
 
 /// A short, single-line rendering of a JSON value for error messages.
@@ -630,9 +564,9 @@ fn cond_matches(item: &Value, c: &Cond, from: usize) -> bool {
     match resolve(item, &c.path[from..]) {
         Found::Missing => false,
         Found::Value(v) => c.test(v),
-        Found::Each(list, rest) => list
-            .as_array()
-            .is_some_and(|members| members.iter().any(|m| cond_matches(m, c, from + rest))),
+        Found::Each(list, rest) => {
+            list.as_array().is_some_and(|members| members.iter().any(|m| cond_matches(m, c, from + rest)))
+        }
     }
 }
 
@@ -739,12 +673,7 @@ fn fold_value(v: &Value) -> Option<Cow<'_, Value>> {
                 folded.push(f);
             }
             Some(if changed {
-                Cow::Owned(Value::Array(
-                    folded
-                        .into_iter()
-                        .map(|f| Value::String(f.into_owned()))
-                        .collect(),
-                ))
+                Cow::Owned(Value::Array(folded.into_iter().map(|f| Value::String(f.into_owned())).collect()))
             } else {
                 Cow::Borrowed(v)
             })
@@ -758,9 +687,7 @@ fn fold_value(v: &Value) -> Option<Cow<'_, Value>> {
 // ---------------------------------------------------------------------------
 
 fn int_of(n: &Number) -> Option<i128> {
-    n.as_i64()
-        .map(i128::from)
-        .or_else(|| n.as_u64().map(i128::from))
+    n.as_i64().map(i128::from).or_else(|| n.as_u64().map(i128::from))
 }
 
 /// Exact integer/float comparison (like Python's), so 2^53 + 1 != 2^53 as a float.
@@ -792,13 +719,9 @@ fn json_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => num_cmp(x, y) == Some(Ordering::Equal),
         (Value::String(x), Value::String(y)) => x == y,
-        (Value::Array(x), Value::Array(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_eq(p, q))
-        }
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| json_eq(p, q)),
         (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
         }
         _ => a == b,
     }
@@ -840,12 +763,9 @@ fn sort_cmp(a: &Value, b: &Value) -> Ordering {
         (Value::Number(x), Value::Number(y)) => num_cmp(x, y).unwrap_or(Ordering::Equal),
         (Value::String(x), Value::String(y)) => x.cmp(y),
         (Value::Bool(x), Value::Bool(y)) => x.cmp(y),
-        (Value::Array(x), Value::Array(y)) => x
-            .iter()
-            .zip(y)
-            .map(|(p, q)| sort_cmp(p, q))
-            .find(|o| o.is_ne())
-            .unwrap_or_else(|| x.len().cmp(&y.len())),
+        (Value::Array(x), Value::Array(y)) => {
+            x.iter().zip(y).map(|(p, q)| sort_cmp(p, q)).find(|o| o.is_ne()).unwrap_or_else(|| x.len().cmp(&y.len()))
+        }
         (Value::Object(_), Value::Object(_)) => Ordering::Equal,
         _ => type_rank(a).cmp(&type_rank(b)),
     }
@@ -881,27 +801,16 @@ fn parse_order_key(s: &str) -> OrderKey {
         Some(f) => (true, f),
         None => (false, rest),
     };
-    OrderKey {
-        path: compile_path(field),
-        desc,
-        nulls,
-    }
+    OrderKey { path: compile_path(field), desc, nulls }
 }
 
 /// The sort value of an entry: looked up in the projected entry first (so
 /// `select` aliases can be ordered by, as in TrueNAS), then in the original.
 fn sort_value<'a>(projected: Option<&'a Value>, original: &'a Value, key: &OrderKey) -> &'a Value {
-    projected
-        .and_then(|p| sort_lookup(p, &key.path))
-        .or_else(|| sort_lookup(original, &key.path))
-        .unwrap_or(&NULL)
+    projected.and_then(|p| sort_lookup(p, &key.path)).or_else(|| sort_lookup(original, &key.path)).unwrap_or(&NULL)
 }
 
-fn compare_entries(
-    keys: &[OrderKey],
-    a: (Option<&Value>, &Value),
-    b: (Option<&Value>, &Value),
-) -> Ordering {
+fn compare_entries(keys: &[OrderKey], a: (Option<&Value>, &Value), b: (Option<&Value>, &Value)) -> Ordering {
     for key in keys {
         let x = sort_value(a.0, a.1, key);
         let y = sort_value(b.0, b.1, key);
@@ -946,17 +855,11 @@ fn parse_selectors(select: &[Value]) -> Result<Vec<Selector>, ValidationErrors> 
     for (index, s) in select.iter().enumerate() {
         let attr = format!("options.select.{index}");
         match s {
-            Value::String(target) => out.push(Selector {
-                path: split_path(target),
-                alias: None,
-                index,
-            }),
+            Value::String(target) => out.push(Selector { path: split_path(target), alias: None, index }),
             Value::Array(pair) if pair.len() == 2 => match (&pair[0], &pair[1]) {
-                (Value::String(target), Value::String(alias)) => out.push(Selector {
-                    path: split_path(target),
-                    alias: Some(alias.clone()),
-                    index,
-                }),
+                (Value::String(target), Value::String(alias)) => {
+                    out.push(Selector { path: split_path(target), alias: Some(alias.clone()), index })
+                }
                 (Value::String(_), _) => errs.add(attr, "second item must be a string."),
                 _ => errs.add(attr, "first item must be a string."),
             },
@@ -1010,9 +913,7 @@ fn project(item: &Value, selectors: &[Selector]) -> Result<Value, QueryError> {
         };
         let mut obj = &mut out;
         for key in parents {
-            let slot = obj
-                .entry(key.clone())
-                .or_insert_with(|| Value::Object(Map::new()));
+            let slot = obj.entry(key.clone()).or_insert_with(|| Value::Object(Map::new()));
             if !slot.is_object() {
                 *slot = Value::Object(Map::new());
             }
@@ -1093,11 +994,7 @@ pub fn filter_list<T: std::borrow::Borrow<Value>>(
     options: &QueryOptions,
 ) -> Result<QueryResult, QueryError> {
     let selectors = parse_selectors(&options.select)?;
-    let keys: Vec<OrderKey> = options
-        .order_by
-        .iter()
-        .map(|o| parse_order_key(o))
-        .collect();
+    let keys: Vec<OrderKey> = options.order_by.iter().map(|o| parse_order_key(o)).collect();
     let hits = items.iter().map(|t| t.borrow()).filter(|item| matches(item, filters));
 
     if options.count {
@@ -1115,33 +1012,20 @@ pub fn filter_list<T: std::borrow::Borrow<Value>>(
             let first = window.next().ok_or(QueryError::NotFound)?;
             return Ok(QueryResult::One(project(first, &selectors)?));
         }
-        let out = window
-            .take(limit)
-            .map(|v| project(v, &selectors))
-            .collect::<Result<_, _>>()?;
+        let out = window.take(limit).map(|v| project(v, &selectors)).collect::<Result<_, _>>()?;
         return Ok(QueryResult::List(out));
     }
 
     let mut out: Vec<Value> = if selectors.is_empty() {
         let mut refs: Vec<&Value> = hits.collect();
         refs.sort_by(|a, b| compare_entries(&keys, (None, a), (None, b)));
-        refs.into_iter()
-            .skip(options.offset)
-            .take(limit)
-            .cloned()
-            .collect()
+        refs.into_iter().skip(options.offset).take(limit).cloned().collect()
     } else {
         // TrueNAS projects before ordering, so aliases can be ordered by.
-        let mut pairs: Vec<(Value, &Value)> = hits
-            .map(|v| project(v, &selectors).map(|p| (p, v)))
-            .collect::<Result<_, _>>()?;
+        let mut pairs: Vec<(Value, &Value)> =
+            hits.map(|v| project(v, &selectors).map(|p| (p, v))).collect::<Result<_, _>>()?;
         pairs.sort_by(|a, b| compare_entries(&keys, (Some(&a.0), a.1), (Some(&b.0), b.1)));
-        pairs
-            .into_iter()
-            .skip(options.offset)
-            .take(limit)
-            .map(|(p, _)| p)
-            .collect()
+        pairs.into_iter().skip(options.offset).take(limit).map(|(p, _)| p).collect()
     };
 
     if options.get {
@@ -1152,7 +1036,11 @@ pub fn filter_list<T: std::borrow::Borrow<Value>>(
 
 /// Validate raw `filters` and `options` arguments together (reporting the
 /// problems of both) and run the query, returning the wire result.
-pub fn query<T: std::borrow::Borrow<Value>>(items: &[T], filters: &Value, options: &Value) -> Result<Value, QueryError> {
+pub fn query<T: std::borrow::Borrow<Value>>(
+    items: &[T],
+    filters: &Value,
+    options: &Value,
+) -> Result<Value, QueryError> {
     let parsed_filters = parse_filters(filters);
     let parsed_options = QueryOptions::from_value(options);
     let (filters, options) = match (parsed_filters, parsed_options) {
@@ -1211,11 +1099,7 @@ mod tests {
 
     fn ids_in(items: &[Value], filters: Value) -> Vec<i64> {
         let filters = f(filters);
-        items
-            .iter()
-            .filter(|i| matches(i, &filters))
-            .map(id_of)
-            .collect()
+        items.iter().filter(|i| matches(i, &filters)).map(id_of).collect()
     }
 
     /// Ids returned by a full query over `data()`.
@@ -1245,11 +1129,7 @@ mod tests {
     fn assert_one_err(errs: Vec<(String, String)>, attr: &str, msg_part: &str) {
         assert_eq!(errs.len(), 1, "expected exactly one error, got {errs:?}");
         assert_eq!(errs[0].0, attr, "{errs:?}");
-        assert!(
-            errs[0].1.contains(msg_part),
-            "message {:?} should contain {msg_part:?}",
-            errs[0].1
-        );
+        assert!(errs[0].1.contains(msg_part), "message {:?} should contain {msg_part:?}", errs[0].1);
     }
 
     // -- operators ----------------------------------------------------------
@@ -1266,10 +1146,7 @@ mod tests {
         assert_eq!(ids(json!([["id", "=", true]])), Vec::<i64>::new());
         assert_eq!(ids(json!([["list", "=", [1, 4.0]]])), [4]);
         assert_eq!(ids(json!([["attributes", "=", {}]])), [4]);
-        assert_eq!(
-            ids(json!([["attributes", "=", {"host": "alpha.example", "port": 22.0}]])),
-            [1]
-        );
+        assert_eq!(ids(json!([["attributes", "=", {"host": "alpha.example", "port": 22.0}]])), [1]);
     }
 
     #[test]
@@ -1305,10 +1182,7 @@ mod tests {
     #[test]
     fn numbers_compare_exactly_across_int_and_float() {
         let big = json!({"n": 9_007_199_254_740_993_u64});
-        assert!(!one(
-            big.clone(),
-            json!(["n", "=", 9_007_199_254_740_992.0])
-        ));
+        assert!(!one(big.clone(), json!(["n", "=", 9_007_199_254_740_992.0])));
         assert!(one(big.clone(), json!(["n", ">", 9_007_199_254_740_992.0])));
         assert!(one(big, json!(["n", "=", 9_007_199_254_740_993_i64])));
         assert!(one(json!({"n": u64::MAX}), json!(["n", ">", -1])));
@@ -1394,35 +1268,16 @@ mod tests {
 
     #[test]
     fn case_insensitive_variants() {
-        assert_eq!(
-            ids(json!([["attributes.host", "=", "BETA.EXAMPLE"]])),
-            Vec::<i64>::new()
-        );
+        assert_eq!(ids(json!([["attributes.host", "=", "BETA.EXAMPLE"]])), Vec::<i64>::new());
         assert_eq!(ids(json!([["attributes.host", "C=", "BETA.EXAMPLE"]])), [2]);
         // null host != anything; a missing host never matches.
-        assert_eq!(
-            ids(json!([["attributes.host", "C!=", "beta.example"]])),
-            [1, 3]
-        );
+        assert_eq!(ids(json!([["attributes.host", "C!=", "beta.example"]])), [1, 3]);
         assert_eq!(ids(json!([["attributes.host", "C^", "ALPHA"]])), [1]);
         assert_eq!(ids(json!([["attributes.host", "C!^", "alpha"]])), [2]);
         assert_eq!(ids(json!([["attributes.host", "C$", ".EXAMPLE"]])), [1, 2]);
-        assert_eq!(
-            ids(json!([["attributes.host", "C!$", ".EXAMPLE"]])),
-            Vec::<i64>::new()
-        );
-        assert_eq!(
-            ids(json!([[
-                "attributes.host",
-                "Cin",
-                ["ALPHA.EXAMPLE", "beta.example"]
-            ]])),
-            [1, 2]
-        );
-        assert_eq!(
-            ids(json!([["attributes.host", "Cnin", ["ALPHA.EXAMPLE"]]])),
-            [2]
-        );
+        assert_eq!(ids(json!([["attributes.host", "C!$", ".EXAMPLE"]])), Vec::<i64>::new());
+        assert_eq!(ids(json!([["attributes.host", "Cin", ["ALPHA.EXAMPLE", "beta.example"]]])), [1, 2]);
+        assert_eq!(ids(json!([["attributes.host", "Cnin", ["ALPHA.EXAMPLE"]]])), [2]);
         assert_eq!(ids(json!([["tags", "Crin", "B"]])), [1, 3]);
         assert_eq!(ids(json!([["tags", "Crnin", "B"]])), [2, 4]);
         assert_eq!(ids(json!([["name", "C~", "_FOO"]])), [3]);
@@ -1449,10 +1304,7 @@ mod tests {
         // Numeric segments index lists; out of range reads as null.
         assert_eq!(ids(json!([["tags.0", "=", "a"]])), [1]);
         assert_eq!(ids(json!([["tags.1", "=", null]])), [2, 3, 4]);
-        assert_eq!(
-            ids(json!([["tags.99999999999999999999999", "=", null]])),
-            [1, 2, 3, 4]
-        );
+        assert_eq!(ids(json!([["tags.99999999999999999999999", "=", null]])), [1, 2, 3, 4]);
         // `*` matches when any member matches the rest of the path.
         assert_eq!(ids(json!([["tags.*", "=", "b"]])), [1, 3]);
         let roles = json!({"roles": [{"name": "a"}, {"name": "b", "x": [{"y": 1}]}]});
@@ -1487,52 +1339,22 @@ mod tests {
 
     #[test]
     fn or_branches_and_conjunctions() {
-        assert_eq!(
-            ids(json!([["OR", [["number", "=", 1], ["number", "=", 200]]]])),
-            [1]
-        );
-        assert_eq!(
-            ids(json!([["OR", [["number", "=", 1], ["number", "=", 2]]]])),
-            [1, 2]
-        );
+        assert_eq!(ids(json!([["OR", [["number", "=", 1], ["number", "=", 200]]]])), [1]);
+        assert_eq!(ids(json!([["OR", [["number", "=", 1], ["number", "=", 2]]]])), [1, 2]);
         // A branch may be a list of filters (AND).
         assert_eq!(
-            ids(json!([[
-                "OR",
-                [
-                    [["type", "=", "SSH_KEY_PAIR"], ["number", ">", 1]],
-                    ["name", "=", "foo2"]
-                ]
-            ]])),
+            ids(json!([["OR", [[["type", "=", "SSH_KEY_PAIR"], ["number", ">", 1]], ["name", "=", "foo2"]]]])),
             [2, 3]
         );
         // Nested OR.
-        assert_eq!(
-            ids(json!([[
-                "OR",
-                [["OR", [["id", "=", 1], ["id", "=", 4]]], ["id", "=", 3]]
-            ]])),
-            [1, 3, 4]
-        );
+        assert_eq!(ids(json!([["OR", [["OR", [["id", "=", 1], ["id", "=", 4]]], ["id", "=", 3]]]])), [1, 3, 4]);
         // OR inside an AND branch.
         assert_eq!(
-            ids(json!([[
-                "OR",
-                [[
-                    ["type", "=", "SSH_CREDENTIALS"],
-                    ["OR", [["id", "=", 4], ["id", "=", 1]]]
-                ]]
-            ]])),
+            ids(json!([["OR", [[["type", "=", "SSH_CREDENTIALS"], ["OR", [["id", "=", 4], ["id", "=", 1]]]]]]])),
             [4]
         );
         // Top-level entries AND together with an OR.
-        assert_eq!(
-            ids(json!([
-                ["type", "=", "SSH_KEY_PAIR"],
-                ["OR", [["id", "=", 1], ["id", "=", 2]]]
-            ])),
-            [1]
-        );
+        assert_eq!(ids(json!([["type", "=", "SSH_KEY_PAIR"], ["OR", [["id", "=", 1], ["id", "=", 2]]]])), [1]);
         // Three elements starting with "OR" is an ordinary filter on a field named OR.
         assert!(one(json!({"OR": 1}), json!(["OR", "=", 1])));
         // The empty list matches everything.
@@ -1553,11 +1375,7 @@ mod tests {
     fn or_nesting_depth_is_limited_like_truenas() {
         assert_eq!(ids(nested_or(MAX_FILTERS_DEPTH)), [1, 2]);
         let errs = filter_errs(nested_or(MAX_FILTERS_DEPTH + 1));
-        assert_one_err(
-            errs,
-            "filters.0.1.0.1.0.1.0",
-            "max recursion depth exceeded",
-        );
+        assert_one_err(errs, "filters.0.1.0.1.0.1.0", "max recursion depth exceeded");
     }
 
     #[test]
@@ -1575,12 +1393,7 @@ mod tests {
         let (errs, deep_branch) = std::thread::scope(|scope| {
             std::thread::Builder::new()
                 .stack_size(128 * 1024)
-                .spawn_scoped(scope, || {
-                    (
-                        parse_filters(&or_chain).map(|_| ()),
-                        parse_filters(&deep_branch).map(|_| ()),
-                    )
-                })
+                .spawn_scoped(scope, || (parse_filters(&or_chain).map(|_| ()), parse_filters(&deep_branch).map(|_| ())))
                 .expect("spawn")
                 .join()
                 .expect("no stack overflow")
@@ -1588,11 +1401,7 @@ mod tests {
         let errs = errs_of(errs.expect_err("too deep"));
         assert_eq!(errs.len(), 1);
         assert!(errs[0].1.contains("max recursion depth"));
-        assert_one_err(
-            errs_of(deep_branch.expect_err("junk")),
-            "filters.0.1.0.0",
-            "Invalid filter",
-        );
+        assert_one_err(errs_of(deep_branch.expect_err("junk")), "filters.0.1.0.0", "Invalid filter");
         // Deep operands are fine: they are data, compared only when items are.
         let fl = f(json!([["x", "in", [deep.clone()]]]));
         assert!(one(json!({"x": deep}), json!(["x", "rnin", 1])));
@@ -1610,63 +1419,23 @@ mod tests {
 
     #[test]
     fn malformed_entries_are_field_errors() {
-        assert_one_err(
-            filter_errs(json!([["name", "=", "x"], "name"])),
-            "filters.1",
-            "Invalid filter",
-        );
+        assert_one_err(filter_errs(json!([["name", "=", "x"], "name"])), "filters.1", "Invalid filter");
         assert_one_err(filter_errs(json!([[]])), "filters.0", "Invalid filter");
-        assert_one_err(
-            filter_errs(json!([["name"]])),
-            "filters.0",
-            "Invalid filter",
-        );
-        assert_one_err(
-            filter_errs(json!([["name", "="]])),
-            "filters.0",
-            "Invalid operation: name",
-        );
-        assert_one_err(
-            filter_errs(json!([["a", "=", 1, 2]])),
-            "filters.0",
-            "Invalid filter",
-        );
-        assert_one_err(
-            filter_errs(json!([{"a": 1}])),
-            "filters.0",
-            "Invalid filter",
-        );
-        assert_one_err(
-            filter_errs(json!([[5, "=", 1]])),
-            "filters.0",
-            "field name must be a string",
-        );
-        assert_one_err(
-            filter_errs(json!([[null, "=", 1]])),
-            "filters.0",
-            "field name",
-        );
+        assert_one_err(filter_errs(json!([["name"]])), "filters.0", "Invalid filter");
+        assert_one_err(filter_errs(json!([["name", "="]])), "filters.0", "Invalid operation: name");
+        assert_one_err(filter_errs(json!([["a", "=", 1, 2]])), "filters.0", "Invalid filter");
+        assert_one_err(filter_errs(json!([{"a": 1}])), "filters.0", "Invalid filter");
+        assert_one_err(filter_errs(json!([[5, "=", 1]])), "filters.0", "field name must be a string");
+        assert_one_err(filter_errs(json!([[null, "=", 1]])), "filters.0", "field name");
     }
 
     #[test]
     fn unknown_operators_are_rejected() {
         for op in ["==", "", "C", "CC=", "c=", "like", "OR", "IN", "~~", "Cfoo"] {
-            assert_one_err(
-                filter_errs(json!([["a", op, 1]])),
-                "filters.0",
-                "Invalid operation",
-            );
+            assert_one_err(filter_errs(json!([["a", op, 1]])), "filters.0", "Invalid operation");
         }
-        assert_one_err(
-            filter_errs(json!([["a", 5, 1]])),
-            "filters.0",
-            "Invalid operation: 5",
-        );
-        assert_one_err(
-            filter_errs(json!([["a", null, 1]])),
-            "filters.0",
-            "Invalid operation",
-        );
+        assert_one_err(filter_errs(json!([["a", 5, 1]])), "filters.0", "Invalid operation: 5");
+        assert_one_err(filter_errs(json!([["a", null, 1]])), "filters.0", "Invalid operation");
         let long = "x".repeat(10_000);
         let errs = filter_errs(json!([["a", long, 1]]));
         assert!(errs[0].1.len() < 200, "messages stay short");
@@ -1674,119 +1443,38 @@ mod tests {
 
     #[test]
     fn operand_types_are_checked_up_front() {
-        assert_one_err(
-            filter_errs(json!([["a", "~", 5]])),
-            "filters.0",
-            "requires a string",
-        );
-        assert_one_err(
-            filter_errs(json!([["a", "^", null]])),
-            "filters.0",
-            "requires a string",
-        );
-        assert_one_err(
-            filter_errs(json!([["a", "!$", ["x"]]])),
-            "filters.0",
-            "requires a string",
-        );
-        assert_one_err(
-            filter_errs(json!([["a", "in", 5]])),
-            "filters.0",
-            "list or string",
-        );
-        assert_one_err(
-            filter_errs(json!([["a", "nin", null]])),
-            "filters.0",
-            "list or string",
-        );
-        assert_one_err(
-            filter_errs(json!([["a", "C=", 1]])),
-            "filters.0",
-            "Case-insensitive",
-        );
-        assert_one_err(
-            filter_errs(json!([["a", "Cin", ["x", 1]]])),
-            "filters.0",
-            "Case-insensitive",
-        );
-        assert_one_err(
-            filter_errs(json!([["a", "Crin", {"x": 1}]])),
-            "filters.0",
-            "Case-insensitive",
-        );
+        assert_one_err(filter_errs(json!([["a", "~", 5]])), "filters.0", "requires a string");
+        assert_one_err(filter_errs(json!([["a", "^", null]])), "filters.0", "requires a string");
+        assert_one_err(filter_errs(json!([["a", "!$", ["x"]]])), "filters.0", "requires a string");
+        assert_one_err(filter_errs(json!([["a", "in", 5]])), "filters.0", "list or string");
+        assert_one_err(filter_errs(json!([["a", "nin", null]])), "filters.0", "list or string");
+        assert_one_err(filter_errs(json!([["a", "C=", 1]])), "filters.0", "Case-insensitive");
+        assert_one_err(filter_errs(json!([["a", "Cin", ["x", 1]]])), "filters.0", "Case-insensitive");
+        assert_one_err(filter_errs(json!([["a", "Crin", {"x": 1}]])), "filters.0", "Case-insensitive");
         // Comparisons and rin accept any operand.
         f(json!([["a", ">", {"x": 1}], ["a", "rin", [1]], ["a", "=", null]]));
     }
 
     #[test]
     fn bad_regexes_are_rejected() {
-        for pattern in [
-            "(",
-            "[a-",
-            "a)|(b",
-            "(?<",
-            "x{2,1}",
-            r"\",
-            "(?P<n>a)(?P<n>b)",
-            "a(?=b)",
-        ] {
-            assert_one_err(
-                filter_errs(json!([["a", "~", pattern]])),
-                "filters.0",
-                "Invalid regular expression",
-            );
+        for pattern in ["(", "[a-", "a)|(b", "(?<", "x{2,1}", r"\", "(?P<n>a)(?P<n>b)", "a(?=b)"] {
+            assert_one_err(filter_errs(json!([["a", "~", pattern]])), "filters.0", "Invalid regular expression");
         }
-        assert_one_err(
-            filter_errs(json!([["a", "C~", "("]])),
-            "filters.0",
-            "Invalid regular expression",
-        );
+        assert_one_err(filter_errs(json!([["a", "C~", "("]])), "filters.0", "Invalid regular expression");
         // Patterns too big to compile are an error, not a hang or a panic.
         assert!(parse_filters(&json!([["a", "~", r"(\w{1000}){1000}"]])).is_err());
     }
 
     #[test]
     fn or_shape_errors() {
-        assert_one_err(
-            filter_errs(json!([["OR", []]])),
-            "filters.0",
-            "at least one branch",
-        );
-        assert_one_err(
-            filter_errs(json!([["OR", "x"]])),
-            "filters.0",
-            "list of branches",
-        );
-        assert_one_err(
-            filter_errs(json!([["OR", {}]])),
-            "filters.0",
-            "list of branches",
-        );
-        assert_one_err(
-            filter_errs(json!([["OR", [[]]]])),
-            "filters.0.1.0",
-            "Invalid OR branch",
-        );
-        assert_one_err(
-            filter_errs(json!([["OR", [5]]])),
-            "filters.0.1.0",
-            "Invalid OR branch",
-        );
-        assert_one_err(
-            filter_errs(json!([["OR", ["x"]]])),
-            "filters.0.1.0",
-            "Invalid OR branch",
-        );
-        assert_one_err(
-            filter_errs(json!([["OR", [["x"]]]])),
-            "filters.0.1.0",
-            "Invalid filter",
-        );
-        assert_one_err(
-            filter_errs(json!([["AND", [["a", "=", 1]]]])),
-            "filters.0",
-            "Invalid operation: AND",
-        );
+        assert_one_err(filter_errs(json!([["OR", []]])), "filters.0", "at least one branch");
+        assert_one_err(filter_errs(json!([["OR", "x"]])), "filters.0", "list of branches");
+        assert_one_err(filter_errs(json!([["OR", {}]])), "filters.0", "list of branches");
+        assert_one_err(filter_errs(json!([["OR", [[]]]])), "filters.0.1.0", "Invalid OR branch");
+        assert_one_err(filter_errs(json!([["OR", [5]]])), "filters.0.1.0", "Invalid OR branch");
+        assert_one_err(filter_errs(json!([["OR", ["x"]]])), "filters.0.1.0", "Invalid OR branch");
+        assert_one_err(filter_errs(json!([["OR", [["x"]]]])), "filters.0.1.0", "Invalid filter");
+        assert_one_err(filter_errs(json!([["AND", [["a", "=", 1]]]])), "filters.0", "Invalid operation: AND");
         assert_one_err(
             filter_errs(json!([["OR", [["a", "=", 1], ["b", "??", 1]]]])),
             "filters.0.1.1",
@@ -1797,11 +1485,7 @@ mod tests {
             "filters.0.1.0.1",
             "Invalid operation: bad",
         );
-        assert_one_err(
-            filter_errs(json!([["OR", [[["a", "=", 1], "junk"]]]])),
-            "filters.0.1.0.1",
-            "Invalid filter",
-        );
+        assert_one_err(filter_errs(json!([["OR", [[["a", "=", 1], "junk"]]]])), "filters.0.1.0.1", "Invalid filter");
     }
 
     #[test]
@@ -1815,14 +1499,9 @@ mod tests {
 
     #[test]
     fn options_defaults() {
-        assert_eq!(
-            QueryOptions::from_value(&Value::Null).unwrap(),
-            QueryOptions::default()
-        );
+        assert_eq!(QueryOptions::from_value(&Value::Null).unwrap(), QueryOptions::default());
         assert_eq!(opts(json!({})), QueryOptions::default());
-        let o = opts(
-            json!({"get": null, "limit": null, "order_by": null, "select": null, "extra": null}),
-        );
+        let o = opts(json!({"get": null, "limit": null, "order_by": null, "select": null, "extra": null}));
         assert_eq!(o, QueryOptions::default());
     }
 
@@ -1837,10 +1516,7 @@ mod tests {
         assert_eq!(o.limit, 10);
         assert_eq!(o.offset, 5);
         assert_eq!(o.order_by, ["-name", "nulls_last:id"]);
-        assert_eq!(
-            o.select,
-            vec![json!("name"), json!(["attributes.host", "host"])]
-        );
+        assert_eq!(o.select, vec![json!("name"), json!(["attributes.host", "host"])]);
         assert_eq!(o.extra.get("retrieve_private"), Some(&json!(true)));
         assert!(!o.get && !o.count);
         assert!(opts(json!({"get": true, "limit": 1})).get);
@@ -1852,100 +1528,32 @@ mod tests {
         let cases = [
             (json!({"get": "yes"}), "options.get", "valid boolean"),
             (json!({"count": 1}), "options.count", "valid boolean"),
-            (
-                json!({"force_sql_filters": "x"}),
-                "options.force_sql_filters",
-                "valid boolean",
-            ),
-            (
-                json!({"relationships": []}),
-                "options.relationships",
-                "valid boolean",
-            ),
+            (json!({"force_sql_filters": "x"}), "options.force_sql_filters", "valid boolean"),
+            (json!({"relationships": []}), "options.relationships", "valid boolean"),
             (json!({"limit": "5"}), "options.limit", "valid integer"),
             (json!({"limit": 5.5}), "options.limit", "valid integer"),
             (json!({"limit": 5.0}), "options.limit", "valid integer"),
             (json!({"limit": true}), "options.limit", "valid integer"),
-            (
-                json!({"limit": -1}),
-                "options.limit",
-                "greater than or equal to 0",
-            ),
-            (
-                json!({"limit": MAX_LIMIT + 1}),
-                "options.limit",
-                "between 1 and 10000",
-            ),
-            (
-                json!({"limit": u64::MAX}),
-                "options.limit",
-                "between 1 and 10000",
-            ),
-            (
-                json!({"offset": -5}),
-                "options.offset",
-                "greater than or equal to 0",
-            ),
+            (json!({"limit": -1}), "options.limit", "greater than or equal to 0"),
+            (json!({"limit": MAX_LIMIT + 1}), "options.limit", "between 1 and 10000"),
+            (json!({"limit": u64::MAX}), "options.limit", "between 1 and 10000"),
+            (json!({"offset": -5}), "options.offset", "greater than or equal to 0"),
             (json!({"offset": {}}), "options.offset", "valid integer"),
-            (
-                json!({"order_by": "name"}),
-                "options.order_by",
-                "valid list",
-            ),
-            (
-                json!({"order_by": ["name", 1]}),
-                "options.order_by.1",
-                "valid string",
-            ),
+            (json!({"order_by": "name"}), "options.order_by", "valid list"),
+            (json!({"order_by": ["name", 1]}), "options.order_by.1", "valid string"),
             (json!({"select": "name"}), "options.select", "valid list"),
-            (
-                json!({"select": [1]}),
-                "options.select.0",
-                "selectors must be",
-            ),
-            (
-                json!({"select": ["a", ["a"]]}),
-                "options.select.1",
-                "two parameters",
-            ),
-            (
-                json!({"select": [["a", "b", "c"]]}),
-                "options.select.0",
-                "two parameters",
-            ),
-            (
-                json!({"select": [["a", 1]]}),
-                "options.select.0",
-                "second item",
-            ),
-            (
-                json!({"select": [[1, "a"]]}),
-                "options.select.0",
-                "first item",
-            ),
+            (json!({"select": [1]}), "options.select.0", "selectors must be"),
+            (json!({"select": ["a", ["a"]]}), "options.select.1", "two parameters"),
+            (json!({"select": [["a", "b", "c"]]}), "options.select.0", "two parameters"),
+            (json!({"select": [["a", 1]]}), "options.select.0", "second item"),
+            (json!({"select": [[1, "a"]]}), "options.select.0", "first item"),
             (json!({"extra": []}), "options.extra", "valid dictionary"),
             (json!({"extend": 5}), "options.extend", "valid string"),
             (json!({"prefix": true}), "options.prefix", "valid string"),
-            (
-                json!({"bogus": 1}),
-                "options.bogus",
-                "Extra inputs are not permitted",
-            ),
-            (
-                json!({"bogus": null}),
-                "options.bogus",
-                "Extra inputs are not permitted",
-            ),
-            (
-                json!({"get": true, "limit": 2}),
-                "options",
-                "`get` implies a single result",
-            ),
-            (
-                json!({"get": true, "offset": 1}),
-                "options",
-                "`get` implies a single result",
-            ),
+            (json!({"bogus": 1}), "options.bogus", "Extra inputs are not permitted"),
+            (json!({"bogus": null}), "options.bogus", "Extra inputs are not permitted"),
+            (json!({"get": true, "limit": 2}), "options", "`get` implies a single result"),
+            (json!({"get": true, "offset": 1}), "options", "`get` implies a single result"),
         ];
         for (input, attr, msg) in cases {
             assert_one_err(option_errs(input), attr, msg);
@@ -1960,86 +1568,33 @@ mod tests {
         let errs = option_errs(json!({"get": 1, "limit": "x", "bogus": 0, "order_by": [null]}));
         let mut attrs: Vec<&str> = errs.iter().map(|(a, _)| a.as_str()).collect();
         attrs.sort_unstable();
-        assert_eq!(
-            attrs,
-            [
-                "options.bogus",
-                "options.get",
-                "options.limit",
-                "options.order_by.0"
-            ]
-        );
+        assert_eq!(attrs, ["options.bogus", "options.get", "options.limit", "options.order_by.0"]);
     }
 
     // -- ordering, paging, count, get ----------------------------------------
 
     #[test]
     fn order_by_ascending_descending_and_multi_key() {
-        assert_eq!(
-            query_ids(json!([]), json!({"order_by": ["number"]})),
-            [1, 2, 3, 4]
-        );
-        assert_eq!(
-            query_ids(json!([]), json!({"order_by": ["-number"]})),
-            [4, 3, 2, 1]
-        );
+        assert_eq!(query_ids(json!([]), json!({"order_by": ["number"]})), [1, 2, 3, 4]);
+        assert_eq!(query_ids(json!([]), json!({"order_by": ["-number"]})), [4, 3, 2, 1]);
         // First key is primary; the sort is stable.
-        assert_eq!(
-            query_ids(json!([]), json!({"order_by": ["type"]})),
-            [2, 4, 1, 3]
-        );
-        assert_eq!(
-            query_ids(json!([]), json!({"order_by": ["type", "-id"]})),
-            [4, 2, 3, 1]
-        );
-        assert_eq!(
-            query_ids(json!([]), json!({"order_by": ["-type", "id"]})),
-            [1, 3, 2, 4]
-        );
+        assert_eq!(query_ids(json!([]), json!({"order_by": ["type"]})), [2, 4, 1, 3]);
+        assert_eq!(query_ids(json!([]), json!({"order_by": ["type", "-id"]})), [4, 2, 3, 1]);
+        assert_eq!(query_ids(json!([]), json!({"order_by": ["-type", "id"]})), [1, 3, 2, 4]);
         // Dotted keys; strings by code point ("B" < "a"); null and missing go first ascending.
-        assert_eq!(
-            query_ids(json!([]), json!({"order_by": ["attributes.host"]})),
-            [3, 4, 2, 1]
-        );
-        assert_eq!(
-            query_ids(json!([]), json!({"order_by": ["attributes.port", "-id"]})),
-            [4, 3, 1, 2]
-        );
+        assert_eq!(query_ids(json!([]), json!({"order_by": ["attributes.host"]})), [3, 4, 2, 1]);
+        assert_eq!(query_ids(json!([]), json!({"order_by": ["attributes.port", "-id"]})), [4, 3, 1, 2]);
     }
 
     #[test]
     fn order_by_nulls_placement() {
-        assert_eq!(
-            query_ids(json!([]), json!({"order_by": ["name"]})),
-            [4, 3, 1, 2]
-        );
-        assert_eq!(
-            query_ids(json!([]), json!({"order_by": ["-name"]})),
-            [2, 1, 3, 4]
-        );
-        assert_eq!(
-            query_ids(json!([]), json!({"order_by": ["nulls_first:name"]})),
-            [4, 3, 1, 2]
-        );
-        assert_eq!(
-            query_ids(json!([]), json!({"order_by": ["nulls_last:name"]})),
-            [3, 1, 2, 4]
-        );
-        assert_eq!(
-            query_ids(json!([]), json!({"order_by": ["nulls_first:-name"]})),
-            [4, 2, 1, 3]
-        );
-        assert_eq!(
-            query_ids(json!([]), json!({"order_by": ["nulls_last:-name"]})),
-            [2, 1, 3, 4]
-        );
-        assert_eq!(
-            query_ids(
-                json!([]),
-                json!({"order_by": ["nulls_last:attributes.host", "-id"]})
-            ),
-            [2, 1, 4, 3]
-        );
+        assert_eq!(query_ids(json!([]), json!({"order_by": ["name"]})), [4, 3, 1, 2]);
+        assert_eq!(query_ids(json!([]), json!({"order_by": ["-name"]})), [2, 1, 3, 4]);
+        assert_eq!(query_ids(json!([]), json!({"order_by": ["nulls_first:name"]})), [4, 3, 1, 2]);
+        assert_eq!(query_ids(json!([]), json!({"order_by": ["nulls_last:name"]})), [3, 1, 2, 4]);
+        assert_eq!(query_ids(json!([]), json!({"order_by": ["nulls_first:-name"]})), [4, 2, 1, 3]);
+        assert_eq!(query_ids(json!([]), json!({"order_by": ["nulls_last:-name"]})), [2, 1, 3, 4]);
+        assert_eq!(query_ids(json!([]), json!({"order_by": ["nulls_last:attributes.host", "-id"]})), [2, 1, 4, 3]);
     }
 
     #[test]
@@ -2059,11 +1614,7 @@ mod tests {
             json!(9_007_199_254_740_992.0),
             json!(-3),
         ];
-        let items: Vec<Value> = values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| json!({"id": i, "v": v}))
-            .collect();
+        let items: Vec<Value> = values.iter().enumerate().map(|(i, v)| json!({"id": i, "v": v})).collect();
         let sorted = |order: &str| -> Vec<Value> {
             let options = opts(json!({"order_by": [order]}));
             match filter_list(&items, &Filters::all(), &options).unwrap() {
@@ -2091,11 +1642,7 @@ mod tests {
             ]
         );
         let desc = sorted("-v");
-        assert_eq!(
-            desc.first(),
-            Some(&json!({"k": [1]})),
-            "objects tie; stable"
-        );
+        assert_eq!(desc.first(), Some(&json!({"k": [1]})), "objects tie; stable");
         assert_eq!(desc.last(), Some(&json!(null)));
         assert_eq!(sorted("nulls_last:v").last(), Some(&json!(null)));
         assert_eq!(sorted("nulls_first:-v").first(), Some(&json!(null)));
@@ -2104,115 +1651,40 @@ mod tests {
     #[test]
     fn offset_limit_and_count() {
         assert_eq!(query_ids(json!([]), json!({"limit": 2})), [1, 2]);
-        assert_eq!(
-            query_ids(json!([]), json!({"offset": 1, "limit": 2})),
-            [2, 3]
-        );
+        assert_eq!(query_ids(json!([]), json!({"offset": 1, "limit": 2})), [2, 3]);
         assert_eq!(query_ids(json!([]), json!({"offset": 3})), [4]);
-        assert_eq!(
-            query_ids(json!([]), json!({"offset": 10})),
-            Vec::<i64>::new()
-        );
-        assert_eq!(
-            query_ids(
-                json!([]),
-                json!({"order_by": ["-id"], "offset": 1, "limit": 2})
-            ),
-            [3, 2]
-        );
-        assert_eq!(
-            query_ids(
-                json!([["number", ">", 1]]),
-                json!({"offset": 1, "limit": 1})
-            ),
-            [3]
-        );
+        assert_eq!(query_ids(json!([]), json!({"offset": 10})), Vec::<i64>::new());
+        assert_eq!(query_ids(json!([]), json!({"order_by": ["-id"], "offset": 1, "limit": 2})), [3, 2]);
+        assert_eq!(query_ids(json!([["number", ">", 1]]), json!({"offset": 1, "limit": 1})), [3]);
         // count: all matches, ignoring order, offset and limit.
-        let n = query(
-            &data(),
-            &json!([["number", ">", 1]]),
-            &json!({"count": true, "limit": 1, "offset": 1}),
-        );
+        let n = query(&data(), &json!([["number", ">", 1]]), &json!({"count": true, "limit": 1, "offset": 1}));
         assert_eq!(n, Ok(json!(3)));
-        let n = filter_list(
-            &data(),
-            &Filters::all(),
-            &QueryOptions {
-                count: true,
-                ..Default::default()
-            },
-        );
+        let n = filter_list(&data(), &Filters::all(), &QueryOptions { count: true, ..Default::default() });
         assert_eq!(n, Ok(QueryResult::Count(4)));
-        assert_eq!(
-            query::<Value>(&[], &json!([]), &json!({"count": true})),
-            Ok(json!(0))
-        );
+        assert_eq!(query::<Value>(&[], &json!([]), &json!({"count": true})), Ok(json!(0)));
     }
 
     #[test]
     fn get_returns_first_or_not_found() {
         let first = query(&data(), &json!([]), &json!({"get": true})).unwrap();
         assert_eq!(first, data()[0]);
-        let last = query(
-            &data(),
-            &json!([]),
-            &json!({"get": true, "order_by": ["-number"]}),
-        )
-        .unwrap();
+        let last = query(&data(), &json!([]), &json!({"get": true, "order_by": ["-number"]})).unwrap();
         assert_eq!(id_of(&last), 4);
-        let hit = query(
-            &data(),
-            &json!([["name", "^", "foo"]]),
-            &json!({"get": true, "limit": 1}),
-        )
-        .unwrap();
+        let hit = query(&data(), &json!([["name", "^", "foo"]]), &json!({"get": true, "limit": 1})).unwrap();
         assert_eq!(id_of(&hit), 1);
+        assert_eq!(query(&data(), &json!([["name", "=", "zzz"]]), &json!({"get": true})), Err(QueryError::NotFound));
         assert_eq!(
-            query(
-                &data(),
-                &json!([["name", "=", "zzz"]]),
-                &json!({"get": true})
-            ),
+            query(&data(), &json!([["name", "=", "zzz"]]), &json!({"get": true, "order_by": ["id"]})),
             Err(QueryError::NotFound)
         );
-        assert_eq!(
-            query(
-                &data(),
-                &json!([["name", "=", "zzz"]]),
-                &json!({"get": true, "order_by": ["id"]})
-            ),
-            Err(QueryError::NotFound)
-        );
-        assert_eq!(
-            query::<Value>(&[], &json!([]), &json!({"get": true})),
-            Err(QueryError::NotFound)
-        );
+        assert_eq!(query::<Value>(&[], &json!([]), &json!({"get": true})), Err(QueryError::NotFound));
         // Built directly, `get` honours offset (from_value rejects the combination).
-        let o = QueryOptions {
-            get: true,
-            offset: 1,
-            order_by: vec!["-id".into()],
-            ..Default::default()
-        };
-        assert_eq!(
-            filter_list(&data(), &Filters::all(), &o).map(|r| id_of(&r.into_value())),
-            Ok(3)
-        );
-        let o = QueryOptions {
-            get: true,
-            offset: 9,
-            ..Default::default()
-        };
-        assert_eq!(
-            filter_list(&data(), &Filters::all(), &o),
-            Err(QueryError::NotFound)
-        );
+        let o = QueryOptions { get: true, offset: 1, order_by: vec!["-id".into()], ..Default::default() };
+        assert_eq!(filter_list(&data(), &Filters::all(), &o).map(|r| id_of(&r.into_value())), Ok(3));
+        let o = QueryOptions { get: true, offset: 9, ..Default::default() };
+        assert_eq!(filter_list(&data(), &Filters::all(), &o), Err(QueryError::NotFound));
         // get with select projects the single result.
-        let r = query(
-            &data(),
-            &json!([["id", "=", 2]]),
-            &json!({"get": true, "select": ["name"]}),
-        );
+        let r = query(&data(), &json!([["id", "=", 2]]), &json!({"get": true, "select": ["name"]}));
         assert_eq!(r, Ok(json!({"name": "foo2"})));
     }
 
@@ -2221,10 +1693,7 @@ mod tests {
     #[test]
     fn select_projects_fields() {
         let run = |options: Value| query(&data(), &json!([]), &options).unwrap();
-        assert_eq!(
-            run(json!({"select": ["name"], "limit": 2})),
-            json!([{"name": "foo1"}, {"name": "foo2"}])
-        );
+        assert_eq!(run(json!({"select": ["name"], "limit": 2})), json!([{"name": "foo1"}, {"name": "foo2"}]));
         assert_eq!(
             run(json!({"select": ["id", "attributes.host", "attributes.port"], "limit": 1})),
             json!([{"id": 1, "attributes": {"host": "alpha.example", "port": 22}}])
@@ -2234,15 +1703,8 @@ mod tests {
             json!([{"host": null, "id": 3}, {"id": 4}])
         );
         // Missing fields are left out; a field holding null is kept.
-        assert_eq!(
-            run(json!({"select": ["name", "nope", "name.deeper"], "offset": 3})),
-            json!([{"name": null}])
-        );
-        let escaped = query(
-            &[json!({"a.b": 1, "a": {"b": 2}})],
-            &json!([]),
-            &json!({"select": [r"a\.b", "a.b"]}),
-        );
+        assert_eq!(run(json!({"select": ["name", "nope", "name.deeper"], "offset": 3})), json!([{"name": null}]));
+        let escaped = query(&[json!({"a.b": 1, "a": {"b": 2}})], &json!([]), &json!({"select": [r"a\.b", "a.b"]}));
         assert_eq!(escaped, Ok(json!([{"a.b": 1, "a": {"b": 2}}])));
         // Selecting through a list is an error, as in TrueNAS.
         let err = query(&data(), &json!([]), &json!({"select": ["id", "tags.0"]})).unwrap_err();
@@ -2254,30 +1716,16 @@ mod tests {
 
     #[test]
     fn select_with_order_by_alias_and_unselected_fields() {
-        let r = query(
-            &data(),
-            &json!([]),
-            &json!({"select": [["number", "n"]], "order_by": ["-n"]}),
-        );
+        let r = query(&data(), &json!([]), &json!({"select": [["number", "n"]], "order_by": ["-n"]}));
         assert_eq!(r, Ok(json!([{"n": 4.5}, {"n": 3}, {"n": 2}, {"n": 1}])));
-        let r = query(
-            &data(),
-            &json!([]),
-            &json!({"select": ["name"], "order_by": ["-id"], "limit": 2}),
-        );
+        let r = query(&data(), &json!([]), &json!({"select": ["name"], "order_by": ["-id"], "limit": 2}));
         assert_eq!(r, Ok(json!([{"name": null}, {"name": "_foo_"}])));
     }
 
     #[test]
     fn invalid_select_built_directly_is_an_error_not_a_panic() {
-        let o = QueryOptions {
-            select: vec![json!(5)],
-            ..Default::default()
-        };
-        assert!(matches!(
-            filter_list(&data(), &Filters::all(), &o),
-            Err(QueryError::Invalid(_))
-        ));
+        let o = QueryOptions { select: vec![json!(5)], ..Default::default() };
+        assert!(matches!(filter_list(&data(), &Filters::all(), &o), Err(QueryError::Invalid(_))));
     }
 
     // -- results and errors ---------------------------------------------------
@@ -2285,19 +1733,14 @@ mod tests {
     #[test]
     fn into_value_shapes() {
         assert_eq!(QueryResult::List(vec![json!(1)]).into_value(), json!([1]));
-        assert_eq!(
-            QueryResult::One(json!({"a": 1})).into_value(),
-            json!({"a": 1})
-        );
+        assert_eq!(QueryResult::One(json!({"a": 1})).into_value(), json!({"a": 1}));
         assert_eq!(QueryResult::Count(7).into_value(), json!(7));
     }
 
     #[test]
     fn query_reports_filter_and_option_errors_together() {
         let err = query(&data(), &json!([["a", "bad", 1]]), &json!({"bogus": 1})).unwrap_err();
-        let QueryError::Invalid(e) = err else {
-            panic!("expected Invalid")
-        };
+        let QueryError::Invalid(e) = err else { panic!("expected Invalid") };
         let attrs: Vec<String> = e.0.into_iter().map(|e| e.attribute).collect();
         assert_eq!(attrs, ["filters.0", "options.bogus"]);
         assert_eq!(QueryError::NotFound.to_string(), "no matching entry found");
@@ -2306,15 +1749,8 @@ mod tests {
     #[test]
     fn results_are_clones_of_the_matching_items_only() {
         let items = data();
-        let r = filter_list(
-            &items,
-            &f(json!([["type", "=", "SSH_KEY_PAIR"]])),
-            &QueryOptions::default(),
-        );
-        assert_eq!(
-            r,
-            Ok(QueryResult::List(vec![items[0].clone(), items[2].clone()]))
-        );
+        let r = filter_list(&items, &f(json!([["type", "=", "SSH_KEY_PAIR"]])), &QueryOptions::default());
+        assert_eq!(r, Ok(QueryResult::List(vec![items[0].clone(), items[2].clone()])));
     }
 
     // -- adversarial fuzzing --------------------------------------------------
@@ -2323,10 +1759,7 @@ mod tests {
 
     impl Lcg {
         fn below(&mut self, n: u64) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
+            self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             (self.0 >> 33) % n
         }
 
@@ -2335,12 +1768,10 @@ mod tests {
         }
     }
 
-    const FIELDS: &[&str] = &[
-        "a", "b", "a.b", "l", "l.0", "l.*", "l.*.a", r"a\.b", "", "x.y.z", "OR",
-    ];
+    const FIELDS: &[&str] = &["a", "b", "a.b", "l", "l.0", "l.*", "l.*.a", r"a\.b", "", "x.y.z", "OR"];
     const OPS: &[&str] = &[
-        "=", "!=", ">", ">=", "<", "<=", "~", "in", "nin", "rin", "rnin", "^", "!^", "$", "!$",
-        "C=", "C!=", "C~", "Cin", "Cnin", "Crin", "Crnin", "C^", "C!^", "C$", "C!$", "OR", "??",
+        "=", "!=", ">", ">=", "<", "<=", "~", "in", "nin", "rin", "rnin", "^", "!^", "$", "!$", "C=", "C!=", "C~",
+        "Cin", "Cnin", "Crin", "Crnin", "C^", "C!^", "C$", "C!$", "OR", "??",
     ];
     const STRINGS: &[&str] = &["", "a", "A", "ab", "(", ".*", "^a", "x|", "ß", "OR", "b"];
 
@@ -2355,20 +1786,9 @@ mod tests {
             },
             3 => json!(r.below(8) as f64 / 2.0),
             4 => json!(r.pick(STRINGS)),
-            5 => Value::Array(
-                (0..r.below(4))
-                    .map(|_| random_value(r, depth - 1))
-                    .collect(),
-            ),
+            5 => Value::Array((0..r.below(4)).map(|_| random_value(r, depth - 1)).collect()),
             _ => Value::Object(
-                (0..r.below(3))
-                    .map(|_| {
-                        (
-                            r.pick(&["a", "b", "l"]).to_string(),
-                            random_value(r, depth - 1),
-                        )
-                    })
-                    .collect(),
+                (0..r.below(3)).map(|_| (r.pick(&["a", "b", "l"]).to_string(), random_value(r, depth - 1))).collect(),
             ),
         }
     }
@@ -2381,11 +1801,7 @@ mod tests {
                         if r.below(2) == 0 {
                             random_filter(r, depth - 1)
                         } else {
-                            Value::Array(
-                                (0..1 + r.below(2))
-                                    .map(|_| random_filter(r, depth - 1))
-                                    .collect(),
-                            )
+                            Value::Array((0..1 + r.below(2)).map(|_| random_filter(r, depth - 1)).collect())
                         }
                     })
                     .collect();
@@ -2423,28 +1839,16 @@ mod tests {
                     format!("{prefix}{}", r.pick(FIELDS))
                 })
                 .collect();
-            let options = QueryOptions {
-                order_by,
-                ..Default::default()
-            };
+            let options = QueryOptions { order_by, ..Default::default() };
             let Ok(QueryResult::List(list)) = filter_list(&items, &filters, &options) else {
                 panic!("a plain query returns a list")
             };
             let expected = items.iter().filter(|i| matches(i, &filters)).count();
             assert_eq!(list.len(), expected);
-            let count = QueryOptions {
-                count: true,
-                ..Default::default()
-            };
-            assert_eq!(
-                filter_list(&items, &filters, &count),
-                Ok(QueryResult::Count(expected))
-            );
+            let count = QueryOptions { count: true, ..Default::default() };
+            assert_eq!(filter_list(&items, &filters, &count), Ok(QueryResult::Count(expected)));
         }
-        assert!(
-            parsed > 500,
-            "the fuzzer should produce plenty of valid filters ({parsed})"
-        );
+        assert!(parsed > 500, "the fuzzer should produce plenty of valid filters ({parsed})");
 
         for _ in 0..3_000 {
             let options = random_value(&mut r, 3);
@@ -2452,9 +1856,7 @@ mod tests {
             let options = Value::Object(
                 (0..r.below(4))
                     .map(|_| {
-                        let key = r.pick(&[
-                            "get", "count", "limit", "offset", "order_by", "select", "extra", "x",
-                        ]);
+                        let key = r.pick(&["get", "count", "limit", "offset", "order_by", "select", "extra", "x"]);
                         (key.to_string(), random_value(&mut r, 2))
                     })
                     .collect(),

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use keyhaven_core::keys::{
-    encrypt_private_key, generate, parse_host_key_lines, public_key_info, validate_key_pair,
-    GenerateOptions, KeyAlgorithm, KeyPairField,
+    encrypt_private_key, generate, parse_host_key_lines, public_key_info, validate_key_pair, GenerateOptions,
+    KeyAlgorithm, KeyPairField,
 };
 
 const PASS: &str = "correct horse 5";
@@ -27,14 +27,8 @@ fn write_secret(path: &Path, text: &str) {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -65,25 +59,10 @@ fn type_and_blob(line: &str) -> String {
 }
 
 /// `ssh-keygen -q -t .. -f dir/name [-b bits] [-m fmt] -N pass -C comment`.
-fn ssh_keygen(
-    dir: &Path,
-    name: &str,
-    t: &str,
-    bits: Option<u32>,
-    fmt: Option<&str>,
-    pass: Option<&str>,
-) -> PathBuf {
+fn ssh_keygen(dir: &Path, name: &str, t: &str, bits: Option<u32>, fmt: Option<&str>, pass: Option<&str>) -> PathBuf {
     let path = dir.join(name);
     let mut cmd = Command::new("ssh-keygen");
-    cmd.args([
-        "-q",
-        "-t",
-        t,
-        "-C",
-        "imported comment",
-        "-N",
-        pass.unwrap_or(""),
-    ]);
+    cmd.args(["-q", "-t", t, "-C", "imported comment", "-N", pass.unwrap_or("")]);
     if let Some(b) = bits {
         cmd.arg("-b").arg(b.to_string());
     }
@@ -118,10 +97,7 @@ fn assert_no_leak(msg: &str, key_text: &str, pass: Option<&str>) {
         let chars: Vec<char> = l.chars().collect();
         for w in chars.windows(12).step_by(4) {
             let frag: String = w.iter().collect();
-            assert!(
-                !msg.contains(&frag),
-                "message leaks key material ({frag}): {msg}"
-            );
+            assert!(!msg.contains(&frag), "message leaks key material ({frag}): {msg}");
         }
     }
 }
@@ -131,8 +107,7 @@ fn check_import(path: &Path, pass: Option<&str>, expect_comment: Option<&str>) {
     let text = fs::read_to_string(path).unwrap();
     let (bits, fp) = keygen_fingerprint(path);
     let expected_pub = keygen_public(path, pass.or(Some("")));
-    let v = validate_key_pair(Some(&text), None, pass)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let v = validate_key_pair(Some(&text), None, pass).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert_eq!(v.info.fingerprint, fp, "{}", path.display());
     assert_eq!(v.info.bits, bits, "{}", path.display());
     assert_eq!(type_and_blob(&v.public_key), expected_pub);
@@ -148,12 +123,7 @@ fn check_import(path: &Path, pass: Option<&str>, expect_comment: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let norm = dir.path().join("normalised");
     write_secret(&norm, private);
-    assert_eq!(
-        keygen_public(&norm, Some("")),
-        expected_pub,
-        "{}",
-        path.display()
-    );
+    assert_eq!(keygen_public(&norm, Some("")), expected_pub, "{}", path.display());
 
     // With the matching public key (another comment) too.
     let pub_line = format!("{expected_pub} other comment");
@@ -166,24 +136,10 @@ fn check_import(path: &Path, pass: Option<&str>, expect_comment: Option<&str>) {
         // Encrypted: no passphrase and a wrong passphrase are refused.
         let e = validate_key_pair(Some(&text), None, None).unwrap_err();
         assert_eq!(e.field, KeyPairField::PrivateKey, "{}", path.display());
-        assert!(
-            e.message.contains("Encrypted private keys are not allowed"),
-            "{}: {}",
-            path.display(),
-            e.message
-        );
+        assert!(e.message.contains("Encrypted private keys are not allowed"), "{}: {}", path.display(), e.message);
         let e = validate_key_pair(Some(&text), None, Some("wrong passphrase")).unwrap_err();
-        assert_eq!(
-            e.field,
-            KeyPairField::Passphrase,
-            "{}: {}",
-            path.display(),
-            e.message
-        );
-        assert_eq!(
-            e.message,
-            "The passphrase does not decrypt this private key"
-        );
+        assert_eq!(e.field, KeyPairField::Passphrase, "{}: {}", path.display(), e.message);
+        assert_eq!(e.message, "The passphrase does not decrypt this private key");
         assert_no_leak(&e.message, &text, Some(p));
     } else {
         // A passphrase given for an unencrypted key is ignored.
@@ -197,18 +153,10 @@ fn check_import(path: &Path, pass: Option<&str>, expect_comment: Option<&str>) {
 // ---------------------------------------------------------------------------
 
 fn check_generated(alg: KeyAlgorithm, bits: Option<u32>, expect_bits: u32, comment: Option<&str>) {
-    let o = GenerateOptions {
-        algorithm: alg,
-        bits,
-        comment: comment.map(str::to_string),
-    };
+    let o = GenerateOptions { algorithm: alg, bits, comment: comment.map(str::to_string) };
     let kp = generate(&o).unwrap();
-    assert!(kp
-        .private_key
-        .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n"));
-    assert!(kp
-        .private_key
-        .ends_with("-----END OPENSSH PRIVATE KEY-----\n"));
+    assert!(kp.private_key.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n"));
+    assert!(kp.private_key.ends_with("-----END OPENSSH PRIVATE KEY-----\n"));
     assert!(kp.public_key.ends_with('\n') && !kp.public_key.ends_with(" \n"));
     assert_eq!(kp.public_key.lines().count(), 1);
     match comment {
@@ -227,10 +175,7 @@ fn check_generated(alg: KeyAlgorithm, bits: Option<u32>, expect_bits: u32, comme
     let (pbits, pfp) = keygen_fingerprint(&priv_path);
     assert_eq!((kbits, &kfp), (pbits, &pfp));
     assert_eq!(kbits, expect_bits);
-    assert_eq!(
-        keygen_public(&priv_path, Some("")),
-        type_and_blob(&kp.public_key)
-    );
+    assert_eq!(keygen_public(&priv_path, Some("")), type_and_blob(&kp.public_key));
 
     let info = public_key_info(&kp.public_key).unwrap();
     assert_eq!(info.fingerprint, kfp);
@@ -250,30 +195,16 @@ fn check_generated(alg: KeyAlgorithm, bits: Option<u32>, expect_bits: u32, comme
     assert!(enc.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n") && enc.ends_with("-----\n"));
     let enc_path = dir.path().join("encrypted");
     write_secret(&enc_path, &enc);
-    assert_eq!(
-        keygen_public(&enc_path, Some(PASS)),
-        type_and_blob(&kp.public_key)
-    );
-    let bad = Command::new("ssh-keygen")
-        .args(["-y", "-P", "wrong"])
-        .arg("-f")
-        .arg(&enc_path)
-        .output()
-        .unwrap();
-    assert!(
-        !bad.status.success(),
-        "ssh-keygen accepted a wrong passphrase"
-    );
+    assert_eq!(keygen_public(&enc_path, Some(PASS)), type_and_blob(&kp.public_key));
+    let bad = Command::new("ssh-keygen").args(["-y", "-P", "wrong"]).arg("-f").arg(&enc_path).output().unwrap();
+    assert!(!bad.status.success(), "ssh-keygen accepted a wrong passphrase");
     // ... and importable again with the passphrase.
     let back = validate_key_pair(Some(&enc), None, Some(PASS)).unwrap();
     assert_eq!(back.info.fingerprint, kfp);
     assert_eq!(back.public_key, kp.public_key);
     let back_path = dir.path().join("back");
     write_secret(&back_path, back.private_key.as_ref().unwrap());
-    assert_eq!(
-        keygen_public(&back_path, Some("")),
-        type_and_blob(&kp.public_key)
-    );
+    assert_eq!(keygen_public(&back_path, Some("")), type_and_blob(&kp.public_key));
 }
 
 #[test]
@@ -303,21 +234,13 @@ fn keys_generated_rsa_4096_passes_ssh_keygen() {
 fn import_all_formats(t: &str, bits: Option<u32>) {
     let dir = tempfile::tempdir().unwrap();
     // ssh-keygen writes Ed25519 in OpenSSH format whatever -m says.
-    let formats: &[Option<&str>] = if t == "ed25519" {
-        &[None]
-    } else {
-        &[None, Some("PEM"), Some("PKCS8")]
-    };
+    let formats: &[Option<&str>] = if t == "ed25519" { &[None] } else { &[None, Some("PEM"), Some("PKCS8")] };
     for fmt in formats {
         for pass in [None, Some(PASS)] {
             let name = format!("{t}-{}-{}", fmt.unwrap_or("openssh"), pass.is_some());
             let path = ssh_keygen(dir.path(), &name, t, bits, *fmt, pass);
             // Only the OpenSSH format carries the comment inside the private key.
-            let comment = if fmt.is_none() {
-                Some("imported comment")
-            } else {
-                None
-            };
+            let comment = if fmt.is_none() { Some("imported comment") } else { None };
             check_import(&path, pass, comment);
         }
     }
@@ -353,10 +276,7 @@ fn keys_import_public_only_and_mismatch() {
     let v = validate_key_pair(None, Some(&b_pub), None).unwrap();
     assert!(v.private_key.is_none());
     assert_eq!(v.public_key, b_pub);
-    assert_eq!(
-        v.info.fingerprint,
-        keygen_fingerprint(&b.with_extension("pub")).1
-    );
+    assert_eq!(v.info.fingerprint, keygen_fingerprint(&b.with_extension("pub")).1);
     assert_eq!(v.info.key_type, "ecdsa-sha2-nistp256");
     assert_eq!(v.info.comment, "imported comment");
 
@@ -369,18 +289,10 @@ fn keys_import_public_only_and_mismatch() {
     // Pasted the wrong way round.
     let e = validate_key_pair(Some(&a_pub), None, None).unwrap_err();
     assert_eq!(e.field, KeyPairField::PrivateKey);
-    assert!(
-        e.message.contains("public key") && e.message.contains("public_key"),
-        "{}",
-        e.message
-    );
+    assert!(e.message.contains("public key") && e.message.contains("public_key"), "{}", e.message);
     let e = validate_key_pair(None, Some(&a_priv), None).unwrap_err();
     assert_eq!(e.field, KeyPairField::PublicKey);
-    assert!(
-        e.message.contains("private key") && e.message.contains(".pub"),
-        "{}",
-        e.message
-    );
+    assert!(e.message.contains("private key") && e.message.contains(".pub"), "{}", e.message);
     assert_no_leak(&e.message, &a_priv, None);
     let e = validate_key_pair(Some(&a_priv), Some(&a_priv), None).unwrap_err();
     assert_eq!(e.field, KeyPairField::PublicKey);
@@ -394,30 +306,13 @@ fn keys_rsa_1024_and_dsa_refused() {
     let want = "RSA keys must be at least 2048 bits; this key has 1024 bits. Generate a new key \
                 (Ed25519 is recommended).";
     let e = validate_key_pair(Some(&text), None, None).unwrap_err();
-    assert_eq!(
-        (e.field, e.message.as_str()),
-        (KeyPairField::PrivateKey, want)
-    );
-    let pem = ssh_keygen(
-        dir.path(),
-        "rsa1024pem",
-        "rsa",
-        Some(1024),
-        Some("PEM"),
-        Some(PASS),
-    );
-    let e =
-        validate_key_pair(Some(&fs::read_to_string(&pem).unwrap()), None, Some(PASS)).unwrap_err();
-    assert_eq!(
-        (e.field, e.message.as_str()),
-        (KeyPairField::PrivateKey, want)
-    );
+    assert_eq!((e.field, e.message.as_str()), (KeyPairField::PrivateKey, want));
+    let pem = ssh_keygen(dir.path(), "rsa1024pem", "rsa", Some(1024), Some("PEM"), Some(PASS));
+    let e = validate_key_pair(Some(&fs::read_to_string(&pem).unwrap()), None, Some(PASS)).unwrap_err();
+    assert_eq!((e.field, e.message.as_str()), (KeyPairField::PrivateKey, want));
     let public = fs::read_to_string(rsa.with_extension("pub")).unwrap();
     let e = validate_key_pair(None, Some(&public), None).unwrap_err();
-    assert_eq!(
-        (e.field, e.message.as_str()),
-        (KeyPairField::PublicKey, want)
-    );
+    assert_eq!((e.field, e.message.as_str()), (KeyPairField::PublicKey, want));
     // public_key_info still describes it.
     assert_eq!(public_key_info(&public).unwrap().bits, 1024);
 
@@ -433,31 +328,16 @@ fn keys_rsa_1024_and_dsa_refused() {
         let text = fs::read_to_string(&dsa).unwrap();
         let e = validate_key_pair(Some(&text), None, None).unwrap_err();
         assert_eq!(e.field, KeyPairField::PrivateKey);
-        assert!(
-            e.message.contains("DSA keys are not supported"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("DSA keys are not supported"), "{}", e.message);
         let public = fs::read_to_string(dsa.with_extension("pub")).unwrap();
         let e = validate_key_pair(None, Some(&public), None).unwrap_err();
         assert_eq!(e.field, KeyPairField::PublicKey);
-        assert!(
-            e.message.contains("DSA keys are not supported"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("DSA keys are not supported"), "{}", e.message);
         // DSA in PEM.
         let pem = dir.path().join("dsa_pem");
-        run(Command::new("ssh-keygen")
-            .args(["-q", "-t", "dsa", "-m", "PEM", "-N", "", "-f"])
-            .arg(&pem));
-        let e =
-            validate_key_pair(Some(&fs::read_to_string(&pem).unwrap()), None, None).unwrap_err();
-        assert!(
-            e.message.contains("DSA keys are not supported"),
-            "{}",
-            e.message
-        );
+        run(Command::new("ssh-keygen").args(["-q", "-t", "dsa", "-m", "PEM", "-N", "", "-f"]).arg(&pem));
+        let e = validate_key_pair(Some(&fs::read_to_string(&pem).unwrap()), None, None).unwrap_err();
+        assert!(e.message.contains("DSA keys are not supported"), "{}", e.message);
     } else {
         println!("NOTE: ssh-keygen cannot make DSA keys here; DSA checks skipped");
     }
@@ -472,13 +352,7 @@ fn keys_truncated_and_damaged_private_keys() {
         ("rsa_pem", "rsa", Some(2048), Some("PEM"), None),
         ("rsa_pem_enc", "rsa", Some(2048), Some("PEM"), Some(PASS)),
         ("ec_pkcs8", "ecdsa", Some(256), Some("PKCS8"), None),
-        (
-            "ec_pkcs8_enc",
-            "ecdsa",
-            Some(384),
-            Some("PKCS8"),
-            Some(PASS),
-        ),
+        ("ec_pkcs8_enc", "ecdsa", Some(384), Some("PKCS8"), Some(PASS)),
     ] {
         let path = ssh_keygen(dir.path(), name, t, bits, fmt, pass);
         let text = fs::read_to_string(&path).unwrap();
@@ -494,11 +368,7 @@ fn keys_truncated_and_damaged_private_keys() {
             // Half a line of base64 missing.
             text.replacen(lines[n / 2], &lines[n / 2][..lines[n / 2].len() / 2], 1),
             // A character flipped in the body.
-            text.replacen(
-                lines[n / 2],
-                &lines[n / 2].replace(|c: char| c.is_ascii_alphabetic(), "A"),
-                1,
-            ),
+            text.replacen(lines[n / 2], &lines[n / 2].replace(|c: char| c.is_ascii_alphabetic(), "A"), 1),
             // Only the first half of the text.
             text[..text.len() / 2].to_string(),
         ];
@@ -527,10 +397,7 @@ fn keys_host_key_lines_from_ssh_keygen() {
     let dir = tempfile::tempdir().unwrap();
     let mut text = String::from("# scanned\n\n");
     let mut expected = Vec::new();
-    for (i, (t, bits)) in [("ed25519", None), ("ecdsa", Some(384)), ("rsa", Some(2048))]
-        .iter()
-        .enumerate()
-    {
+    for (i, (t, bits)) in [("ed25519", None), ("ecdsa", Some(384)), ("rsa", Some(2048))].iter().enumerate() {
         let path = ssh_keygen(dir.path(), &format!("host{i}"), t, *bits, None, None);
         let pub_path = path.with_extension("pub");
         let line = fs::read_to_string(&pub_path).unwrap();
@@ -561,10 +428,8 @@ fn openssl(args: &[&str]) {
 /// last 32 bytes of the SubjectPublicKeyInfo).
 fn ed25519_public_from_openssl(private_path: &str) -> String {
     use base64::Engine as _;
-    let out = Command::new("openssl")
-        .args(["pkey", "-in", private_path, "-pubout", "-outform", "DER"])
-        .output()
-        .unwrap();
+    let out =
+        Command::new("openssl").args(["pkey", "-in", private_path, "-pubout", "-outform", "DER"]).output().unwrap();
     assert!(out.status.success());
     let spki = out.stdout;
     assert_eq!(spki.len(), 44);
@@ -573,10 +438,7 @@ fn ed25519_public_from_openssl(private_path: &str) -> String {
     blob.extend_from_slice(b"ssh-ed25519");
     blob.extend_from_slice(&32u32.to_be_bytes());
     blob.extend_from_slice(&spki[12..]);
-    format!(
-        "ssh-ed25519 {}",
-        base64::engine::general_purpose::STANDARD.encode(blob)
-    )
+    format!("ssh-ed25519 {}", base64::engine::general_purpose::STANDARD.encode(blob))
 }
 
 #[test]
@@ -587,22 +449,10 @@ fn keys_import_openssl_legacy_and_pkcs8() {
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
     let keys = [
-        (
-            "rsa",
-            vec!["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
-        ),
-        (
-            "p256",
-            vec!["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
-        ),
-        (
-            "p384",
-            vec!["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"],
-        ),
-        (
-            "p521",
-            vec!["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"],
-        ),
+        ("rsa", vec!["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]),
+        ("p256", vec!["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+        ("p384", vec!["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"]),
+        ("p521", vec!["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"]),
         ("ed25519", vec!["-algorithm", "ED25519"]),
     ];
     for (name, gen) in &keys {
@@ -631,16 +481,8 @@ fn keys_import_openssl_legacy_and_pkcs8() {
             ("pk8-scrypt", vec!["-scrypt"]),
         ] {
             let out = d(&format!("{name}.{tag}"));
-            let mut a = vec![
-                "pkcs8",
-                "-topk8",
-                "-in",
-                plain.as_str(),
-                "-out",
-                out.as_str(),
-                "-passout",
-                "pass:secret1",
-            ];
+            let mut a =
+                vec!["pkcs8", "-topk8", "-in", plain.as_str(), "-out", out.as_str(), "-passout", "pass:secret1"];
             a.extend(extra);
             openssl(&a);
             variants.push((out, Some("secret1")));
@@ -648,14 +490,7 @@ fn keys_import_openssl_legacy_and_pkcs8() {
         if *name != "ed25519" {
             // Traditional (PKCS#1 / SEC1) PEM, plain and legacy-encrypted.
             let trad = d(&format!("{name}.trad"));
-            openssl(&[
-                "pkey",
-                "-in",
-                plain.as_str(),
-                "-traditional",
-                "-out",
-                trad.as_str(),
-            ]);
+            openssl(&["pkey", "-in", plain.as_str(), "-traditional", "-out", trad.as_str()]);
             variants.push((trad, None));
             for cipher in ["-aes256", "-aes192", "-aes128", "-des3"] {
                 let out = d(&format!("{name}.trad{cipher}"));
@@ -677,24 +512,16 @@ fn keys_import_openssl_legacy_and_pkcs8() {
         }
         for (path, pass) in &variants {
             let text = fs::read_to_string(path).unwrap();
-            let v = validate_key_pair(Some(&text), None, *pass)
-                .unwrap_or_else(|e| panic!("{path}: {e}"));
+            let v = validate_key_pair(Some(&text), None, *pass).unwrap_or_else(|e| panic!("{path}: {e}"));
             assert_eq!(v.info.fingerprint, fp, "{path}");
             assert_eq!(type_and_blob(&v.public_key), expected_pub, "{path}");
             let norm = d("normalised");
             write_secret(Path::new(&norm), v.private_key.as_ref().unwrap());
-            assert_eq!(
-                keygen_public(Path::new(&norm), Some("")),
-                expected_pub,
-                "{path}"
-            );
+            assert_eq!(keygen_public(Path::new(&norm), Some("")), expected_pub, "{path}");
             if let Some(p) = pass {
                 let e = validate_key_pair(Some(&text), None, None).unwrap_err();
                 assert_eq!(e.field, KeyPairField::PrivateKey, "{path}");
-                assert!(
-                    e.message.contains("Encrypted private keys are not allowed"),
-                    "{path}: {e}"
-                );
+                assert!(e.message.contains("Encrypted private keys are not allowed"), "{path}: {e}");
                 let e = validate_key_pair(Some(&text), None, Some("Wrong-pass")).unwrap_err();
                 assert_eq!(e.field, KeyPairField::Passphrase, "{path}: {e}");
                 assert_no_leak(&e.message, &text, Some(p));
@@ -709,14 +536,7 @@ fn keys_import_openssl_legacy_and_pkcs8() {
 
     // openssl's classic `ecparam -genkey` output starts with an EC PARAMETERS block.
     let ec = d("ecparam.pem");
-    openssl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-out",
-        ec.as_str(),
-    ]);
+    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-out", ec.as_str()]);
     let text = fs::read_to_string(&ec).unwrap();
     assert!(text.contains("BEGIN EC PARAMETERS"));
     let v = validate_key_pair(Some(&text), None, None).unwrap();
@@ -724,15 +544,7 @@ fn keys_import_openssl_legacy_and_pkcs8() {
 
     // RSA-1024 from openssl, legacy-encrypted: decrypted, then refused for its size.
     let small = d("rsa1024");
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "RSA",
-        "-pkeyopt",
-        "rsa_keygen_bits:1024",
-        "-out",
-        small.as_str(),
-    ]);
+    openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024", "-out", small.as_str()]);
     let small_enc = d("rsa1024.enc");
     openssl(&[
         "pkey",
@@ -745,32 +557,14 @@ fn keys_import_openssl_legacy_and_pkcs8() {
         "-out",
         small_enc.as_str(),
     ]);
-    let e = validate_key_pair(
-        Some(&fs::read_to_string(&small_enc).unwrap()),
-        None,
-        Some("x"),
-    )
-    .unwrap_err();
+    let e = validate_key_pair(Some(&fs::read_to_string(&small_enc).unwrap()), None, Some("x")).unwrap_err();
     assert_eq!(e.field, KeyPairField::PrivateKey);
-    assert!(e
-        .message
-        .starts_with("RSA keys must be at least 2048 bits; this key has 1024 bits."));
+    assert!(e.message.starts_with("RSA keys must be at least 2048 bits; this key has 1024 bits."));
 
     // An unsupported curve (secp256k1) gets a clear message.
     let k1 = d("k1.pem");
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        "ec_paramgen_curve:secp256k1",
-        "-out",
-        k1.as_str(),
-    ]);
+    openssl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:secp256k1", "-out", k1.as_str()]);
     let e = validate_key_pair(Some(&fs::read_to_string(&k1).unwrap()), None, None).unwrap_err();
     assert_eq!(e.field, KeyPairField::PrivateKey);
-    assert!(
-        e.message.contains("Unsupported") || e.message.contains("not supported"),
-        "{e}"
-    );
+    assert!(e.message.contains("Unsupported") || e.message.contains("not supported"), "{e}");
 }

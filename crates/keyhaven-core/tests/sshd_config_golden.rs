@@ -18,10 +18,7 @@ const KEY_TYPES: &[&str] = &["ed25519", "ecdsa", "rsa"];
 fn base_ctx() -> RenderContext {
     RenderContext {
         listen_addresses: Vec::new(),
-        host_key_paths: KEY_TYPES
-            .iter()
-            .map(|t| format!("{GOLDEN_KEY_DIR}/ssh_host_{t}_key"))
-            .collect(),
+        host_key_paths: KEY_TYPES.iter().map(|t| format!("{GOLDEN_KEY_DIR}/ssh_host_{t}_key")).collect(),
         pid_file: "/run/keyhaven/sshd.pid".into(),
         authorized_keys_file: format!("{GOLDEN_KEY_DIR}/authorized_keys/%u"),
         password_users: Vec::new(),
@@ -86,9 +83,7 @@ fn cases() -> Vec<(&'static str, SshSettings, RenderContext)> {
 }
 
 fn golden_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(format!("sshd_config.{name}"))
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(format!("sshd_config.{name}"))
 }
 
 #[test]
@@ -140,10 +135,8 @@ impl Scratch {
 
     /// Write `config` (golden host-key paths swapped for ours) and return its path.
     fn write_config(&self, name: &str, config: &str) -> PathBuf {
-        let swapped = config.replace(
-            &format!("HostKey {GOLDEN_KEY_DIR}/"),
-            &format!("HostKey {}/", self.dir.display()),
-        );
+        let swapped =
+            config.replace(&format!("HostKey {GOLDEN_KEY_DIR}/"), &format!("HostKey {}/", self.dir.display()));
         let path = self.dir.join(name);
         std::fs::write(&path, swapped).unwrap();
         path
@@ -174,12 +167,7 @@ fn sshd_available() -> Option<()> {
 }
 
 fn sshd(args: &[&str], cfg: &Path) -> std::process::Output {
-    Command::new(SSHD)
-        .args(args)
-        .arg("-f")
-        .arg(cfg)
-        .output()
-        .expect("sshd runs")
+    Command::new(SSHD).args(args).arg("-f").arg(cfg).output().expect("sshd runs")
 }
 
 #[test]
@@ -192,16 +180,8 @@ fn every_golden_config_passes_sshd_t() {
         let golden = std::fs::read_to_string(golden_path(name)).unwrap();
         let cfg = scratch.write_config(name, &golden);
         let out = sshd(&["-t"], &cfg);
-        assert!(
-            out.status.success(),
-            "sshd -t rejected {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            out.stderr.is_empty(),
-            "sshd -t warned on {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "sshd -t rejected {name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.stderr.is_empty(), "sshd -t warned on {name}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
 
@@ -211,20 +191,14 @@ fn bad_option_line_makes_sshd_t_fail() {
         return;
     }
     let scratch = Scratch::new();
-    let settings = SshSettings {
-        options: "MaxAuthTries 4\nNoSuchOption yes\n".into(),
-        ..SshSettings::default()
-    };
+    let settings = SshSettings { options: "MaxAuthTries 4\nNoSuchOption yes\n".into(), ..SshSettings::default() };
     // Validation leaves unknown keywords to sshd -t.
     validate_settings(&settings, &[], "ssh_update").unwrap();
     let cfg = scratch.write_config("bad", &render(&settings, &base_ctx()));
     let out = sshd(&["-t"], &cfg);
     assert!(!out.status.success(), "sshd -t accepted a bad option");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("NoSuchOption"),
-        "sshd should name the bad option: {stderr}"
-    );
+    assert!(stderr.contains("NoSuchOption"), "sshd should name the bad option: {stderr}");
 }
 
 /// The effective settings (`sshd -T`) show that `options` overrides keyhaven's
@@ -239,11 +213,7 @@ fn effective_config_honours_options_and_match_blocks() {
     let cfg = scratch.write_config("effective", &golden);
     let effective = |conn: &str| {
         let out = sshd(&["-T", "-C", conn], &cfg);
-        assert!(
-            out.status.success(),
-            "sshd -T: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "sshd -T: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).to_string()
     };
     let has = |dump: &str, line: &str| dump.lines().any(|l| l == line);
@@ -265,12 +235,7 @@ fn effective_config_honours_options_and_match_blocks() {
     }
 
     let bob = effective("user=bob,host=client.example,addr=192.0.2.9");
-    for line in [
-        "passwordauthentication no",
-        "permittty yes",
-        "clientaliveinterval 60",
-        "maxauthtries 4",
-    ] {
+    for line in ["passwordauthentication no", "permittty yes", "clientaliveinterval 60", "maxauthtries 4"] {
         assert!(has(&bob, line), "bob@192.0.2.9 lacks `{line}`:\n{bob}");
     }
 }

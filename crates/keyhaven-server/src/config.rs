@@ -212,7 +212,8 @@ fn check_kind(def: &SettingDef, v: &str, src: &str) -> Result<(), ConfigError> {
     let bad = |message: String| ConfigError::Invalid { name: def.name.into(), source_desc: src.into(), message };
     match def.kind {
         Kind::Addr => {
-            v.parse::<SocketAddr>().map_err(|_| bad(format!("`{v}` is not an ADDRESS:PORT such as 127.0.0.1:8080 or [::1]:8080")))?;
+            v.parse::<SocketAddr>()
+                .map_err(|_| bad(format!("`{v}` is not an ADDRESS:PORT such as 127.0.0.1:8080 or [::1]:8080")))?;
         }
         Kind::Bool => {
             parse_bool(v).ok_or_else(|| bad(format!("`{v}` is not a boolean (use true or false)")))?;
@@ -296,7 +297,11 @@ pub fn markdown_table() -> String {
 mod tests {
     use super::*;
 
-    fn resolve(flags: &[(&'static str, &str)], env: &[(&str, &str)], file: Option<&str>) -> Result<Config, ConfigError> {
+    fn resolve(
+        flags: &[(&'static str, &str)],
+        env: &[(&str, &str)],
+        file: Option<&str>,
+    ) -> Result<Config, ConfigError> {
         let flags = flags.iter().map(|(k, v)| (*k, v.to_string())).collect();
         let env: BTreeMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let dir = tempfile::tempdir().unwrap();
@@ -316,14 +321,19 @@ mod tests {
         assert_eq!(c.listen.port(), 1);
         let c = resolve(&[], &[("KEYHAVEN_LISTEN", "127.0.0.1:2")], Some("listen = \"127.0.0.1:1\"\n")).unwrap();
         assert_eq!(c.listen.port(), 2);
-        let c = resolve(&[("listen", "127.0.0.1:3")], &[("KEYHAVEN_LISTEN", "127.0.0.1:2")], Some("listen = \"127.0.0.1:1\"\n"))
-            .unwrap();
+        let c = resolve(
+            &[("listen", "127.0.0.1:3")],
+            &[("KEYHAVEN_LISTEN", "127.0.0.1:2")],
+            Some("listen = \"127.0.0.1:1\"\n"),
+        )
+        .unwrap();
         assert_eq!(c.listen.port(), 3);
     }
 
     #[test]
     fn nested_tables_and_unknown_keys() {
-        let c = resolve(&[], &[], Some("[accounts]\nmanage_os = true\n[ssh]\nauthorized_keys_location = \"home\"\n")).unwrap();
+        let c = resolve(&[], &[], Some("[accounts]\nmanage_os = true\n[ssh]\nauthorized_keys_location = \"home\"\n"))
+            .unwrap();
         assert!(c.manage_os_accounts);
         assert!(c.authorized_keys_in_home);
         let e = resolve(&[], &[], Some("listne = \"x\"\n")).unwrap_err();

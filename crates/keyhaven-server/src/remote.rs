@@ -49,7 +49,8 @@ pub enum ClientError {
 impl ClientError {
     /// True when the remote says the method does not exist.
     pub fn is_no_method(&self) -> bool {
-        matches!(self, ClientError::Remote { code: -32601, .. }) || matches!(self, ClientError::Remote { errno: Some(201), .. })
+        matches!(self, ClientError::Remote { code: -32601, .. })
+            || matches!(self, ClientError::Remote { errno: Some(201), .. })
     }
 }
 
@@ -67,10 +68,20 @@ impl ServerCertVerifier for NoVerify {
     ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
     }
-    fn verify_tls13_signature(&self, m: &[u8], c: &CertificateDer<'_>, d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -133,7 +144,12 @@ pub struct RpcClient {
 
 impl RpcClient {
     /// Connect to `<base>/api/current` (JSON-RPC) or `<base>/websocket` (legacy).
-    pub async fn connect(base: &str, dialect: Dialect, verify_tls: bool, timeout: Duration) -> Result<RpcClient, ClientError> {
+    pub async fn connect(
+        base: &str,
+        dialect: Dialect,
+        verify_tls: bool,
+        timeout: Duration,
+    ) -> Result<RpcClient, ClientError> {
         let endpoint = match dialect {
             Dialect::JsonRpc => "api/current",
             Dialect::Legacy => "websocket",
@@ -185,7 +201,8 @@ impl RpcClient {
             };
             match m {
                 Message::Text(t) => {
-                    return serde_json::from_str(&t).map_err(|e| ClientError::Protocol(format!("invalid JSON from the remote: {e}")))
+                    return serde_json::from_str(&t)
+                        .map_err(|e| ClientError::Protocol(format!("invalid JSON from the remote: {e}")))
                 }
                 Message::Close(f) => {
                     return Err(ClientError::Connect(format!(
@@ -207,14 +224,20 @@ impl RpcClient {
         self.next_id += 1;
         let id = self.next_id;
         match self.dialect {
-            Dialect::JsonRpc => self.send(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})).await?,
-            Dialect::Legacy => self.send(json!({"msg": "method", "id": id.to_string(), "method": method, "params": params})).await?,
+            Dialect::JsonRpc => {
+                self.send(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})).await?
+            }
+            Dialect::Legacy => {
+                self.send(json!({"msg": "method", "id": id.to_string(), "method": method, "params": params})).await?
+            }
         }
         loop {
             let m = self.recv().await?;
             let matches = match self.dialect {
                 Dialect::JsonRpc => m.get("id") == Some(&json!(id)),
-                Dialect::Legacy => m.get("msg") == Some(&json!("result")) && m.get("id") == Some(&json!(id.to_string())),
+                Dialect::Legacy => {
+                    m.get("msg") == Some(&json!("result")) && m.get("id") == Some(&json!(id.to_string()))
+                }
             };
             if !matches {
                 continue;

@@ -25,7 +25,9 @@ pub enum StartupError {
     CreateDir { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Store(#[from] keyhaven_store::StoreError),
-    #[error("cannot listen on {addr}: {source}; is another keyhaven (or another service) using it? pick another --listen")]
+    #[error(
+        "cannot listen on {addr}: {source}; is another keyhaven (or another service) using it? pick another --listen"
+    )]
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("cannot create the local socket {path}: {source}")]
     Socket { path: PathBuf, source: std::io::Error },
@@ -117,7 +119,8 @@ pub fn open_store(cfg: &Config) -> Result<Store, StartupError> {
             .mode(0o600)
             .open(&path)
             .map_err(|source| StartupError::Write { path: path.clone(), source })?;
-        f.write_all(format!("{}\n", pw.as_str()).as_bytes()).map_err(|source| StartupError::Write { path: path.clone(), source })?;
+        f.write_all(format!("{}\n", pw.as_str()).as_bytes())
+            .map_err(|source| StartupError::Write { path: path.clone(), source })?;
         eprintln!(
             "keyhaven: created account `admin` with password {} (also in {}; change it, then delete that file)",
             pw.as_str(),
@@ -157,7 +160,8 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
     } else {
         None
     };
-    let listener = TcpListener::bind(cfg.listen).await.map_err(|source| StartupError::Listen { addr: cfg.listen, source })?;
+    let listener =
+        TcpListener::bind(cfg.listen).await.map_err(|source| StartupError::Listen { addr: cfg.listen, source })?;
     let local = listener.local_addr().map_err(|source| StartupError::Listen { addr: cfg.listen, source })?;
     let unix = transport::unix::bind(&cfg.data_dir)
         .map_err(|source| StartupError::Socket { path: transport::unix::socket_path(&cfg.data_dir), source })?;

@@ -62,7 +62,11 @@ pub fn lookup(name: &str) -> Option<OsAccount> {
 
 fn run(command: &'static str, args: &[&str], stdin: Option<&str>) -> Result<(), AccountError> {
     let mut c = Command::new(command);
-    c.args(args).stdout(Stdio::null()).stderr(Stdio::piped()).stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    c.args(args).stdout(Stdio::null()).stderr(Stdio::piped()).stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     let mut child = c.spawn().map_err(|e| AccountError::Missing { command, detail: e.to_string() })?;
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         let _ = pipe.write_all(input.as_bytes());
@@ -76,7 +80,13 @@ fn run(command: &'static str, args: &[&str], stdin: Option<&str>) -> Result<(), 
 }
 
 /// `useradd -m [-u uid] [-d home] [-s shell] [-c gecos] name`.
-pub fn create(name: &str, uid: Option<u32>, home: Option<&str>, shell: &str, full_name: &str) -> Result<(), AccountError> {
+pub fn create(
+    name: &str,
+    uid: Option<u32>,
+    home: Option<&str>,
+    shell: &str,
+    full_name: &str,
+) -> Result<(), AccountError> {
     let uid_s = uid.map(|u| u.to_string());
     let mut args = vec!["-m", "-s", shell, "-c", full_name];
     if let Some(u) = &uid_s {

@@ -70,11 +70,7 @@ impl ScannedKey {
 
     fn from_public_key(key: &PublicKey) -> Option<ScannedKey> {
         let (key_type, base64) = key_line(key)?;
-        Some(ScannedKey {
-            key_type,
-            base64,
-            fingerprint: fingerprint(key),
-        })
+        Some(ScannedKey { key_type, base64, fingerprint: fingerprint(key) })
     }
 }
 
@@ -124,15 +120,9 @@ impl Family {
         match self {
             Family::Ed25519 => vec![Algorithm::Ed25519],
             Family::Ecdsa => vec![
-                Algorithm::Ecdsa {
-                    curve: EcdsaCurve::NistP256,
-                },
-                Algorithm::Ecdsa {
-                    curve: EcdsaCurve::NistP384,
-                },
-                Algorithm::Ecdsa {
-                    curve: EcdsaCurve::NistP521,
-                },
+                Algorithm::Ecdsa { curve: EcdsaCurve::NistP256 },
+                Algorithm::Ecdsa { curve: EcdsaCurve::NistP384 },
+                Algorithm::Ecdsa { curve: EcdsaCurve::NistP521 },
             ],
             Family::Rsa => rsa_algorithms(),
         }
@@ -141,12 +131,8 @@ impl Family {
 
 fn rsa_algorithms() -> Vec<Algorithm> {
     vec![
-        Algorithm::Rsa {
-            hash: Some(HashAlg::Sha512),
-        },
-        Algorithm::Rsa {
-            hash: Some(HashAlg::Sha256),
-        },
+        Algorithm::Rsa { hash: Some(HashAlg::Sha512) },
+        Algorithm::Rsa { hash: Some(HashAlg::Sha256) },
         // Servers older than OpenSSH 7.2 only know the SHA-1 signature.
         Algorithm::Rsa { hash: None },
     ]
@@ -155,19 +141,11 @@ fn rsa_algorithms() -> Vec<Algorithm> {
 /// Discover the host keys of `host:port`, like `ssh-keyscan -p port host` (Ed25519, ECDSA
 /// and RSA; ordered that way). `host` may be a name, an IPv4 address or an IPv6 address with
 /// or without brackets. The whole scan finishes within about `timeout`.
-pub async fn scan_host_keys(
-    host: &str,
-    port: u16,
-    timeout: Duration,
-) -> Result<Vec<ScannedKey>, ScanError> {
+pub async fn scan_host_keys(host: &str, port: u16, timeout: Duration) -> Result<Vec<ScannedKey>, ScanError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let host = strip_brackets(host);
     let addrs = resolve(host, port, deadline).await?;
-    let target = Target {
-        host,
-        port,
-        addrs: &addrs,
-    };
+    let target = Target { host, port, addrs: &addrs };
 
     let (ed, ec, rsa) = tokio::join!(
         scan_family(&target, Family::Ed25519, deadline),
@@ -218,39 +196,27 @@ async fn scan_family(
     deadline: tokio::time::Instant,
 ) -> Result<Option<ScannedKey>, ScanError> {
     let seen = Arc::new(Mutex::new(None));
-    let handler = KeyHandler {
-        seen: seen.clone(),
-        accept: Vec::new(),
-    };
+    let handler = KeyHandler { seen: seen.clone(), accept: Vec::new() };
     let result = open(target, family.algorithms(), handler, deadline).await;
     let presented = seen.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(key) = presented {
         // The handler refused the key, so the connection ended with an error: expected.
         return match ScannedKey::from_public_key(&key) {
             Some(k) => Ok(Some(k)),
-            None => Err(ScanError::Other(format!(
-                "{} presented a host key that cannot be encoded",
-                target.display()
-            ))),
+            None => Err(ScanError::Other(format!("{} presented a host key that cannot be encoded", target.display()))),
         };
     }
     match result {
         Ok(handle) => {
             // Cannot happen (the handler never accepts without recording), but be tidy.
-            let _ = handle
-                .disconnect(Disconnect::ByApplication, "", "en")
-                .await;
+            let _ = handle.disconnect(Disconnect::ByApplication, "", "en").await;
             Ok(None)
         }
         Err(ConnectError::Scan(e)) => Err(e),
-        Err(ConnectError::Ssh(russh::Error::NoCommonAlgo {
-            kind: AlgorithmKind::Key,
-            ..
-        })) => Ok(None),
-        Err(ConnectError::Ssh(e)) => Err(ScanError::Other(format!(
-            "SSH handshake with {} failed: {e}",
-            target.display()
-        ))),
+        Err(ConnectError::Ssh(russh::Error::NoCommonAlgo { kind: AlgorithmKind::Key, .. })) => Ok(None),
+        Err(ConnectError::Ssh(e)) => {
+            Err(ScanError::Other(format!("SSH handshake with {} failed: {e}", target.display())))
+        }
     }
 }
 
@@ -389,10 +355,7 @@ pub async fn run_command(t: &TestTarget, command: &str) -> Result<(u32, Vec<u8>)
                     stage: Stage::Exec,
                     host_key_fingerprint: Some(out.host_key_fingerprint),
                     latency_ms: elapsed_ms(start),
-                    error: Some(format!(
-                        "The remote command {what}{}",
-                        quote_stderr(&out.stderr)
-                    )),
+                    error: Some(format!("The remote command {what}{}", quote_stderr(&out.stderr))),
                 })
             }
         },
@@ -416,11 +379,7 @@ struct Failure {
 
 impl Failure {
     fn new(stage: Stage, fp: Option<&str>, message: impl Into<String>) -> Failure {
-        Failure {
-            stage,
-            host_key_fingerprint: fp.map(str::to_string),
-            message: message.into(),
-        }
+        Failure { stage, host_key_fingerprint: fp.map(str::to_string), message: message.into() }
     }
 
     fn into_report(self, start: Instant) -> TestReport {
@@ -483,16 +442,9 @@ async fn session(t: &TestTarget, command: &str) -> Result<SessionOutput, Failure
     let addrs = resolve(host, port, deadline)
         .await
         .map_err(|e| Failure::new(Stage::Connect, None, connect_message(&e, host, port, t.timeout)))?;
-    let target = Target {
-        host,
-        port,
-        addrs: &addrs,
-    };
+    let target = Target { host, port, addrs: &addrs };
     let seen = Arc::new(Mutex::new(None));
-    let handler = KeyHandler {
-        seen: seen.clone(),
-        accept: pinned.clone(),
-    };
+    let handler = KeyHandler { seen: seen.clone(), accept: pinned.clone() };
     let result = open(&target, algorithms, handler, deadline).await;
     let presented: Option<PublicKey> = seen.lock().unwrap_or_else(|p| p.into_inner()).take();
     let presented_fp = presented.as_ref().map(fingerprint);
@@ -501,19 +453,8 @@ async fn session(t: &TestTarget, command: &str) -> Result<SessionOutput, Failure
         Ok(handle) => handle,
         Err(e) => {
             return Err(match (e, &presented) {
-                (_, Some(key)) => Failure::new(
-                    Stage::HostKey,
-                    fp,
-                    mismatch_message(&target, key, &pinned),
-                ),
-                (
-                    ConnectError::Ssh(russh::Error::NoCommonAlgo {
-                        kind: AlgorithmKind::Key,
-                        theirs,
-                        ..
-                    }),
-                    None,
-                ) => {
+                (_, Some(key)) => Failure::new(Stage::HostKey, fp, mismatch_message(&target, key, &pinned)),
+                (ConnectError::Ssh(russh::Error::NoCommonAlgo { kind: AlgorithmKind::Key, theirs, .. }), None) => {
                     let types: Vec<&str> = pinned.iter().map(|(k, _)| k.as_str()).collect();
                     Failure::new(
                         Stage::HostKey,
@@ -522,22 +463,16 @@ async fn session(t: &TestTarget, command: &str) -> Result<SessionOutput, Failure
                             "{} offers no host key of the pinned type(s) {} (it offers {}). {REPIN_HINT}",
                             target.display(),
                             types.join(", "),
-                            if theirs.is_empty() {
-                                "none".to_string()
-                            } else {
-                                theirs.join(", ")
-                            }
+                            if theirs.is_empty() { "none".to_string() } else { theirs.join(", ") }
                         ),
                     )
                 }
                 (ConnectError::Scan(e), None) => {
                     Failure::new(Stage::Connect, None, connect_message(&e, host, port, t.timeout))
                 }
-                (ConnectError::Ssh(e), None) => Failure::new(
-                    Stage::Connect,
-                    None,
-                    format!("SSH handshake with {} failed: {e}", target.display()),
-                ),
+                (ConnectError::Ssh(e), None) => {
+                    Failure::new(Stage::Connect, None, format!("SSH handshake with {} failed: {e}", target.display()))
+                }
             });
         }
     };
@@ -554,10 +489,7 @@ async fn session(t: &TestTarget, command: &str) -> Result<SessionOutput, Failure
                 return Err(Failure::new(
                     Stage::Auth,
                     fpo,
-                    format!(
-                        "Authentication as {user} timed out after {}",
-                        secs(t.timeout)
-                    ),
+                    format!("Authentication as {user} timed out after {}", secs(t.timeout)),
                 ));
             }
             Ok(Err(m)) => return Err(Failure::new(Stage::Auth, fpo, m)),
@@ -569,16 +501,9 @@ async fn session(t: &TestTarget, command: &str) -> Result<SessionOutput, Failure
             Err(_) => Err(Failure::new(
                 Stage::Exec,
                 fpo,
-                format!(
-                    "Logged in as {user}, but the command did not finish within {}",
-                    secs(t.timeout)
-                ),
+                format!("Logged in as {user}, but the command did not finish within {}", secs(t.timeout)),
             )),
-            Ok(Err(m)) => Err(Failure::new(
-                Stage::Exec,
-                fpo,
-                format!("Logged in as {user}, but {m}"),
-            )),
+            Ok(Err(m)) => Err(Failure::new(Stage::Exec, fpo, format!("Logged in as {user}, but {m}"))),
             Ok(Ok(mut out)) => {
                 out.host_key_fingerprint = fp.clone();
                 Ok(out)
@@ -587,23 +512,13 @@ async fn session(t: &TestTarget, command: &str) -> Result<SessionOutput, Failure
     }
     .await;
 
-    let _ = handle
-        .disconnect(Disconnect::ByApplication, "", "en")
-        .await;
+    let _ = handle.disconnect(Disconnect::ByApplication, "", "en").await;
     out
 }
 
 /// Public-key authentication; `Err` is the message for the report.
-async fn authenticate(
-    handle: &mut Handle<KeyHandler>,
-    user: &str,
-    key: PrivateKey,
-) -> Result<(), String> {
-    let key_desc = format!(
-        "{} key {}",
-        key.algorithm().as_str(),
-        key.public_key().fingerprint(HashAlg::Sha256)
-    );
+async fn authenticate(handle: &mut Handle<KeyHandler>, user: &str, key: PrivateKey) -> Result<(), String> {
+    let key_desc = format!("{} key {}", key.algorithm().as_str(), key.public_key().fingerprint(HashAlg::Sha256));
     let hash = if key.algorithm().is_rsa() {
         match handle.best_supported_rsa_hash().await {
             Ok(Some(h)) => h,
@@ -616,19 +531,14 @@ async fn authenticate(
     let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
     match handle.authenticate_publickey(user, key).await {
         Ok(r) if r.success() => Ok(()),
-        Ok(russh::client::AuthResult::Failure {
-            remaining_methods,
-            partial_success,
-        }) => {
+        Ok(russh::client::AuthResult::Failure { remaining_methods, partial_success }) => {
             if partial_success {
                 Err(format!(
                     "The server accepted the {key_desc} for user {user} but requires a further \
                      authentication method ({}), which keyhaven cannot provide",
                     method_list(&remaining_methods)
                 ))
-            } else if !remaining_methods.is_empty()
-                && !remaining_methods.contains(&MethodKind::PublicKey)
-            {
+            } else if !remaining_methods.is_empty() && !remaining_methods.contains(&MethodKind::PublicKey) {
                 Err(format!(
                     "The server does not accept public key authentication for user {user} (it \
                      offers: {}): enable key logins for {user} on the remote",
@@ -643,9 +553,7 @@ async fn authenticate(
             }
         }
         Ok(_) => Err(format!("Authentication as {user} failed")),
-        Err(e) => Err(format!(
-            "The connection failed during authentication as {user}: {e}"
-        )),
+        Err(e) => Err(format!("The connection failed during authentication as {user}: {e}")),
     }
 }
 
@@ -665,10 +573,7 @@ async fn exec(handle: &Handle<KeyHandler>, command: &str) -> Result<SessionOutpu
         .channel_open_session()
         .await
         .map_err(|e| format!("the server refused to open a session channel: {e}"))?;
-    channel
-        .exec(true, command)
-        .await
-        .map_err(|e| format!("the command could not be sent: {e}"))?;
+    channel.exec(true, command).await.map_err(|e| format!("the command could not be sent: {e}"))?;
     let mut out = SessionOutput {
         host_key_fingerprint: String::new(),
         exit_status: None,
@@ -681,24 +586,17 @@ async fn exec(handle: &Handle<KeyHandler>, command: &str) -> Result<SessionOutpu
             ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
             ChannelMsg::ExtendedData { data, .. } => {
                 let room = STDERR_QUOTE_MAX.saturating_sub(out.stderr.len());
-                out.stderr
-                    .extend_from_slice(&data[..room.min(data.len())]);
+                out.stderr.extend_from_slice(&data[..room.min(data.len())]);
             }
             ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
-            ChannelMsg::ExitSignal { signal_name, .. } => {
-                out.exit_signal = Some(format!("{signal_name:?}"))
-            }
+            ChannelMsg::ExitSignal { signal_name, .. } => out.exit_signal = Some(format!("{signal_name:?}")),
             ChannelMsg::Failure => {
-                return Err(
-                    "the server refused to run a command (exec request denied): the account may \
+                return Err("the server refused to run a command (exec request denied): the account may \
                      be restricted"
-                        .to_string(),
-                );
+                    .to_string());
             }
             ChannelMsg::OpenFailure(reason) => {
-                return Err(format!(
-                    "the server refused to open a session channel ({reason:?})"
-                ));
+                return Err(format!("the server refused to open a session channel ({reason:?})"));
             }
             ChannelMsg::Close => break,
             _ => {}
@@ -768,8 +666,9 @@ fn parse_private_key(text: &str) -> Result<PrivateKey, String> {
     }
     match keyhaven_core::keys::validate_key_pair(Some(text), None, None) {
         Ok(v) => match v.private_key {
-            Some(openssh) => PrivateKey::from_openssh(openssh.as_bytes())
-                .map_err(|_| "The private key cannot be read".to_string()),
+            Some(openssh) => {
+                PrivateKey::from_openssh(openssh.as_bytes()).map_err(|_| "The private key cannot be read".to_string())
+            }
             None => Err("The key pair has no private key".to_string()),
         },
         Err(e) => Err(format!("The private key cannot be used: {}", e.message)),
@@ -797,32 +696,17 @@ fn display_host_port(host: &str, port: u16) -> String {
 }
 
 fn strip_brackets(host: &str) -> &str {
-    host.strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host)
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
 }
 
 /// Resolve once; the addresses are reused by every connection.
-async fn resolve(
-    host: &str,
-    port: u16,
-    deadline: tokio::time::Instant,
-) -> Result<Vec<SocketAddr>, ScanError> {
+async fn resolve(host: &str, port: u16, deadline: tokio::time::Instant) -> Result<Vec<SocketAddr>, ScanError> {
     if host.is_empty() {
-        return Err(ScanError::Resolve {
-            host: String::new(),
-            detail: "the host name is empty".to_string(),
-        });
+        return Err(ScanError::Resolve { host: String::new(), detail: "the host name is empty".to_string() });
     }
     match tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port))).await {
-        Err(_) => Err(ScanError::Resolve {
-            host: host.to_string(),
-            detail: "name resolution timed out".to_string(),
-        }),
-        Ok(Err(e)) => Err(ScanError::Resolve {
-            host: host.to_string(),
-            detail: e.to_string(),
-        }),
+        Err(_) => Err(ScanError::Resolve { host: host.to_string(), detail: "name resolution timed out".to_string() }),
+        Ok(Err(e)) => Err(ScanError::Resolve { host: host.to_string(), detail: e.to_string() }),
         Ok(Ok(it)) => {
             let mut addrs: Vec<SocketAddr> = Vec::new();
             for a in it {
@@ -831,10 +715,7 @@ async fn resolve(
                 }
             }
             if addrs.is_empty() {
-                Err(ScanError::Resolve {
-                    host: host.to_string(),
-                    detail: "no address found".to_string(),
-                })
+                Err(ScanError::Resolve { host: host.to_string(), detail: "no address found".to_string() })
             } else {
                 Ok(addrs)
             }
@@ -853,10 +734,7 @@ enum ConnectError {
 fn client_config(algorithms: Vec<Algorithm>) -> Arc<client::Config> {
     Arc::new(client::Config {
         nodelay: true,
-        preferred: Preferred {
-            key: Cow::Owned(algorithms),
-            ..Preferred::DEFAULT
-        },
+        preferred: Preferred { key: Cow::Owned(algorithms), ..Preferred::DEFAULT },
         ..Default::default()
     })
 }
@@ -874,14 +752,8 @@ async fn open(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!("set_nodelay failed: {e}");
         }
-        let stream = SniffStream {
-            inner: stream,
-            seen: seen.clone(),
-            done: false,
-        };
-        client::connect_stream(client_config(algorithms), stream, handler)
-            .await
-            .map_err(ConnectError::Ssh)
+        let stream = SniffStream { inner: stream, seen: seen.clone(), done: false };
+        client::connect_stream(client_config(algorithms), stream, handler).await.map_err(ConnectError::Ssh)
     };
     let result = tokio::time::timeout_at(deadline, attempt).await;
     let sniffed = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -925,14 +797,8 @@ async fn tcp_connect(target: &Target<'_>) -> Result<TcpStream, ScanError> {
         }
     }
     match last {
-        Some(e) if !refused => Err(ScanError::Other(format!(
-            "Cannot connect to {}: {e}",
-            target.display()
-        ))),
-        _ => Err(ScanError::Refused {
-            host: target.host.to_string(),
-            port: target.port,
-        }),
+        Some(e) if !refused => Err(ScanError::Other(format!("Cannot connect to {}: {e}", target.display()))),
+        _ => Err(ScanError::Refused { host: target.host.to_string(), port: target.port }),
     }
 }
 
@@ -952,10 +818,7 @@ fn not_ssh_detail(target: &Target<'_>, sniffed: &[u8]) -> Option<String> {
     let first = sniffed.split(|&b| b == b'\n').next().unwrap_or_default();
     let first = first.strip_suffix(b"\r").unwrap_or(first);
     let shown: String = first.escape_ascii().to_string().chars().take(80).collect();
-    Some(format!(
-        "{} answered \"{shown}\" instead of an SSH identification string (wrong port?)",
-        target.display()
-    ))
+    Some(format!("{} answered \"{shown}\" instead of an SSH identification string (wrong port?)", target.display()))
 }
 
 /// The client handler: records the presented host key and accepts it only if it is one of
@@ -968,10 +831,7 @@ struct KeyHandler {
 impl client::Handler for KeyHandler {
     type Error = russh::Error;
 
-    async fn check_server_key(
-        &mut self,
-        server_public_key: &PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
+    async fn check_server_key(&mut self, server_public_key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
         let key = server_public_key.public_key();
         let accepted = match key_line(&key) {
             Some((t, b)) => self.accept.iter().any(|(pt, pb)| *pt == t && *pb == b),
@@ -1003,11 +863,7 @@ struct SniffStream {
 }
 
 impl AsyncRead for SniffStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -1025,11 +881,7 @@ impl AsyncRead for SniffStream {
 }
 
 impl AsyncWrite for SniffStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
@@ -1077,12 +929,7 @@ fn quote_stderr(stderr: &[u8]) -> String {
     if text.is_empty() {
         String::new()
     } else {
-        let one_line: String = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join(" / ");
+        let one_line: String = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" / ");
         format!(" (remote said: \"{one_line}\")")
     }
 }
@@ -1117,11 +964,7 @@ mod tests {
 
     #[test]
     fn banner_sniffing() {
-        let t = Target {
-            host: "h",
-            port: 1,
-            addrs: &[],
-        };
+        let t = Target { host: "h", port: 1, addrs: &[] };
         assert!(not_ssh_detail(&t, b"").is_none());
         assert!(not_ssh_detail(&t, b"SSH-2.0-OpenSSH_9.2\r\n").is_none());
         assert!(not_ssh_detail(&t, b"SS").is_none());

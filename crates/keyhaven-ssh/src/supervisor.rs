@@ -111,9 +111,7 @@ pub enum SshdError {
     )]
     NotInstalled { path: PathBuf },
     /// `sshd -t` refused the configuration; `message` is sshd's own output.
-    #[error(
-        "sshd rejected the configuration (nothing was changed; correct what sshd names and try again): {message}"
-    )]
+    #[error("sshd rejected the configuration (nothing was changed; correct what sshd names and try again): {message}")]
     ConfigRejected { message: String },
     /// Another program already listens on a port the configuration uses.
     #[error(
@@ -290,10 +288,8 @@ impl Supervisor {
             // Ports the running sshd does not already hold must be free.
             let new_addrs = listen_addrs(paths, &candidate.path).await?;
             let current = shared.status().addrs.clone();
-            let fresh: Vec<SocketAddr> = new_addrs
-                .into_iter()
-                .filter(|a| !current.iter().any(|c| c.port() == a.port()))
-                .collect();
+            let fresh: Vec<SocketAddr> =
+                new_addrs.into_iter().filter(|a| !current.iter().any(|c| c.port() == a.port())).collect();
             ensure_ports_free(&fresh)?;
         }
         candidate.persist(&paths.config_file()).await?;
@@ -406,10 +402,9 @@ impl Supervisor {
             // It died just now: start afresh and report that outcome.
             return self.start_locked(ops).await;
         };
-        let outcome = wait_ready(paths, pid, &addrs, || {
-            (shared.status().pid != Some(pid)).then(|| "it exited".to_string())
-        })
-        .await;
+        let outcome =
+            wait_ready(paths, pid, &addrs, || (shared.status().pid != Some(pid)).then(|| "it exited".to_string()))
+                .await;
         match outcome {
             Ready::Listening => {
                 let log = read_log_since(&paths.log_file(), log_offset);
@@ -642,10 +637,7 @@ async fn launch(paths: &SshdPaths) -> Result<Launched, SshdError> {
     prepare(paths)?;
     let config = paths.config_file();
     if !config.exists() {
-        return Err(SshdError::Start(format!(
-            "there is no configuration at {}: apply one first",
-            config.display()
-        )));
+        return Err(SshdError::Start(format!("there is no configuration at {}: apply one first", config.display())));
     }
     let addrs = listen_addrs(paths, &config).await?;
     ensure_ports_free(&addrs)?;
@@ -664,9 +656,7 @@ async fn launch(paths: &SshdPaths) -> Result<Launched, SshdError> {
         .open(&log_path)
         .map_err(|e| SshdError::io(format!("cannot open {}", log_path.display()), e))?;
     let log_offset = log.metadata().map(|m| m.len()).unwrap_or(0);
-    let log_out = log
-        .try_clone()
-        .map_err(|e| SshdError::io(format!("cannot open {}", log_path.display()), e))?;
+    let log_out = log.try_clone().map_err(|e| SshdError::io(format!("cannot open {}", log_path.display()), e))?;
 
     let mut child = Command::new(&paths.sshd)
         .arg("-D")
@@ -999,10 +989,8 @@ static CANDIDATE_SEQ: AtomicU64 = AtomicU64::new(0);
 impl Candidate {
     async fn write(dir: &Path, text: &str, sync: bool) -> Result<Candidate, SshdError> {
         let seq = CANDIDATE_SEQ.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         let path = dir.join(format!(".sshd_config.candidate-{}-{seq}-{nanos:x}", std::process::id()));
         let candidate = Candidate { path: path.clone(), keep: false };
         let text = text.as_bytes().to_vec();

@@ -20,10 +20,7 @@ fn target(sshd: &Sshd, private_key: &str, pinned: Vec<(String, String)>) -> Test
 }
 
 fn all_host_keys(sshd: &Sshd) -> Vec<(String, String)> {
-    ["ed25519", "ecdsa", "rsa"]
-        .iter()
-        .map(|t| sshd.host_key(t))
-        .collect()
+    ["ed25519", "ecdsa", "rsa"].iter().map(|t| sshd.host_key(t)).collect()
 }
 
 fn fp(sshd: &Sshd, t: &str) -> String {
@@ -31,11 +28,7 @@ fn fp(sshd: &Sshd, t: &str) -> String {
 }
 
 fn assert_ok(r: &TestReport, sshd: &Sshd) {
-    assert!(
-        r.ok && r.stage == Stage::Exec && r.error.is_none(),
-        "{r:?}\nsshd log:\n{}",
-        sshd.log()
-    );
+    assert!(r.ok && r.stage == Stage::Exec && r.error.is_none(), "{r:?}\nsshd log:\n{}", sshd.log());
 }
 
 #[tokio::test]
@@ -49,11 +42,7 @@ async fn ed25519_key_logs_in() {
 
     let started = Instant::now();
     let r = test_connection(&t).await;
-    eprintln!(
-        "test_connection wall time: {:?} (latency_ms {})",
-        started.elapsed(),
-        r.latency_ms
-    );
+    eprintln!("test_connection wall time: {:?} (latency_ms {})", started.elapsed(), r.latency_ms);
     assert_ok(&r, &sshd);
     assert_eq!(r.host_key_fingerprint.as_deref(), Some(fp(&sshd, "ed25519").as_str()));
     assert!(r.latency_ms > 0 && r.latency_ms < 10_000);
@@ -64,9 +53,7 @@ async fn ed25519_key_logs_in() {
     assert_eq!(v["ok"], true);
 
     // run_command shares the path and returns status and stdout.
-    let (status, stdout) = run_command(&t, "echo hello; echo oops >&2; exit 3")
-        .await
-        .unwrap();
+    let (status, stdout) = run_command(&t, "echo hello; echo oops >&2; exit 3").await.unwrap();
     assert_eq!(status, 3);
     assert_eq!(stdout, b"hello\n");
 }
@@ -107,7 +94,9 @@ async fn wrong_pinned_key_stops_before_auth() {
     assert!(msg.contains(&expected_fp), "{msg}");
     assert!(msg.contains(&real_fp), "{msg}");
     assert!(
-        msg.contains("If the host key changed legitimately, discover it again and re-pin it in the connection's Remote Host Key"),
+        msg.contains(
+            "If the host key changed legitimately, discover it again and re-pin it in the connection's Remote Host Key"
+        ),
         "{msg}"
     );
     assert!(!sshd.log().contains("Accepted publickey"), "{}", sshd.log());
@@ -129,9 +118,7 @@ async fn unauthorized_key_fails_at_auth() {
     assert!(!msg.contains("PRIVATE") && !msg.contains(key.lines().nth(1).unwrap()), "{msg}");
 
     // run_command reports the same stage.
-    let err = run_command(&target(&sshd, &key, all_host_keys(&sshd)), "true")
-        .await
-        .unwrap_err();
+    let err = run_command(&target(&sshd, &key, all_host_keys(&sshd)), "true").await.unwrap_err();
     assert_eq!(err.stage, Stage::Auth);
 }
 

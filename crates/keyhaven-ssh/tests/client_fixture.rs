@@ -40,10 +40,7 @@ pub fn start_with_ecdsa_bits(ecdsa_bits: Option<u32>) -> Option<Sshd> {
         fs::create_dir_all("/run/sshd").expect("create /run/sshd");
         fs::set_permissions("/run/sshd", fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let dir = tempfile::Builder::new()
-        .prefix("client-")
-        .tempdir_in(BASE)
-        .expect("tempdir");
+    let dir = tempfile::Builder::new().prefix("client-").tempdir_in(BASE).expect("tempdir");
     let d = dir.path();
     for t in ["ed25519", "ecdsa", "rsa"] {
         let path = d.join(format!("ssh_host_{t}_key"));
@@ -132,11 +129,7 @@ impl Sshd {
     pub fn authorize(&self, user: &str, name: &str) {
         let line = fs::read_to_string(self.path(&format!("{name}.pub"))).unwrap();
         let f = self.path("authorized_keys").join(user);
-        let mut file = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&f)
-            .unwrap();
+        let mut file = fs::OpenOptions::new().create(true).append(true).open(&f).unwrap();
         file.write_all(line.as_bytes()).unwrap();
         fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
     }
@@ -175,19 +168,9 @@ pub fn pub_fields(path: &Path) -> (String, String) {
 
 /// `SHA256:…` from `ssh-keygen -l -f <pub>`.
 pub fn keygen_fingerprint(path: &Path) -> String {
-    let out = Command::new("ssh-keygen")
-        .arg("-l")
-        .arg("-f")
-        .arg(path)
-        .output()
-        .expect("run ssh-keygen -l");
+    let out = Command::new("ssh-keygen").arg("-l").arg("-f").arg(path).output().expect("run ssh-keygen -l");
     assert!(out.status.success());
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_string()
+    String::from_utf8(out.stdout).unwrap().split_whitespace().nth(1).unwrap().to_string()
 }
 
 pub fn free_port() -> u16 {

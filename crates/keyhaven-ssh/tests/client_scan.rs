@@ -28,10 +28,7 @@ async fn scan_matches_ssh_keygen_and_ssh_keyscan() {
         assert_eq!(key.key_type, pt);
         assert_eq!(key.base64, pb);
         assert_eq!(key.line(), format!("{pt} {pb}"));
-        assert_eq!(
-            key.fingerprint,
-            client_fixture::keygen_fingerprint(&sshd.host_pub(t))
-        );
+        assert_eq!(key.fingerprint, client_fixture::keygen_fingerprint(&sshd.host_pub(t)));
         assert!(key.fingerprint.starts_with("SHA256:"));
     }
 
@@ -51,9 +48,8 @@ async fn scan_matches_ssh_keygen_and_ssh_keyscan() {
     // Also by name (localhost may resolve to ::1 first, where nothing listens) and as a
     // bracketed address.
     for host in ["localhost", "[127.0.0.1]"] {
-        let again = scan_host_keys(host, sshd.port, Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|e| panic!("{host}: {e}"));
+        let again =
+            scan_host_keys(host, sshd.port, Duration::from_secs(10)).await.unwrap_or_else(|e| panic!("{host}: {e}"));
         assert_eq!(again, keys, "{host}");
     }
 }
@@ -64,35 +60,19 @@ async fn scan_finds_p384_and_p521_host_keys() {
         let Some(sshd) = client_fixture::start_with_ecdsa_bits(Some(bits)) else {
             return;
         };
-        let keys = scan_host_keys("127.0.0.1", sshd.port, Duration::from_secs(10))
-            .await
-            .unwrap();
+        let keys = scan_host_keys("127.0.0.1", sshd.port, Duration::from_secs(10)).await.unwrap();
         let types: Vec<&str> = keys.iter().map(|k| k.key_type.as_str()).collect();
         assert_eq!(types, ["ssh-ed25519", name, "ssh-rsa"]);
-        assert_eq!(
-            (keys[1].key_type.clone(), keys[1].base64.clone()),
-            sshd.host_key("ecdsa")
-        );
-        assert_eq!(
-            keys[1].fingerprint,
-            client_fixture::keygen_fingerprint(&sshd.host_pub("ecdsa"))
-        );
+        assert_eq!((keys[1].key_type.clone(), keys[1].base64.clone()), sshd.host_key("ecdsa"));
+        assert_eq!(keys[1].fingerprint, client_fixture::keygen_fingerprint(&sshd.host_pub("ecdsa")));
     }
 }
 
 #[tokio::test]
 async fn refused_port() {
     let port = client_fixture::free_port();
-    let err = scan_host_keys("127.0.0.1", port, Duration::from_secs(3))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        err,
-        ScanError::Refused {
-            host: "127.0.0.1".into(),
-            port
-        }
-    );
+    let err = scan_host_keys("127.0.0.1", port, Duration::from_secs(3)).await.unwrap_err();
+    assert_eq!(err, ScanError::Refused { host: "127.0.0.1".into(), port });
     let msg = err.to_string();
     assert_eq!(
         msg,
@@ -103,9 +83,7 @@ async fn refused_port() {
 #[tokio::test]
 async fn unresolvable_host() {
     let started = Instant::now();
-    let err = scan_host_keys("invalid.invalid.invalid", 22, Duration::from_secs(3))
-        .await
-        .unwrap_err();
+    let err = scan_host_keys("invalid.invalid.invalid", 22, Duration::from_secs(3)).await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(5));
     match &err {
         ScanError::Resolve { host, detail } => {
@@ -128,17 +106,12 @@ async fn silent_listener_times_out() {
         }
     });
     let started = Instant::now();
-    let err = scan_host_keys("127.0.0.1", port, Duration::from_secs(1))
-        .await
-        .unwrap_err();
+    let err = scan_host_keys("127.0.0.1", port, Duration::from_secs(1)).await.unwrap_err();
     let took = started.elapsed();
     holder.abort();
     assert_eq!(err, ScanError::Timeout);
     assert_eq!(err.to_string(), "SSH timeout");
-    assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
-        "{took:?}"
-    );
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(2500), "{took:?}");
 }
 
 async fn http_listener(bind: &str) -> Option<(u16, tokio::task::JoinHandle<()>)> {
@@ -158,9 +131,7 @@ async fn http_listener(bind: &str) -> Option<(u16, tokio::task::JoinHandle<()>)>
 #[tokio::test]
 async fn http_server_is_not_ssh() {
     let (port, task) = http_listener("127.0.0.1:0").await.unwrap();
-    let err = scan_host_keys("127.0.0.1", port, Duration::from_secs(3))
-        .await
-        .unwrap_err();
+    let err = scan_host_keys("127.0.0.1", port, Duration::from_secs(3)).await.unwrap_err();
     task.abort();
     match &err {
         ScanError::NotSsh { detail } => {
@@ -180,9 +151,7 @@ async fn ipv6_literals() {
         return;
     };
     for host in ["::1", "[::1]"] {
-        let err = scan_host_keys(host, port, Duration::from_secs(3))
-            .await
-            .unwrap_err();
+        let err = scan_host_keys(host, port, Duration::from_secs(3)).await.unwrap_err();
         match &err {
             ScanError::NotSsh { detail } => assert!(detail.contains("::1 port"), "{detail}"),
             other => panic!("{host}: expected NotSsh, got {other:?}"),
@@ -190,19 +159,7 @@ async fn ipv6_literals() {
     }
     task.abort();
 
-    let port = std::net::TcpListener::bind("[::1]:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let err = scan_host_keys("[::1]", port, Duration::from_secs(3))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        err,
-        ScanError::Refused {
-            host: "::1".into(),
-            port
-        }
-    );
+    let port = std::net::TcpListener::bind("[::1]:0").unwrap().local_addr().unwrap().port();
+    let err = scan_host_keys("[::1]", port, Duration::from_secs(3)).await.unwrap_err();
+    assert_eq!(err, ScanError::Refused { host: "::1".into(), port });
 }

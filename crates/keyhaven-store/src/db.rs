@@ -17,11 +17,8 @@ const KEY_CHECK: &[u8] = b"keyhaven master key check";
 
 /// Every sealed column: what `rotate-master-key` re-encrypts. A new secret
 /// column must be listed here or rotation would leave it unreadable.
-pub(crate) const SECRET_COLUMNS: &[(&str, &str)] = &[
-    ("users", "twofactor_secret"),
-    ("keychain", "private_key"),
-    ("host_keys", "private_key"),
-];
+pub(crate) const SECRET_COLUMNS: &[(&str, &str)] =
+    &[("users", "twofactor_secret"), ("keychain", "private_key"), ("host_keys", "private_key")];
 
 /// Forward-only; never edit a released step, append a new one.
 fn migrations() -> Migrations<'static> {
@@ -120,7 +117,8 @@ impl Store {
                 it.collect::<std::result::Result<_, _>>()?
             };
             for (id, sealed) in rows {
-                let plain = key.open(table, id, column, &sealed).ok_or(StoreError::Decrypt { table, column, row: id })?;
+                let plain =
+                    key.open(table, id, column, &sealed).ok_or(StoreError::Decrypt { table, column, row: id })?;
                 let resealed = new_key.seal(table, id, column, &plain);
                 tx.execute(&format!("UPDATE {table} SET {column} = ?1 WHERE id = ?2"), params![resealed, id])?;
                 count += 1;

@@ -10,15 +10,13 @@ pub enum StoreError {
     Migration(#[from] rusqlite_migration::Error),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error(
-        "{path} is not a valid master key (expected exactly 32 bytes); restore it from your backup"
-    )]
+    #[error("{path} is not a valid master key (expected exactly 32 bytes); restore it from your backup")]
     BadMasterKey { path: PathBuf },
-    #[error(
-        "the master key in {path} does not match this database; restore the master.key that belongs to it"
-    )]
+    #[error("the master key in {path} does not match this database; restore the master.key that belongs to it")]
     WrongMasterKey { path: PathBuf },
-    #[error("a secret in {table}.{column} (row {row}) could not be decrypted; the master key or the row was tampered with")]
+    #[error(
+        "a secret in {table}.{column} (row {row}) could not be decrypted; the master key or the row was tampered with"
+    )]
     Decrypt { table: &'static str, column: &'static str, row: i64 },
     #[error("{0} already exists")]
     Conflict(String),

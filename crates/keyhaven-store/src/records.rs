@@ -14,7 +14,8 @@ fn now_secs() -> i64 {
 
 fn json_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Value> {
     let s: String = row.get(idx)?;
-    serde_json::from_str(&s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
+    serde_json::from_str(&s)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))
 }
 
 fn map_unique(e: rusqlite::Error, what: &str) -> StoreError {
@@ -88,7 +89,13 @@ impl Store {
     }
 
     /// Replace the row's username and data; `password_hash: Some(x)` sets it (x may be None).
-    pub fn user_update(&self, id: i64, username: &str, data: &Value, password_hash: Option<Option<&str>>) -> Result<()> {
+    pub fn user_update(
+        &self,
+        id: i64,
+        username: &str,
+        data: &Value,
+        password_hash: Option<Option<&str>>,
+    ) -> Result<()> {
         let conn = self.conn();
         let n = match password_hash {
             Some(h) => conn.execute(
@@ -130,10 +137,11 @@ impl Store {
         match sealed.flatten() {
             None => Ok(None),
             Some(s) => {
-                let plain = self
-                    .key()
-                    .open("users", id, "twofactor_secret", &s)
-                    .ok_or(StoreError::Decrypt { table: "users", column: "twofactor_secret", row: id })?;
+                let plain = self.key().open("users", id, "twofactor_secret", &s).ok_or(StoreError::Decrypt {
+                    table: "users",
+                    column: "twofactor_secret",
+                    row: id,
+                })?;
                 Ok(Some(utf8(plain, "users", "twofactor_secret", id)?))
             }
         }
@@ -329,10 +337,11 @@ impl Store {
         match sealed.flatten() {
             None => Ok(None),
             Some(s) => {
-                let plain = self
-                    .key()
-                    .open("keychain", id, "private_key", &s)
-                    .ok_or(StoreError::Decrypt { table: "keychain", column: "private_key", row: id })?;
+                let plain = self.key().open("keychain", id, "private_key", &s).ok_or(StoreError::Decrypt {
+                    table: "keychain",
+                    column: "private_key",
+                    row: id,
+                })?;
                 Ok(Some(utf8(plain, "keychain", "private_key", id)?))
             }
         }
@@ -340,7 +349,13 @@ impl Store {
 
     /// Insert a credential; the private key is sealed to the new row id in the
     /// same transaction, so no row ever holds a plaintext or misplaced key.
-    pub fn keychain_insert(&self, name: &str, kind: &str, attributes: &Value, private_key: Option<&str>) -> Result<i64> {
+    pub fn keychain_insert(
+        &self,
+        name: &str,
+        kind: &str,
+        attributes: &Value,
+        private_key: Option<&str>,
+    ) -> Result<i64> {
         self.tx(|tx, key| {
             tx.execute(
                 "INSERT INTO keychain(name, type, attributes, private_key, created_at) VALUES(?1, ?2, ?3, NULL, ?4)",
@@ -407,10 +422,8 @@ pub struct AuditRecord {
 
 impl Store {
     pub fn audit_insert(&self, e: &AuditEntry) -> Result<i64> {
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+        let ts =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         let conn = self.conn();
         let mut st = conn.prepare_cached(
             "INSERT INTO audit(ts, username, address, service, method, event, target, success, error)
@@ -462,7 +475,9 @@ impl Store {
             conn.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0)).optional()?;
         match s {
             None => Ok(None),
-            Some(s) => serde_json::from_str(&s).map(Some).map_err(|e| StoreError::Corrupt(format!("setting {key}: {e}"))),
+            Some(s) => {
+                serde_json::from_str(&s).map(Some).map_err(|e| StoreError::Corrupt(format!("setting {key}: {e}")))
+            }
         }
     }
 
@@ -495,10 +510,11 @@ impl Store {
         match row {
             None => Ok(None),
             Some((id, s)) => {
-                let plain = self
-                    .key()
-                    .open("host_keys", id, "private_key", &s)
-                    .ok_or(StoreError::Decrypt { table: "host_keys", column: "private_key", row: id })?;
+                let plain = self.key().open("host_keys", id, "private_key", &s).ok_or(StoreError::Decrypt {
+                    table: "host_keys",
+                    column: "private_key",
+                    row: id,
+                })?;
                 Ok(Some(utf8(plain, "host_keys", "private_key", id)?))
             }
         }
@@ -535,7 +551,8 @@ mod tests {
     fn keychain_secret_never_plaintext_on_disk_and_rotation_keeps_it() {
         let (d, s) = store();
         let secret = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAAsecretmaterialZZZZ\n-----END OPENSSH PRIVATE KEY-----\n";
-        let id = s.keychain_insert("k", "SSH_KEY_PAIR", &json!({"public_key": "ssh-ed25519 AAAA"}), Some(secret)).unwrap();
+        let id =
+            s.keychain_insert("k", "SSH_KEY_PAIR", &json!({"public_key": "ssh-ed25519 AAAA"}), Some(secret)).unwrap();
         s.user_insert("alice", &json!({}), None).unwrap();
         let uid = s.user_by_name("alice").unwrap().unwrap().id;
         s.user_set_twofactor_secret(uid, Some("JBSWY3DPEHPK3PXP")).unwrap();

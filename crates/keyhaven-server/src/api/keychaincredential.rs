@@ -9,8 +9,8 @@ use super::params::{decode, Secret, Str};
 use super::{query, Ctx, MethodDef, Params};
 use crate::error::ServiceError;
 use crate::method;
-use crate::service::pairing;
 use crate::service::keychain::{self, AttributesInput, ConnectionInput, KeyPairInput, SSH_CREDENTIALS, SSH_KEY_PAIR};
+use crate::service::pairing;
 use keyhaven_core::keys::{GenerateOptions, KeyAlgorithm};
 
 pub fn methods() -> Vec<MethodDef> {
@@ -24,7 +24,11 @@ pub fn methods() -> Vec<MethodDef> {
         method!("keychaincredential.generate_ssh_key_pair", Write, generate_ssh_key_pair),
         method!("keychaincredential.download_private_key", Write, download_private_key),
         method!("keychaincredential.remote_ssh_host_key_scan", Write, remote_ssh_host_key_scan),
-        method!("keychaincredential.remote_ssh_host_key_scan_fingerprints", Write, remote_ssh_host_key_scan_fingerprints),
+        method!(
+            "keychaincredential.remote_ssh_host_key_scan_fingerprints",
+            Write,
+            remote_ssh_host_key_scan_fingerprints
+        ),
         method!("keychaincredential.test_ssh_connection", Read, test_ssh_connection),
         method!("keychaincredential.ssh_pair", Write, ssh_pair),
         method!("keychaincredential.remote_ssh_semiautomatic_setup", Write, remote_ssh_semiautomatic_setup),
@@ -340,7 +344,9 @@ async fn remote_ssh_host_key_scan_fingerprints(ctx: Arc<Ctx>, p: Params) -> Resu
         ctx.describe(format!("Discover remote host key: {h}"));
     }
     Ok(Value::Array(
-        keys.iter().map(|k| json!({"type": k.key_type, "public_key": k.line(), "fingerprint": k.fingerprint})).collect(),
+        keys.iter()
+            .map(|k| json!({"type": k.key_type, "public_key": k.line(), "fingerprint": k.fingerprint}))
+            .collect(),
     ))
 }
 
@@ -439,7 +445,7 @@ macro_rules! semi_struct {
     };
 }
 
-semi_struct!(SemiFullIn { name: Str, private_key: i64, });
+semi_struct!(SemiFullIn { name: Str, private_key: i64 });
 semi_struct!(SemiIn {});
 
 fn check_semi(url: &str, username: &str, connect_timeout: i64, schema: &str) -> Result<(), ServiceError> {
@@ -521,7 +527,10 @@ async fn setup_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, Service
     let key = match (a.private_key.generate_key, a.private_key.name, a.private_key.existing_key_id) {
         (true, Some(n), None) if !n.trim().is_empty() => Some(pairing::KeyChoice::Generate { name: n.0 }),
         (true, _, Some(_)) => {
-            errs.add(format!("{S}.private_key.existing_key_id"), "Extra inputs are not permitted when generate_key is true");
+            errs.add(
+                format!("{S}.private_key.existing_key_id"),
+                "Extra inputs are not permitted when generate_key is true",
+            );
             None
         }
         (true, _, None) => {
@@ -600,7 +609,10 @@ async fn download_private_key(ctx: Arc<Ctx>, p: Params) -> Result<Value, Service
     let o: DownloadIn = p.opt(1, &format!("{S}.options"))?;
     let e = ctx.app.keychain_get(id)?;
     let name = e["name"].as_str().unwrap_or("key").to_string();
-    ctx.describe(format!("Download private key: {name}{}", if o.passphrase.is_some() { " (passphrase-protected)" } else { "" }));
+    ctx.describe(format!(
+        "Download private key: {name}{}",
+        if o.passphrase.is_some() { " (passphrase-protected)" } else { "" }
+    ));
     if e["type"] != SSH_KEY_PAIR {
         return Err(ServiceError::field(format!("{S}.id"), format!("Credential {id} is not an SSH key pair")));
     }
@@ -619,6 +631,7 @@ async fn download_private_key(ctx: Arc<Ctx>, p: Params) -> Result<Value, Service
         }
     };
     let alg: KeyAlgorithm = e["algorithm"].as_str().and_then(|a| a.parse().ok()).unwrap_or_default();
-    let safe: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    let safe: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
     Ok(json!({"file_name": format!("{safe}_{}", keyhaven_core::keys::file_stem(alg)), "private_key": text.as_str()}))
 }

@@ -7,10 +7,10 @@ mod audit;
 mod auth;
 mod core;
 mod keychaincredential;
+pub mod params;
 mod service;
 mod ssh;
 mod user;
-pub mod params;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -49,11 +49,7 @@ pub struct MethodDef {
 #[macro_export]
 macro_rules! method {
     ($name:literal, $access:ident, $f:path) => {
-        $crate::api::MethodDef {
-            name: $name,
-            access: $crate::api::Access::$access,
-            handler: |c, p| Box::pin($f(c, p)),
-        }
+        $crate::api::MethodDef { name: $name, access: $crate::api::Access::$access, handler: |c, p| Box::pin($f(c, p)) }
     };
 }
 
@@ -107,22 +103,33 @@ pub enum CallFailure {
 }
 
 /// Look up, authorise, run and (for writes) audit one call.
-pub async fn dispatch(app: &Arc<App>, session: &Arc<Session>, method: &str, params: Vec<Value>) -> Result<Value, CallFailure> {
+pub async fn dispatch(
+    app: &Arc<App>,
+    session: &Arc<Session>,
+    method: &str,
+    params: Vec<Value>,
+) -> Result<Value, CallFailure> {
     let def = registry().get(method).ok_or(CallFailure::NoMethod)?;
     if def.access != Access::Public {
         match session.caller() {
             None => return Err(CallFailure::Failed(ServiceError::NotAuthenticated)),
             Some(c) if def.access == Access::Write && !c.role.can_write() => {
-                record(app, session, AuditEvent::method(def.name, def.name, None, false, Some("Not authorized".into())));
+                record(
+                    app,
+                    session,
+                    AuditEvent::method(def.name, def.name, None, false, Some("Not authorized".into())),
+                );
                 return Err(CallFailure::Failed(ServiceError::NotAuthorized));
             }
             Some(_) => {}
         }
     }
-    let ctx = Arc::new(Ctx { app: app.clone(), session: session.clone(), method: def.name, description: Mutex::new(None) });
+    let ctx =
+        Arc::new(Ctx { app: app.clone(), session: session.clone(), method: def.name, description: Mutex::new(None) });
     let out = (def.handler)(ctx.clone(), Params(params)).await;
     if def.access == Access::Write {
-        let desc = ctx.description.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_else(|| def.name.to_string());
+        let desc =
+            ctx.description.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_else(|| def.name.to_string());
         let err = out.as_ref().err().map(|e| e.to_string());
         record(app, session, AuditEvent::method(def.name, &desc, None, out.is_ok(), err));
     }

@@ -208,8 +208,14 @@ mod tests {
 
     #[test]
     fn field_named_errors() {
-        assert_eq!(err(serde_json::json!({"name": 5})), ("x_create.name".into(), "Input should be a valid string".into()));
-        assert_eq!(err(serde_json::json!({"name": "a", "bogus": 1})), ("x_create.bogus".into(), "Extra inputs are not permitted".into()));
+        assert_eq!(
+            err(serde_json::json!({"name": 5})),
+            ("x_create.name".into(), "Input should be a valid string".into())
+        );
+        assert_eq!(
+            err(serde_json::json!({"name": "a", "bogus": 1})),
+            ("x_create.bogus".into(), "Extra inputs are not permitted".into())
+        );
         assert_eq!(err(serde_json::json!({})), ("x_create.name".into(), "Field required".into()));
         assert_eq!(
             err(serde_json::json!({"name": "a", "attributes": {"port": "22"}})),
@@ -219,7 +225,10 @@ mod tests {
             err(serde_json::json!({"name": "a", "attributes": {"port": 1, "x": 1}})),
             ("x_create.attributes.x".into(), "Extra inputs are not permitted".into())
         );
-        assert_eq!(err(serde_json::json!({"name": "a", "flag": 1})), ("x_create.flag".into(), "Input should be a valid boolean".into()));
+        assert_eq!(
+            err(serde_json::json!({"name": "a", "flag": 1})),
+            ("x_create.flag".into(), "Input should be a valid boolean".into())
+        );
         let long = "a".repeat(1025);
         assert_eq!(err(serde_json::json!({"name": long})).1, "String should have at most 1024 characters");
         assert_eq!(err(serde_json::json!([1])), ("x_create".into(), "Input should be a valid dictionary".into()));

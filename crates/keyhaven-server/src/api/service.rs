@@ -26,7 +26,11 @@ fn check_service(v: &Value, attr: &str) -> Result<(), ServiceError> {
     match v {
         Value::String(s) if s == "ssh" => Ok(()),
         Value::Number(n) if n.as_i64() == Some(1) => Ok(()),
-        Value::String(s) => Err(ServiceError::field_errno(attr, format!("Service {s} does not exist; keyhaven manages only `ssh`"), ENOENT)),
+        Value::String(s) => Err(ServiceError::field_errno(
+            attr,
+            format!("Service {s} does not exist; keyhaven manages only `ssh`"),
+            ENOENT,
+        )),
         _ => Err(ServiceError::field(attr, "Input should be a service name (`ssh`) or id")),
     }
 }
@@ -65,7 +69,10 @@ async fn control(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     p.at_most(3, "service.control")?;
     let verb: Str = p.req(0, "service_control.verb")?;
     if !["START", "STOP", "RESTART", "RELOAD"].contains(&&*verb) {
-        return Err(ServiceError::field("service_control.verb", "Input should be 'START', 'STOP', 'RESTART' or 'RELOAD'"));
+        return Err(ServiceError::field(
+            "service_control.verb",
+            "Input should be 'START', 'STOP', 'RESTART' or 'RELOAD'",
+        ));
     }
     let svc = p.raw(1).cloned().ok_or_else(|| ServiceError::field("service_control.service", "Field required"))?;
     check_service(&svc, "service_control.service")?;

@@ -48,7 +48,8 @@ async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
         }
     }
     // Merge over the current settings, then decode strictly (types, ranges).
-    let mut merged = serde_json::to_value(ctx.app.ssh_settings()?).map_err(|e| ServiceError::internal("ssh.update", e))?;
+    let mut merged =
+        serde_json::to_value(ctx.app.ssh_settings()?).map_err(|e| ServiceError::internal("ssh.update", e))?;
     for (k, v) in patch {
         merged[k] = v;
     }

@@ -92,7 +92,10 @@ fn check_size(u: &UserIn, schema: &str) -> Result<(), ServiceError> {
         if k.len() > keyhaven_core::authorized_keys::MAX_AUTHORIZED_KEYS_BYTES {
             return Err(ServiceError::field(
                 format!("{schema}.sshpubkey"),
-                format!("Authorized keys are limited to {} bytes", keyhaven_core::authorized_keys::MAX_AUTHORIZED_KEYS_BYTES),
+                format!(
+                    "Authorized keys are limited to {} bytes",
+                    keyhaven_core::authorized_keys::MAX_AUTHORIZED_KEYS_BYTES
+                ),
             ));
         }
     }

@@ -30,7 +30,13 @@ impl AuditEvent {
         }
     }
 
-    pub fn method(method: &str, description: &str, username: Option<&str>, success: bool, error: Option<String>) -> Self {
+    pub fn method(
+        method: &str,
+        description: &str,
+        username: Option<&str>,
+        success: bool,
+        error: Option<String>,
+    ) -> Self {
         AuditEvent {
             event: "METHOD_CALL",
             method: Some(method.to_string()),

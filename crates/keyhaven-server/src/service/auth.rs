@@ -98,19 +98,17 @@ impl Session {
     pub fn new(address: String) -> Session {
         let mut id = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut id);
-        Session {
-            id: hex::encode(id),
-            origin: address.clone(),
-            address,
-            auth: Mutex::new(SessionAuth::Anonymous),
-        }
+        Session { id: hex::encode(id), origin: address.clone(), address, auth: Mutex::new(SessionAuth::Anonymous) }
     }
 
     /// A session for the local unix socket: full admin, like TrueNAS's `midclt`.
     pub fn local_root() -> Session {
         let s = Session::new("unix".into());
-        *s.auth.lock().unwrap() =
-            SessionAuth::Authenticated(Caller { username: "root".into(), role: Role::FullAdmin, via: AuthVia::UnixSocket });
+        *s.auth.lock().unwrap() = SessionAuth::Authenticated(Caller {
+            username: "root".into(),
+            role: Role::FullAdmin,
+            via: AuthVia::UnixSocket,
+        });
         s
     }
 
@@ -299,11 +297,7 @@ impl App {
             msg.push_str(&format!("; further attempts refused for {} s", LOCKOUT.as_secs()));
         }
         tracing::warn!(address = %session.address, username = username.unwrap_or("-"), mechanism, "login failed: {msg}");
-        audit::record(
-            self,
-            session,
-            AuditEvent::login(username, mechanism, false, Some(msg)),
-        );
+        audit::record(self, session, AuditEvent::login(username, mechanism, false, Some(msg)));
     }
 
     fn login_succeeded(&self, session: &Session, caller: Caller, mechanism: &str) -> LoginOutcome {
@@ -338,7 +332,12 @@ impl App {
         };
         let info = users::UserData::from_record(&user);
         if info.locked || info.password_disabled {
-            self.login_failed(session, Some(username), "PASSWORD_PLAIN", "account is locked or its password is disabled");
+            self.login_failed(
+                session,
+                Some(username),
+                "PASSWORD_PLAIN",
+                "account is locked or its password is disabled",
+            );
             return LoginOutcome::AuthErr;
         }
         let Some(role) = Role::from_roles(&info.roles) else {
@@ -359,7 +358,11 @@ impl App {
                 }
             }
         }
-        self.login_succeeded(session, Caller { username: username.to_string(), role, via: AuthVia::Password }, "PASSWORD_PLAIN")
+        self.login_succeeded(
+            session,
+            Caller { username: username.to_string(), role, via: AuthVia::Password },
+            "PASSWORD_PLAIN",
+        )
     }
 
     fn check_otp(&self, user_id: i64, code: &str) -> bool {
@@ -388,11 +391,9 @@ impl App {
         let user = self.store.user_by_name(&username).ok().flatten();
         let role = user.as_ref().and_then(|u| Role::from_roles(&users::UserData::from_record(u).roles));
         match (user, role) {
-            (Some(u), Some(role)) if self.check_otp(u.id, code) => self.login_succeeded(
-                session,
-                Caller { username, role, via: AuthVia::Password },
-                "OTP_TOKEN",
-            ),
+            (Some(u), Some(role)) if self.check_otp(u.id, code) => {
+                self.login_succeeded(session, Caller { username, role, via: AuthVia::Password }, "OTP_TOKEN")
+            }
             _ => {
                 self.login_failed(session, Some(&username), "OTP_TOKEN", "wrong one-time password");
                 if tries + 1 >= MAX_OTP_TRIES {
@@ -425,12 +426,22 @@ impl App {
                             "API_KEY_PLAIN",
                         ),
                         None => {
-                            self.login_failed(session, Some(&rec.username), "API_KEY_PLAIN", "account has no API access");
+                            self.login_failed(
+                                session,
+                                Some(&rec.username),
+                                "API_KEY_PLAIN",
+                                "account has no API access",
+                            );
                             LoginOutcome::Denied
                         }
                     },
                     _ => {
-                        self.login_failed(session, Some(&rec.username), "API_KEY_PLAIN", "account is missing or locked");
+                        self.login_failed(
+                            session,
+                            Some(&rec.username),
+                            "API_KEY_PLAIN",
+                            "account is missing or locked",
+                        );
                         LoginOutcome::AuthErr
                     }
                 }
@@ -483,7 +494,8 @@ impl App {
 
     /// Consume a token (single-use ones are deleted) and return its owner.
     pub fn take_token(&self, token: &str, origin: &str) -> Result<String, &'static str> {
-        let rec = self.store.token_take(&sha256_hex(token)).map_err(|_| "token lookup failed")?.ok_or("invalid token")?;
+        let rec =
+            self.store.token_take(&sha256_hex(token)).map_err(|_| "token lookup failed")?.ok_or("invalid token")?;
         if rec.expires_at < now_secs() {
             return Err("token expired");
         }
@@ -516,12 +528,20 @@ impl App {
     }
 
     /// `api_key.create`: returns the record and the key (`<id>-<secret>`), shown once.
-    pub fn create_api_key(&self, name: &str, username: &str) -> Result<(keyhaven_store::ApiKeyRecord, SecretString), ServiceError> {
+    pub fn create_api_key(
+        &self,
+        name: &str,
+        username: &str,
+    ) -> Result<(keyhaven_store::ApiKeyRecord, SecretString), ServiceError> {
         if name.trim().is_empty() {
             return Err(ServiceError::field("api_key_create.name", "Name must not be empty"));
         }
         if self.store.user_by_name(username)?.is_none() {
-            return Err(ServiceError::field_errno("api_key_create.username", format!("{username}: user does not exist"), ENOENT));
+            return Err(ServiceError::field_errno(
+                "api_key_create.username",
+                format!("{username}: user does not exist"),
+                ENOENT,
+            ));
         }
         if self.store.api_keys_list()?.iter().any(|k| k.name == name) {
             return Err(ServiceError::field("api_key_create.name", "Object with this name already exists"));

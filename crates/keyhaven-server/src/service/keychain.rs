@@ -70,7 +70,10 @@ impl Cached {
 
     /// The entries `keep` accepts, parsed one at a time (private keys null),
     /// in id order: only the matches are ever held in memory together.
-    pub fn matching(&self, mut keep: impl FnMut(&mut Value) -> Result<bool, ServiceError>) -> Result<Vec<Value>, ServiceError> {
+    pub fn matching(
+        &self,
+        mut keep: impl FnMut(&mut Value) -> Result<bool, ServiceError>,
+    ) -> Result<Vec<Value>, ServiceError> {
         let mut out = Vec::new();
         for e in &self.entries {
             let Ok(mut v) = serde_json::from_str::<Value>(&e.json) else { continue };
@@ -371,7 +374,8 @@ impl App {
         let me = cached.get(id).ok_or_else(|| not_found(id))?;
         let mut out = Vec::new();
         if me["type"] == SSH_KEY_PAIR {
-            let mut users: Vec<i64> = cached.connection_keys.iter().filter(|(_, k)| **k == id).map(|(c, _)| *c).collect();
+            let mut users: Vec<i64> =
+                cached.connection_keys.iter().filter(|(_, k)| **k == id).map(|(c, _)| *c).collect();
             users.sort_unstable();
             for c in users {
                 let name = cached.get(c).and_then(|e| e["name"].as_str().map(str::to_string)).unwrap_or_default();
@@ -388,7 +392,10 @@ impl App {
         let rec = self.store.keychain_get(id)?.ok_or_else(|| not_found(id))?;
         let deps = self.keychain_used_by(id)?;
         if !deps.is_empty() && !cascade {
-            return Err(ServiceError::field("options.cascade", "This credential is used and no cascade option is specified"));
+            return Err(ServiceError::field(
+                "options.cascade",
+                "This credential is used and no cascade option is specified",
+            ));
         }
         let mut ids: Vec<i64> = deps.iter().filter(|d| d.unbind_method == "delete").map(|d| d.id).collect();
         ids.push(id);
@@ -415,7 +422,9 @@ impl App {
 }
 
 pub fn not_found(id: i64) -> ServiceError {
-    ServiceError::Validation(FieldError::new("", format!("KeychainCredential {id} does not exist")).with_errno(ENOENT).into())
+    ServiceError::Validation(
+        FieldError::new("", format!("KeychainCredential {id} does not exist")).with_errno(ENOENT).into(),
+    )
 }
 
 /// Build the wire entry from a record (private key left null).
@@ -446,6 +455,8 @@ pub fn redact(entry: &mut Value) {
 /// Map `keys::KeyAlgorithm` errors from strings.
 pub fn parse_algorithm(s: &str, attr: &str) -> Result<KeyAlgorithm, ServiceError> {
     s.parse::<KeyAlgorithm>().map_err(|_| {
-        ServiceError::Validation(FieldError::new(attr, "Input should be 'ED25519', 'ECDSA' or 'RSA'").with_errno(EINVAL).into())
+        ServiceError::Validation(
+            FieldError::new(attr, "Input should be 'ED25519', 'ECDSA' or 'RSA'").with_errno(EINVAL).into(),
+        )
     })
 }

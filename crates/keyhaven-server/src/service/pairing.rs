@@ -9,16 +9,16 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::App;
-use crate::error::{ServiceError, EFAULT, EINVAL, ENOENT, ESSLCERTVERIFICATIONERROR};
 use super::keychain::{AttributesInput, ConnectionInput, KeyPairInput, SSH_KEY_PAIR};
 use super::users::UserInput;
+use super::App;
+use crate::error::{ServiceError, EFAULT, EINVAL, ENOENT, ESSLCERTVERIFICATIONERROR};
 use crate::remote::{ClientError, Dialect, RpcClient};
-use secrecy::{ExposeSecret, SecretString};
 use keyhaven_core::{authorized_keys, keys};
+use keyhaven_ssh::client::{self as ssh_client, ScanError, ScannedKey, TestTarget};
 use keyhaven_ssh::files::KeysLocation;
 use keyhaven_ssh::supervisor::SshdState;
-use keyhaven_ssh::client::{self as ssh_client, ScanError, ScannedKey, TestTarget};
+use secrecy::{ExposeSecret, SecretString};
 
 /// Discover the host keys of `host:port` (keyhaven's `ssh-keyscan`).
 pub async fn host_key_scan(host: &str, port: u16, timeout: Duration) -> Result<Vec<ScannedKey>, ServiceError> {
@@ -42,11 +42,12 @@ impl App {
         }
         let a = &e["attributes"];
         let kp_id = a["private_key"].as_i64().unwrap_or_default();
-        let private = self
-            .keypair_private_key(kp_id)
-            .ok()
-            .flatten()
-            .ok_or_else(|| ServiceError::call(ENOENT, format!("SSH key pair {kp_id} of this connection does not exist or has no private key")))?;
+        let private = self.keypair_private_key(kp_id).ok().flatten().ok_or_else(|| {
+            ServiceError::call(
+                ENOENT,
+                format!("SSH key pair {kp_id} of this connection does not exist or has no private key"),
+            )
+        })?;
         let pinned = keys::parse_host_key_lines(a["remote_host_key"].as_str().unwrap_or(""))
             .map_err(|(line, m)| ServiceError::call(EINVAL, format!("Stored remote_host_key, line {line}: {m}")))?;
         let port = a["port"].as_i64().and_then(|p| u16::try_from(p).ok()).unwrap_or(22);
@@ -72,16 +73,26 @@ impl App {
     /// `keychaincredential.ssh_pair`, the remote side of semi-automatic setup:
     /// check the account, enable and start sshd if needed, authorize
     /// `public_key` once, report the SSH port and the host keys.
-    pub async fn ssh_pair(&self, remote_hostname: &str, username: &str, public_key: &str, schema: &str) -> Result<Value, ServiceError> {
+    pub async fn ssh_pair(
+        &self,
+        remote_hostname: &str,
+        username: &str,
+        public_key: &str,
+        schema: &str,
+    ) -> Result<Value, ServiceError> {
         let public_key = public_key.trim();
         if let Err(e) = authorized_keys::parse_authorized_keys(public_key) {
             return Err(e.to_field_error(format!("{schema}.public_key")).into());
         }
-        let (rec, data) =
-            self.user(username)?.ok_or_else(|| ServiceError::call(EFAULT, format!("User {username} does not exist")))?;
+        let (rec, data) = self
+            .user(username)?
+            .ok_or_else(|| ServiceError::call(EFAULT, format!("User {username} does not exist")))?;
         if let KeysLocation::Home = self.keys_location {
             let home = data.home.as_str();
-            if home.starts_with("/var/empty") || home.starts_with("/nonexistent") || !std::path::Path::new(home).is_dir() {
+            if home.starts_with("/var/empty")
+                || home.starts_with("/nonexistent")
+                || !std::path::Path::new(home).is_dir()
+            {
                 return Err(ServiceError::call(ENOENT, format!("Home directory {home} does not exist")));
             }
         }
@@ -148,7 +159,9 @@ pub struct Manual {
 
 pub enum KeyChoice {
     /// Generate (Ed25519) and store a key pair under this name.
-    Generate { name: String },
+    Generate {
+        name: String,
+    },
     Existing(i64),
 }
 
@@ -201,7 +214,9 @@ async fn connect_remote(url: &str, verify_ssl: bool) -> Result<RpcClient, Servic
     };
     match RpcClient::connect(url, Dialect::JsonRpc, verify_ssl, REMOTE_CALL_TIMEOUT).await {
         Ok(c) => Ok(c),
-        Err(ClientError::NotFound(_)) => RpcClient::connect(url, Dialect::Legacy, verify_ssl, REMOTE_CALL_TIMEOUT).await.map_err(map),
+        Err(ClientError::NotFound(_)) => {
+            RpcClient::connect(url, Dialect::Legacy, verify_ssl, REMOTE_CALL_TIMEOUT).await.map_err(map)
+        }
         Err(e) => Err(map(e)),
     }
 }
@@ -225,7 +240,10 @@ async fn remote_login(c: &mut RpcClient, s: &SemiAutomatic) -> Result<(), Servic
     if let Some(token) = filled(&s.token) {
         let ok = match c.dialect() {
             Dialect::JsonRpc => {
-                let r = c.call("auth.login_ex", vec![json!({"mechanism": "TOKEN_PLAIN", "token": token})]).await.map_err(err)?;
+                let r = c
+                    .call("auth.login_ex", vec![json!({"mechanism": "TOKEN_PLAIN", "token": token})])
+                    .await
+                    .map_err(err)?;
                 r["response_type"] == "SUCCESS"
             }
             Dialect::Legacy => c.call("auth.login_with_token", vec![json!(token)]).await.map_err(err)? == json!(true),
@@ -242,7 +260,10 @@ async fn remote_login(c: &mut RpcClient, s: &SemiAutomatic) -> Result<(), Servic
     }
     if c.dialect() == Dialect::JsonRpc {
         let r = c
-            .call("auth.login_ex", vec![json!({"mechanism": "PASSWORD_PLAIN", "username": s.admin_username, "password": password})])
+            .call(
+                "auth.login_ex",
+                vec![json!({"mechanism": "PASSWORD_PLAIN", "username": s.admin_username, "password": password})],
+            )
             .await;
         let r = match r {
             Err(e) if e.is_no_method() => None,
@@ -252,7 +273,10 @@ async fn remote_login(c: &mut RpcClient, s: &SemiAutomatic) -> Result<(), Servic
         if let Some(mut r) = r {
             if r["response_type"] == "OTP_REQUIRED" {
                 if let Some(o) = otp {
-                    r = c.call("auth.login_ex", vec![json!({"mechanism": "OTP_TOKEN", "otp_token": o})]).await.map_err(err)?;
+                    r = c
+                        .call("auth.login_ex", vec![json!({"mechanism": "OTP_TOKEN", "otp_token": o})])
+                        .await
+                        .map_err(err)?;
                 }
             }
             return if r["response_type"] == "SUCCESS" { Ok(()) } else { Err(fail(login_failure(&r))) };
@@ -266,10 +290,17 @@ async fn remote_login(c: &mut RpcClient, s: &SemiAutomatic) -> Result<(), Servic
 
 impl App {
     /// `keychaincredential.remote_ssh_semiautomatic_setup` (reference §2.8).
-    pub async fn remote_semiautomatic_setup(&self, name: &str, key_id: i64, s: &SemiAutomatic) -> Result<Value, ServiceError> {
+    pub async fn remote_semiautomatic_setup(
+        &self,
+        name: &str,
+        key_id: i64,
+        s: &SemiAutomatic,
+    ) -> Result<Value, ServiceError> {
         let not_found = || ServiceError::call(EFAULT, "Specified key pair not found");
         let kp = self.keychain_get(key_id).map_err(|_| not_found())?;
-        if kp["type"] != SSH_KEY_PAIR || !matches!(self.keypair_private_key(key_id), Ok(Some(k)) if !k.trim().is_empty()) {
+        if kp["type"] != SSH_KEY_PAIR
+            || !matches!(self.keypair_private_key(key_id), Ok(Some(k)) if !k.trim().is_empty())
+        {
             return Err(not_found());
         }
         let public_key = kp["attributes"]["public_key"].as_str().unwrap_or("").trim().to_string();
@@ -288,7 +319,12 @@ impl App {
         self.keychain_create(name, AttributesInput::Connection(conn), CREATE)
     }
 
-    async fn pair_with(&self, c: &mut RpcClient, public_key: &str, s: &SemiAutomatic) -> Result<(i64, String), ServiceError> {
+    async fn pair_with(
+        &self,
+        c: &mut RpcClient,
+        public_key: &str,
+        s: &SemiAutomatic,
+    ) -> Result<(i64, String), ServiceError> {
         remote_login(c, s).await?;
         let pair = c
             .call("keychaincredential.ssh_pair", vec![json!({"remote_hostname": "any-host", "username": s.username, "public_key": public_key})])
@@ -303,11 +339,21 @@ impl App {
                 ),
                 other => ServiceError::call(EFAULT, format!("Semi-automatic SSH connection setup failed: {other}")),
             })?;
-        let port = pair["port"].as_i64().ok_or_else(|| ServiceError::call(EFAULT, format!("Semi-automatic SSH connection setup failed: the remote returned no SSH port ({pair})")))?;
+        let port = pair["port"].as_i64().ok_or_else(|| {
+            ServiceError::call(
+                EFAULT,
+                format!("Semi-automatic SSH connection setup failed: the remote returned no SSH port ({pair})"),
+            )
+        })?;
         let host_key = pair["host_key"].as_str().unwrap_or("").to_string();
-        let upd_err = |e: ClientError| ServiceError::call(EFAULT, format!("Error updating remote user attributes: {}", remote_reason(&e)));
+        let upd_err = |e: ClientError| {
+            ServiceError::call(EFAULT, format!("Error updating remote user attributes: {}", remote_reason(&e)))
+        };
         let user = c
-            .call("user.query", vec![json!([["username", "=", s.username], ["local", "=", true]]), json!({"get": true})])
+            .call(
+                "user.query",
+                vec![json!([["username", "=", s.username], ["local", "=", true]]), json!({"get": true})],
+            )
             .await
             .map_err(upd_err)?;
         let mut update = serde_json::Map::new();
@@ -327,7 +373,12 @@ impl App {
 
     /// `keychaincredential.setup_ssh_connection` (reference §2.10). Names are
     /// checked first; a key pair generated here is removed again on failure.
-    pub async fn setup_ssh_connection(&self, connection_name: &str, key: KeyChoice, kind: SetupKind) -> Result<Value, ServiceError> {
+    pub async fn setup_ssh_connection(
+        &self,
+        connection_name: &str,
+        key: KeyChoice,
+        kind: SetupKind,
+    ) -> Result<Value, ServiceError> {
         const S: &str = "setup_ssh_connection";
         let cached = self.keychain_entries()?;
         let taken = |n: &str| cached.names.contains_key(n);
@@ -348,8 +399,18 @@ impl App {
         errs.check()?;
         let (key_id, generated) = match key {
             KeyChoice::Generate { name } => {
-                let kp = self.generate_key_pair(keys::GenerateOptions { algorithm: keys::KeyAlgorithm::Ed25519, bits: None, comment: None }).await?;
-                let input = KeyPairInput { private_key: Some(kp.private_key.to_string()), public_key: Some(kp.public_key.clone()), passphrase: None };
+                let kp = self
+                    .generate_key_pair(keys::GenerateOptions {
+                        algorithm: keys::KeyAlgorithm::Ed25519,
+                        bits: None,
+                        comment: None,
+                    })
+                    .await?;
+                let input = KeyPairInput {
+                    private_key: Some(kp.private_key.to_string()),
+                    public_key: Some(kp.public_key.clone()),
+                    passphrase: None,
+                };
                 let e = self.keychain_create(&name, AttributesInput::KeyPair(input), CREATE)?;
                 (e["id"].as_i64().unwrap_or_default(), true)
             }
@@ -398,6 +459,9 @@ mod tests {
 
     #[test]
     fn host_tokens_dropped() {
-        assert_eq!(strip_host_tokens("any-host ssh-rsa AAA\n\nany-host ssh-ed25519 BBB c\n"), "ssh-rsa AAA\nssh-ed25519 BBB c");
+        assert_eq!(
+            strip_host_tokens("any-host ssh-rsa AAA\n\nany-host ssh-ed25519 BBB c\n"),
+            "ssh-rsa AAA\nssh-ed25519 BBB c"
+        );
     }
 }

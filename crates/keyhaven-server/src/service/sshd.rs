@@ -106,8 +106,17 @@ impl App {
                     .map_err(|e| ServiceError::internal("host key generation", e.message))?;
                 self.store.host_key_insert(alg_name, &kp.private_key, &kp.public_key)?;
             }
-            let private = self.store.host_key_private(alg_name)?.ok_or_else(|| ServiceError::internal("host keys", "missing after generation"))?;
-            let public = self.store.host_keys_list()?.into_iter().find(|k| k.algorithm == *alg_name).map(|k| k.public_key).unwrap_or_default();
+            let private = self
+                .store
+                .host_key_private(alg_name)?
+                .ok_or_else(|| ServiceError::internal("host keys", "missing after generation"))?;
+            let public = self
+                .store
+                .host_keys_list()?
+                .into_iter()
+                .find(|k| k.algorithm == *alg_name)
+                .map(|k| k.public_key)
+                .unwrap_or_default();
             let path = dir.join(format!("ssh_host_{stem}_key"));
             let pub_path = dir.join(format!("ssh_host_{stem}_key.pub"));
             // Rewrite only what differs: this runs on every render.
@@ -194,7 +203,9 @@ impl App {
         v["host_key"] = Value::Null;
         v["host_key_pub"] = Value::Null;
         v["host_keys"] = Value::Array(
-            hk.iter().map(|k| json!({"type": k.key_type, "public_key": k.to_line(), "fingerprint": k.fingerprint})).collect(),
+            hk.iter()
+                .map(|k| json!({"type": k.key_type, "public_key": k.to_line(), "fingerprint": k.fingerprint}))
+                .collect(),
         );
         Ok(v)
     }
@@ -211,7 +222,10 @@ impl App {
         }
         let text = self.render_ssh(&new).await?;
         self.sshd.check_config(&text).await.map_err(|e| sshd_error("ssh_update", e))?;
-        self.store.setting_set(SETTINGS_KEY, &serde_json::to_value(&new).map_err(|e| ServiceError::internal("ssh.update", e))?)?;
+        self.store.setting_set(
+            SETTINGS_KEY,
+            &serde_json::to_value(&new).map_err(|e| ServiceError::internal("ssh.update", e))?,
+        )?;
         self.sshd.apply_config(&text).await.map_err(|e| sshd_error("ssh_update", e))?;
         self.ssh_config_entry()
     }
@@ -290,7 +304,10 @@ impl App {
                 let text = self.render_ssh(&s).await?;
                 self.sshd.apply_config(&text).await.map_err(|e| sshd_error("ssh", e))
             }
-            other => Err(ServiceError::field("service_control.verb", format!("Input should be 'START', 'STOP', 'RESTART' or 'RELOAD'; got {other}"))),
+            other => Err(ServiceError::field(
+                "service_control.verb",
+                format!("Input should be 'START', 'STOP', 'RESTART' or 'RELOAD'; got {other}"),
+            )),
         }
     }
 
@@ -317,7 +334,9 @@ fn port_in_use(port: u16) -> Option<String> {
     for ip in [IpAddr::from([0, 0, 0, 0]), IpAddr::from([127, 0, 0, 1])] {
         if let Err(e) = TcpListener::bind(SocketAddr::new(ip, port)) {
             if e.kind() == std::io::ErrorKind::AddrInUse {
-                return Some(format!("Port {port} is already in use by another process; choose another port or stop that process"));
+                return Some(format!(
+                    "Port {port} is already in use by another process; choose another port or stop that process"
+                ));
             }
         }
     }

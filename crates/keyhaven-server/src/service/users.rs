@@ -215,10 +215,9 @@ impl App {
     }
 
     pub fn user_by_id(&self, id: i64) -> Result<(UserRecord, UserData), ServiceError> {
-        let r = self
-            .store
-            .user_by_id(id)?
-            .ok_or_else(|| ServiceError::Validation(FieldError::new("", format!("User {id} does not exist")).with_errno(ENOENT).into()))?;
+        let r = self.store.user_by_id(id)?.ok_or_else(|| {
+            ServiceError::Validation(FieldError::new("", format!("User {id} does not exist")).with_errno(ENOENT).into())
+        })?;
         let d = UserData::from_record(&r);
         Ok((r, d))
     }
@@ -248,7 +247,9 @@ impl App {
                 errs.add(format!("{schema}.home"), "Home must be an absolute path");
             }
         }
-        for (field, list) in [("sudo_commands", &input.sudo_commands), ("sudo_commands_nopasswd", &input.sudo_commands_nopasswd)] {
+        for (field, list) in
+            [("sudo_commands", &input.sudo_commands), ("sudo_commands_nopasswd", &input.sudo_commands_nopasswd)]
+        {
             for (i, c) in list.iter().flatten().enumerate() {
                 if c.trim().is_empty() || c.contains('\n') {
                     errs.add(format!("{schema}.{field}.{i}"), "A sudo command must be one non-empty line");
@@ -304,7 +305,11 @@ impl App {
         use secrecy::ExposeSecret;
         let shell = input.shell.clone().unwrap_or_else(|| {
             os.as_ref().map(|o| o.shell.clone()).unwrap_or_else(|| {
-                if std::path::Path::new("/usr/bin/bash").exists() { "/usr/bin/bash".into() } else { "/bin/sh".into() }
+                if std::path::Path::new("/usr/bin/bash").exists() {
+                    "/usr/bin/bash".into()
+                } else {
+                    "/bin/sh".into()
+                }
             })
         });
         let full_name = input.full_name.clone().unwrap_or_default();
@@ -312,15 +317,18 @@ impl App {
             Some(o) => o,
             None => {
                 let home = input.home.clone().unwrap_or_else(|| format!("/home/{username}"));
-                accounts::create(&username, input.uid.map(|u| u as u32), Some(&home), &shell, &full_name)
-                    .map_err(|e| ServiceError::field(format!("{S}.username"), format!("Creating the OS account failed: {e}")))?;
-                accounts::lookup(&username).ok_or_else(|| ServiceError::internal("useradd", "account missing after creation"))?
+                accounts::create(&username, input.uid.map(|u| u as u32), Some(&home), &shell, &full_name).map_err(
+                    |e| ServiceError::field(format!("{S}.username"), format!("Creating the OS account failed: {e}")),
+                )?;
+                accounts::lookup(&username)
+                    .ok_or_else(|| ServiceError::internal("useradd", "account missing after creation"))?
             }
         };
         if manage {
             let pw = input.password.as_ref().map(|p| p.expose_secret().to_string());
-            accounts::set_password(&username, pw.as_deref())
-                .map_err(|e| ServiceError::field(format!("{S}.password"), format!("Setting the OS password failed: {e}")))?;
+            accounts::set_password(&username, pw.as_deref()).map_err(|e| {
+                ServiceError::field(format!("{S}.password"), format!("Setting the OS password failed: {e}"))
+            })?;
         }
         let data = UserData {
             uid: os.uid as i64,
@@ -337,13 +345,22 @@ impl App {
             sudo_commands_nopasswd: input.sudo_commands_nopasswd.clone().unwrap_or_default(),
             builtin: false,
             roles: input.roles.clone().unwrap_or_default(),
-            sshpubkey: input.sshpubkey.clone().flatten().map(|t| authorized_keys::normalize(&t)).filter(|t| !t.is_empty()),
+            sshpubkey: input
+                .sshpubkey
+                .clone()
+                .flatten()
+                .map(|t| authorized_keys::normalize(&t))
+                .filter(|t| !t.is_empty()),
             twofactor_enabled: false,
         };
         let hash = match &input.password {
             Some(p) => {
                 let p = p.expose_secret().to_string();
-                Some(tokio::task::spawn_blocking(move || super::auth::hash_password(&p)).await.map_err(|e| ServiceError::internal("password hashing", e))?)
+                Some(
+                    tokio::task::spawn_blocking(move || super::auth::hash_password(&p))
+                        .await
+                        .map_err(|e| ServiceError::internal("password hashing", e))?,
+                )
             }
             None => None,
         };
@@ -371,7 +388,10 @@ impl App {
             errs.add(format!("{S}.uid"), "The uid of an existing account cannot be changed");
         }
         if data.builtin && input.roles.as_ref().is_some_and(|r| !r.iter().any(|x| x == "FULL_ADMIN")) {
-            errs.add(format!("{S}.roles"), format!("{} is a built-in administrator and keeps FULL_ADMIN", rec.username));
+            errs.add(
+                format!("{S}.roles"),
+                format!("{} is a built-in administrator and keeps FULL_ADMIN", rec.username),
+            );
         }
         self.validate_common(&input, S, &mut errs);
         let manage = self.config.manage_os_accounts;
@@ -418,17 +438,23 @@ impl App {
             data.sshpubkey = v.map(|t| authorized_keys::normalize(&t)).filter(|t| !t.is_empty());
         }
         if manage && accounts::lookup(&rec.username).is_some() {
-            accounts::modify(&rec.username, &data.shell, &data.full_name)
-                .map_err(|e| ServiceError::field(format!("{S}.shell"), format!("Updating the OS account failed: {e}")))?;
+            accounts::modify(&rec.username, &data.shell, &data.full_name).map_err(|e| {
+                ServiceError::field(format!("{S}.shell"), format!("Updating the OS account failed: {e}"))
+            })?;
             if let Some(p) = &input.password {
-                accounts::set_password(&rec.username, Some(p.expose_secret()))
-                    .map_err(|e| ServiceError::field(format!("{S}.password"), format!("Setting the OS password failed: {e}")))?;
+                accounts::set_password(&rec.username, Some(p.expose_secret())).map_err(|e| {
+                    ServiceError::field(format!("{S}.password"), format!("Setting the OS password failed: {e}"))
+                })?;
             }
         }
         let hash = match &input.password {
             Some(p) => {
                 let p = p.expose_secret().to_string();
-                Some(Some(tokio::task::spawn_blocking(move || super::auth::hash_password(&p)).await.map_err(|e| ServiceError::internal("password hashing", e))?))
+                Some(Some(
+                    tokio::task::spawn_blocking(move || super::auth::hash_password(&p))
+                        .await
+                        .map_err(|e| ServiceError::internal("password hashing", e))?,
+                ))
             }
             None => None,
         };
@@ -447,12 +473,16 @@ impl App {
     pub async fn user_delete(&self, id: i64) -> Result<String, ServiceError> {
         let (rec, data) = self.user_by_id(id)?;
         if data.builtin {
-            return Err(ServiceError::call(EPERM, format!("{} is a built-in account and cannot be deleted", rec.username)));
+            return Err(ServiceError::call(
+                EPERM,
+                format!("{} is a built-in account and cannot be deleted", rec.username),
+            ));
         }
         let empty = UserData { sshpubkey: None, ..data.clone() };
         self.write_user_keys(&rec.username, &empty)?;
         if self.config.manage_os_accounts && accounts::lookup(&rec.username).is_some() {
-            accounts::delete(&rec.username).map_err(|e| ServiceError::call(EACCES, format!("Deleting the OS account failed: {e}")))?;
+            accounts::delete(&rec.username)
+                .map_err(|e| ServiceError::call(EACCES, format!("Deleting the OS account failed: {e}")))?;
         }
         self.store.api_keys_delete_for_user(&rec.username)?;
         self.store.user_delete(id)?;
@@ -494,9 +524,13 @@ impl App {
     /// Enable (or renew) TOTP for an account: a new seed, sealed at rest.
     /// Returns the provisioning URI, shown this once.
     pub fn twofactor_renew(&self, username: &str) -> Result<String, ServiceError> {
-        let (rec, mut data) = self
-            .user(username)?
-            .ok_or_else(|| ServiceError::field_errno("user_renew_2fa_secret.username", format!("User {username} does not exist"), ENOENT))?;
+        let (rec, mut data) = self.user(username)?.ok_or_else(|| {
+            ServiceError::field_errno(
+                "user_renew_2fa_secret.username",
+                format!("User {username} does not exist"),
+                ENOENT,
+            )
+        })?;
         let secret = totp_rs::Secret::generate();
         let b32 = secret.to_base32();
         let totp = totp_rs::Builder::new()
@@ -517,9 +551,13 @@ impl App {
     }
 
     pub fn twofactor_unset(&self, username: &str) -> Result<(), ServiceError> {
-        let (rec, mut data) = self
-            .user(username)?
-            .ok_or_else(|| ServiceError::field_errno("user_unset_2fa_secret.username", format!("User {username} does not exist"), ENOENT))?;
+        let (rec, mut data) = self.user(username)?.ok_or_else(|| {
+            ServiceError::field_errno(
+                "user_unset_2fa_secret.username",
+                format!("User {username} does not exist"),
+                ENOENT,
+            )
+        })?;
         self.store.user_set_twofactor_secret(rec.id, None)?;
         data.twofactor_enabled = false;
         self.store.user_update(rec.id, &rec.username, &data.to_value(), None)?;

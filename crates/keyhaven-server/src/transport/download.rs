@@ -52,14 +52,19 @@ fn authenticate(app: &App, headers: &HeaderMap, q: &HashMap<String, String>, ori
     if data.locked {
         return Err(unauthorized());
     }
-    let role = Role::from_roles(&data.roles)
-        .ok_or_else(|| plain(StatusCode::FORBIDDEN, "This account has no API access"))?;
+    let role =
+        Role::from_roles(&data.roles).ok_or_else(|| plain(StatusCode::FORBIDDEN, "This account has no API access"))?;
     Ok(Caller { username, role, via })
 }
 
 fn safe_file_name(name: &str) -> String {
-    let s: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
-    if s.is_empty() { "key".into() } else { s }
+    let s: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    if s.is_empty() {
+        "key".into()
+    } else {
+        s
+    }
 }
 
 #[derive(Deserialize)]
@@ -91,7 +96,12 @@ pub async fn post_key(
     }
     let pass = match serde_json::from_slice::<PassphraseBody>(&body) {
         Ok(b) if !b.passphrase.is_empty() => SecretString::from(b.passphrase),
-        _ => return plain(StatusCode::BAD_REQUEST, "Send a JSON body {\"passphrase\": \"…\"} with a non-empty passphrase"),
+        _ => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "Send a JSON body {\"passphrase\": \"…\"} with a non-empty passphrase",
+            )
+        }
     };
     serve_key(app, peer, id, which, q, headers, Some(pass)).await
 }
@@ -128,7 +138,11 @@ async fn serve_key(
         "private_key" => {
             let desc = format!("Download private key: {name}");
             if !caller.role.can_write() {
-                record(&app, &session, AuditEvent::method("download.private_key", &desc, None, false, Some("Not authorized".into())));
+                record(
+                    &app,
+                    &session,
+                    AuditEvent::method("download.private_key", &desc, None, false, Some("Not authorized".into())),
+                );
                 return plain(StatusCode::FORBIDDEN, "Not authorized: read-only admins cannot download private keys");
             }
             let pk = match app.keypair_private_key(id) {

@@ -48,16 +48,29 @@ fn upgrade(app: Arc<App>, ws: WebSocketUpgrade, peer: SocketAddr, dialect: Diale
         .on_upgrade(move |socket| ws::serve(app, socket, peer, dialect))
 }
 
-async fn api_current(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, ws: WebSocketUpgrade) -> Response {
+async fn api_current(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
     upgrade(app, ws, peer, Dialect::JsonRpc)
 }
 
-async fn legacy(State(app): State<Arc<App>>, ConnectInfo(peer): ConnectInfo<SocketAddr>, ws: WebSocketUpgrade) -> Response {
+async fn legacy(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
     upgrade(app, ws, peer, Dialect::Legacy)
 }
 
 /// Accept connections until `shutdown` resolves.
-pub async fn serve_tcp(listener: TcpListener, router: Router, tls: Option<TlsAcceptor>, shutdown: impl Future<Output = ()>) {
+pub async fn serve_tcp(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {

@@ -21,7 +21,12 @@ pub enum TlsError {
 }
 
 /// Paths of the certificate and key to serve, generating a self-signed pair if needed.
-pub fn ensure_cert(data_dir: &Path, cert: Option<&Path>, key: Option<&Path>, names: &[String]) -> Result<(PathBuf, PathBuf), TlsError> {
+pub fn ensure_cert(
+    data_dir: &Path,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    names: &[String],
+) -> Result<(PathBuf, PathBuf), TlsError> {
     if let (Some(c), Some(k)) = (cert, key) {
         return Ok((c.to_path_buf(), k.to_path_buf()));
     }

@@ -66,7 +66,9 @@ pub async fn serve(app: Arc<App>, listener: UnixListener) {
                             Err(f) => json!({"jsonrpc": "2.0", "error": wire::rpc_error(&f), "id": id}),
                         }
                     }
-                    Err(e) => json!({"jsonrpc": "2.0", "error": {"code": wire::PARSE_ERROR, "message": format!("Parse error: {e}")}, "id": null}),
+                    Err(e) => {
+                        json!({"jsonrpc": "2.0", "error": {"code": wire::PARSE_ERROR, "message": format!("Parse error: {e}")}, "id": null})
+                    }
                 };
                 let mut s = reply.to_string();
                 s.push('\n');
@@ -77,4 +79,3 @@ pub async fn serve(app: Arc<App>, listener: UnixListener) {
         });
     }
 }
-

@@ -31,18 +31,18 @@ fn extra(e: &ServiceError) -> Value {
 
 fn reason(e: &ServiceError) -> String {
     match e {
-        ServiceError::Validation(v) => v
-            .0
-            .iter()
-            .map(|f| {
-                if f.attribute.is_empty() {
-                    format!("[{}] {}", errname(f.errno), f.message)
-                } else {
-                    format!("[{}] {}: {}", errname(f.errno), f.attribute, f.message)
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n"),
+        ServiceError::Validation(v) => {
+            v.0.iter()
+                .map(|f| {
+                    if f.attribute.is_empty() {
+                        format!("[{}] {}", errname(f.errno), f.message)
+                    } else {
+                        format!("[{}] {}: {}", errname(f.errno), f.attribute, f.message)
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
         other => format!("[{}] {}", errname(other.errno()), other),
     }
 }

@@ -45,14 +45,20 @@ fn parse_jsonrpc(text: &str) -> Incoming {
     let has_id = m.contains_key("id");
     let id = m.remove("id").unwrap_or(Value::Null);
     if !matches!(id, Value::Null | Value::Number(_) | Value::String(_)) {
-        return Incoming::Reply(rpc_err(Value::Null, INVALID_REQUEST, "Invalid request: id must be null, a number or a string"));
+        return Incoming::Reply(rpc_err(
+            Value::Null,
+            INVALID_REQUEST,
+            "Invalid request: id must be null, a number or a string",
+        ));
     }
     if m.get("jsonrpc") != Some(&json!("2.0")) {
         return Incoming::Reply(rpc_err(id, INVALID_REQUEST, "Invalid request: jsonrpc must be \"2.0\""));
     }
     let method = match m.remove("method") {
         Some(Value::String(s)) if !s.is_empty() => s,
-        _ => return Incoming::Reply(rpc_err(id, INVALID_REQUEST, "Invalid request: method must be a non-empty string")),
+        _ => {
+            return Incoming::Reply(rpc_err(id, INVALID_REQUEST, "Invalid request: method must be a non-empty string"))
+        }
     };
     let params = match m.remove("params") {
         None | Some(Value::Null) => vec![],
@@ -158,7 +164,12 @@ pub async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, dialect: 
         let text = match msg {
             Message::Text(t) => t,
             Message::Binary(_) => {
-                let _ = tx.send(Message::Close(Some(CloseFrame { code: 1003, reason: "binary frames are not accepted".into() }))).await;
+                let _ = tx
+                    .send(Message::Close(Some(CloseFrame {
+                        code: 1003,
+                        reason: "binary frames are not accepted".into(),
+                    })))
+                    .await;
                 break;
             }
             Message::Close(_) => break,
@@ -168,7 +179,10 @@ pub async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, dialect: 
         if text.len() > limit {
             tracing::info!(peer = %peer, size = text.len(), limit, "closing connection: message too large");
             let _ = tx
-                .send(Message::Close(Some(CloseFrame { code: 1009, reason: format!("message larger than {limit} bytes").into() })))
+                .send(Message::Close(Some(CloseFrame {
+                    code: 1009,
+                    reason: format!("message larger than {limit} bytes").into(),
+                })))
                 .await;
             break;
         }
@@ -245,8 +259,14 @@ mod tests {
         assert_eq!(reply("[]").pointer("/error/code").unwrap(), INVALID_REQUEST);
         assert_eq!(reply(r#"{"jsonrpc":"1.0","method":"x","id":1}"#).pointer("/error/code").unwrap(), INVALID_REQUEST);
         assert_eq!(reply(r#"{"jsonrpc":"2.0","method":"","id":1}"#).pointer("/error/code").unwrap(), INVALID_REQUEST);
-        assert_eq!(reply(r#"{"jsonrpc":"2.0","method":"x","params":{},"id":1}"#).pointer("/error/code").unwrap(), INVALID_REQUEST);
-        assert_eq!(reply(r#"{"jsonrpc":"2.0","method":"x","id":[1]}"#).pointer("/error/code").unwrap(), INVALID_REQUEST);
+        assert_eq!(
+            reply(r#"{"jsonrpc":"2.0","method":"x","params":{},"id":1}"#).pointer("/error/code").unwrap(),
+            INVALID_REQUEST
+        );
+        assert_eq!(
+            reply(r#"{"jsonrpc":"2.0","method":"x","id":[1]}"#).pointer("/error/code").unwrap(),
+            INVALID_REQUEST
+        );
         match parse_jsonrpc(r#"{"jsonrpc":"2.0","method":"core.ping"}"#) {
             Incoming::Call { id: None, .. } => {}
             _ => panic!("notification"),
