@@ -402,11 +402,11 @@ fn default_true() -> bool {
 
 /// The semi-automatic arguments shared by both setup methods (minus name/key).
 macro_rules! semi_struct {
-    ($name:ident { $($extra:tt)* }) => {
+    ($name:ident { $($field:ident: $ty:ty),* $(,)? }) => {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct $name {
-            $($extra)*
+            $($field: $ty,)*
             url: String,
             #[serde(default = "default_true")]
             verify_ssl: bool,
