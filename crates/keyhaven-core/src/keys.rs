@@ -816,6 +816,10 @@ fn parse_openssh(der: &[u8], passphrase: Option<&str>) -> Result<PrivateKey, Key
     if !der.starts_with(b"openssh-key-v1\0") {
         return Err(KeyPairError::private(MSG_DAMAGED));
     }
+    // ssh-key refuses a P-256 scalar that OpenSSH encoded in fewer than 32
+    // bytes (one key in 256 has a leading zero byte); pad it and retry.
+    let repaired = PrivateKey::from_bytes(der).is_err().then(|| pad_short_ecdsa_scalar(der)).flatten();
+    let der = repaired.as_deref().map(|v| v.as_slice()).unwrap_or(der);
     let key = PrivateKey::from_bytes(der).map_err(|e| match e {
         russh::keys::ssh_key::Error::AlgorithmUnknown | russh::keys::ssh_key::Error::AlgorithmUnsupported { .. } => {
             KeyPairError::private(format!("This private key's type is not supported. {MSG_SUPPORTED}."))
@@ -852,6 +856,64 @@ fn parse_openssh(der: &[u8], passphrase: Option<&str>) -> Result<PrivateKey, Key
         // report as an encoding error rather than `Crypto`.
         _ => KeyPairError::passphrase(MSG_WRONG_PASSPHRASE),
     })
+}
+
+/// Re-encode an unencrypted OpenSSH `ecdsa-sha2-nistp256` key whose private
+/// scalar is shorter than 32 bytes with the scalar left-padded to 32 bytes.
+/// `None` when the blob is anything else.
+fn pad_short_ecdsa_scalar(der: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    struct R<'a>(&'a [u8]);
+    impl<'a> R<'a> {
+        fn u32(&mut self) -> Option<u32> {
+            let (h, t) = self.0.split_at_checked(4)?;
+            self.0 = t;
+            Some(u32::from_be_bytes(h.try_into().ok()?))
+        }
+        fn string(&mut self) -> Option<&'a [u8]> {
+            let n = self.u32()? as usize;
+            let (h, t) = self.0.split_at_checked(n)?;
+            self.0 = t;
+            Some(h)
+        }
+    }
+    fn put(out: &mut Vec<u8>, s: &[u8]) {
+        out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+        out.extend_from_slice(s);
+    }
+    const MAGIC: &[u8] = b"openssh-key-v1\0";
+    let mut r = R(der.strip_prefix(MAGIC)?);
+    let (cipher, kdf, kdf_opts) = (r.string()?, r.string()?, r.string()?);
+    if cipher != b"none" || r.u32()? != 1 {
+        return None;
+    }
+    let public = r.string()?;
+    let mut p = R(r.string()?);
+    let (c1, c2) = (p.u32()?, p.u32()?);
+    let (alg, curve, q, d, comment) = (p.string()?, p.string()?, p.string()?, p.string()?, p.string()?);
+    if alg != b"ecdsa-sha2-nistp256" || d.len() >= 32 || d.is_empty() {
+        return None;
+    }
+    let mut padded = Zeroizing::new(vec![0u8; 32]);
+    padded[32 - d.len()..].copy_from_slice(d);
+    let mut section = Zeroizing::new(Vec::new());
+    section.extend_from_slice(&c1.to_be_bytes());
+    section.extend_from_slice(&c2.to_be_bytes());
+    for s in [alg, curve, q, &padded[..], comment] {
+        put(&mut section, s);
+    }
+    let mut pad = 1u8;
+    while section.len() % 8 != 0 {
+        section.push(pad);
+        pad += 1;
+    }
+    let mut out = Zeroizing::new(MAGIC.to_vec());
+    for s in [cipher, kdf, kdf_opts] {
+        put(&mut out, s);
+    }
+    out.extend_from_slice(&1u32.to_be_bytes());
+    put(&mut out, public);
+    put(&mut out, &section);
+    Some(out)
 }
 
 /// `-----BEGIN RSA PRIVATE KEY-----` / `-----BEGIN EC PRIVATE KEY-----`, optionally with

@@ -568,3 +568,18 @@ fn keys_import_openssl_legacy_and_pkcs8() {
     assert_eq!(e.field, KeyPairField::PrivateKey);
     assert!(e.message.contains("Unsupported") || e.message.contains("not supported"), "{e}");
 }
+
+/// One ssh-keygen P-256 key in 256 stores its scalar in 31 bytes; it must import.
+#[test]
+fn ecdsa_p256_key_with_a_short_scalar_imports() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let private = std::fs::read_to_string(format!("{dir}/ecdsa-p256-short-scalar")).unwrap();
+    let public = std::fs::read_to_string(format!("{dir}/ecdsa-p256-short-scalar.pub")).unwrap();
+    let v = keyhaven_core::keys::validate_key_pair(Some(&private), None, None).expect("short scalar imports");
+    let want: Vec<&str> = public.split_whitespace().take(2).collect();
+    let got: Vec<&str> = v.public_key.split_whitespace().take(2).collect();
+    assert_eq!(got, want, "derived public key equals ssh-keygen's");
+    // The normalised key re-imports (ssh-key writes the full 32 bytes).
+    let again = keyhaven_core::keys::validate_key_pair(Some(v.private_key.as_ref().unwrap()), None, None).unwrap();
+    assert_eq!(again.info.fingerprint, v.info.fingerprint);
+}
