@@ -299,14 +299,9 @@ pub fn run(cmd: KeypairCmd) -> Result<ExitCode, String> {
         }
         KeypairCmd::Download { key, private, output, passphrase_file, common } => {
             let e = resolve(&common, &key)?;
-            let alg = e["algorithm"].as_str().unwrap_or("ED25519").to_ascii_lowercase();
-            let name: String = e["name"]
-                .as_str()
-                .unwrap_or("key")
-                .chars()
-                .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
-                .collect();
-            let default_name = format!("{name}_id_{alg}{}", if private { "" } else { ".pub" });
+            let alg = e["algorithm"].as_str().and_then(|a| a.parse().ok()).unwrap_or_default();
+            let default_name =
+                keyhaven_core::keys::download_file_name(e["name"].as_str().unwrap_or("key"), alg, !private);
             let text = if private {
                 // Through the audited API method, never a plain read.
                 let mut opts = json!({});

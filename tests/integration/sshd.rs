@@ -410,6 +410,17 @@ async fn readonly_admin_cannot_write_and_sees_redacted_credentials() {
     assert_eq!(ro.call("keychaincredential.get_instance", json!([q[0]["id"]])).await["attributes"], "********");
     // Reads still work.
     assert_eq!(ro.call("ssh.config", json!([])).await["id"], 1);
+    // Neither `select` nor filters reach redacted attributes.
+    let sel =
+        ro.call("keychaincredential.query", json!([[], {"select": [["attributes.public_key", "k"], "id"]}])).await;
+    assert!(sel[0]["k"].is_null() && !sel.to_string().contains("ssh-ed25519"), "{sel}");
+    let oracle =
+        ro.call("keychaincredential.query", json!([[["attributes.public_key", "^", "ssh-"]], {"count": true}])).await;
+    assert_eq!(oracle, 0);
+    // Locking the account ends its open session at the next call.
+    let uid = a.call("user.query", json!([[["username", "=", "daemon"]], {"get": true}])).await["id"].clone();
+    a.call("user.update", json!([uid, {"locked": true}])).await;
+    assert_eq!(ro.err("ssh.config", json!([])).await["data"]["error"], 207);
 }
 
 #[tokio::test]

@@ -263,6 +263,17 @@ pub fn generate(o: &GenerateOptions) -> Result<KeyPairText, FieldError> {
 }
 
 /// File name stem ssh-keygen uses for the algorithm.
+/// The file name a key pair downloads as: `<name>_id_<type>`, plus `.pub` for
+/// the public half, with anything but `[A-Za-z0-9._-]` in the name replaced.
+pub fn download_file_name(name: &str, algorithm: KeyAlgorithm, public: bool) -> String {
+    let mut safe: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    if safe.is_empty() {
+        safe.push_str("key");
+    }
+    format!("{safe}_{}{}", file_stem(algorithm), if public { ".pub" } else { "" })
+}
+
 pub fn file_stem(algorithm: KeyAlgorithm) -> &'static str {
     match algorithm {
         KeyAlgorithm::Ed25519 => "id_ed25519",

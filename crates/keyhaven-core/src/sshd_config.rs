@@ -129,6 +129,11 @@ const OWNED_DIRECTIVES: &[(&str, &str)] = &[
     ),
     ("StrictModes", "keyhaven keeps StrictModes on so sshd refuses key files with unsafe ownership or permissions"),
     ("Port", "use the TCP port setting (tcpport); keyhaven reports that port to clients and pairing peers"),
+    (
+        "ListenAddress",
+        "use the bind interfaces setting (bindiface); an address with its own port would also change the port keyhaven reports",
+    ),
+    ("Include", "every sshd setting must be in this configuration so keyhaven can check it with sshd -t"),
 ];
 
 /// Directives keyhaven always renders before `options` (so sshd would ignore a
@@ -165,9 +170,18 @@ fn option_lines(options: &str) -> Vec<OptionLine<'_>> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let end = line.find(|c: char| c.is_whitespace() || c == '=').unwrap_or(line.len());
-        let keyword = &line[..end];
-        let rest = line[end..].trim_start();
+        // sshd also accepts a quoted keyword (`"StrictModes" no`).
+        let (keyword, rest) = match line.strip_prefix('"') {
+            Some(q) => match q.find('"') {
+                Some(e) => (&q[..e], &q[e + 1..]),
+                None => (q, ""),
+            },
+            None => {
+                let end = line.find(|c: char| c.is_whitespace() || c == '=').unwrap_or(line.len());
+                (&line[..end], &line[end..])
+            }
+        };
+        let rest = rest.trim_start();
         let rest = rest.strip_prefix('=').unwrap_or(rest).trim_start();
         let arg_end = rest.find(char::is_whitespace).unwrap_or(rest.len());
         let first_arg = rest[..arg_end].trim_matches(|c| c == '"' || c == '\'');
@@ -460,6 +474,22 @@ mod tests {
             sftp_server: "internal-sftp".into(),
             ..RenderContext::default()
         }
+    }
+
+    #[test]
+    fn quoted_keywords_include_and_listen_address_are_refused() {
+        for opt in [
+            "\"StrictModes\" no",
+            "\"AuthorizedKeysFile\" /tmp/%u",
+            "Include /etc/ssh/other.conf",
+            "ListenAddress 0.0.0.0:2222",
+        ] {
+            let s = SshSettings { options: opt.to_string(), ..SshSettings::default() };
+            let e = validate_settings(&s, &[], "ssh_update").expect_err(opt);
+            assert!(e.0.iter().any(|f| f.attribute == "ssh_update.options"), "{opt}: {e:?}");
+        }
+        let ok = SshSettings { options: "MaxAuthTries 4".into(), ..SshSettings::default() };
+        assert!(validate_settings(&ok, &[], "ssh_update").is_ok());
     }
 
     #[test]

@@ -76,7 +76,7 @@ impl ServiceError {
     /// message that tells them where to look.
     pub fn internal(context: &str, detail: impl std::fmt::Display) -> Self {
         tracing::error!(context, %detail, "internal error");
-        Self::call(EFAULT, format!("{context} failed: {detail}"))
+        Self::call(EFAULT, format!("{context} failed; the server log has the details"))
     }
 
     pub fn errno(&self) -> i32 {

@@ -108,7 +108,7 @@ pub fn modify(name: &str, shell: &str, full_name: &str) -> Result<(), AccountErr
 pub fn set_password(name: &str, password: Option<&str>) -> Result<(), AccountError> {
     match password {
         Some(p) => {
-            if p.contains('\n') || p.contains(':') && name.contains(':') {
+            if p.contains('\n') || name.contains([':', '\n']) {
                 return Err(AccountError::Failed { command: "chpasswd", stderr: "invalid characters".into() });
             }
             run("chpasswd", &[], Some(&format!("{name}:{p}\n")))

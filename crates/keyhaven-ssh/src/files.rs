@@ -109,12 +109,34 @@ impl KeysLocation {
                     ));
                 }
                 let ssh = owner.home.join(".ssh");
-                if ssh.exists() && !ssh.is_dir() {
-                    return Err(io::Error::other(format!("{} is not a directory", ssh.display())));
+                // Never follow a link the account owner planted: `~/.ssh -> /etc`
+                // would make keyhaven (root) chmod and chown /etc.
+                match std::fs::symlink_metadata(&ssh) {
+                    Ok(m) if m.file_type().is_symlink() => {
+                        return Err(io::Error::other(format!(
+                            "{} is a symbolic link; keyhaven does not follow it. Replace it with a directory",
+                            ssh.display()
+                        )))
+                    }
+                    Ok(m) if !m.is_dir() => {
+                        return Err(io::Error::other(format!("{} is not a directory", ssh.display())));
+                    }
+                    Ok(m) => {
+                        use std::os::unix::fs::MetadataExt;
+                        if m.uid() != owner.uid && m.uid() != 0 {
+                            return Err(io::Error::other(format!(
+                                "{} belongs to uid {}, not to {}; fix its owner first",
+                                ssh.display(),
+                                m.uid(),
+                                owner.username
+                            )));
+                        }
+                    }
+                    Err(_) => {}
                 }
                 ensure_dir(&ssh, 0o700)?;
                 if is_root() {
-                    std::os::unix::fs::chown(&ssh, Some(owner.uid), Some(owner.gid))?;
+                    std::os::unix::fs::lchown(&ssh, Some(owner.uid), Some(owner.gid))?;
                 }
                 write_atomic(&path, body.as_bytes(), 0o600, Some((owner.uid, owner.gid)).filter(|_| is_root()))?;
             }
@@ -165,6 +187,18 @@ mod tests {
         if is_root() {
             assert_eq!((m.uid(), m.gid()), (1234, 1234));
         }
+        // A `.ssh` symlink planted by the account owner is never followed.
+        let home2 = d.path().join("home2");
+        let target = d.path().join("elsewhere");
+        std::fs::create_dir_all(&home2).unwrap();
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(&target, home2.join(".ssh")).unwrap();
+        let owner = KeysOwner { username: "eve", uid: 4321, gid: 4321, home: &home2 };
+        let e = KeysLocation::Home.write(&owner, "ssh-ed25519 AAAA").unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert!(!target.join("authorized_keys").exists());
+        assert_eq!(std::fs::metadata(&target).unwrap().mode() & 0o777, 0o755, "target untouched");
         let missing = d.path().join("nohome");
         let owner = KeysOwner { username: "c", uid: 1, gid: 1, home: &missing };
         assert!(KeysLocation::Home.write(&owner, "ssh-ed25519 AAAA").is_err());

@@ -114,6 +114,16 @@ impl Store {
         Ok(())
     }
 
+    /// Delete an account with its API keys and tokens, in one transaction.
+    pub fn user_delete_with_credentials(&self, id: i64, username: &str) -> Result<()> {
+        self.tx(|tx, _| {
+            tx.execute("DELETE FROM api_keys WHERE username = ?1", [username])?;
+            tx.execute("DELETE FROM tokens WHERE username = ?1", [username])?;
+            tx.execute("DELETE FROM users WHERE id = ?1", [id])?;
+            Ok(())
+        })
+    }
+
     pub fn user_delete(&self, id: i64) -> Result<()> {
         let conn = self.conn();
         conn.execute("DELETE FROM users WHERE id = ?1", [id])?;

@@ -29,7 +29,7 @@ pub fn methods() -> Vec<MethodDef> {
             Write,
             remote_ssh_host_key_scan_fingerprints
         ),
-        method!("keychaincredential.test_ssh_connection", Read, test_ssh_connection),
+        method!("keychaincredential.test_ssh_connection", Write, test_ssh_connection),
         method!("keychaincredential.ssh_pair", Write, ssh_pair),
         method!("keychaincredential.remote_ssh_semiautomatic_setup", Write, remote_ssh_semiautomatic_setup),
         method!("keychaincredential.setup_ssh_connection", Write, setup_ssh_connection),
@@ -152,11 +152,19 @@ async fn query_m(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
             if needs_private {
                 app.keychain_fill_private(v, &cached)?;
             }
+            // Read-only callers filter what they may see, so filters and
+            // `select` cannot be used to read redacted attributes.
+            if !can_write {
+                keychain::redact(v);
+            }
             Ok(matches(v, f))
         })?,
         _ => vec![],
     };
     let mut items = items;
+    if !can_write {
+        items.iter_mut().for_each(keychain::redact);
+    }
     if needs_private {
         for e in &mut items {
             app.keychain_fill_private(e, &cached)?;
@@ -631,7 +639,5 @@ async fn download_private_key(ctx: Arc<Ctx>, p: Params) -> Result<Value, Service
         }
     };
     let alg: KeyAlgorithm = e["algorithm"].as_str().and_then(|a| a.parse().ok()).unwrap_or_default();
-    let safe: String =
-        name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
-    Ok(json!({"file_name": format!("{safe}_{}", keyhaven_core::keys::file_stem(alg)), "private_key": text.as_str()}))
+    Ok(json!({"file_name": keyhaven_core::keys::download_file_name(&name, alg, false), "private_key": text.as_str()}))
 }

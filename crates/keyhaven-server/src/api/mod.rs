@@ -111,7 +111,7 @@ pub async fn dispatch(
 ) -> Result<Value, CallFailure> {
     let def = registry().get(method).ok_or(CallFailure::NoMethod)?;
     if def.access != Access::Public {
-        match session.caller() {
+        match app.current_caller(session) {
             None => return Err(CallFailure::Failed(ServiceError::NotAuthenticated)),
             Some(c) if def.access == Access::Write && !c.role.can_write() => {
                 record(

@@ -19,7 +19,11 @@ pub fn methods() -> Vec<MethodDef> {
 
 async fn config(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     p.at_most(0, "ssh.config")?;
-    ctx.app.ensure_host_keys().await?;
+    {
+        // Host keys are made on first use; serialise with every other change.
+        let _guard = ctx.app.ssh_lock.lock().await;
+        ctx.app.ensure_host_keys().await?;
+    }
     ctx.app.ssh_config_entry()
 }
 

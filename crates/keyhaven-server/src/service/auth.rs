@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::Argon2;
-use base64::Engine;
 use rand::{Rng, RngCore};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
@@ -18,7 +17,7 @@ use subtle::ConstantTimeEq;
 
 use super::audit::{self, AuditEvent};
 use super::{now_secs, users, App};
-use crate::error::{ServiceError, EINVAL, ENOENT};
+use crate::error::{ServiceError, ENOENT};
 
 /// Failures after which every further attempt is delayed.
 pub const SLOW_AFTER: u32 = 3;
@@ -474,7 +473,8 @@ impl App {
         match self.take_token(token.expose_secret(), &session.origin) {
             Ok(username) => {
                 let user = self.store.user_by_name(&username).ok().flatten();
-                let role = user.as_ref().and_then(|u| Role::from_roles(&users::UserData::from_record(u).roles));
+                let data = user.as_ref().map(users::UserData::from_record);
+                let role = data.as_ref().filter(|d| !d.locked).and_then(|d| Role::from_roles(&d.roles));
                 match role {
                     Some(role) => {
                         self.login_succeeded(session, Caller { username, role, via: AuthVia::Token }, "TOKEN_PLAIN")
@@ -594,15 +594,35 @@ pub fn user_info(user: &keyhaven_store::UserRecord, role: Role) -> Value {
     })
 }
 
-/// Decode a base64 (standard or URL-safe) string; used for HTTP Basic auth.
-pub fn b64decode(s: &str) -> Option<Vec<u8>> {
-    base64::engine::general_purpose::STANDARD.decode(s).ok()
-}
-
-/// Reject obviously bad usernames early with a field error.
-pub fn check_username_param(attr: &str, u: &str) -> Result<(), ServiceError> {
-    if u.is_empty() || u.len() > 32 {
-        return Err(ServiceError::field_errno(attr, "Username must be 1 to 32 characters", EINVAL));
+impl App {
+    /// The caller as the account stands now: a session keeps working only
+    /// while its account exists, is not locked and still has API access, and
+    /// always with the account's current role. `None` ends the session.
+    pub fn current_caller(&self, session: &Session) -> Option<Caller> {
+        let mut c = session.caller()?;
+        if c.via == AuthVia::UnixSocket {
+            return Some(c);
+        }
+        let fresh = self.store.user_by_name(&c.username).ok().flatten().and_then(|u| {
+            let d = users::UserData::from_record(&u);
+            if d.locked {
+                None
+            } else {
+                Role::from_roles(&d.roles)
+            }
+        });
+        match fresh {
+            Some(role) => {
+                if role != c.role {
+                    c.role = role;
+                    session.set(SessionAuth::Authenticated(c.clone()));
+                }
+                Some(c)
+            }
+            None => {
+                session.set(SessionAuth::Anonymous);
+                None
+            }
+        }
     }
-    Ok(())
 }

@@ -271,6 +271,12 @@ impl App {
                         format!("This credential is of type {}; its type cannot be changed", rec.kind),
                     ));
                 }
+                if private.is_none() && rec.has_private_key && !self.keychain_used_by(id)?.is_empty() {
+                    return Err(ServiceError::field(
+                        format!("{schema}.attributes.private_key"),
+                        "SSH connections use this key pair: keep its private key (or delete those connections first)",
+                    ));
+                }
                 (attributes, private)
             }
         };

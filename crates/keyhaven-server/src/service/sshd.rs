@@ -104,7 +104,11 @@ impl App {
                     .await
                     .map_err(|e| ServiceError::internal("host key generation", e))?
                     .map_err(|e| ServiceError::internal("host key generation", e.message))?;
-                self.store.host_key_insert(alg_name, &kp.private_key, &kp.public_key)?;
+                match self.store.host_key_insert(alg_name, &kp.private_key, &kp.public_key) {
+                    // Another caller generated it first: keep theirs.
+                    Ok(()) | Err(keyhaven_store::StoreError::Conflict(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
             let private = self
                 .store
@@ -221,12 +225,13 @@ impl App {
             }
         }
         let text = self.render_ssh(&new).await?;
-        self.sshd.check_config(&text).await.map_err(|e| sshd_error("ssh_update", e))?;
+        // apply_config runs `sshd -t` first and touches nothing on refusal;
+        // the settings are saved only once sshd has them.
+        self.sshd.apply_config(&text).await.map_err(|e| sshd_error("ssh_update", e))?;
         self.store.setting_set(
             SETTINGS_KEY,
             &serde_json::to_value(&new).map_err(|e| ServiceError::internal("ssh.update", e))?,
         )?;
-        self.sshd.apply_config(&text).await.map_err(|e| sshd_error("ssh_update", e))?;
         self.ssh_config_entry()
     }
 
@@ -269,6 +274,11 @@ impl App {
     /// Render, write and start sshd (keys synced first).
     pub async fn ssh_start(&self) -> Result<(), ServiceError> {
         let _guard = self.ssh_lock.lock().await;
+        self.ssh_start_locked().await
+    }
+
+    /// `ssh_start` for a caller that holds `ssh_lock`.
+    async fn ssh_start_locked(&self) -> Result<(), ServiceError> {
         if !self.config.authorized_keys_in_home {
             if let Some(problem) = crate::startup::strict_modes_problem(&self.config.data_dir) {
                 return Err(ServiceError::call(EFAULT, format!("Cannot start the SSH service: {problem}")));
@@ -282,23 +292,24 @@ impl App {
     }
 
     pub async fn ssh_control(&self, verb: &str) -> Result<(), ServiceError> {
+        // One change at a time: a restart must not interleave with an update.
+        let _guard = self.ssh_lock.lock().await;
         match verb {
             "START" => {
                 if self.sshd.state() == SshdState::Running {
                     return Ok(());
                 }
-                self.ssh_start().await
+                self.ssh_start_locked().await
             }
             "STOP" => self.sshd.stop().await.map_err(|e| sshd_error("ssh", e)),
             "RESTART" => {
                 self.sshd.stop().await.map_err(|e| sshd_error("ssh", e))?;
-                self.ssh_start().await
+                self.ssh_start_locked().await
             }
             "RELOAD" => {
                 if self.sshd.state() != SshdState::Running {
-                    return self.ssh_start().await;
+                    return self.ssh_start_locked().await;
                 }
-                let _guard = self.ssh_lock.lock().await;
                 self.sync_all_user_keys()?;
                 let s = self.ssh_settings()?;
                 let text = self.render_ssh(&s).await?;

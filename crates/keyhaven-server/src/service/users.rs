@@ -365,7 +365,11 @@ impl App {
             None => None,
         };
         let id = self.store.user_insert(&username, &data.to_value(), hash.as_deref())?;
-        self.write_user_keys(&username, &data)?;
+        if let Err(e) = self.write_user_keys(&username, &data) {
+            // No half-made account: without its keys file the row goes too.
+            let _ = self.store.user_delete(id);
+            return Err(e);
+        }
         // sshd_config lists password users only; keys files need no reload.
         if data.ssh_password_enabled {
             self.ssh_users_changed().await;
@@ -478,14 +482,16 @@ impl App {
                 format!("{} is a built-in account and cannot be deleted", rec.username),
             ));
         }
-        let empty = UserData { sshpubkey: None, ..data.clone() };
-        self.write_user_keys(&rec.username, &empty)?;
+        // The OS account first: if userdel fails, nothing else has changed.
         if self.config.manage_os_accounts && accounts::lookup(&rec.username).is_some() {
             accounts::delete(&rec.username)
                 .map_err(|e| ServiceError::call(EACCES, format!("Deleting the OS account failed: {e}")))?;
         }
-        self.store.api_keys_delete_for_user(&rec.username)?;
-        self.store.user_delete(id)?;
+        self.store.user_delete_with_credentials(id, &rec.username)?;
+        let empty = UserData { sshpubkey: None, ..data.clone() };
+        if let Err(e) = self.write_user_keys(&rec.username, &empty) {
+            tracing::warn!(user = %rec.username, "account deleted but its keys file could not be removed: {e}");
+        }
         if data.ssh_password_enabled {
             self.ssh_users_changed().await;
         }

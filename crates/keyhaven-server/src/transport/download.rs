@@ -57,16 +57,6 @@ fn authenticate(app: &App, headers: &HeaderMap, q: &HashMap<String, String>, ori
     Ok(Caller { username, role, via })
 }
 
-fn safe_file_name(name: &str) -> String {
-    let s: String =
-        name.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
-    if s.is_empty() {
-        "key".into()
-    } else {
-        s
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PassphraseBody {
@@ -129,10 +119,10 @@ async fn serve_key(
     };
     let name = entry["name"].as_str().unwrap_or("key").to_string();
     let alg: KeyAlgorithm = entry["algorithm"].as_str().and_then(|a| a.parse().ok()).unwrap_or_default();
-    let stem = format!("{}_{}", safe_file_name(&name), keys::file_stem(alg));
+    let stem = keys::download_file_name(&name, alg, false);
     let (body, file) = match which.as_str() {
         "public_key" => match entry["attributes"]["public_key"].as_str() {
-            Some(p) => (zeroize::Zeroizing::new(p.to_string()), format!("{stem}.pub")),
+            Some(p) => (zeroize::Zeroizing::new(p.to_string()), keys::download_file_name(&name, alg, true)),
             None => return plain(StatusCode::NOT_FOUND, "This key pair has no public key"),
         },
         "private_key" => {

@@ -3,7 +3,6 @@
 //! graceful shutdown.
 
 /// Kept for existing imports; the client lives in [`crate::remote`].
-pub use crate::remote as client;
 pub mod download;
 pub mod tls;
 pub mod ui;

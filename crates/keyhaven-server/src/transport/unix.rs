@@ -36,7 +36,11 @@ pub fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
 pub async fn serve(app: Arc<App>, listener: UnixListener) {
     let me = unsafe { libc::geteuid() };
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            // e.g. out of file descriptors: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
         match stream.peer_cred() {
             Ok(c) if c.uid() == 0 || c.uid() == me => {}
             _ => continue,
