@@ -471,3 +471,53 @@ async fn legacy_dialect_pairing_path() {
     let o = ssh_key_login(&key, &kh, b_ssh, "root");
     assert!(o.status.success(), "ssh failed: {}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[tokio::test]
+async fn semiautomatic_setup_with_otp_and_sudo_for_a_non_root_user() {
+    if skip() {
+        return;
+    }
+    let a = Daemon::start();
+    let (b, _b_ssh) = remote_b(DaemonOpts::default()).await;
+    let mut cb = b.admin().await;
+    // B's admin has two-factor login.
+    let e = cb.call("user.renew_2fa_secret", json!(["admin", {}])).await;
+    let uri = e["provisioning_uri"].as_str().unwrap().to_string();
+    let secret = uri.split("secret=").nth(1).unwrap().split('&').next().unwrap().to_string();
+    let totp = totp_rs::Builder::new()
+        .with_secret(totp_rs::Secret::try_from_base32(&secret).unwrap())
+        .with_digits(6)
+        .with_step_duration(30)
+        .with_skew(1)
+        .build()
+        .unwrap();
+    // The SSH user on B: `daemon` (exists on every Debian system), with a nologin shell.
+    cb.call(
+        "user.create",
+        json!([{"username": "daemon", "full_name": "", "password_disabled": true, "shell": "/usr/sbin/nologin"}]),
+    )
+    .await;
+
+    let mut ca = a.admin().await;
+    let setup = |otp: &str| {
+        json!([{"connection_name": format!("otp-{otp}"), "setup_type": "SEMI-AUTOMATIC",
+                "private_key": {"generate_key": true, "name": format!("otp-{otp} Key")},
+                "semi_automatic_setup": semi(&b.url, json!({"password": ADMIN_PASSWORD, "otp_token": otp, "username": "daemon", "sudo": true}))}])
+    };
+    // Without the code: refused, and the generated key is rolled back.
+    let e = ca.err("keychaincredential.setup_ssh_connection", setup("")).await;
+    assert_eq!(e["code"], -32001, "{e}");
+    assert_eq!(ca.call("keychaincredential.query", json!([[["name", "=", "otp- Key"]], {"count": true}])).await, 0);
+    // A wrong code: refused too.
+    let e = ca.err("keychaincredential.setup_ssh_connection", setup("000000")).await;
+    assert_eq!(e["code"], -32001, "{e}");
+    // The right code (OTP_TOKEN continuation on the same connection): paired.
+    let code = totp.generate_current().to_string();
+    let conn = ca.call("keychaincredential.setup_ssh_connection", setup(&code)).await;
+    assert_eq!(conn["attributes"]["username"], "daemon");
+    // The remote user got a login shell and passwordless sudo for zfs, and the key.
+    let u = cb.call("user.query", json!([[["username", "=", "daemon"]], {"get": true}])).await;
+    assert_eq!(u["shell"], "/usr/bin/bash", "{u}");
+    assert_eq!(u["sudo_commands_nopasswd"], json!(["/usr/sbin/zfs"]));
+    assert!(u["sshpubkey"].as_str().unwrap().starts_with("ssh-ed25519 "));
+}
