@@ -483,14 +483,7 @@ async fn semiautomatic_setup_with_otp_and_sudo_for_a_non_root_user() {
     // B's admin has two-factor login.
     let e = cb.call("user.renew_2fa_secret", json!(["admin", {}])).await;
     let uri = e["provisioning_uri"].as_str().unwrap().to_string();
-    let secret = uri.split("secret=").nth(1).unwrap().split('&').next().unwrap().to_string();
-    let totp = totp_rs::Builder::new()
-        .with_secret(totp_rs::Secret::try_from_base32(&secret).unwrap())
-        .with_digits(6)
-        .with_step_duration(30)
-        .with_skew(1)
-        .build()
-        .unwrap();
+    let (_, totp) = totp_from_uri(&uri);
     // The SSH user on B: `daemon` (exists on every Debian system), with a nologin shell.
     cb.call(
         "user.create",

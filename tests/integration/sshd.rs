@@ -431,14 +431,7 @@ async fn two_factor_login() {
     assert_eq!(e["twofactor_auth_configured"], true);
     let uri = e["provisioning_uri"].as_str().unwrap().to_string();
     assert!(uri.starts_with("otpauth://totp/"));
-    let secret = uri.split("secret=").nth(1).unwrap().split('&').next().unwrap().to_string();
-    let totp = totp_rs::Builder::new()
-        .with_secret(totp_rs::Secret::try_from_base32(&secret).unwrap())
-        .with_digits(6)
-        .with_step_duration(30)
-        .with_skew(1)
-        .build()
-        .unwrap();
+    let (secret, totp) = totp_from_uri(&uri);
     // The URI is not shown again.
     let q = a.call("user.query", json!([[["username", "=", "admin"]], {"get": true}])).await;
     assert!(!q.to_string().contains(&secret));

@@ -333,3 +333,16 @@ pub fn all_bytes_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// The base32 seed of an `otpauth://` provisioning URI and a TOTP generator for it.
+pub fn totp_from_uri(uri: &str) -> (String, totp_rs::Totp) {
+    let secret = uri.split("secret=").nth(1).unwrap().split('&').next().unwrap().to_string();
+    let totp = totp_rs::Builder::new()
+        .with_secret(totp_rs::Secret::try_from_base32(&secret).unwrap())
+        .with_digits(6)
+        .with_step_duration(30)
+        .with_skew(1)
+        .build()
+        .unwrap();
+    (secret, totp)
+}
