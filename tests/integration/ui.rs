@@ -2,15 +2,17 @@
 //! daemon, a real browser, the same JSON-RPC API. Screenshots of each screen go
 //! to `target/ui-screenshots/<name>.png`.
 
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use thirtyfour::prelude::*;
 use thirtyfour::ChromiumLikeCapabilities;
 
-use crate::sshd::{free_port, sshd_available};
+use crate::sshd::{free_port, known_hosts, ssh_key_login, sshd_available};
 use crate::util::*;
 
 /// chromedriver as a child process, killed by PID on drop.
@@ -76,7 +78,12 @@ async fn shot(driver: &WebDriver, name: &str) {
 
 /// Evaluate `body` (a JS function body) until it returns something truthy; returns it.
 async fn wait_js(driver: &WebDriver, what: &str, body: &str, args: Vec<Value>) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    wait_js_within(driver, what, body, args, Duration::from_secs(20)).await
+}
+
+/// [`wait_js`] with a longer (or shorter) deadline, for slow server-side work.
+async fn wait_js_within(driver: &WebDriver, what: &str, body: &str, args: Vec<Value>, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
     loop {
         let v = driver.execute(body, args.clone()).await.unwrap().json().clone();
         let truthy = !matches!(&v, Value::Null | Value::Bool(false)) && v != json!("") && v != json!(0);
@@ -132,11 +139,41 @@ async fn modal_closed(driver: &WebDriver, what: &str) {
     .await;
 }
 
+/// Wait until Chromium has finished saving `name` into `dir` (it writes
+/// `<name>.crdownload` and renames it when complete); returns the path.
+async fn downloaded(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let partial = std::fs::read_dir(dir)
+            .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".crdownload")))
+            .unwrap_or(false);
+        if !partial && std::fs::metadata(&p).map(|m| m.len() > 0).unwrap_or(false) {
+            return p;
+        }
+        if Instant::now() > deadline {
+            let names: Vec<String> = std::fs::read_dir(dir)
+                .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                .unwrap_or_default();
+            panic!("download {name} did not appear in {}; it holds {names:?}", dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `type base64` part of an OpenSSH public key line (the comment dropped).
+fn key_body(line: &str) -> String {
+    line.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn web_ui_in_headless_chromium() {
     let started = Instant::now();
     let d = Daemon::start();
     let cd = ChromeDriver::start();
+    // Chromium saves the UI's downloads here (no prompt).
+    let downloads = TestDir::new("ui-downloads");
+    std::fs::create_dir_all(downloads.path()).unwrap();
 
     let mut caps = DesiredCapabilities::chrome();
     if std::path::Path::new("/usr/bin/chromium").exists() {
@@ -155,8 +192,27 @@ async fn web_ui_in_headless_chromium() {
     ] {
         caps.add_arg(a).unwrap();
     }
+    caps.add_experimental_option(
+        "prefs",
+        json!({
+            "download.default_directory": downloads.path(),
+            "download.prompt_for_download": false,
+            "download.directory_upgrade": true,
+            "safebrowsing.enabled": false,
+        }),
+    )
+    .unwrap();
     let driver = WebDriver::new(format!("http://127.0.0.1:{}", cd.port), caps).await.expect("start headless chromium");
-    let result = std::panic::AssertUnwindSafe(run(&driver, &d));
+    // Headless Chromium may ignore the download prefs; the CDP command is authoritative.
+    driver
+        .cdp()
+        .send_raw(
+            "Browser.setDownloadBehavior",
+            json!({"behavior": "allow", "downloadPath": downloads.path(), "eventsEnabled": false}),
+        )
+        .await
+        .expect("Browser.setDownloadBehavior");
+    let result = std::panic::AssertUnwindSafe(run(&driver, &d, downloads.path()));
     let outcome = futures_util::FutureExt::catch_unwind(result).await;
     let _ = driver.quit().await;
     drop(cd);
@@ -167,7 +223,7 @@ async fn web_ui_in_headless_chromium() {
     eprintln!("UI test took {:?}", started.elapsed());
 }
 
-async fn run(driver: &WebDriver, d: &Daemon) {
+async fn run(driver: &WebDriver, d: &Daemon, downloads: &Path) {
     // The page and its security headers.
     driver.goto(format!("{}/", d.url)).await.unwrap();
     wait_js(driver, "login form", "return !document.getElementById('login').hidden;", vec![]).await;
@@ -209,6 +265,38 @@ async fn run(driver: &WebDriver, d: &Daemon) {
     let body = js(driver, "return document.documentElement.outerHTML;", vec![]).await;
     assert!(!body.as_str().unwrap().contains("PRIVATE KEY"), "private key rendered in the page");
     shot(driver, "03-backup-credentials").await;
+
+    // Download both halves through the UI: the files get the server's
+    // Content-Disposition names and the API's contents.
+    click(driver, "button[aria-label='Download public key of ui-key']").await;
+    let pub_path = downloaded(downloads, "ui-key_id_ed25519.pub").await;
+    let pub_file = std::fs::read_to_string(&pub_path).unwrap();
+    assert_eq!(pub_file.trim(), public, "downloaded public key");
+    click(driver, "button[aria-label='Download private key of ui-key']").await;
+    wait_js(
+        driver,
+        "private key download dialog",
+        "return document.querySelector(\"#modal[open] [name='passphrase']\");",
+        vec![],
+    )
+    .await;
+    shot(driver, "03a-download-private-key").await;
+    click(driver, "#form-submit").await;
+    modal_closed(driver, "private key downloaded").await;
+    let priv_path = downloaded(downloads, "ui-key_id_ed25519").await;
+    let priv_file = std::fs::read_to_string(&priv_path).unwrap();
+    assert!(priv_file.contains("-----BEGIN OPENSSH PRIVATE KEY-----"), "downloaded private key: {priv_file}");
+    assert_eq!(priv_file.trim(), private.trim(), "downloaded private key differs from the stored one");
+    std::fs::set_permissions(&priv_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let o = Command::new("ssh-keygen").arg("-y").arg("-f").arg(&priv_path).stdin(Stdio::null()).output().unwrap();
+    assert!(o.status.success(), "ssh-keygen -y: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        key_body(&String::from_utf8_lossy(&o.stdout)),
+        key_body(&public),
+        "ssh-keygen -y vs the API's public key"
+    );
+    let body = js(driver, "return document.documentElement.outerHTML;", vec![]).await;
+    assert!(!body.as_str().unwrap().contains("PRIVATE KEY"), "private key rendered in the page after the download");
 
     // Users: a pasted private key is refused inline with the server's message.
     click(driver, "a[data-nav='users']").await;
@@ -259,6 +347,40 @@ async fn run(driver: &WebDriver, d: &Daemon) {
         )
         .await;
         shot(driver, "07-ssh-running").await;
+
+        // Root's Authorized Keys: upload the downloaded public key in the Users form.
+        click(driver, "a[data-nav='users']").await;
+        wait_js(
+            driver,
+            "root in users",
+            "return document.querySelector(\"#view-users tr[data-name='root']\");",
+            vec![],
+        )
+        .await;
+        click(driver, "button[aria-label='Edit root']").await;
+        let upload = driver
+            .find(By::Css("#modal input[type='file']"))
+            .await
+            .unwrap_or_else(|e| panic!("no upload control in the user form: {e}"));
+        upload.send_keys(pub_path.to_str().unwrap()).await.unwrap();
+        wait_js(
+            driver,
+            "uploaded key in the form",
+            "return document.querySelector(arguments[0]).value.trim() === arguments[1];",
+            vec![json!(field("sshpubkey")), json!(pub_file.trim())],
+        )
+        .await;
+        shot(driver, "07a-root-authorized-keys").await;
+        click(driver, "#form-submit").await;
+        modal_closed(driver, "root saved").await;
+        let root = d.cli_json(&["user.query", r#"[["username", "=", "root"]]"#, r#"{"get": true}"#]);
+        assert_eq!(root["sshpubkey"].as_str().unwrap().trim(), public, "{root}");
+
+        // Plain ssh with the downloaded private key, host keys pinned from ssh.config.
+        let mut c = d.admin().await;
+        let kh = known_hosts(&mut c, downloads, port).await;
+        let o = ssh_key_login(&priv_path, &kh, port, "root");
+        assert!(o.status.success(), "ssh -i <downloaded key> root@127.0.0.1: {}", String::from_utf8_lossy(&o.stderr));
 
         // A manual connection to it, with Discover Remote Host Key.
         click(driver, "a[data-nav='backup']").await;
@@ -316,6 +438,59 @@ async fn run(driver: &WebDriver, d: &Daemon) {
         shot(driver, "11-connection-test").await;
         click(driver, "#modal .modal-foot button").await;
         modal_closed(driver, "test dialog closed").await;
+
+        // Semi-automatic pairing with a second keyhaven through the form.
+        let b = Daemon::start_in(Arc::new(TestDir::new("ui-b")), DaemonOpts::default());
+        let b_ssh = free_port();
+        let o = b.call_cli(&["ssh.update", &json!({"tcpport": b_ssh}).to_string()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        click(driver, "#add-connection").await;
+        fill(driver, &field("name"), "to-b").await;
+        fill(driver, &field("setup_method"), "SEMI-AUTOMATIC").await;
+        fill(driver, &field("url"), &b.url).await;
+        fill(driver, &field("admin_username"), "admin").await;
+        fill(driver, &field("password"), ADMIN_PASSWORD).await;
+        fill(driver, &field("username"), "root").await;
+        fill(driver, &field("private_key"), "NEW").await;
+        let hidden = js(
+            driver,
+            "return ['host', 'port', 'remote_host_key'].every((n) => document.querySelector(`#modal [name='${n}']`).closest('.field').hidden);",
+            vec![],
+        )
+        .await;
+        assert_eq!(hidden, json!(true), "manual fields shown for the semi-automatic method");
+        shot(driver, "11a-pairing-form").await;
+        click(driver, "#form-submit").await;
+        wait_js_within(
+            driver,
+            "pairing done",
+            "return !document.getElementById('modal').open && !document.getElementById('busy').open
+                    && document.querySelector(\"tr[data-name='to-b']\");",
+            vec![],
+            Duration::from_secs(90),
+        )
+        .await;
+        let row = js(driver, "return document.querySelector(\"tr[data-name='to-b']\").textContent;", vec![]).await;
+        let row = row.as_str().unwrap();
+        assert!(row.contains("127.0.0.1") && row.contains(&b_ssh.to_string()) && row.contains("to-b Key"), "{row}");
+        wait_js(driver, "new key pair row", "return document.querySelector(\"tr[data-name='to-b Key']\");", vec![])
+            .await;
+        shot(driver, "11b-paired-connection").await;
+        click(driver, "button[aria-label='Test to-b']").await;
+        let r = wait_js_within(
+            driver,
+            "pairing test result",
+            "const e = document.getElementById('test-result'); return e && e.textContent;",
+            vec![],
+            Duration::from_secs(60),
+        )
+        .await;
+        let badge = js(driver, "return document.querySelector('#test-result .badge').textContent;", vec![]).await;
+        assert_eq!(badge, json!("OK"), "test of the paired connection: {r}");
+        shot(driver, "11c-paired-test-ok").await;
+        click(driver, "#modal .modal-foot button").await;
+        modal_closed(driver, "pairing test dialog closed").await;
+        drop(b);
     } else {
         eprintln!("not root or no /usr/sbin/sshd: skipping the SSH service start and the connection");
     }
