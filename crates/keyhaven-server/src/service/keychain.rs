@@ -25,6 +25,9 @@ pub const REDACTED: &str = "********";
 #[derive(Default)]
 pub struct KeychainCache {
     inner: RwLock<Option<Arc<Cached>>>,
+    /// Held across check-then-write (name uniqueness, used_by before a
+    /// delete) so two writers cannot interleave between the check and the write.
+    writes: std::sync::Mutex<()>,
 }
 
 /// One cached entry as compact JSON text: thousands of credentials stay a
@@ -224,6 +227,7 @@ impl App {
 
     /// Validate and store a new credential; returns the stored entry.
     pub fn keychain_create(&self, name: &str, attrs: AttributesInput, schema: &str) -> Result<Value, ServiceError> {
+        let _writes = self.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
         if name.trim().is_empty() {
             return Err(ServiceError::field(format!("{schema}.name"), "String should have at least 1 character"));
         }
@@ -253,6 +257,7 @@ impl App {
         attrs: Option<AttributesInput>,
         schema: &str,
     ) -> Result<Value, ServiceError> {
+        let _writes = self.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
         let rec = self.store.keychain_get(id)?.ok_or_else(|| not_found(id))?;
         let name = name.unwrap_or(&rec.name).to_string();
         if name.trim().is_empty() {
@@ -395,6 +400,7 @@ impl App {
 
     /// Delete a credential; with `cascade`, its dependents too, all in one transaction.
     pub fn keychain_delete(&self, id: i64, cascade: bool) -> Result<String, ServiceError> {
+        let _writes = self.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
         let rec = self.store.keychain_get(id)?.ok_or_else(|| not_found(id))?;
         let deps = self.keychain_used_by(id)?;
         if !deps.is_empty() && !cascade {
