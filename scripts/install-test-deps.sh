@@ -2,7 +2,8 @@
 # Installs what keyhaven's tests need on a fresh Debian machine, only when missing:
 # OpenSSH's server and client (sshd, ssh, ssh-keygen, ssh-keyscan), openssl (key
 # interop tests), Python's venv module (compatibility tests with pytruenas and
-# aiotruenas-client), Chromium and chromedriver (web UI tests).
+# aiotruenas-client), Chromium and chromedriver, Firefox ESR and geckodriver (web
+# UI tests; Debian does not package geckodriver, so it is built from crates.io).
 set -euo pipefail
 
 missing=()
@@ -16,6 +17,7 @@ need ssh-keyscan openssh-client
 need openssl openssl
 need chromium chromium
 need chromedriver chromium-driver
+need firefox-esr firefox-esr
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
 
 if [ ${#missing[@]} -gt 0 ]; then
@@ -27,6 +29,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   # policy-rc.d may forbid starting services; keyhaven starts its own sshd anyway.
   $SUDO apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+fi
+# geckodriver: not in Debian; build the pinned release from crates.io once.
+GECKODRIVER_VERSION=0.37.1
+if ! command -v geckodriver >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/geckodriver" ]; then
+  echo "installing geckodriver $GECKODRIVER_VERSION (cargo install)"
+  cargo install --locked --quiet geckodriver --version "$GECKODRIVER_VERSION"
 fi
 # sshd as root needs its privilege-separation directory.
 if [ "$(id -u)" -eq 0 ] && [ ! -d /run/sshd ]; then mkdir -p /run/sshd && chmod 0755 /run/sshd; fi

@@ -1,6 +1,7 @@
-//! The web UI (issue 6) in headless Chromium driven by chromedriver: a real
-//! daemon, a real browser, the same JSON-RPC API. Screenshots of each screen go
-//! to `target/ui-screenshots/<name>.png`.
+//! The web UI (issue 6) in headless Chromium driven by chromedriver, and in
+//! headless Firefox ESR driven by geckodriver: a real daemon, a real browser,
+//! the same JSON-RPC API. Screenshots of each screen go to
+//! `target/ui-screenshots/<name>.png` (`firefox-<step>.png` for Firefox).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -571,4 +572,226 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, Vec<(String, 
     let headers =
         lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
     (status, headers, body.to_string())
+}
+
+/// geckodriver (driving Firefox ESR) as a child process, killed by PID on drop
+/// together with any Firefox processes it left behind.
+struct GeckoDriver {
+    child: Child,
+    port: u16,
+    /// Firefox's HOME (and geckodriver's log), removed on drop.
+    home: TestDir,
+}
+
+const FIREFOX: &str = "/usr/bin/firefox-esr";
+
+impl GeckoDriver {
+    fn start() -> GeckoDriver {
+        let exe = which("geckodriver")
+            .or_else(|| {
+                let p = PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin/geckodriver");
+                p.is_file().then_some(p)
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "geckodriver is not installed (looked on PATH and in $HOME/.cargo/bin): the Firefox UI test \
+                     needs it (run scripts/install-test-deps.sh, or cargo install --locked geckodriver --version 0.37.1)"
+                )
+            });
+        assert!(
+            Path::new(FIREFOX).is_file(),
+            "{FIREFOX} is not installed: the Firefox UI test needs Debian's `firefox-esr` \
+             (run scripts/install-test-deps.sh, or apt-get install -y firefox-esr)"
+        );
+        let home = TestDir::new("ui-firefox-home");
+        std::fs::create_dir_all(home.path()).unwrap();
+        let log = std::fs::File::create(home.path().join("geckodriver.log")).unwrap();
+        let port = free_port();
+        let child = Command::new(exe)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--binary", FIREFOX])
+            .env("HOME", home.path())
+            .env("MOZ_HEADLESS", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn geckodriver");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "geckodriver did not listen on port {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        GeckoDriver { child, port, home }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.home.path().join("geckodriver.log")).unwrap_or_default()
+    }
+}
+
+/// PIDs of every live descendant of `pid` (from /proc).
+fn descendants(pid: i32) -> Vec<i32> {
+    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let p: i32 = e.file_name().to_str()?.parse().ok()?;
+                    let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                    // "pid (comm) state ppid ..."; comm may hold spaces and parentheses.
+                    let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+                    Some((p, ppid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = vec![];
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for &(c, pp) in &parents {
+            if pp == p && !out.contains(&c) {
+                out.push(c);
+                todo.push(c);
+            }
+        }
+    }
+    out
+}
+
+impl Drop for GeckoDriver {
+    fn drop(&mut self) {
+        // After `driver.quit()` Firefox is gone already; after a failure it may not be.
+        let left = descendants(self.child.id() as i32);
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for pid in left {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The same UI in Firefox ESR through geckodriver: log in, generate a key pair,
+/// visit each page, log out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_ui_in_headless_firefox() {
+    let started = Instant::now();
+    let d = Daemon::start();
+    let gd = GeckoDriver::start();
+    let mut caps = DesiredCapabilities::firefox();
+    caps.set_headless().unwrap();
+    caps.set_firefox_binary(FIREFOX).unwrap();
+    let driver = match WebDriver::new(format!("http://127.0.0.1:{}", gd.port), caps).await {
+        Ok(driver) => driver,
+        Err(e) => panic!("start headless firefox: {e}\ngeckodriver log:\n{}", gd.log()),
+    };
+    let body = async {
+        driver.set_window_rect(0, 0, 1280, 800).await.expect("set the window size");
+        run_firefox(&driver, &d).await;
+    };
+    let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(body)).await;
+    // Always end the session: geckodriver then stops Firefox.
+    let quit = driver.quit().await;
+    if let Err(p) = outcome {
+        eprintln!("daemon stderr:\n{}", d.stderr());
+        eprintln!("geckodriver log:\n{}", gd.log());
+        drop(gd);
+        std::panic::resume_unwind(p);
+    }
+    quit.expect("quit firefox");
+    drop(gd);
+    eprintln!("Firefox UI test took {:?}", started.elapsed());
+}
+
+/// Navigate by the top bar and wait for the page's main heading.
+async fn open_page(driver: &WebDriver, nav: &str, heading: &str) {
+    click(driver, &format!("a[data-nav='{nav}']")).await;
+    wait_js(
+        driver,
+        &format!("{nav} page"),
+        "const h = document.querySelector(`#view-${arguments[0]} h1`); return h && h.textContent === arguments[1];",
+        vec![json!(nav), json!(heading)],
+    )
+    .await;
+}
+
+async fn run_firefox(driver: &WebDriver, d: &Daemon) {
+    driver.goto(format!("{}/", d.url)).await.unwrap();
+    wait_js(driver, "login form", "return !document.getElementById('login').hidden;", vec![]).await;
+    shot(driver, "firefox-01-login").await;
+
+    fill(driver, "#login-username", "admin").await;
+    fill(driver, "#login-password", ADMIN_PASSWORD).await;
+    click(driver, "#login-submit").await;
+    wait_js(
+        driver,
+        "logged in",
+        "return document.getElementById('login').hidden && !document.getElementById('topbar').hidden && document.querySelector('#view h1');",
+        vec![],
+    )
+    .await;
+
+    // Credentials › Backup Credentials: generate an Ed25519 key pair.
+    open_page(driver, "backup", "Credentials › Backup Credentials").await;
+    wait_js(driver, "keypair table", "return document.getElementById('add-keypair');", vec![]).await;
+    click(driver, "#add-keypair").await;
+    wait_js(driver, "keypair form", "return document.querySelector(\"#modal[open] [name='name']\");", vec![]).await;
+    fill(driver, &field("name"), "ff-key").await;
+    fill(driver, &field("key_type"), "ED25519").await;
+    shot(driver, "firefox-02-keypair-form").await;
+    click(driver, "#form-submit").await;
+    modal_closed(driver, "keypair saved").await;
+    let row = wait_js(
+        driver,
+        "fingerprint in table",
+        "const r = document.querySelector(\"tr[data-name='ff-key']\"); return r && r.textContent.includes('SHA256:') ? r.textContent : null;",
+        vec![],
+    )
+    .await;
+    let row = row.as_str().unwrap();
+    let mut c = d.admin().await;
+    let keys = c.call("keychaincredential.query", json!([[["name", "=", "ff-key"]]])).await;
+    assert_eq!(keys.as_array().map(Vec::len), Some(1), "{keys}");
+    let fingerprint = keys[0]["fingerprint"].as_str().unwrap_or_else(|| panic!("no fingerprint in {keys}"));
+    assert!(fingerprint.starts_with("SHA256:"), "{fingerprint}");
+    let cell = js(
+        driver,
+        "return [...document.querySelectorAll(\"tr[data-name='ff-key'] td\")].map((td) => td.textContent.trim()).find((t) => t.startsWith('SHA256:'));",
+        vec![],
+    )
+    .await;
+    assert_eq!(cell, json!(fingerprint), "fingerprint cell vs the API's (row: {row})");
+    assert!(row.contains("ED25519"), "{row}");
+    shot(driver, "firefox-03-backup-credentials").await;
+
+    // Credentials › Users.
+    open_page(driver, "users", "Credentials › Users").await;
+    wait_js(driver, "admin in users", "return document.querySelector(\"#view-users tr[data-name='admin']\");", vec![])
+        .await;
+    shot(driver, "firefox-04-users").await;
+
+    // System › Services › SSH.
+    open_page(driver, "ssh", "System › Services › SSH").await;
+    wait_js(
+        driver,
+        "ssh form",
+        "return document.querySelector(\"#view-ssh [name='tcpport']\") && document.getElementById('ssh-save');",
+        vec![],
+    )
+    .await;
+    shot(driver, "firefox-05-ssh-service").await;
+
+    // Log out: back to the login page.
+    click(driver, "#logout").await;
+    wait_js(
+        driver,
+        "login after logout",
+        "return !document.getElementById('login').hidden && document.getElementById('topbar').hidden && document.getElementById('login-error').textContent.includes('logged out');",
+        vec![],
+    )
+    .await;
+    shot(driver, "firefox-06-logged-out").await;
 }
