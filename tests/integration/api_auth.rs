@@ -140,6 +140,72 @@ async fn tokens_expiry_single_use_and_origin() {
     assert_field(&e, "auth_generate_token.ttl", "valid integer");
 }
 
+/// A session opened with a token ends once it is idle for longer than the
+/// token's lifetime; calls keep it alive; a password session has no such limit.
+#[tokio::test]
+async fn token_sessions_end_when_idle_for_the_token_lifetime() {
+    let d = Daemon::start();
+    let mut a = d.admin().await;
+    let t = a.call("auth.generate_token", json!([3, {}, true, true])).await.as_str().unwrap().to_string();
+    let mut c = d.client().await;
+    assert_eq!(c.call("auth.login_with_token", json!([t])).await, true);
+    // Active for longer than the lifetime: each call counts as activity.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(4500) {
+        assert_eq!(c.call("auth.me", json!([])).await["pw_name"], "admin");
+        tokio::time::sleep(Duration::from_millis(900)).await;
+    }
+    // Idle for longer than the lifetime: the session is over, with a message that says why.
+    tokio::time::sleep(Duration::from_millis(3600)).await;
+    let e = c.err("auth.me", json!([])).await;
+    assert_call_error(&e, "ENOTAUTHENTICATED", "Session expired after 3 seconds without activity; log in again");
+    let e = c.err("auth.me", json!([])).await;
+    assert_call_error(&e, "ENOTAUTHENTICATED", "Not authenticated");
+    // Public methods still answer, and logging in again works on the same connection.
+    c.login("admin", ADMIN_PASSWORD).await;
+    assert_eq!(c.call("auth.me", json!([])).await["pw_name"], "admin");
+
+    // The password session that minted the token was idle all along and still works.
+    assert_eq!(a.call("auth.me", json!([])).await["pw_name"], "admin");
+    let expired = a
+        .call(
+            "audit.query",
+            json!([[["event_data.description", "=", "Session expired"]], {"select": ["username", "event_data"]}]),
+        )
+        .await;
+    let expired = expired.as_array().unwrap();
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(expired[0]["username"], "admin");
+}
+
+/// `auth.set_attribute` keeps per-account preferences that `auth.me` returns.
+#[tokio::test]
+async fn set_attribute_keeps_preferences() {
+    let d = Daemon::start();
+    let mut a = d.admin().await;
+    assert_eq!(a.call("auth.me", json!([])).await["attributes"], json!({}));
+    a.call("auth.set_attribute", json!(["preferences", {"lifetime": 600}])).await;
+    a.call("auth.set_attribute", json!(["theme", "dark"])).await;
+    a.call("auth.set_attribute", json!(["preferences", {"lifetime": 900}])).await;
+    let want = json!({"preferences": {"lifetime": 900}, "theme": "dark"});
+    assert_eq!(a.call("auth.me", json!([])).await["attributes"], want);
+    // Other account fields are untouched and the attributes survive a user.update.
+    let me = a.call("user.query", json!([[["username", "=", "admin"]], {"get": true}])).await;
+    a.call("user.update", json!([me["id"], {"full_name": "The Admin"}])).await;
+    assert_eq!(a.call("auth.me", json!([])).await["attributes"], want);
+
+    let e = a.err("auth.set_attribute", json!(["", 1])).await;
+    assert_field(&e, "auth_set_attribute.key", "1 to 64 characters");
+    let e = a.err("auth.set_attribute", json!(["big", "x".repeat(20_000)])).await;
+    assert_field(&e, "auth_set_attribute.value", "at most 16384");
+    let e = a.err("auth.set_attribute", json!(["only-key"])).await;
+    assert_field(&e, "auth_set_attribute.value", "");
+    assert_eq!(a.call("auth.me", json!([])).await["attributes"], want, "a refused call changed the attributes");
+    // Not before login.
+    let mut anon = d.client().await;
+    assert_call_error(&anon.err("auth.set_attribute", json!(["k", 1])).await, "ENOTAUTHENTICATED", "Not authenticated");
+}
+
 #[tokio::test]
 async fn failed_logins_are_slowed_refused_and_audited() {
     let d = Daemon::start();

@@ -54,6 +54,9 @@ pub enum ServiceError {
     /// The connection must log in first.
     #[error("Not authenticated")]
     NotAuthenticated,
+    /// A token session was idle for longer than the token's lifetime.
+    #[error("Session expired after {idle_secs} seconds without activity; log in again")]
+    SessionExpired { idle_secs: u64 },
     /// The session's role does not allow this method.
     #[error("Not authorized")]
     NotAuthorized,
@@ -83,7 +86,7 @@ impl ServiceError {
         match self {
             Self::Validation(_) => EINVAL,
             Self::Call { errno, .. } => *errno,
-            Self::NotAuthenticated => ENOTAUTHENTICATED,
+            Self::NotAuthenticated | Self::SessionExpired { .. } => ENOTAUTHENTICATED,
             Self::NotAuthorized => EACCES,
         }
     }

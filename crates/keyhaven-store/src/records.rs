@@ -245,6 +245,7 @@ impl Store {
 pub struct TokenRecord {
     pub id: i64,
     pub username: String,
+    pub created_at: i64,
     pub expires_at: i64,
     pub single_use: bool,
     pub origin: Option<String>,
@@ -277,16 +278,17 @@ impl Store {
         let conn = self.conn();
         let rec = conn
             .query_row(
-                "SELECT id, username, expires_at, single_use, origin, attrs FROM tokens WHERE token_hash = ?1",
+                "SELECT id, username, created_at, expires_at, single_use, origin, attrs FROM tokens WHERE token_hash = ?1",
                 [token_hash],
                 |r| {
                     Ok(TokenRecord {
                         id: r.get(0)?,
                         username: r.get(1)?,
-                        expires_at: r.get(2)?,
-                        single_use: r.get(3)?,
-                        origin: r.get(4)?,
-                        attrs: json_col(r, 5)?,
+                        created_at: r.get(2)?,
+                        expires_at: r.get(3)?,
+                        single_use: r.get(4)?,
+                        origin: r.get(5)?,
+                        attrs: json_col(r, 6)?,
                     })
                 },
             )

@@ -25,6 +25,8 @@ pub fn methods() -> Vec<MethodDef> {
         method!("auth.mechanism_choices", Public, mechanism_choices),
         method!("auth.generate_token", Read, generate_token),
         method!("auth.me", Read, me),
+        // Each account's own preferences: allowed to read-only admins too.
+        method!("auth.set_attribute", Read, set_attribute),
         method!("auth.logout", Read, logout),
     ]
 }
@@ -191,6 +193,15 @@ async fn generate_token(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError>
 async fn me(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     p.at_most(0, "auth.me")?;
     ctx.app.me(&ctx.caller()?)
+}
+
+async fn set_attribute(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    p.at_most(2, "auth.set_attribute")?;
+    let key: Str = p.req(0, "auth_set_attribute.key")?;
+    let value: Value = p.req(1, "auth_set_attribute.value")?;
+    let caller = ctx.caller()?;
+    ctx.app.set_attribute(&caller.username, &key.0, value).await?;
+    Ok(Value::Null)
 }
 
 async fn logout(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {

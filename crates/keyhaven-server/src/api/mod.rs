@@ -112,8 +112,8 @@ pub async fn dispatch(
     let def = registry().get(method).ok_or(CallFailure::NoMethod)?;
     if def.access != Access::Public {
         match app.current_caller(session) {
-            None => return Err(CallFailure::Failed(ServiceError::NotAuthenticated)),
-            Some(c) if def.access == Access::Write && !c.role.can_write() => {
+            Err(e) => return Err(CallFailure::Failed(e)),
+            Ok(c) if def.access == Access::Write && !c.role.can_write() => {
                 record(
                     app,
                     session,
@@ -121,7 +121,7 @@ pub async fn dispatch(
                 );
                 return Err(CallFailure::Failed(ServiceError::NotAuthorized));
             }
-            Some(_) => {}
+            Ok(_) => {}
         }
     }
     let ctx =

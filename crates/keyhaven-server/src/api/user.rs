@@ -158,7 +158,7 @@ async fn renew_2fa(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let username: Str = p.req(0, "user_renew_2fa_secret.username")?;
     let _: Option<serde_json::Map<String, Value>> = p.opt(1, "user_renew_2fa_secret.twofactor_options")?;
     ctx.describe(format!("Renew two-factor secret: {}", &*username));
-    let uri = ctx.app.twofactor_renew(&username)?;
+    let uri = ctx.app.twofactor_renew(&username).await?;
     let (r, _) = ctx.app.user(&username)?.ok_or_else(|| ServiceError::internal("2FA", "user vanished"))?;
     let mut e = ctx.app.user_entry(&r);
     // keyhaven extension: the provisioning URI, shown this once.
@@ -170,6 +170,6 @@ async fn unset_2fa(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     p.at_most(1, "user.unset_2fa_secret")?;
     let username: Str = p.req(0, "user_unset_2fa_secret.username")?;
     ctx.describe(format!("Disable two-factor login: {}", &*username));
-    ctx.app.twofactor_unset(&username)?;
+    ctx.app.twofactor_unset(&username).await?;
     Ok(Value::Null)
 }

@@ -91,13 +91,29 @@ pub struct Session {
     /// Where a token minted on this connection may be used (`match_origin`).
     pub origin: String,
     pub auth: Mutex<SessionAuth>,
+    /// Set for sessions opened with a token: they end once idle for longer
+    /// than the token's lifetime (TrueNAS: "the token will be invalidated if
+    /// the connection has been inactive for a time period exceeding" its ttl).
+    idle: Mutex<Option<IdleExpiry>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct IdleExpiry {
+    ttl: Duration,
+    last_used: Instant,
 }
 
 impl Session {
     pub fn new(address: String) -> Session {
         let mut id = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut id);
-        Session { id: hex::encode(id), origin: address.clone(), address, auth: Mutex::new(SessionAuth::Anonymous) }
+        Session {
+            id: hex::encode(id),
+            origin: address.clone(),
+            address,
+            auth: Mutex::new(SessionAuth::Anonymous),
+            idle: Mutex::new(None),
+        }
     }
 
     /// A session for the local unix socket: full admin, like TrueNAS's `midclt`.
@@ -126,8 +142,28 @@ impl Session {
         }
     }
 
+    /// Change who the session is; any idle limit of the previous login ends with it.
     fn set(&self, a: SessionAuth) {
         *self.auth.lock().unwrap_or_else(|p| p.into_inner()) = a;
+        *self.idle.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn set_idle_limit(&self, ttl: Duration) {
+        *self.idle.lock().unwrap_or_else(|p| p.into_inner()) = Some(IdleExpiry { ttl, last_used: Instant::now() });
+    }
+
+    /// For a session with an idle limit: `Err(ttl)` once it has been idle too
+    /// long, otherwise counts this call as activity.
+    fn touch(&self) -> Result<(), Duration> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        match idle.as_mut() {
+            Some(i) if i.last_used.elapsed() > i.ttl => Err(i.ttl),
+            Some(i) => {
+                i.last_used = Instant::now();
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 }
 
@@ -471,13 +507,19 @@ impl App {
             return LoginOutcome::AuthErr;
         }
         match self.take_token(token.expose_secret(), &session.origin) {
-            Ok(username) => {
+            Ok((username, lifetime)) => {
                 let user = self.store.user_by_name(&username).ok().flatten();
                 let data = user.as_ref().map(users::UserData::from_record);
                 let role = data.as_ref().filter(|d| !d.locked).and_then(|d| Role::from_roles(&d.roles));
                 match role {
                     Some(role) => {
-                        self.login_succeeded(session, Caller { username, role, via: AuthVia::Token }, "TOKEN_PLAIN")
+                        let out = self.login_succeeded(
+                            session,
+                            Caller { username, role, via: AuthVia::Token },
+                            "TOKEN_PLAIN",
+                        );
+                        session.set_idle_limit(lifetime);
+                        out
                     }
                     None => {
                         self.login_failed(session, Some(&username), "TOKEN_PLAIN", "account has no API access");
@@ -492,8 +534,8 @@ impl App {
         }
     }
 
-    /// Consume a token (single-use ones are deleted) and return its owner.
-    pub fn take_token(&self, token: &str, origin: &str) -> Result<String, &'static str> {
+    /// Consume a token (single-use ones are deleted); returns its owner and lifetime.
+    pub fn take_token(&self, token: &str, origin: &str) -> Result<(String, Duration), &'static str> {
         let rec =
             self.store.token_take(&sha256_hex(token)).map_err(|_| "token lookup failed")?.ok_or("invalid token")?;
         if rec.expires_at < now_secs() {
@@ -504,7 +546,8 @@ impl App {
                 return Err("token used from another origin (it was generated with match_origin)");
             }
         }
-        Ok(rec.username)
+        let lifetime = Duration::from_secs(rec.expires_at.saturating_sub(rec.created_at).max(1) as u64);
+        Ok((rec.username, lifetime))
     }
 
     /// `auth.generate_token`.
@@ -587,7 +630,7 @@ pub fn user_info(user: &keyhaven_store::UserRecord, role: Role) -> Value {
         "sid": null,
         "source": "LOCAL",
         "local": true,
-        "attributes": {},
+        "attributes": d.attributes,
         "two_factor_config": {"secret_configured": user.has_twofactor_secret && d.twofactor_enabled},
         "privilege": {"roles": {"$set": [role.as_str()]}, "web_shell": false},
         "account_attributes": ["LOCAL", if user.password_hash.is_some() {"PASSWORD_LOGIN"} else {"SYS_ADMIN"}],
@@ -598,10 +641,29 @@ impl App {
     /// The caller as the account stands now: a session keeps working only
     /// while its account exists, is not locked and still has API access, and
     /// always with the account's current role. `None` ends the session.
-    pub fn current_caller(&self, session: &Session) -> Option<Caller> {
-        let mut c = session.caller()?;
+    ///
+    /// A session opened with a token also ends once it has been idle for
+    /// longer than the token's lifetime; every call counts as activity.
+    pub fn current_caller(&self, session: &Session) -> Result<Caller, ServiceError> {
+        let mut c = session.caller().ok_or(ServiceError::NotAuthenticated)?;
         if c.via == AuthVia::UnixSocket {
-            return Some(c);
+            return Ok(c);
+        }
+        if let Err(ttl) = session.touch() {
+            session.set(SessionAuth::Anonymous);
+            tracing::info!(address = %session.address, username = %c.username, "session expired after {} s idle", ttl.as_secs());
+            audit::record(
+                self,
+                session,
+                AuditEvent::method(
+                    "auth.logout",
+                    "Session expired",
+                    Some(&c.username),
+                    true,
+                    Some(format!("idle for more than {} s", ttl.as_secs())),
+                ),
+            );
+            return Err(ServiceError::SessionExpired { idle_secs: ttl.as_secs() });
         }
         let fresh = self.store.user_by_name(&c.username).ok().flatten().and_then(|u| {
             let d = users::UserData::from_record(&u);
@@ -615,13 +677,14 @@ impl App {
             Some(role) => {
                 if role != c.role {
                     c.role = role;
-                    session.set(SessionAuth::Authenticated(c.clone()));
+                    // Not `set`: a role change keeps the session's idle limit.
+                    *session.auth.lock().unwrap_or_else(|p| p.into_inner()) = SessionAuth::Authenticated(c.clone());
                 }
-                Some(c)
+                Ok(c)
             }
             None => {
                 session.set(SessionAuth::Anonymous);
-                None
+                Err(ServiceError::NotAuthenticated)
             }
         }
     }

@@ -28,6 +28,8 @@ pub struct App {
     pub keys_location: keyhaven_ssh::files::KeysLocation,
     /// Serialises SSH configuration changes (render, check, swap, reload).
     pub ssh_lock: tokio::sync::Mutex<()>,
+    /// Serialises account writes (each is a read-modify-write of the row's data).
+    pub users_lock: tokio::sync::Mutex<()>,
 }
 
 impl App {
@@ -51,6 +53,7 @@ impl App {
             sshd,
             keys_location,
             ssh_lock: tokio::sync::Mutex::new(()),
+            users_lock: tokio::sync::Mutex::new(()),
         })
     }
 }

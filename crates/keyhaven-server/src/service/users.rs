@@ -9,6 +9,11 @@ use super::App;
 use crate::error::ServiceError;
 use keyhaven_store::{Store, UserRecord};
 
+/// Longest `auth.set_attribute` key.
+const MAX_ATTRIBUTE_KEY: usize = 64;
+/// Largest serialised `attributes` of one account.
+const MAX_ATTRIBUTES_BYTES: usize = 16 * 1024;
+
 /// Non-secret account fields, stored as the `data` JSON of a user row.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -29,6 +34,9 @@ pub struct UserData {
     pub roles: Vec<String>,
     pub sshpubkey: Option<String>,
     pub twofactor_enabled: bool,
+    /// The account's own preferences (`auth.set_attribute`, shown by `auth.me`),
+    /// e.g. the web UI's session timeout.
+    pub attributes: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Default for UserData {
@@ -50,6 +58,7 @@ impl Default for UserData {
             roles: vec![],
             sshpubkey: None,
             twofactor_enabled: false,
+            attributes: serde_json::Map::new(),
         }
     }
 }
@@ -266,6 +275,11 @@ impl App {
 
     /// `user.create`.
     pub async fn user_create(&self, input: UserInput) -> Result<Value, ServiceError> {
+        let _guard = self.users_lock.lock().await;
+        self.user_create_locked(input).await
+    }
+
+    async fn user_create_locked(&self, input: UserInput) -> Result<Value, ServiceError> {
         const S: &str = "user_create";
         let mut errs = ValidationErrors::new();
         let username = input.username.clone().unwrap_or_default();
@@ -352,6 +366,7 @@ impl App {
                 .map(|t| authorized_keys::normalize(&t))
                 .filter(|t| !t.is_empty()),
             twofactor_enabled: false,
+            attributes: serde_json::Map::new(),
         };
         let hash = match &input.password {
             Some(p) => {
@@ -380,6 +395,11 @@ impl App {
 
     /// `user.update`.
     pub async fn user_update(&self, id: i64, input: UserInput) -> Result<Value, ServiceError> {
+        let _guard = self.users_lock.lock().await;
+        self.user_update_locked(id, input).await
+    }
+
+    async fn user_update_locked(&self, id: i64, input: UserInput) -> Result<Value, ServiceError> {
         const S: &str = "user_update";
         let (rec, mut data) = self.user_by_id(id)?;
         let mut errs = ValidationErrors::new();
@@ -475,6 +495,11 @@ impl App {
 
     /// `user.delete`.
     pub async fn user_delete(&self, id: i64) -> Result<String, ServiceError> {
+        let _guard = self.users_lock.lock().await;
+        self.user_delete_locked(id).await
+    }
+
+    async fn user_delete_locked(&self, id: i64) -> Result<String, ServiceError> {
         let (rec, data) = self.user_by_id(id)?;
         if data.builtin {
             return Err(ServiceError::call(
@@ -529,7 +554,8 @@ impl App {
 
     /// Enable (or renew) TOTP for an account: a new seed, sealed at rest.
     /// Returns the provisioning URI, shown this once.
-    pub fn twofactor_renew(&self, username: &str) -> Result<String, ServiceError> {
+    pub async fn twofactor_renew(&self, username: &str) -> Result<String, ServiceError> {
+        let _guard = self.users_lock.lock().await;
         let (rec, mut data) = self.user(username)?.ok_or_else(|| {
             ServiceError::field_errno(
                 "user_renew_2fa_secret.username",
@@ -556,7 +582,8 @@ impl App {
         Ok(uri)
     }
 
-    pub fn twofactor_unset(&self, username: &str) -> Result<(), ServiceError> {
+    pub async fn twofactor_unset(&self, username: &str) -> Result<(), ServiceError> {
+        let _guard = self.users_lock.lock().await;
         let (rec, mut data) = self.user(username)?.ok_or_else(|| {
             ServiceError::field_errno(
                 "user_unset_2fa_secret.username",
@@ -566,6 +593,33 @@ impl App {
         })?;
         self.store.user_set_twofactor_secret(rec.id, None)?;
         data.twofactor_enabled = false;
+        self.store.user_update(rec.id, &rec.username, &data.to_value(), None)?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------- preferences
+
+    /// `auth.set_attribute`: set one key of the account's own `attributes`.
+    pub async fn set_attribute(&self, username: &str, key: &str, value: Value) -> Result<(), ServiceError> {
+        const S: &str = "auth_set_attribute";
+        if key.trim().is_empty() || key.len() > MAX_ATTRIBUTE_KEY {
+            return Err(ServiceError::field(
+                format!("{S}.key"),
+                format!("Key must be 1 to {MAX_ATTRIBUTE_KEY} characters"),
+            ));
+        }
+        let _guard = self.users_lock.lock().await;
+        let (rec, mut data) = self.user(username)?.ok_or_else(|| {
+            ServiceError::call(ENOENT, format!("User {username} does not exist; attributes belong to a local account"))
+        })?;
+        data.attributes.insert(key.to_string(), value);
+        let size = Value::Object(data.attributes.clone()).to_string().len();
+        if size > MAX_ATTRIBUTES_BYTES {
+            return Err(ServiceError::field(
+                format!("{S}.value"),
+                format!("Attributes would take {size} bytes; at most {MAX_ATTRIBUTES_BYTES} are kept per account"),
+            ));
+        }
         self.store.user_update(rec.id, &rec.username, &data.to_value(), None)?;
         Ok(())
     }

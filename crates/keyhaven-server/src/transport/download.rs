@@ -43,7 +43,7 @@ fn authenticate(app: &App, headers: &HeaderMap, q: &HashMap<String, String>, ori
         let rec = app.check_api_key(key.trim()).ok_or_else(unauthorized)?;
         (rec.username, AuthVia::ApiKey)
     } else if let Some(t) = q.get("auth_token") {
-        (app.take_token(t, origin).map_err(|_| unauthorized())?, AuthVia::Token)
+        (app.take_token(t, origin).map_err(|_| unauthorized())?.0, AuthVia::Token)
     } else {
         return Err(unauthorized());
     };
