@@ -167,15 +167,9 @@ fn key_body(line: &str) -> String {
     line.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn web_ui_in_headless_chromium() {
-    let started = Instant::now();
-    let d = Daemon::start();
+/// chromedriver plus a headless Chromium at 1280×800 that saves downloads into `downloads`.
+async fn start_chromium(downloads: &Path) -> (ChromeDriver, WebDriver) {
     let cd = ChromeDriver::start();
-    // Chromium saves the UI's downloads here (no prompt).
-    let downloads = TestDir::new("ui-downloads");
-    std::fs::create_dir_all(downloads.path()).unwrap();
-
     let mut caps = DesiredCapabilities::chrome();
     if std::path::Path::new("/usr/bin/chromium").exists() {
         caps.set_binary("/usr/bin/chromium").unwrap();
@@ -196,7 +190,7 @@ async fn web_ui_in_headless_chromium() {
     caps.add_experimental_option(
         "prefs",
         json!({
-            "download.default_directory": downloads.path(),
+            "download.default_directory": downloads,
             "download.prompt_for_download": false,
             "download.directory_upgrade": true,
             "safebrowsing.enabled": false,
@@ -209,10 +203,21 @@ async fn web_ui_in_headless_chromium() {
         .cdp()
         .send_raw(
             "Browser.setDownloadBehavior",
-            json!({"behavior": "allow", "downloadPath": downloads.path(), "eventsEnabled": false}),
+            json!({"behavior": "allow", "downloadPath": downloads, "eventsEnabled": false}),
         )
         .await
         .expect("Browser.setDownloadBehavior");
+    (cd, driver)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_ui_in_headless_chromium() {
+    let started = Instant::now();
+    let d = Daemon::start();
+    // Chromium saves the UI's downloads here (no prompt).
+    let downloads = TestDir::new("ui-downloads");
+    std::fs::create_dir_all(downloads.path()).unwrap();
+    let (cd, driver) = start_chromium(downloads.path()).await;
     let result = std::panic::AssertUnwindSafe(run(&driver, &d, downloads.path()));
     let outcome = futures_util::FutureExt::catch_unwind(result).await;
     let _ = driver.quit().await;
@@ -222,6 +227,128 @@ async fn web_ui_in_headless_chromium() {
         std::panic::resume_unwind(p);
     }
     eprintln!("UI test took {:?}", started.elapsed());
+}
+
+/// The UI session is a token session: activity keeps it alive, and idle for
+/// the account's session timeout (set in Preferences) it ends on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_ui_session_ends_on_token_expiry() {
+    let d = Daemon::start();
+    let downloads = TestDir::new("ui-session");
+    std::fs::create_dir_all(downloads.path()).unwrap();
+    let (cd, driver) = start_chromium(downloads.path()).await;
+    let outcome =
+        futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run_session_expiry(&driver, &d))).await;
+    let _ = driver.quit().await;
+    drop(cd);
+    if let Err(p) = outcome {
+        eprintln!("daemon stderr:\n{}", d.stderr());
+        std::panic::resume_unwind(p);
+    }
+}
+
+async fn run_session_expiry(driver: &WebDriver, d: &Daemon) {
+    let logged_in = "return !document.getElementById('topbar').hidden && document.getElementById('login').hidden;";
+    driver.goto(format!("{}/", d.url)).await.unwrap();
+    wait_js(driver, "login form", "return !document.getElementById('login').hidden;", vec![]).await;
+    fill(driver, "#login-username", "admin").await;
+    fill(driver, "#login-password", ADMIN_PASSWORD).await;
+    click(driver, "#login-submit").await;
+    wait_js(driver, "backup credentials page", "return document.querySelector('#view-backup h1');", vec![]).await;
+    // The page's connection is a token session now (a password login, then a token login).
+    let mut api = d.admin().await;
+    let logins = api
+        .call(
+            "audit.query",
+            json!([[["event", "=", "AUTHENTICATION"], ["success", "=", true]], {"select": ["event_data"]}]),
+        )
+        .await;
+    assert!(logins.to_string().contains("TOKEN_PLAIN"), "the UI did not switch to a token session: {logins}");
+
+    // Preferences: an out-of-range timeout is refused on its field, a valid one is kept on the account.
+    click(driver, "#preferences").await;
+    wait_js(driver, "preferences form", "return document.querySelector(\"#modal[open] [name='lifetime']\");", vec![])
+        .await;
+    let shown = js(driver, "return document.querySelector(\"#modal [name='lifetime']\").value;", vec![]).await;
+    assert_eq!(shown, json!("300"), "default session timeout");
+    fill(driver, &field("lifetime"), "5").await;
+    click(driver, "#form-submit").await;
+    let err = wait_js(
+        driver,
+        "lifetime error",
+        "return document.querySelector(\"#modal [data-error-for='lifetime']\").textContent;",
+        vec![],
+    )
+    .await;
+    assert!(err.as_str().unwrap().contains("from 10 to 86400"), "{err}");
+    assert_eq!(api.call("auth.me", json!([])).await["attributes"], json!({}), "a refused value was stored");
+    fill(driver, &field("lifetime"), "10").await;
+    shot(driver, "30-preferences").await;
+    click(driver, "#form-submit").await;
+    modal_closed(driver, "preferences saved").await;
+    assert_eq!(api.call("auth.me", json!([])).await["attributes"]["preferences"]["lifetime"], 10);
+
+    // Activity for longer than the timeout keeps the session: key presses
+    // (no page calls of their own) and page visits.
+    let busy_until = Instant::now() + Duration::from_secs(16);
+    let mut n = 0;
+    while Instant::now() < busy_until {
+        if n % 3 == 2 {
+            open_page(
+                driver,
+                if n % 2 == 0 { "users" } else { "audit" },
+                if n % 2 == 0 { "Credentials › Users" } else { "Audit log" },
+            )
+            .await;
+        } else {
+            driver.action_chain().send_keys(Key::Shift).perform().await.unwrap();
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+    }
+    assert_eq!(js(driver, logged_in, vec![]).await, json!(true), "an active session ended");
+    open_page(driver, "backup", "Credentials › Backup Credentials").await;
+
+    // Idle: a warning first, then the login page with the reason.
+    let warning = wait_js(
+        driver,
+        "session warning",
+        "const w = document.getElementById('session-warning'); return !w.hidden && w.textContent;",
+        vec![],
+    )
+    .await;
+    assert!(warning.as_str().unwrap().contains("Press a key or move the mouse to stay logged in"), "{warning}");
+    shot(driver, "31-session-warning").await;
+    // A key press answers the warning and keeps the session.
+    driver.action_chain().send_keys(Key::Shift).perform().await.unwrap();
+    wait_js(
+        driver,
+        "warning dismissed by activity",
+        "return document.getElementById('session-warning').hidden;",
+        vec![],
+    )
+    .await;
+    assert_eq!(js(driver, logged_in, vec![]).await, json!(true), "the session ended despite the key press");
+    let msg = wait_js(
+        driver,
+        "login after expiry",
+        "return !document.getElementById('login').hidden && document.getElementById('topbar').hidden && document.getElementById('login-error').textContent;",
+        vec![],
+    )
+    .await;
+    assert_eq!(msg, json!("Your session expired after 10 seconds without activity. Log in again."));
+    shot(driver, "32-session-expired").await;
+    // The server ended it (and says so in the audit log); the page shows nothing of the old session.
+    let expired = api
+        .call("audit.query", json!([[["event_data.description", "=", "Session expired"]], {"select": ["username"]}]))
+        .await;
+    assert_eq!(expired, json!([{"username": "admin"}]), "server-side expiry");
+    assert_eq!(js(driver, "return document.getElementById('view').children.length;", vec![]).await, json!(0));
+
+    // Logging in again works and uses the stored timeout.
+    fill(driver, "#login-password", ADMIN_PASSWORD).await;
+    click(driver, "#login-submit").await;
+    wait_js(driver, "logged in again", logged_in, vec![]).await;
 }
 
 async fn run(driver: &WebDriver, d: &Daemon, downloads: &Path) {

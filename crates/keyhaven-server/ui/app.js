@@ -40,6 +40,8 @@ class RpcError extends Error {
 
 const rpc = {
   ws: null, seq: 0, pending: new Map(), methods: null, user: null,
+  // Session lifetime in seconds (the token's ttl) and when the server last saw a call from us.
+  lifetime: 0, lastCall: 0,
   connect() {
     return new Promise((resolve, reject) => {
       const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
@@ -59,19 +61,20 @@ const rpc = {
         if (wasOpen) this.ws = null;
         for (const p of this.pending.values()) p.reject(new Error('Connection to the server closed'));
         this.pending.clear();
-        if (wasOpen && this.user) sessionEnded('The session ended (connection closed or token expired). Please log in again.');
+        if (wasOpen && this.user) sessionEnded('The connection to keyhaven closed (server restarted or network lost). Please log in again.');
       };
     });
   },
   call(method, ...params) {
     if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return Promise.reject(new Error('Not connected'));
     const id = ++this.seq;
+    this.lastCall = Date.now();
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
       this.ws.send(JSON.stringify({ jsonrpc: '2.0', id, method, params }));
     }).catch((e) => {
       if (e instanceof RpcError && e.errname === 'ENOTAUTHENTICATED' && this.user) {
-        sessionEnded('Your session has expired. Please log in again.');
+        sessionEnded(/Session expired/.test(e.message) ? expiredMessage() : 'Your session has ended. Please log in again.');
       }
       throw e;
     });
@@ -839,6 +842,7 @@ function showLogin(message) {
 
 function sessionEnded(message) {
   rpc.user = null;
+  idle.stop();
   const dlg = $('modal');
   if (dlg.open) dlg.close();
   rpc.close();
@@ -846,14 +850,123 @@ function sessionEnded(message) {
 }
 
 async function loggedIn() {
-  rpc.user = await rpc.call('auth.me');
+  const me = await rpc.call('auth.me');
+  await startTokenSession(sessionLifetime(me));
+  rpc.user = me;
   rpc.methods = await rpc.call('core.get_methods');
   $('login').hidden = true;
   $('topbar').hidden = false;
   $('whoami').textContent = `Logged in as ${rpc.user.pw_name || rpc.user.username || ''}`;
+  idle.start();
   if (!ROUTES[location.hash]) location.hash = '#/credentials/backup';
   await route();
   $('main').focus();
+}
+
+// ---------------------------------------------------------------- session lifetime
+// After the password (and OTP) login the page swaps its connection to a
+// single-use token session: the server ends a token session once it has been
+// idle for the token's lifetime, like TrueNAS's UI token. The lifetime is the
+// account's `preferences.lifetime` attribute (TrueNAS's "Session Timeout").
+const DEFAULT_LIFETIME = 300;
+const MIN_LIFETIME = 10;
+const MAX_LIFETIME = 86400;
+
+function sessionLifetime(me) {
+  const v = me && me.attributes && me.attributes.preferences && me.attributes.preferences.lifetime;
+  return Number.isInteger(v) && v >= MIN_LIFETIME && v <= MAX_LIFETIME ? v : DEFAULT_LIFETIME;
+}
+
+function fmtSeconds(s) {
+  if (s >= 120 && s % 60 === 0) return `${s / 60} minutes`;
+  return s === 1 ? '1 second' : `${s} seconds`;
+}
+
+const expiredMessage = () => `Your session expired after ${fmtSeconds(rpc.lifetime)} without activity. Log in again.`;
+
+async function startTokenSession(lifetime) {
+  const token = await rpc.call('auth.generate_token', lifetime, {}, true, true);
+  if (!(await rpc.call('auth.login_with_token', token))) throw new Error('The server refused the session token. Log in again.');
+  rpc.lifetime = lifetime;
+}
+
+// Activity (keys, pointer, wheel) keeps the session alive: a cheap call when
+// the last one is a third of the lifetime old. Idle past the lifetime, the
+// page asks the server, which ends the session and answers ENOTAUTHENTICATED.
+const idle = {
+  timer: null, probing: false,
+  start() {
+    this.stop();
+    this.timer = setInterval(() => this.tick(), 500);
+    for (const ev of ['keydown', 'pointerdown', 'mousemove', 'wheel', 'touchstart']) document.addEventListener(ev, idle.onActivity, { capture: true, passive: true });
+  },
+  stop() {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+    for (const ev of ['keydown', 'pointerdown', 'mousemove', 'wheel', 'touchstart']) document.removeEventListener(ev, idle.onActivity, { capture: true });
+    this.warn(null);
+  },
+  remaining() { return rpc.lastCall + rpc.lifetime * 1000 - Date.now(); },
+  onActivity() {
+    if (!rpc.user || idle.probing) return;
+    if (Date.now() - rpc.lastCall > (rpc.lifetime * 1000) / 3) idle.probe();
+  },
+  async probe() {
+    this.probing = true;
+    try { await rpc.call('auth.me'); this.warn(null); } catch (e) { /* ENOTAUTHENTICATED already ended the session */ } finally { this.probing = false; }
+  },
+  tick() {
+    if (!rpc.user) { this.stop(); return; }
+    if (rpc.pending.size) { this.warn(null); return; }
+    const left = this.remaining();
+    // A second of grace: the server's clock for this session starts when our call arrives.
+    if (left < -1000) { if (!this.probing) this.probe(); return; }
+    const warnAt = Math.min(60, rpc.lifetime / 4) * 1000;
+    this.warn(left <= warnAt ? Math.max(0, Math.ceil(left / 1000)) : null);
+  },
+  warn(secondsLeft) {
+    const box = $('session-warning');
+    if (!box) return;
+    if (secondsLeft === null) {
+      if (!box.hidden) { box.hidden = true; if (box.hidePopover && box.matches(':popover-open')) box.hidePopover(); }
+      return;
+    }
+    // The countdown is hidden from screen readers: the alert is announced once, not every second.
+    const left = `(${fmtSeconds(secondsLeft)} left)`;
+    if (box.hidden) {
+      box.replaceChildren('Your session is about to end for lack of activity ', h('span', { id: 'session-left', 'aria-hidden': 'true' }, left),
+        '. Press a key or move the mouse to stay logged in.');
+      box.hidden = false;
+      if (box.showPopover) box.showPopover();
+    } else {
+      $('session-left').textContent = left;
+    }
+  },
+};
+
+function preferencesForm() {
+  const prefs = { ...((rpc.user.attributes && rpc.user.attributes.preferences) || {}) };
+  formModal({
+    title: 'Preferences',
+    fields: [
+      { name: 'lifetime', label: 'Session timeout (seconds)', type: 'number', attrs: { min: MIN_LIFETIME, max: MAX_LIFETIME, step: 1, required: true },
+        help: `Log out after this long without activity (TrueNAS: Session Timeout). ${MIN_LIFETIME} to ${MAX_LIFETIME} seconds; applies now.` },
+    ],
+    values: { lifetime: rpc.lifetime },
+    onSubmit: async (v, f, m) => {
+      if (!Number.isInteger(v.lifetime) || v.lifetime < MIN_LIFETIME || v.lifetime > MAX_LIFETIME) {
+        f.fieldError('lifetime', `Enter a whole number of seconds from ${MIN_LIFETIME} to ${MAX_LIFETIME}.`);
+        f.ctl.lifetime.focus();
+        return;
+      }
+      prefs.lifetime = v.lifetime;
+      await rpc.call('auth.set_attribute', 'preferences', prefs);
+      await startTokenSession(v.lifetime);
+      rpc.user.attributes = { ...(rpc.user.attributes || {}), preferences: prefs };
+      m.close();
+      toast(`Session timeout set to ${fmtSeconds(v.lifetime)}`);
+    },
+  });
 }
 
 let otpStage = false;
@@ -886,14 +999,17 @@ async function onLogin(ev) {
       if (otpStage) { otpStage = false; rpc.close(); showLogin(msg); } else err.textContent = msg;
     }
   } catch (e) {
-    err.textContent = errText(e);
-    if (otpStage) { otpStage = false; rpc.close(); }
+    // Start over on a fresh connection: never leave a half-logged-in socket behind.
+    otpStage = false;
+    rpc.close();
+    showLogin(errText(e));
   } finally {
     submit.disabled = false;
   }
 }
 
 async function logout() {
+  idle.stop();
   try { if (rpc.ws) await rpc.call('auth.logout'); } catch (e) { toastError(e); }
   rpc.user = null;
   rpc.close();
@@ -903,6 +1019,7 @@ async function logout() {
 document.addEventListener('DOMContentLoaded', () => {
   $('login-form').addEventListener('submit', onLogin);
   $('logout').addEventListener('click', logout);
+  $('preferences').addEventListener('click', () => preferencesForm());
   window.addEventListener('hashchange', () => route());
   $('busy').addEventListener('cancel', (ev) => ev.preventDefault());
   showLogin('');
