@@ -388,6 +388,32 @@ async fn semiautomatic_setup_between_two_daemons() {
         )
         .await;
     assert_field(&e, "setup_ssh_connection.private_key.existing_key_id", "SSH Key Pair not found");
+    // The generated key's type and size (a keyhaven extension) are checked up front too.
+    let bad_key = |pk: Value| {
+        json!([{"connection_name": "new-one", "setup_type": "MANUAL", "private_key": pk,
+                "manual_setup": {"host": "h", "remote_host_key": "x"}}])
+    };
+    let e = ca
+        .err(
+            "keychaincredential.setup_ssh_connection",
+            bad_key(json!({"generate_key": true, "name": "k", "key_type": "DSA"})),
+        )
+        .await;
+    assert_field(&e, "setup_ssh_connection.private_key.key_type", "Input should be 'ED25519', 'ECDSA' or 'RSA'");
+    let e = ca
+        .err(
+            "keychaincredential.setup_ssh_connection",
+            bad_key(json!({"generate_key": true, "name": "k", "key_type": "RSA", "size": 1024})),
+        )
+        .await;
+    assert_field(&e, "setup_ssh_connection.private_key.size", "RSA keys must be 2048, 3072 or 4096 bits");
+    let e = ca
+        .err(
+            "keychaincredential.setup_ssh_connection",
+            bad_key(json!({"generate_key": false, "existing_key_id": kp["id"], "key_type": "RSA"})),
+        )
+        .await;
+    assert_field(&e, "setup_ssh_connection.private_key.key_type", "Extra inputs are not permitted");
     assert_eq!(ca.call("keychaincredential.query", json!([[], {"count": true}])).await, before);
 
     // Manual setup with a generated key.
@@ -397,11 +423,17 @@ async fn semiautomatic_setup_between_two_daemons() {
         .call(
             "keychaincredential.setup_ssh_connection",
             json!([{"connection_name": "manual-b", "setup_type": "MANUAL",
-                    "private_key": {"generate_key": true, "name": "manual-b Key"},
+                    "private_key": {"generate_key": true, "name": "manual-b Key", "key_type": "ECDSA", "size": 384},
                     "manual_setup": {"host": "127.0.0.1", "port": b_ssh, "remote_host_key": hk}}]),
         )
         .await;
     assert_eq!(m["attributes"]["remote_host_key"], hk);
+    let key = ca
+        .call("keychaincredential.query", json!([[["id", "=", m["attributes"]["private_key"]]], {"get": true}]))
+        .await;
+    assert_eq!(key["name"], "manual-b Key");
+    let public = key["attributes"]["public_key"].as_str().unwrap();
+    assert!(public.starts_with("ecdsa-sha2-nistp384 "), "{public}");
 }
 
 #[tokio::test]

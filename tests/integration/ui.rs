@@ -580,6 +580,7 @@ async fn run(driver: &WebDriver, d: &Daemon, downloads: &Path) {
         fill(driver, &field("password"), ADMIN_PASSWORD).await;
         fill(driver, &field("username"), "root").await;
         fill(driver, &field("private_key"), "NEW").await;
+        fill(driver, &field("new_key_type"), "ECDSA").await;
         let hidden = js(
             driver,
             "return ['host', 'port', 'remote_host_key'].every((n) => document.querySelector(`#modal [name='${n}']`).closest('.field').hidden);",
@@ -601,8 +602,14 @@ async fn run(driver: &WebDriver, d: &Daemon, downloads: &Path) {
         let row = js(driver, "return document.querySelector(\"tr[data-name='to-b']\").textContent;", vec![]).await;
         let row = row.as_str().unwrap();
         assert!(row.contains("127.0.0.1") && row.contains(&b_ssh.to_string()) && row.contains("to-b Key"), "{row}");
-        wait_js(driver, "new key pair row", "return document.querySelector(\"tr[data-name='to-b Key']\");", vec![])
-            .await;
+        let key_row = wait_js(
+            driver,
+            "new key pair row",
+            "const r = document.querySelector(\"tr[data-name='to-b Key']\"); return r && r.textContent;",
+            vec![],
+        )
+        .await;
+        assert!(key_row.as_str().unwrap().contains("ECDSA"), "the chosen key type: {key_row}");
         shot(driver, "11b-paired-connection").await;
         click(driver, "button[aria-label='Test to-b']").await;
         let r = wait_js_within(

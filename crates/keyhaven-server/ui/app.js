@@ -523,15 +523,15 @@ function connectionForm(keys, conn, done) {
     { name: 'username', label: 'Username', help: 'The remote account the SSH session logs in as.' },
     { name: 'sudo', label: 'Enable passwordless sudo for zfs commands', type: 'checkbox', show: (v) => semi(v) && v.username.trim() !== 'root' },
     { name: 'private_key', label: 'Private Key', type: 'select', options: keyOpts },
-    { name: 'new_key_type', label: 'Key type for the new key pair', type: 'select', options: [['ED25519', 'Ed25519'], ['ECDSA', 'ECDSA'], ['RSA', 'RSA']], show: (v) => v.private_key === 'NEW' && !hasSetup },
+    { name: 'new_key_type', label: 'Key type for the new key pair', type: 'select', options: [['ED25519', 'Ed25519'], ['ECDSA', 'ECDSA'], ['RSA', 'RSA']], show: (v) => v.private_key === 'NEW' },
     { name: 'remote_host_key', label: 'Remote Host Key', type: 'textarea', rows: 4, show: manual,
       help: 'The remote’s host public keys (known_hosts lines without the host name). Use Discover Remote Host Key to fetch them and compare fingerprints.' },
     { name: 'connect_timeout', label: 'Connect Timeout (seconds)', type: 'number', attrs: { min: 1, max: 300 } },
   ].filter(Boolean);
   const values = edit
     ? { name: conn.name, host: a.host, port: a.port, username: a.username, private_key: String(a.private_key), remote_host_key: a.remote_host_key, connect_timeout: a.connect_timeout }
-    : { setup_method: hasSetup ? 'SEMI-AUTOMATIC' : 'MANUAL', admin_username: 'admin', username: 'root', port: 22, connect_timeout: 10, private_key: keyOpts.length ? keyOpts[0][0] : '' };
-  const aliases = { connection_name: 'name', existing_key_id: 'private_key', generate_key: 'private_key' };
+    : { setup_method: hasSetup ? 'SEMI-AUTOMATIC' : 'MANUAL', admin_username: 'admin', username: 'root', port: 22, connect_timeout: 10, private_key: keyOpts.length ? keyOpts[0][0] : '', new_key_type: 'ED25519' };
+  const aliases = { connection_name: 'name', existing_key_id: 'private_key', generate_key: 'private_key', key_type: 'new_key_type' };
 
   const manualAttrs = (v, keyId) => ({ host: v.host.trim(), port: v.port, username: v.username, private_key: keyId,
     remote_host_key: v.remote_host_key, connect_timeout: v.connect_timeout });
@@ -539,7 +539,7 @@ function connectionForm(keys, conn, done) {
 
   const submit = async (v, f, m) => {
     const keyChoice = v.private_key === 'NEW'
-      ? { generate_key: true, name: `${v.name} Key` }
+      ? { generate_key: true, name: `${v.name} Key`, key_type: v.new_key_type }
       : { generate_key: false, existing_key_id: Number(v.private_key) };
     if (edit) {
       await busy('Saving…', () => rpc.call('keychaincredential.update', conn.id, { name: v.name, attributes: manualAttrs(v, Number(v.private_key)) }));

@@ -496,6 +496,11 @@ struct PrivateKeyChoice {
     name: Option<Str>,
     #[serde(default)]
     existing_key_id: Option<i64>,
+    /// keyhaven extension: the generated key's type (`ED25519` default, `ECDSA`, `RSA`) and size.
+    #[serde(default)]
+    key_type: Option<Str>,
+    #[serde(default)]
+    size: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -532,8 +537,40 @@ async fn setup_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, Service
     if a.connection_name.trim().is_empty() {
         errs.add(format!("{S}.connection_name"), "String should have at least 1 character");
     }
-    let key = match (a.private_key.generate_key, a.private_key.name, a.private_key.existing_key_id) {
-        (true, Some(n), None) if !n.trim().is_empty() => Some(pairing::KeyChoice::Generate { name: n.0 }),
+    let pk = a.private_key;
+    let gen_opts = if pk.generate_key {
+        match generate_options(
+            &GenerateArgs { key_type: pk.key_type.map(|s| s.0), size: pk.size, comment: None },
+            &format!("{S}.private_key"),
+        ) {
+            Ok(o) => match keyhaven_core::keys::validate_generate_options(&o) {
+                Ok(_) => Some(o),
+                Err(e) => {
+                    errs.push(e.prefixed(&format!("{S}.private_key")));
+                    None
+                }
+            },
+            Err(ServiceError::Validation(v)) => {
+                errs.0.extend(v.0);
+                None
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        for (set, field) in [(pk.key_type.is_some(), "key_type"), (pk.size.is_some(), "size")] {
+            if set {
+                errs.add(
+                    format!("{S}.private_key.{field}"),
+                    "Extra inputs are not permitted when generate_key is false",
+                );
+            }
+        }
+        None
+    };
+    let key = match (pk.generate_key, pk.name, pk.existing_key_id) {
+        (true, Some(n), None) if !n.trim().is_empty() => {
+            gen_opts.map(|options| pairing::KeyChoice::Generate { name: n.0, options })
+        }
         (true, _, Some(_)) => {
             errs.add(
                 format!("{S}.private_key.existing_key_id"),

@@ -158,9 +158,10 @@ pub struct Manual {
 }
 
 pub enum KeyChoice {
-    /// Generate (Ed25519) and store a key pair under this name.
+    /// Generate (Ed25519 unless chosen otherwise) and store a key pair under this name.
     Generate {
         name: String,
+        options: keys::GenerateOptions,
     },
     Existing(i64),
 }
@@ -384,7 +385,7 @@ impl App {
         let taken = |n: &str| cached.names.contains_key(n);
         let mut errs = keyhaven_core::ValidationErrors::new();
         match &key {
-            KeyChoice::Generate { name } if taken(name) => {
+            KeyChoice::Generate { name, .. } if taken(name) => {
                 errs.add(format!("{S}.private_key.name"), "Is already in use by another SSH Key pair")
             }
             KeyChoice::Existing(id) if !cached.contains(*id) => {
@@ -398,14 +399,8 @@ impl App {
         drop(cached);
         errs.check()?;
         let (key_id, generated) = match key {
-            KeyChoice::Generate { name } => {
-                let kp = self
-                    .generate_key_pair(keys::GenerateOptions {
-                        algorithm: keys::KeyAlgorithm::Ed25519,
-                        bits: None,
-                        comment: None,
-                    })
-                    .await?;
+            KeyChoice::Generate { name, options } => {
+                let kp = self.generate_key_pair(options).await?;
                 let input = KeyPairInput {
                     private_key: Some(kp.private_key.to_string()),
                     public_key: Some(kp.public_key.clone()),
