@@ -855,7 +855,15 @@ fn parse_openssh(der: &[u8], passphrase: Option<&str>) -> Result<PrivateKey, Key
             )));
         }
     }
-    key.decrypt(pass).map_err(|e| match e {
+    let decrypted = key.decrypt(pass);
+    if decrypted.is_err() {
+        // The short-P-256-scalar case again, inside the encryption: decrypt
+        // here, re-encode the section with the scalar padded, and parse that.
+        if let Some(k) = decrypt_padding_short_ecdsa_scalar(&key, der, pass) {
+            return Ok(k);
+        }
+    }
+    decrypted.map_err(|e| match e {
         russh::keys::ssh_key::Error::Crypto => KeyPairError::passphrase(MSG_WRONG_PASSPHRASE),
         russh::keys::ssh_key::Error::AlgorithmUnsupported { .. } | russh::keys::ssh_key::Error::AlgorithmUnknown => {
             KeyPairError::private(
@@ -869,36 +877,80 @@ fn parse_openssh(der: &[u8], passphrase: Option<&str>) -> Result<PrivateKey, Key
     })
 }
 
+/// Decrypt an encrypted OpenSSH key blob `der` (already parsed as `key`) and,
+/// when it is an `ecdsa-sha2-nistp256` key with a short scalar, return it
+/// repaired. `None` for anything else, a wrong passphrase included.
+fn decrypt_padding_short_ecdsa_scalar(key: &PrivateKey, der: &[u8], pass: &str) -> Option<PrivateKey> {
+    use russh::keys::ssh_key::cipher::Tag;
+    if key.public_key().algorithm() != (Algorithm::Ecdsa { curve: EcdsaCurve::NistP256 }) {
+        return None;
+    }
+    let mut r = SshReader(der.strip_prefix(OPENSSH_MAGIC)?);
+    let (_cipher, _kdf, _kdf_opts) = (r.string()?, r.string()?, r.string()?);
+    if r.u32()? != 1 {
+        return None;
+    }
+    let public = r.string()?;
+    let mut section = Zeroizing::new(r.string()?.to_vec());
+    // AEAD ciphers append their tag after the encrypted section.
+    let tag = match key.cipher().has_tag() {
+        true => Some(Tag::try_from(r.0).ok()?),
+        false => None,
+    };
+    let (k, iv) = key.kdf().derive_key_and_iv(key.cipher(), pass).ok()?;
+    let k = Zeroizing::new(k);
+    key.cipher().decrypt(&k, &iv, &mut section, tag).ok()?;
+    // Without a tag, equal check integers are the only sign the passphrase was right.
+    let mut check = SshReader(&section);
+    if check.u32()? != check.u32()? {
+        return None;
+    }
+    let mut plain = Zeroizing::new(OPENSSH_MAGIC.to_vec());
+    for s in [&b"none"[..], b"none", b""] {
+        put_ssh_string(&mut plain, s);
+    }
+    plain.extend_from_slice(&1u32.to_be_bytes());
+    put_ssh_string(&mut plain, public);
+    put_ssh_string(&mut plain, &section);
+    PrivateKey::from_bytes(&pad_short_ecdsa_scalar(&plain)?).ok()
+}
+
+const OPENSSH_MAGIC: &[u8] = b"openssh-key-v1\0";
+
+/// Reads SSH wire-format fields (RFC 4251 `uint32` and `string`).
+struct SshReader<'a>(&'a [u8]);
+
+impl<'a> SshReader<'a> {
+    fn u32(&mut self) -> Option<u32> {
+        let (h, t) = self.0.split_at_checked(4)?;
+        self.0 = t;
+        Some(u32::from_be_bytes(h.try_into().ok()?))
+    }
+
+    fn string(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()? as usize;
+        let (h, t) = self.0.split_at_checked(n)?;
+        self.0 = t;
+        Some(h)
+    }
+}
+
+fn put_ssh_string(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
 /// Re-encode an unencrypted OpenSSH `ecdsa-sha2-nistp256` key whose private
 /// scalar is shorter than 32 bytes with the scalar left-padded to 32 bytes.
 /// `None` when the blob is anything else.
 fn pad_short_ecdsa_scalar(der: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-    struct R<'a>(&'a [u8]);
-    impl<'a> R<'a> {
-        fn u32(&mut self) -> Option<u32> {
-            let (h, t) = self.0.split_at_checked(4)?;
-            self.0 = t;
-            Some(u32::from_be_bytes(h.try_into().ok()?))
-        }
-        fn string(&mut self) -> Option<&'a [u8]> {
-            let n = self.u32()? as usize;
-            let (h, t) = self.0.split_at_checked(n)?;
-            self.0 = t;
-            Some(h)
-        }
-    }
-    fn put(out: &mut Vec<u8>, s: &[u8]) {
-        out.extend_from_slice(&(s.len() as u32).to_be_bytes());
-        out.extend_from_slice(s);
-    }
-    const MAGIC: &[u8] = b"openssh-key-v1\0";
-    let mut r = R(der.strip_prefix(MAGIC)?);
+    let mut r = SshReader(der.strip_prefix(OPENSSH_MAGIC)?);
     let (cipher, kdf, kdf_opts) = (r.string()?, r.string()?, r.string()?);
     if cipher != b"none" || r.u32()? != 1 {
         return None;
     }
     let public = r.string()?;
-    let mut p = R(r.string()?);
+    let mut p = SshReader(r.string()?);
     let (c1, c2) = (p.u32()?, p.u32()?);
     let (alg, curve, q, d, comment) = (p.string()?, p.string()?, p.string()?, p.string()?, p.string()?);
     if alg != b"ecdsa-sha2-nistp256" || d.len() >= 32 || d.is_empty() {
@@ -910,20 +962,20 @@ fn pad_short_ecdsa_scalar(der: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     section.extend_from_slice(&c1.to_be_bytes());
     section.extend_from_slice(&c2.to_be_bytes());
     for s in [alg, curve, q, &padded[..], comment] {
-        put(&mut section, s);
+        put_ssh_string(&mut section, s);
     }
     let mut pad = 1u8;
     while section.len() % 8 != 0 {
         section.push(pad);
         pad += 1;
     }
-    let mut out = Zeroizing::new(MAGIC.to_vec());
+    let mut out = Zeroizing::new(OPENSSH_MAGIC.to_vec());
     for s in [cipher, kdf, kdf_opts] {
-        put(&mut out, s);
+        put_ssh_string(&mut out, s);
     }
     out.extend_from_slice(&1u32.to_be_bytes());
-    put(&mut out, public);
-    put(&mut out, &section);
+    put_ssh_string(&mut out, public);
+    put_ssh_string(&mut out, &section);
     Some(out)
 }
 

@@ -583,3 +583,38 @@ fn ecdsa_p256_key_with_a_short_scalar_imports() {
     let again = keyhaven_core::keys::validate_key_pair(Some(v.private_key.as_ref().unwrap()), None, None).unwrap();
     assert_eq!(again.info.fingerprint, v.info.fingerprint);
 }
+
+/// The same short-scalar key with a passphrase, encrypted by ssh-keygen with
+/// its default cipher and with the two AEAD ciphers (which carry a tag).
+#[test]
+fn passphrase_protected_ecdsa_p256_key_with_a_short_scalar_imports() {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let private = fs::read_to_string(format!("{fixtures}/ecdsa-p256-short-scalar")).unwrap();
+    let public = fs::read_to_string(format!("{fixtures}/ecdsa-p256-short-scalar.pub")).unwrap();
+    let want: Vec<&str> = public.split_whitespace().take(2).collect();
+    let dir = tempfile::tempdir().unwrap();
+    for cipher in ["aes256-ctr", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"] {
+        let path = dir.path().join(cipher);
+        write_secret(&path, &private);
+        run(Command::new("ssh-keygen").args(["-q", "-p", "-P", "", "-N", PASS, "-Z", cipher, "-f"]).arg(&path));
+        let text = fs::read_to_string(&path).unwrap();
+        // The reason for the repair: ssh-key alone refuses this key after decrypting it.
+        let raw = russh::keys::ssh_key::PrivateKey::from_openssh(&text).expect("the encrypted envelope parses");
+        assert!(raw.is_encrypted(), "{cipher}: ssh-keygen did not encrypt");
+        assert!(raw.decrypt(PASS).is_err(), "{cipher}: ssh-key now reads short scalars; the repair can go");
+
+        let v = validate_key_pair(Some(&text), None, Some(PASS))
+            .unwrap_or_else(|e| panic!("{cipher}: short scalar with a passphrase: {e:?}"));
+        let got: Vec<&str> = v.public_key.split_whitespace().take(2).collect();
+        assert_eq!(got, want, "{cipher}: derived public key equals ssh-keygen's");
+        // The stored (decrypted, normalised) key is readable by ssh-keygen.
+        let out = dir.path().join(format!("{cipher}.out"));
+        write_secret(&out, v.private_key.as_ref().unwrap());
+        let derived = run(Command::new("ssh-keygen").arg("-y").arg("-f").arg(&out));
+        assert_eq!(derived.split_whitespace().take(2).collect::<Vec<_>>(), want, "{cipher}: ssh-keygen -y");
+
+        let e = validate_key_pair(Some(&text), None, Some("wrong passphrase")).unwrap_err();
+        assert_eq!(e.message, "The passphrase does not decrypt this private key", "{cipher}");
+        assert_eq!(e.field, KeyPairField::Passphrase, "{cipher}");
+    }
+}
