@@ -546,3 +546,128 @@ async fn semiautomatic_setup_with_otp_and_sudo_for_a_non_root_user() {
     assert_eq!(u["sudo_commands_nopasswd"], json!(["/usr/sbin/zfs"]));
     assert!(u["sshpubkey"].as_str().unwrap().starts_with("ssh-ed25519 "));
 }
+
+/// A front for keyhaven B that answers like a TrueNAS older than 25.04, which
+/// has no `/api/current`: that path gets 404, every other request is passed to
+/// B unchanged. Not a mock: B's real legacy `/websocket` endpoint answers.
+struct LegacyOnlyFront {
+    url: String,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    forwarded: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LegacyOnlyFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn legacy_only_front(b: std::net::SocketAddr) -> LegacyOnlyFront {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (refused, forwarded) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (r, f) = (refused.clone(), forwarded.clone());
+    let task = tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let (r, f) = (r.clone(), f.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match client.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let request_line = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_string();
+                if request_line.contains(" /api/current") {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let _ = client
+                        .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 9\r\nconnection: close\r\n\r\nNot Found")
+                        .await;
+                    return;
+                }
+                f.fetch_add(1, Ordering::SeqCst);
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(b).await else { return };
+                if upstream.write_all(&head).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    LegacyOnlyFront { url, refused, forwarded, task }
+}
+
+/// The local side of pairing against a remote without `/api/current` falls
+/// back to the legacy `/websocket` dialect: password and token logins, a
+/// generated key, pinned host keys, a working connection.
+#[tokio::test]
+async fn semiautomatic_setup_falls_back_to_the_legacy_websocket() {
+    use std::sync::atomic::Ordering;
+    if skip() {
+        return;
+    }
+    let a = Daemon::start();
+    let (b, b_ssh) = remote_b(DaemonOpts::default()).await;
+    let front = legacy_only_front(b.addr).await;
+    let mut ca = a.admin().await;
+    let mut cb = b.admin().await;
+
+    let conn = ca
+        .call(
+            "keychaincredential.setup_ssh_connection",
+            json!([{"connection_name": "old-nas", "setup_type": "SEMI-AUTOMATIC",
+                    "private_key": {"generate_key": true, "name": "old-nas Key"},
+                    "semi_automatic_setup": semi(&front.url, json!({"password": ADMIN_PASSWORD}))}]),
+        )
+        .await;
+    assert!(front.refused.load(Ordering::SeqCst) >= 1, "/api/current was not tried first");
+    assert!(front.forwarded.load(Ordering::SeqCst) >= 1, "no fallback to /websocket");
+    let at = &conn["attributes"];
+    assert_eq!((at["host"].clone(), at["port"].clone()), (json!("127.0.0.1"), json!(b_ssh)), "{conn}");
+    let cfg = cb.call("ssh.config", json!([])).await;
+    let pinned: BTreeSet<&str> = at["remote_host_key"].as_str().unwrap().lines().collect();
+    let b_keys: BTreeSet<&str> =
+        cfg["host_keys"].as_array().unwrap().iter().map(|k| k["public_key"].as_str().unwrap()).collect();
+    assert_eq!(pinned, b_keys, "pinned = B's host keys");
+    let r = ca.call("keychaincredential.test_ssh_connection", json!([conn["id"]])).await;
+    assert_eq!(r["ok"], true, "{r}");
+    // B saw a legacy password login (auth.login) for it.
+    let logins = cb
+        .call(
+            "audit.query",
+            json!([[["event", "=", "AUTHENTICATION"], ["success", "=", true]], {"select": ["event_data"]}]),
+        )
+        .await;
+    assert!(logins.to_string().contains("PASSWORD_PLAIN"), "{logins}");
+
+    // Token login over the legacy dialect (auth.login_with_token), reusing the key.
+    let token = cb.call("auth.generate_token", json!([600, {}, false])).await;
+    let conn2 = ca
+        .call(
+            "keychaincredential.setup_ssh_connection",
+            json!([{"connection_name": "old-nas-token", "setup_type": "SEMI-AUTOMATIC",
+                    "private_key": {"generate_key": false, "existing_key_id": at["private_key"]},
+                    "semi_automatic_setup": semi(&front.url, json!({"token": token}))}]),
+        )
+        .await;
+    let r = ca.call("keychaincredential.test_ssh_connection", json!([conn2["id"]])).await;
+    assert_eq!(r["ok"], true, "{r}");
+
+    // A wrong password is reported as TrueNAS words it, and nothing is created.
+    let before = ca.call("keychaincredential.query", json!([[], {"count": true}])).await;
+    let e = ca
+        .err(
+            "keychaincredential.setup_ssh_connection",
+            json!([{"connection_name": "old-nas-bad", "setup_type": "SEMI-AUTOMATIC",
+                    "private_key": {"generate_key": true, "name": "old-nas-bad Key"},
+                    "semi_automatic_setup": semi(&front.url, json!({"password": "wrong"}))}]),
+        )
+        .await;
+    assert_call_error(&e, "EFAULT", "Invalid username or password");
+    assert_eq!(ca.call("keychaincredential.query", json!([[], {"count": true}])).await, before);
+}
