@@ -225,6 +225,11 @@ async fn ssh_pair_home_location_needs_a_home() {
         )
         .await;
     assert_call_error(&e, "ENOENT", &format!("Home directory {home} does not exist"));
+    // user.update fails the same way and changes nothing (the key file is written before the record).
+    let e = c.err("user.update", json!([admin["id"], {"sshpubkey": kp["public_key"], "full_name": "New Name"}])).await;
+    assert_call_error(&e, "EACCES", "Failed to update authorized keys");
+    let after = c.call("user.query", json!([[["username", "=", "admin"]], {"get": true}])).await;
+    assert_eq!(after, admin, "a failed user.update changed the account");
 }
 
 /// A remote keyhaven whose SSH service will use a free port once pairing starts it.

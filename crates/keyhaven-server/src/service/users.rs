@@ -461,16 +461,6 @@ impl App {
         if let Some(v) = input.sshpubkey {
             data.sshpubkey = v.map(|t| authorized_keys::normalize(&t)).filter(|t| !t.is_empty());
         }
-        if manage && accounts::lookup(&rec.username).is_some() {
-            accounts::modify(&rec.username, &data.shell, &data.full_name).map_err(|e| {
-                ServiceError::field(format!("{S}.shell"), format!("Updating the OS account failed: {e}"))
-            })?;
-            if let Some(p) = &input.password {
-                accounts::set_password(&rec.username, Some(p.expose_secret())).map_err(|e| {
-                    ServiceError::field(format!("{S}.password"), format!("Setting the OS password failed: {e}"))
-                })?;
-            }
-        }
         let hash = match &input.password {
             Some(p) => {
                 let p = p.expose_secret().to_string();
@@ -482,9 +472,52 @@ impl App {
             }
             None => None,
         };
-        self.store.user_update(id, &rec.username, &data.to_value(), hash.as_ref().map(|h| h.as_deref()))?;
+        // Side effects in the order most likely to fail first, each undone when
+        // a later one fails: the call changes everything or nothing. (An OS
+        // password already set cannot be put back; it is the last OS change.)
+        let old = UserData::from_record(&rec);
+        let undo_keys = || {
+            if keys_changed {
+                if let Err(e) = self.write_user_keys(&rec.username, &old) {
+                    tracing::error!(user = %rec.username, "restoring the authorized keys failed: {e}");
+                }
+            }
+        };
+        let os_managed = manage && accounts::lookup(&rec.username).is_some();
+        let undo_os = || {
+            if os_managed {
+                if let Err(e) = accounts::modify(&rec.username, &old.shell, &old.full_name) {
+                    tracing::error!(user = %rec.username, "restoring the OS account failed: {e}");
+                }
+            }
+        };
         if keys_changed {
             self.write_user_keys(&rec.username, &data)?;
+        }
+        if os_managed {
+            if let Err(e) = accounts::modify(&rec.username, &data.shell, &data.full_name) {
+                undo_keys();
+                return Err(ServiceError::field(format!("{S}.shell"), format!("Updating the OS account failed: {e}")));
+            }
+            if let Some(p) = &input.password {
+                if let Err(e) = accounts::set_password(&rec.username, Some(p.expose_secret())) {
+                    undo_os();
+                    undo_keys();
+                    return Err(ServiceError::field(
+                        format!("{S}.password"),
+                        format!("Setting the OS password failed: {e}"),
+                    ));
+                }
+            }
+        }
+        if let Err(e) = self.store.user_update(id, &rec.username, &data.to_value(), hash.as_ref().map(|h| h.as_deref()))
+        {
+            undo_os();
+            undo_keys();
+            if os_managed && input.password.is_some() {
+                tracing::error!(user = %rec.username, "the OS password was changed but the account record was not");
+            }
+            return Err(e.into());
         }
         if password_login_changed {
             self.ssh_users_changed().await;
