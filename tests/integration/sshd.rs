@@ -372,6 +372,28 @@ async fn home_location_writes_dot_ssh_as_truenas_does() {
     let key = key_file(work.path(), "id", kp["private_key"].as_str().unwrap());
     let o = ssh_key_login(&key, &kh, port, &u);
     assert!(o.status.success(), "key login via ~/.ssh failed: {}", String::from_utf8_lossy(&o.stderr));
+
+    // A create that fails at its last step (the keys file: ~/.ssh is a symlink)
+    // leaves no account behind, neither the record nor the OS account.
+    let u2 = unique_user("khrollback");
+    let _guard2 = OsUsers(vec![u2.clone()]);
+    let home2 = work.path().join(&u2);
+    let elsewhere = work.path().join("elsewhere");
+    std::fs::create_dir_all(&home2).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, home2.join(".ssh")).unwrap();
+    let e = c
+        .err(
+            "user.create",
+            json!([{"username": u2, "full_name": "", "password_disabled": true, "home": home2,
+                    "sshpubkey": kp["public_key"], "shell": "/bin/sh"}]),
+        )
+        .await;
+    assert_call_error(&e, "EACCES", "is a symbolic link; keyhaven does not follow it");
+    assert_eq!(c.call("user.query", json!([[["username", "=", u2]], {"count": true}])).await, 0);
+    let id = Command::new("id").arg(&u2).stderr(Stdio::null()).output().unwrap();
+    assert!(!id.status.success(), "the OS account made for the failed create is still there");
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0, "keyhaven wrote through the symlink");
 }
 
 #[tokio::test]

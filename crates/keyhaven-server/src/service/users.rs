@@ -327,6 +327,27 @@ impl App {
             })
         });
         let full_name = input.full_name.clone().unwrap_or_default();
+        let hash = match &input.password {
+            Some(p) => {
+                let p = p.expose_secret().to_string();
+                Some(
+                    tokio::task::spawn_blocking(move || super::auth::hash_password(&p))
+                        .await
+                        .map_err(|e| ServiceError::internal("password hashing", e))?,
+                )
+            }
+            None => None,
+        };
+        // An OS account made here is removed again if a later step fails (its
+        // new home directory is kept: userdel without -r never deletes files).
+        let created_os = os.is_none();
+        let undo_os = || {
+            if created_os {
+                if let Err(e) = accounts::delete(&username) {
+                    tracing::error!(user = %username, "removing the OS account made for a failed user.create failed: {e}");
+                }
+            }
+        };
         let os = match os {
             Some(o) => o,
             None => {
@@ -334,13 +355,16 @@ impl App {
                 accounts::create(&username, input.uid.map(|u| u as u32), Some(&home), &shell, &full_name).map_err(
                     |e| ServiceError::field(format!("{S}.username"), format!("Creating the OS account failed: {e}")),
                 )?;
-                accounts::lookup(&username)
-                    .ok_or_else(|| ServiceError::internal("useradd", "account missing after creation"))?
+                accounts::lookup(&username).ok_or_else(|| {
+                    undo_os();
+                    ServiceError::internal("useradd", "account missing after creation")
+                })?
             }
         };
         if manage {
             let pw = input.password.as_ref().map(|p| p.expose_secret().to_string());
             accounts::set_password(&username, pw.as_deref()).map_err(|e| {
+                undo_os();
                 ServiceError::field(format!("{S}.password"), format!("Setting the OS password failed: {e}"))
             })?;
         }
@@ -368,21 +392,11 @@ impl App {
             twofactor_enabled: false,
             attributes: serde_json::Map::new(),
         };
-        let hash = match &input.password {
-            Some(p) => {
-                let p = p.expose_secret().to_string();
-                Some(
-                    tokio::task::spawn_blocking(move || super::auth::hash_password(&p))
-                        .await
-                        .map_err(|e| ServiceError::internal("password hashing", e))?,
-                )
-            }
-            None => None,
-        };
-        let id = self.store.user_insert(&username, &data.to_value(), hash.as_deref())?;
+        let id = self.store.user_insert(&username, &data.to_value(), hash.as_deref()).inspect_err(|_| undo_os())?;
         if let Err(e) = self.write_user_keys(&username, &data) {
             // No half-made account: without its keys file the row goes too.
             let _ = self.store.user_delete(id);
+            undo_os();
             return Err(e);
         }
         // sshd_config lists password users only; keys files need no reload.
