@@ -3,6 +3,7 @@
 //! the same JSON-RPC API. Screenshots of each screen go to
 //! `target/ui-screenshots/<name>.png` (`firefox-<step>.png` for Firefox).
 
+use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -625,6 +626,77 @@ async fn run(driver: &WebDriver, d: &Daemon, downloads: &Path) {
         shot(driver, "11c-paired-test-ok").await;
         click(driver, "#modal .modal-foot button").await;
         modal_closed(driver, "pairing test dialog closed").await;
+
+        // The remote's host key "changes" (the pinned one is replaced by another key):
+        // the test fails at the host-key stage and offers a review of old against new
+        // fingerprints; accepting re-pins and the test passes again.
+        let mut ca = d.admin().await;
+        let conn = ca.call("keychaincredential.query", json!([[["name", "=", "to-b"]], {"get": true}])).await;
+        let decoy = ca.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
+        let decoy_line = key_body(decoy["public_key"].as_str().unwrap());
+        let decoy_file = downloads.join("decoy.pub");
+        std::fs::write(&decoy_file, format!("{decoy_line}\n")).unwrap();
+        let o = Command::new("ssh-keygen").arg("-lf").arg(&decoy_file).output().unwrap();
+        let decoy_fp = String::from_utf8_lossy(&o.stdout).split_whitespace().nth(1).unwrap().to_string();
+        let mut attrs = conn["attributes"].clone();
+        attrs["remote_host_key"] = json!(decoy_line);
+        ca.call("keychaincredential.update", json!([conn["id"], {"attributes": attrs}])).await;
+        click(driver, "button[aria-label='Test to-b']").await;
+        wait_js_within(
+            driver,
+            "host key failure",
+            "const e = document.getElementById('test-result'); return e && document.getElementById('review-host-keys') && e.textContent;",
+            vec![],
+            Duration::from_secs(60),
+        )
+        .await;
+        let badge = js(driver, "return document.querySelector('#test-result .badge').textContent;", vec![]).await;
+        assert_eq!(badge, json!("FAILED"));
+        click(driver, "#review-host-keys").await;
+        wait_js(driver, "host key review", "return document.getElementById('host-key-review');", vec![]).await;
+        let old = js(
+            driver,
+            "return [...document.querySelectorAll('#host-key-review .old-key')].map((e) => e.textContent);",
+            vec![],
+        )
+        .await;
+        assert_eq!(old, json!([decoy_fp]), "pinned fingerprint shown");
+        let new: BTreeSet<String> = serde_json::from_value(
+            js(
+                driver,
+                "return [...document.querySelectorAll('#host-key-review .new-key')].map((e) => e.textContent);",
+                vec![],
+            )
+            .await,
+        )
+        .unwrap();
+        let b_cfg = b.cli_json(&["ssh.config"]);
+        let b_fps: BTreeSet<String> = b_cfg["host_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["fingerprint"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(new, b_fps, "offered fingerprints = B's host keys");
+        shot(driver, "11d-host-key-review").await;
+        click(driver, "#confirm-ok").await;
+        wait_js_within(
+            driver,
+            "re-test after re-pinning",
+            "const b = document.querySelector('#test-result .badge'); return b && b.textContent === 'OK';",
+            vec![],
+            Duration::from_secs(60),
+        )
+        .await;
+        let pinned = ca.call("keychaincredential.get_instance", json!([conn["id"]])).await["attributes"]
+            ["remote_host_key"]
+            .clone();
+        let pinned: BTreeSet<&str> = pinned.as_str().unwrap().lines().collect();
+        let b_keys: BTreeSet<&str> =
+            b_cfg["host_keys"].as_array().unwrap().iter().map(|k| k["public_key"].as_str().unwrap()).collect();
+        assert_eq!(pinned, b_keys, "re-pinned = B's host keys");
+        click(driver, "#modal .modal-foot button").await;
+        modal_closed(driver, "re-test dialog closed").await;
         drop(b);
     } else {
         eprintln!("not root or no /usr/sbin/sshd: skipping the SSH service start and the connection");

@@ -345,7 +345,7 @@ async function viewBackup(view) {
     { label: 'User', render: (c) => c.attributes.username },
     { label: 'Key name', render: (c) => keyName(c.attributes.private_key) },
     { label: 'Actions', cls: 'actions', render: (c) => [
-      canTest ? btn('Test', () => testConnection(c), 'secondary small', { 'aria-label': `Test ${c.name}` }) : null,
+      canTest ? btn('Test', () => testConnection(c, reload), 'secondary small', { 'aria-label': `Test ${c.name}` }) : null,
       btn('Edit', () => connectionForm(keys, c, reload), 'secondary small', { 'aria-label': `Edit ${c.name}` }),
       btn('Delete', () => deleteConnection(c, keys, conns, reload), 'danger small', { 'aria-label': `Delete ${c.name}` }),
     ] },
@@ -490,16 +490,64 @@ async function deleteConnection(c, keys, conns, done) {
   } catch (e) { toastError(e); }
 }
 
-async function testConnection(c) {
+async function testConnection(c, done) {
+  let r;
   try {
-    const r = await busy(`Testing ${c.name}…`, () => rpc.call('keychaincredential.test_ssh_connection', c.id));
-    const dl = h('dl', { class: 'kv', id: 'test-result' },
-      h('dt', {}, 'Result'), h('dd', {}, h('span', { class: `badge ${r.ok ? 'ok' : 'fail'}` }, r.ok ? 'OK' : 'FAILED')),
-      h('dt', {}, 'Stage'), h('dd', {}, String(r.stage ?? '')),
-      h('dt', {}, 'Latency'), h('dd', {}, r.latency_ms === null || r.latency_ms === undefined ? '' : `${r.latency_ms} ms`),
-      r.error ? [h('dt', {}, 'Error'), h('dd', { class: 'error' }, String(r.error))] : null);
-    await infoDialog(`Test of ${c.name}`, dl);
-  } catch (e) { toastError(e); }
+    r = await busy(`Testing ${c.name}…`, () => rpc.call('keychaincredential.test_ssh_connection', c.id));
+  } catch (e) { toastError(e); return; }
+  const dl = h('dl', { class: 'kv', id: 'test-result' },
+    h('dt', {}, 'Result'), h('dd', {}, h('span', { class: `badge ${r.ok ? 'ok' : 'fail'}` }, r.ok ? 'OK' : 'FAILED')),
+    h('dt', {}, 'Stage'), h('dd', {}, String(r.stage ?? '')),
+    h('dt', {}, 'Latency'), h('dd', {}, r.latency_ms === null || r.latency_ms === undefined ? '' : `${r.latency_ms} ms`),
+    r.error ? [h('dt', {}, 'Error'), h('dd', { class: 'error' }, String(r.error))] : null);
+  const buttons = [{ label: 'Close', onClick: (m) => m.close() }];
+  // A changed host key is not a dead end: review what the remote offers now and re-pin it, or cancel.
+  const hostKeyChanged = !r.ok && r.stage === 'host_key' && rpc.has('keychaincredential.remote_ssh_host_key_scan_fingerprints');
+  if (hostKeyChanged) {
+    buttons.unshift({ label: 'Review the new host keys…', cls: 'secondary', id: 'review-host-keys', onClick: (m) => { m.close(); reviewHostKeys(c, done); } });
+  }
+  openModal({ title: `Test of ${c.name}`, body: dl, buttons });
+}
+
+// `SHA256:…` of an OpenSSH public key line, as ssh-keygen -l prints it (null when
+// the browser has no WebCrypto, i.e. outside a secure context).
+async function fingerprintOf(line) {
+  const b64 = (line.trim().split(/\s+/)[1] || '');
+  if (!window.crypto || !crypto.subtle || !b64) return null;
+  try {
+    const blob = Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
+    const digest = new Uint8Array(await crypto.subtle.digest('SHA-256', blob));
+    return `SHA256:${btoa(String.fromCharCode(...digest)).replace(/=+$/, '')}`;
+  } catch (e) { return null; }
+}
+
+async function reviewHostKeys(conn, done) {
+  let c; let offered;
+  try {
+    // The stored entry, not the page's copy: the pinned keys shown must be the ones in force.
+    c = await rpc.call('keychaincredential.get_instance', conn.id);
+  } catch (e) { toastError(e); return; }
+  const a = c.attributes;
+  try {
+    offered = await busy(`Scanning ${a.host}:${a.port}…`, () => rpc.call('keychaincredential.remote_ssh_host_key_scan_fingerprints',
+      { host: a.host, port: a.port, connect_timeout: a.connect_timeout || 10 }));
+  } catch (e) { toastError(e); return; }
+  const pinned = await Promise.all(String(a.remote_host_key || '').split('\n').filter((l) => l.trim())
+    .map(async (l) => ({ type: l.trim().split(/\s+/)[0], fingerprint: await fingerprintOf(l) })));
+  const rows = (list, cls) => list.map((k) => h('tr', {}, h('td', {}, k.type), h('td', { class: `mono ${cls}` }, k.fingerprint || '(fingerprint unavailable)')));
+  const body = h('div', { id: 'host-key-review' },
+    h('p', { class: 'warn' }, `Accept only if you know why ${a.host} has new host keys (reinstalled, keys replaced). Compare the new fingerprints with the ones the remote shows (its System › Services › SSH page, or ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub). Otherwise cancel: someone may be intercepting the connection.`),
+    h('h3', {}, 'Pinned now'), h('table', {}, h('tbody', {}, rows(pinned, 'old-key'))),
+    h('h3', {}, `Offered now by ${a.host}:${a.port}`), h('table', {}, h('tbody', {}, rows(offered, 'new-key'))));
+  const ok = await confirmDialog(`New host keys for ${c.name}`, body, { confirmLabel: 'Accept the new keys', danger: true });
+  if (!ok) return;
+  const attributes = { ...a, remote_host_key: offered.map((k) => k.public_key).join('\n') };
+  try {
+    await busy('Saving…', () => rpc.call('keychaincredential.update', c.id, { attributes }));
+  } catch (e) { toastError(e); return; }
+  toast(`Host keys of ${c.name} updated`);
+  if (done) done();
+  await testConnection({ ...c, attributes }, done);
 }
 
 function connectionForm(keys, conn, done) {
