@@ -248,6 +248,161 @@ async fn web_ui_session_ends_on_token_expiry() {
     }
 }
 
+/// Log in on the page as admin and wait for the first screen.
+async fn ui_login(driver: &WebDriver, d: &Daemon) {
+    driver.goto(format!("{}/", d.url)).await.unwrap();
+    wait_js(driver, "login form", "return !document.getElementById('login').hidden;", vec![]).await;
+    fill(driver, "#login-username", "admin").await;
+    fill(driver, "#login-password", ADMIN_PASSWORD).await;
+    click(driver, "#login-submit").await;
+    wait_js(driver, "backup credentials page", "return document.querySelector('#view-backup h1');", vec![]).await;
+}
+
+/// Semi-automatic pairing with a remote keyhaven over HTTPS with a self-signed
+/// certificate, logging in with a pairing token: the certificate question, the
+/// retry without verification, the decision remembered for the address; and
+/// the page's own pairing-token dialog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_ui_pairs_over_https_with_a_token() {
+    if !sshd_available() {
+        eprintln!("skipped: needs root and /usr/sbin/sshd");
+        return;
+    }
+    let d = Daemon::start();
+    let tls = DaemonOpts { env: vec![("KEYHAVEN_TLS".into(), "true".into())], ..DaemonOpts::default() };
+    let b = Daemon::start_in(Arc::new(TestDir::new("ui-tls-b")), tls);
+    assert!(b.url.starts_with("https://"), "{}", b.url);
+    let b_ssh = free_port();
+    let o = b.call_cli(&["ssh.update", &json!({"tcpport": b_ssh}).to_string()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let downloads = TestDir::new("ui-tls");
+    std::fs::create_dir_all(downloads.path()).unwrap();
+    let (cd, driver) = start_chromium(downloads.path()).await;
+    let outcome =
+        futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run_https_token_pairing(&driver, &d, &b)))
+            .await;
+    let _ = driver.quit().await;
+    drop(cd);
+    if let Err(p) = outcome {
+        eprintln!("daemon stderr:\n{}\nremote stderr:\n{}", d.stderr(), b.stderr());
+        std::panic::resume_unwind(p);
+    }
+}
+
+async fn run_https_token_pairing(driver: &WebDriver, d: &Daemon, b: &Daemon) {
+    ui_login(driver, d).await;
+
+    // This page's own pairing token: shown once, logs in once.
+    click(driver, "#pairing-token").await;
+    let token = wait_js(
+        driver,
+        "pairing token",
+        "const i = document.querySelector('#modal[open] input.mono'); return i && i.value;",
+        vec![],
+    )
+    .await;
+    shot(driver, "40-pairing-token").await;
+    click(driver, "#modal .modal-foot button").await;
+    modal_closed(driver, "token dialog closed").await;
+    let mut c = d.client().await;
+    assert_eq!(c.call("auth.login_with_token", json!([token.clone()])).await, true, "the shown token logs in");
+    let mut c = d.client().await;
+    assert_eq!(c.call("auth.login_with_token", json!([token])).await, false, "the pairing token is single-use");
+
+    // B serves TLS with a self-signed certificate: its tokens come over its local socket.
+    let pair = |name: &'static str| async move {
+        click(driver, "#add-connection").await;
+        wait_js(driver, "connection form", "return document.querySelector(\"#modal[open] [name='url']\");", vec![])
+            .await;
+        fill(driver, &field("name"), name).await;
+        fill(driver, &field("setup_method"), "SEMI-AUTOMATIC").await;
+        fill(driver, &field("url"), &b.url).await;
+        fill(driver, &field("auth_method"), "TOKEN").await;
+    };
+    // First pairing: the certificate is not trusted; the page asks, and retries without checking.
+    let t1 = b.cli_json(&["auth.generate_token", "600", "{}", "false"]);
+    pair("tls-1").await;
+    let hidden = js(
+        driver,
+        "return ['admin_username', 'password', 'otp_token', 'insecure'].every((n) => document.querySelector(`#modal [name='${n}']`).closest('.field').hidden);",
+        vec![],
+    )
+    .await;
+    assert_eq!(hidden, json!(true), "password fields (or a remembered certificate) shown for token login");
+    fill(driver, &field("token"), t1.as_str().unwrap()).await;
+    fill(driver, &field("private_key"), "NEW").await;
+    click(driver, "#form-submit").await;
+    let question = wait_js_within(
+        driver,
+        "certificate question",
+        "const t = document.querySelector('#modal[open] .modal-title'); return t && t.textContent === 'Certificate not trusted' && document.querySelector('#modal .modal-body').textContent;",
+        vec![],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(question.as_str().unwrap().contains("ignore this error"), "{question}");
+    shot(driver, "41-certificate-question").await;
+    click(driver, "#confirm-ok").await;
+    wait_js_within(
+        driver,
+        "paired over https",
+        "return !document.getElementById('modal').open && !document.getElementById('busy').open && document.querySelector(\"tr[data-name='tls-1']\");",
+        vec![],
+        Duration::from_secs(90),
+    )
+    .await;
+    let mut ca = d.admin().await;
+    let me = ca.call("auth.me", json!([])).await;
+    let origin = b.url.trim_end_matches('/').to_string();
+    assert_eq!(me["attributes"]["preferences"]["insecure_tls_origins"], json!([origin]), "decision remembered");
+
+    // Second pairing with the same address: no question, the remembered decision is shown and used.
+    let t2 = b.cli_json(&["auth.generate_token", "600", "{}", "false"]);
+    pair("tls-2").await;
+    let insecure = js(
+        driver,
+        "const i = document.querySelector(\"#modal [name='insecure']\"); return !i.closest('.field').hidden && i.checked;",
+        vec![],
+    )
+    .await;
+    assert_eq!(insecure, json!(true), "remembered certificate decision not shown");
+    fill(driver, &field("token"), t2.as_str().unwrap()).await;
+    fill(driver, &field("private_key"), "NEW").await;
+    shot(driver, "42-remembered-certificate").await;
+    click(driver, "#form-submit").await;
+    wait_js_within(
+        driver,
+        "second pairing",
+        "return !document.getElementById('modal').open && !document.getElementById('busy').open && document.querySelector(\"tr[data-name='tls-2']\");",
+        vec![],
+        Duration::from_secs(90),
+    )
+    .await;
+    for name in ["tls-1", "tls-2"] {
+        let conn = ca.call("keychaincredential.query", json!([[["name", "=", name]], {"get": true}])).await;
+        let r = ca.call("keychaincredential.test_ssh_connection", json!([conn["id"]])).await;
+        assert_eq!(r["ok"], true, "{name}: {r}");
+    }
+    // A wrong token is refused with the remote's reason, on the form.
+    pair("tls-3").await;
+    fill(driver, &field("token"), "not-a-token").await;
+    fill(driver, &field("private_key"), "NEW").await;
+    click(driver, "#form-submit").await;
+    let err = wait_js_within(
+        driver,
+        "token refused",
+        "const e = document.getElementById('modal-error'); return document.getElementById('modal').open && e && e.textContent;",
+        vec![],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(err.as_str().unwrap().contains("Invalid token"), "{err}");
+    click(driver, "#modal .modal-foot button").await;
+    modal_closed(driver, "form cancelled").await;
+    let n = ca.call("keychaincredential.query", json!([[["name", "^", "tls-3"]], {"count": true}])).await;
+    assert_eq!(n, 0, "a refused pairing left a credential behind");
+}
+
 async fn run_session_expiry(driver: &WebDriver, d: &Daemon) {
     let logged_in = "return !document.getElementById('topbar').hidden && document.getElementById('login').hidden;";
     driver.goto(format!("{}/", d.url)).await.unwrap();

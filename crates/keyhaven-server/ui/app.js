@@ -1,7 +1,8 @@
 // keyhaven web UI: a plain client of the JSON-RPC 2.0 API at /api/current.
 // No framework, no inline script/style (strict CSP); the session lives only in
 // this page's memory (the authenticated WebSocket) and ends on logout, on page
-// unload and when the server closes the socket.
+// unload, when the server closes the socket, and when the session token expires
+// (the account's session timeout without activity).
 'use strict';
 
 // ---------------------------------------------------------------- DOM helpers
@@ -368,7 +369,10 @@ async function viewBackup(view) {
 
   view.replaceChildren(
     h('h1', {}, 'Credentials › Backup Credentials'),
-    card('SSH Connections', [btn('Add', () => connectionForm(keys, null, reload), '', { id: 'add-connection' })], connTable),
+    card('SSH Connections', [
+      rpc.has('auth.generate_token') ? btn('Pairing token…', () => pairingToken(), 'secondary', { id: 'pairing-token' }) : null,
+      btn('Add', () => connectionForm(keys, null, reload), '', { id: 'add-connection' }),
+    ], connTable),
     card('SSH Keypairs', [btn('Add', () => keypairForm(null, reload), '', { id: 'add-keypair' })], keyTable),
   );
 }
@@ -550,6 +554,40 @@ async function reviewHostKeys(conn, done) {
   await testConnection({ ...c, attributes }, done);
 }
 
+// Addresses whose certificate the admin chose to ignore when pairing, kept in
+// the account's preferences so the question is asked once per address.
+const urlOrigin = (u) => { try { return new URL(String(u).trim()).origin; } catch (e) { return ''; } };
+function insecureOrigins() {
+  const p = (rpc.user && rpc.user.attributes && rpc.user.attributes.preferences) || {};
+  return Array.isArray(p.insecure_tls_origins) ? p.insecure_tls_origins : [];
+}
+async function rememberInsecure(origin, on) {
+  if (!origin || !rpc.has('auth.set_attribute')) return;
+  const prefs = { ...((rpc.user.attributes && rpc.user.attributes.preferences) || {}) };
+  const list = insecureOrigins().filter((o) => o !== origin);
+  if (on) list.push(origin);
+  prefs.insecure_tls_origins = list;
+  await rpc.call('auth.set_attribute', 'preferences', prefs);
+  rpc.user.attributes = { ...(rpc.user.attributes || {}), preferences: prefs };
+}
+
+// A single-use token another system's semi-automatic setup logs in with.
+async function pairingToken() {
+  const ttl = 600;
+  let token;
+  try {
+    token = await busy('Creating a pairing token…', () => rpc.call('auth.generate_token', ttl, { purpose: 'pairing' }, false, true));
+  } catch (e) { toastError(e); return; }
+  const id = nextId('tok');
+  const input = h('input', { id, class: 'mono', readonly: true, value: token, 'aria-describedby': `${id}-help` });
+  const copy = btn('Copy', async () => {
+    try { await navigator.clipboard.writeText(token); toast('Pairing token copied'); } catch (e) { input.select(); toast('Select the token and copy it (Ctrl+C)'); }
+  }, 'secondary small', { id: 'pairing-token-copy' });
+  await infoDialog('Pairing token', h('div', {},
+    h('label', { for: id }, 'Token'), input, h('div', { class: 'row-buttons' }, copy),
+    h('p', { class: 'help', id: `${id}-help` }, `On the other system, choose New SSH Connection › Semi-automatic › Authentication: Pairing token, with this system's URL (${location.origin}). The token logs in as ${rpc.user.pw_name}, works once, from any address, for ${fmtSeconds(ttl)}; it is not shown again.`)));
+}
+
 function connectionForm(keys, conn, done) {
   const edit = !!conn;
   const hasSetup = rpc.has('keychaincredential.setup_ssh_connection');
@@ -563,9 +601,15 @@ function connectionForm(keys, conn, done) {
     !edit && hasSetup ? { name: 'setup_method', label: 'Setup Method', type: 'select', options: [['SEMI-AUTOMATIC', 'Semi-automatic (keyhaven / TrueNAS only)'], ['MANUAL', 'Manual']],
       help: 'Semi-automatic logs in to the remote system’s API to install the key and pin its host keys. Manual: you install the public key on the remote yourself.' } : null,
     { name: 'url', label: 'URL', show: semi, help: 'The remote system’s address with its scheme, e.g. https://10.0.0.5:8443' },
-    { name: 'admin_username', label: 'Admin Username', show: semi },
-    { name: 'password', label: 'Admin Password', type: 'password', show: semi },
-    { name: 'otp_token', label: 'One-Time Password (if necessary)', show: semi, attrs: { inputmode: 'numeric' } },
+    { name: 'insecure', label: 'Ignore certificate errors for this address (you accepted its certificate before; clear to check it again)', type: 'checkbox',
+      show: (v) => semi(v) && insecureOrigins().includes(urlOrigin(v.url)) },
+    { name: 'auth_method', label: 'Authentication', type: 'select', show: semi,
+      options: [['PASSWORD', 'Admin username and password'], ['TOKEN', 'Pairing token from the remote system']],
+      help: 'A pairing token (Backup Credentials › Pairing token… on another keyhaven, or auth.generate_token on TrueNAS) avoids typing the remote admin password here.' },
+    { name: 'admin_username', label: 'Admin Username', show: (v) => semi(v) && v.auth_method !== 'TOKEN' },
+    { name: 'password', label: 'Admin Password', type: 'password', show: (v) => semi(v) && v.auth_method !== 'TOKEN' },
+    { name: 'otp_token', label: 'One-Time Password (if necessary)', show: (v) => semi(v) && v.auth_method !== 'TOKEN', attrs: { inputmode: 'numeric' } },
+    { name: 'token', label: 'Pairing Token', type: 'password', show: (v) => semi(v) && v.auth_method === 'TOKEN' },
     { name: 'host', label: 'Host', show: manual },
     { name: 'port', label: 'Port', type: 'number', show: manual, attrs: { min: 1, max: 65535 } },
     { name: 'username', label: 'Username', help: 'The remote account the SSH session logs in as.' },
@@ -578,7 +622,7 @@ function connectionForm(keys, conn, done) {
   ].filter(Boolean);
   const values = edit
     ? { name: conn.name, host: a.host, port: a.port, username: a.username, private_key: String(a.private_key), remote_host_key: a.remote_host_key, connect_timeout: a.connect_timeout }
-    : { setup_method: hasSetup ? 'SEMI-AUTOMATIC' : 'MANUAL', admin_username: 'admin', username: 'root', port: 22, connect_timeout: 10, private_key: keyOpts.length ? keyOpts[0][0] : '', new_key_type: 'ED25519' };
+    : { setup_method: hasSetup ? 'SEMI-AUTOMATIC' : 'MANUAL', auth_method: 'PASSWORD', insecure: true, admin_username: 'admin', username: 'root', port: 22, connect_timeout: 10, private_key: keyOpts.length ? keyOpts[0][0] : '', new_key_type: 'ED25519' };
   const aliases = { connection_name: 'name', existing_key_id: 'private_key', generate_key: 'private_key', key_type: 'new_key_type' };
 
   const manualAttrs = (v, keyId) => ({ host: v.host.trim(), port: v.port, username: v.username, private_key: keyId,
@@ -592,9 +636,17 @@ function connectionForm(keys, conn, done) {
     if (edit) {
       await busy('Saving…', () => rpc.call('keychaincredential.update', conn.id, { name: v.name, attributes: manualAttrs(v, Number(v.private_key)) }));
     } else if (semi(v)) {
-      const s = { url: v.url.trim(), admin_username: v.admin_username, password: v.password, username: v.username,
-        connect_timeout: v.connect_timeout, sudo: v.sudo && v.username.trim() !== 'root' };
-      if (v.otp_token.trim()) s.otp_token = v.otp_token.trim();
+      const s = { url: v.url.trim(), username: v.username, connect_timeout: v.connect_timeout, sudo: v.sudo && v.username.trim() !== 'root' };
+      if (v.auth_method === 'TOKEN') {
+        s.token = v.token.trim();
+      } else {
+        Object.assign(s, { admin_username: v.admin_username, password: v.password });
+        if (v.otp_token.trim()) s.otp_token = v.otp_token.trim();
+      }
+      const origin = urlOrigin(s.url);
+      const remembered = insecureOrigins().includes(origin);
+      if (remembered && v.insecure) s.verify_ssl = false;
+      if (remembered && !v.insecure) await rememberInsecure(origin, false);
       const pair = () => busy('Pairing with the remote system…', () => rpc.call('keychaincredential.setup_ssh_connection', {
         connection_name: v.name, setup_type: 'SEMI-AUTOMATIC', private_key: keyChoice, semi_automatic_setup: s }));
       try {
@@ -607,6 +659,7 @@ function connectionForm(keys, conn, done) {
           { confirmLabel: 'Ignore and retry' });
         if (!retry) return;
         s.verify_ssl = false;
+        await rememberInsecure(origin, true).catch(toastError);
         try { await pair(); } catch (e2) { toastError(e2); return; }
         toast('SSH Connection saved');
         done();
