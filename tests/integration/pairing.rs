@@ -676,3 +676,150 @@ async fn semiautomatic_setup_falls_back_to_the_legacy_websocket() {
     assert_call_error(&e, "EFAULT", "Invalid username or password");
     assert_eq!(ca.call("keychaincredential.query", json!([[], {"count": true}])).await, before);
 }
+
+async fn attributes_of(c: &mut Client, id: &Value) -> Value {
+    c.call("keychaincredential.get_instance", json!([id])).await["attributes"].clone()
+}
+
+async fn credential_count(c: &mut Client) -> Value {
+    c.call("keychaincredential.query", json!([[], {"count": true}])).await
+}
+
+/// Re-pairing an existing connection (keyhaven extension): with a new key pair
+/// the remote gets the new key, the connection switches only once the new key
+/// logs in, and the old key leaves the remote account; without one, the pinned
+/// host keys are refreshed. Failures change nothing.
+#[tokio::test]
+async fn re_pair_rotates_the_key_and_refreshes_host_keys() {
+    if skip() {
+        return;
+    }
+    let a = Daemon::start();
+    let (b, b_ssh) = remote_b(DaemonOpts::default()).await;
+    let mut ca = a.admin().await;
+    let mut cb = b.admin().await;
+    let conn = ca
+        .call(
+            "keychaincredential.setup_ssh_connection",
+            json!([{"connection_name": "to-b", "setup_type": "SEMI-AUTOMATIC",
+                    "private_key": {"generate_key": true, "name": "to-b Key"},
+                    "semi_automatic_setup": semi(&b.url, json!({"password": ADMIN_PASSWORD}))}]),
+        )
+        .await;
+    let id = conn["id"].clone();
+    let old_key = conn["attributes"]["private_key"].clone();
+    let old_attrs = attributes_of(&mut ca, &old_key).await;
+    let work = TestDir::new("re-pair");
+    std::fs::create_dir_all(work.path()).unwrap();
+    let kh = known_hosts(&mut cb, work.path(), b_ssh).await;
+    let old_file = key_file(work.path(), "old", old_attrs["private_key"].as_str().unwrap());
+    assert!(ssh_key_login(&old_file, &kh, b_ssh, "root").status.success(), "the paired key logs in");
+
+    // Failures first: each leaves the connection and the key pairs as they were.
+    let before = credential_count(&mut ca).await;
+    let re_pair = |auth: Value, new_key: Value| json!([id.clone(), {"semi_automatic_setup": semi(&b.url, auth), "new_key": new_key}]);
+    let e = ca
+        .err(
+            "keychaincredential.re_pair_ssh_connection",
+            re_pair(json!({"password": "wrong"}), json!({"name": "to-b Key 2"})),
+        )
+        .await;
+    assert_call_error(&e, "EFAULT", "Invalid username or password");
+    let e = ca
+        .err(
+            "keychaincredential.re_pair_ssh_connection",
+            re_pair(json!({"password": ADMIN_PASSWORD}), json!({"name": "to-b Key", "key_type": "ED25519"})),
+        )
+        .await;
+    assert_field(&e, "keychain_re_pair_ssh_connection.new_key.name", "already in use");
+    let e = ca
+        .err(
+            "keychaincredential.re_pair_ssh_connection",
+            re_pair(json!({"password": ADMIN_PASSWORD}), json!({"name": "k", "key_type": "DSA"})),
+        )
+        .await;
+    assert_field(&e, "keychain_re_pair_ssh_connection.new_key.key_type", "Input should be");
+    let e = ca
+        .err(
+            "keychaincredential.re_pair_ssh_connection",
+            json!([old_key.clone(), {"semi_automatic_setup": semi(&b.url, json!({"password": ADMIN_PASSWORD}))}]),
+        )
+        .await;
+    assert_field(&e, "keychain_re_pair_ssh_connection.id", "is not an SSH connection");
+    assert_eq!(credential_count(&mut ca).await, before, "a refused re-pair created or removed credentials");
+    assert_eq!(ca.call("keychaincredential.get_instance", json!([id.clone()])).await, conn, "connection changed");
+    // Pairing works but the new key cannot log in (the OS account `daemon` has the
+    // nologin shell and B does not manage OS accounts): everything is rolled back,
+    // on B too.
+    cb.call(
+        "user.create",
+        json!([{"username": "daemon", "full_name": "", "password_disabled": true, "shell": "/usr/sbin/nologin"}]),
+    )
+    .await;
+    let mut as_daemon = semi(&b.url, json!({"password": ADMIN_PASSWORD}));
+    as_daemon["username"] = json!("daemon");
+    let e = ca
+        .err(
+            "keychaincredential.re_pair_ssh_connection",
+            json!([id.clone(), {"semi_automatic_setup": as_daemon, "new_key": {"name": "to-b Key 3"}}]),
+        )
+        .await;
+    assert_call_error(&e, "EFAULT", "The connection is unchanged");
+    assert_eq!(credential_count(&mut ca).await, before, "the generated key pair was kept");
+    assert_eq!(ca.call("keychaincredential.get_instance", json!([id.clone()])).await, conn, "connection changed");
+    let daemon = cb.call("user.query", json!([[["username", "=", "daemon"]], {"get": true}])).await;
+    assert!(daemon["sshpubkey"].is_null(), "the new key stayed on B: {daemon}");
+
+    // Rotation.
+    let r = ca
+        .call(
+            "keychaincredential.re_pair_ssh_connection",
+            re_pair(json!({"password": ADMIN_PASSWORD}), json!({"name": "to-b Key 2", "key_type": "ECDSA"})),
+        )
+        .await;
+    assert_eq!(r["old_key_pair"], old_key);
+    assert_eq!(r["old_key_removed_from_remote"], true, "{r}");
+    assert!(r["old_key_kept_because"].is_null(), "{r}");
+    let new_key = r["connection"]["attributes"]["private_key"].clone();
+    assert_ne!(new_key, old_key);
+    let new_attrs = attributes_of(&mut ca, &new_key).await;
+    assert!(new_attrs["public_key"].as_str().unwrap().starts_with("ecdsa-sha2-nistp256 "));
+    let root = cb.call("user.query", json!([[["username", "=", "root"]], {"get": true}])).await;
+    let authorized = root["sshpubkey"].as_str().unwrap_or("");
+    let body = |k: &Value| k["public_key"].as_str().unwrap().split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    assert!(authorized.contains(&body(&new_attrs)), "new key not on B: {authorized}");
+    assert!(!authorized.contains(&body(&old_attrs)), "old key still on B: {authorized}");
+    let new_file = key_file(work.path(), "new", new_attrs["private_key"].as_str().unwrap());
+    assert!(ssh_key_login(&new_file, &kh, b_ssh, "root").status.success(), "the new key logs in");
+    assert!(!ssh_key_login(&old_file, &kh, b_ssh, "root").status.success(), "the old key still logs in");
+    assert_eq!(ca.call("keychaincredential.test_ssh_connection", json!([id.clone()])).await["ok"], true);
+    // The old key pair stays (the caller decides), now used by nothing.
+    assert_eq!(ca.call("keychaincredential.used_by", json!([old_key.clone()])).await, json!([]));
+
+    // Without a new key: the pinned host keys come from B again.
+    let mut attrs = r["connection"]["attributes"].clone();
+    let decoy = ca.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
+    attrs["remote_host_key"] = json!(body(&decoy));
+    ca.call("keychaincredential.update", json!([id.clone(), {"attributes": attrs}])).await;
+    assert_eq!(ca.call("keychaincredential.test_ssh_connection", json!([id.clone()])).await["stage"], "host_key");
+    let token = cb.call("auth.generate_token", json!([600, {}, false])).await;
+    let r = ca
+        .call(
+            "keychaincredential.re_pair_ssh_connection",
+            json!([id.clone(), {"semi_automatic_setup": semi(&b.url, json!({"token": token}))}]),
+        )
+        .await;
+    assert!(r["old_key_pair"].is_null(), "{r}");
+    assert_eq!(r["connection"]["attributes"]["private_key"], new_key);
+    let cfg = cb.call("ssh.config", json!([])).await;
+    let pinned: BTreeSet<&str> = r["connection"]["attributes"]["remote_host_key"].as_str().unwrap().lines().collect();
+    let b_keys: BTreeSet<&str> =
+        cfg["host_keys"].as_array().unwrap().iter().map(|k| k["public_key"].as_str().unwrap()).collect();
+    assert_eq!(pinned, b_keys);
+    assert_eq!(ca.call("keychaincredential.test_ssh_connection", json!([id])).await["ok"], true);
+    // Audited on A.
+    let audit = ca
+        .call("audit.query", json!([[["event_data.method", "=", "keychaincredential.re_pair_ssh_connection"], ["success", "=", true]], {"count": true}]))
+        .await;
+    assert_eq!(audit, 2);
+}

@@ -33,6 +33,7 @@ pub fn methods() -> Vec<MethodDef> {
         method!("keychaincredential.ssh_pair", Write, ssh_pair),
         method!("keychaincredential.remote_ssh_semiautomatic_setup", Write, remote_ssh_semiautomatic_setup),
         method!("keychaincredential.setup_ssh_connection", Write, setup_ssh_connection),
+        method!("keychaincredential.re_pair_ssh_connection", Write, re_pair_ssh_connection),
     ]
 }
 
@@ -677,4 +678,81 @@ async fn download_private_key(ctx: Arc<Ctx>, p: Params) -> Result<Value, Service
     };
     let alg: KeyAlgorithm = e["algorithm"].as_str().and_then(|a| a.parse().ok()).unwrap_or_default();
     Ok(json!({"file_name": keyhaven_core::keys::download_file_name(&name, alg, false), "private_key": text.as_str()}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKeyIn {
+    name: Str,
+    #[serde(default)]
+    key_type: Option<Str>,
+    #[serde(default)]
+    size: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RePairIn {
+    semi_automatic_setup: SemiIn,
+    #[serde(default)]
+    new_key: Option<NewKeyIn>,
+    #[serde(default = "default_true")]
+    remove_old_key: bool,
+}
+
+/// keyhaven extension: pair an existing connection again through the remote's
+/// API (new host keys, key installed again), optionally rotating its key pair.
+async fn re_pair_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    const S: &str = "keychain_re_pair_ssh_connection";
+    p.at_most(2, "keychaincredential.re_pair_ssh_connection")?;
+    let id: i64 = p.req(0, &format!("{S}.id"))?;
+    let a: RePairIn = p.req(1, &format!("{S}.options"))?;
+    let name = ctx.app.keychain_get(id)?["name"].as_str().unwrap_or_default().to_string();
+    ctx.describe(format!("Re-pair SSH Connection: {name}{}", if a.new_key.is_some() { " (new key pair)" } else { "" }));
+    let mut errs = keyhaven_core::ValidationErrors::new();
+    let new_key = match a.new_key {
+        None => None,
+        Some(k) => {
+            if k.name.trim().is_empty() {
+                errs.add(format!("{S}.new_key.name"), "String should have at least 1 character");
+            }
+            let prefix = format!("{S}.new_key");
+            match generate_options(
+                &GenerateArgs { key_type: k.key_type.map(|s| s.0), size: k.size, comment: None },
+                &prefix,
+            ) {
+                Ok(o) => match keyhaven_core::keys::validate_generate_options(&o) {
+                    Ok(_) => Some((k.name.0, o)),
+                    Err(e) => {
+                        errs.push(e.prefixed(&prefix));
+                        None
+                    }
+                },
+                Err(ServiceError::Validation(v)) => {
+                    errs.0.extend(v.0);
+                    None
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let semi = match a.semi_automatic_setup.semi(&format!("{S}.semi_automatic_setup")) {
+        Ok(s) => Some(s),
+        Err(ServiceError::Validation(v)) => {
+            errs.0.extend(v.0);
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    errs.check()?;
+    let Some(semi) = semi else {
+        return Err(ServiceError::internal("re_pair_ssh_connection", "arguments not decoded"));
+    };
+    let out = ctx.app.re_pair_ssh_connection(id, &semi, new_key, a.remove_old_key).await?;
+    Ok(json!({
+        "connection": out.connection,
+        "old_key_pair": out.old_key_pair,
+        "old_key_removed_from_remote": out.old_key_removed_from_remote,
+        "old_key_kept_because": out.old_key_kept_because,
+    }))
 }

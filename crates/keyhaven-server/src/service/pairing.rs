@@ -440,6 +440,197 @@ impl App {
     }
 }
 
+/// What re-pairing did, besides updating the connection.
+pub struct RePairOutcome {
+    pub connection: Value,
+    /// The key pair the connection used before, when a new one replaced it.
+    pub old_key_pair: Option<i64>,
+    /// Whether the old public key was taken off the remote account.
+    pub old_key_removed_from_remote: bool,
+    /// Why it was not, when removal was asked for and did not happen.
+    pub old_key_kept_because: Option<String>,
+}
+
+impl App {
+    /// `keychaincredential.re_pair_ssh_connection` (keyhaven extension): pair an
+    /// existing connection again through the remote's API, optionally with a
+    /// new key pair (key rotation). The new key must log in before the
+    /// connection switches to it and before the old key leaves the remote;
+    /// any failure restores the connection and removes a generated key pair.
+    pub async fn re_pair_ssh_connection(
+        &self,
+        id: i64,
+        s: &SemiAutomatic,
+        new_key: Option<(String, keys::GenerateOptions)>,
+        remove_old_key: bool,
+    ) -> Result<RePairOutcome, ServiceError> {
+        const S: &str = "keychain_re_pair_ssh_connection";
+        let conn = self.keychain_get(id)?;
+        if conn["type"] != super::keychain::SSH_CREDENTIALS {
+            return Err(ServiceError::field(format!("{S}.id"), format!("Credential {id} is not an SSH connection")));
+        }
+        let name = conn["name"].as_str().unwrap_or_default().to_string();
+        let old_attrs = conn["attributes"].clone();
+        let old_key_id = old_attrs["private_key"].as_i64().unwrap_or_default();
+        let old_public = self
+            .keychain_get(old_key_id)
+            .ok()
+            .and_then(|k| k["attributes"]["public_key"].as_str().map(|p| p.trim().to_string()));
+        if let Some((key_name, _)) = &new_key {
+            if self.keychain_entries()?.names.contains_key(key_name.as_str()) {
+                return Err(ServiceError::field(
+                    format!("{S}.new_key.name"),
+                    "Is already in use by another Keychain Credential",
+                ));
+            }
+        } else if !matches!(self.keypair_private_key(old_key_id), Ok(Some(k)) if !k.trim().is_empty()) {
+            return Err(ServiceError::call(
+                ENOENT,
+                format!("The key pair of {name} has no private key; re-pair with a new key instead"),
+            ));
+        }
+
+        let mut c = connect_remote(&s.url, s.verify_ssl).await?;
+        let (key_id, public_key) = match new_key {
+            Some((key_name, options)) => {
+                let kp = self.generate_key_pair(options).await?;
+                let input = KeyPairInput {
+                    private_key: Some(kp.private_key.to_string()),
+                    public_key: Some(kp.public_key.clone()),
+                    passphrase: None,
+                };
+                let e = self.keychain_create(&key_name, AttributesInput::KeyPair(input), CREATE)?;
+                (e["id"].as_i64().unwrap_or_default(), kp.public_key.trim().to_string())
+            }
+            None => (old_key_id, old_public.clone().unwrap_or_default()),
+        };
+        let rotated = key_id != old_key_id;
+        let discard_new_key = |why: &str| {
+            if rotated {
+                if let Err(e) = self.keychain_delete(key_id, false) {
+                    tracing::error!("could not remove the key pair generated to re-pair {name} ({why}): {e}");
+                }
+            }
+        };
+
+        let paired = self.pair_with(&mut c, &public_key, s).await;
+        let (port, host_key) = match paired {
+            Ok(p) => p,
+            Err(e) => {
+                c.close().await;
+                discard_new_key("pairing failed");
+                return Err(e);
+            }
+        };
+        let updated = ConnectionInput {
+            host: url_host(&s.url),
+            port,
+            username: s.username.clone(),
+            private_key: key_id,
+            remote_host_key: strip_host_tokens(&host_key),
+            connect_timeout: s.connect_timeout,
+        };
+        let schema = "keychain_credential_update";
+        let connection = match self.keychain_update(id, None, Some(AttributesInput::Connection(updated)), schema) {
+            Ok(e) => e,
+            Err(e) => {
+                if rotated {
+                    let _ = remove_remote_key(&mut c, &s.username, &public_key).await;
+                }
+                c.close().await;
+                discard_new_key("updating the connection failed");
+                return Err(e);
+            }
+        };
+        // The new key must work before anything old goes away.
+        let test = self.test_ssh_connection(id, None).await?;
+        if test["ok"] != json!(true) {
+            let old = ConnectionInput {
+                host: old_attrs["host"].as_str().unwrap_or_default().to_string(),
+                port: old_attrs["port"].as_i64().unwrap_or(22),
+                username: old_attrs["username"].as_str().unwrap_or_default().to_string(),
+                private_key: old_key_id,
+                remote_host_key: old_attrs["remote_host_key"].as_str().unwrap_or_default().to_string(),
+                connect_timeout: old_attrs["connect_timeout"].as_i64().unwrap_or(10),
+            };
+            let restore = self.keychain_update(id, None, Some(AttributesInput::Connection(old)), schema);
+            if let Err(e) = restore {
+                tracing::error!("could not restore connection {name} after a failed re-pair: {e}");
+            }
+            if rotated {
+                let _ = remove_remote_key(&mut c, &s.username, &public_key).await;
+            }
+            c.close().await;
+            discard_new_key("the new key did not log in");
+            return Err(ServiceError::call(
+                EFAULT,
+                format!(
+                    "Re-pairing {name} failed: the remote accepted the key but logging in with it did not work \
+                     (stage {}: {}). The connection is unchanged",
+                    test["stage"].as_str().unwrap_or("?"),
+                    test["error"].as_str().unwrap_or("unknown error")
+                ),
+            ));
+        }
+
+        let mut out = RePairOutcome {
+            connection,
+            old_key_pair: rotated.then_some(old_key_id),
+            old_key_removed_from_remote: false,
+            old_key_kept_because: None,
+        };
+        if rotated && remove_old_key {
+            // Another connection may log in to the same account with the old key.
+            let host = url_host(&s.url);
+            let cached = self.keychain_entries()?;
+            let shared = cached.connection_keys.iter().filter(|(c, k)| **k == old_key_id && **c != id).any(|(c, _)| {
+                cached.get(*c).is_some_and(|e| {
+                    e["attributes"]["host"].as_str() == Some(host.as_str())
+                        && e["attributes"]["username"].as_str() == Some(s.username.as_str())
+                })
+            });
+            drop(cached);
+            match (&old_public, shared) {
+                (_, true) => {
+                    out.old_key_kept_because =
+                        Some(format!("another connection logs in to {}@{host} with the old key", s.username))
+                }
+                (None, _) => out.old_key_kept_because = Some("the old key pair has no public key".into()),
+                (Some(old), false) => match remove_remote_key(&mut c, &s.username, old).await {
+                    Ok(removed) => out.old_key_removed_from_remote = removed,
+                    Err(e) => out.old_key_kept_because = Some(format!("removing it failed: {e}")),
+                },
+            }
+        }
+        c.close().await;
+        Ok(out)
+    }
+}
+
+/// Take `public_key` (compared by type and base64) off the remote account's
+/// authorized keys through its API. `Ok(false)` when it was not there.
+async fn remove_remote_key(c: &mut RpcClient, username: &str, public_key: &str) -> Result<bool, String> {
+    let body = |l: &str| -> Option<String> {
+        authorized_keys::parse_authorized_keys(l)
+            .ok()
+            .and_then(|v| v.into_iter().next())
+            .map(|k| format!("{} {}", k.key_type, k.base64))
+    };
+    let target = body(public_key).ok_or("the key is not a valid public key")?;
+    let user = c
+        .call("user.query", vec![json!([["username", "=", username], ["local", "=", true]]), json!({"get": true})])
+        .await
+        .map_err(|e| remote_reason(&e))?;
+    let current = user["sshpubkey"].as_str().unwrap_or("");
+    let kept: Vec<&str> = current.lines().filter(|l| body(l).as_deref() != Some(target.as_str())).collect();
+    if kept.len() == current.lines().count() {
+        return Ok(false);
+    }
+    let text = if kept.iter().all(|l| l.trim().is_empty()) { Value::Null } else { json!(kept.join("\n") + "\n") };
+    c.call("user.update", vec![user["id"].clone(), json!({"sshpubkey": text})]).await.map_err(|e| remote_reason(&e))?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
