@@ -383,6 +383,49 @@ async fn run_https_token_pairing(driver: &WebDriver, d: &Daemon, b: &Daemon) {
         let r = ca.call("keychaincredential.test_ssh_connection", json!([conn["id"]])).await;
         assert_eq!(r["ok"], true, "{name}: {r}");
     }
+    // Re-pair tls-1 with a new key pair: the address and the certificate decision are
+    // remembered, the old key leaves B, and the page offers to delete the old key pair.
+    let before = ca.call("keychaincredential.query", json!([[["name", "=", "tls-1"]], {"get": true}])).await;
+    let old_key = before["attributes"]["private_key"].clone();
+    let t3 = b.cli_json(&["auth.generate_token", "600", "{}", "false"]);
+    click(driver, "button[aria-label='Re-pair tls-1']").await;
+    wait_js(driver, "re-pair form", "return document.querySelector(\"#modal[open] [name='rotate']\");", vec![]).await;
+    let prefilled = js(
+        driver,
+        "const q = (n) => document.querySelector(`#modal [name='${n}']`); return [q('url').value, q('insecure').checked, q('rotate').checked, q('remove_old_key').checked, q('new_key_name').value];",
+        vec![],
+    )
+    .await;
+    assert_eq!(prefilled, json!([b.url, true, true, true, "tls-1 Key 2"]), "re-pair form defaults");
+    fill(driver, &field("auth_method"), "TOKEN").await;
+    fill(driver, &field("token"), t3.as_str().unwrap()).await;
+    fill(driver, &field("new_key_type"), "RSA").await;
+    shot(driver, "43-re-pair-form").await;
+    click(driver, "#form-submit").await;
+    let q = wait_js_within(
+        driver,
+        "offer to delete the old key pair",
+        "const t = document.querySelector('#modal[open] .modal-title'); return t && t.textContent === 'Delete the old key pair?' && t.textContent;",
+        vec![],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(q, json!("Delete the old key pair?"));
+    click(driver, "#confirm-ok").await;
+    modal_closed(driver, "old key pair deleted").await;
+    wait_js(driver, "new key pair row", "return document.querySelector(\"tr[data-name='tls-1 Key 2']\");", vec![])
+        .await;
+    let after = ca.call("keychaincredential.query", json!([[["name", "=", "tls-1"]], {"get": true}])).await;
+    let new_key = ca.call("keychaincredential.get_instance", json!([after["attributes"]["private_key"]])).await;
+    assert_eq!(new_key["name"], "tls-1 Key 2");
+    assert!(new_key["attributes"]["public_key"].as_str().unwrap().starts_with("ssh-rsa "), "{new_key}");
+    assert_eq!(
+        ca.call("keychaincredential.query", json!([[["id", "=", old_key]], {"count": true}])).await,
+        0,
+        "old key pair not deleted"
+    );
+    assert_eq!(ca.call("keychaincredential.test_ssh_connection", json!([after["id"]])).await["ok"], true);
+
     // A wrong token is refused with the remote's reason, on the form.
     pair("tls-3").await;
     fill(driver, &field("token"), "not-a-token").await;

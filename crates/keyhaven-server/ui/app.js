@@ -348,6 +348,8 @@ async function viewBackup(view) {
     { label: 'Actions', cls: 'actions', render: (c) => [
       canTest ? btn('Test', () => testConnection(c, reload), 'secondary small', { 'aria-label': `Test ${c.name}` }) : null,
       btn('Edit', () => connectionForm(keys, c, reload), 'secondary small', { 'aria-label': `Edit ${c.name}` }),
+      rpc.has('keychaincredential.re_pair_ssh_connection')
+        ? btn('Re-pair…', () => rePairForm(c, keys, reload), 'secondary small', { 'aria-label': `Re-pair ${c.name}` }) : null,
       btn('Delete', () => deleteConnection(c, keys, conns, reload), 'danger small', { 'aria-label': `Delete ${c.name}` }),
     ] },
   ], conns, 'No SSH connections yet.', (c) => ({ 'data-name': c.name }));
@@ -588,6 +590,74 @@ async function pairingToken() {
     h('p', { class: 'help', id: `${id}-help` }, `On the other system, choose New SSH Connection › Semi-automatic › Authentication: Pairing token, with this system's URL (${location.origin}). The token logs in as ${rpc.user.pw_name}, works once, from any address, for ${fmtSeconds(ttl)}; it is not shown again.`)));
 }
 
+// The remote-login part of semi-automatic setup (shared by New and Re-pair);
+// `on(v)` says whether it applies to the form's current values.
+function semiAuthFields(on) {
+  return [
+    { name: 'url', label: 'URL', show: on, help: 'The remote system’s address with its scheme, e.g. https://10.0.0.5:8443' },
+    { name: 'insecure', label: 'Ignore certificate errors for this address (you accepted its certificate before; clear to check it again)', type: 'checkbox',
+      show: (v) => on(v) && insecureOrigins().includes(urlOrigin(v.url)) },
+    { name: 'auth_method', label: 'Authentication', type: 'select', show: on,
+      options: [['PASSWORD', 'Admin username and password'], ['TOKEN', 'Pairing token from the remote system']],
+      help: 'A pairing token (Backup Credentials › Pairing token… on another keyhaven, or auth.generate_token on TrueNAS) avoids typing the remote admin password here.' },
+    { name: 'admin_username', label: 'Admin Username', show: (v) => on(v) && v.auth_method !== 'TOKEN' },
+    { name: 'password', label: 'Admin Password', type: 'password', show: (v) => on(v) && v.auth_method !== 'TOKEN' },
+    { name: 'otp_token', label: 'One-Time Password (if necessary)', show: (v) => on(v) && v.auth_method !== 'TOKEN', attrs: { inputmode: 'numeric' } },
+    { name: 'token', label: 'Pairing Token', type: 'password', show: (v) => on(v) && v.auth_method === 'TOKEN' },
+  ];
+}
+
+// `semi_automatic_setup` from the form's values.
+function semiArgs(v) {
+  const s = { url: v.url.trim(), username: v.username, connect_timeout: v.connect_timeout, sudo: v.sudo && v.username.trim() !== 'root' };
+  if (v.auth_method === 'TOKEN') {
+    s.token = v.token.trim();
+  } else {
+    Object.assign(s, { admin_username: v.admin_username, password: v.password });
+    if (v.otp_token.trim()) s.otp_token = v.otp_token.trim();
+  }
+  return s;
+}
+
+const isCertError = (e) => e instanceof RpcError && (e.errname === 'ESSLCERTVERIFICATIONERROR' || String(e.message).includes('ESSLCERTVERIFICATIONERROR'));
+
+// Run `call()` (which sends `s`) honouring the remembered certificate decision
+// for the address; on a certificate error ask, and retry without verification.
+// Errors of the first attempt propagate (they belong on the form); the retry
+// runs after the question replaced the form, so its errors become a toast.
+// Returns {value, retried}, or null when declined or the retry failed.
+async function withCertificateRetry(s, v, call) {
+  const origin = urlOrigin(s.url);
+  const remembered = insecureOrigins().includes(origin);
+  if (remembered && v.insecure) s.verify_ssl = false;
+  if (remembered && !v.insecure) await rememberInsecure(origin, false);
+  try {
+    return { value: await call(), retried: false };
+  } catch (e) {
+    if (!isCertError(e)) throw e;
+    const retry = await confirmDialog('Certificate not trusted',
+      h('div', {}, h('p', { class: 'error' }, errText(e)), h('p', {}, 'Would you like to ignore this error and try again?')),
+      { confirmLabel: 'Ignore and retry' });
+    if (!retry) return null;
+    s.verify_ssl = false;
+    await rememberInsecure(origin, true).catch(toastError);
+    try { return { value: await call(), retried: true }; } catch (e2) { toastError(e2); return null; }
+  }
+}
+
+// The URL a connection was last paired through, kept in the account's preferences.
+function pairingUrl(connId) {
+  const p = (rpc.user && rpc.user.attributes && rpc.user.attributes.preferences) || {};
+  return (p.pairing_urls && p.pairing_urls[String(connId)]) || '';
+}
+async function rememberPairingUrl(connId, url) {
+  if (!connId || !rpc.has('auth.set_attribute')) return;
+  const prefs = { ...((rpc.user.attributes && rpc.user.attributes.preferences) || {}) };
+  prefs.pairing_urls = { ...(prefs.pairing_urls || {}), [String(connId)]: url };
+  await rpc.call('auth.set_attribute', 'preferences', prefs);
+  rpc.user.attributes = { ...(rpc.user.attributes || {}), preferences: prefs };
+}
+
 function connectionForm(keys, conn, done) {
   const edit = !!conn;
   const hasSetup = rpc.has('keychaincredential.setup_ssh_connection');
@@ -600,16 +670,7 @@ function connectionForm(keys, conn, done) {
     { name: 'name', label: 'Name', help: 'A unique name for this connection.' },
     !edit && hasSetup ? { name: 'setup_method', label: 'Setup Method', type: 'select', options: [['SEMI-AUTOMATIC', 'Semi-automatic (keyhaven / TrueNAS only)'], ['MANUAL', 'Manual']],
       help: 'Semi-automatic logs in to the remote system’s API to install the key and pin its host keys. Manual: you install the public key on the remote yourself.' } : null,
-    { name: 'url', label: 'URL', show: semi, help: 'The remote system’s address with its scheme, e.g. https://10.0.0.5:8443' },
-    { name: 'insecure', label: 'Ignore certificate errors for this address (you accepted its certificate before; clear to check it again)', type: 'checkbox',
-      show: (v) => semi(v) && insecureOrigins().includes(urlOrigin(v.url)) },
-    { name: 'auth_method', label: 'Authentication', type: 'select', show: semi,
-      options: [['PASSWORD', 'Admin username and password'], ['TOKEN', 'Pairing token from the remote system']],
-      help: 'A pairing token (Backup Credentials › Pairing token… on another keyhaven, or auth.generate_token on TrueNAS) avoids typing the remote admin password here.' },
-    { name: 'admin_username', label: 'Admin Username', show: (v) => semi(v) && v.auth_method !== 'TOKEN' },
-    { name: 'password', label: 'Admin Password', type: 'password', show: (v) => semi(v) && v.auth_method !== 'TOKEN' },
-    { name: 'otp_token', label: 'One-Time Password (if necessary)', show: (v) => semi(v) && v.auth_method !== 'TOKEN', attrs: { inputmode: 'numeric' } },
-    { name: 'token', label: 'Pairing Token', type: 'password', show: (v) => semi(v) && v.auth_method === 'TOKEN' },
+    ...semiAuthFields(semi),
     { name: 'host', label: 'Host', show: manual },
     { name: 'port', label: 'Port', type: 'number', show: manual, attrs: { min: 1, max: 65535 } },
     { name: 'username', label: 'Username', help: 'The remote account the SSH session logs in as.' },
@@ -636,35 +697,12 @@ function connectionForm(keys, conn, done) {
     if (edit) {
       await busy('Saving…', () => rpc.call('keychaincredential.update', conn.id, { name: v.name, attributes: manualAttrs(v, Number(v.private_key)) }));
     } else if (semi(v)) {
-      const s = { url: v.url.trim(), username: v.username, connect_timeout: v.connect_timeout, sudo: v.sudo && v.username.trim() !== 'root' };
-      if (v.auth_method === 'TOKEN') {
-        s.token = v.token.trim();
-      } else {
-        Object.assign(s, { admin_username: v.admin_username, password: v.password });
-        if (v.otp_token.trim()) s.otp_token = v.otp_token.trim();
-      }
-      const origin = urlOrigin(s.url);
-      const remembered = insecureOrigins().includes(origin);
-      if (remembered && v.insecure) s.verify_ssl = false;
-      if (remembered && !v.insecure) await rememberInsecure(origin, false);
-      const pair = () => busy('Pairing with the remote system…', () => rpc.call('keychaincredential.setup_ssh_connection', {
-        connection_name: v.name, setup_type: 'SEMI-AUTOMATIC', private_key: keyChoice, semi_automatic_setup: s }));
-      try {
-        await pair();
-      } catch (e) {
-        if (!(e instanceof RpcError && (e.errname === 'ESSLCERTVERIFICATIONERROR' || String(e.message).includes('ESSLCERTVERIFICATIONERROR')))) throw e;
-        // The question replaces the form in the dialog; its answer decides.
-        const retry = await confirmDialog('Certificate not trusted',
-          h('div', {}, h('p', { class: 'error' }, errText(e)), h('p', {}, 'Would you like to ignore this error and try again?')),
-          { confirmLabel: 'Ignore and retry' });
-        if (!retry) return;
-        s.verify_ssl = false;
-        await rememberInsecure(origin, true).catch(toastError);
-        try { await pair(); } catch (e2) { toastError(e2); return; }
-        toast('SSH Connection saved');
-        done();
-        return;
-      }
+      const s = semiArgs(v);
+      const r = await withCertificateRetry(s, v, () => busy('Pairing with the remote system…', () => rpc.call('keychaincredential.setup_ssh_connection', {
+        connection_name: v.name, setup_type: 'SEMI-AUTOMATIC', private_key: keyChoice, semi_automatic_setup: s })));
+      if (!r) return;
+      await rememberPairingUrl(r.value && r.value.id, s.url).catch(toastError);
+      if (r.retried) { toast('SSH Connection saved'); done(); return; }
     } else if (v.private_key !== 'NEW') {
       await busy('Saving…', () => rpc.call('keychaincredential.create', { name: v.name, type: 'SSH_CREDENTIALS', attributes: manualAttrs(v, Number(v.private_key)) }));
     } else if (hasSetup) {
@@ -687,6 +725,66 @@ function connectionForm(keys, conn, done) {
     const b = btn('Discover Remote Host Key', () => discover(form, scanMethod), 'secondary small', { id: 'discover' });
     form.ctl.remote_host_key.parentElement.append(h('div', { class: 'row-buttons' }, b));
   }
+}
+
+// Pair an existing connection again: new host keys, the key installed again,
+// and optionally a new key pair (rotation) with the old key taken off the remote.
+function rePairForm(conn, keys, done) {
+  const a = conn.attributes;
+  const oldKey = keys.find((k) => k.id === a.private_key);
+  const taken = new Set(keys.map((k) => k.name));
+  let n = 2;
+  while (taken.has(`${conn.name} Key ${n}`)) n++;
+  const always = () => true;
+  const fields = [
+    ...semiAuthFields(always),
+    { name: 'username', label: 'Username', help: 'The remote account the SSH session logs in as.' },
+    { name: 'sudo', label: 'Enable passwordless sudo for zfs commands', type: 'checkbox', show: (v) => v.username.trim() !== 'root' },
+    { name: 'rotate', label: 'Rotate the key: generate a new key pair for this connection', type: 'checkbox',
+      help: oldKey ? `Now: ${oldKey.name} (${oldKey.algorithm || oldKey.key_type || ''}, ${oldKey.fingerprint || ''}).` : null },
+    { name: 'new_key_name', label: 'Name of the new key pair', show: (v) => v.rotate },
+    { name: 'new_key_type', label: 'Key type', type: 'select', options: [['ED25519', 'Ed25519'], ['ECDSA', 'ECDSA'], ['RSA', 'RSA']], show: (v) => v.rotate },
+    { name: 'remove_old_key', label: 'Remove the old key from the remote account once the new one works', type: 'checkbox', show: (v) => v.rotate },
+    { name: 'connect_timeout', label: 'Connect Timeout (seconds)', type: 'number', attrs: { min: 1, max: 300 } },
+  ];
+  const values = { url: pairingUrl(conn.id), insecure: true, auth_method: 'PASSWORD', admin_username: 'admin', username: a.username,
+    rotate: true, new_key_name: `${conn.name} Key ${n}`, new_key_type: 'ED25519', remove_old_key: true, connect_timeout: a.connect_timeout || 10 };
+  const aliases = { name: 'new_key_name', key_type: 'new_key_type' };
+  formModal({
+    title: `Re-pair SSH Connection ${conn.name}`,
+    intro: h('p', { class: 'help' }, 'Logs in to the remote system’s API again to install the key and pin its current host keys. With a new key pair, the connection switches to it only after it logged in.'),
+    fields, values, aliases, submitLabel: 'Re-pair',
+    onSubmit: async (v, f, m) => {
+      const s = semiArgs(v);
+      const args = { semi_automatic_setup: s, remove_old_key: !!v.remove_old_key };
+      if (v.rotate) args.new_key = { name: v.new_key_name.trim(), key_type: v.new_key_type };
+      const r = await withCertificateRetry(s, v, () => busy(v.rotate ? 'Re-pairing with a new key…' : 'Re-pairing…',
+        () => rpc.call('keychaincredential.re_pair_ssh_connection', conn.id, args)));
+      if (!r) return;
+      if (!r.retried) m.close();
+      await rememberPairingUrl(conn.id, s.url).catch(toastError);
+      const out = r.value;
+      const oldName = oldKey ? oldKey.name : `#${out.old_key_pair}`;
+      let msg = `${conn.name} re-paired`;
+      if (out.old_key_pair) {
+        msg += `; it now uses ${v.new_key_name.trim()}`;
+        if (out.old_key_removed_from_remote) msg += `, and ${oldName} was removed from the remote account`;
+        else if (out.old_key_kept_because) msg += `; ${oldName} stays on the remote: ${out.old_key_kept_because}`;
+      }
+      toast(msg);
+      done();
+      if (out.old_key_pair) {
+        const users = await rpc.call('keychaincredential.used_by', out.old_key_pair).catch(() => null);
+        if (users && users.length === 0) {
+          const del = await confirmDialog('Delete the old key pair?', h('p', {}, `No connection uses ${oldName} anymore. Delete it?`),
+            { confirmLabel: 'Delete', danger: true });
+          if (del) {
+            try { await rpc.call('keychaincredential.delete', out.old_key_pair); toast(`${oldName} deleted`); done(); } catch (e) { toastError(e); }
+          }
+        }
+      }
+    },
+  });
 }
 
 async function discover(form, scanMethod) {
