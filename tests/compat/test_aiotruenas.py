@@ -239,3 +239,39 @@ def test_keychain_ssh_key_pair_lifecycle(keyhaven):
             )
 
     run(body())
+
+
+# -- jobs through the core.get_jobs subscription ------------------------------
+
+
+def test_job_state_arrives_through_the_subscription(keyhaven):
+    """``create()`` subscribes to ``core.get_jobs``; the library keeps each
+    job's state from the ``added``/``changed`` messages it receives, which is
+    what ``get_job()`` and ``wait_for_job()`` read."""
+
+    async def body():
+        machine = await CachingMachine.create(
+            keyhaven.host, username="admin", password=keyhaven.password, secure=False
+        )
+        try:
+            job_id = await machine.invoke_method("service.control", ["STOP", "ssh"])
+            assert isinstance(job_id, int)
+            # Only events fill the library's job cache without a query (get_job
+            # queries core.get_jobs for an unknown id), so the cache itself --
+            # private, there is no public view of it -- shows the events arrived.
+            fetcher = machine._job_fetcher
+            for _ in range(100):
+                if fetcher._state.get(job_id, {}).get("state") == "SUCCESS":
+                    break
+                await asyncio.sleep(0.05)
+            assert fetcher._state.get(job_id, {}).get("state") == "SUCCESS", (
+                "no core.get_jobs 'changed' message reached the library"
+            )
+            job = await machine.get_job(job_id)
+            assert job.method == "service.control"
+            assert job.status.name == "SUCCESS", job.status
+            assert job.error is None
+        finally:
+            await machine.close()
+
+    run(body())

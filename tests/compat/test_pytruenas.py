@@ -321,3 +321,28 @@ def test_keychain_delete_missing_id_is_enoent(admin):
     with pytest.raises(ValidationErrors) as info:
         admin.api.keychaincredential.delete(987654)
     assert info.value.errors == [(None, "KeychainCredential 987654 does not exist", errno.ENOENT)]
+
+
+# -- event subscriptions -----------------------------------------------------
+
+
+def test_job_events_through_a_subscription(admin):
+    """``client.api.core.get_jobs.subscribe()`` (``core.subscribe``) delivers a
+    job's life as ``collection_update`` events: added, then changed to SUCCESS."""
+    with admin.api.core.get_jobs.subscribe() as sub:
+        assert isinstance(sub.id, str) and sub.id
+        job_id = admin.api.service.control("STOP", "ssh")
+        seen = []
+        for event in sub.events(timeout=5):
+            if event.id != job_id:
+                continue
+            seen.append(event)
+            if event.fields["state"] != "RUNNING":
+                break
+    assert seen, "no core.get_jobs event for the job"
+    assert seen[0].collection == "core.get_jobs"
+    assert seen[0].msg == "added"
+    assert seen[0].fields["method"] == "service.control"
+    assert seen[-1].msg == "changed"
+    assert seen[-1].fields["state"] == "SUCCESS"
+    assert seen[-1].fields["progress"]["percent"] == 100

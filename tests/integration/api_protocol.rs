@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::util::*;
 
@@ -139,4 +139,100 @@ async fn legacy_dialect() {
     assert_eq!(c.recv().await.unwrap()["error"]["error"], 201);
     c.send_text(r#"{"msg":"ping","id":"p"}"#).await;
     assert_eq!(c.recv().await.unwrap(), json!({"msg":"pong","id":"p"}));
+}
+
+/// Read messages until the reply to `id` and a finished `core.get_jobs` event
+/// for the job it returns have both arrived; returns (reply, events in order).
+async fn job_reply_and_events(c: &mut Client, id: &str, legacy: bool) -> (Value, Vec<Value>) {
+    let mut reply = None;
+    let mut events = Vec::new();
+    loop {
+        let m = c.recv().await.expect("connection closed");
+        if m["id"] == json!(id) && (m.get("result").is_some() || m.get("error").is_some()) {
+            reply = Some(m);
+        } else {
+            let e = if legacy { m.clone() } else { m["params"].clone() };
+            if !legacy {
+                assert_eq!(m["method"], "collection_update", "{m}");
+                assert!(m.get("id").is_none(), "a notification has no id: {m}");
+            }
+            events.push(e);
+        }
+        if let Some(r) = &reply {
+            let job = r["result"].clone();
+            let done = events.iter().any(|e| e["id"] == job && e["fields"]["state"] != "RUNNING");
+            if done {
+                let mine = events.into_iter().filter(|e| e["id"] == job).collect();
+                return (r.clone(), mine);
+            }
+        }
+    }
+}
+
+fn assert_job_events(events: &[Value], job: &Value) {
+    assert!(events.len() >= 2, "{events:?}");
+    for e in events {
+        assert_eq!(e["collection"], "core.get_jobs", "{e}");
+        assert_eq!(e["fields"]["id"], *job, "{e}");
+        assert_eq!(e["fields"]["method"], "service.control", "{e}");
+    }
+    assert_eq!(events[0]["msg"], "added");
+    assert_eq!(events[0]["fields"]["state"], "RUNNING");
+    let last = events.last().unwrap();
+    assert_eq!(last["msg"], "changed");
+    assert_eq!(last["fields"]["state"], "SUCCESS", "{last}");
+    assert_eq!(last["fields"]["progress"]["percent"], 100.0);
+}
+
+/// `core.subscribe("core.get_jobs")` (JSON-RPC `collection_update`
+/// notifications) and the legacy `sub`: a job's life arrives as events;
+/// after unsubscribing nothing does.
+#[tokio::test]
+async fn job_events_reach_subscribers_in_both_dialects() {
+    let d = Daemon::start();
+    let mut c = d.client().await;
+    assert_call_error(&c.err("core.subscribe", json!(["core.get_jobs"])).await, "ENOTAUTHENTICATED", "");
+    c.login("admin", ADMIN_PASSWORD).await;
+    assert_field(&c.err("core.subscribe", json!([])).await, "core_subscribe.event", "Field required");
+    assert_field(&c.err("core.subscribe", json!([5])).await, "core_subscribe.event", "non-empty string");
+    let sub = c.call("core.subscribe", json!(["core.get_jobs"])).await;
+    assert!(sub.as_str().is_some_and(|s| !s.is_empty()), "{sub}");
+    // A collection keyhaven does not publish is acknowledged and stays quiet.
+    let quiet = c.call("core.subscribe", json!(["pool.query"])).await;
+    assert!(quiet.is_string());
+    let start = json!({"jsonrpc": "2.0", "id": "job-1", "method": "service.control", "params": ["STOP", "ssh"]});
+    c.send_text(&start.to_string()).await;
+    let (reply, events) = job_reply_and_events(&mut c, "job-1", false).await;
+    assert_job_events(&events, &reply["result"]);
+    assert_eq!(c.call("core.unsubscribe", json!([sub])).await, Value::Null);
+    c.send_text(
+        &json!({"jsonrpc": "2.0", "id": "job-2", "method": "service.control", "params": ["STOP", "ssh"]}).to_string(),
+    )
+    .await;
+    let r = c.recv().await.unwrap();
+    assert_eq!(r["id"], "job-2", "an event after unsubscribing: {r}");
+    assert!(c.silent_for(Duration::from_millis(700)).await, "events after unsubscribing");
+    // Over the local socket (no connection to push to) the method says where it works.
+    let o = d.call_cli(&["core.subscribe", "core.get_jobs"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("WebSocket"), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // The legacy dialect: sub → ready, events as DDP messages, unsub.
+    let mut l = Client::connect(&d.ws_url("/websocket")).await;
+    l.send_text(r#"{"msg":"connect","version":"1","support":["1"]}"#).await;
+    assert_eq!(l.recv().await.unwrap()["msg"], "connected");
+    l.send_text(r#"{"msg":"sub","id":"s0","name":"core.get_jobs"}"#).await;
+    assert_eq!(l.recv().await.unwrap()["error"]["errname"], "EACCES", "sub before login");
+    l.send_text(&json!({"msg":"method","id":"1","method":"auth.login","params":["admin", ADMIN_PASSWORD]}).to_string())
+        .await;
+    assert_eq!(l.recv().await.unwrap()["result"], true);
+    l.send_text(r#"{"msg":"sub","id":"s1","name":"core.get_jobs"}"#).await;
+    assert_eq!(l.recv().await.unwrap(), json!({"msg": "ready", "subs": ["s1"]}));
+    l.send_text(r#"{"msg":"method","id":"2","method":"service.control","params":["STOP","ssh"]}"#).await;
+    let (reply, events) = job_reply_and_events(&mut l, "2", true).await;
+    assert_job_events(&events, &reply["result"]);
+    l.send_text(r#"{"msg":"unsub","id":"s1"}"#).await;
+    l.send_text(r#"{"msg":"method","id":"3","method":"service.control","params":["STOP","ssh"]}"#).await;
+    assert_eq!(l.recv().await.unwrap()["id"], "3");
+    assert!(l.silent_for(Duration::from_millis(700)).await, "legacy events after unsub");
 }

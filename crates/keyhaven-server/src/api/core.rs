@@ -13,6 +13,10 @@ pub fn methods() -> Vec<MethodDef> {
         method!("core.ping", Public, ping),
         method!("core.get_jobs", Read, get_jobs),
         method!("core.get_methods", Read, get_methods),
+        // Answered by the WebSocket transport (they need the connection);
+        // listed here so clients find them, and refused elsewhere.
+        method!("core.subscribe", Read, websocket_only),
+        method!("core.unsubscribe", Read, websocket_only),
     ]
 }
 
@@ -32,4 +36,11 @@ async fn get_methods(_: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
         out.insert(name.to_string(), json!({"access": format!("{access:?}").to_uppercase()}));
     }
     Ok(Value::Object(out))
+}
+
+async fn websocket_only(ctx: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
+    Err(ServiceError::call(
+        crate::error::EINVAL,
+        format!("{} works on a WebSocket connection (/api/current) only", ctx.method),
+    ))
 }

@@ -142,6 +142,16 @@ impl Session {
         }
     }
 
+    /// Whether pushed events may go to this session: logged in, and (for a
+    /// token session) not idle past its lifetime. Events are not activity.
+    pub fn receives_events(&self) -> bool {
+        let idle_ok = match *self.idle.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(i) => i.last_used.elapsed() <= i.ttl,
+            None => true,
+        };
+        idle_ok && self.caller().is_some()
+    }
+
     /// Change who the session is; any idle limit of the previous login ends with it.
     fn set(&self, a: SessionAuth) {
         *self.auth.lock().unwrap_or_else(|p| p.into_inner()) = a;

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
+use super::events::{Event, Events};
 use crate::error::{errname, ServiceError};
 
 const KEEP_FINISHED: usize = 1000;
@@ -30,10 +31,11 @@ fn now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-#[derive(Default)]
 pub struct Jobs {
     next: AtomicI64,
     jobs: Mutex<BTreeMap<i64, Job>>,
+    /// Every new job and change is published as a `core.get_jobs` event.
+    events: Arc<Events>,
 }
 
 /// Handed to a job's body to report progress.
@@ -45,14 +47,25 @@ pub struct JobHandle {
 
 impl JobHandle {
     pub fn progress(&self, percent: f64, description: impl Into<String>) {
-        if let Some(j) = self.jobs.jobs.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&self.id) {
+        let mut all = self.jobs.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(j) = all.get_mut(&self.id) {
             j.percent = percent;
             j.description = description.into();
+            self.jobs.publish("changed", j);
         }
     }
 }
 
 impl Jobs {
+    pub fn new(events: Arc<Events>) -> Jobs {
+        Jobs { next: AtomicI64::new(0), jobs: Mutex::new(BTreeMap::new()), events }
+    }
+
+    /// Published under the jobs lock, so subscribers see changes in order.
+    fn publish(&self, msg: &'static str, j: &Job) {
+        self.events.publish(Event { collection: "core.get_jobs", msg, id: json!(j.id), fields: to_value(j) });
+    }
+
     /// Start `body` in the background and return the job id at once.
     pub fn spawn<F, Fut>(self: &Arc<Self>, method: &str, body: F) -> i64
     where
@@ -62,21 +75,20 @@ impl Jobs {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         {
             let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-            jobs.insert(
+            let job = Job {
                 id,
-                Job {
-                    id,
-                    method: method.to_string(),
-                    state: "RUNNING",
-                    percent: 0.0,
-                    description: String::new(),
-                    result: Value::Null,
-                    error: None,
-                    exc_info: Value::Null,
-                    started: now(),
-                    finished: None,
-                },
-            );
+                method: method.to_string(),
+                state: "RUNNING",
+                percent: 0.0,
+                description: String::new(),
+                result: Value::Null,
+                error: None,
+                exc_info: Value::Null,
+                started: now(),
+                finished: None,
+            };
+            self.publish("added", &job);
+            jobs.insert(id, job);
             while jobs.len() > KEEP_FINISHED {
                 let oldest_done = jobs.iter().find(|(_, j)| j.finished.is_some()).map(|(k, _)| *k);
                 match oldest_done {
@@ -104,6 +116,7 @@ impl Jobs {
                         j.error = Some(e.to_string());
                     }
                 }
+                jobs.publish("changed", j);
             }
         });
         id

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod events;
 pub mod jobs;
 pub mod keychain;
 pub mod pairing;
@@ -21,6 +22,8 @@ pub struct App {
     pub store: Store,
     pub auth: auth::AuthState,
     pub jobs: Arc<jobs::Jobs>,
+    /// What `core.subscribe` / legacy `sub` deliver.
+    pub events: Arc<events::Events>,
     pub keychain: keychain::KeychainCache,
     /// The supervised OpenSSH sshd.
     pub sshd: keyhaven_ssh::supervisor::Supervisor,
@@ -44,11 +47,13 @@ impl App {
         } else {
             keyhaven_ssh::files::KeysLocation::Data(data.join("sshd").join("authorized_keys"))
         };
+        let events = Arc::new(events::Events::default());
         Arc::new(App {
             config,
             store,
             auth: auth::AuthState::default(),
-            jobs: Arc::new(jobs::Jobs::default()),
+            jobs: Arc::new(jobs::Jobs::new(events.clone())),
+            events,
             keychain: keychain::KeychainCache::default(),
             sshd,
             keys_location,

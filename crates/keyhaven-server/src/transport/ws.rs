@@ -24,10 +24,26 @@ pub const MAX_CONCURRENT_CALLS: usize = 20;
 pub use crate::remote::Dialect;
 
 enum Incoming {
-    Call { id: Option<Value>, method: String, params: Vec<Value> },
+    Call {
+        id: Option<Value>,
+        method: String,
+        params: Vec<Value>,
+    },
     Reply(Value),
+    /// Legacy `sub` (already authorised).
+    Subscribe {
+        id: Value,
+        name: String,
+    },
+    /// Legacy `unsub`.
+    Unsubscribe {
+        id: Value,
+    },
     Ignore,
 }
+
+/// Subscriptions one connection may hold.
+pub const MAX_SUBSCRIPTIONS: usize = 32;
 
 fn rpc_err(id: Value, code: i64, message: &str) -> Value {
     json!({"jsonrpc": "2.0", "error": {"code": code, "message": message}, "id": id})
@@ -108,19 +124,19 @@ fn parse_legacy(text: &str, connected: &mut bool, session: &Session) -> Incoming
             Incoming::Call { id: Some(id), method, params }
         }
         "method" => Incoming::Reply(json!({"msg": "failed", "reason": "send {\"msg\": \"connect\"} first"})),
-        // keyhaven publishes no events yet; like TrueNAS it confirms an
-        // authorised subscription with `ready` (clients wait for it) and never
-        // answers `unsub`.
+        // Like TrueNAS: an authorised subscription is confirmed with `ready`
+        // (clients wait for it); `unsub` gets no answer.
         "sub" => {
             let id = m.remove("id").unwrap_or(Value::Null);
-            if session.caller().is_some() {
-                Incoming::Reply(json!({"msg": "ready", "subs": [id]}))
-            } else {
-                Incoming::Reply(json!({"msg": "result", "id": id, "error": {
-                    "error": 13, "errname": "EACCES", "type": null, "reason": "Not authorized", "trace": null, "extra": null}}))
+            match (session.caller(), m.remove("name")) {
+                (Some(_), Some(Value::String(name))) if !name.is_empty() => Incoming::Subscribe { id, name },
+                (Some(_), _) => Incoming::Reply(json!({"msg": "nosub", "id": id, "error": {
+                    "error": 22, "errname": "EINVAL", "type": null, "reason": "[EINVAL] name must be a non-empty string", "trace": null, "extra": null}})),
+                (None, _) => Incoming::Reply(json!({"msg": "result", "id": id, "error": {
+                    "error": 13, "errname": "EACCES", "type": null, "reason": "Not authorized", "trace": null, "extra": null}})),
             }
         }
-        "unsub" => Incoming::Ignore,
+        "unsub" => Incoming::Unsubscribe { id: m.remove("id").unwrap_or(Value::Null) },
         _ => Incoming::Ignore,
     }
 }
@@ -131,6 +147,92 @@ fn result_message(dialect: Dialect, id: Value, out: Result<Value, CallFailure>) 
         (Dialect::JsonRpc, Err(f)) => json!({"jsonrpc": "2.0", "error": wire::rpc_error(&f), "id": id}),
         (Dialect::Legacy, Ok(v)) => json!({"msg": "result", "id": id, "result": v}),
         (Dialect::Legacy, Err(f)) => json!({"msg": "result", "id": id, "error": wire::legacy_error(&f)}),
+    }
+}
+
+/// Forward the events of `name` to this connection while its session may see them.
+fn forward_events(
+    app: &Arc<App>,
+    session: Arc<Session>,
+    tx: mpsc::Sender<Message>,
+    dialect: Dialect,
+    name: String,
+) -> tokio::task::JoinHandle<()> {
+    let mut rx = app.events.subscribe();
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(e) if e.collection == name && session.receives_events() => {
+                    let m = match dialect {
+                        Dialect::JsonRpc => {
+                            json!({"jsonrpc": "2.0", "method": "collection_update", "params": e.body()})
+                        }
+                        Dialect::Legacy => e.body(),
+                    };
+                    if tx.send(Message::Text(m.to_string().into())).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::debug!(missed = n, "a slow subscriber missed events");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    })
+}
+
+/// The connection's subscriptions: id → (collection, forwarder).
+#[derive(Default)]
+struct Subscriptions(std::collections::HashMap<String, (String, Option<tokio::task::JoinHandle<()>>)>);
+
+impl Subscriptions {
+    /// Start one; `Err` with a reason when the connection holds too many.
+    fn add(
+        &mut self,
+        key: String,
+        name: String,
+        start: impl FnOnce() -> tokio::task::JoinHandle<()>,
+    ) -> Result<(), String> {
+        if self.0.len() >= MAX_SUBSCRIPTIONS {
+            return Err(format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection"));
+        }
+        // Collections keyhaven does not publish are acknowledged without a forwarder.
+        let task = crate::service::events::COLLECTIONS.contains(&name.as_str()).then(start);
+        if let Some((_, Some(old))) = self.0.insert(key, (name, task)) {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        match self.0.remove(key) {
+            Some((_, task)) => {
+                if let Some(t) = task {
+                    t.abort();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Subscriptions {
+    fn drop(&mut self) {
+        for (_, (_, task)) in self.0.drain() {
+            if let Some(t) = task {
+                t.abort();
+            }
+        }
+    }
+}
+
+fn sub_key(id: &Value) -> String {
+    match id {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 
@@ -159,6 +261,7 @@ pub async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, dialect: 
     let session = Arc::new(Session::new(peer.ip().to_string()));
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_CALLS));
     let mut connected = dialect == Dialect::JsonRpc;
+    let mut subs = Subscriptions::default();
 
     while let Some(Ok(msg)) = stream.next().await {
         let text = match msg {
@@ -195,6 +298,33 @@ pub async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, dialect: 
             Incoming::Reply(v) => {
                 if tx.send(Message::Text(v.to_string().into())).await.is_err() {
                     break;
+                }
+            }
+            Incoming::Subscribe { id, name } => {
+                let reply = match subs.add(sub_key(&id), name.clone(), || {
+                    forward_events(&app, session.clone(), tx.clone(), dialect, name)
+                }) {
+                    Ok(()) => json!({"msg": "ready", "subs": [id]}),
+                    Err(reason) => json!({"msg": "nosub", "id": id, "error": {
+                        "error": 16, "errname": "EBUSY", "type": null, "reason": format!("[EBUSY] {reason}"), "trace": null, "extra": null}}),
+                };
+                if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
+                    break;
+                }
+            }
+            Incoming::Unsubscribe { id } => {
+                subs.remove(&sub_key(&id));
+            }
+            Incoming::Call { id, method, params }
+                if dialect == Dialect::JsonRpc && (method == "core.subscribe" || method == "core.unsubscribe") =>
+            {
+                // Connection state, so answered here rather than through dispatch.
+                let out = subscription_call(&app, &session, &tx, &mut subs, &method, &params);
+                if let Some(id) = id {
+                    let reply = result_message(dialect, id, out.map_err(CallFailure::Failed));
+                    if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
+                        break;
+                    }
                 }
             }
             Incoming::Call { id, method, params } => {
@@ -240,6 +370,46 @@ pub async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, dialect: 
     }
     drop(tx);
     let _ = writer.await;
+}
+
+/// `core.subscribe(event)` → subscription id; `core.unsubscribe(id)`.
+fn subscription_call(
+    app: &Arc<App>,
+    session: &Arc<Session>,
+    tx: &mpsc::Sender<Message>,
+    subs: &mut Subscriptions,
+    method: &str,
+    params: &[Value],
+) -> Result<Value, crate::error::ServiceError> {
+    use crate::error::ServiceError;
+    app.current_caller(session)?;
+    let schema = method.replace('.', "_");
+    let arg = match params {
+        [Value::String(s)] if !s.is_empty() => s.clone(),
+        [] => {
+            return Err(ServiceError::field(
+                format!("{schema}.{}", if method == "core.subscribe" { "event" } else { "id" }),
+                "Field required",
+            ))
+        }
+        [_] => {
+            return Err(ServiceError::field(
+                format!("{schema}.{}", if method == "core.subscribe" { "event" } else { "id" }),
+                "Input should be a non-empty string",
+            ))
+        }
+        _ => return Err(ServiceError::field(&schema, format!("{method} takes one argument"))),
+    };
+    if method == "core.unsubscribe" {
+        subs.remove(&arg);
+        return Ok(Value::Null);
+    }
+    let mut raw = [0u8; 8];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
+    let key = hex::encode(raw);
+    subs.add(key.clone(), arg.clone(), || forward_events(app, session.clone(), tx.clone(), Dialect::JsonRpc, arg))
+        .map_err(|r| ServiceError::call(crate::error::EBUSY, r))?;
+    Ok(json!(key))
 }
 
 #[cfg(test)]
