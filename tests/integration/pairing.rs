@@ -817,9 +817,23 @@ async fn re_pair_rotates_the_key_and_refreshes_host_keys() {
         cfg["host_keys"].as_array().unwrap().iter().map(|k| k["public_key"].as_str().unwrap()).collect();
     assert_eq!(pinned, b_keys);
     assert_eq!(ca.call("keychaincredential.test_ssh_connection", json!([id])).await["ok"], true);
+    // Another connection with the same key pair keeps the old key on the remote.
+    let cur = ca.call("keychaincredential.get_instance", json!([id.clone()])).await["attributes"].clone();
+    ca.call("keychaincredential.create", json!([{"name": "to-b-2", "type": "SSH_CREDENTIALS", "attributes": cur}]))
+        .await;
+    let r = ca
+        .call(
+            "keychaincredential.re_pair_ssh_connection",
+            re_pair(json!({"password": ADMIN_PASSWORD}), json!({"name": "to-b Key 3"})),
+        )
+        .await;
+    assert_eq!(r["old_key_removed_from_remote"], false, "{r}");
+    assert!(r["old_key_kept_because"].as_str().unwrap().contains("(to-b-2)"), "{r}");
+    let root = cb.call("user.query", json!([[["username", "=", "root"]], {"get": true}])).await;
+    assert!(root["sshpubkey"].as_str().unwrap().contains(&body(&new_attrs)), "a shared key was removed from B");
     // Audited on A.
     let audit = ca
         .call("audit.query", json!([[["event_data.method", "=", "keychaincredential.re_pair_ssh_connection"], ["success", "=", true]], {"count": true}]))
         .await;
-    assert_eq!(audit, 2);
+    assert_eq!(audit, 3);
 }

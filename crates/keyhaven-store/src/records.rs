@@ -253,21 +253,24 @@ pub struct TokenRecord {
 }
 
 impl Store {
+    /// Store a token valid for `ttl_secs` from now (one clock reading, so
+    /// `expires_at - created_at` is exactly the lifetime).
     pub fn token_insert(
         &self,
         token_hash: &str,
         username: &str,
-        expires_at: i64,
+        ttl_secs: i64,
         single_use: bool,
         origin: Option<&str>,
         attrs: &Value,
     ) -> Result<i64> {
         let conn = self.conn();
-        conn.execute("DELETE FROM tokens WHERE expires_at < ?1", [now_secs()])?;
+        let now = now_secs();
+        conn.execute("DELETE FROM tokens WHERE expires_at < ?1", [now])?;
         conn.execute(
             "INSERT INTO tokens(token_hash, username, created_at, expires_at, single_use, origin, attrs)
              VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![token_hash, username, now_secs(), expires_at, single_use, origin, attrs.to_string()],
+            params![token_hash, username, now, now + ttl_secs, single_use, origin, attrs.to_string()],
         )?;
         Ok(conn.last_insert_rowid())
     }
@@ -634,7 +637,7 @@ mod tests {
         let (_d, s) = store();
         s.keychain_insert("a", "SSH_KEY_PAIR", &json!({}), None).unwrap();
         assert!(matches!(s.keychain_insert("a", "SSH_CREDENTIALS", &json!({}), None), Err(StoreError::Conflict(_))));
-        s.token_insert("h1", "admin", now_secs() + 60, true, None, &json!({})).unwrap();
+        s.token_insert("h1", "admin", 60, true, None, &json!({})).unwrap();
         assert!(s.token_take("h1").unwrap().is_some());
         assert!(s.token_take("h1").unwrap().is_none());
     }

@@ -127,6 +127,9 @@ pub async fn dispatch(
     let ctx =
         Arc::new(Ctx { app: app.clone(), session: session.clone(), method: def.name, description: Mutex::new(None) });
     let out = (def.handler)(ctx.clone(), Params(params)).await;
+    if def.access != Access::Public {
+        session.touch_after_call();
+    }
     if def.access == Access::Write {
         let desc =
             ctx.description.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_else(|| def.name.to_string());

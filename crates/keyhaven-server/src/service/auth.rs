@@ -162,6 +162,14 @@ impl Session {
         *self.idle.lock().unwrap_or_else(|p| p.into_inner()) = Some(IdleExpiry { ttl, last_used: Instant::now() });
     }
 
+    /// A call that just finished counts as activity too: a call longer than the
+    /// idle limit must not leave a session that expires on the next one.
+    pub fn touch_after_call(&self) {
+        if let Some(i) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            i.last_used = Instant::now();
+        }
+    }
+
     /// For a session with an idle limit: `Err(ttl)` once it has been idle too
     /// long, otherwise counts this call as activity.
     fn touch(&self) -> Result<(), Duration> {
@@ -576,7 +584,7 @@ impl App {
         }
         let token = random_alnum(64);
         let origin = match_origin.then_some(session.origin.as_str());
-        self.store.token_insert(&sha256_hex(&token), &caller.username, now_secs() + ttl, single_use, origin, attrs)?;
+        self.store.token_insert(&sha256_hex(&token), &caller.username, ttl, single_use, origin, attrs)?;
         Ok(SecretString::from(token))
     }
 

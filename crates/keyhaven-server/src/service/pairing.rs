@@ -84,7 +84,7 @@ impl App {
         if let Err(e) = authorized_keys::parse_authorized_keys(public_key) {
             return Err(e.to_field_error(format!("{schema}.public_key")).into());
         }
-        let (rec, data) = self
+        let (_, data) = self
             .user(username)?
             .ok_or_else(|| ServiceError::call(EFAULT, format!("User {username} does not exist")))?;
         if let KeysLocation::Home = self.keys_location {
@@ -115,16 +115,24 @@ impl App {
                 .ok_or_else(|| ServiceError::call(EFAULT, format!("Host {label} key not configured")))?;
             lines.push(format!("{remote_hostname} {}\n", k.to_line()));
         }
-        let current = data.sshpubkey.clone().unwrap_or_default();
-        if !current.contains(public_key) {
-            let mut new = current.trim_end().to_string();
-            if !new.is_empty() {
+        {
+            // Read and write the keys under the accounts lock: two pairings at
+            // once must both end up authorized.
+            let _guard = self.users_lock.lock().await;
+            let (rec, data) = self
+                .user(username)?
+                .ok_or_else(|| ServiceError::call(EFAULT, format!("User {username} does not exist")))?;
+            let current = data.sshpubkey.clone().unwrap_or_default();
+            if !current.contains(public_key) {
+                let mut new = current.trim_end().to_string();
+                if !new.is_empty() {
+                    new.push('\n');
+                }
+                new.push_str(public_key);
                 new.push('\n');
+                let input = UserInput { sshpubkey: Some(Some(new)), ..UserInput::default() };
+                self.user_update_locked(rec.id, input).await?;
             }
-            new.push_str(public_key);
-            new.push('\n');
-            let input = UserInput { sshpubkey: Some(Some(new)), ..UserInput::default() };
-            self.user_update(rec.id, input).await?;
         }
         Ok(json!({"port": self.ssh_settings()?.tcpport, "host_key": lines.concat()}))
     }
@@ -517,6 +525,10 @@ impl App {
         let (port, host_key) = match paired {
             Ok(p) => p,
             Err(e) => {
+                // ssh_pair may have succeeded before a later remote call failed.
+                if rotated {
+                    let _ = remove_remote_key(&mut c, &s.username, &public_key).await;
+                }
                 c.close().await;
                 discard_new_key("pairing failed");
                 return Err(e);
@@ -543,7 +555,10 @@ impl App {
             }
         };
         // The new key must work before anything old goes away.
-        let test = self.test_ssh_connection(id, None).await?;
+        let test = self
+            .test_ssh_connection(id, None)
+            .await
+            .unwrap_or_else(|e| json!({"ok": false, "stage": "connect", "error": e.to_string()}));
         if test["ok"] != json!(true) {
             let old = ConnectionInput {
                 host: old_attrs["host"].as_str().unwrap_or_default().to_string(),
@@ -580,26 +595,42 @@ impl App {
             old_key_kept_because: None,
         };
         if rotated && remove_old_key {
-            // Another connection may log in to the same account with the old key.
+            // The old key was authorized for the connection's previous account;
+            // it can only be taken off through this session when that account
+            // is on the host just paired with.
+            let old_user = old_attrs["username"].as_str().unwrap_or_default().to_string();
+            let old_host = old_attrs["host"].as_str().unwrap_or_default().to_lowercase();
             let host = url_host(&s.url);
             let cached = self.keychain_entries()?;
-            let shared = cached.connection_keys.iter().filter(|(c, k)| **k == old_key_id && **c != id).any(|(c, _)| {
-                cached.get(*c).is_some_and(|e| {
-                    e["attributes"]["host"].as_str() == Some(host.as_str())
-                        && e["attributes"]["username"].as_str() == Some(s.username.as_str())
-                })
-            });
+            let others: Vec<String> = cached
+                .connection_keys
+                .iter()
+                .filter(|(c, k)| **k == old_key_id && **c != id)
+                .filter_map(|(c, _)| cached.get(*c).and_then(|e| e["name"].as_str().map(str::to_string)))
+                .collect();
             drop(cached);
-            match (&old_public, shared) {
-                (_, true) => {
-                    out.old_key_kept_because =
-                        Some(format!("another connection logs in to {}@{host} with the old key", s.username))
+            out.old_key_kept_because = if !others.is_empty() {
+                Some(format!("other connections still use the old key pair ({})", others.join(", ")))
+            } else if old_host != host {
+                Some(format!(
+                    "the old key was authorized on {old_host}, not on {host} (the address paired with now); \
+                     remove it there yourself"
+                ))
+            } else if old_public.is_none() {
+                Some("the old key pair has no public key".into())
+            } else {
+                None
+            };
+            if out.old_key_kept_because.is_none() {
+                let old = old_public.as_deref().unwrap_or_default();
+                match remove_remote_key(&mut c, &old_user, old).await {
+                    Ok(true) => out.old_key_removed_from_remote = true,
+                    Ok(false) => {
+                        out.old_key_kept_because =
+                            Some(format!("it was not among the authorized keys of {old_user} on {host}"))
+                    }
+                    Err(e) => out.old_key_kept_because = Some(format!("removing it from {old_user} failed: {e}")),
                 }
-                (None, _) => out.old_key_kept_because = Some("the old key pair has no public key".into()),
-                (Some(old), false) => match remove_remote_key(&mut c, &s.username, old).await {
-                    Ok(removed) => out.old_key_removed_from_remote = removed,
-                    Err(e) => out.old_key_kept_because = Some(format!("removing it failed: {e}")),
-                },
             }
         }
         c.close().await;

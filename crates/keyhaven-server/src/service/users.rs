@@ -361,13 +361,6 @@ impl App {
                 })?
             }
         };
-        if manage {
-            let pw = input.password.as_ref().map(|p| p.expose_secret().to_string());
-            accounts::set_password(&username, pw.as_deref()).map_err(|e| {
-                undo_os();
-                ServiceError::field(format!("{S}.password"), format!("Setting the OS password failed: {e}"))
-            })?;
-        }
         let data = UserData {
             uid: os.uid as i64,
             gid: os.gid as i64,
@@ -399,6 +392,22 @@ impl App {
             undo_os();
             return Err(e);
         }
+        // The OS password last: an existing OS account's old one cannot be put back.
+        if manage {
+            let pw = input.password.as_ref().map(|p| p.expose_secret().to_string());
+            if let Err(e) = accounts::set_password(&username, pw.as_deref()) {
+                let _ = self.store.user_delete(id);
+                let no_keys = UserData { sshpubkey: None, ..data.clone() };
+                if let Err(e) = self.write_user_keys(&username, &no_keys) {
+                    tracing::error!(user = %username, "removing the keys of a failed user.create failed: {e}");
+                }
+                undo_os();
+                return Err(ServiceError::field(
+                    format!("{S}.password"),
+                    format!("Setting the OS password failed: {e}"),
+                ));
+            }
+        }
         // sshd_config lists password users only; keys files need no reload.
         if data.ssh_password_enabled {
             self.ssh_users_changed().await;
@@ -413,7 +422,8 @@ impl App {
         self.user_update_locked(id, input).await
     }
 
-    async fn user_update_locked(&self, id: i64, input: UserInput) -> Result<Value, ServiceError> {
+    /// `user.update` for a caller that holds `users_lock`.
+    pub(crate) async fn user_update_locked(&self, id: i64, input: UserInput) -> Result<Value, ServiceError> {
         const S: &str = "user_update";
         let (rec, mut data) = self.user_by_id(id)?;
         let mut errs = ValidationErrors::new();
@@ -487,8 +497,8 @@ impl App {
             None => None,
         };
         // Side effects in the order most likely to fail first, each undone when
-        // a later one fails: the call changes everything or nothing. (An OS
-        // password already set cannot be put back; it is the last OS change.)
+        // a later one fails: the call changes everything or nothing. The OS
+        // password comes last: once set, the old one cannot be put back.
         let old = UserData::from_record(&rec);
         let undo_keys = || {
             if keys_changed {
@@ -513,25 +523,26 @@ impl App {
                 undo_keys();
                 return Err(ServiceError::field(format!("{S}.shell"), format!("Updating the OS account failed: {e}")));
             }
-            if let Some(p) = &input.password {
-                if let Err(e) = accounts::set_password(&rec.username, Some(p.expose_secret())) {
-                    undo_os();
-                    undo_keys();
-                    return Err(ServiceError::field(
-                        format!("{S}.password"),
-                        format!("Setting the OS password failed: {e}"),
-                    ));
-                }
-            }
         }
         if let Err(e) = self.store.user_update(id, &rec.username, &data.to_value(), hash.as_ref().map(|h| h.as_deref()))
         {
             undo_os();
             undo_keys();
-            if os_managed && input.password.is_some() {
-                tracing::error!(user = %rec.username, "the OS password was changed but the account record was not");
-            }
             return Err(e.into());
+        }
+        if let (true, Some(p)) = (os_managed, &input.password) {
+            if let Err(e) = accounts::set_password(&rec.username, Some(p.expose_secret())) {
+                let old_hash = hash.as_ref().map(|_| rec.password_hash.as_deref());
+                if let Err(e) = self.store.user_update(id, &rec.username, &rec.data, old_hash) {
+                    tracing::error!(user = %rec.username, "restoring the account record failed: {e}");
+                }
+                undo_os();
+                undo_keys();
+                return Err(ServiceError::field(
+                    format!("{S}.password"),
+                    format!("Setting the OS password failed: {e}"),
+                ));
+            }
         }
         if password_login_changed {
             self.ssh_users_changed().await;
