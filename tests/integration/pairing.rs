@@ -458,6 +458,32 @@ async fn semiautomatic_setup_over_https_honours_verify_ssl() {
     let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([args.clone()])).await;
     assert_eq!(e["data"]["error"], 208, "{e}");
     assert_call_error(&e, "ESSLCERTVERIFICATIONERROR", "certificate");
+    // The refusal names the certificate it saw, as openssl prints B's certificate file.
+    let o = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(b.dir.path().join("tls/cert.pem"))
+        .output()
+        .unwrap();
+    let b_fp = String::from_utf8_lossy(&o.stdout).trim().split_once('=').map(|(_, f)| f.to_string()).unwrap();
+    assert_eq!(b_fp.len(), 95, "{b_fp}");
+    let reason = e["data"]["reason"].as_str().unwrap();
+    assert!(reason.contains(&format!("SHA-256 fingerprint {b_fp}")), "{reason}");
+
+    // keyhaven extension: pin that certificate instead of turning verification off.
+    let mut wrong = args.clone();
+    wrong["tls_fingerprint"] = json!("00".repeat(32));
+    let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([wrong.clone()])).await;
+    assert_call_error(&e, "ESSLCERTVERIFICATIONERROR", "the certificate changed since you trusted it");
+    assert!(e["data"]["reason"].as_str().unwrap().contains(&b_fp), "{e}");
+    wrong["tls_fingerprint"] = json!("not a fingerprint");
+    let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([wrong])).await;
+    assert_field(&e, "keychain_remote_ssh_semiautomatic_setup.tls_fingerprint", "64 hexadecimal digits");
+    let mut pinned = args.clone();
+    pinned["name"] = json!("tls-pinned");
+    pinned["tls_fingerprint"] = json!(b_fp.replace(':', "").to_lowercase());
+    let conn = ca.call("keychaincredential.remote_ssh_semiautomatic_setup", json!([pinned])).await;
+    assert_eq!(conn["attributes"]["port"], b_ssh);
+
     args["verify_ssl"] = json!(false);
     let conn = ca.call("keychaincredential.remote_ssh_semiautomatic_setup", json!([args])).await;
     assert_eq!(conn["attributes"]["port"], b_ssh);

@@ -324,7 +324,7 @@ async fn run_https_token_pairing(driver: &WebDriver, d: &Daemon, b: &Daemon) {
     pair("tls-1").await;
     let hidden = js(
         driver,
-        "return ['admin_username', 'password', 'otp_token', 'insecure'].every((n) => document.querySelector(`#modal [name='${n}']`).closest('.field').hidden);",
+        "return ['admin_username', 'password', 'otp_token', 'trusted_cert'].every((n) => document.querySelector(`#modal [name='${n}']`).closest('.field').hidden);",
         vec![],
     )
     .await;
@@ -340,7 +340,16 @@ async fn run_https_token_pairing(driver: &WebDriver, d: &Daemon, b: &Daemon) {
         Duration::from_secs(60),
     )
     .await;
-    assert!(question.as_str().unwrap().contains("ignore this error"), "{question}");
+    assert!(question.as_str().unwrap().contains("Compare it with the remote"), "{question}");
+    // The fingerprint shown is B's certificate's, as openssl prints it.
+    let o = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(b.dir.path().join("tls/cert.pem"))
+        .output()
+        .unwrap();
+    let b_fp = String::from_utf8_lossy(&o.stdout).trim().split_once('=').map(|(_, f)| f.to_string()).unwrap();
+    let shown = js(driver, "return document.getElementById('cert-fingerprint').textContent;", vec![]).await;
+    assert_eq!(shown, json!(b_fp));
     shot(driver, "41-certificate-question").await;
     click(driver, "#confirm-ok").await;
     wait_js_within(
@@ -354,18 +363,18 @@ async fn run_https_token_pairing(driver: &WebDriver, d: &Daemon, b: &Daemon) {
     let mut ca = d.admin().await;
     let me = ca.call("auth.me", json!([])).await;
     let origin = b.url.trim_end_matches('/').to_string();
-    assert_eq!(me["attributes"]["preferences"]["insecure_tls_origins"], json!([origin]), "decision remembered");
+    assert_eq!(me["attributes"]["preferences"]["tls_pins"], json!({origin: b_fp}), "certificate remembered");
 
     // Second pairing with the same address: no question, the remembered decision is shown and used.
     let t2 = b.cli_json(&["auth.generate_token", "600", "{}", "false"]);
     pair("tls-2").await;
-    let insecure = js(
+    let trusted = js(
         driver,
-        "const i = document.querySelector(\"#modal [name='insecure']\"); return !i.closest('.field').hidden && i.checked;",
+        "const i = document.querySelector(\"#modal [name='trusted_cert']\"); return !i.closest('.field').hidden && i.checked;",
         vec![],
     )
     .await;
-    assert_eq!(insecure, json!(true), "remembered certificate decision not shown");
+    assert_eq!(trusted, json!(true), "remembered certificate not offered");
     fill(driver, &field("token"), t2.as_str().unwrap()).await;
     fill(driver, &field("private_key"), "NEW").await;
     shot(driver, "42-remembered-certificate").await;
@@ -392,7 +401,7 @@ async fn run_https_token_pairing(driver: &WebDriver, d: &Daemon, b: &Daemon) {
     wait_js(driver, "re-pair form", "return document.querySelector(\"#modal[open] [name='rotate']\");", vec![]).await;
     let prefilled = js(
         driver,
-        "const q = (n) => document.querySelector(`#modal [name='${n}']`); return [q('url').value, q('insecure').checked, q('rotate').checked, q('remove_old_key').checked, q('new_key_name').value];",
+        "const q = (n) => document.querySelector(`#modal [name='${n}']`); return [q('url').value, q('trusted_cert').checked, q('rotate').checked, q('remove_old_key').checked, q('new_key_name').value];",
         vec![],
     )
     .await;

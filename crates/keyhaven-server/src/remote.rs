@@ -54,19 +54,69 @@ impl ClientError {
     }
 }
 
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+/// Which server certificates a connection accepts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsTrust {
+    /// Chains to a web-PKI root (the default).
+    WebPki,
+    /// Any certificate (TrueNAS's `verify_ssl: false`).
+    Insecure,
+    /// Exactly the certificate with this SHA-256 fingerprint (see [`cert_fingerprint`]),
+    /// whoever signed it: a self-signed certificate the admin checked once.
+    Pinned(String),
+}
 
-impl ServerCertVerifier for NoVerify {
+/// SHA-256 of a certificate as `openssl x509 -fingerprint -sha256` prints it
+/// (`AB:CD:…`, upper-case hex).
+pub fn cert_fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(der);
+    d.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
+/// Normalise a fingerprint given by a caller: 64 hex digits, colons and case free.
+pub fn parse_cert_fingerprint(s: &str) -> Option<String> {
+    let hex: String = s.trim().trim_start_matches("SHA256:").chars().filter(|c| *c != ':').collect();
+    (hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())).then(|| {
+        hex.to_ascii_uppercase()
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>()
+            .join(":")
+    })
+}
+
+/// Checks certificates by [`TlsTrust`] and remembers the fingerprint of the
+/// one the server presented, so a refusal can say which certificate it was.
+#[derive(Debug)]
+struct Verifier {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    trust: TlsTrust,
+    webpki: Option<Arc<dyn ServerCertVerifier>>,
+    seen: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        let fp = cert_fingerprint(end_entity);
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(fp.clone());
+        match (&self.trust, &self.webpki) {
+            (TlsTrust::Insecure, _) => Ok(ServerCertVerified::assertion()),
+            (TlsTrust::Pinned(want), _) if *want == fp => Ok(ServerCertVerified::assertion()),
+            (TlsTrust::Pinned(_), _) => {
+                Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+            }
+            (TlsTrust::WebPki, Some(v)) => v.verify_server_cert(end_entity, intermediates, server_name, ocsp, now),
+            (TlsTrust::WebPki, None) => Err(rustls::Error::General("no certificate roots".into())),
+        }
     }
     fn verify_tls12_signature(
         &self,
@@ -74,7 +124,7 @@ impl ServerCertVerifier for NoVerify {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
     }
     fn verify_tls13_signature(
         &self,
@@ -82,42 +132,46 @@ impl ServerCertVerifier for NoVerify {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
-fn tls_config(verify: bool, extra_ca: Option<&[CertificateDer<'static>]>) -> rustls::ClientConfig {
+fn tls_config(trust: &TlsTrust, seen: Arc<std::sync::Mutex<Option<String>>>) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions");
-    if verify {
+    let webpki = (*trust == TlsTrust::WebPki).then(|| {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        for c in extra_ca.unwrap_or_default() {
-            let _ = roots.add(c.clone());
-        }
-        builder.with_root_certificates(roots).with_no_client_auth()
-    } else {
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerify(provider))).with_no_client_auth()
-    }
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map(|v| v as Arc<dyn ServerCertVerifier>)
+            .ok()
+    });
+    let verifier = Verifier { provider, trust: trust.clone(), webpki: webpki.flatten(), seen };
+    builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
 }
 
-fn is_cert_error(e: &tokio_tungstenite::tungstenite::Error) -> Option<String> {
+fn is_cert_error(e: &tokio_tungstenite::tungstenite::Error, trust: &TlsTrust, seen: Option<String>) -> Option<String> {
     use tokio_tungstenite::tungstenite::Error as E;
-    if let E::Io(io) = e {
-        if let Some(inner) = io.get_ref() {
-            if let Some(r) = inner.downcast_ref::<rustls::Error>() {
-                if matches!(r, rustls::Error::InvalidCertificate(_)) {
-                    return Some(format!("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: {r}"));
-                }
-            }
-        }
+    let E::Io(io) = e else { return None };
+    let r = io.get_ref()?.downcast_ref::<rustls::Error>()?;
+    if !matches!(r, rustls::Error::InvalidCertificate(_)) {
+        return None;
     }
-    None
+    let presented =
+        seen.map(|fp| format!("; the server's certificate has SHA-256 fingerprint {fp}")).unwrap_or_default();
+    Some(match trust {
+        TlsTrust::Pinned(want) => format!(
+            "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: the certificate changed since you \
+             trusted it (expected SHA-256 fingerprint {want}){presented}"
+        ),
+        _ => format!("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: {r}{presented}"),
+    })
 }
 
 /// Turn `http(s)://host[:port][/prefix]` into the WebSocket URL of `endpoint`.
@@ -150,17 +204,30 @@ impl RpcClient {
         verify_tls: bool,
         timeout: Duration,
     ) -> Result<RpcClient, ClientError> {
+        let trust = if verify_tls { TlsTrust::WebPki } else { TlsTrust::Insecure };
+        Self::connect_with(base, dialect, &trust, timeout).await
+    }
+
+    /// [`RpcClient::connect`] with any [`TlsTrust`].
+    pub async fn connect_with(
+        base: &str,
+        dialect: Dialect,
+        trust: &TlsTrust,
+        timeout: Duration,
+    ) -> Result<RpcClient, ClientError> {
         let endpoint = match dialect {
             Dialect::JsonRpc => "api/current",
             Dialect::Legacy => "websocket",
         };
         let url = ws_url(base, endpoint)?;
-        let connector = Connector::Rustls(Arc::new(tls_config(verify_tls, None)));
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let connector = Connector::Rustls(Arc::new(tls_config(trust, seen.clone())));
         let fut = tokio_tungstenite::connect_async_tls_with_config(&url, None, true, Some(connector));
         let (ws, _) = match tokio::time::timeout(timeout, fut).await {
             Err(_) => return Err(ClientError::Timeout(timeout)),
             Ok(Err(e)) => {
-                if let Some(m) = is_cert_error(&e) {
+                let presented = seen.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(m) = is_cert_error(&e, trust, presented) {
                     return Err(ClientError::CertificateVerification(m));
                 }
                 if let tokio_tungstenite::tungstenite::Error::Http(r) = &e {

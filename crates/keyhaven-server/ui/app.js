@@ -55,6 +55,8 @@ const rpc = {
         const p = this.pending.get(msg.id);
         if (!p) return;
         this.pending.delete(msg.id);
+        // The server counts a finished call as activity too.
+        this.lastCall = Date.now();
         if (msg.error) p.reject(new RpcError(msg.error)); else p.resolve(msg.result);
       };
       ws.onclose = () => {
@@ -492,6 +494,7 @@ async function deleteConnection(c, keys, conns, done) {
       else await rpc.call('keychaincredential.delete', c.id);
     });
     toast('SSH Connection deleted');
+    rememberPairingUrl(c.id, null).catch(() => {});
     done();
   } catch (e) { toastError(e); }
 }
@@ -556,21 +559,48 @@ async function reviewHostKeys(conn, done) {
   await testConnection({ ...c, attributes }, done);
 }
 
-// Addresses whose certificate the admin chose to ignore when pairing, kept in
-// the account's preferences so the question is asked once per address.
-const urlOrigin = (u) => { try { return new URL(String(u).trim()).origin; } catch (e) { return ''; } };
-function insecureOrigins() {
-  const p = (rpc.user && rpc.user.attributes && rpc.user.attributes.preferences) || {};
-  return Array.isArray(p.insecure_tls_origins) ? p.insecure_tls_origins : [];
-}
-async function rememberInsecure(origin, on) {
-  if (!origin || !rpc.has('auth.set_attribute')) return;
-  const prefs = { ...((rpc.user.attributes && rpc.user.attributes.preferences) || {}) };
-  const list = insecureOrigins().filter((o) => o !== origin);
-  if (on) list.push(origin);
-  prefs.insecure_tls_origins = list;
+// Read-modify-write of the account's `preferences` attribute, from the
+// server's current copy so a change made in another tab is not overwritten.
+async function updatePreferences(mutate) {
+  const me = await rpc.call('auth.me');
+  const prefs = { ...((me.attributes && me.attributes.preferences) || {}) };
+  mutate(prefs);
+  // Bounded: the server keeps at most 16 KiB of attributes per account.
+  for (const k of ['pairing_urls', 'tls_pins']) {
+    const entries = Object.entries(prefs[k] || {});
+    if (entries.length > 50) prefs[k] = Object.fromEntries(entries.slice(-50));
+  }
   await rpc.call('auth.set_attribute', 'preferences', prefs);
-  rpc.user.attributes = { ...(rpc.user.attributes || {}), preferences: prefs };
+  rpc.user.attributes = { ...(me.attributes || {}), preferences: prefs };
+  return prefs;
+}
+const preferences = () => (rpc.user && rpc.user.attributes && rpc.user.attributes.preferences) || {};
+
+// Self-signed certificates the admin checked and trusted when pairing, by
+// address: later pairings with that address trust exactly that certificate
+// (a changed one is refused and asked about again).
+const urlOrigin = (u) => { try { return new URL(String(u).trim()).origin; } catch (e) { return ''; } };
+const pinnedCert = (url) => (preferences().tls_pins || {})[urlOrigin(url)] || '';
+async function rememberCert(origin, fingerprint) {
+  if (!origin || !rpc.has('auth.set_attribute')) return;
+  await updatePreferences((p) => {
+    const pins = { ...(p.tls_pins || {}) };
+    delete pins[origin];
+    if (fingerprint) pins[origin] = fingerprint;
+    p.tls_pins = pins;
+  });
+}
+
+// The URL a connection was last paired through, kept in the account's preferences.
+const pairingUrl = (connId) => (preferences().pairing_urls || {})[String(connId)] || '';
+async function rememberPairingUrl(connId, url) {
+  if (!connId || !rpc.has('auth.set_attribute')) return;
+  await updatePreferences((p) => {
+    const urls = { ...(p.pairing_urls || {}) };
+    delete urls[String(connId)];
+    if (url) urls[String(connId)] = url;
+    p.pairing_urls = urls;
+  });
 }
 
 // A single-use token another system's semi-automatic setup logs in with.
@@ -595,8 +625,8 @@ async function pairingToken() {
 function semiAuthFields(on) {
   return [
     { name: 'url', label: 'URL', show: on, help: 'The remote system’s address with its scheme, e.g. https://10.0.0.5:8443' },
-    { name: 'insecure', label: 'Ignore certificate errors for this address (you accepted its certificate before; clear to check it again)', type: 'checkbox',
-      show: (v) => on(v) && insecureOrigins().includes(urlOrigin(v.url)) },
+    { name: 'trusted_cert', type: 'checkbox', show: (v) => on(v) && !!pinnedCert(v.url),
+      label: 'Trust the certificate of this address you checked before (only that one; clear to forget it)' },
     { name: 'auth_method', label: 'Authentication', type: 'select', show: on,
       options: [['PASSWORD', 'Admin username and password'], ['TOKEN', 'Pairing token from the remote system']],
       help: 'A pairing token (Backup Credentials › Pairing token… on another keyhaven, or auth.generate_token on TrueNAS) avoids typing the remote admin password here.' },
@@ -621,41 +651,37 @@ function semiArgs(v) {
 
 const isCertError = (e) => e instanceof RpcError && (e.errname === 'ESSLCERTVERIFICATIONERROR' || String(e.message).includes('ESSLCERTVERIFICATIONERROR'));
 
-// Run `call()` (which sends `s`) honouring the remembered certificate decision
-// for the address; on a certificate error ask, and retry without verification.
-// Errors of the first attempt propagate (they belong on the form); the retry
-// runs after the question replaced the form, so its errors become a toast.
+// Run `call()` (which sends `s`) trusting the certificate remembered for the
+// address; on a certificate error show its fingerprint, and retry trusting
+// exactly that certificate if the admin says so. Errors of the first attempt
+// propagate (they belong on the form); the retry runs after the question
+// replaced the form, so its errors become a toast.
 // Returns {value, retried}, or null when declined or the retry failed.
 async function withCertificateRetry(s, v, call) {
   const origin = urlOrigin(s.url);
-  const remembered = insecureOrigins().includes(origin);
-  if (remembered && v.insecure) s.verify_ssl = false;
-  if (remembered && !v.insecure) await rememberInsecure(origin, false);
+  const pin = pinnedCert(s.url);
+  if (pin && v.trusted_cert) s.tls_fingerprint = pin;
+  if (pin && !v.trusted_cert) await rememberCert(origin, null);
   try {
     return { value: await call(), retried: false };
   } catch (e) {
     if (!isCertError(e)) throw e;
-    const retry = await confirmDialog('Certificate not trusted',
-      h('div', {}, h('p', { class: 'error' }, errText(e)), h('p', {}, 'Would you like to ignore this error and try again?')),
-      { confirmLabel: 'Ignore and retry' });
+    const m = /server's certificate has SHA-256 fingerprint ([0-9A-F:]{95})/.exec(String(e.message));
+    const fp = m ? m[1] : null;
+    const body = h('div', {}, h('p', { class: 'error' }, errText(e)),
+      fp ? [h('p', {}, `The certificate ${origin} presented has this SHA-256 fingerprint:`),
+        h('p', { class: 'mono', id: 'cert-fingerprint' }, fp),
+        h('p', {}, 'Compare it with the remote’s certificate before trusting it (on keyhaven: openssl x509 -noout -fingerprint -sha256 -in <data>/tls/cert.pem). keyhaven will then trust exactly this certificate for this address, and ask again if it ever changes.')]
+        : h('p', {}, 'Would you like to ignore this error and try again?'));
+    const retry = await confirmDialog('Certificate not trusted', body, { confirmLabel: fp ? 'Trust this certificate and retry' : 'Ignore and retry' });
     if (!retry) return null;
-    s.verify_ssl = false;
-    await rememberInsecure(origin, true).catch(toastError);
-    try { return { value: await call(), retried: true }; } catch (e2) { toastError(e2); return null; }
+    if (fp) s.tls_fingerprint = fp; else s.verify_ssl = false;
+    try {
+      const value = await call();
+      if (fp) await rememberCert(origin, fp).catch(toastError);
+      return { value, retried: true };
+    } catch (e2) { toastError(e2); return null; }
   }
-}
-
-// The URL a connection was last paired through, kept in the account's preferences.
-function pairingUrl(connId) {
-  const p = (rpc.user && rpc.user.attributes && rpc.user.attributes.preferences) || {};
-  return (p.pairing_urls && p.pairing_urls[String(connId)]) || '';
-}
-async function rememberPairingUrl(connId, url) {
-  if (!connId || !rpc.has('auth.set_attribute')) return;
-  const prefs = { ...((rpc.user.attributes && rpc.user.attributes.preferences) || {}) };
-  prefs.pairing_urls = { ...(prefs.pairing_urls || {}), [String(connId)]: url };
-  await rpc.call('auth.set_attribute', 'preferences', prefs);
-  rpc.user.attributes = { ...(rpc.user.attributes || {}), preferences: prefs };
 }
 
 function connectionForm(keys, conn, done) {
@@ -683,7 +709,7 @@ function connectionForm(keys, conn, done) {
   ].filter(Boolean);
   const values = edit
     ? { name: conn.name, host: a.host, port: a.port, username: a.username, private_key: String(a.private_key), remote_host_key: a.remote_host_key, connect_timeout: a.connect_timeout }
-    : { setup_method: hasSetup ? 'SEMI-AUTOMATIC' : 'MANUAL', auth_method: 'PASSWORD', insecure: true, admin_username: 'admin', username: 'root', port: 22, connect_timeout: 10, private_key: keyOpts.length ? keyOpts[0][0] : '', new_key_type: 'ED25519' };
+    : { setup_method: hasSetup ? 'SEMI-AUTOMATIC' : 'MANUAL', auth_method: 'PASSWORD', trusted_cert: true, admin_username: 'admin', username: 'root', port: 22, connect_timeout: 10, private_key: keyOpts.length ? keyOpts[0][0] : '', new_key_type: 'ED25519' };
   const aliases = { connection_name: 'name', existing_key_id: 'private_key', generate_key: 'private_key', key_type: 'new_key_type' };
 
   const manualAttrs = (v, keyId) => ({ host: v.host.trim(), port: v.port, username: v.username, private_key: keyId,
@@ -747,7 +773,7 @@ function rePairForm(conn, keys, done) {
     { name: 'remove_old_key', label: 'Remove the old key from the remote account once the new one works', type: 'checkbox', show: (v) => v.rotate },
     { name: 'connect_timeout', label: 'Connect Timeout (seconds)', type: 'number', attrs: { min: 1, max: 300 } },
   ];
-  const values = { url: pairingUrl(conn.id), insecure: true, auth_method: 'PASSWORD', admin_username: 'admin', username: a.username,
+  const values = { url: pairingUrl(conn.id), trusted_cert: true, auth_method: 'PASSWORD', admin_username: 'admin', username: a.username,
     rotate: true, new_key_name: `${conn.name} Key ${n}`, new_key_type: 'ED25519', remove_old_key: true, connect_timeout: a.connect_timeout || 10 };
   const aliases = { name: 'new_key_name', key_type: 'new_key_type' };
   formModal({
@@ -773,7 +799,9 @@ function rePairForm(conn, keys, done) {
       }
       toast(msg);
       done();
-      if (out.old_key_pair) {
+      // Deleting the old pair is offered only once its key left the remote:
+      // otherwise it is the record of which key to take off there.
+      if (out.old_key_pair && out.old_key_removed_from_remote) {
         const users = await rpc.call('keychaincredential.used_by', out.old_key_pair).catch(() => null);
         if (users && users.length === 0) {
           const del = await confirmDialog('Delete the old key pair?', h('p', {}, `No connection uses ${oldName} anymore. Delete it?`),
@@ -1039,11 +1067,19 @@ function showLogin(message) {
   $('login-username').focus();
 }
 
+// Nothing of the session stays in the page: dialogs may hold a token or a
+// half-typed password.
+function clearSessionUi() {
+  const dlg = $('modal');
+  if (dlg.open) dlg.close();
+  dlg.replaceChildren();
+  $('view').replaceChildren();
+}
+
 function sessionEnded(message) {
   rpc.user = null;
   idle.stop();
-  const dlg = $('modal');
-  if (dlg.open) dlg.close();
+  clearSessionUi();
   rpc.close();
   showLogin(message);
 }
@@ -1120,7 +1156,8 @@ const idle = {
     const left = this.remaining();
     // A second of grace: the server's clock for this session starts when our call arrives.
     if (left < -1000) { if (!this.probing) this.probe(); return; }
-    const warnAt = Math.min(60, rpc.lifetime / 4) * 1000;
+    // A quarter of the lifetime (at most a minute), but never less than half of a short one.
+    const warnAt = Math.min(60, Math.max(rpc.lifetime / 4, Math.min(10, rpc.lifetime / 2))) * 1000;
     this.warn(left <= warnAt ? Math.max(0, Math.ceil(left / 1000)) : null);
   },
   warn(secondsLeft) {
@@ -1144,7 +1181,6 @@ const idle = {
 };
 
 function preferencesForm() {
-  const prefs = { ...((rpc.user.attributes && rpc.user.attributes.preferences) || {}) };
   formModal({
     title: 'Preferences',
     fields: [
@@ -1158,10 +1194,8 @@ function preferencesForm() {
         f.ctl.lifetime.focus();
         return;
       }
-      prefs.lifetime = v.lifetime;
-      await rpc.call('auth.set_attribute', 'preferences', prefs);
+      await updatePreferences((p) => { p.lifetime = v.lifetime; });
       await startTokenSession(v.lifetime);
-      rpc.user.attributes = { ...(rpc.user.attributes || {}), preferences: prefs };
       m.close();
       toast(`Session timeout set to ${fmtSeconds(v.lifetime)}`);
     },
@@ -1211,6 +1245,7 @@ async function logout() {
   idle.stop();
   try { if (rpc.ws) await rpc.call('auth.logout'); } catch (e) { toastError(e); }
   rpc.user = null;
+  clearSessionUi();
   rpc.close();
   showLogin('You have logged out.');
 }

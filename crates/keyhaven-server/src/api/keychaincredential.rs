@@ -433,14 +433,29 @@ macro_rules! semi_struct {
             connect_timeout: i64,
             #[serde(default)]
             sudo: bool,
+            /// keyhaven extension: trust exactly the certificate with this
+            /// SHA-256 fingerprint (a self-signed one the admin checked).
+            #[serde(default)]
+            tls_fingerprint: Option<String>,
         }
 
         impl $name {
             fn semi(self, schema: &str) -> Result<pairing::SemiAutomatic, ServiceError> {
                 check_semi(&self.url, &self.username, self.connect_timeout, schema)?;
+                let tls_pin = match self.tls_fingerprint.as_deref().filter(|f| !f.trim().is_empty()) {
+                    None => None,
+                    Some(f) => Some(crate::remote::parse_cert_fingerprint(f).ok_or_else(|| {
+                        ServiceError::field(
+                            format!("{schema}.tls_fingerprint"),
+                            "Give the certificate's SHA-256 fingerprint: 64 hexadecimal digits, colons allowed \
+                             (openssl x509 -noout -fingerprint -sha256 prints it)",
+                        )
+                    })?),
+                };
                 Ok(pairing::SemiAutomatic {
                     url: self.url.trim().to_string(),
                     verify_ssl: self.verify_ssl,
+                    tls_pin,
                     token: self.token.map(|s| s.0),
                     admin_username: self.admin_username.0,
                     password: self.password.map(|s| s.0),

@@ -13,7 +13,7 @@ use super::keychain::{AttributesInput, ConnectionInput, KeyPairInput, SSH_KEY_PA
 use super::users::UserInput;
 use super::App;
 use crate::error::{ServiceError, EFAULT, EINVAL, ENOENT, ESSLCERTVERIFICATIONERROR};
-use crate::remote::{ClientError, Dialect, RpcClient};
+use crate::remote::{ClientError, Dialect, RpcClient, TlsTrust};
 use keyhaven_core::{authorized_keys, keys};
 use keyhaven_ssh::client::{self as ssh_client, ScanError, ScannedKey, TestTarget};
 use keyhaven_ssh::files::KeysLocation;
@@ -147,6 +147,8 @@ const CREATE: &str = "keychain_credential_create";
 pub struct SemiAutomatic {
     pub url: String,
     pub verify_ssl: bool,
+    /// Trust exactly this certificate (keyhaven extension); overrides `verify_ssl`.
+    pub tls_pin: Option<String>,
     pub token: Option<SecretString>,
     pub admin_username: String,
     pub password: Option<SecretString>,
@@ -216,15 +218,21 @@ fn remote_reason(e: &ClientError) -> String {
 
 /// Connect to the remote API: JSON-RPC at `/api/current`, or the legacy
 /// `/websocket` when the remote does not have the former (older TrueNAS).
-async fn connect_remote(url: &str, verify_ssl: bool) -> Result<RpcClient, ServiceError> {
+async fn connect_remote(s: &SemiAutomatic) -> Result<RpcClient, ServiceError> {
+    let trust = match (&s.tls_pin, s.verify_ssl) {
+        (Some(pin), _) => TlsTrust::Pinned(pin.clone()),
+        (None, true) => TlsTrust::WebPki,
+        (None, false) => TlsTrust::Insecure,
+    };
+    let url = s.url.as_str();
     let map = |e: ClientError| match e {
         ClientError::CertificateVerification(m) => ServiceError::call(ESSLCERTVERIFICATIONERROR, m),
         other => ServiceError::call(EFAULT, format!("Unable to connect to remote system: {other}")),
     };
-    match RpcClient::connect(url, Dialect::JsonRpc, verify_ssl, REMOTE_CALL_TIMEOUT).await {
+    match RpcClient::connect_with(url, Dialect::JsonRpc, &trust, REMOTE_CALL_TIMEOUT).await {
         Ok(c) => Ok(c),
         Err(ClientError::NotFound(_)) => {
-            RpcClient::connect(url, Dialect::Legacy, verify_ssl, REMOTE_CALL_TIMEOUT).await.map_err(map)
+            RpcClient::connect_with(url, Dialect::Legacy, &trust, REMOTE_CALL_TIMEOUT).await.map_err(map)
         }
         Err(e) => Err(map(e)),
     }
@@ -313,7 +321,7 @@ impl App {
             return Err(not_found());
         }
         let public_key = kp["attributes"]["public_key"].as_str().unwrap_or("").trim().to_string();
-        let mut c = connect_remote(&s.url, s.verify_ssl).await?;
+        let mut c = connect_remote(s).await?;
         let r = self.pair_with(&mut c, &public_key, s).await;
         c.close().await;
         let (port, host_key) = r?;
@@ -498,7 +506,7 @@ impl App {
             ));
         }
 
-        let mut c = connect_remote(&s.url, s.verify_ssl).await?;
+        let mut c = connect_remote(s).await?;
         let (key_id, public_key) = match new_key {
             Some((key_name, options)) => {
                 let kp = self.generate_key_pair(options).await?;
