@@ -10,7 +10,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::{resolve_config, Common};
-use keyhaven_server::remote::{ClientError, Dialect, RpcClient};
+use keyhaven_server::remote::{parse_cert_fingerprint, ClientError, Dialect, RpcClient, TlsTrust};
 
 #[derive(Args)]
 pub struct CallArgs {
@@ -28,6 +28,10 @@ pub struct CallArgs {
     /// Do not verify the remote's TLS certificate (self-signed remotes)
     #[arg(long)]
     insecure: bool,
+    /// Trust exactly the remote certificate with this SHA-256 fingerprint
+    /// (`openssl x509 -noout -fingerprint -sha256` format; safer than --insecure)
+    #[arg(long, value_name = "FINGERPRINT", conflicts_with = "insecure")]
+    tls_fingerprint: Option<String>,
     /// Print compact JSON instead of pretty JSON
     #[arg(long)]
     compact: bool,
@@ -105,11 +109,19 @@ fn call_remote(a: &CallArgs, url: &str, params: Vec<Value>) -> Result<Value, Str
     let key = a.api_key.clone().ok_or("--url needs an API key: pass --api-key or set KEYHAVEN_API_KEY (create one with `keyhaven call api_key.create '{\"name\": \"cli\", \"username\": \"admin\"}'`)")?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let mut c = RpcClient::connect(url, Dialect::JsonRpc, !a.insecure, Duration::from_secs(30)).await.map_err(
+        let trust = match (&a.tls_fingerprint, a.insecure) {
+            (Some(f), _) => TlsTrust::Pinned(parse_cert_fingerprint(f).ok_or_else(|| {
+                format!("--tls-fingerprint {f}: give 64 hexadecimal digits (colons allowed), as openssl prints them")
+            })?),
+            (None, true) => TlsTrust::Insecure,
+            (None, false) => TlsTrust::WebPki,
+        };
+        let mut c = RpcClient::connect_with(url, Dialect::JsonRpc, &trust, Duration::from_secs(30)).await.map_err(
             |e| match e {
-                ClientError::CertificateVerification(m) => {
-                    format!("{m}; pass --insecure to skip verification of a self-signed certificate")
-                }
+                ClientError::CertificateVerification(m) => format!(
+                    "{m}; if that is the remote's certificate, pass --tls-fingerprint with its fingerprint \
+                     (or --insecure to skip verification)"
+                ),
                 other => format!("cannot connect to {url}: {other}"),
             },
         )?;

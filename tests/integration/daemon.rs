@@ -165,6 +165,34 @@ async fn tls_on_non_loopback_and_when_forced() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("CERTIFICATE_VERIFY_FAILED") && err.contains("--insecure"), "{err}");
+    // The refusal names the certificate; pinning exactly that one gets through TLS
+    // (to the API key check), a wrong pin does not.
+    let fp = err.split("SHA-256 fingerprint ").nth(1).map(|r| r[..95].to_string()).unwrap_or_else(|| panic!("{err}"));
+    let key = d.cli_json(&["api_key.create", r#"{"name": "tls-cli", "username": "admin"}"#])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let call = |pin: &str| {
+        Command::new(bin())
+            .args([
+                "call",
+                "--url",
+                &format!("https://127.0.0.1:{port}"),
+                "--api-key",
+                &key,
+                "--tls-fingerprint",
+                pin,
+                "core.ping",
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = call(&fp);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "\"pong\"");
+    let out = call(&"AB".repeat(32));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("changed since you trusted it"), "{err}");
 
     let dir3 = Arc::new(TestDir::new("tlsforced"));
     let d3 =
