@@ -156,10 +156,18 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
             cfg.tls_key.as_deref(),
             &[cfg.listen.ip().to_string()],
         )?;
-        Some(transport::tls::acceptor(&c, &k)?)
+        let acceptor = transport::tls::acceptor(&c, &k)?;
+        let fp = transport::tls::leaf_fingerprint(&c);
+        if let Some(fp) = &fp {
+            // Admins compare this with what a pairing system shows before trusting it.
+            tracing::info!("serving TLS with the certificate {} (SHA-256 fingerprint {fp})", c.display());
+        }
+        Some((acceptor, fp))
     } else {
         None
     };
+    let tls_fingerprint = tls.as_ref().and_then(|(_, fp)| fp.clone());
+    let tls = tls.map(|(a, _)| a);
     let listener =
         TcpListener::bind(cfg.listen).await.map_err(|source| StartupError::Listen { addr: cfg.listen, source })?;
     let local = listener.local_addr().map_err(|source| StartupError::Listen { addr: cfg.listen, source })?;
@@ -169,6 +177,9 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
     let data_dir = cfg.data_dir.clone();
     let scheme = if tls.is_some() { "https" } else { "http" };
     let app = App::new(cfg, store);
+    if let Some(fp) = tls_fingerprint {
+        let _ = app.tls_fingerprint.set(fp);
+    }
     let router = transport::router(app.clone());
     let unix_task = tokio::spawn(transport::unix::serve(app.clone(), unix));
     {

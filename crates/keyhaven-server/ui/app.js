@@ -615,8 +615,17 @@ async function pairingToken() {
   const copy = btn('Copy', async () => {
     try { await navigator.clipboard.writeText(token); toast('Pairing token copied'); } catch (e) { input.select(); toast('Select the token and copy it (Ctrl+C)'); }
   }, 'secondary small', { id: 'pairing-token-copy' });
+  // Over TLS the other system will ask to trust this system's certificate: give the fingerprint to compare.
+  let cert = null;
+  if (location.protocol === 'https:' && rpc.has('keyhaven.tls_certificate')) {
+    const c = await rpc.call('keyhaven.tls_certificate').catch(() => null);
+    if (c && c.fingerprint_sha256) {
+      cert = h('p', { class: 'help' }, 'If the other system asks whether to trust this system’s certificate, its SHA-256 fingerprint must be ',
+        h('span', { class: 'mono', id: 'own-cert-fingerprint' }, c.fingerprint_sha256), '.');
+    }
+  }
   await infoDialog('Pairing token', h('div', {},
-    h('label', { for: id }, 'Token'), input, h('div', { class: 'row-buttons' }, copy),
+    h('label', { for: id }, 'Token'), input, h('div', { class: 'row-buttons' }, copy), cert,
     h('p', { class: 'help', id: `${id}-help` }, `On the other system, choose New SSH Connection › Semi-automatic › Authentication: Pairing token, with this system's URL (${location.origin}). The token logs in as ${rpc.user.pw_name}, works once, from any address, for ${fmtSeconds(ttl)}; it is not shown again.`)));
 }
 

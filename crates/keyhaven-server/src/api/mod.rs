@@ -7,6 +7,7 @@ mod audit;
 mod auth;
 mod core;
 mod keychaincredential;
+mod keyhaven;
 pub mod params;
 mod service;
 mod ssh;
@@ -82,6 +83,7 @@ fn registry() -> &'static HashMap<&'static str, MethodDef> {
         all.extend(audit::methods());
         all.extend(core::methods());
         all.extend(keychaincredential::methods());
+        all.extend(keyhaven::methods());
         all.extend(service::methods());
         all.extend(ssh::methods());
         all.extend(user::methods());

@@ -56,6 +56,12 @@ pub fn ensure_cert(
     Ok((cert_path, key_path))
 }
 
+/// SHA-256 fingerprint (openssl's `AB:CD:…` form) of the first certificate in a PEM file.
+pub fn leaf_fingerprint(cert: &Path) -> Option<String> {
+    let first = CertificateDer::pem_file_iter(cert).ok()?.next()?.ok()?;
+    Some(crate::remote::cert_fingerprint(&first))
+}
+
 pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     let bad = |m: String| TlsError::Config { cert: cert.into(), key: key.into(), message: m };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)

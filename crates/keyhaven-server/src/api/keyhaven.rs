@@ -1,0 +1,21 @@
+//! `keyhaven.*`: facts about this keyhaven that TrueNAS has no method for.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::{Ctx, MethodDef, Params};
+use crate::error::ServiceError;
+use crate::method;
+
+pub fn methods() -> Vec<MethodDef> {
+    vec![method!("keyhaven.tls_certificate", Read, tls_certificate)]
+}
+
+/// Whether the API is served over TLS and the served certificate's SHA-256
+/// fingerprint, to compare with what a pairing system shows before it trusts it.
+async fn tls_certificate(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    p.at_most(0, "keyhaven.tls_certificate")?;
+    let fp = ctx.app.tls_fingerprint.get();
+    Ok(json!({"tls": fp.is_some(), "fingerprint_sha256": fp}))
+}
