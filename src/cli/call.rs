@@ -109,6 +109,11 @@ fn call_remote(a: &CallArgs, url: &str, params: Vec<Value>) -> Result<Value, Str
     let key = a.api_key.clone().ok_or("--url needs an API key: pass --api-key or set KEYHAVEN_API_KEY (create one with `keyhaven call api_key.create '{\"name\": \"cli\", \"username\": \"admin\"}'`)")?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
+        if a.tls_fingerprint.is_some() && !url.trim().starts_with("https://") {
+            return Err(format!(
+                "--tls-fingerprint needs an https:// URL ({url} has no certificate to pin, and would carry the API key in clear text)"
+            ));
+        }
         let trust = match (&a.tls_fingerprint, a.insecure) {
             (Some(f), _) => TlsTrust::Pinned(parse_cert_fingerprint(f).ok_or_else(|| {
                 format!("--tls-fingerprint {f}: give 64 hexadecimal digits (colons allowed), as openssl prints them")

@@ -212,6 +212,25 @@ async fn job_events_reach_subscribers_in_both_dialects() {
     let r = c.recv().await.unwrap();
     assert_eq!(r["id"], "job-2", "an event after unsubscribing: {r}");
     assert!(c.silent_for(Duration::from_millis(700)).await, "events after unsubscribing");
+    // A subscriber whose account is locked gets nothing more, although it makes no call.
+    let mut a = d.admin().await;
+    a.call(
+        "user.create",
+        json!([{"username": "daemon", "full_name": "", "password": "ro-password-1", "roles": ["READONLY_ADMIN"]}]),
+    )
+    .await;
+    let mut ro = d.client().await;
+    ro.login("daemon", "ro-password-1").await;
+    ro.call("core.subscribe", json!(["core.get_jobs"])).await;
+    let job = a.call("service.control", json!(["STOP", "ssh"])).await;
+    let seen = ro.recv().await.unwrap();
+    assert_eq!((seen["params"]["collection"].clone(), seen["params"]["id"].clone()), (json!("core.get_jobs"), job));
+    let uid = a.call("user.query", json!([[["username", "=", "daemon"]], {"get": true}])).await["id"].clone();
+    a.call("user.update", json!([uid, {"locked": true}])).await;
+    while !ro.silent_for(Duration::from_millis(300)).await {}
+    a.call("service.control", json!(["STOP", "ssh"])).await;
+    assert!(ro.silent_for(Duration::from_millis(700)).await, "a locked account still receives events");
+
     // Over the local socket (no connection to push to) the method says where it works.
     let o = d.call_cli(&["core.subscribe", "core.get_jobs"]);
     assert!(!o.status.success());
@@ -228,6 +247,11 @@ async fn job_events_reach_subscribers_in_both_dialects() {
     assert_eq!(l.recv().await.unwrap()["result"], true);
     l.send_text(r#"{"msg":"sub","id":"s1","name":"core.get_jobs"}"#).await;
     assert_eq!(l.recv().await.unwrap(), json!({"msg": "ready", "subs": ["s1"]}));
+    // Ids 1 and "1" are different subscriptions: unsubscribing one keeps the other.
+    l.send_text(r#"{"msg":"sub","id":1,"name":"core.get_jobs"}"#).await;
+    assert_eq!(l.recv().await.unwrap(), json!({"msg": "ready", "subs": [1]}));
+    l.send_text(r#"{"msg":"unsub","id":"1"}"#).await;
+    l.send_text(r#"{"msg":"unsub","id":1}"#).await;
     l.send_text(r#"{"msg":"method","id":"2","method":"service.control","params":["STOP","ssh"]}"#).await;
     let (reply, events) = job_reply_and_events(&mut l, "2", true).await;
     assert_job_events(&events, &reply["result"]);

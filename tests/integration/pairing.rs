@@ -478,9 +478,14 @@ async fn semiautomatic_setup_over_https_honours_verify_ssl() {
     wrong["tls_fingerprint"] = json!("not a fingerprint");
     let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([wrong])).await;
     assert_field(&e, "keychain_remote_ssh_semiautomatic_setup.tls_fingerprint", "64 hexadecimal digits");
+    let mut plain = args.clone();
+    plain["url"] = json!(b.url.replacen("https://", "http://", 1));
+    plain["tls_fingerprint"] = json!(format!("sha256 Fingerprint={b_fp}"));
+    let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([plain])).await;
+    assert_field(&e, "keychain_remote_ssh_semiautomatic_setup.tls_fingerprint", "only be pinned for an https:// URL");
     let mut pinned = args.clone();
     pinned["name"] = json!("tls-pinned");
-    pinned["tls_fingerprint"] = json!(b_fp.replace(':', "").to_lowercase());
+    pinned["tls_fingerprint"] = json!(format!("sha256 Fingerprint={}", b_fp.to_lowercase()));
     let conn = ca.call("keychaincredential.remote_ssh_semiautomatic_setup", json!([pinned])).await;
     assert_eq!(conn["attributes"]["port"], b_ssh);
 

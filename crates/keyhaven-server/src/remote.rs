@@ -75,8 +75,12 @@ pub fn cert_fingerprint(der: &[u8]) -> String {
 }
 
 /// Normalise a fingerprint given by a caller: 64 hex digits, colons and case free.
+/// Accepts openssl's whole output line (`sha256 Fingerprint=AB:…`) too.
 pub fn parse_cert_fingerprint(s: &str) -> Option<String> {
-    let hex: String = s.trim().trim_start_matches("SHA256:").chars().filter(|c| *c != ':').collect();
+    let s = s.trim();
+    let s = s.rsplit_once('=').map(|(_, f)| f).unwrap_or(s).trim();
+    let s = if s.len() > 7 && s[..7].eq_ignore_ascii_case("SHA256:") { &s[7..] } else { s };
+    let hex: String = s.chars().filter(|c| *c != ':').collect();
     (hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())).then(|| {
         hex.to_ascii_uppercase()
             .as_bytes()
@@ -356,6 +360,25 @@ fn remote_error(dialect: Dialect, err: &Value) -> ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cert_fingerprints_in_openssl_forms() {
+        let fp = (0..32).map(|i| format!("{i:02X}")).collect::<Vec<_>>().join(":");
+        for input in [
+            fp.clone(),
+            fp.to_lowercase(),
+            fp.replace(':', ""),
+            format!("sha256 Fingerprint={fp}"),
+            format!("SHA256 Fingerprint={fp}\n"),
+            format!("SHA256:{}", fp.replace(':', "")),
+        ] {
+            assert_eq!(parse_cert_fingerprint(&input).as_deref(), Some(fp.as_str()), "{input}");
+        }
+        for bad in ["", "AB:CD", &"G".repeat(64), &format!("{fp}:00")] {
+            assert_eq!(parse_cert_fingerprint(bad), None, "{bad}");
+        }
+        assert_eq!(cert_fingerprint(b"x").len(), 95);
+    }
 
     #[test]
     fn ws_urls() {

@@ -133,7 +133,8 @@ function openModal({ title, body, buttons, onClose }) {
   let closed = false;
   const m = {
     el: dlg, err,
-    close(v) { if (closed) return; closed = true; dlg.close(); if (onClose) onClose(v); },
+    // Emptied on close: a dialog may hold a token or a typed password.
+    close(v) { if (closed) return; closed = true; dlg.close(); dlg.replaceChildren(); if (onClose) onClose(v); },
     setError(msg) { err.textContent = msg || ''; },
   };
   for (const b of buttons || []) {
@@ -565,10 +566,15 @@ async function updatePreferences(mutate) {
   const me = await rpc.call('auth.me');
   const prefs = { ...((me.attributes && me.attributes.preferences) || {}) };
   mutate(prefs);
-  // Bounded: the server keeps at most 16 KiB of attributes per account.
+  // Bounded: the server keeps at most 16 KiB of attributes per account. The
+  // maps keep insertion order (their keys are never integer-like), oldest first.
+  const size = () => JSON.stringify({ ...(me.attributes || {}), preferences: prefs }).length;
   for (const k of ['pairing_urls', 'tls_pins']) {
-    const entries = Object.entries(prefs[k] || {});
-    if (entries.length > 50) prefs[k] = Object.fromEntries(entries.slice(-50));
+    while (size() > 12 * 1024 && Object.keys(prefs[k] || {}).length) {
+      const [oldest] = Object.keys(prefs[k]);
+      prefs[k] = { ...prefs[k] };
+      delete prefs[k][oldest];
+    }
   }
   await rpc.call('auth.set_attribute', 'preferences', prefs);
   rpc.user.attributes = { ...(me.attributes || {}), preferences: prefs };
@@ -592,13 +598,14 @@ async function rememberCert(origin, fingerprint) {
 }
 
 // The URL a connection was last paired through, kept in the account's preferences.
-const pairingUrl = (connId) => (preferences().pairing_urls || {})[String(connId)] || '';
+// Keyed `c<id>`: integer-like keys would lose the insertion order the bound relies on.
+const pairingUrl = (connId) => (preferences().pairing_urls || {})[`c${connId}`] || '';
 async function rememberPairingUrl(connId, url) {
   if (!connId || !rpc.has('auth.set_attribute')) return;
   await updatePreferences((p) => {
     const urls = { ...(p.pairing_urls || {}) };
-    delete urls[String(connId)];
-    if (url) urls[String(connId)] = url;
+    delete urls[`c${connId}`];
+    if (url) urls[`c${connId}`] = url;
     p.pairing_urls = urls;
   });
 }

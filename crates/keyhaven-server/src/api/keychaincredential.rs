@@ -444,6 +444,13 @@ macro_rules! semi_struct {
                 check_semi(&self.url, &self.username, self.connect_timeout, schema)?;
                 let tls_pin = match self.tls_fingerprint.as_deref().filter(|f| !f.trim().is_empty()) {
                     None => None,
+                    Some(_) if !self.url.trim().starts_with("https://") => {
+                        return Err(ServiceError::field(
+                            format!("{schema}.tls_fingerprint"),
+                            "A certificate can only be pinned for an https:// URL (http:// has no certificate, \
+                             and would send the credentials in clear text)",
+                        ))
+                    }
                     Some(f) => Some(crate::remote::parse_cert_fingerprint(f).ok_or_else(|| {
                         ServiceError::field(
                             format!("{schema}.tls_fingerprint"),

@@ -663,11 +663,22 @@ impl App {
     /// A session opened with a token also ends once it has been idle for
     /// longer than the token's lifetime; every call counts as activity.
     pub fn current_caller(&self, session: &Session) -> Result<Caller, ServiceError> {
+        self.check_caller(session, true)
+    }
+
+    /// Whether events may be pushed to this session now: the same checks as a
+    /// call, without counting as activity.
+    pub fn may_receive_events(&self, session: &Session) -> bool {
+        session.receives_events() && self.check_caller(session, false).is_ok()
+    }
+
+    fn check_caller(&self, session: &Session, activity: bool) -> Result<Caller, ServiceError> {
         let mut c = session.caller().ok_or(ServiceError::NotAuthenticated)?;
         if c.via == AuthVia::UnixSocket {
             return Ok(c);
         }
-        if let Err(ttl) = session.touch() {
+        let idle = if activity { session.touch() } else { Ok(()) };
+        if let Err(ttl) = idle {
             session.set(SessionAuth::Anonymous);
             tracing::info!(address = %session.address, username = %c.username, "session expired after {} s idle", ttl.as_secs());
             audit::record(

@@ -535,7 +535,7 @@ impl App {
             Err(e) => {
                 // ssh_pair may have succeeded before a later remote call failed.
                 if rotated {
-                    let _ = remove_remote_key(&mut c, &s.username, &public_key).await;
+                    take_back_new_key(&mut c, &s.username, &public_key, &name).await;
                 }
                 c.close().await;
                 discard_new_key("pairing failed");
@@ -555,7 +555,7 @@ impl App {
             Ok(e) => e,
             Err(e) => {
                 if rotated {
-                    let _ = remove_remote_key(&mut c, &s.username, &public_key).await;
+                    take_back_new_key(&mut c, &s.username, &public_key, &name).await;
                 }
                 c.close().await;
                 discard_new_key("updating the connection failed");
@@ -581,7 +581,7 @@ impl App {
                 tracing::error!("could not restore connection {name} after a failed re-pair: {e}");
             }
             if rotated {
-                let _ = remove_remote_key(&mut c, &s.username, &public_key).await;
+                take_back_new_key(&mut c, &s.username, &public_key, &name).await;
             }
             c.close().await;
             discard_new_key("the new key did not log in");
@@ -643,6 +643,18 @@ impl App {
         }
         c.close().await;
         Ok(out)
+    }
+}
+
+/// Rolling back a rotation: the new key off the remote again, or a log line
+/// saying it is still there (the admin has to remove it).
+async fn take_back_new_key(c: &mut RpcClient, username: &str, public_key: &str, connection: &str) {
+    if let Err(e) = remove_remote_key(c, username, public_key).await {
+        tracing::error!(
+            connection,
+            username,
+            "re-pair failed and the new key could not be taken off the remote account ({e}); remove it there"
+        );
     }
 }
 

@@ -159,10 +159,16 @@ fn forward_events(
     name: String,
 ) -> tokio::task::JoinHandle<()> {
     let mut rx = app.events.subscribe();
+    let app = app.clone();
     tokio::spawn(async move {
         loop {
-            match rx.recv().await {
-                Ok(e) if e.collection == name && session.receives_events() => {
+            // Ends with the connection even when no event comes.
+            let next = tokio::select! {
+                _ = tx.closed() => break,
+                r = rx.recv() => r,
+            };
+            match next {
+                Ok(e) if e.collection == name && app.may_receive_events(&session) => {
                     let m = match dialect {
                         Dialect::JsonRpc => {
                             json!({"jsonrpc": "2.0", "method": "collection_update", "params": e.body()})
@@ -195,7 +201,7 @@ impl Subscriptions {
         name: String,
         start: impl FnOnce() -> tokio::task::JoinHandle<()>,
     ) -> Result<(), String> {
-        if self.0.len() >= MAX_SUBSCRIPTIONS {
+        if self.0.len() >= MAX_SUBSCRIPTIONS && !self.0.contains_key(&key) {
             return Err(format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection"));
         }
         // Collections keyhaven does not publish are acknowledged without a forwarder.
@@ -229,11 +235,9 @@ impl Drop for Subscriptions {
     }
 }
 
+/// A legacy subscription's key: its id in JSON form, so `1` and `"1"` differ.
 fn sub_key(id: &Value) -> String {
-    match id {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+    id.to_string()
 }
 
 /// Serve one upgraded WebSocket until the client goes away.
@@ -297,6 +301,13 @@ pub async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, dialect: 
             Incoming::Ignore => {}
             Incoming::Reply(v) => {
                 if tx.send(Message::Text(v.to_string().into())).await.is_err() {
+                    break;
+                }
+            }
+            Incoming::Subscribe { id, .. } if app.current_caller(&session).is_err() => {
+                let reply = json!({"msg": "result", "id": id, "error": {
+                    "error": 13, "errname": "EACCES", "type": null, "reason": "Not authorized", "trace": null, "extra": null}});
+                if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
                     break;
                 }
             }
@@ -368,6 +379,8 @@ pub async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, dialect: 
             }
         }
     }
+    // Forwarders hold senders: stop them first, or the writer waits for them.
+    drop(subs);
     drop(tx);
     let _ = writer.await;
 }
