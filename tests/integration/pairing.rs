@@ -355,6 +355,20 @@ async fn semiautomatic_setup_between_two_daemons() {
     dup["private_key"] = kp["id"].clone();
     let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([dup])).await;
     assert_field(&e, "keychain_credential_create.name", "Object with this name already exists");
+    // The failed setup undid nothing it did not do: the key was on B before and stays.
+    let root = cb.call("user.query", json!([[["username", "=", "root"]], {"get": true}])).await;
+    let kp_line =
+        kp["attributes"]["public_key"].as_str().unwrap().split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    assert!(root["sshpubkey"].as_str().unwrap_or("").contains(&kp_line), "a key authorized before was removed");
+    // A key that pairing added is taken off B again when the setup fails.
+    let fresh = new_key_pair(&mut ca, "dup-key").await;
+    dup["private_key"] = fresh["id"].clone();
+    let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([dup])).await;
+    assert_field(&e, "keychain_credential_create.name", "Object with this name already exists");
+    let fresh_line =
+        fresh["attributes"]["public_key"].as_str().unwrap().split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    let root = cb.call("user.query", json!([[["username", "=", "root"]], {"get": true}])).await;
+    assert!(!root["sshpubkey"].as_str().unwrap_or("").contains(&fresh_line), "a failed setup left its key on B");
 
     // Rollback of a generated key (invalid token).
     let e = ca
@@ -800,6 +814,7 @@ async fn re_pair_rotates_the_key_and_refreshes_host_keys() {
     assert_eq!(ca.call("keychaincredential.get_instance", json!([id.clone()])).await, conn, "connection changed");
     let daemon = cb.call("user.query", json!([[["username", "=", "daemon"]], {"get": true}])).await;
     assert!(daemon["sshpubkey"].is_null(), "the new key stayed on B: {daemon}");
+    assert_eq!(daemon["shell"], "/usr/sbin/nologin", "the shell pairing set on B was not put back");
 
     // Rotation.
     let r = ca

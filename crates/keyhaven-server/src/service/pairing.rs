@@ -322,9 +322,13 @@ impl App {
         }
         let public_key = kp["attributes"]["public_key"].as_str().unwrap_or("").trim().to_string();
         let mut c = connect_remote(s).await?;
-        let r = self.pair_with(&mut c, &public_key, s).await;
-        c.close().await;
-        let (port, host_key) = r?;
+        let (port, host_key, changes) = match self.pair_with(&mut c, &public_key, s).await {
+            Ok(r) => r,
+            Err(e) => {
+                c.close().await;
+                return Err(e);
+            }
+        };
         let conn = ConnectionInput {
             host: url_host(&s.url),
             port,
@@ -333,16 +337,37 @@ impl App {
             remote_host_key: strip_host_tokens(&host_key),
             connect_timeout: s.connect_timeout,
         };
-        self.keychain_create(name, AttributesInput::Connection(conn), CREATE)
+        let created = self.keychain_create(name, AttributesInput::Connection(conn), CREATE);
+        if created.is_err() {
+            changes.undo(&mut c, &s.username).await;
+        }
+        c.close().await;
+        created
     }
 
+    /// Log in to the remote, authorize `public_key` there (`ssh_pair`) and
+    /// adjust the account (login shell, sudo for zfs). Returns the SSH port,
+    /// the host keys and what changed on the remote, for a later undo; a
+    /// failure here undoes its own changes.
     async fn pair_with(
         &self,
         c: &mut RpcClient,
         public_key: &str,
         s: &SemiAutomatic,
-    ) -> Result<(i64, String), ServiceError> {
+    ) -> Result<(i64, String, RemoteChanges), ServiceError> {
         remote_login(c, s).await?;
+        let mut changes = RemoteChanges::default();
+        // Whether the key is already there decides whether an undo takes it off.
+        // Unknown (the query failed) counts as there: never remove what may predate us.
+        let had_key =
+            match c.call("user.query", vec![json!([["username", "=", s.username], ["local", "=", true]])]).await {
+                Ok(Value::Array(users)) => users.first().is_some_and(|u| {
+                    let want = key_body(public_key);
+                    u["sshpubkey"].as_str().unwrap_or("").lines().any(|l| want.is_some() && key_body(l) == want)
+                }),
+                Ok(_) => false,
+                Err(_) => true,
+            };
         let pair = c
             .call("keychaincredential.ssh_pair", vec![json!({"remote_hostname": "any-host", "username": s.username, "public_key": public_key})])
             .await
@@ -356,36 +381,53 @@ impl App {
                 ),
                 other => ServiceError::call(EFAULT, format!("Semi-automatic SSH connection setup failed: {other}")),
             })?;
-        let port = pair["port"].as_i64().ok_or_else(|| {
-            ServiceError::call(
-                EFAULT,
-                format!("Semi-automatic SSH connection setup failed: the remote returned no SSH port ({pair})"),
-            )
-        })?;
-        let host_key = pair["host_key"].as_str().unwrap_or("").to_string();
-        let upd_err = |e: ClientError| {
-            ServiceError::call(EFAULT, format!("Error updating remote user attributes: {}", remote_reason(&e)))
-        };
-        let user = c
-            .call(
-                "user.query",
-                vec![json!([["username", "=", s.username], ["local", "=", true]]), json!({"get": true})],
-            )
-            .await
-            .map_err(upd_err)?;
-        let mut update = serde_json::Map::new();
-        if user["shell"] == "/usr/sbin/nologin" {
-            update.insert("shell".into(), json!("/usr/bin/bash"));
+        if !had_key {
+            changes.key_added = Some(public_key.to_string());
         }
-        if s.sudo {
-            let mut cmds: Vec<Value> = user["sudo_commands_nopasswd"].as_array().cloned().unwrap_or_default();
-            if !cmds.iter().any(|c| c == "ALL" || c == "/usr/sbin/zfs") {
-                cmds.push(json!("/usr/sbin/zfs"));
-                update.insert("sudo_commands_nopasswd".into(), Value::Array(cmds));
+        let result = async {
+            let port = pair["port"].as_i64().ok_or_else(|| {
+                ServiceError::call(
+                    EFAULT,
+                    format!("Semi-automatic SSH connection setup failed: the remote returned no SSH port ({pair})"),
+                )
+            })?;
+            let host_key = pair["host_key"].as_str().unwrap_or("").to_string();
+            let upd_err = |e: ClientError| {
+                ServiceError::call(EFAULT, format!("Error updating remote user attributes: {}", remote_reason(&e)))
+            };
+            let user = c
+                .call(
+                    "user.query",
+                    vec![json!([["username", "=", s.username], ["local", "=", true]]), json!({"get": true})],
+                )
+                .await
+                .map_err(upd_err)?;
+            changes.user_id = Some(user["id"].clone());
+            let mut update = serde_json::Map::new();
+            if user["shell"] == "/usr/sbin/nologin" {
+                update.insert("shell".into(), json!("/usr/bin/bash"));
+            }
+            if s.sudo {
+                let mut cmds: Vec<Value> = user["sudo_commands_nopasswd"].as_array().cloned().unwrap_or_default();
+                if !cmds.iter().any(|c| c == "ALL" || c == "/usr/sbin/zfs") {
+                    cmds.push(json!("/usr/sbin/zfs"));
+                    update.insert("sudo_commands_nopasswd".into(), Value::Array(cmds));
+                }
+            }
+            c.call("user.update", vec![user["id"].clone(), Value::Object(update.clone())]).await.map_err(upd_err)?;
+            for k in update.keys() {
+                changes.restore.insert(k.clone(), user[k].clone());
+            }
+            Ok::<_, ServiceError>((port, host_key))
+        }
+        .await;
+        match result {
+            Ok((port, host_key)) => Ok((port, host_key, changes)),
+            Err(e) => {
+                changes.undo(c, &s.username).await;
+                Err(e)
             }
         }
-        c.call("user.update", vec![user["id"].clone(), Value::Object(update)]).await.map_err(upd_err)?;
-        Ok((port, host_key))
     }
 
     /// `keychaincredential.setup_ssh_connection` (reference §2.10). Names are
@@ -530,13 +572,9 @@ impl App {
         };
 
         let paired = self.pair_with(&mut c, &public_key, s).await;
-        let (port, host_key) = match paired {
+        let (port, host_key, changes) = match paired {
             Ok(p) => p,
             Err(e) => {
-                // ssh_pair may have succeeded before a later remote call failed.
-                if rotated {
-                    take_back_new_key(&mut c, &s.username, &public_key, &name).await;
-                }
                 c.close().await;
                 discard_new_key("pairing failed");
                 return Err(e);
@@ -554,9 +592,7 @@ impl App {
         let connection = match self.keychain_update(id, None, Some(AttributesInput::Connection(updated)), schema) {
             Ok(e) => e,
             Err(e) => {
-                if rotated {
-                    take_back_new_key(&mut c, &s.username, &public_key, &name).await;
-                }
+                changes.undo(&mut c, &s.username).await;
                 c.close().await;
                 discard_new_key("updating the connection failed");
                 return Err(e);
@@ -580,9 +616,7 @@ impl App {
             if let Err(e) = restore {
                 tracing::error!("could not restore connection {name} after a failed re-pair: {e}");
             }
-            if rotated {
-                take_back_new_key(&mut c, &s.username, &public_key, &name).await;
-            }
+            changes.undo(&mut c, &s.username).await;
             c.close().await;
             discard_new_key("the new key did not log in");
             return Err(ServiceError::call(
@@ -646,34 +680,50 @@ impl App {
     }
 }
 
-/// Rolling back a rotation: the new key off the remote again, or a log line
-/// saying it is still there (the admin has to remove it).
-async fn take_back_new_key(c: &mut RpcClient, username: &str, public_key: &str, connection: &str) {
-    if let Err(e) = remove_remote_key(c, username, public_key).await {
-        tracing::error!(
-            connection,
-            username,
-            "re-pair failed and the new key could not be taken off the remote account ({e}); remove it there"
-        );
+/// What pairing changed on the remote account, so a failure can put it back.
+#[derive(Default)]
+struct RemoteChanges {
+    user_id: Option<Value>,
+    /// The key `ssh_pair` added (absent when it was there before).
+    key_added: Option<String>,
+    /// Account fields changed, with their previous values.
+    restore: serde_json::Map<String, Value>,
+}
+
+impl RemoteChanges {
+    /// Best effort; what cannot be put back is logged for the admin.
+    async fn undo(&self, c: &mut RpcClient, username: &str) {
+        if let (Some(id), false) = (&self.user_id, self.restore.is_empty()) {
+            if let Err(e) = c.call("user.update", vec![id.clone(), Value::Object(self.restore.clone())]).await {
+                tracing::error!(username, "could not restore the remote account after a failed pairing: {e}");
+            }
+        }
+        if let Some(k) = &self.key_added {
+            if let Err(e) = remove_remote_key(c, username, k).await {
+                tracing::error!(username, "a failed pairing left its key on the remote account ({e}); remove it there");
+            }
+        }
     }
+}
+
+/// `type base64` of an authorized-keys or public-key line.
+fn key_body(line: &str) -> Option<String> {
+    authorized_keys::parse_authorized_keys(line)
+        .ok()
+        .and_then(|v| v.into_iter().next())
+        .map(|k| format!("{} {}", k.key_type, k.base64))
 }
 
 /// Take `public_key` (compared by type and base64) off the remote account's
 /// authorized keys through its API. `Ok(false)` when it was not there.
 async fn remove_remote_key(c: &mut RpcClient, username: &str, public_key: &str) -> Result<bool, String> {
-    let body = |l: &str| -> Option<String> {
-        authorized_keys::parse_authorized_keys(l)
-            .ok()
-            .and_then(|v| v.into_iter().next())
-            .map(|k| format!("{} {}", k.key_type, k.base64))
-    };
-    let target = body(public_key).ok_or("the key is not a valid public key")?;
+    let target = key_body(public_key).ok_or("the key is not a valid public key")?;
     let user = c
         .call("user.query", vec![json!([["username", "=", username], ["local", "=", true]]), json!({"get": true})])
         .await
         .map_err(|e| remote_reason(&e))?;
     let current = user["sshpubkey"].as_str().unwrap_or("");
-    let kept: Vec<&str> = current.lines().filter(|l| body(l).as_deref() != Some(target.as_str())).collect();
+    let kept: Vec<&str> = current.lines().filter(|l| key_body(l).as_deref() != Some(target.as_str())).collect();
     if kept.len() == current.lines().count() {
         return Ok(false);
     }
