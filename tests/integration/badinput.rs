@@ -80,6 +80,26 @@ fn table() -> Vec<(&'static str, Value, &'static str, &'static str)> {
         ("audit.query", json!([{"query-filters": [], "junk": 1}]), "audit_query.junk", "Extra inputs"),
         ("core.get_jobs", json!([[["id", "~", "("]]]), "core.get_jobs.filters", ""),
         ("core.ping", json!([1]), "core.ping", "Too many arguments"),
+        ("core.subscribe", json!([]), "core_subscribe.event", "Field required"),
+        ("core.subscribe", json!([["core.get_jobs"]]), "core_subscribe.event", "non-empty string"),
+        ("auth.set_attribute", json!([]), "auth_set_attribute.key", "Field required"),
+        ("auth.set_attribute", json!([5, 1]), "auth_set_attribute.key", "valid string"),
+        ("auth.set_attribute", json!(["k"]), "auth_set_attribute.value", "Field required"),
+        ("auth.set_attribute", json!([huge, 1]), "auth_set_attribute.key", ""),
+        ("keychaincredential.re_pair_ssh_connection", json!(["x"]), "keychain_re_pair_ssh_connection.id", "valid integer"),
+        ("keychaincredential.re_pair_ssh_connection", json!([1]), "keychain_re_pair_ssh_connection.options", "Field required"),
+        (
+            "keychaincredential.re_pair_ssh_connection",
+            json!([1, {"semi_automatic_setup": {"url": "https://h"}, "bogus": 1}]),
+            "keychain_re_pair_ssh_connection.options.bogus",
+            "Extra inputs",
+        ),
+        (
+            "keychaincredential.re_pair_ssh_connection",
+            json!([987654, {"semi_automatic_setup": {"url": "https://h"}}]),
+            "",
+            "KeychainCredential 987654 does not exist",
+        ),
     ]
 }
 
