@@ -86,8 +86,18 @@ fn table() -> Vec<(&'static str, Value, &'static str, &'static str)> {
         ("auth.set_attribute", json!([5, 1]), "auth_set_attribute.key", "valid string"),
         ("auth.set_attribute", json!(["k"]), "auth_set_attribute.value", "Field required"),
         ("auth.set_attribute", json!([huge, 1]), "auth_set_attribute.key", ""),
-        ("keychaincredential.re_pair_ssh_connection", json!(["x"]), "keychain_re_pair_ssh_connection.id", "valid integer"),
-        ("keychaincredential.re_pair_ssh_connection", json!([1]), "keychain_re_pair_ssh_connection.options", "Field required"),
+        (
+            "keychaincredential.re_pair_ssh_connection",
+            json!(["x"]),
+            "keychain_re_pair_ssh_connection.id",
+            "valid integer",
+        ),
+        (
+            "keychaincredential.re_pair_ssh_connection",
+            json!([1]),
+            "keychain_re_pair_ssh_connection.options",
+            "Field required",
+        ),
         (
             "keychaincredential.re_pair_ssh_connection",
             json!([1, {"semi_automatic_setup": {"url": "https://h"}, "bogus": 1}]),

@@ -200,12 +200,7 @@ async fn tls_on_non_loopback_and_when_forced() {
     assert!(d3.url.starts_with("https://127.0.0.1:"));
     // keyhaven.tls_certificate: the served certificate's fingerprint, as openssl prints it.
     let c = d3.cli_json(&["keyhaven.tls_certificate"]);
-    let o = Command::new("openssl")
-        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
-        .arg(d3.dir.path().join("tls/cert.pem"))
-        .output()
-        .unwrap();
-    let want = String::from_utf8_lossy(&o.stdout).trim().split_once('=').map(|(_, f)| f.to_string()).unwrap();
+    let want = d3.tls_fingerprint();
     assert_eq!(c, serde_json::json!({"tls": true, "fingerprint_sha256": want}));
     assert!(d3.stderr().contains(&format!("SHA-256 fingerprint {want}")), "the log names the certificate");
     let plain = Daemon::start();

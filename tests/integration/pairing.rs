@@ -473,12 +473,7 @@ async fn semiautomatic_setup_over_https_honours_verify_ssl() {
     assert_eq!(e["data"]["error"], 208, "{e}");
     assert_call_error(&e, "ESSLCERTVERIFICATIONERROR", "certificate");
     // The refusal names the certificate it saw, as openssl prints B's certificate file.
-    let o = std::process::Command::new("openssl")
-        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
-        .arg(b.dir.path().join("tls/cert.pem"))
-        .output()
-        .unwrap();
-    let b_fp = String::from_utf8_lossy(&o.stdout).trim().split_once('=').map(|(_, f)| f.to_string()).unwrap();
+    let b_fp = b.tls_fingerprint();
     assert_eq!(b_fp.len(), 95, "{b_fp}");
     let reason = e["data"]["reason"].as_str().unwrap();
     assert!(reason.contains(&format!("SHA-256 fingerprint {b_fp}")), "{reason}");

@@ -342,12 +342,7 @@ async fn run_https_token_pairing(driver: &WebDriver, d: &Daemon, b: &Daemon) {
     .await;
     assert!(question.as_str().unwrap().contains("Compare it with the remote"), "{question}");
     // The fingerprint shown is B's certificate's, as openssl prints it.
-    let o = Command::new("openssl")
-        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
-        .arg(b.dir.path().join("tls/cert.pem"))
-        .output()
-        .unwrap();
-    let b_fp = String::from_utf8_lossy(&o.stdout).trim().split_once('=').map(|(_, f)| f.to_string()).unwrap();
+    let b_fp = b.tls_fingerprint();
     let shown = js(driver, "return document.getElementById('cert-fingerprint').textContent;", vec![]).await;
     assert_eq!(shown, json!(b_fp));
     shot(driver, "41-certificate-question").await;

@@ -161,6 +161,22 @@ impl Daemon {
         c
     }
 
+    /// SHA-256 fingerprint of the daemon's self-signed certificate, as
+    /// `openssl x509 -noout -fingerprint -sha256` prints it (`AB:CD:…`).
+    pub fn tls_fingerprint(&self) -> String {
+        let o = Command::new("openssl")
+            .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+            .arg(self.dir.path().join("tls/cert.pem"))
+            .output()
+            .expect("run openssl");
+        assert!(o.status.success(), "openssl: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .split_once('=')
+            .map(|(_, f)| f.to_string())
+            .expect("a fingerprint line")
+    }
+
     /// `keyhaven call` through the local socket.
     pub fn call_cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(bin()).arg("call").arg("--data-dir").arg(self.dir.path()).args(args).output().unwrap()

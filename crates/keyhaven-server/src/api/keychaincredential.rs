@@ -510,6 +510,50 @@ async fn remote_ssh_semiautomatic_setup(ctx: Arc<Ctx>, p: Params) -> Result<Valu
     ctx.app.remote_semiautomatic_setup(&name, key, &semi).await
 }
 
+/// A validation error joins `errs` (so one reply lists every problem); any other error ends the call.
+fn gather<T>(
+    r: Result<T, ServiceError>,
+    errs: &mut keyhaven_core::ValidationErrors,
+) -> Result<Option<T>, ServiceError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(ServiceError::Validation(v)) => {
+            errs.0.extend(v.0);
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Options of a key pair generated while pairing, checked before anything
+/// happens; problems join `errs` under `prefix` (`….key_type`, `….size`).
+fn pairing_key_options(
+    key_type: Option<Str>,
+    size: Option<u32>,
+    prefix: &str,
+    errs: &mut keyhaven_core::ValidationErrors,
+) -> Option<GenerateOptions> {
+    let args = GenerateArgs { key_type: key_type.map(|s| s.0), size, comment: None };
+    let o = match generate_options(&args, prefix) {
+        Ok(o) => o,
+        Err(ServiceError::Validation(v)) => {
+            errs.0.extend(v.0);
+            return None;
+        }
+        Err(e) => {
+            errs.add(prefix, e.to_string());
+            return None;
+        }
+    };
+    match keyhaven_core::keys::validate_generate_options(&o) {
+        Ok(_) => Some(o),
+        Err(e) => {
+            errs.push(e.prefixed(prefix));
+            None
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PrivateKeyChoice {
@@ -562,23 +606,7 @@ async fn setup_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, Service
     }
     let pk = a.private_key;
     let gen_opts = if pk.generate_key {
-        match generate_options(
-            &GenerateArgs { key_type: pk.key_type.map(|s| s.0), size: pk.size, comment: None },
-            &format!("{S}.private_key"),
-        ) {
-            Ok(o) => match keyhaven_core::keys::validate_generate_options(&o) {
-                Ok(_) => Some(o),
-                Err(e) => {
-                    errs.push(e.prefixed(&format!("{S}.private_key")));
-                    None
-                }
-            },
-            Err(ServiceError::Validation(v)) => {
-                errs.0.extend(v.0);
-                None
-            }
-            Err(e) => return Err(e),
-        }
+        pairing_key_options(pk.key_type, pk.size, &format!("{S}.private_key"), &mut errs)
     } else {
         for (set, field) in [(pk.key_type.is_some(), "key_type"), (pk.size.is_some(), "size")] {
             if set {
@@ -624,14 +652,9 @@ async fn setup_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, Service
             remote_host_key: m.remote_host_key,
             connect_timeout: m.connect_timeout,
         })),
-        ("SEMI-AUTOMATIC", None, Some(s)) => match s.semi(&format!("{S}.semi_automatic_setup")) {
-            Ok(s) => Some(pairing::SetupKind::SemiAutomatic(s)),
-            Err(ServiceError::Validation(v)) => {
-                errs.0.extend(v.0);
-                None
-            }
-            Err(e) => return Err(e),
-        },
+        ("SEMI-AUTOMATIC", None, Some(s)) => {
+            gather(s.semi(&format!("{S}.semi_automatic_setup")), &mut errs)?.map(pairing::SetupKind::SemiAutomatic)
+        }
         ("MANUAL", None, _) => {
             errs.add(format!("{S}.manual_setup"), "Field required");
             None
@@ -738,34 +761,10 @@ async fn re_pair_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, Servi
             if k.name.trim().is_empty() {
                 errs.add(format!("{S}.new_key.name"), "String should have at least 1 character");
             }
-            let prefix = format!("{S}.new_key");
-            match generate_options(
-                &GenerateArgs { key_type: k.key_type.map(|s| s.0), size: k.size, comment: None },
-                &prefix,
-            ) {
-                Ok(o) => match keyhaven_core::keys::validate_generate_options(&o) {
-                    Ok(_) => Some((k.name.0, o)),
-                    Err(e) => {
-                        errs.push(e.prefixed(&prefix));
-                        None
-                    }
-                },
-                Err(ServiceError::Validation(v)) => {
-                    errs.0.extend(v.0);
-                    None
-                }
-                Err(e) => return Err(e),
-            }
+            pairing_key_options(k.key_type, k.size, &format!("{S}.new_key"), &mut errs).map(|o| (k.name.0, o))
         }
     };
-    let semi = match a.semi_automatic_setup.semi(&format!("{S}.semi_automatic_setup")) {
-        Ok(s) => Some(s),
-        Err(ServiceError::Validation(v)) => {
-            errs.0.extend(v.0);
-            None
-        }
-        Err(e) => return Err(e),
-    };
+    let semi = gather(a.semi_automatic_setup.semi(&format!("{S}.semi_automatic_setup")), &mut errs)?;
     errs.check()?;
     let Some(semi) = semi else {
         return Err(ServiceError::internal("re_pair_ssh_connection", "arguments not decoded"));

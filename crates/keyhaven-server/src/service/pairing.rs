@@ -198,6 +198,19 @@ pub fn url_host(url: &str) -> String {
     host.to_lowercase()
 }
 
+/// The connection that pairing through `s` yields: SSH to the URL's host at the
+/// port and with the host keys the remote reported, as `s.username`.
+fn paired_connection(s: &SemiAutomatic, port: i64, host_key: &str, key_id: i64) -> ConnectionInput {
+    ConnectionInput {
+        host: url_host(&s.url),
+        port,
+        username: s.username.clone(),
+        private_key: key_id,
+        remote_host_key: strip_host_tokens(host_key),
+        connect_timeout: s.connect_timeout,
+    }
+}
+
 /// `remote_host_key` text from `ssh_pair`'s `host_key`: first token of each line dropped.
 pub fn strip_host_tokens(host_key: &str) -> String {
     host_key
@@ -329,14 +342,7 @@ impl App {
                 return Err(e);
             }
         };
-        let conn = ConnectionInput {
-            host: url_host(&s.url),
-            port,
-            username: s.username.clone(),
-            private_key: key_id,
-            remote_host_key: strip_host_tokens(&host_key),
-            connect_timeout: s.connect_timeout,
-        };
+        let conn = paired_connection(s, port, &host_key, key_id);
         let created = self.keychain_create(name, AttributesInput::Connection(conn), CREATE);
         if created.is_err() {
             changes.undo(&mut c, &s.username).await;
@@ -580,14 +586,7 @@ impl App {
                 return Err(e);
             }
         };
-        let updated = ConnectionInput {
-            host: url_host(&s.url),
-            port,
-            username: s.username.clone(),
-            private_key: key_id,
-            remote_host_key: strip_host_tokens(&host_key),
-            connect_timeout: s.connect_timeout,
-        };
+        let updated = paired_connection(s, port, &host_key, key_id);
         let schema = "keychain_credential_update";
         let connection = match self.keychain_update(id, None, Some(AttributesInput::Connection(updated)), schema) {
             Ok(e) => e,
