@@ -872,6 +872,14 @@ async fn re_pair_rotates_the_key_and_refreshes_host_keys() {
     assert!(r["old_key_kept_because"].as_str().unwrap().contains("(to-b-2)"), "{r}");
     let root = cb.call("user.query", json!([[["username", "=", "root"]], {"get": true}])).await;
     assert!(root["sshpubkey"].as_str().unwrap().contains(&body(&new_attrs)), "a shared key was removed from B");
+    // Trying another key pair without switching (manual rotation): the key taken
+    // off B fails at authentication, one still on B logs in, an unknown one is a field error.
+    let t = ca.call("keychaincredential.test_ssh_connection", json!([id.clone(), {"private_key": old_key}])).await;
+    assert_eq!((t["ok"].clone(), t["stage"].clone()), (json!(false), json!("auth")), "{t}");
+    let t = ca.call("keychaincredential.test_ssh_connection", json!([id.clone(), {"private_key": new_key}])).await;
+    assert_eq!(t["ok"], true, "{t}");
+    let e = ca.err("keychaincredential.test_ssh_connection", json!([id.clone(), {"private_key": 987654}])).await;
+    assert_field(&e, "keychain_test_ssh_connection.options.private_key", "does not exist");
     // Audited on A.
     let audit = ca
         .call("audit.query", json!([[["event_data.method", "=", "keychaincredential.re_pair_ssh_connection"], ["success", "=", true]], {"count": true}]))

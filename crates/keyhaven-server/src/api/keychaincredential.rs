@@ -364,6 +364,10 @@ async fn remote_ssh_host_key_scan_fingerprints(ctx: Arc<Ctx>, p: Params) -> Resu
 struct TestIn {
     #[serde(default)]
     timeout: Option<u64>,
+    /// Log in with this key pair instead of the connection's: try a new key
+    /// before switching to it (manual key rotation).
+    #[serde(default)]
+    private_key: Option<i64>,
 }
 
 async fn test_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
@@ -374,7 +378,7 @@ async fn test_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceE
     if o.timeout.is_some_and(|t| !(1..=300).contains(&t)) {
         return Err(ServiceError::field(format!("{S}.options.timeout"), "Timeout must be between 1 and 300 seconds"));
     }
-    ctx.app.test_ssh_connection(id, o.timeout).await
+    ctx.app.test_ssh_connection_with(id, o.timeout, o.private_key, &format!("{S}.options.private_key")).await
 }
 
 #[derive(Deserialize)]

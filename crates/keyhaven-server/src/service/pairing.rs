@@ -36,12 +36,30 @@ pub async fn host_key_scan(host: &str, port: u16, timeout: Duration) -> Result<V
 impl App {
     /// Test a stored SSH connection: pinned host keys, its key pair, `true`.
     pub async fn test_ssh_connection(&self, id: i64, timeout: Option<u64>) -> Result<Value, ServiceError> {
+        self.test_ssh_connection_with(id, timeout, None, "").await
+    }
+
+    /// [`App::test_ssh_connection`], optionally logging in with another key
+    /// pair than the connection's (`key_field` names it in errors).
+    pub async fn test_ssh_connection_with(
+        &self,
+        id: i64,
+        timeout: Option<u64>,
+        key_pair: Option<i64>,
+        key_field: &str,
+    ) -> Result<Value, ServiceError> {
         let e = self.keychain_get(id)?;
         if e["type"] != super::keychain::SSH_CREDENTIALS {
             return Err(ServiceError::call(EINVAL, "Credential is not of type SSH_CREDENTIALS"));
         }
         let a = &e["attributes"];
-        let kp_id = a["private_key"].as_i64().unwrap_or_default();
+        if let Some(k) = key_pair {
+            let ok = self.keychain_get(k).is_ok_and(|kp| kp["type"] == SSH_KEY_PAIR);
+            if !ok {
+                return Err(ServiceError::field(key_field, format!("SSH key pair {k} does not exist")));
+            }
+        }
+        let kp_id = key_pair.unwrap_or_else(|| a["private_key"].as_i64().unwrap_or_default());
         let private = self.keypair_private_key(kp_id).ok().flatten().ok_or_else(|| {
             ServiceError::call(
                 ENOENT,
