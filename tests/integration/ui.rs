@@ -430,6 +430,58 @@ async fn run_https_token_pairing(driver: &WebDriver, d: &Daemon, b: &Daemon) {
     );
     assert_eq!(ca.call("keychaincredential.test_ssh_connection", json!([after["id"]])).await["ok"], true);
 
+    // Manual key rotation of tls-2: generate, install the public key on B by hand
+    // (here through B's API), test it, switch; the old key pair is kept on request.
+    let before = ca.call("keychaincredential.query", json!([[["name", "=", "tls-2"]], {"get": true}])).await;
+    click(driver, "button[aria-label='Rotate the key of tls-2']").await;
+    wait_js(driver, "rotate form", "return document.querySelector(\"#modal[open] [name='new_key_name']\");", vec![])
+        .await;
+    click(driver, "#form-submit").await;
+    let public = wait_js(
+        driver,
+        "new public key",
+        "const t = document.querySelector('#modal[open] textarea.mono'); return document.getElementById('rotate-test') && t && t.value;",
+        vec![],
+    )
+    .await;
+    let public = public.as_str().unwrap().to_string();
+    let switch_disabled = js(driver, "return document.getElementById('rotate-switch').disabled;", vec![]).await;
+    assert_eq!(switch_disabled, json!(true), "switch offered before a test");
+    let root = b.cli_json(&["user.query", r#"[["username", "=", "root"]]"#, r#"{"get": true}"#]);
+    let keys = format!("{}{public}\n", root["sshpubkey"].as_str().unwrap_or(""));
+    let o = b.call_cli(&["user.update", &root["id"].to_string(), &json!({"sshpubkey": keys}).to_string()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    click(driver, "#rotate-test").await;
+    let r = wait_js_within(
+        driver,
+        "rotate test result",
+        "const r = document.querySelector('#rotate-test-result .badge'); return r && r.textContent;",
+        vec![],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(r, json!("OK"), "the installed key did not log in");
+    shot(driver, "44-rotate-key").await;
+    click(driver, "#rotate-switch").await;
+    wait_js(
+        driver,
+        "old key pair question",
+        "const t = document.querySelector('#modal[open] .modal-title'); return t && t.textContent === 'Delete the old key pair?';",
+        vec![],
+    )
+    .await;
+    click(driver, "#modal .modal-foot button.secondary").await;
+    modal_closed(driver, "old key pair kept").await;
+    let after = ca.call("keychaincredential.query", json!([[["name", "=", "tls-2"]], {"get": true}])).await;
+    assert_ne!(after["attributes"]["private_key"], before["attributes"]["private_key"]);
+    let new_kp = ca.call("keychaincredential.get_instance", json!([after["attributes"]["private_key"]])).await;
+    assert_eq!(new_kp["name"], "tls-2 Key 2");
+    assert_eq!(ca.call("keychaincredential.test_ssh_connection", json!([after["id"]])).await["ok"], true);
+    let kept = ca
+        .call("keychaincredential.query", json!([[["id", "=", before["attributes"]["private_key"]]], {"count": true}]))
+        .await;
+    assert_eq!(kept, 1, "the old key pair was deleted although Cancel was chosen");
+
     // A wrong token is refused with the remote's reason, on the form.
     pair("tls-3").await;
     fill(driver, &field("token"), "not-a-token").await;

@@ -353,6 +353,7 @@ async function viewBackup(view) {
       btn('Edit', () => connectionForm(keys, c, reload), 'secondary small', { 'aria-label': `Edit ${c.name}` }),
       rpc.has('keychaincredential.re_pair_ssh_connection')
         ? btn('Re-pair…', () => rePairForm(c, keys, reload), 'secondary small', { 'aria-label': `Re-pair ${c.name}` }) : null,
+      canTest ? btn('Rotate key…', () => rotateKeyForm(c, keys, reload), 'secondary small', { 'aria-label': `Rotate the key of ${c.name}` }) : null,
       btn('Delete', () => deleteConnection(c, keys, conns, reload), 'danger small', { 'aria-label': `Delete ${c.name}` }),
     ] },
   ], conns, 'No SSH connections yet.', (c) => ({ 'data-name': c.name }));
@@ -829,6 +830,90 @@ function rePairForm(conn, keys, done) {
       }
     },
   });
+}
+
+// Key rotation for any SSH remote (Re-pair… does it all for keyhaven and
+// TrueNAS): a new key pair, its public key to install by hand, a test with it,
+// and only then the switch.
+function rotateKeyForm(conn, keys, done) {
+  const a = conn.attributes;
+  const oldKey = keys.find((k) => k.id === a.private_key);
+  const taken = new Set(keys.map((k) => k.name));
+  let n = 2;
+  while (taken.has(`${conn.name} Key ${n}`)) n++;
+  formModal({
+    title: `Rotate the key of ${conn.name}`,
+    intro: h('p', { class: 'help' }, `Generates a new key pair for ${a.username}@${a.host}. You install its public key on the remote, keyhaven logs in with it, and only then the connection switches to it. For a keyhaven or TrueNAS remote, Re-pair… does all of this for you.`),
+    fields: [
+      { name: 'new_key_name', label: 'Name of the new key pair' },
+      { name: 'new_key_type', label: 'Key type', type: 'select', options: [['ED25519', 'Ed25519'], ['ECDSA', 'ECDSA'], ['RSA', 'RSA']] },
+    ],
+    values: { new_key_name: `${conn.name} Key ${n}`, new_key_type: 'ED25519' },
+    aliases: { name: 'new_key_name', key_type: 'new_key_type' },
+    submitLabel: 'Generate',
+    onSubmit: async (v, f, m) => {
+      const kp = await busy('Generating a key pair…', () => rpc.call('keychaincredential.generate_ssh_key_pair', { key_type: v.new_key_type }));
+      const created = await rpc.call('keychaincredential.create', { name: v.new_key_name.trim(), type: 'SSH_KEY_PAIR', attributes: kp });
+      m.close();
+      done();
+      rotateInstallStep(conn, oldKey, created, done);
+    },
+  });
+}
+
+function rotateInstallStep(conn, oldKey, created, done) {
+  const a = conn.attributes;
+  const pub = String(created.attributes.public_key || '').trim();
+  const pubId = nextId('pub');
+  const area = h('textarea', { id: pubId, class: 'mono', readonly: true, rows: 3 });
+  area.value = pub;
+  const result = h('div', { id: 'rotate-test-result', role: 'status' });
+  let switchBtn = null;
+  const test = async () => {
+    result.replaceChildren(h('p', { class: 'empty' }, 'Testing…'));
+    try {
+      const r = await rpc.call('keychaincredential.test_ssh_connection', conn.id, { private_key: created.id });
+      result.replaceChildren(h('p', {}, h('span', { class: `badge ${r.ok ? 'ok' : 'fail'}` }, r.ok ? 'OK' : 'FAILED'), ' ',
+        r.ok ? `${created.name} logs in to ${a.username}@${a.host}.` : `Stage ${r.stage}: ${r.error || ''}`));
+      if (switchBtn) switchBtn.disabled = !r.ok;
+    } catch (e) { result.replaceChildren(h('p', { class: 'error' }, errText(e))); }
+  };
+  openModal({
+    title: `Install the new key of ${conn.name}`,
+    body: h('div', {},
+      h('label', { for: pubId }, `Add this line to the authorized keys of ${a.username} on ${a.host} (for OpenSSH: ~${a.username}/.ssh/authorized_keys), then test it:`),
+      area,
+      h('div', { class: 'row-buttons' },
+        btn('Copy', () => navigator.clipboard.writeText(pub).then(() => toast('Public key copied'), () => { area.select(); }), 'secondary small'),
+        btn('Test the new key', test, 'secondary small', { id: 'rotate-test' })),
+      result),
+    buttons: [
+      { label: 'Cancel', cls: 'secondary', onClick: async (m) => {
+        m.close();
+        const del = await confirmDialog('Keep the new key pair?', h('p', {}, `The connection still uses ${oldKey ? oldKey.name : 'its key pair'}. Delete the unused new key pair ${created.name}?`),
+          { confirmLabel: 'Delete it', danger: true });
+        if (del) { try { await rpc.call('keychaincredential.delete', created.id); done(); } catch (e) { toastError(e); } }
+      } },
+      { label: 'Switch the connection to it', id: 'rotate-switch', onClick: async (m) => {
+        try {
+          await busy('Switching…', () => rpc.call('keychaincredential.update', conn.id, { attributes: { ...a, private_key: created.id } }));
+        } catch (e) { m.setError(errText(e)); return; }
+        m.close();
+        toast(`${conn.name} now uses ${created.name}. Remove the old key from the remote's authorized keys.`);
+        done();
+        if (oldKey) {
+          const users = await rpc.call('keychaincredential.used_by', oldKey.id).catch(() => null);
+          if (users && users.length === 0) {
+            const del = await confirmDialog('Delete the old key pair?', h('p', {}, `No connection uses ${oldKey.name} anymore. Delete it once you removed its key from the remote (keep it until then: it tells you which key to remove).`),
+              { confirmLabel: 'Delete', danger: true });
+            if (del) { try { await rpc.call('keychaincredential.delete', oldKey.id); toast(`${oldKey.name} deleted`); done(); } catch (e) { toastError(e); } }
+          }
+        }
+      } },
+    ],
+  });
+  switchBtn = $('rotate-switch');
+  switchBtn.disabled = true;
 }
 
 async function discover(form, scanMethod) {
