@@ -140,6 +140,44 @@ async fn test_ssh_connection_ok_and_wrong_host_key() {
     assert_call_error(&e, "EINVAL", "not of type SSH_CREDENTIALS");
     let e = c.err("keychaincredential.test_ssh_connection", json!([99999])).await;
     assert!(e["data"]["reason"].as_str().unwrap().contains("does not exist"), "{e}");
+
+    // The last test of each connection is its status (keyhaven extension).
+    let status = c.call("keychaincredential.ssh_connection_status", json!([[], {"order_by": ["id"]}])).await;
+    let status = status.as_array().unwrap().clone();
+    assert_eq!(status.len(), 2, "{status:?}");
+    assert_eq!(
+        (status[0]["id"].clone(), status[0]["ok"].clone(), status[0]["stage"].clone()),
+        (conn["id"].clone(), json!(true), json!("exec"))
+    );
+    assert_eq!(
+        (status[1]["id"].clone(), status[1]["ok"].clone(), status[1]["stage"].clone()),
+        (wrong["id"].clone(), json!(false), json!("host_key"))
+    );
+    assert!(status[1]["error"].as_str().unwrap().contains("HOST KEY MISMATCH"), "{status:?}");
+    assert!(status[0]["tested_at"]["$date"].as_i64().unwrap() > 1_700_000_000_000, "{status:?}");
+    let failing =
+        c.call("keychaincredential.ssh_connection_status", json!([[["ok", "=", false]], {"select": ["id"]}])).await;
+    assert_eq!(failing, json!([{"id": wrong["id"]}]));
+    // A test with another key pair is not the connection's status.
+    c.call("keychaincredential.test_ssh_connection", json!([conn["id"], {"private_key": other["id"]}])).await;
+    let again =
+        c.call("keychaincredential.ssh_connection_status", json!([[["id", "=", conn["id"]]], {"get": true}])).await;
+    assert_eq!(again["ok"], true, "{again}");
+    // Read-only admins see the outcome, not the error text (it names hosts and users).
+    c.call(
+        "user.create",
+        json!([{"username": "daemon", "full_name": "", "password": "ro-password-1", "roles": ["READONLY_ADMIN"]}]),
+    )
+    .await;
+    let mut ro = d.client().await;
+    ro.login("daemon", "ro-password-1").await;
+    let seen =
+        ro.call("keychaincredential.ssh_connection_status", json!([[["id", "=", wrong["id"]]], {"get": true}])).await;
+    assert_eq!((seen["ok"].clone(), seen["error"].clone()), (json!(false), json!("********")));
+    // Deleting a connection removes its status.
+    c.call("keychaincredential.delete", json!([wrong["id"]])).await;
+    let left = c.call("keychaincredential.ssh_connection_status", json!([[], {"select": ["id"]}])).await;
+    assert_eq!(left, json!([{"id": conn["id"]}]));
 }
 
 #[tokio::test]

@@ -880,6 +880,21 @@ async fn run(driver: &WebDriver, d: &Daemon, downloads: &Path) {
         shot(driver, "11c-paired-test-ok").await;
         click(driver, "#modal .modal-foot button").await;
         modal_closed(driver, "pairing test dialog closed").await;
+        // The list shows the last test as the connection's status.
+        wait_js(
+            driver,
+            "status column",
+            "const r = document.querySelector(\"tr[data-name='to-b'] .status .badge\"); return r && r.textContent === 'OK';",
+            vec![],
+        )
+        .await;
+        let loopback = js(
+            driver,
+            "return document.querySelector(\"tr[data-name='loopback'] .status .badge\").textContent;",
+            vec![],
+        )
+        .await;
+        assert!(loopback.as_str().unwrap() == "OK" || loopback.as_str().unwrap().starts_with("FAILED ("), "{loopback}");
 
         // The remote's host key "changes" (the pinned one is replaced by another key):
         // the test fails at the host-key stage and offers a review of old against new

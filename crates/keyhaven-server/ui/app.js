@@ -333,10 +333,12 @@ const btn = (label, onClick, cls, attrs) => h('button', { type: 'button', class:
 const KEY_SIZES = { ED25519: [['', 'n/a (256 bits)']], ECDSA: [['256', '256'], ['384', '384'], ['521', '521']], RSA: [['2048', '2048'], ['3072', '3072'], ['4096', '4096']] };
 
 async function viewBackup(view) {
-  const [keys, conns] = await Promise.all([
+  const [keys, conns, tests] = await Promise.all([
     rpc.call('keychaincredential.query', [['type', '=', 'SSH_KEY_PAIR']]),
     rpc.call('keychaincredential.query', [['type', '=', 'SSH_CREDENTIALS']]),
+    rpc.has('keychaincredential.ssh_connection_status') ? rpc.call('keychaincredential.ssh_connection_status') : [],
   ]);
+  const lastTest = new Map(tests.map((t) => [t.id, t]));
   const keyName = (id) => (keys.find((k) => k.id === id) || {}).name || (id ? `#${id}` : '');
   const usedBy = (id) => conns.filter((c) => c.attributes && c.attributes.private_key === id).length;
   const reload = () => route();
@@ -348,6 +350,7 @@ async function viewBackup(view) {
     { label: 'Port', render: (c) => c.attributes.port },
     { label: 'User', render: (c) => c.attributes.username },
     { label: 'Key name', render: (c) => keyName(c.attributes.private_key) },
+    { label: 'Status', render: (c) => connectionStatus(lastTest.get(c.id)) },
     { label: 'Actions', cls: 'actions', render: (c) => [
       canTest ? btn('Test', () => testConnection(c, reload), 'secondary small', { 'aria-label': `Test ${c.name}` }) : null,
       btn('Edit', () => connectionForm(keys, c, reload), 'secondary small', { 'aria-label': `Edit ${c.name}` }),
@@ -501,11 +504,30 @@ async function deleteConnection(c, keys, conns, done) {
   } catch (e) { toastError(e); }
 }
 
+// "5 min ago" for an ejson {$date: ms}.
+function ago(d) {
+  const s = Math.max(0, Math.round((Date.now() - ((d && d.$date) || 0)) / 1000));
+  if (s < 60) return 'just now';
+  if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+  return `${Math.floor(s / 86400)} d ago`;
+}
+
+// The connection's last test, as a badge with when and why.
+function connectionStatus(t) {
+  if (!t) return h('span', { class: 'empty' }, 'Not tested');
+  const why = t.ok ? `tested ${ago(t.tested_at)}` : `${t.stage}: ${t.error || ''}`;
+  return h('span', { class: 'status', title: why },
+    h('span', { class: `badge ${t.ok ? 'ok' : 'fail'}` }, t.ok ? 'OK' : `FAILED (${t.stage})`), ' ', h('span', { class: 'help' }, ago(t.tested_at)));
+}
+
 async function testConnection(c, done) {
   let r;
   try {
     r = await busy(`Testing ${c.name}…`, () => rpc.call('keychaincredential.test_ssh_connection', c.id));
   } catch (e) { toastError(e); return; }
+  // The list's status column shows this test from now on.
+  if (done) done();
   const dl = h('dl', { class: 'kv', id: 'test-result' },
     h('dt', {}, 'Result'), h('dd', {}, h('span', { class: `badge ${r.ok ? 'ok' : 'fail'}` }, r.ok ? 'OK' : 'FAILED')),
     h('dt', {}, 'Stage'), h('dd', {}, String(r.stage ?? '')),

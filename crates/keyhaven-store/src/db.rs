@@ -22,7 +22,10 @@ pub(crate) const SECRET_COLUMNS: &[(&str, &str)] =
 
 /// Forward-only; never edit a released step, append a new one.
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(include_str!("migrations/0001_initial.sql"))])
+    Migrations::new(vec![
+        M::up(include_str!("migrations/0001_initial.sql")),
+        M::up(include_str!("migrations/0002_connection_tests.sql")),
+    ])
 }
 
 /// The database and the key that seals its secret columns.

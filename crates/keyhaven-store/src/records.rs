@@ -408,9 +408,57 @@ impl Store {
         self.tx(|tx, _| {
             for id in ids {
                 tx.execute("DELETE FROM keychain WHERE id = ?1", [id])?;
+                tx.execute("DELETE FROM connection_tests WHERE connection_id = ?1", [id])?;
             }
             Ok(())
         })
+    }
+}
+
+// ---------------------------------------------------------------- connection tests
+
+/// The last test of one SSH connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionTestRecord {
+    pub connection_id: i64,
+    pub ok: bool,
+    pub stage: String,
+    pub error: Option<String>,
+    pub latency_ms: i64,
+    pub tested_at: i64,
+}
+
+impl Store {
+    /// Keep `t` as the connection's last test (replacing the one before).
+    pub fn connection_test_record(&self, t: &ConnectionTestRecord) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO connection_tests(connection_id, ok, stage, error, latency_ms, tested_at)
+             VALUES(?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(connection_id) DO UPDATE SET ok = excluded.ok, stage = excluded.stage,
+                 error = excluded.error, latency_ms = excluded.latency_ms, tested_at = excluded.tested_at",
+            params![t.connection_id, t.ok, t.stage, t.error, t.latency_ms, t.tested_at],
+        )?;
+        Ok(())
+    }
+
+    /// Last tests of connections that still exist, by connection id.
+    pub fn connection_tests(&self) -> Result<Vec<ConnectionTestRecord>> {
+        let conn = self.conn();
+        let mut st = conn.prepare(
+            "SELECT t.connection_id, t.ok, t.stage, t.error, t.latency_ms, t.tested_at FROM connection_tests t
+             JOIN keychain k ON k.id = t.connection_id ORDER BY t.connection_id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok(ConnectionTestRecord {
+                connection_id: r.get(0)?,
+                ok: r.get(1)?,
+                stage: r.get(2)?,
+                error: r.get(3)?,
+                latency_ms: r.get(4)?,
+                tested_at: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 }
 
@@ -620,6 +668,30 @@ mod tests {
         let (s, _) = Store::open(d.path()).unwrap();
         assert!(!stray.exists());
         assert_eq!(s.keychain_private_key(id).unwrap().unwrap().as_str(), "PRIV");
+    }
+
+    #[test]
+    fn connection_tests_keep_the_last_one_and_go_with_the_connection() {
+        let (d, s) = store();
+        let c1 = s.keychain_insert("c1", "SSH_CREDENTIALS", &json!({}), None).unwrap();
+        let c2 = s.keychain_insert("c2", "SSH_CREDENTIALS", &json!({}), None).unwrap();
+        let t = |id, ok, stage: &str, at| ConnectionTestRecord {
+            connection_id: id,
+            ok,
+            stage: stage.into(),
+            error: (!ok).then(|| "HOST KEY MISMATCH".to_string()),
+            latency_ms: 12,
+            tested_at: at,
+        };
+        s.connection_test_record(&t(c1, false, "host_key", 100)).unwrap();
+        s.connection_test_record(&t(c1, true, "exec", 200)).unwrap();
+        s.connection_test_record(&t(c2, false, "auth", 300)).unwrap();
+        assert_eq!(s.connection_tests().unwrap(), vec![t(c1, true, "exec", 200), t(c2, false, "auth", 300)]);
+        s.keychain_delete_many(&[c2]).unwrap();
+        assert_eq!(s.connection_tests().unwrap(), vec![t(c1, true, "exec", 200)]);
+        drop(s);
+        let (s, _) = Store::open(d.path()).unwrap();
+        assert_eq!(s.connection_tests().unwrap(), vec![t(c1, true, "exec", 200)], "kept across a restart");
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub fn methods() -> Vec<MethodDef> {
             remote_ssh_host_key_scan_fingerprints
         ),
         method!("keychaincredential.test_ssh_connection", Write, test_ssh_connection),
+        method!("keychaincredential.ssh_connection_status", Read, ssh_connection_status),
         method!("keychaincredential.ssh_pair", Write, ssh_pair),
         method!("keychaincredential.remote_ssh_semiautomatic_setup", Write, remote_ssh_semiautomatic_setup),
         method!("keychaincredential.setup_ssh_connection", Write, setup_ssh_connection),
@@ -379,6 +380,22 @@ async fn test_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceE
         return Err(ServiceError::field(format!("{S}.options.timeout"), "Timeout must be between 1 and 300 seconds"));
     }
     ctx.app.test_ssh_connection_with(id, o.timeout, o.private_key, &format!("{S}.options.private_key")).await
+}
+
+/// keyhaven extension: each tested connection's last test, filtered and
+/// ordered like any TrueNAS query (`[{id, ok, stage, error, latency_ms, tested_at}]`).
+async fn ssh_connection_status(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    let mut all = ctx.app.ssh_connection_status()?;
+    // Error texts name hosts and users, which read-only admins do not see
+    // (connection attributes are redacted for them).
+    if !ctx.caller()?.role.can_write() {
+        for t in all.as_array_mut().into_iter().flatten() {
+            if !t["error"].is_null() {
+                t["error"] = json!(keychain::REDACTED);
+            }
+        }
+    }
+    query(all.as_array().map(Vec::as_slice).unwrap_or_default(), &p, "keychaincredential.ssh_connection_status")
 }
 
 #[derive(Deserialize)]

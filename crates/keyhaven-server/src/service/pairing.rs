@@ -79,6 +79,20 @@ impl App {
             timeout: Duration::from_secs(secs),
         };
         let r = ssh_client::test_connection(&target).await;
+        // A test with the connection's own key is its status in the connection list.
+        if key_pair.is_none() {
+            let rec = keyhaven_store::ConnectionTestRecord {
+                connection_id: id,
+                ok: r.ok,
+                stage: r.stage.as_str().to_string(),
+                error: r.error.clone(),
+                latency_ms: r.latency_ms as i64,
+                tested_at: super::now_secs(),
+            };
+            if let Err(e) = self.store.connection_test_record(&rec) {
+                tracing::warn!(connection = id, "could not keep the test result: {e}");
+            }
+        }
         Ok(json!({
             "ok": r.ok,
             "stage": r.stage.as_str(),
@@ -86,6 +100,26 @@ impl App {
             "latency_ms": r.latency_ms,
             "error": r.error,
         }))
+    }
+
+    /// The last test of every SSH connection tested so far (keyhaven extension).
+    pub fn ssh_connection_status(&self) -> Result<Value, ServiceError> {
+        let tests = self.store.connection_tests()?;
+        Ok(Value::Array(
+            tests
+                .into_iter()
+                .map(|t| {
+                    json!({
+                        "id": t.connection_id,
+                        "ok": t.ok,
+                        "stage": t.stage,
+                        "error": t.error,
+                        "latency_ms": t.latency_ms,
+                        "tested_at": {"$date": t.tested_at * 1000},
+                    })
+                })
+                .collect(),
+        ))
     }
 
     /// `keychaincredential.ssh_pair`, the remote side of semi-automatic setup:
