@@ -659,6 +659,8 @@ async function pairingToken() {
     h('p', { class: 'help', id: `${id}-help` }, `On the other system, choose New SSH Connection › Semi-automatic › Authentication: Pairing token, with this system's URL (${location.origin}). The token logs in as ${rpc.user.pw_name}, works once, from any address, for ${fmtSeconds(ttl)}; it is not shown again.`)));
 }
 
+const SUDO_HELP = 'Replication as a user other than root runs zfs through sudo on the remote; this adds /usr/sbin/zfs to the account’s passwordless sudo commands. The SSH+NETCAT transport also needs python3 on the remote.';
+
 // The remote-login part of semi-automatic setup (shared by New and Re-pair);
 // `on(v)` says whether it applies to the form's current values.
 function semiAuthFields(on) {
@@ -739,7 +741,7 @@ function connectionForm(keys, conn, done) {
     { name: 'host', label: 'Host', show: manual },
     { name: 'port', label: 'Port', type: 'number', show: manual, attrs: { min: 1, max: 65535 } },
     { name: 'username', label: 'Username', help: 'The remote account the SSH session logs in as.' },
-    { name: 'sudo', label: 'Enable passwordless sudo for zfs commands', type: 'checkbox', show: (v) => semi(v) && v.username.trim() !== 'root' },
+    { name: 'sudo', label: 'Enable passwordless sudo for zfs commands', type: 'checkbox', show: (v) => semi(v) && v.username.trim() !== 'root', help: SUDO_HELP },
     { name: 'private_key', label: 'Private Key', type: 'select', options: keyOpts },
     { name: 'new_key_type', label: 'Key type for the new key pair', type: 'select', options: [['ED25519', 'Ed25519'], ['ECDSA', 'ECDSA'], ['RSA', 'RSA']], show: (v) => v.private_key === 'NEW' },
     { name: 'remote_host_key', label: 'Remote Host Key', type: 'textarea', rows: 4, show: manual,
@@ -804,7 +806,7 @@ function rePairForm(conn, keys, done) {
   const fields = [
     ...semiAuthFields(always),
     { name: 'username', label: 'Username', help: 'The remote account the SSH session logs in as.' },
-    { name: 'sudo', label: 'Enable passwordless sudo for zfs commands', type: 'checkbox', show: (v) => v.username.trim() !== 'root' },
+    { name: 'sudo', label: 'Enable passwordless sudo for zfs commands', type: 'checkbox', show: (v) => v.username.trim() !== 'root', help: SUDO_HELP },
     { name: 'rotate', label: 'Rotate the key: generate a new key pair for this connection', type: 'checkbox',
       help: oldKey ? `Now: ${oldKey.name} (${oldKey.algorithm || oldKey.key_type || ''}, ${oldKey.fingerprint || ''}).` : null },
     { name: 'new_key_name', label: 'Name of the new key pair', show: (v) => v.rotate },
