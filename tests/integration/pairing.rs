@@ -163,6 +163,15 @@ async fn test_ssh_connection_ok_and_wrong_host_key() {
     let again =
         c.call("keychaincredential.ssh_connection_status", json!([[["id", "=", conn["id"]]], {"get": true}])).await;
     assert_eq!(again["ok"], true, "{again}");
+    // A key pair without its private half cannot be tried.
+    let pub_only = c
+        .call(
+            "keychaincredential.create",
+            json!([{"name": "pub-only", "type": "SSH_KEY_PAIR", "attributes": {"public_key": other["attributes"]["public_key"]}}]),
+        )
+        .await;
+    let e = c.err("keychaincredential.test_ssh_connection", json!([conn["id"], {"private_key": pub_only["id"]}])).await;
+    assert_field(&e, "keychain_test_ssh_connection.options.private_key", "has no private key");
     // Read-only admins see the outcome, not the error text (it names hosts and users).
     c.call(
         "user.create",

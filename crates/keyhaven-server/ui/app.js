@@ -350,7 +350,7 @@ async function viewBackup(view) {
     { label: 'Port', render: (c) => c.attributes.port },
     { label: 'User', render: (c) => c.attributes.username },
     { label: 'Key name', render: (c) => keyName(c.attributes.private_key) },
-    { label: 'Status', render: (c) => connectionStatus(lastTest.get(c.id)) },
+    { label: 'Status', render: (c) => h('span', { id: `status-${c.id}` }, connectionStatus(lastTest.get(c.id))) },
     { label: 'Actions', cls: 'actions', render: (c) => [
       canTest ? btn('Test', () => testConnection(c, reload), 'secondary small', { 'aria-label': `Test ${c.name}` }) : null,
       btn('Edit', () => connectionForm(keys, c, reload), 'secondary small', { 'aria-label': `Edit ${c.name}` }),
@@ -527,7 +527,8 @@ async function testConnection(c, done) {
     r = await busy(`Testing ${c.name}…`, () => rpc.call('keychaincredential.test_ssh_connection', c.id));
   } catch (e) { toastError(e); return; }
   // The list's status column shows this test from now on.
-  if (done) done();
+  const cell = $(`status-${c.id}`);
+  if (cell) cell.replaceChildren(connectionStatus({ ...r, tested_at: { $date: Date.now() } }));
   const dl = h('dl', { class: 'kv', id: 'test-result' },
     h('dt', {}, 'Result'), h('dd', {}, h('span', { class: `badge ${r.ok ? 'ok' : 'fail'}` }, r.ok ? 'OK' : 'FAILED')),
     h('dt', {}, 'Stage'), h('dd', {}, String(r.stage ?? '')),
@@ -893,14 +894,28 @@ function rotateInstallStep(conn, oldKey, created, done) {
   area.value = pub;
   const result = h('div', { id: 'rotate-test-result', role: 'status' });
   let switchBtn = null;
+  let testSeq = 0;
+  let switched = false;
+  // Switch is offered only while the newest test of the new key succeeded.
   const test = async () => {
+    const seq = ++testSeq;
+    switchBtn.disabled = true;
     result.replaceChildren(h('p', { class: 'empty' }, 'Testing…'));
     try {
       const r = await rpc.call('keychaincredential.test_ssh_connection', conn.id, { private_key: created.id });
+      if (seq !== testSeq) return;
       result.replaceChildren(h('p', {}, h('span', { class: `badge ${r.ok ? 'ok' : 'fail'}` }, r.ok ? 'OK' : 'FAILED'), ' ',
         r.ok ? `${created.name} logs in to ${a.username}@${a.host}.` : `Stage ${r.stage}: ${r.error || ''}`));
-      if (switchBtn) switchBtn.disabled = !r.ok;
-    } catch (e) { result.replaceChildren(h('p', { class: 'error' }, errText(e))); }
+      switchBtn.disabled = !r.ok;
+    } catch (e) {
+      if (seq === testSeq) result.replaceChildren(h('p', { class: 'error' }, errText(e)));
+    }
+  };
+  // Closing without switching (Cancel or Escape) asks about the unused new key pair.
+  const abandoned = async () => {
+    const del = await confirmDialog('Keep the new key pair?', h('p', {}, `The connection still uses ${oldKey ? oldKey.name : 'its key pair'}. Delete the unused new key pair ${created.name}?`),
+      { confirmLabel: 'Delete it', danger: true });
+    if (del) { try { await rpc.call('keychaincredential.delete', created.id); done(); } catch (e) { toastError(e); } }
   };
   openModal({
     title: `Install the new key of ${conn.name}`,
@@ -911,17 +926,18 @@ function rotateInstallStep(conn, oldKey, created, done) {
         btn('Copy', () => navigator.clipboard.writeText(pub).then(() => toast('Public key copied'), () => { area.select(); }), 'secondary small'),
         btn('Test the new key', test, 'secondary small', { id: 'rotate-test' })),
       result),
+    onClose: () => { if (!switched) abandoned(); },
     buttons: [
-      { label: 'Cancel', cls: 'secondary', onClick: async (m) => {
-        m.close();
-        const del = await confirmDialog('Keep the new key pair?', h('p', {}, `The connection still uses ${oldKey ? oldKey.name : 'its key pair'}. Delete the unused new key pair ${created.name}?`),
-          { confirmLabel: 'Delete it', danger: true });
-        if (del) { try { await rpc.call('keychaincredential.delete', created.id); done(); } catch (e) { toastError(e); } }
-      } },
+      { label: 'Cancel', cls: 'secondary', onClick: (m) => m.close() },
       { label: 'Switch the connection to it', id: 'rotate-switch', onClick: async (m) => {
         try {
-          await busy('Switching…', () => rpc.call('keychaincredential.update', conn.id, { attributes: { ...a, private_key: created.id } }));
+          // The stored entry, not the list's copy: keep any change made since.
+          await busy('Switching…', async () => {
+            const fresh = await rpc.call('keychaincredential.get_instance', conn.id);
+            await rpc.call('keychaincredential.update', conn.id, { attributes: { ...fresh.attributes, private_key: created.id } });
+          });
         } catch (e) { m.setError(errText(e)); return; }
+        switched = true;
         m.close();
         toast(`${conn.name} now uses ${created.name}. Remove the old key from the remote's authorized keys.`);
         done();

@@ -390,6 +390,13 @@ impl Store {
     pub fn keychain_update(&self, id: i64, name: &str, attributes: &Value, private_key: Option<&str>) -> Result<()> {
         self.tx(|tx, key| {
             let sealed = private_key.map(|pk| key.seal("keychain", id, "private_key", pk.as_bytes()));
+            let before: Option<String> =
+                tx.query_row("SELECT attributes FROM keychain WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+            let changed = before.and_then(|b| serde_json::from_str::<Value>(&b).ok()).as_ref() != Some(attributes);
+            if changed {
+                // A connection's last test was of its old settings.
+                tx.execute("DELETE FROM connection_tests WHERE connection_id = ?1", [id])?;
+            }
             let n = tx
                 .execute(
                     "UPDATE keychain SET name = ?1, attributes = ?2, private_key = ?3 WHERE id = ?4",
@@ -408,7 +415,6 @@ impl Store {
         self.tx(|tx, _| {
             for id in ids {
                 tx.execute("DELETE FROM keychain WHERE id = ?1", [id])?;
-                tx.execute("DELETE FROM connection_tests WHERE connection_id = ?1", [id])?;
             }
             Ok(())
         })
@@ -688,6 +694,15 @@ mod tests {
         s.connection_test_record(&t(c2, false, "auth", 300)).unwrap();
         assert_eq!(s.connection_tests().unwrap(), vec![t(c1, true, "exec", 200), t(c2, false, "auth", 300)]);
         s.keychain_delete_many(&[c2]).unwrap();
+        assert_eq!(s.connection_tests().unwrap(), vec![t(c1, true, "exec", 200)]);
+        // No row for a connection that does not exist (a test that outlived its connection).
+        assert!(s.connection_test_record(&t(c2, true, "exec", 400)).is_err());
+        // A rename keeps the status; changed settings clear it.
+        s.keychain_update(c1, "renamed", &json!({}), None).unwrap();
+        assert_eq!(s.connection_tests().unwrap().len(), 1);
+        let c3 = s.keychain_insert("c3", "SSH_CREDENTIALS", &json!({"port": 22}), None).unwrap();
+        s.connection_test_record(&t(c3, true, "exec", 500)).unwrap();
+        s.keychain_update(c3, "c3", &json!({"port": 2222}), None).unwrap();
         assert_eq!(s.connection_tests().unwrap(), vec![t(c1, true, "exec", 200)]);
         drop(s);
         let (s, _) = Store::open(d.path()).unwrap();

@@ -58,6 +58,12 @@ impl App {
             if !ok {
                 return Err(ServiceError::field(key_field, format!("SSH key pair {k} does not exist")));
             }
+            if !matches!(self.keypair_private_key(k), Ok(Some(p)) if !p.trim().is_empty()) {
+                return Err(ServiceError::field(
+                    key_field,
+                    format!("SSH key pair {k} has no private key (public key only); it cannot log in"),
+                ));
+            }
         }
         let kp_id = key_pair.unwrap_or_else(|| a["private_key"].as_i64().unwrap_or_default());
         let private = self.keypair_private_key(kp_id).ok().flatten().ok_or_else(|| {
