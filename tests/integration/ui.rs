@@ -358,7 +358,10 @@ async fn run_https_token_pairing(driver: &WebDriver, d: &Daemon, b: &Daemon) {
     let mut ca = d.admin().await;
     let me = ca.call("auth.me", json!([])).await;
     let origin = b.url.trim_end_matches('/').to_string();
-    assert_eq!(me["attributes"]["preferences"]["tls_pins"], json!({origin: b_fp}), "certificate remembered");
+    assert_eq!(me["attributes"]["keyhaven_tls_pins"], json!({origin: b_fp}), "certificate remembered");
+    assert!(me["attributes"]["keyhaven_pairing_urls"]
+        .as_object()
+        .is_some_and(|u| u.values().any(|v| *v == json!(b.url))));
 
     // Second pairing with the same address: no question, the remembered decision is shown and used.
     let t2 = b.cli_json(&["auth.generate_token", "600", "{}", "false"]);

@@ -584,53 +584,58 @@ async function reviewHostKeys(conn, done) {
   await testConnection({ ...c, attributes }, done);
 }
 
-// Read-modify-write of the account's `preferences` attribute, from the
-// server's current copy so a change made in another tab is not overwritten.
-async function updatePreferences(mutate) {
+// The account's attributes (auth.set_attribute / auth.me), one key per
+// concern so that different settings never overwrite each other: TrueNAS's
+// `preferences` (the session timeout), `keyhaven_tls_pins` (certificates by
+// address) and `keyhaven_pairing_urls` (by connection).
+const attribute = (key) => (rpc.user && rpc.user.attributes && rpc.user.attributes[key]) || {};
+
+// Read-modify-write of one attribute (an object), from the server's current
+// copy so a change made in another tab is kept.
+async function updateAttribute(key, mutate) {
   const me = await rpc.call('auth.me');
-  const prefs = { ...((me.attributes && me.attributes.preferences) || {}) };
-  mutate(prefs);
+  const attrs = { ...(me.attributes || {}) };
+  const value = { ...(attrs[key] || {}) };
+  mutate(value);
+  attrs[key] = value;
   // Bounded: the server keeps at most 16 KiB of attributes per account. The
   // maps keep insertion order (their keys are never integer-like), oldest first.
-  const size = () => JSON.stringify({ ...(me.attributes || {}), preferences: prefs }).length;
-  for (const k of ['pairing_urls', 'tls_pins']) {
-    while (size() > 12 * 1024 && Object.keys(prefs[k] || {}).length) {
-      const [oldest] = Object.keys(prefs[k]);
-      prefs[k] = { ...prefs[k] };
-      delete prefs[k][oldest];
+  for (const k of ['keyhaven_pairing_urls', 'keyhaven_tls_pins']) {
+    while (JSON.stringify(attrs).length > 12 * 1024 && Object.keys(attrs[k] || {}).length) {
+      const [oldest] = Object.keys(attrs[k]);
+      attrs[k] = { ...attrs[k] };
+      delete attrs[k][oldest];
     }
   }
-  await rpc.call('auth.set_attribute', 'preferences', prefs);
-  rpc.user.attributes = { ...(me.attributes || {}), preferences: prefs };
-  return prefs;
+  for (const k of Object.keys(attrs)) {
+    if (k === key || JSON.stringify(attrs[k]) !== JSON.stringify((me.attributes || {})[k])) {
+      await rpc.call('auth.set_attribute', k, attrs[k]);
+    }
+  }
+  rpc.user.attributes = attrs;
 }
-const preferences = () => (rpc.user && rpc.user.attributes && rpc.user.attributes.preferences) || {};
 
 // Self-signed certificates the admin checked and trusted when pairing, by
 // address: later pairings with that address trust exactly that certificate
 // (a changed one is refused and asked about again).
 const urlOrigin = (u) => { try { return new URL(String(u).trim()).origin; } catch (e) { return ''; } };
-const pinnedCert = (url) => (preferences().tls_pins || {})[urlOrigin(url)] || '';
+const pinnedCert = (url) => attribute('keyhaven_tls_pins')[urlOrigin(url)] || '';
 async function rememberCert(origin, fingerprint) {
   if (!origin || !rpc.has('auth.set_attribute')) return;
-  await updatePreferences((p) => {
-    const pins = { ...(p.tls_pins || {}) };
+  await updateAttribute('keyhaven_tls_pins', (pins) => {
     delete pins[origin];
     if (fingerprint) pins[origin] = fingerprint;
-    p.tls_pins = pins;
   });
 }
 
-// The URL a connection was last paired through, kept in the account's preferences.
+// The URL a connection was last paired through.
 // Keyed `c<id>`: integer-like keys would lose the insertion order the bound relies on.
-const pairingUrl = (connId) => (preferences().pairing_urls || {})[`c${connId}`] || '';
+const pairingUrl = (connId) => attribute('keyhaven_pairing_urls')[`c${connId}`] || '';
 async function rememberPairingUrl(connId, url) {
   if (!connId || !rpc.has('auth.set_attribute')) return;
-  await updatePreferences((p) => {
-    const urls = { ...(p.pairing_urls || {}) };
+  await updateAttribute('keyhaven_pairing_urls', (urls) => {
     delete urls[`c${connId}`];
     if (url) urls[`c${connId}`] = url;
-    p.pairing_urls = urls;
   });
 }
 
@@ -1335,7 +1340,7 @@ function preferencesForm() {
         f.ctl.lifetime.focus();
         return;
       }
-      await updatePreferences((p) => { p.lifetime = v.lifetime; });
+      await updateAttribute('preferences', (p) => { p.lifetime = v.lifetime; });
       await startTokenSession(v.lifetime);
       m.close();
       toast(`Session timeout set to ${fmtSeconds(v.lifetime)}`);
