@@ -389,13 +389,13 @@ async fn ssh_connection_status(ctx: Arc<Ctx>, p: Params) -> Result<Value, Servic
     // Error texts name hosts and users, which read-only admins do not see
     // (connection attributes are redacted for them).
     if !ctx.caller()?.role.can_write() {
-        for t in all.as_array_mut().into_iter().flatten() {
+        for t in &mut all {
             if !t["error"].is_null() {
                 t["error"] = json!(keychain::REDACTED);
             }
         }
     }
-    query(all.as_array().map(Vec::as_slice).unwrap_or_default(), &p, "keychaincredential.ssh_connection_status")
+    query(&all, &p, "keychaincredential.ssh_connection_status")
 }
 
 #[derive(Deserialize)]

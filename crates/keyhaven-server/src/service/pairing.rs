@@ -54,24 +54,25 @@ impl App {
         }
         let a = &e["attributes"];
         if let Some(k) = key_pair {
-            let ok = self.keychain_get(k).is_ok_and(|kp| kp["type"] == SSH_KEY_PAIR);
-            if !ok {
+            // The cached entry is enough to check the type; the key itself is read once, below.
+            if !self.keychain_entries()?.get(k).is_some_and(|kp| kp["type"] == SSH_KEY_PAIR) {
                 return Err(ServiceError::field(key_field, format!("SSH key pair {k} does not exist")));
-            }
-            if !matches!(self.keypair_private_key(k), Ok(Some(p)) if !p.trim().is_empty()) {
-                return Err(ServiceError::field(
-                    key_field,
-                    format!("SSH key pair {k} has no private key (public key only); it cannot log in"),
-                ));
             }
         }
         let kp_id = key_pair.unwrap_or_else(|| a["private_key"].as_i64().unwrap_or_default());
-        let private = self.keypair_private_key(kp_id).ok().flatten().ok_or_else(|| {
-            ServiceError::call(
-                ENOENT,
-                format!("SSH key pair {kp_id} of this connection does not exist or has no private key"),
-            )
-        })?;
+        let private =
+            self.keypair_private_key(kp_id).ok().flatten().filter(|p| !p.trim().is_empty()).ok_or_else(|| {
+                match key_pair {
+                    Some(k) => ServiceError::field(
+                        key_field,
+                        format!("SSH key pair {k} has no private key (public key only); it cannot log in"),
+                    ),
+                    None => ServiceError::call(
+                        ENOENT,
+                        format!("SSH key pair {kp_id} of this connection does not exist or has no private key"),
+                    ),
+                }
+            })?;
         let pinned = keys::parse_host_key_lines(a["remote_host_key"].as_str().unwrap_or(""))
             .map_err(|(line, m)| ServiceError::call(EINVAL, format!("Stored remote_host_key, line {line}: {m}")))?;
         let port = a["port"].as_i64().and_then(|p| u16::try_from(p).ok()).unwrap_or(22);
@@ -109,23 +110,21 @@ impl App {
     }
 
     /// The last test of every SSH connection tested so far (keyhaven extension).
-    pub fn ssh_connection_status(&self) -> Result<Value, ServiceError> {
+    pub fn ssh_connection_status(&self) -> Result<Vec<Value>, ServiceError> {
         let tests = self.store.connection_tests()?;
-        Ok(Value::Array(
-            tests
-                .into_iter()
-                .map(|t| {
-                    json!({
-                        "id": t.connection_id,
-                        "ok": t.ok,
-                        "stage": t.stage,
-                        "error": t.error,
-                        "latency_ms": t.latency_ms,
-                        "tested_at": {"$date": t.tested_at * 1000},
-                    })
+        Ok(tests
+            .into_iter()
+            .map(|t| {
+                json!({
+                    "id": t.connection_id,
+                    "ok": t.ok,
+                    "stage": t.stage,
+                    "error": t.error,
+                    "latency_ms": t.latency_ms,
+                    "tested_at": {"$date": t.tested_at * 1000},
                 })
-                .collect(),
-        ))
+            })
+            .collect())
     }
 
     /// `keychaincredential.ssh_pair`, the remote side of semi-automatic setup:

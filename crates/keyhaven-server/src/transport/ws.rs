@@ -212,15 +212,9 @@ impl Subscriptions {
         Ok(())
     }
 
-    fn remove(&mut self, key: &str) -> bool {
-        match self.0.remove(key) {
-            Some((_, task)) => {
-                if let Some(t) = task {
-                    t.abort();
-                }
-                true
-            }
-            None => false,
+    fn remove(&mut self, key: &str) {
+        if let Some((_, Some(task))) = self.0.remove(key) {
+            task.abort();
         }
     }
 }
