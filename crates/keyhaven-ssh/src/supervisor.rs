@@ -44,6 +44,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::files::is_root;
+
 /// Where Debian's `openssh-server` installs sshd.
 pub const DEFAULT_SSHD: &str = "/usr/sbin/sshd";
 
@@ -859,11 +861,6 @@ fn prepare(paths: &SshdPaths) -> Result<(), SshdError> {
         ensure_privsep_dir(Path::new(PRIVSEP_DIR))?;
     }
     Ok(())
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// `/run/sshd`: a directory owned by root, not group- or world-writable.
