@@ -152,6 +152,9 @@ impl App {
             {
                 return Err(ServiceError::call(ENOENT, format!("Home directory {home} does not exist")));
             }
+            // A home or ~/.ssh that is a symbolic link or another account's:
+            // refused now, before sshd is enabled and started for nothing.
+            self.check_user_keys(username, &data)?;
         }
         if !self.ssh_enabled()? {
             self.ssh_set_enabled(true)?;

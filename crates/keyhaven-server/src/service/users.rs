@@ -151,7 +151,7 @@ impl App {
 use keyhaven_core::authorized_keys;
 use keyhaven_core::error::{FieldError, ValidationErrors};
 use keyhaven_ssh::accounts::{self, OsAccount};
-use keyhaven_ssh::files::KeysOwner;
+use keyhaven_ssh::files::{KeysFileError, KeysOwner};
 use serde_json::{json, Value};
 
 use crate::error::{EACCES, ENOENT, EPERM};
@@ -175,6 +175,12 @@ pub struct UserInput {
     pub sudo_commands: Option<Vec<String>>,
     pub sudo_commands_nopasswd: Option<Vec<String>>,
     pub roles: Option<Vec<String>>,
+}
+
+/// A keys file that could not be written: EACCES, as before the checks were
+/// typed; the message names the path and says what to fix.
+fn keys_file_error(e: KeysFileError) -> ServiceError {
+    ServiceError::call(EACCES, format!("Failed to update authorized keys: {e}"))
 }
 
 fn valid_username(u: &str) -> bool {
@@ -581,18 +587,30 @@ impl App {
         Ok(rec.username)
     }
 
+    /// Who owns an account's keys file and where its home is: the OS
+    /// account's values, the record's when there is none.
+    fn keys_owner_of(username: &str, data: &UserData) -> (u32, u32, std::path::PathBuf) {
+        let os: Option<OsAccount> = accounts::lookup(username);
+        match os {
+            Some(o) => (o.uid, o.gid, o.home),
+            None => (data.uid.max(0) as u32, data.uid.max(0) as u32, std::path::PathBuf::from(&data.home)),
+        }
+    }
+
     /// Write an account's authorized keys where sshd looks for them.
     pub fn write_user_keys(&self, username: &str, data: &UserData) -> Result<(), ServiceError> {
-        let os: Option<OsAccount> = accounts::lookup(username);
-        let (uid, gid, home) = match &os {
-            Some(o) => (o.uid, o.gid, o.home.clone()),
-            None => (data.uid.max(0) as u32, data.uid.max(0) as u32, std::path::PathBuf::from(&data.home)),
-        };
+        let (uid, gid, home) = Self::keys_owner_of(username, data);
         let owner = KeysOwner { username, uid, gid, home: &home };
-        self.keys_location
-            .write(&owner, data.sshpubkey.as_deref().unwrap_or(""))
-            .map_err(|e| ServiceError::call(EACCES, format!("Failed to update authorized keys: {e}")))?;
+        self.keys_location.write(&owner, data.sshpubkey.as_deref().unwrap_or("")).map_err(keys_file_error)?;
         Ok(())
+    }
+
+    /// Whether `write_user_keys` would find a usable home and `~/.ssh`, without
+    /// changing anything: for callers with side effects to do first.
+    pub fn check_user_keys(&self, username: &str, data: &UserData) -> Result<(), ServiceError> {
+        let (uid, gid, home) = Self::keys_owner_of(username, data);
+        let owner = KeysOwner { username, uid, gid, home: &home };
+        self.keys_location.check(&owner).map_err(keys_file_error)
     }
 
     /// Rewrite every account's keys (start of the SSH service).
