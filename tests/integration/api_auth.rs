@@ -102,8 +102,8 @@ async fn tokens_expiry_single_use_and_origin() {
     let d = Daemon::start();
     let mut a = d.admin().await;
 
-    // Multi-use, any origin.
-    let t = a.call("auth.generate_token", json!([600, {}, false])).await.as_str().unwrap().to_string();
+    // Multi-use (asked for explicitly: keyhaven's default is single-use), any origin.
+    let t = a.call("auth.generate_token", json!([600, {}, false, false])).await.as_str().unwrap().to_string();
     for _ in 0..2 {
         let mut c = d.client().await;
         let r = login_ex(&mut c, json!({"mechanism": "TOKEN_PLAIN", "token": t})).await;
@@ -126,7 +126,7 @@ async fn tokens_expiry_single_use_and_origin() {
     assert_eq!(r["response_type"], "AUTH_ERR", "expired token accepted");
 
     // match_origin (default true): a token minted from 127.0.0.1 is refused from 127.0.0.2.
-    let t = a.call("auth.generate_token", json!([])).await.as_str().unwrap().to_string();
+    let t = a.call("auth.generate_token", json!([600, {}, true, false])).await.as_str().unwrap().to_string();
     let url = d.ws_url("/api/current");
     let mut other = Client::connect_from(&url, d.addr, "127.0.0.2".parse().unwrap()).await;
     assert_eq!(other.call("auth.login_with_token", json!([t.clone()])).await, false, "origin not enforced");
@@ -225,18 +225,41 @@ async fn failed_logins_are_slowed_refused_and_audited() {
     for _ in 0..6 {
         login_ex(&mut c, bad.clone()).await;
     }
-    // Now even the right password is refused for this user and address.
+    // Now even the right password is refused for this user and address…
     let good = json!({"mechanism": "PASSWORD_PLAIN", "username": "admin", "password": ADMIN_PASSWORD});
-    assert_eq!(login_ex(&mut c, good).await["response_type"], "AUTH_ERR", "lockout not enforced");
+    assert_eq!(login_ex(&mut c, good.clone()).await["response_type"], "AUTH_ERR", "lockout not enforced");
+    for _ in 0..4 {
+        assert_eq!(login_ex(&mut c, bad.clone()).await["response_type"], "AUTH_ERR");
+    }
+    // …but not from another address: the per-user key only slows.
+    let mut other = Client::connect_from(&d.ws_url("/api/current"), d.addr, "127.0.0.2".parse().unwrap()).await;
+    assert_eq!(login_ex(&mut other, good).await["response_type"], "SUCCESS", "the user was locked everywhere");
 
-    // The local socket still works, and the audit log has every failure without the password.
+    // The local socket still works; the audit log has each checked failure
+    // (without the password) and no row per refused attempt.
     let audit = d.cli_json(&["audit.query", r#"[["event","=","AUTHENTICATION"],["success","=",false]]"#]);
     let entries = audit.as_array().unwrap();
-    assert!(entries.len() >= 11, "expected every failure audited, got {}", entries.len());
+    assert_eq!(entries.len(), 10, "one row per checked failure, none per refusal: {audit}");
     assert!(entries.iter().all(|e| e["username"] == "admin" && e["address"] == "127.0.0.1"));
-    assert!(entries.last().unwrap()["event_data"]["error"].as_str().unwrap().contains("too many failed logins"));
+    let last = entries.last().unwrap()["event_data"]["error"].as_str().unwrap().to_string();
+    assert!(last.contains("further attempts for user admin from 127.0.0.1 refused for 300 s"), "{last}");
     let text = audit.to_string();
     assert!(!text.contains("nope") && !text.contains(ADMIN_PASSWORD), "a password reached the audit log");
+
+    // The five refusals become one summary entry (written when the lock ends, or at shutdown).
+    let mut d = d;
+    let dir = d.dir.clone();
+    d.stop();
+    let d = Daemon::start_in(dir, Default::default());
+    let audit = d.cli_json(&["audit.query", r#"[["event_data.description","^","Refused login attempts"]]"#]);
+    let rows = audit.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{audit}");
+    assert_eq!(rows[0]["username"], "admin");
+    assert_eq!(rows[0]["address"], "127.0.0.1");
+    assert!(rows[0]["event_data"]["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("5 login attempts for user admin from 127.0.0.1"));
 }
 
 #[tokio::test]

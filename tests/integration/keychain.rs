@@ -932,7 +932,7 @@ async fn downloads_need_auth_name_files_encrypt_on_request_and_are_audited() {
     assert_eq!(r.status, 405);
 
     // Tokens: multi-use, single use (works once), expired.
-    let t = a.call("auth.generate_token", json!([600, {}, false])).await.as_str().unwrap().to_string();
+    let t = a.call("auth.generate_token", json!([600, {}, false, false])).await.as_str().unwrap().to_string();
     for _ in 0..2 {
         let r = http(&d, "GET", &format!("{}?auth_token={t}", url(&ed["id"], "private_key")), &[], None).await;
         assert_eq!(r.status, 200, "{}", r.text());

@@ -472,13 +472,24 @@ async fn two_factor_login() {
     let code = totp.generate_current().to_string();
     let r = c.call("auth.login_ex", json!([{"mechanism": "OTP_TOKEN", "otp_token": code}])).await;
     assert_eq!(r["response_type"], "SUCCESS", "{r}");
-    // auth.login(username, password, otp_token).
+    // A code is accepted once (RFC 6238 §5.2): replayed on another connection it is refused.
+    let mut replay = d.client().await;
+    let r = replay
+        .call(
+            "auth.login_ex",
+            json!([{"mechanism": "PASSWORD_PLAIN", "username": "admin", "password": ADMIN_PASSWORD}]),
+        )
+        .await;
+    assert_eq!(r["response_type"], "OTP_REQUIRED");
+    let r = replay.call("auth.login_ex", json!([{"mechanism": "OTP_TOKEN", "otp_token": code}])).await;
+    assert_eq!(r["response_type"], "OTP_REQUIRED", "a used code was accepted again");
+    // auth.login(username, password, otp_token), with the next step's code (within the ±1 step window).
     let mut c2 = d.client().await;
     assert_eq!(c2.call("auth.login", json!(["admin", ADMIN_PASSWORD])).await, false, "OTP required");
-    assert_eq!(
-        c2.call("auth.login", json!(["admin", ADMIN_PASSWORD, totp.generate_current().to_string()])).await,
-        true
-    );
+    let next = totp.generate(totp_now() + 30).to_string();
+    assert_eq!(c2.call("auth.login", json!(["admin", ADMIN_PASSWORD, next.clone()])).await, true);
+    let mut c4 = d.client().await;
+    assert_eq!(c4.call("auth.login", json!(["admin", ADMIN_PASSWORD, next])).await, false, "replayed");
     // Disabled again: the password alone works.
     a.call("user.unset_2fa_secret", json!(["admin"])).await;
     let mut c3 = d.client().await;
@@ -586,4 +597,8 @@ async fn accounts_ssh_and_service_reject_bad_input() {
     assert_eq!(a.call("user.query", json!([])).await, users_before);
     assert_eq!(a.call("ssh.config", json!([])).await, ssh_before);
     assert_eq!(a.call("service.query", json!([[], {"get": true}])).await["enable"], false);
+}
+
+fn totp_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }

@@ -16,6 +16,8 @@ pub enum Kind {
     Addr,
     Bool,
     Str,
+    /// A whole number within an inclusive range.
+    Uint(u64, u64),
     Choice(&'static [&'static str]),
 }
 
@@ -101,6 +103,86 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Choice(&["data", "home"]),
         doc: "Where account keys are written: `data` = <data>/sshd/authorized_keys/<user> (root-owned), `home` = ~/.ssh/authorized_keys as TrueNAS does.",
     },
+    SettingDef {
+        name: "allowed_origins",
+        env: "KEYHAVEN_ALLOWED_ORIGINS",
+        flag: None,
+        default: "",
+        kind: Kind::Str,
+        doc: "Extra browser origins (comma-separated, e.g. `https://nas.example:8443`) allowed to open the API's WebSocket. Pages served by keyhaven itself (same host and port, by IP address, `localhost` or this machine's name) are always allowed; requests without an `Origin` (non-browser clients) too; any other origin gets 403.",
+    },
+    SettingDef {
+        name: "limits.max_connections",
+        env: "KEYHAVEN_LIMITS_MAX_CONNECTIONS",
+        flag: None,
+        default: "1024",
+        kind: Kind::Uint(16, 1_000_000),
+        doc: "Most TCP connections served at once (also kept below the open-file limit). When full, the oldest connection that has not logged in is closed to make room, so an admin can always log in.",
+    },
+    SettingDef {
+        name: "limits.max_connections_per_address",
+        env: "KEYHAVEN_LIMITS_MAX_CONNECTIONS_PER_ADDRESS",
+        flag: None,
+        default: "64",
+        kind: Kind::Uint(1, 1_000_000),
+        doc: "Most TCP connections from one source address; further ones are closed at once.",
+    },
+    SettingDef {
+        name: "limits.header_read_timeout",
+        env: "KEYHAVEN_LIMITS_HEADER_READ_TIMEOUT",
+        flag: None,
+        default: "10",
+        kind: Kind::Uint(1, 3600),
+        doc: "Seconds a client has to send a complete HTTP request head (and to finish a TLS handshake); idle keep-alive connections are closed after the same time.",
+    },
+    SettingDef {
+        name: "limits.login_timeout",
+        env: "KEYHAVEN_LIMITS_LOGIN_TIMEOUT",
+        flag: None,
+        default: "30",
+        kind: Kind::Uint(1, 3600),
+        doc: "Seconds a WebSocket that has not logged in may stay silent before it is closed.",
+    },
+    SettingDef {
+        name: "limits.password_checks",
+        env: "KEYHAVEN_LIMITS_PASSWORD_CHECKS",
+        flag: None,
+        default: "0",
+        kind: Kind::Uint(0, 256),
+        doc: "Password hashes (Argon2id, about 19 MiB each) computed at once; others wait up to 3 s, then are told to retry. 0 = two per CPU core.",
+    },
+    SettingDef {
+        name: "auth.lockout_after",
+        env: "KEYHAVEN_AUTH_LOCKOUT_AFTER",
+        flag: None,
+        default: "10",
+        kind: Kind::Uint(1, 1000),
+        doc: "Failed logins for one account from one address after which that pair is refused for `auth.lockout_seconds` (failures are slowed from the third). The same account from other addresses is only slowed, never refused.",
+    },
+    SettingDef {
+        name: "auth.address_lockout_after",
+        env: "KEYHAVEN_AUTH_ADDRESS_LOCKOUT_AFTER",
+        flag: None,
+        default: "20",
+        kind: Kind::Uint(1, 10000),
+        doc: "Failed logins from one address, whatever the account names, after which the address is refused for `auth.lockout_seconds`.",
+    },
+    SettingDef {
+        name: "auth.lockout_seconds",
+        env: "KEYHAVEN_AUTH_LOCKOUT_SECONDS",
+        flag: None,
+        default: "300",
+        kind: Kind::Uint(1, 86400),
+        doc: "How long a locked account/address pair or address is refused. Refused attempts are summarised in one audit entry per lock.",
+    },
+    SettingDef {
+        name: "audit.retention_days",
+        env: "KEYHAVEN_AUDIT_RETENTION_DAYS",
+        flag: None,
+        default: "90",
+        kind: Kind::Uint(1, 36500),
+        doc: "Audit entries older than this many days are deleted (checked hourly).",
+    },
 ];
 
 /// The admin password used on first start only (never stored in a file keyhaven reads back).
@@ -130,6 +212,18 @@ pub struct Config {
     pub sshd_path: PathBuf,
     pub manage_os_accounts: bool,
     pub authorized_keys_in_home: bool,
+    /// Origins (`scheme://host[:port]`, lower-case) allowed besides our own.
+    pub allowed_origins: Vec<String>,
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
+    pub header_read_timeout: std::time::Duration,
+    pub login_timeout: std::time::Duration,
+    /// Concurrent password hashes; 0 = two per core.
+    pub password_checks: usize,
+    pub lockout_after: u32,
+    pub address_lockout_after: u32,
+    pub lockout: std::time::Duration,
+    pub audit_retention_days: u64,
 }
 
 impl Config {
@@ -163,6 +257,7 @@ impl Config {
             values.insert(def.name, (v, src));
         }
         let get = |n: &str| values[n].0.clone();
+        let uint = |n: &str| values[n].0.trim().parse::<u64>().expect("checked by check_kind");
         let opt_path = |n: &str| {
             let v = get(n);
             if v.is_empty() {
@@ -181,7 +276,30 @@ impl Config {
             sshd_path: PathBuf::from(get("sshd_path")),
             manage_os_accounts: parse_bool(&get("accounts.manage_os")).expect("checked"),
             authorized_keys_in_home: get("ssh.authorized_keys_location") == "home",
+            allowed_origins: get("allowed_origins")
+                .split(',')
+                .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            max_connections: uint("limits.max_connections") as usize,
+            max_connections_per_address: uint("limits.max_connections_per_address") as usize,
+            header_read_timeout: std::time::Duration::from_secs(uint("limits.header_read_timeout")),
+            login_timeout: std::time::Duration::from_secs(uint("limits.login_timeout")),
+            password_checks: uint("limits.password_checks") as usize,
+            lockout_after: uint("auth.lockout_after") as u32,
+            address_lockout_after: uint("auth.address_lockout_after") as u32,
+            lockout: std::time::Duration::from_secs(uint("auth.lockout_seconds")),
+            audit_retention_days: uint("audit.retention_days"),
         };
+        for o in &cfg.allowed_origins {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.matches('/').count() != 2 {
+                return Err(ConfigError::Invalid {
+                    name: "allowed_origins".into(),
+                    source_desc: values["allowed_origins"].1.clone(),
+                    message: format!("`{o}` is not an origin such as https://nas.example:8443 (scheme, host, optional port; no path)"),
+                });
+            }
+        }
         if cfg.tls_cert.is_some() != cfg.tls_key.is_some() {
             return Err(ConfigError::Invalid {
                 name: "tls_cert".into(),
@@ -223,6 +341,10 @@ fn check_kind(def: &SettingDef, v: &str, src: &str) -> Result<(), ConfigError> {
                 return Err(bad(format!("`{v}` is not one of {}", choices.join(", "))));
             }
         }
+        Kind::Uint(lo, hi) => match v.trim().parse::<u64>() {
+            Ok(n) if (lo..=hi).contains(&n) => {}
+            _ => return Err(bad(format!("`{v}` is not a whole number from {lo} to {hi}"))),
+        },
         Kind::Path | Kind::Str => {}
     }
     Ok(())

@@ -181,10 +181,43 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
         let _ = app.tls_fingerprint.set(fp);
     }
     let router = transport::router(app.clone());
+    let nofile = transport::limits::raise_nofile_limit();
+    let max_connections = transport::limits::effective_max(app.config.max_connections, nofile);
+    if max_connections < app.config.max_connections {
+        tracing::warn!(
+            "serving at most {max_connections} connections, not {}: the open-file limit is {} (raise LimitNOFILE)",
+            app.config.max_connections,
+            nofile.unwrap_or(0)
+        );
+    }
+    let edge = transport::EdgeLimits {
+        registry: transport::limits::Registry::new(max_connections, app.config.max_connections_per_address),
+        header_read_timeout: app.config.header_read_timeout,
+    };
+    {
+        // Refused-login summaries once their lock ends; the failure map pruned.
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(15)).await;
+                app.flush_refusal_summaries(false);
+                app.auth.limiter.prune();
+            }
+        });
+    }
     let unix_task = tokio::spawn(transport::unix::serve(app.clone(), unix));
     {
         let app = app.clone();
         tokio::spawn(async move { app.start_enabled_services().await });
+    }
+    // Argon2 allocates ~19 MiB per check. glibc's adaptive mmap threshold
+    // would serve such blocks from per-thread arenas after the first free and
+    // keep them there: pin the threshold so they are mapped and unmapped.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        // SAFETY: mallopt only changes allocator tuning; called before the
+        // allocation pattern it tunes.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
     // glibc keeps freed memory after bursts (bulk creates, large queries);
     // hand it back to the system now and then so an idle daemon stays small.
@@ -200,9 +233,10 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
     let _ = std::io::stdout().flush();
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
 
-    transport::serve_tcp(listener, router, tls, shutdown_signal()).await;
+    transport::serve_tcp(listener, router, tls, edge, shutdown_signal()).await;
 
     tracing::info!("shutting down");
+    app.flush_refusal_summaries(true);
     unix_task.abort();
     if let Err(e) = app.sshd.stop().await {
         tracing::warn!("stopping sshd: {e}");

@@ -25,6 +25,7 @@ fn migrations() -> Migrations<'static> {
     Migrations::new(vec![
         M::up(include_str!("migrations/0001_initial.sql")),
         M::up(include_str!("migrations/0002_connection_tests.sql")),
+        M::up(include_str!("migrations/0003_totp_replay.sql")),
     ])
 }
 
@@ -72,7 +73,10 @@ impl Store {
         }
         let mut conn = Connection::open(&db_path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // FULL: a write is acknowledged only once it survives power loss. In
+        // WAL mode NORMAL may lose the last commits, e.g. a key pair whose
+        // public half pairing already installed on a remote.
+        conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrations().to_latest(&mut conn)?;

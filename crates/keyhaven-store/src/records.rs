@@ -135,8 +135,24 @@ impl Store {
         let key = self.key();
         let sealed = secret.map(|s| key.seal("users", id, "twofactor_secret", s.as_bytes()));
         let conn = self.conn();
-        conn.execute("UPDATE users SET twofactor_secret = ?1 WHERE id = ?2", params![sealed, id])?;
+        conn.execute(
+            "UPDATE users SET twofactor_secret = ?1, totp_last_step = NULL WHERE id = ?2",
+            params![sealed, id],
+        )?;
         Ok(())
+    }
+
+    /// Record that account `id` used the one-time password of time step
+    /// `step`. `false` when that step (or a later one) was already used: the
+    /// code is a replay and must be refused. One statement, so two logins
+    /// racing with the same code cannot both win.
+    pub fn user_totp_consume(&self, id: i64, step: i64) -> Result<bool> {
+        let conn = self.conn();
+        let n = conn.execute(
+            "UPDATE users SET totp_last_step = ?2 WHERE id = ?1 AND (totp_last_step IS NULL OR totp_last_step < ?2)",
+            params![id, step],
+        )?;
+        Ok(n == 1)
     }
 
     pub fn user_twofactor_secret(&self, id: i64) -> Result<Option<Zeroizing<String>>> {

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::params::{decode, Secret, Str};
 use super::{Ctx, MethodDef, Params};
-use crate::error::ServiceError;
+use crate::error::{ServiceError, EBUSY};
 use crate::method;
 use crate::service::auth::{LoginOutcome, SessionAuth};
 
@@ -90,6 +90,7 @@ fn response(ctx: &Ctx, outcome: LoginOutcome, opts: &LoginOptions) -> Result<Val
         LoginOutcome::OtpRequired(username) => json!({"response_type": "OTP_REQUIRED", "username": username}),
         LoginOutcome::AuthErr => json!({"response_type": "AUTH_ERR"}),
         LoginOutcome::Denied => json!({"response_type": "DENIED"}),
+        LoginOutcome::Busy(m) => return Err(ServiceError::call(EBUSY, m)),
     })
 }
 
@@ -143,6 +144,7 @@ async fn login(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let otp = otp.filter(|o| !o.expose().is_empty());
     let out = ctx.app.login_password(&ctx.session, &username, &password.0, otp.as_ref().map(|o| o.expose())).await;
     match out {
+        LoginOutcome::Busy(m) => Err(ServiceError::call(EBUSY, m)),
         LoginOutcome::Success(_) => Ok(json!(true)),
         LoginOutcome::OtpRequired(_) => {
             *ctx.session.auth.lock().unwrap_or_else(|p| p.into_inner()) = SessionAuth::Anonymous;
@@ -156,14 +158,22 @@ async fn login_with_api_key(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceEr
     p.at_most(1, "auth.login_with_api_key")?;
     let key: Secret = p.req(0, "auth_login_with_api_key.api_key")?;
     let out = ctx.app.login_api_key(&ctx.session, None, &key.0).await;
-    Ok(json!(matches!(out, LoginOutcome::Success(_))))
+    bool_outcome(out)
 }
 
 async fn login_with_token(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     p.at_most(1, "auth.login_with_token")?;
     let token: Secret = p.req(0, "auth_login_with_token.token")?;
     let out = ctx.app.login_token(&ctx.session, &token.0).await;
-    Ok(json!(matches!(out, LoginOutcome::Success(_))))
+    bool_outcome(out)
+}
+
+/// The legacy boolean answer of a login; a busy server is an error, not `false`.
+fn bool_outcome(out: LoginOutcome) -> Result<Value, ServiceError> {
+    match out {
+        LoginOutcome::Busy(m) => Err(ServiceError::call(EBUSY, m)),
+        other => Ok(json!(matches!(other, LoginOutcome::Success(_)))),
+    }
 }
 
 async fn mechanism_choices(_: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
@@ -185,7 +195,8 @@ async fn generate_token(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError>
         ttl,
         &attrs,
         match_origin.unwrap_or(true),
-        single_use.unwrap_or(false),
+        // keyhaven default: single-use (TrueNAS: reusable); pass false explicitly for a reusable token.
+        single_use.unwrap_or(true),
     )?;
     Ok(json!(token.expose_secret()))
 }

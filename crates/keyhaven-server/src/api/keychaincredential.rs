@@ -422,6 +422,7 @@ async fn ssh_pair(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
         errs.add(format!("{S}.public_key"), "String should have at least 1 character");
     }
     errs.check()?;
+    ctx.session.pairing_may_use(&a.username)?;
     ctx.describe(format!("SSH pair: authorize a key for {}", &*a.username));
     ctx.app.ssh_pair(a.remote_hostname.trim(), &a.username, &a.public_key, S).await
 }

@@ -115,6 +115,11 @@ pub async fn dispatch(
     if def.access != Access::Public {
         match app.current_caller(session) {
             Err(e) => return Err(CallFailure::Failed(e)),
+            Ok(c) if c.may_call(def.name).is_err() => {
+                let e = c.may_call(def.name).unwrap_err();
+                record(app, session, AuditEvent::method(def.name, def.name, None, false, Some(e.to_string())));
+                return Err(CallFailure::Failed(e));
+            }
             Ok(c) if def.access == Access::Write && !c.role.can_write() => {
                 record(
                     app,

@@ -7,8 +7,9 @@ use serde_json::{json, Value};
 
 use super::params::{Secret, Str};
 use super::{query, Ctx, MethodDef, Params};
-use crate::error::ServiceError;
+use crate::error::{ServiceError, EACCES};
 use crate::method;
+use crate::service::auth::{Scope, PAIRING_USER_FIELDS};
 use crate::service::users::UserInput;
 
 pub fn methods() -> Vec<MethodDef> {
@@ -103,14 +104,64 @@ fn check_size(u: &UserIn, schema: &str) -> Result<(), ServiceError> {
 }
 
 async fn query_m(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    query(&ctx.app.user_entries()?, &p, "user.query")
+    let entries = ctx.app.user_entries()?;
+    if ctx.caller()?.scope == Scope::Pairing {
+        // A pairing session sees the one account it pairs; the first query
+        // that names an account by `username =` binds the session to it.
+        let account = match ctx.session.pairing_account() {
+            Some(a) => a,
+            None => {
+                let named = p.raw(0).and_then(exact_username).ok_or_else(|| {
+                    ServiceError::field(
+                        "user.query.filters",
+                        "A pairing session must name its account: filter with [\"username\", \"=\", NAME]",
+                    )
+                })?;
+                ctx.session.pairing_may_use(&named)?;
+                named
+            }
+        };
+        let own: Vec<Value> = entries.into_iter().filter(|e| e["username"] == account.as_str()).collect();
+        return query(&own, &p, "user.query");
+    }
+    query(&entries, &p, "user.query")
+}
+
+/// The username a top-level `["username", "=", NAME]` filter names.
+fn exact_username(filters: &Value) -> Option<String> {
+    filters.as_array()?.iter().find_map(|f| match f.as_array().map(Vec::as_slice) {
+        Some([Value::String(k), Value::String(op), Value::String(v)]) if k == "username" && op == "=" => {
+            Some(v.clone())
+        }
+        _ => None,
+    })
 }
 
 async fn get_instance(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     p.at_most(2, "user.get_instance")?;
     let id: i64 = p.req(0, "user_get_instance.id")?;
     let (r, _) = ctx.app.user_by_id(id)?;
+    pairing_bound(&ctx, &r.username)?;
     Ok(ctx.app.user_entry(&r))
+}
+
+/// In a pairing session, only the account it pairs (already named by a query
+/// or `ssh_pair`) may be read or changed.
+fn pairing_bound(ctx: &Ctx, username: &str) -> Result<(), ServiceError> {
+    if ctx.caller()?.scope != Scope::Pairing {
+        return Ok(());
+    }
+    match ctx.session.pairing_account() {
+        Some(a) if a == username => Ok(()),
+        Some(a) => Err(ServiceError::call(
+            EACCES,
+            format!("Not authorized: this pairing session pairs the account {a}, not {username}"),
+        )),
+        None => Err(ServiceError::call(
+            EACCES,
+            "Not authorized: a pairing session must name its account first (user.query by username, or ssh_pair)",
+        )),
+    }
 }
 
 async fn create(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
@@ -127,9 +178,21 @@ async fn create(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
 async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     p.at_most(2, "user.update")?;
     let id: i64 = p.req(0, "user_update.id")?;
+    let raw = p.raw(1).cloned();
     let u: UserIn = p.req(1, "user_update")?;
     check_size(&u, "user_update")?;
     let (r, _) = ctx.app.user_by_id(id)?;
+    pairing_bound(&ctx, &r.username)?;
+    if ctx.caller()?.scope == Scope::Pairing {
+        if let Some(Value::Object(m)) = &raw {
+            if let Some(k) = m.keys().find(|k| !PAIRING_USER_FIELDS.contains(&k.as_str())) {
+                return Err(ServiceError::field(
+                    format!("user_update.{k}"),
+                    format!("A pairing session may only change {}", PAIRING_USER_FIELDS.join(", ")),
+                ));
+            }
+        }
+    }
     ctx.describe(format!("Update user: {}", r.username));
     ctx.app.user_update(id, to_input(u)).await
 }

@@ -1,9 +1,9 @@
-//! Authentication: passwords (Argon2id), API keys and tokens (random, stored as
-//! SHA-256 hashes, compared in constant time), TOTP continuation, per-connection
-//! sessions, and slowing then refusing repeated failed logins per user and per
-//! source address.
+//! Authentication: passwords (Argon2id, a bounded number checked at once),
+//! API keys and tokens (random, stored as SHA-256 hashes, compared in
+//! constant time), TOTP continuation (each code accepted once), per-connection
+//! sessions (one login at a time each), scoped tokens, and the failed-login
+//! limiter ([`super::limiter`]) with quiet audit while an attacker is refused.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -16,18 +16,31 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::audit::{self, AuditEvent};
+use super::limiter::{Attempt, Limiter, Limits, Summary};
 use super::{now_secs, users, App};
-use crate::error::{ServiceError, ENOENT};
+use crate::error::{ServiceError, EBUSY, EINVAL, ENOENT};
 
-/// Failures after which every further attempt is delayed.
-pub const SLOW_AFTER: u32 = 3;
-/// Failures after which attempts are refused outright for [`LOCKOUT`].
-pub const LOCK_AFTER: u32 = 10;
-pub const LOCKOUT: Duration = Duration::from_secs(300);
-/// Failures older than this are forgotten.
-pub const FAILURE_WINDOW: Duration = Duration::from_secs(900);
 /// Wrong OTP codes tolerated on one connection before it must start over.
 pub const MAX_OTP_TRIES: u32 = 3;
+/// The longest lifetime `auth.generate_token` grants (one day).
+pub const MAX_TOKEN_TTL: i64 = 86_400;
+/// How long a login waits for a free password-check slot before it is told to retry.
+pub const HASH_WAIT: Duration = Duration::from_secs(3);
+/// The one token `purpose` keyhaven knows (`attrs.purpose`).
+pub const PURPOSE_PAIRING: &str = "pairing";
+/// What a session opened with a pairing token may call: pair one account and
+/// read or update that account (for the undo), nothing else.
+pub const PAIRING_METHODS: &[&str] = &[
+    "core.ping",
+    "auth.me",
+    "auth.logout",
+    "keychaincredential.ssh_pair",
+    "user.query",
+    "user.get_instance",
+    "user.update",
+];
+/// The account fields a pairing session may change (what pairing and its undo set).
+pub const PAIRING_USER_FIELDS: &[&str] = &["sshpubkey", "shell", "sudo_commands_nopasswd"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -67,12 +80,44 @@ pub enum AuthVia {
     UnixSocket,
 }
 
+/// What a session may reach beyond its role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything the role allows.
+    Full,
+    /// Opened with a token whose `attrs.purpose` is `pairing`: only
+    /// [`PAIRING_METHODS`], on one account.
+    Pairing,
+}
+
 /// Who is calling.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub username: String,
     pub role: Role,
     pub via: AuthVia,
+    pub scope: Scope,
+}
+
+impl Caller {
+    pub fn new(username: impl Into<String>, role: Role, via: AuthVia) -> Caller {
+        Caller { username: username.into(), role, via, scope: Scope::Full }
+    }
+
+    /// Whether this caller may call `method` at all (the role is checked separately).
+    pub fn may_call(&self, method: &str) -> Result<(), ServiceError> {
+        match self.scope {
+            Scope::Full => Ok(()),
+            Scope::Pairing if PAIRING_METHODS.contains(&method) => Ok(()),
+            Scope::Pairing => Err(ServiceError::call(
+                crate::error::EACCES,
+                format!(
+                    "Not authorized: this session was opened with a pairing token, which can only pair an account \
+                     (keychaincredential.ssh_pair); log in with a password or an API key to call {method}"
+                ),
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +140,12 @@ pub struct Session {
     /// than the token's lifetime (TrueNAS: "the token will be invalidated if
     /// the connection has been inactive for a time period exceeding" its ttl).
     idle: Mutex<Option<IdleExpiry>>,
+    /// Held while a login is checked: one at a time per connection, so a
+    /// pipelined burst of guesses cannot occupy every password-check slot.
+    login: tokio::sync::Mutex<()>,
+    /// For a pairing session: the one account it pairs, fixed by the first
+    /// call that names one.
+    pairing_account: Mutex<Option<String>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -113,17 +164,22 @@ impl Session {
             address,
             auth: Mutex::new(SessionAuth::Anonymous),
             idle: Mutex::new(None),
+            login: tokio::sync::Mutex::new(()),
+            pairing_account: Mutex::new(None),
         }
     }
 
     /// A session for the local unix socket: full admin, like TrueNAS's `midclt`.
     pub fn local_root() -> Session {
         let s = Session::new("unix".into());
-        *s.auth.lock().unwrap() = SessionAuth::Authenticated(Caller {
-            username: "root".into(),
-            role: Role::FullAdmin,
-            via: AuthVia::UnixSocket,
-        });
+        s.set(SessionAuth::Authenticated(Caller::new("root", Role::FullAdmin, AuthVia::UnixSocket)));
+        s
+    }
+
+    /// A session already authenticated as `caller` (downloads).
+    pub fn authenticated(address: String, caller: Caller) -> Session {
+        let s = Session::new(address);
+        s.set(SessionAuth::Authenticated(caller));
         s
     }
 
@@ -152,14 +208,21 @@ impl Session {
         idle_ok && self.caller().is_some()
     }
 
-    /// Change who the session is; any idle limit of the previous login ends with it.
-    fn set(&self, a: SessionAuth) {
+    /// Change who the session is; any idle limit or paired account of the
+    /// previous login ends with it.
+    pub fn set(&self, a: SessionAuth) {
         *self.auth.lock().unwrap_or_else(|p| p.into_inner()) = a;
         *self.idle.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.pairing_account.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     fn set_idle_limit(&self, ttl: Duration) {
         *self.idle.lock().unwrap_or_else(|p| p.into_inner()) = Some(IdleExpiry { ttl, last_used: Instant::now() });
+    }
+
+    /// The idle lifetime of a token session.
+    pub fn token_lifetime(&self) -> Option<Duration> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).map(|i| i.ttl)
     }
 
     /// A call that just finished counts as activity too: a call longer than the
@@ -183,85 +246,75 @@ impl Session {
             None => Ok(()),
         }
     }
+
+    /// For a pairing session: whether it may act on `username`. The first
+    /// account named binds the session to it; any other is refused.
+    pub fn pairing_may_use(&self, username: &str) -> Result<(), ServiceError> {
+        if self.caller().is_none_or(|c| c.scope != Scope::Pairing) {
+            return Ok(());
+        }
+        let mut bound = self.pairing_account.lock().unwrap_or_else(|p| p.into_inner());
+        match bound.as_deref() {
+            None => {
+                *bound = Some(username.to_string());
+                Ok(())
+            }
+            Some(b) if b == username => Ok(()),
+            Some(b) => Err(ServiceError::call(
+                crate::error::EACCES,
+                format!("Not authorized: this pairing session pairs the account {b}, not {username}"),
+            )),
+        }
+    }
+
+    /// The account a pairing session is bound to (`None` for other sessions
+    /// or before the first call names one).
+    pub fn pairing_account(&self) -> Option<String> {
+        self.pairing_account.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
-#[derive(Debug, Default, Clone, Copy)]
-struct Failures {
-    count: u32,
-    last: Option<Instant>,
-    locked_until: Option<Instant>,
-}
-
-/// In-memory state of authentication (failure counters).
-#[derive(Default)]
+/// In-memory state of authentication: the failed-login limiter and the
+/// bound on concurrent password checks.
 pub struct AuthState {
-    failures: Mutex<HashMap<String, Failures>>,
-}
-
-enum Gate {
-    Open,
-    Slow(Duration),
-    Locked,
+    pub limiter: Limiter,
+    /// Argon2id takes tens of megabytes and milliseconds of CPU per check:
+    /// this many run at once, the rest queue (briefly).
+    hash_slots: tokio::sync::Semaphore,
+    pub hash_slot_count: usize,
 }
 
 impl AuthState {
-    fn gate(&self, keys: &[String]) -> Gate {
-        let now = Instant::now();
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let mut worst = 0u32;
-        for k in keys {
-            if let Some(f) = map.get_mut(k) {
-                if f.locked_until.is_some_and(|t| t > now) {
-                    return Gate::Locked;
-                }
-                if f.last.is_some_and(|l| now.duration_since(l) > FAILURE_WINDOW) || f.locked_until.is_some() {
-                    *f = Failures::default();
-                }
-                worst = worst.max(f.count);
+    pub fn new(limits: Limits, hash_slots: usize) -> AuthState {
+        let n = hash_slots.max(1);
+        AuthState { limiter: Limiter::new(limits), hash_slots: tokio::sync::Semaphore::new(n), hash_slot_count: n }
+    }
+
+    /// Run an Argon2 computation on a blocking thread once a slot is free;
+    /// `Err` with a retry hint when none frees up within [`HASH_WAIT`].
+    pub async fn with_hash_slot<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        let permit = match tokio::time::timeout(HASH_WAIT, self.hash_slots.acquire()).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                return Err(ServiceError::call(
+                    EBUSY,
+                    "Too many login attempts are being checked right now; retry in 1 s",
+                ))
             }
-        }
-        if worst >= SLOW_AFTER {
-            // 250 ms, 500 ms, 1 s, 2 s … capped at 4 s.
-            let step = (worst - SLOW_AFTER).min(4);
-            Gate::Slow(Duration::from_millis(250u64 << step))
-        } else {
-            Gate::Open
-        }
+        };
+        let out = tokio::task::spawn_blocking(f).await.map_err(|e| ServiceError::internal("password hashing", e));
+        drop(permit);
+        out
     }
 
-    fn record_failure(&self, keys: &[String]) -> bool {
-        let now = Instant::now();
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let mut locked = false;
-        for k in keys {
-            let f = map.entry(k.clone()).or_default();
-            f.count += 1;
-            f.last = Some(now);
-            if f.count >= LOCK_AFTER {
-                f.locked_until = Some(now + LOCKOUT);
-                locked = true;
-            }
-        }
-        locked
+    /// Argon2id hash of a new password, within the slot bound.
+    pub async fn hash(&self, password: &SecretString) -> Result<String, ServiceError> {
+        let pw = zeroize::Zeroizing::new(password.expose_secret().to_string());
+        self.with_hash_slot(move || hash_password(&pw)).await
     }
-
-    /// A successful login clears the user's and the address's counters: the
-    /// address has just proved it holds valid credentials.
-    fn record_success(&self, username: &str, address: &str) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(&format!("user:{username}"));
-        if map.get(&format!("addr:{address}")).is_some_and(|f| f.locked_until.is_none()) {
-            map.remove(&format!("addr:{address}"));
-        }
-    }
-}
-
-fn limiter_keys(username: Option<&str>, address: &str) -> Vec<String> {
-    let mut v = vec![format!("addr:{address}")];
-    if let Some(u) = username {
-        v.push(format!("user:{u}"));
-    }
-    v
 }
 
 /// What a login attempt came to (TrueNAS `response_type`).
@@ -272,6 +325,9 @@ pub enum LoginOutcome {
     AuthErr,
     /// Valid credentials for an account without API access.
     Denied,
+    /// Not checked: the server is busy or this connection already has a login
+    /// in flight. The message says when to retry.
+    Busy(String),
 }
 
 // ------------------------------------------------------------ hashing
@@ -312,52 +368,100 @@ pub fn random_alnum(n: usize) -> String {
     (0..n).map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char).collect()
 }
 
-/// Checks a TOTP code (RFC 6238, SHA-1, 6 digits, 30 s, ±1 step) against a base32 seed.
-pub fn verify_totp(seed_b32: &str, code: &str) -> bool {
-    let Ok(secret) = totp_rs::Secret::try_from_base32(seed_b32) else { return false };
-    let Ok(totp) = totp_rs::Builder::new()
+/// The TOTP time step (RFC 6238, SHA-1, 6 digits, 30 s, ±1 step) at which
+/// `code` is valid for the base32 seed at `now`, if any. The caller must
+/// accept each step once (RFC 6238 §5.2): see [`App::check_otp`].
+pub fn totp_step(seed_b32: &str, code: &str, now: u64) -> Option<u64> {
+    let secret = totp_rs::Secret::try_from_base32(seed_b32).ok()?;
+    let totp = totp_rs::Builder::new()
         .with_algorithm(totp_rs::Algorithm::SHA1)
         .with_digits(6)
         .with_skew(1)
         .with_step_duration(30)
         .with_secret(secret)
         .build()
-    else {
-        return false;
-    };
-    totp.check(code.trim(), now_secs() as u64).is_some()
+        .ok()?;
+    totp.check(code.trim(), now)
+}
+
+/// Checks a TOTP code against a base32 seed (no replay check: see [`App::check_otp`]).
+pub fn verify_totp(seed_b32: &str, code: &str) -> bool {
+    totp_step(seed_b32, code, now_secs() as u64).is_some()
 }
 
 // ------------------------------------------------------------ logins
 
 impl App {
-    async fn slow_down(&self, keys: &[String]) -> bool {
-        match self.auth.gate(keys) {
-            Gate::Locked => false,
-            Gate::Slow(d) => {
-                tokio::time::sleep(d).await;
-                true
+    /// Start a limited attempt: `Err` is the outcome to return at once
+    /// (refused while locked — counted, not audited row by row).
+    async fn begin_attempt(
+        &self,
+        session: &Session,
+        username: Option<&str>,
+        mechanism: &str,
+    ) -> Result<Attempt<'_>, LoginOutcome> {
+        match self.auth.limiter.begin(username, &session.address) {
+            Ok(a) => {
+                if !a.delay.is_zero() {
+                    tokio::time::sleep(a.delay).await;
+                }
+                Ok(a)
             }
-            Gate::Open => true,
+            Err(r) => {
+                if r.first {
+                    tracing::warn!(
+                        address = %session.address,
+                        mechanism,
+                        "login attempts for {} refused for {} s after repeated failures; \
+                         further refusals are summarised in the audit log when the lock ends",
+                        r.what,
+                        r.retry_after.as_secs()
+                    );
+                }
+                Err(LoginOutcome::AuthErr)
+            }
         }
     }
 
-    fn login_failed(&self, session: &Session, username: Option<&str>, mechanism: &str, reason: &str) {
-        let keys = limiter_keys(username, &session.address);
-        let locked = self.auth.record_failure(&keys);
+    fn login_failed(
+        &self,
+        session: &Session,
+        attempt: Attempt<'_>,
+        username: Option<&str>,
+        mechanism: &str,
+        reason: &str,
+    ) {
+        let out = attempt.failed();
         let mut msg = reason.to_string();
-        if locked {
-            msg.push_str(&format!("; further attempts refused for {} s", LOCKOUT.as_secs()));
+        for what in &out.locked {
+            msg.push_str(&format!(
+                "; further attempts for {what} refused for {} s",
+                self.auth.limiter.limits().lockout.as_secs()
+            ));
         }
         tracing::warn!(address = %session.address, username = username.unwrap_or("-"), mechanism, "login failed: {msg}");
         audit::record(self, session, AuditEvent::login(username, mechanism, false, Some(msg)));
     }
 
-    fn login_succeeded(&self, session: &Session, caller: Caller, mechanism: &str) -> LoginOutcome {
-        self.auth.record_success(&caller.username, &session.address);
+    fn login_succeeded(
+        &self,
+        session: &Session,
+        attempt: Attempt<'_>,
+        caller: Caller,
+        mechanism: &str,
+    ) -> LoginOutcome {
+        attempt.succeeded();
         session.set(SessionAuth::Authenticated(caller.clone()));
         audit::record(self, session, AuditEvent::login(Some(&caller.username), mechanism, true, None));
         LoginOutcome::Success(caller)
+    }
+
+    /// Write the summaries of refused attempts whose lock has ended (all of
+    /// them with `all`, at shutdown): one audit entry and one log line each.
+    pub fn flush_refusal_summaries(&self, all: bool) {
+        for s in self.auth.limiter.take_summaries(all) {
+            write_summary(self, &s);
+        }
     }
 
     /// PASSWORD_PLAIN (and `auth.login`). With 2FA on the account, answers
@@ -369,24 +473,32 @@ impl App {
         password: &SecretString,
         otp: Option<&str>,
     ) -> LoginOutcome {
-        let keys = limiter_keys(Some(username), &session.address);
-        if !self.slow_down(&keys).await {
-            self.login_failed(session, Some(username), "PASSWORD_PLAIN", "refused: too many failed logins");
-            return LoginOutcome::AuthErr;
-        }
+        let Ok(_one) = session.login.try_lock() else { return busy_connection() };
+        let attempt = match self.begin_attempt(session, Some(username), "PASSWORD_PLAIN").await {
+            Ok(a) => a,
+            Err(o) => return o,
+        };
         let user = self.store.user_by_name(username).ok().flatten();
         let hash = user.as_ref().and_then(|u| u.password_hash.clone());
-        let pw = password.expose_secret().to_string();
+        let pw = zeroize::Zeroizing::new(password.expose_secret().to_string());
         let hash_for_check = hash.clone().unwrap_or_else(|| dummy_hash().to_string());
-        let ok = tokio::task::spawn_blocking(move || verify_password(&hash_for_check, &pw)).await.unwrap_or(false);
+        let ok = match self.auth.with_hash_slot(move || verify_password(&hash_for_check, &pw)).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                // Not checked, so not a failure: only the attempt's slot is returned.
+                attempt.unchecked();
+                return LoginOutcome::Busy(e.to_string());
+            }
+        };
         let Some(user) = user.filter(|_| ok && hash.is_some()) else {
-            self.login_failed(session, Some(username), "PASSWORD_PLAIN", "invalid username or password");
+            self.login_failed(session, attempt, Some(username), "PASSWORD_PLAIN", "invalid username or password");
             return LoginOutcome::AuthErr;
         };
         let info = users::UserData::from_record(&user);
         if info.locked || info.password_disabled {
             self.login_failed(
                 session,
+                attempt,
                 Some(username),
                 "PASSWORD_PLAIN",
                 "account is locked or its password is disabled",
@@ -394,61 +506,83 @@ impl App {
             return LoginOutcome::AuthErr;
         }
         let Some(role) = Role::from_roles(&info.roles) else {
-            self.login_failed(session, Some(username), "PASSWORD_PLAIN", "account has no API access");
+            self.login_failed(session, attempt, Some(username), "PASSWORD_PLAIN", "account has no API access");
             return LoginOutcome::Denied;
         };
         if user.has_twofactor_secret && info.twofactor_enabled {
             match otp {
                 None => {
+                    // The password was right: what follows is a new attempt (OTP_TOKEN).
+                    attempt.succeeded();
                     session.set(SessionAuth::OtpPending { username: username.to_string(), tries: 0 });
                     return LoginOutcome::OtpRequired(username.to_string());
                 }
                 Some(code) => {
-                    if !self.check_otp(user.id, code) {
-                        self.login_failed(session, Some(username), "PASSWORD_PLAIN", "wrong one-time password");
+                    if let Err(reason) = self.check_otp(user.id, code) {
+                        self.login_failed(session, attempt, Some(username), "PASSWORD_PLAIN", reason);
                         return LoginOutcome::AuthErr;
                     }
                 }
             }
         }
-        self.login_succeeded(
-            session,
-            Caller { username: username.to_string(), role, via: AuthVia::Password },
-            "PASSWORD_PLAIN",
-        )
+        self.login_succeeded(session, attempt, Caller::new(username, role, AuthVia::Password), "PASSWORD_PLAIN")
     }
 
-    fn check_otp(&self, user_id: i64, code: &str) -> bool {
-        match self.store.user_twofactor_secret(user_id) {
-            Ok(Some(seed)) => verify_totp(&seed, code),
-            _ => false,
+    /// A TOTP code for account `user_id`, accepted once: a code already used
+    /// (in its 90 s window) is refused as a replay.
+    fn check_otp(&self, user_id: i64, code: &str) -> Result<(), &'static str> {
+        let seed = match self.store.user_twofactor_secret(user_id) {
+            Ok(Some(seed)) => seed,
+            _ => return Err("wrong one-time password"),
+        };
+        let step = totp_step(&seed, code, now_secs() as u64).ok_or("wrong one-time password")?;
+        match self.store.user_totp_consume(user_id, step as i64) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("one-time password already used; wait for the next one"),
+            Err(_) => Err("one-time password could not be recorded"),
         }
     }
 
     /// OTP_TOKEN continuation on the same connection.
     pub async fn login_otp(&self, session: &Session, code: &str) -> LoginOutcome {
+        let Ok(_one) = session.login.try_lock() else { return busy_connection() };
         let pending = match &*session.auth.lock().unwrap_or_else(|p| p.into_inner()) {
             SessionAuth::OtpPending { username, tries } => Some((username.clone(), *tries)),
             _ => None,
         };
         let Some((username, tries)) = pending else {
-            self.login_failed(session, None, "OTP_TOKEN", "one-time password sent without a pending password login");
+            let attempt = match self.begin_attempt(session, None, "OTP_TOKEN").await {
+                Ok(a) => a,
+                Err(o) => return o,
+            };
+            self.login_failed(
+                session,
+                attempt,
+                None,
+                "OTP_TOKEN",
+                "one-time password sent without a pending password login",
+            );
             return LoginOutcome::AuthErr;
         };
-        let keys = limiter_keys(Some(&username), &session.address);
-        if !self.slow_down(&keys).await {
-            session.set(SessionAuth::Anonymous);
-            self.login_failed(session, Some(&username), "OTP_TOKEN", "refused: too many failed logins");
-            return LoginOutcome::AuthErr;
-        }
+        let attempt = match self.begin_attempt(session, Some(&username), "OTP_TOKEN").await {
+            Ok(a) => a,
+            Err(o) => {
+                session.set(SessionAuth::Anonymous);
+                return o;
+            }
+        };
         let user = self.store.user_by_name(&username).ok().flatten();
         let role = user.as_ref().and_then(|u| Role::from_roles(&users::UserData::from_record(u).roles));
-        match (user, role) {
-            (Some(u), Some(role)) if self.check_otp(u.id, code) => {
-                self.login_succeeded(session, Caller { username, role, via: AuthVia::Password }, "OTP_TOKEN")
+        let checked = match (&user, role) {
+            (Some(u), Some(role)) => self.check_otp(u.id, code).map(|()| role),
+            _ => Err("wrong one-time password"),
+        };
+        match checked {
+            Ok(role) => {
+                self.login_succeeded(session, attempt, Caller::new(username, role, AuthVia::Password), "OTP_TOKEN")
             }
-            _ => {
-                self.login_failed(session, Some(&username), "OTP_TOKEN", "wrong one-time password");
+            Err(reason) => {
+                self.login_failed(session, attempt, Some(&username), "OTP_TOKEN", reason);
                 if tries + 1 >= MAX_OTP_TRIES {
                     session.set(SessionAuth::Anonymous);
                     LoginOutcome::AuthErr
@@ -462,51 +596,51 @@ impl App {
 
     /// API_KEY_PLAIN: `key` is `<id>-<secret>`; `username`, when given, must own it.
     pub async fn login_api_key(&self, session: &Session, username: Option<&str>, key: &SecretString) -> LoginOutcome {
-        let keys = limiter_keys(username, &session.address);
-        if !self.slow_down(&keys).await {
-            self.login_failed(session, username, "API_KEY_PLAIN", "refused: too many failed logins");
+        let Ok(_one) = session.login.try_lock() else { return busy_connection() };
+        let attempt = match self.begin_attempt(session, username, "API_KEY_PLAIN").await {
+            Ok(a) => a,
+            Err(o) => return o,
+        };
+        let Some(rec) = self.check_api_key(key.expose_secret()).filter(|r| username.is_none_or(|u| u == r.username))
+        else {
+            self.login_failed(session, attempt, username, "API_KEY_PLAIN", "invalid API key");
             return LoginOutcome::AuthErr;
-        }
-        match self.check_api_key(key.expose_secret()) {
-            Some(rec) if username.is_none_or(|u| u == rec.username) => {
-                let user = self.store.user_by_name(&rec.username).ok().flatten();
-                let data = user.as_ref().map(users::UserData::from_record);
-                match data {
-                    Some(d) if !d.locked => match Role::from_roles(&d.roles) {
-                        Some(role) => self.login_succeeded(
-                            session,
-                            Caller { username: rec.username, role, via: AuthVia::ApiKey },
-                            "API_KEY_PLAIN",
-                        ),
-                        None => {
-                            self.login_failed(
-                                session,
-                                Some(&rec.username),
-                                "API_KEY_PLAIN",
-                                "account has no API access",
-                            );
-                            LoginOutcome::Denied
-                        }
-                    },
-                    _ => {
-                        self.login_failed(
-                            session,
-                            Some(&rec.username),
-                            "API_KEY_PLAIN",
-                            "account is missing or locked",
-                        );
-                        LoginOutcome::AuthErr
-                    }
-                }
+        };
+        match self.account_role(&rec.username) {
+            Ok(role) => self.login_succeeded(
+                session,
+                attempt,
+                Caller::new(rec.username, role, AuthVia::ApiKey),
+                "API_KEY_PLAIN",
+            ),
+            Err(AccountRefusal::NoApiAccess) => {
+                self.login_failed(session, attempt, Some(&rec.username), "API_KEY_PLAIN", "account has no API access");
+                LoginOutcome::Denied
             }
-            _ => {
-                self.login_failed(session, username, "API_KEY_PLAIN", "invalid API key");
+            Err(AccountRefusal::MissingOrLocked) => {
+                self.login_failed(
+                    session,
+                    attempt,
+                    Some(&rec.username),
+                    "API_KEY_PLAIN",
+                    "account is missing or locked",
+                );
                 LoginOutcome::AuthErr
             }
         }
     }
 
-    /// Verify an API key string without touching any session (downloads use it too).
+    /// The API role of an account that may log in now.
+    fn account_role(&self, username: &str) -> Result<Role, AccountRefusal> {
+        let user = self.store.user_by_name(username).ok().flatten().ok_or(AccountRefusal::MissingOrLocked)?;
+        let d = users::UserData::from_record(&user);
+        if d.locked {
+            return Err(AccountRefusal::MissingOrLocked);
+        }
+        Role::from_roles(&d.roles).ok_or(AccountRefusal::NoApiAccess)
+    }
+
+    /// Verify an API key string without touching any session.
     pub fn check_api_key(&self, key: &str) -> Option<keyhaven_store::ApiKeyRecord> {
         let (id, secret) = key.split_once('-')?;
         let id: i64 = id.parse().ok()?;
@@ -519,41 +653,35 @@ impl App {
 
     /// TOKEN_PLAIN / `auth.login_with_token`.
     pub async fn login_token(&self, session: &Session, token: &SecretString) -> LoginOutcome {
-        let keys = limiter_keys(None, &session.address);
-        if !self.slow_down(&keys).await {
-            self.login_failed(session, None, "TOKEN_PLAIN", "refused: too many failed logins");
-            return LoginOutcome::AuthErr;
-        }
-        match self.take_token(token.expose_secret(), &session.origin) {
-            Ok((username, lifetime)) => {
-                let user = self.store.user_by_name(&username).ok().flatten();
-                let data = user.as_ref().map(users::UserData::from_record);
-                let role = data.as_ref().filter(|d| !d.locked).and_then(|d| Role::from_roles(&d.roles));
-                match role {
-                    Some(role) => {
-                        let out = self.login_succeeded(
-                            session,
-                            Caller { username, role, via: AuthVia::Token },
-                            "TOKEN_PLAIN",
-                        );
-                        session.set_idle_limit(lifetime);
-                        out
-                    }
-                    None => {
-                        self.login_failed(session, Some(&username), "TOKEN_PLAIN", "account has no API access");
-                        LoginOutcome::AuthErr
-                    }
-                }
-            }
+        let Ok(_one) = session.login.try_lock() else { return busy_connection() };
+        let attempt = match self.begin_attempt(session, None, "TOKEN_PLAIN").await {
+            Ok(a) => a,
+            Err(o) => return o,
+        };
+        let grant = match self.take_token(token.expose_secret(), &session.origin) {
+            Ok(g) => g,
             Err(reason) => {
-                self.login_failed(session, None, "TOKEN_PLAIN", reason);
+                self.login_failed(session, attempt, None, "TOKEN_PLAIN", reason);
+                return LoginOutcome::AuthErr;
+            }
+        };
+        match self.account_role(&grant.username) {
+            Ok(role) => {
+                let mut caller = Caller::new(grant.username, role, AuthVia::Token);
+                caller.scope = grant.scope;
+                let out = self.login_succeeded(session, attempt, caller, "TOKEN_PLAIN");
+                session.set_idle_limit(grant.lifetime);
+                out
+            }
+            Err(_) => {
+                self.login_failed(session, attempt, Some(&grant.username), "TOKEN_PLAIN", "account has no API access");
                 LoginOutcome::AuthErr
             }
         }
     }
 
-    /// Consume a token (single-use ones are deleted); returns its owner and lifetime.
-    pub fn take_token(&self, token: &str, origin: &str) -> Result<(String, Duration), &'static str> {
+    /// Consume a token (single-use ones are deleted): its owner, lifetime and scope.
+    pub fn take_token(&self, token: &str, origin: &str) -> Result<TokenGrant, &'static str> {
         let rec =
             self.store.token_take(&sha256_hex(token)).map_err(|_| "token lookup failed")?.ok_or("invalid token")?;
         if rec.expires_at < now_secs() {
@@ -565,10 +693,75 @@ impl App {
             }
         }
         let lifetime = Duration::from_secs(rec.expires_at.saturating_sub(rec.created_at).max(1) as u64);
-        Ok((rec.username, lifetime))
+        let scope = if rec.attrs.get("purpose").and_then(Value::as_str) == Some(PURPOSE_PAIRING) {
+            Scope::Pairing
+        } else {
+            Scope::Full
+        };
+        Ok(TokenGrant { username: rec.username, lifetime, scope })
     }
 
-    /// `auth.generate_token`.
+    /// Authenticate a download request (`Authorization: Bearer <API key>` or
+    /// `?auth_token=`), limited and audited like a login. A pairing token
+    /// never downloads anything.
+    pub async fn authenticate_download(
+        &self,
+        address: &str,
+        api_key: Option<&str>,
+        token: Option<&str>,
+    ) -> Result<Caller, DownloadRefusal> {
+        let session = Session::new(address.to_string());
+        let mechanism = if api_key.is_some() { "DOWNLOAD_API_KEY" } else { "DOWNLOAD_TOKEN" };
+        if api_key.is_none() && token.is_none() {
+            return Err(DownloadRefusal::Unauthenticated);
+        }
+        let attempt = match self.begin_attempt(&session, None, mechanism).await {
+            Ok(a) => a,
+            Err(_) => return Err(DownloadRefusal::Unauthenticated),
+        };
+        let grant = match (api_key, token) {
+            (Some(k), _) => self.check_api_key(k).map(|r| TokenGrant {
+                username: r.username,
+                lifetime: Duration::ZERO,
+                scope: Scope::Full,
+            }),
+            (None, Some(t)) => self.take_token(t, address).ok(),
+            (None, None) => None,
+        };
+        let Some(grant) = grant else {
+            self.login_failed(&session, attempt, None, mechanism, "invalid API key or token for a download");
+            return Err(DownloadRefusal::Unauthenticated);
+        };
+        if grant.scope != Scope::Full {
+            self.login_failed(
+                &session,
+                attempt,
+                Some(&grant.username),
+                mechanism,
+                "a pairing token cannot download anything",
+            );
+            return Err(DownloadRefusal::Forbidden("A pairing token cannot download keys"));
+        }
+        let via = if api_key.is_some() { AuthVia::ApiKey } else { AuthVia::Token };
+        match self.account_role(&grant.username) {
+            Ok(role) => {
+                attempt.succeeded();
+                Ok(Caller::new(grant.username, role, via))
+            }
+            Err(AccountRefusal::NoApiAccess) => {
+                self.login_failed(&session, attempt, Some(&grant.username), mechanism, "account has no API access");
+                Err(DownloadRefusal::Forbidden("This account has no API access"))
+            }
+            Err(AccountRefusal::MissingOrLocked) => {
+                self.login_failed(&session, attempt, Some(&grant.username), mechanism, "account is missing or locked");
+                Err(DownloadRefusal::Unauthenticated)
+            }
+        }
+    }
+
+    /// `auth.generate_token`. Single-use and bounded by [`MAX_TOKEN_TTL`]; from
+    /// a token session it cannot outlive its parent's lifetime (the ttl is
+    /// clamped to it) nor widen its scope.
     pub fn generate_token(
         &self,
         caller: &Caller,
@@ -578,9 +771,29 @@ impl App {
         match_origin: bool,
         single_use: bool,
     ) -> Result<SecretString, ServiceError> {
-        let ttl = ttl.unwrap_or(600);
-        if !(1..=86400 * 30).contains(&ttl) {
-            return Err(ServiceError::field("auth_generate_token.ttl", "ttl must be between 1 and 2592000 seconds"));
+        let mut ttl = ttl.unwrap_or(600);
+        if !(1..=MAX_TOKEN_TTL).contains(&ttl) {
+            return Err(ServiceError::field(
+                "auth_generate_token.ttl",
+                format!("ttl must be between 1 and {MAX_TOKEN_TTL} seconds"),
+            ));
+        }
+        match attrs.get("purpose") {
+            None => {}
+            Some(Value::String(p)) if p == PURPOSE_PAIRING => {}
+            Some(_) => {
+                return Err(ServiceError::field_errno(
+                    "auth_generate_token.attrs.purpose",
+                    format!("The only token purpose is '{PURPOSE_PAIRING}' (a token another system pairs with)"),
+                    EINVAL,
+                ))
+            }
+        }
+        if caller.scope != Scope::Full {
+            return Err(ServiceError::NotAuthorized);
+        }
+        if let Some(parent) = session.token_lifetime() {
+            ttl = ttl.min(parent.as_secs().max(1) as i64);
         }
         let token = random_alnum(64);
         let origin = match_origin.then_some(session.origin.as_str());
@@ -630,6 +843,48 @@ impl App {
     }
 }
 
+/// What a token grants.
+#[derive(Debug, Clone)]
+pub struct TokenGrant {
+    pub username: String,
+    pub lifetime: Duration,
+    pub scope: Scope,
+}
+
+enum AccountRefusal {
+    MissingOrLocked,
+    NoApiAccess,
+}
+
+/// Why a download was refused (the transport turns it into 401 or 403).
+#[derive(Debug)]
+pub enum DownloadRefusal {
+    Unauthenticated,
+    Forbidden(&'static str),
+}
+
+fn busy_connection() -> LoginOutcome {
+    LoginOutcome::Busy("Another login is being checked on this connection; wait for its answer".into())
+}
+
+fn write_summary(app: &App, s: &Summary) {
+    let fmt = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0).to_string()
+    };
+    let msg = format!(
+        "{} login attempts for {} refused while locked (first at {}, last at {}, Unix time)",
+        s.count,
+        s.what,
+        fmt(s.first),
+        fmt(s.last)
+    );
+    tracing::warn!("{msg}");
+    let session = Session::new(s.address.clone().unwrap_or_else(|| "-".into()));
+    let mut ev = AuditEvent::login(s.username.as_deref(), "REFUSED", false, Some(msg));
+    ev.description = format!("Refused login attempts ({})", s.count);
+    audit::record(app, &session, ev);
+}
+
 fn api_key_hash(id: i64, secret: &str) -> String {
     sha256_hex(&format!("keyhaven-api-key:{id}:{secret}"))
 }
@@ -654,7 +909,6 @@ pub fn user_info(user: &keyhaven_store::UserRecord, role: Role) -> Value {
         "account_attributes": ["LOCAL", if user.password_hash.is_some() {"PASSWORD_LOGIN"} else {"SYS_ADMIN"}],
     })
 }
-
 impl App {
     /// The caller as the account stands now: a session keeps working only
     /// while its account exists, is not locked and still has API access, and

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod events;
 pub mod jobs;
 pub mod keychain;
+pub mod limiter;
 pub mod pairing;
 pub mod sshd;
 pub mod users;
@@ -50,10 +51,19 @@ impl App {
             keyhaven_ssh::files::KeysLocation::Data(data.join("sshd").join("authorized_keys"))
         };
         let events = Arc::new(events::Events::default());
+        let auth = auth::AuthState::new(
+            limiter::Limits {
+                lock_after: config.lockout_after,
+                address_lock_after: config.address_lockout_after,
+                lockout: config.lockout,
+                ..limiter::Limits::default()
+            },
+            password_checks(config.password_checks),
+        );
         Arc::new(App {
             config,
             store,
-            auth: auth::AuthState::default(),
+            auth,
             jobs: Arc::new(jobs::Jobs::new(events.clone())),
             events,
             keychain: keychain::KeychainCache::default(),
@@ -69,4 +79,12 @@ impl App {
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Concurrent password checks: the setting, or two per core.
+fn password_checks(setting: usize) -> usize {
+    if setting > 0 {
+        return setting;
+    }
+    std::thread::available_parallelism().map(|n| n.get() * 2).unwrap_or(4)
 }

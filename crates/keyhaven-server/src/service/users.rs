@@ -334,14 +334,7 @@ impl App {
         });
         let full_name = input.full_name.clone().unwrap_or_default();
         let hash = match &input.password {
-            Some(p) => {
-                let p = p.expose_secret().to_string();
-                Some(
-                    tokio::task::spawn_blocking(move || super::auth::hash_password(&p))
-                        .await
-                        .map_err(|e| ServiceError::internal("password hashing", e))?,
-                )
-            }
+            Some(p) => Some(self.auth.hash(p).await?),
             None => None,
         };
         // An OS account made here is removed again if a later step fails (its
@@ -492,14 +485,7 @@ impl App {
             data.sshpubkey = v.map(|t| authorized_keys::normalize(&t)).filter(|t| !t.is_empty());
         }
         let hash = match &input.password {
-            Some(p) => {
-                let p = p.expose_secret().to_string();
-                Some(Some(
-                    tokio::task::spawn_blocking(move || super::auth::hash_password(&p))
-                        .await
-                        .map_err(|e| ServiceError::internal("password hashing", e))?,
-                ))
-            }
+            Some(p) => Some(Some(self.auth.hash(p).await?)),
             None => None,
         };
         // Side effects in the order most likely to fail first, each undone when

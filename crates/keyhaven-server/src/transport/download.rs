@@ -17,7 +17,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use crate::service::audit::{record, AuditEvent};
-use crate::service::auth::{AuthVia, Caller, Role, Session, SessionAuth};
+use crate::service::auth::{Caller, DownloadRefusal, Session};
 use crate::service::keychain::SSH_KEY_PAIR;
 use crate::service::App;
 use keyhaven_core::keys::{self, KeyAlgorithm};
@@ -26,35 +26,36 @@ fn plain(status: StatusCode, msg: &str) -> Response {
     (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{msg}\n")).into_response()
 }
 
-/// Authenticate a download request; `Err` is the response to send.
+fn unauthorized() -> Response {
+    let mut r = plain(
+        StatusCode::UNAUTHORIZED,
+        "Authentication required: send `Authorization: Bearer <API key>` or `?auth_token=<token from auth.generate_token>`",
+    );
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+/// Authenticate a download request through the auth service (limited and
+/// audited like a login); `Err` is the response to send.
 #[allow(clippy::result_large_err)] // the error is the HTTP response to send
-fn authenticate(app: &App, headers: &HeaderMap, q: &HashMap<String, String>, origin: &str) -> Result<Caller, Response> {
-    let unauthorized = || {
-        let mut r = plain(
-            StatusCode::UNAUTHORIZED,
-            "Authentication required: send `Authorization: Bearer <API key>` or `?auth_token=<token from auth.generate_token>`",
-        );
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        r
+async fn authenticate(
+    app: &App,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+    origin: &str,
+) -> Result<Caller, Response> {
+    let bearer = match headers.get(header::AUTHORIZATION) {
+        Some(h) => match h.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")) {
+            Some(k) => Some(k.trim().to_string()),
+            None => return Err(unauthorized()),
+        },
+        None => None,
     };
-    let (username, via) = if let Some(h) = headers.get(header::AUTHORIZATION) {
-        let h = h.to_str().map_err(|_| unauthorized())?;
-        let key = h.strip_prefix("Bearer ").ok_or_else(unauthorized)?;
-        let rec = app.check_api_key(key.trim()).ok_or_else(unauthorized)?;
-        (rec.username, AuthVia::ApiKey)
-    } else if let Some(t) = q.get("auth_token") {
-        (app.take_token(t, origin).map_err(|_| unauthorized())?.0, AuthVia::Token)
-    } else {
-        return Err(unauthorized());
-    };
-    let user = app.store.user_by_name(&username).ok().flatten().ok_or_else(unauthorized)?;
-    let data = crate::service::users::UserData::from_record(&user);
-    if data.locked {
-        return Err(unauthorized());
-    }
-    let role =
-        Role::from_roles(&data.roles).ok_or_else(|| plain(StatusCode::FORBIDDEN, "This account has no API access"))?;
-    Ok(Caller { username, role, via })
+    let token = if bearer.is_none() { q.get("auth_token").map(String::as_str) } else { None };
+    app.authenticate_download(origin, bearer.as_deref(), token).await.map_err(|r| match r {
+        DownloadRefusal::Unauthenticated => unauthorized(),
+        DownloadRefusal::Forbidden(m) => plain(StatusCode::FORBIDDEN, m),
+    })
 }
 
 #[derive(Deserialize)]
@@ -106,12 +107,11 @@ async fn serve_key(
     passphrase: Option<SecretString>,
 ) -> Response {
     let origin = peer.ip().to_string();
-    let caller = match authenticate(&app, &headers, &q, &origin) {
+    let caller = match authenticate(&app, &headers, &q, &origin).await {
         Ok(c) => c,
         Err(r) => return r,
     };
-    let session = Session::new(origin);
-    *session.auth.lock().unwrap_or_else(|p| p.into_inner()) = SessionAuth::Authenticated(caller.clone());
+    let session = Session::authenticated(origin, caller.clone());
     let Ok(id) = id.parse::<i64>() else { return plain(StatusCode::NOT_FOUND, "No such credential") };
     let entry = match app.keychain_get(id) {
         Ok(e) if e["type"] == SSH_KEY_PAIR => e,

@@ -12,11 +12,11 @@ use axum::Router;
 #[folder = "ui/"]
 struct Assets;
 
-/// No inline script or style, no third-party origins; the WebSocket goes to
-/// the same origin (`'self'` covers ws/wss in current browsers; listed
-/// explicitly for older ones via the connect-src scheme sources).
+/// No inline script or style, no third-party origins. The WebSocket goes to
+/// the same origin only: `'self'` covers ws/wss to this host (CSP Level 3),
+/// where the scheme sources `ws:`/`wss:` would have allowed any host.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
-     connect-src 'self' ws: wss:; form-action 'none'; frame-ancestors 'none'; base-uri 'none'";
+     connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'";
 
 /// The UI routes: `/` (index.html) and `/ui/{file}` (assets).
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {

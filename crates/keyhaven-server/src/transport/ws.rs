@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
@@ -234,11 +235,43 @@ fn sub_key(id: &Value) -> String {
     id.to_string()
 }
 
-/// Serve one upgraded WebSocket until the client goes away.
-pub async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, dialect: Dialect) {
+/// Aborts a task when dropped (a writer stuck on a peer that stopped reading).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Resolves when a connection that has not logged in has been silent for
+/// `timeout` (its last message is in `last`).
+async fn login_watchdog(session: &Session, last: &std::sync::Mutex<Instant>, timeout: Duration) {
+    loop {
+        let since = last.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+        if session.caller().is_none() && since >= timeout {
+            return;
+        }
+        tokio::time::sleep(timeout.saturating_sub(since).max(Duration::from_millis(100))).await;
+    }
+}
+
+/// Serve one upgraded WebSocket until the client goes away. `ticket` is the
+/// connection's place in the edge's registry ([`super::limits`]), held until
+/// the socket closes and marked authenticated while the session is logged in.
+/// A connection that has not logged in is closed after the login timeout of
+/// silence, and any connection when the registry evicts it — even one whose
+/// peer stopped reading.
+pub async fn serve(
+    app: Arc<App>,
+    socket: WebSocket,
+    peer: SocketAddr,
+    dialect: Dialect,
+    ticket: Option<Arc<super::limits::ConnTicket>>,
+) {
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Message>(256);
-    let writer = tokio::spawn(async move {
+    let writer = AbortOnDrop(tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
             let close = matches!(m, Message::Close(_));
             if sink.feed(m).await.is_err() {
@@ -255,128 +288,165 @@ pub async fn serve(app: Arc<App>, socket: WebSocket, peer: SocketAddr, dialect: 
             }
         }
         let _ = sink.close().await;
-    });
+    }));
     let session = Arc::new(Session::new(peer.ip().to_string()));
-    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_CALLS));
-    let mut connected = dialect == Dialect::JsonRpc;
-    let mut subs = Subscriptions::default();
+    let conn_state = ticket.as_ref().map(|t| t.state.clone());
+    let login_timeout = app.config.login_timeout;
+    let last_message = std::sync::Mutex::new(Instant::now());
 
-    while let Some(Ok(msg)) = stream.next().await {
-        let text = match msg {
-            Message::Text(t) => t,
-            Message::Binary(_) => {
+    let read_loop = async {
+        let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_CALLS));
+        let mut connected = dialect == Dialect::JsonRpc;
+        let mut subs = Subscriptions::default();
+        while let Some(Ok(msg)) = stream.next().await {
+            *last_message.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            if let Some(s) = &conn_state {
+                s.mark_authenticated(session.caller().is_some());
+            }
+            let text = match msg {
+                Message::Text(t) => t,
+                Message::Binary(_) => {
+                    let _ = tx
+                        .send(Message::Close(Some(CloseFrame {
+                            code: 1003,
+                            reason: "binary frames are not accepted".into(),
+                        })))
+                        .await;
+                    break;
+                }
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            let limit = if session.caller().is_some() { MAX_MESSAGE_AFTER_AUTH } else { MAX_MESSAGE_BEFORE_AUTH };
+            if text.len() > limit {
+                tracing::info!(peer = %peer, size = text.len(), limit, "closing connection: message too large");
                 let _ = tx
                     .send(Message::Close(Some(CloseFrame {
-                        code: 1003,
-                        reason: "binary frames are not accepted".into(),
+                        code: 1009,
+                        reason: format!("message larger than {limit} bytes").into(),
                     })))
                     .await;
                 break;
             }
-            Message::Close(_) => break,
-            _ => continue,
-        };
-        let limit = if session.caller().is_some() { MAX_MESSAGE_AFTER_AUTH } else { MAX_MESSAGE_BEFORE_AUTH };
-        if text.len() > limit {
-            tracing::info!(peer = %peer, size = text.len(), limit, "closing connection: message too large");
-            let _ = tx
-                .send(Message::Close(Some(CloseFrame {
-                    code: 1009,
-                    reason: format!("message larger than {limit} bytes").into(),
-                })))
-                .await;
-            break;
-        }
-        let incoming = match dialect {
-            Dialect::JsonRpc => parse_jsonrpc(&text),
-            Dialect::Legacy => parse_legacy(&text, &mut connected, &session),
-        };
-        match incoming {
-            Incoming::Ignore => {}
-            Incoming::Reply(v) => {
-                if tx.send(Message::Text(v.to_string().into())).await.is_err() {
-                    break;
+            let incoming = match dialect {
+                Dialect::JsonRpc => parse_jsonrpc(&text),
+                Dialect::Legacy => parse_legacy(&text, &mut connected, &session),
+            };
+            match incoming {
+                Incoming::Ignore => {}
+                Incoming::Reply(v) => {
+                    if tx.send(Message::Text(v.to_string().into())).await.is_err() {
+                        break;
+                    }
                 }
-            }
-            Incoming::Subscribe { id, .. } if app.current_caller(&session).is_err() => {
-                let reply = json!({"msg": "result", "id": id, "error": {
-                    "error": 13, "errname": "EACCES", "type": null, "reason": "Not authorized", "trace": null, "extra": null}});
-                if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
-                    break;
-                }
-            }
-            Incoming::Subscribe { id, name } => {
-                let reply = match subs.add(sub_key(&id), name.clone(), || {
-                    forward_events(&app, session.clone(), tx.clone(), dialect, name)
-                }) {
-                    Ok(()) => json!({"msg": "ready", "subs": [id]}),
-                    Err(reason) => json!({"msg": "nosub", "id": id, "error": {
-                        "error": 16, "errname": "EBUSY", "type": null, "reason": format!("[EBUSY] {reason}"), "trace": null, "extra": null}}),
-                };
-                if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
-                    break;
-                }
-            }
-            Incoming::Unsubscribe { id } => {
-                subs.remove(&sub_key(&id));
-            }
-            Incoming::Call { id, method, params }
-                if dialect == Dialect::JsonRpc && (method == "core.subscribe" || method == "core.unsubscribe") =>
-            {
-                // Connection state, so answered here rather than through dispatch.
-                let out = subscription_call(&app, &session, &tx, &mut subs, &method, &params);
-                if let Some(id) = id {
-                    let reply = result_message(dialect, id, out.map_err(CallFailure::Failed));
+                Incoming::Subscribe { id, .. } if app.current_caller(&session).is_err() => {
+                    let reply = json!({"msg": "result", "id": id, "error": {
+                            "error": 13, "errname": "EACCES", "type": null, "reason": "Not authorized", "trace": null, "extra": null}});
                     if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
                         break;
                     }
                 }
-            }
-            Incoming::Call { id, method, params } => {
-                // A cheap public call is answered inline: no task, no permit.
-                if method == "core.ping" && params.is_empty() {
+                Incoming::Subscribe { id, name } => {
+                    let reply = match subs.add(sub_key(&id), name.clone(), || {
+                        forward_events(&app, session.clone(), tx.clone(), dialect, name)
+                    }) {
+                        Ok(()) => json!({"msg": "ready", "subs": [id]}),
+                        Err(reason) => json!({"msg": "nosub", "id": id, "error": {
+                                "error": 16, "errname": "EBUSY", "type": null, "reason": format!("[EBUSY] {reason}"), "trace": null, "extra": null}}),
+                    };
+                    if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
+                        break;
+                    }
+                }
+                Incoming::Unsubscribe { id } => {
+                    subs.remove(&sub_key(&id));
+                }
+                Incoming::Call { id, method, params }
+                    if dialect == Dialect::JsonRpc && (method == "core.subscribe" || method == "core.unsubscribe") =>
+                {
+                    // Connection state, so answered here rather than through dispatch.
+                    let out = subscription_call(&app, &session, &tx, &mut subs, &method, &params);
                     if let Some(id) = id {
-                        let reply = result_message(dialect, id, Ok(json!("pong")));
+                        let reply = result_message(dialect, id, out.map_err(CallFailure::Failed));
                         if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
                             break;
                         }
                     }
-                    continue;
                 }
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    if let Some(id) = id {
-                        let reply = match dialect {
-                            Dialect::JsonRpc => rpc_err(
-                                id,
-                                TOO_MANY_CONCURRENT,
-                                &format!("Maximum number of concurrent calls ({MAX_CONCURRENT_CALLS}) has exceeded"),
-                            ),
-                            Dialect::Legacy => json!({"msg": "result", "id": id, "error": {
-                                "error": 16, "errname": "EBUSY", "type": null, "trace": null, "extra": null,
-                                "reason": format!("[EBUSY] Maximum number of concurrent calls ({MAX_CONCURRENT_CALLS}) has exceeded")}}),
-                        };
-                        let _ = tx.send(Message::Text(reply.to_string().into())).await;
+                Incoming::Call { id, method, params } => {
+                    // A cheap public call is answered inline: no task, no permit.
+                    if method == "core.ping" && params.is_empty() {
+                        if let Some(id) = id {
+                            let reply = result_message(dialect, id, Ok(json!("pong")));
+                            if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
+                                break;
+                            }
+                        }
+                        continue;
                     }
-                    continue;
-                };
-                let app = app.clone();
-                let session = session.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let out = dispatch(&app, &session, &method, params).await;
-                    drop(permit);
-                    if let Some(id) = id {
-                        let reply = result_message(dialect, id, out);
-                        let _ = tx.send(Message::Text(reply.to_string().into())).await;
-                    }
-                });
+                    let Ok(permit) = slots.clone().try_acquire_owned() else {
+                        if let Some(id) = id {
+                            let reply = match dialect {
+                                Dialect::JsonRpc => rpc_err(
+                                    id,
+                                    TOO_MANY_CONCURRENT,
+                                    &format!(
+                                        "Maximum number of concurrent calls ({MAX_CONCURRENT_CALLS}) has exceeded"
+                                    ),
+                                ),
+                                Dialect::Legacy => json!({"msg": "result", "id": id, "error": {
+                                        "error": 16, "errname": "EBUSY", "type": null, "trace": null, "extra": null,
+                                        "reason": format!("[EBUSY] Maximum number of concurrent calls ({MAX_CONCURRENT_CALLS}) has exceeded")}}),
+                            };
+                            let _ = tx.send(Message::Text(reply.to_string().into())).await;
+                        }
+                        continue;
+                    };
+                    let app = app.clone();
+                    let session = session.clone();
+                    let tx = tx.clone();
+                    let conn_state = conn_state.clone();
+                    tokio::spawn(async move {
+                        let out = dispatch(&app, &session, &method, params).await;
+                        // A login protects the connection from eviction at once.
+                        if let Some(s) = &conn_state {
+                            s.mark_authenticated(session.caller().is_some());
+                        }
+                        drop(permit);
+                        if let Some(id) = id {
+                            let reply = result_message(dialect, id, out);
+                            let _ = tx.send(Message::Text(reply.to_string().into())).await;
+                        }
+                    });
+                }
             }
         }
+        // Forwarders hold senders: stop them before waiting for the writer.
+        drop(subs);
+    };
+    let evicted = async {
+        match &conn_state {
+            Some(s) => s.evicted().await,
+            None => std::future::pending().await,
+        }
+    };
+    let close = tokio::select! {
+        _ = read_loop => None,
+        _ = login_watchdog(&session, &last_message, login_timeout) => {
+            tracing::debug!(%peer, "closing a WebSocket that did not log in");
+            Some((1008, format!("log in within {} s of connecting or of your last message", login_timeout.as_secs())))
+        }
+        _ = evicted => Some((1013, "the server is at its connection limit; log in sooner after connecting".to_string())),
+    };
+    if let Some((code, reason)) = close {
+        let _ = tx.try_send(Message::Close(Some(CloseFrame { code, reason: reason.into() })));
     }
-    // Forwarders hold senders: stop them first, or the writer waits for them.
-    drop(subs);
     drop(tx);
-    let _ = writer.await;
+    // Replies still being computed may hold senders for a while; a peer that
+    // stopped reading may block the writer: give it a moment, then abort.
+    let mut writer = writer;
+    let _ = tokio::time::timeout(Duration::from_secs(2), &mut writer.0).await;
+    drop(ticket);
 }
 
 /// `core.subscribe(event)` → subscription id; `core.unsubscribe(id)`.
