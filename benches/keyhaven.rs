@@ -543,7 +543,7 @@ async fn bench_pairing() {
         let r = call(&mut wa, "keychaincredential.setup_ssh_connection", json!([{
             "setup_type": "SEMI-AUTOMATIC", "connection_name": format!("b{i}"),
             "private_key": {"generate_key": true, "name": format!("b{i} Key")},
-            "semi_automatic_setup": {"url": url, "admin_username": "admin", "password": PASSWORD, "username": "root"}}])).await;
+            "semi_automatic_setup": {"url": url, "admin_username": "admin", "password": PASSWORD, "username": "root", "allow_insecure_http": true}}])).await;
         setup.push(t.elapsed().as_secs_f64() * 1000.0);
         conn_id = r["id"].clone();
     }

@@ -9,8 +9,6 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::util::*;
 
@@ -155,87 +153,6 @@ async fn create_err(a: &mut Client, name: &str, kind: &str, attrs: Value) -> Val
 fn assert_not_found(e: &Value, id: i64) {
     assert_eq!(e["code"], -32602, "{e}");
     assert_eq!(e["data"]["extra"], json!([[null, format!("KeychainCredential {id} does not exist"), 2]]), "{e}");
-}
-
-/// A minimal HTTP/1.1 response.
-struct HttpResp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl HttpResp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = vec![];
-    loop {
-        let Some(i) = b.windows(2).position(|w| w == b"\r\n") else { return out };
-        let size_text = String::from_utf8_lossy(&b[..i]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[i + 2..i + 2 + size]);
-        b = &b[i + 2 + size + 2..];
-    }
-}
-
-/// One request over a fresh connection (`Connection: close`).
-async fn http(d: &Daemon, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> HttpResp {
-    http_from(d, None, method, path, headers, body).await
-}
-
-/// The same from a given local address (e.g. 127.0.0.2).
-async fn http_from(
-    d: &Daemon,
-    source: Option<&str>,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> HttpResp {
-    let mut s = match source {
-        None => TcpStream::connect(d.addr).await.unwrap(),
-        Some(ip) => {
-            let sock = tokio::net::TcpSocket::new_v4().unwrap();
-            sock.bind(std::net::SocketAddr::new(ip.parse().unwrap(), 0)).unwrap();
-            sock.connect(d.addr).await.unwrap()
-        }
-    };
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", d.addr);
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    let body = body.unwrap_or("");
-    if method != "GET" || !body.is_empty() {
-        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = vec![];
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf))
-        .await
-        .expect("HTTP reply within 30 s")
-        .unwrap();
-    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP header end");
-    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> =
-        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
-    let mut body = buf[split + 4..].to_vec();
-    if headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked")) {
-        body = dechunk(&body);
-    }
-    HttpResp { status, headers, body }
 }
 
 fn bearer(key: &str) -> String {

@@ -7,6 +7,7 @@ mod api_auth;
 mod api_protocol;
 mod badinput;
 mod daemon;
+mod hostile;
 mod hostile_home;
 mod keychain;
 mod pairing;

@@ -289,7 +289,9 @@ async fn remote_b(opts: DaemonOpts) -> (Daemon, u16) {
 }
 
 fn semi(url: &str, extra: Value) -> Value {
-    let mut v = json!({"url": url, "admin_username": "admin", "username": "root"});
+    // Loopback tests pair over plain HTTP, which keyhaven refuses unless asked.
+    let mut v = json!({"url": url, "admin_username": "admin", "username": "root",
+                       "allow_insecure_http": url.starts_with("http://")});
     v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     v
 }
@@ -536,6 +538,9 @@ async fn semiautomatic_setup_over_https_honours_verify_ssl() {
     assert_field(&e, "keychain_remote_ssh_semiautomatic_setup.tls_fingerprint", "64 hexadecimal digits");
     let mut plain = args.clone();
     plain["url"] = json!(b.url.replacen("https://", "http://", 1));
+    let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([plain.clone()])).await;
+    assert_field(&e, "keychain_remote_ssh_semiautomatic_setup.url", "http:// would send the remote admin password");
+    plain["allow_insecure_http"] = json!(true);
     plain["tls_fingerprint"] = json!(format!("sha256 Fingerprint={b_fp}"));
     let e = ca.err("keychaincredential.remote_ssh_semiautomatic_setup", json!([plain])).await;
     assert_field(&e, "keychain_remote_ssh_semiautomatic_setup.tls_fingerprint", "only be pinned for an https:// URL");

@@ -861,6 +861,23 @@ async fn run(driver: &WebDriver, d: &Daemon, downloads: &Path) {
         .await;
         assert_eq!(hidden, json!(true), "manual fields shown for the semi-automatic method");
         shot(driver, "11a-pairing-form").await;
+        // B is plain HTTP on loopback: refused until the admin accepts sending the login unencrypted.
+        click(driver, "#form-submit").await;
+        wait_js(
+            driver,
+            "plain-HTTP refusal",
+            "return document.querySelector('#modal[open]') && document.getElementById('modal').textContent.includes('http:// would send the remote admin password');",
+            vec![],
+        )
+        .await;
+        let visible = js(
+            driver,
+            "return !document.querySelector(\"#modal [name='allow_insecure_http']\").closest('.field').hidden;",
+            vec![],
+        )
+        .await;
+        assert_eq!(visible, json!(true), "the plain-HTTP checkbox is offered for an http:// URL");
+        click(driver, &field("allow_insecure_http")).await;
         click(driver, "#form-submit").await;
         wait_js_within(
             driver,

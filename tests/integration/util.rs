@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -251,8 +252,13 @@ impl Client {
 
     /// Next text message, or None when the server closed the connection.
     pub async fn recv(&mut self) -> Option<Value> {
+        self.recv_within(Duration::from_secs(30)).await
+    }
+
+    /// [`Client::recv`] with another patience than 30 s.
+    pub async fn recv_within(&mut self, patience: Duration) -> Option<Value> {
         loop {
-            match tokio::time::timeout(Duration::from_secs(30), self.ws.next()).await.expect("reply within 30 s") {
+            match tokio::time::timeout(patience, self.ws.next()).await.expect("a reply in time") {
                 Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
                 Some(Ok(_)) => continue,
@@ -267,11 +273,16 @@ impl Client {
 
     /// Full response object for a call.
     pub async fn raw(&mut self, method: &str, params: Value) -> Value {
+        self.raw_within(method, params, Duration::from_secs(30)).await
+    }
+
+    /// [`Client::raw`] for a call that may take longer than 30 s.
+    pub async fn raw_within(&mut self, method: &str, params: Value, patience: Duration) -> Value {
         self.next += 1;
         let id = self.next;
         self.send_text(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()).await;
         loop {
-            let m = self.recv().await.expect("connection closed before the reply");
+            let m = self.recv_within(patience).await.expect("connection closed before the reply");
             if m.get("id") == Some(&json!(id)) {
                 return m;
             }
@@ -361,4 +372,112 @@ pub fn totp_from_uri(uri: &str) -> (String, totp_rs::Totp) {
         .build()
         .unwrap();
     (secret, totp)
+}
+
+// ---------------------------------------------------------------- plain HTTP
+
+/// A minimal HTTP/1.1 response.
+pub struct HttpResp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = vec![];
+    loop {
+        let Some(i) = b.windows(2).position(|w| w == b"\r\n") else { return out };
+        let size_text = String::from_utf8_lossy(&b[..i]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[i + 2..i + 2 + size]);
+        b = &b[i + 2 + size + 2..];
+    }
+}
+
+/// One request over a fresh connection (`Connection: close`).
+pub async fn http(d: &Daemon, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> HttpResp {
+    http_from(d, None, method, path, headers, body).await
+}
+
+/// The same from a given local address (e.g. 127.0.0.2).
+pub async fn http_from(
+    d: &Daemon,
+    source: Option<&str>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> HttpResp {
+    let mut s = match source {
+        None => TcpStream::connect(d.addr).await.unwrap(),
+        Some(ip) => {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(std::net::SocketAddr::new(ip.parse().unwrap(), 0)).unwrap();
+            sock.connect(d.addr).await.unwrap()
+        }
+    };
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", d.addr);
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if method != "GET" || !body.is_empty() {
+        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![];
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf))
+        .await
+        .expect("HTTP reply within 30 s")
+        .unwrap();
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP header end");
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
+    let mut body = buf[split + 4..].to_vec();
+    if headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked")) {
+        body = dechunk(&body);
+    }
+    HttpResp { status, headers, body }
+}
+
+// ---------------------------------------------------------------- process figures
+
+/// Resident set size of a process in KiB (`VmRSS`).
+pub fn rss_kib(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Bytes of the SQLite database with its journal.
+pub fn db_bytes(dir: &Path) -> u64 {
+    ["keyhaven.db", "keyhaven.db-wal"]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0))
+        .sum()
 }

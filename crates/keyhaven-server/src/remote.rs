@@ -178,6 +178,9 @@ fn is_cert_error(e: &tokio_tungstenite::tungstenite::Error, trust: &TlsTrust, se
     })
 }
 
+/// The largest message accepted from a remote system (1 MiB).
+pub const MAX_REPLY_BYTES: usize = 1 << 20;
+
 /// Turn `http(s)://host[:port][/prefix]` into the WebSocket URL of `endpoint`.
 pub fn ws_url(base: &str, endpoint: &str) -> Result<String, ClientError> {
     let base = base.trim();
@@ -226,7 +229,12 @@ impl RpcClient {
         let url = ws_url(base, endpoint)?;
         let seen = Arc::new(std::sync::Mutex::new(None));
         let connector = Connector::Rustls(Arc::new(tls_config(trust, seen.clone())));
-        let fut = tokio_tungstenite::connect_async_tls_with_config(&url, None, true, Some(connector));
+        // A hostile remote must not make us buffer without bound: no reply
+        // keyhaven expects comes near this.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(MAX_REPLY_BYTES))
+            .max_frame_size(Some(MAX_REPLY_BYTES));
+        let fut = tokio_tungstenite::connect_async_tls_with_config(&url, Some(config), true, Some(connector));
         let (ws, _) = match tokio::time::timeout(timeout, fut).await {
             Err(_) => return Err(ClientError::Timeout(timeout)),
             Ok(Err(e)) => {

@@ -641,7 +641,8 @@ async function rememberPairingUrl(connId, url) {
 
 // A single-use token another system's semi-automatic setup logs in with.
 async function pairingToken() {
-  const ttl = 600;
+  // A token minted from this (token) session cannot outlive its lifetime.
+  const ttl = Math.min(600, rpc.lifetime || 600);
   let token;
   try {
     token = await busy('Creating a pairing token…', () => rpc.call('auth.generate_token', ttl, { purpose: 'pairing' }, false, true));
@@ -672,6 +673,8 @@ const SUDO_HELP = 'Replication as a user other than root runs zfs through sudo o
 function semiAuthFields(on) {
   return [
     { name: 'url', label: 'URL', show: on, help: 'The remote system’s address with its scheme, e.g. https://10.0.0.5:8443' },
+    { name: 'allow_insecure_http', type: 'checkbox', show: (v) => on(v) && /^http:\/\//i.test((v.url || '').trim()),
+      label: 'Send the remote login over plain HTTP anyway (the password or token crosses the network unencrypted; only on a network you trust)' },
     { name: 'trusted_cert', type: 'checkbox', show: (v) => on(v) && !!pinnedCert(v.url),
       label: 'Trust the certificate of this address you checked before (only that one; clear to forget it)' },
     { name: 'auth_method', label: 'Authentication', type: 'select', show: on,
@@ -687,6 +690,7 @@ function semiAuthFields(on) {
 // `semi_automatic_setup` from the form's values.
 function semiArgs(v) {
   const s = { url: v.url.trim(), username: v.username, connect_timeout: v.connect_timeout, sudo: v.sudo && v.username.trim() !== 'root' };
+  if (/^http:\/\//i.test(s.url)) s.allow_insecure_http = !!v.allow_insecure_http;
   if (v.auth_method === 'TOKEN') {
     s.token = v.token.trim();
   } else {

@@ -14,7 +14,7 @@ use crate::method;
 pub fn methods() -> Vec<MethodDef> {
     vec![
         method!("api_key.create", Write, create),
-        method!("api_key.query", Read, list),
+        method!("api_key.query", Read, list, heavy),
         method!("api_key.delete", Write, delete),
     ]
 }

@@ -10,7 +10,7 @@ use crate::method;
 use crate::service::audit;
 
 pub fn methods() -> Vec<MethodDef> {
-    vec![method!("audit.query", Read, audit_query)]
+    vec![method!("audit.query", Read, audit_query, heavy)]
 }
 
 async fn audit_query(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {

@@ -11,7 +11,7 @@ use crate::method;
 pub fn methods() -> Vec<MethodDef> {
     vec![
         method!("core.ping", Public, ping),
-        method!("core.get_jobs", Read, get_jobs),
+        method!("core.get_jobs", Read, get_jobs, heavy),
         method!("core.get_methods", Read, get_methods),
         // Answered by the WebSocket transport (they need the connection);
         // listed here so clients find them, and refused elsewhere.

@@ -15,7 +15,7 @@ use keyhaven_core::keys::{GenerateOptions, KeyAlgorithm};
 
 pub fn methods() -> Vec<MethodDef> {
     vec![
-        method!("keychaincredential.query", Read, query_m),
+        method!("keychaincredential.query", Read, query_m, heavy),
         method!("keychaincredential.get_instance", Read, get_instance),
         method!("keychaincredential.create", Write, create),
         method!("keychaincredential.update", Write, update),
@@ -30,7 +30,7 @@ pub fn methods() -> Vec<MethodDef> {
             remote_ssh_host_key_scan_fingerprints
         ),
         method!("keychaincredential.test_ssh_connection", Write, test_ssh_connection),
-        method!("keychaincredential.ssh_connection_status", Read, ssh_connection_status),
+        method!("keychaincredential.ssh_connection_status", Read, ssh_connection_status, heavy),
         method!("keychaincredential.ssh_pair", Write, ssh_pair),
         method!("keychaincredential.remote_ssh_semiautomatic_setup", Write, remote_ssh_semiautomatic_setup),
         method!("keychaincredential.setup_ssh_connection", Write, setup_ssh_connection),
@@ -224,7 +224,7 @@ async fn create(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let c: CreateIn = p.req(0, CREATE)?;
     ctx.describe(format!("Create Keychain Credential: {}", &*c.name));
     let attrs = decode_attributes(c.kind.as_str(), c.attributes, CREATE)?;
-    ctx.app.keychain_create(&c.name, attrs, CREATE)
+    ctx.app.keychain_create(&c.name, attrs, CREATE).await
 }
 
 #[derive(Deserialize)]
@@ -244,7 +244,7 @@ async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     ctx.describe(format!("Update Keychain Credential: {}", current["name"].as_str().unwrap_or("")));
     let kind = current["type"].as_str().unwrap_or(SSH_KEY_PAIR).to_string();
     let attrs = u.attributes.map(|a| decode_attributes(&kind, a, UPDATE)).transpose()?;
-    ctx.app.keychain_update(id, u.name.as_deref(), attrs, UPDATE)
+    ctx.app.keychain_update(id, u.name.as_deref(), attrs, UPDATE).await
 }
 
 #[derive(Deserialize, Default)]
@@ -459,11 +459,24 @@ macro_rules! semi_struct {
             /// SHA-256 fingerprint (a self-signed one the admin checked).
             #[serde(default)]
             tls_fingerprint: Option<String>,
+            /// keyhaven extension: pair over plain http:// although the
+            /// remote's admin password or token then crosses the network in
+            /// clear text (refused unless set).
+            #[serde(default)]
+            allow_insecure_http: bool,
         }
 
         impl $name {
             fn semi(self, schema: &str) -> Result<pairing::SemiAutomatic, ServiceError> {
                 check_semi(&self.url, &self.username, self.connect_timeout, schema)?;
+                if self.url.trim().to_ascii_lowercase().starts_with("http://") && !self.allow_insecure_http {
+                    return Err(ServiceError::field(
+                        format!("{schema}.url"),
+                        "http:// would send the remote admin password or token unencrypted: use https:// \
+                         (a self-signed certificate can be pinned with tls_fingerprint), or set \
+                         allow_insecure_http to accept that on a network you trust",
+                    ));
+                }
                 let tls_pin = match self.tls_fingerprint.as_deref().filter(|f| !f.trim().is_empty()) {
                     None => None,
                     Some(_) if !self.url.trim().starts_with("https://") => {

@@ -44,14 +44,50 @@ pub struct MethodDef {
     pub name: &'static str,
     pub access: Access,
     pub handler: Handler,
+    /// CPU-bound in proportion to caller-chosen input (query filters over
+    /// every record): run off the async workers, a bounded number at once.
+    pub heavy: bool,
 }
 
-/// Build a [`MethodDef`] from an `async fn(Arc<Ctx>, Params) -> Result<Value>`.
+/// Build a [`MethodDef`] from an `async fn(Arc<Ctx>, Params) -> Result<Value>`;
+/// a trailing `heavy` marks a method that filters caller-chosen amounts of data.
 #[macro_export]
 macro_rules! method {
     ($name:literal, $access:ident, $f:path) => {
-        $crate::api::MethodDef { name: $name, access: $crate::api::Access::$access, handler: |c, p| Box::pin($f(c, p)) }
+        $crate::api::MethodDef {
+            name: $name,
+            access: $crate::api::Access::$access,
+            handler: |c, p| Box::pin($f(c, p)),
+            heavy: false,
+        }
     };
+    ($name:literal, $access:ident, $f:path, heavy) => {
+        $crate::api::MethodDef {
+            name: $name,
+            access: $crate::api::Access::$access,
+            handler: |c, p| Box::pin($f(c, p)),
+            heavy: true,
+        }
+    };
+}
+
+/// Heavy calls running at once: one per core, so cheap calls on other
+/// connections always find a free worker.
+fn heavy_slots() -> &'static tokio::sync::Semaphore {
+    static S: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    S.get_or_init(|| tokio::sync::Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)))
+}
+
+/// Run a heavy handler on a blocking thread: `block_in_place` hands this
+/// worker's other tasks to another thread while the filter runs.
+async fn run_heavy(fut: BoxFuture) -> Result<Value, ServiceError> {
+    let _slot = heavy_slots().acquire().await.map_err(|e| ServiceError::internal("query", e))?;
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| h.block_on(fut))
+        }
+        _ => fut.await,
+    }
 }
 
 /// The context of one call.
@@ -133,7 +169,8 @@ pub async fn dispatch(
     }
     let ctx =
         Arc::new(Ctx { app: app.clone(), session: session.clone(), method: def.name, description: Mutex::new(None) });
-    let out = (def.handler)(ctx.clone(), Params(params)).await;
+    let fut = (def.handler)(ctx.clone(), Params(params));
+    let out = if def.heavy { run_heavy(fut).await } else { fut.await };
     if def.access != Access::Public {
         session.touch_after_call();
     }

@@ -14,7 +14,7 @@ use crate::service::users::UserInput;
 
 pub fn methods() -> Vec<MethodDef> {
     vec![
-        method!("user.query", Read, query_m),
+        method!("user.query", Read, query_m, heavy),
         method!("user.get_instance", Read, get_instance),
         method!("user.create", Write, create),
         method!("user.update", Write, update),

@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
+use secrecy::ExposeSecret;
 use serde_json::{json, Map, Value};
 use zeroize::Zeroizing;
 
@@ -22,12 +23,24 @@ pub const SSH_CREDENTIALS: &str = "SSH_CREDENTIALS";
 pub const REDACTED: &str = "********";
 
 /// Cached entries (private keys left null) and the ids that do have one.
-#[derive(Default)]
 pub struct KeychainCache {
     inner: RwLock<Option<Arc<Cached>>>,
     /// Held across check-then-write (name uniqueness, used_by before a
     /// delete) so two writers cannot interleave between the check and the write.
     writes: std::sync::Mutex<()>,
+    /// Passphrase KDFs running at once (half the cores: the rest keep serving).
+    kdf_slots: tokio::sync::Semaphore,
+}
+
+impl Default for KeychainCache {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        KeychainCache {
+            inner: RwLock::default(),
+            writes: std::sync::Mutex::default(),
+            kdf_slots: tokio::sync::Semaphore::new((cores / 2).max(1)),
+        }
+    }
 }
 
 /// One cached entry as compact JSON text: thousands of credentials stay a
@@ -140,6 +153,8 @@ pub struct ConnectionInput {
 
 pub enum AttributesInput {
     KeyPair(KeyPairInput),
+    /// A key pair already parsed and checked (see [`App::check_key_material`]).
+    CheckedKeyPair(keys::ValidatedKeyPair),
     Connection(ConnectionInput),
 }
 
@@ -225,8 +240,51 @@ impl App {
         Ok(self.store.keychain_private_key(id)?)
     }
 
+    /// Parse a passphrase-protected private key before any lock is taken: its
+    /// KDF (bcrypt-pbkdf; seconds for `ssh-keygen -a 1000`) runs on a blocking
+    /// thread, at most one per core at a time, never on the async workers nor
+    /// under the keychain's write lock. Other input passes through unchanged.
+    pub async fn check_key_material(
+        &self,
+        attrs: AttributesInput,
+        schema: &str,
+    ) -> Result<AttributesInput, ServiceError> {
+        let kp = match attrs {
+            AttributesInput::KeyPair(kp) if kp.passphrase.as_ref().is_some_and(|p| !p.expose_secret().is_empty()) => kp,
+            other => return Ok(other),
+        };
+        let _slot = self.keychain.kdf_slots.acquire().await.map_err(|e| ServiceError::internal("key import", e))?;
+        let prefix = format!("{schema}.attributes");
+        let v = tokio::task::spawn_blocking(move || {
+            let pass = kp.passphrase.as_ref().map(|p| Zeroizing::new(p.expose_secret().to_string()));
+            keys::validate_key_pair(
+                kp.private_key.as_deref().filter(|s| !s.trim().is_empty()),
+                kp.public_key.as_deref().filter(|s| !s.trim().is_empty()),
+                pass.as_deref().map(|s| s.as_str()),
+            )
+        })
+        .await
+        .map_err(|e| ServiceError::internal("key import", e))?
+        .map_err(|e| ServiceError::Validation(FieldError::from(e).prefixed(&prefix).into()))?;
+        Ok(AttributesInput::CheckedKeyPair(v))
+    }
+
     /// Validate and store a new credential; returns the stored entry.
-    pub fn keychain_create(&self, name: &str, attrs: AttributesInput, schema: &str) -> Result<Value, ServiceError> {
+    pub async fn keychain_create(
+        &self,
+        name: &str,
+        attrs: AttributesInput,
+        schema: &str,
+    ) -> Result<Value, ServiceError> {
+        // TrueNAS reports a taken name before anything else; checked again under the lock.
+        if !name.trim().is_empty() && self.keychain_name_taken(name, None)? {
+            return Err(ServiceError::field(format!("{schema}.name"), "Object with this name already exists"));
+        }
+        let attrs = self.check_key_material(attrs, schema).await?;
+        self.keychain_create_now(name, attrs, schema)
+    }
+
+    fn keychain_create_now(&self, name: &str, attrs: AttributesInput, schema: &str) -> Result<Value, ServiceError> {
         let _writes = self.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
         if name.trim().is_empty() {
             return Err(ServiceError::field(format!("{schema}.name"), "String should have at least 1 character"));
@@ -250,7 +308,21 @@ impl App {
     }
 
     /// Replace name and/or attributes of a credential (type cannot change).
-    pub fn keychain_update(
+    pub async fn keychain_update(
+        &self,
+        id: i64,
+        name: Option<&str>,
+        attrs: Option<AttributesInput>,
+        schema: &str,
+    ) -> Result<Value, ServiceError> {
+        let attrs = match attrs {
+            Some(a) => Some(self.check_key_material(a, schema).await?),
+            None => None,
+        };
+        self.keychain_update_now(id, name, attrs, schema)
+    }
+
+    fn keychain_update_now(
         &self,
         id: i64,
         name: Option<&str>,
@@ -305,7 +377,6 @@ impl App {
         let prefix = format!("{schema}.attributes");
         match attrs {
             AttributesInput::KeyPair(kp) => {
-                use secrecy::ExposeSecret;
                 let pass = kp.passphrase.as_ref().map(|p| p.expose_secret().to_string()).map(Zeroizing::new);
                 let v = keys::validate_key_pair(
                     kp.private_key.as_deref().filter(|s| !s.trim().is_empty()),
@@ -313,17 +384,9 @@ impl App {
                     pass.as_deref().map(|s| s.as_str()),
                 )
                 .map_err(|e| ServiceError::Validation(FieldError::from(e).prefixed(&prefix).into()))?;
-                let attributes = json!({
-                    "private_key": Value::Null,
-                    "public_key": v.public_key,
-                    "key_type": v.info.key_type,
-                    "algorithm": v.info.algorithm.as_str(),
-                    "bits": v.info.bits,
-                    "comment": v.info.comment,
-                    "fingerprint": v.info.fingerprint,
-                });
-                Ok((SSH_KEY_PAIR, attributes, v.private_key))
+                Ok(key_pair_attributes(v))
             }
+            AttributesInput::CheckedKeyPair(v) => Ok(key_pair_attributes(v)),
             AttributesInput::Connection(c) => {
                 let mut errs = ValidationErrors::new();
                 if c.host.trim().is_empty() {
@@ -455,6 +518,20 @@ fn entry_value(r: &keyhaven_store::KeychainRecord) -> Value {
     }
     e.insert("attributes".into(), Value::Object(attrs));
     Value::Object(e)
+}
+
+/// The stored attributes of a checked key pair, and its private key to seal.
+fn key_pair_attributes(v: keys::ValidatedKeyPair) -> (&'static str, Value, Option<Zeroizing<String>>) {
+    let attributes = json!({
+        "private_key": Value::Null,
+        "public_key": v.public_key,
+        "key_type": v.info.key_type,
+        "algorithm": v.info.algorithm.as_str(),
+        "bits": v.info.bits,
+        "comment": v.info.comment,
+        "fingerprint": v.info.fingerprint,
+    });
+    (SSH_KEY_PAIR, attributes, v.private_key)
 }
 
 /// Read-only admins see `attributes` redacted (TrueNAS's Secret field).

@@ -403,7 +403,7 @@ impl App {
             }
         };
         let conn = paired_connection(s, port, &host_key, key_id);
-        let created = self.keychain_create(name, AttributesInput::Connection(conn), CREATE);
+        let created = self.keychain_create(name, AttributesInput::Connection(conn), CREATE).await;
         if created.is_err() {
             changes.undo(&mut c, &s.username).await;
         }
@@ -530,7 +530,7 @@ impl App {
                     public_key: Some(kp.public_key.clone()),
                     passphrase: None,
                 };
-                let e = self.keychain_create(&name, AttributesInput::KeyPair(input), CREATE)?;
+                let e = self.keychain_create(&name, AttributesInput::KeyPair(input), CREATE).await?;
                 (e["id"].as_i64().unwrap_or_default(), true)
             }
             KeyChoice::Existing(id) => {
@@ -552,7 +552,7 @@ impl App {
                     remote_host_key: m.remote_host_key,
                     connect_timeout: m.connect_timeout,
                 };
-                self.keychain_create(connection_name, AttributesInput::Connection(conn), CREATE)
+                self.keychain_create(connection_name, AttributesInput::Connection(conn), CREATE).await
             }
         };
         if r.is_err() && generated {
@@ -623,7 +623,7 @@ impl App {
                     public_key: Some(kp.public_key.clone()),
                     passphrase: None,
                 };
-                let e = self.keychain_create(&key_name, AttributesInput::KeyPair(input), CREATE)?;
+                let e = self.keychain_create(&key_name, AttributesInput::KeyPair(input), CREATE).await?;
                 (e["id"].as_i64().unwrap_or_default(), kp.public_key.trim().to_string())
             }
             None => (old_key_id, old_public.clone().unwrap_or_default()),
@@ -648,7 +648,8 @@ impl App {
         };
         let updated = paired_connection(s, port, &host_key, key_id);
         let schema = "keychain_credential_update";
-        let connection = match self.keychain_update(id, None, Some(AttributesInput::Connection(updated)), schema) {
+        let connection = match self.keychain_update(id, None, Some(AttributesInput::Connection(updated)), schema).await
+        {
             Ok(e) => e,
             Err(e) => {
                 changes.undo(&mut c, &s.username).await;
@@ -671,7 +672,7 @@ impl App {
                 remote_host_key: old_attrs["remote_host_key"].as_str().unwrap_or_default().to_string(),
                 connect_timeout: old_attrs["connect_timeout"].as_i64().unwrap_or(10),
             };
-            let restore = self.keychain_update(id, None, Some(AttributesInput::Connection(old)), schema);
+            let restore = self.keychain_update(id, None, Some(AttributesInput::Connection(old)), schema).await;
             if let Err(e) = restore {
                 tracing::error!("could not restore connection {name} after a failed re-pair: {e}");
             }
