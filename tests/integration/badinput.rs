@@ -51,6 +51,12 @@ fn table() -> Vec<(&'static str, Value, &'static str, &'static str)> {
             "user_create.full_name",
             "(U+001B)",
         ),
+        (
+            "ssh.update",
+            json!([{"options": "MaxAuthTries 3\u{7}"}]),
+            "ssh_update.options",
+            "Line 1: contains a control character (U+0007)",
+        ),
         ("auth.login_ex", json!([]), "auth_login_ex.login_data", "Field required"),
         ("auth.login_ex", json!(["x"]), "auth_login_ex.login_data", "valid dictionary"),
         ("auth.login_ex", json!([{}]), "auth_login_ex.login_data.mechanism", "Field required"),

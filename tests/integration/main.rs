@@ -7,6 +7,7 @@ mod api_auth;
 mod api_protocol;
 mod badinput;
 mod daemon;
+mod hostile_sshd;
 mod keychain;
 mod pairing;
 mod sshd;
