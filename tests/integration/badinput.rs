@@ -6,10 +6,57 @@ use serde_json::{json, Value};
 
 use crate::util::*;
 
+/// A valid public key for the rows that need one.
+const ED25519_PUB: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK9NKyrphVtBRFeWkXgnZ3hhUazR6Xdy3l1nQw8wIq7n";
+
 /// Method, params, expected attribute (prefix match) and message fragment.
 fn table() -> Vec<(&'static str, Value, &'static str, &'static str)> {
     let huge = "h".repeat(5000);
     vec![
+        // Control characters are refused with the character named, never cleaned.
+        (
+            "keychaincredential.create",
+            json!([{"name": "nul\u{0}name", "type": "SSH_KEY_PAIR", "attributes": {"public_key": ED25519_PUB}}]),
+            "keychain_credential_create.name",
+            "Contains a control character (U+0000); remove it",
+        ),
+        (
+            "keychaincredential.create",
+            json!([{"name": "k", "type": "SSH_KEY_PAIR", "attributes": {"public_key": format!("{ED25519_PUB} co\u{0}mment")}}]),
+            "keychain_credential_create.attributes.public_key",
+            "Line 1: contains a control character (U+0000); remove it",
+        ),
+        (
+            "keychaincredential.create",
+            json!([{"name": "k", "type": "SSH_KEY_PAIR", "attributes": {"private_key": "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\u{0}NzaC1rZXktdjE=\n-----END OPENSSH PRIVATE KEY-----\n"}}]),
+            "keychain_credential_create.attributes.private_key",
+            "Line 2: contains a control character (U+0000)",
+        ),
+        (
+            "keychaincredential.create",
+            json!([{"name": "c", "type": "SSH_CREDENTIALS", "attributes": {"host": "h\nx", "private_key": 1, "remote_host_key": ""}}]),
+            "keychain_credential_create.attributes.host",
+            "(U+000A)",
+        ),
+        ("api_key.create", json!([{"name": "line\nbreak", "username": "admin"}]), "api_key_create.name", "(U+000A)"),
+        (
+            "api_key.create",
+            json!([{"name": "sep\u{2028}", "username": "admin"}]),
+            "api_key_create.name",
+            "line separator (U+2028)",
+        ),
+        (
+            "user.create",
+            json!([{"username": "ctrlname", "full_name": "Evil\u{1b}[2J", "password_disabled": true}]),
+            "user_create.full_name",
+            "(U+001B)",
+        ),
+        (
+            "ssh.update",
+            json!([{"options": "MaxAuthTries 3\u{7}"}]),
+            "ssh_update.options",
+            "Line 1: contains a control character (U+0007)",
+        ),
         ("auth.login_ex", json!([]), "auth_login_ex.login_data", "Field required"),
         ("auth.login_ex", json!(["x"]), "auth_login_ex.login_data", "valid dictionary"),
         ("auth.login_ex", json!([{}]), "auth_login_ex.login_data.mechanism", "Field required"),
@@ -118,10 +165,37 @@ async fn every_method_rejects_bad_input_with_field_errors_and_changes_nothing() 
     let d = Daemon::start();
     let mut a = d.admin().await;
     a.call("api_key.create", json!([{"name": "existing", "username": "admin"}])).await;
+    let kp = a
+        .call(
+            "keychaincredential.create",
+            json!([{"name": "existing", "type": "SSH_KEY_PAIR", "attributes": {"public_key": ED25519_PUB}}]),
+        )
+        .await;
+    let admin = a.call("user.query", json!([[["username", "=", "admin"]], {"get": true}])).await;
     let before_keys = a.call("api_key.query", json!([])).await;
     let before_tokens_ok = a.call("auth.me", json!([])).await;
+    let before_credentials = a.call("keychaincredential.query", json!([])).await;
+    let before_users = a.call("user.query", json!([])).await;
+    let before_ssh = a.call("ssh.config", json!([])).await;
 
-    for (method, params, attr, msg) in table() {
+    // Rows that need the ids of what was just made.
+    let mut rows = table();
+    rows.extend([
+        (
+            "keychaincredential.update",
+            json!([kp["id"], {"name": "tab\tname"}]),
+            "keychain_credentials_update.name",
+            "Contains a control character (U+0009); remove it",
+        ),
+        (
+            "user.update",
+            json!([admin["id"], {"sshpubkey": format!("{ED25519_PUB}\n# note\u{0}\n")}]),
+            "user_update.sshpubkey",
+            "Line 2: contains a control character (U+0000); remove it",
+        ),
+        ("user.update", json!([admin["id"], {"full_name": "Admin\u{7f}"}]), "user_update.full_name", "(U+007F)"),
+    ]);
+    for (method, params, attr, msg) in rows {
         let e = a.err(method, params.clone()).await;
         let ex = extra(&e);
         assert!(
@@ -133,4 +207,11 @@ async fn every_method_rejects_bad_input_with_field_errors_and_changes_nothing() 
     // The connection survived every bad call and is still logged in as admin.
     assert_eq!(a.call("auth.me", json!([])).await, before_tokens_ok);
     assert_eq!(a.call("api_key.query", json!([])).await, before_keys, "bad input changed the store");
+    assert_eq!(
+        a.call("keychaincredential.query", json!([])).await,
+        before_credentials,
+        "bad input changed a credential"
+    );
+    assert_eq!(a.call("user.query", json!([])).await, before_users, "bad input changed an account");
+    assert_eq!(a.call("ssh.config", json!([])).await, before_ssh, "bad input changed the SSH settings");
 }

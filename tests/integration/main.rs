@@ -9,6 +9,7 @@ mod badinput;
 mod daemon;
 mod hostile;
 mod hostile_home;
+mod hostile_sshd;
 mod keychain;
 mod pairing;
 mod sshd;

@@ -26,6 +26,8 @@
 //!   even inside quotes — see rust-stack.md gotcha 13).
 //! * A pasted private key (PEM/OpenSSH armour or a PuTTY `.ppk`) is refused with
 //!   a message asking for the `.pub` file instead.
+//! * Control characters are refused anywhere in the text, `#` lines included
+//!   (the rule is [`crate::text::check_multi_line`]: tab, LF and CRLF only).
 //!
 //! Messages name the 1-based line but never echo key material (base64, comments
 //! or option values); option names and key types are echoed only after being
@@ -181,6 +183,12 @@ pub fn parse_authorized_keys(text: &str) -> Result<Vec<AuthorizedKeyLine>, Autho
         }
     }
 
+    // Control characters anywhere, `#` lines included: sshd would stop reading
+    // a line at a NUL, and the stored text must be what the caller sees.
+    if let Err(e) = crate::text::check_multi_line(text) {
+        return Err(AuthorizedKeysError::line(e.line.unwrap_or(1), e.reason()));
+    }
+
     let mut keys = Vec::new();
     for (idx, raw) in text.lines().enumerate() {
         let line = raw.trim_matches(|c| c == ' ' || c == '\t' || c == '\r');
@@ -214,10 +222,9 @@ fn looks_like_private_key(line: &str) -> bool {
 
 /// Parse one non-blank, non-comment line (already trimmed). Errors are messages
 /// without the line prefix.
+/// The text has passed [`crate::text::check_multi_line`], so the only control
+/// character left in a line is a tab (a separator, like a space).
 fn parse_line(line: &str, line_no: usize) -> Result<AuthorizedKeyLine, String> {
-    if line.chars().any(|c| c.is_control() && c != '\t') {
-        return Err("contains a control character; each key must be on one line of plain text".to_string());
-    }
     if line.starts_with("---- BEGIN SSH2 PUBLIC KEY") {
         return Err("this is an RFC 4716 (SSH2) public key; convert it to the one-line OpenSSH \
                     form with `ssh-keygen -i -f <file>` and paste that"
@@ -831,6 +838,19 @@ mod tests {
         assert!(e.message.contains("control character"), "{e}");
         let e = err(&format!("{ED25519} a\rb"));
         assert!(e.message.contains("control character"), "{e}");
+        // Anywhere, with the line and the character named: comment lines,
+        // DEL, C1 and escape sequences too; CRLF endings and tabs are fine.
+        for (text, line, code) in [
+            (format!("{ED25519}\n# note\u{0}\n"), 2, "U+0000"),
+            (format!("\n\n{ED25519} x\u{7f}y"), 3, "U+007F"),
+            (format!("{ED25519} \u{1b}[2Jhidden"), 1, "U+001B"),
+            (format!("{ED25519}\r\n{ED25519} a\u{85}"), 2, "U+0085"),
+        ] {
+            let e = err(&text);
+            assert_eq!(e.line_no, Some(line), "{text:?}");
+            assert_eq!(e.to_string(), format!("Line {line}: contains a control character ({code}); remove it"));
+        }
+        assert_eq!(parse_authorized_keys(&format!("{ED25519}\tcomment\r\n# x\r\n")).unwrap().len(), 1);
     }
 
     #[test]

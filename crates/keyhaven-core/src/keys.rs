@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use crate::error::FieldError;
+use crate::text;
 
 // ---------------------------------------------------------------------------
 // Limits (adversarial input must not cost unbounded memory or CPU)
@@ -208,12 +209,8 @@ pub fn validate_generate_options(o: &GenerateOptions) -> Result<u32, FieldError>
                 format!("The comment must be at most {MAX_COMMENT_CHARS} characters"),
             ));
         }
-        if c.chars().any(char::is_control) {
-            return Err(FieldError::new(
-                "comment",
-                "The comment must be a single line of printable characters (no newlines, tabs or \
-                 control characters)",
-            ));
+        if let Err(e) = text::check_single_line(c) {
+            return Err(FieldError::new("comment", format!("The comment {}: it must be a single line", e.reason())));
         }
     }
     Ok(bits)
@@ -389,6 +386,11 @@ fn public_line(key_data: &KeyData, comment: &str) -> Result<String, String> {
 }
 
 /// One line, printable, at most [`MAX_COMMENT_CHARS`] characters.
+///
+/// Text the caller typed never reaches this with a control character (the
+/// key text is refused first, see [`text::check_multi_line`]); what is still
+/// replaced here is the comment stored inside a private key's binary body,
+/// which is not text the caller can see or edit.
 fn sanitize_comment(comment: &str) -> String {
     let s: String = comment.chars().map(|c| if c.is_control() { ' ' } else { c }).take(MAX_COMMENT_CHARS).collect();
     s.trim().to_string()
@@ -427,6 +429,9 @@ fn parse_public_line(text: &str) -> Result<(KeyData, String), String> {
     if text.len() > MAX_PUBLIC_KEY_LEN {
         return Err(format!("{MSG_INVALID_PUBLIC}: it is too long"));
     }
+    // Refused rather than cleaned: a NUL or an escape sequence in the comment
+    // would otherwise be stored (and shown) as something the caller did not send.
+    text::check_multi_line(text).map_err(|e| e.to_string())?;
     let t = text.trim();
     if t.is_empty() {
         return Err(MSG_NO_KEY.to_string());
@@ -591,6 +596,13 @@ pub fn validate_key_pair(
     public_key: Option<&str>,
     passphrase: Option<&str>,
 ) -> Result<ValidatedKeyPair, KeyPairError> {
+    // Before trimming, so the line numbers are those of the text as sent.
+    if let Some(Err(e)) = public_key.map(text::check_multi_line) {
+        return Err(KeyPairError::public(e.to_string()));
+    }
+    if let Some(Err(e)) = private_key.map(text::check_multi_line) {
+        return Err(KeyPairError::private(e.to_string()));
+    }
     let private_key = private_key.map(str::trim).filter(|s| !s.is_empty());
     let public_key = public_key.map(str::trim).filter(|s| !s.is_empty());
     let passphrase = passphrase.filter(|p| !p.is_empty());
@@ -1340,6 +1352,9 @@ pub fn parse_host_key_lines(text: &str) -> Result<Vec<HostKeyLine>, (usize, Stri
     if text.len() > MAX_HOST_KEY_TEXT_LEN {
         return Err((1, "The host key text is too long".to_string()));
     }
+    if let Err(e) = text::check_multi_line(text) {
+        return Err((e.line.unwrap_or(1), e.reason()));
+    }
     let mut out = Vec::new();
     for (idx, raw) in text.lines().enumerate() {
         let n = idx + 1;
@@ -1775,6 +1790,43 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
     }
 
     #[test]
+    fn keys_control_characters_are_refused_not_cleaned() {
+        // Public key: a NUL or an escape in the comment used to be turned into a space.
+        for (bad, code) in [
+            (format!("{ED25519_PUB} co\u{0}mment"), "U+0000"),
+            (format!("{ED25519_PUB} \u{1b}[31mred"), "U+001B"),
+            (format!("{ED25519_PUB} a\u{7f}"), "U+007F"),
+            (format!("{ED25519_PUB} a\u{2028}b"), "U+2028"),
+            ("\u{0}\u{1}\u{2}".to_string(), "U+0000"),
+        ] {
+            let e = validate_key_pair(None, Some(&bad), None).unwrap_err();
+            assert_eq!(e.field, KeyPairField::PublicKey, "{bad:?}");
+            assert!(e.message.starts_with("Line 1: contains ") && e.message.contains(code), "{bad:?}: {}", e.message);
+            assert!(public_key_info(&bad).unwrap_err().contains(code));
+        }
+        // The line number is that of the text as sent (leading blank lines count).
+        let e = validate_key_pair(None, Some(&format!("\n\n{ED25519_PUB} x\u{1}")), None).unwrap_err();
+        assert_eq!(e.message, "Line 3: contains a control character (U+0001); remove it");
+        // Private key text: multi-line, CRLF allowed, anything else named with its line.
+        let crlf = ED25519_OPENSSH.replace('\n', "\r\n");
+        assert!(validate_key_pair(Some(&crlf), None, None).is_ok());
+        let mut lines: Vec<String> = ED25519_OPENSSH.lines().map(str::to_string).collect();
+        lines[2].push('\0');
+        let e = validate_key_pair(Some(&lines.join("\n")), None, None).unwrap_err();
+        assert_eq!(e.field, KeyPairField::PrivateKey);
+        assert_eq!(e.message, "Line 3: contains a control character (U+0000); remove it");
+        assert_no_leak(&e.message, ED25519_OPENSSH, None);
+        // Pinned host keys of a connection.
+        let (line, msg) = parse_host_key_lines(&format!("{ED25519_PUB}\n{P256_PUB}\u{0}")).unwrap_err();
+        assert_eq!((line, msg.as_str()), (2, "contains a control character (U+0000); remove it"));
+        // Generation comment.
+        let e = validate_generate_options(&GenerateOptions { comment: Some("a\tb".into()), ..Default::default() })
+            .unwrap_err();
+        assert_eq!(e.attribute, "comment");
+        assert_eq!(e.message, "The comment contains a control character (U+0009); remove it: it must be a single line");
+    }
+
+    #[test]
     fn keys_invalid_public_keys() {
         let b = blob(ED25519_PUB);
         for bad in [
@@ -1787,7 +1839,6 @@ Private-MAC: 52fd00d4ef47ebc506e4e709486c0c6bc0606e24fe2c6cb1b3d168f4da238a66
             format!("ssh-ed25519 {b}AAAA"),               // trailing data
             format!("from=\"10.0.0.1\" ssh-ed25519 {b}"), // authorized_keys options
             "ключ ssh".to_string(),
-            "\u{0}\u{1}\u{2}".to_string(),
         ] {
             let e = validate_key_pair(None, Some(&bad), None).unwrap_err();
             assert_eq!(e.field, KeyPairField::PublicKey, "{bad}");

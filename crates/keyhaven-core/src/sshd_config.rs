@@ -26,11 +26,18 @@
 //!   `options` takes precedence over keyhaven's password exceptions.)
 //!
 //! Directives keyhaven must own are refused anywhere in `options` (see
-//! [`validate_settings`]): `HostKey`, `PidFile`, `AuthorizedKeysFile`,
-//! `StrictModes`, `Port`, and a second `Subsystem sftp`.
+//! [`validate_settings`]): `HostKey` (and its old name `HostDSAKey`), `HostKeyAgent`, `PidFile`,
+//! `AuthorizedKeysFile`, `StrictModes`, `Port`, `ListenAddress`, `Include` and
+//! every `Subsystem`. So are the ones that would let anyone who reaches the
+//! port read a root-only file before authentication (`Banner` naming a
+//! private file, `ModuliFile`) or make sshd run something as root
+//! (`AuthorizedKeysCommand` as root, `SecurityKeyProvider`, …): the
+//! administrator of keyhaven's API must not become root of the host, nor hand
+//! its secrets to strangers, through `options`.
 //!
 //! Everything here is pure: the caller resolves interfaces to addresses, picks
-//! the paths, and runs `sshd -t -f` on the result before using it.
+//! the paths, answers [`HostFacts`] (account uids, banner files) and runs
+//! `sshd -t -f` on the result before using it.
 
 use serde::{Deserialize, Serialize};
 
@@ -122,6 +129,12 @@ pub struct RenderContext {
 /// A directive keyhaven owns and refuses anywhere in `options`: (keyword, reason).
 const OWNED_DIRECTIVES: &[(&str, &str)] = &[
     ("HostKey", "keyhaven generates and manages the host keys and reports them to clients and pairing peers"),
+    // sshd 9.2 still reads HostDSAKey as another name for HostKey.
+    ("HostDSAKey", "keyhaven generates and manages the host keys and reports them to clients and pairing peers"),
+    (
+        "HostKeyAgent",
+        "keyhaven generates and manages the host keys; an agent would let another process hold them and sign as this host",
+    ),
     ("PidFile", "keyhaven supervises sshd through its own PID file"),
     (
         "AuthorizedKeysFile",
@@ -149,15 +162,118 @@ const FIXED_DIRECTIVES: &[(&str, &str)] = &[
     ("SetEnv", "keyhaven sets LC_ALL=C.UTF-8 and sshd only uses the first SetEnv line; a Match block here can still set variables for some users"),
 ];
 
+/// Directives refused anywhere in `options` because they would let anyone who
+/// can reach the port read a root-only file before authentication, or make
+/// sshd run a program or load a library as root: (keyword, reason).
+///
+/// Checked by [`validate_options`] besides these, with the same aim:
+/// `AuthorizedKeysCommand` / `AuthorizedPrincipalsCommand` (their `…User`
+/// must be an unprivileged account), `Banner` (a world-readable file only),
+/// `PermitUserEnvironment` and `AcceptEnv` (never variables that make a
+/// program run other code), and every `Subsystem` line.
+///
+/// Reviewed and allowed, each for one reason:
+/// * `ForceCommand` — runs as the logged-in user, after authentication.
+/// * `XAuthLocation` — runs as the logged-in user, for X11 forwarding only.
+/// * `RevokedKeys` — read as root but only compared with offered keys, never
+///   sent (an unreadable file makes sshd refuse every key login: loud, not a leak).
+/// * `TrustedUserCAKeys` — public CA keys read as root, never sent; trusting a
+///   CA is a login policy an administrator may choose.
+/// * `HostCertificate` — sshd sends a certificate only if it certifies one of
+///   keyhaven's host keys (others are skipped at start), and certificates are public.
+/// * `AuthorizedPrincipalsFile` — read as the logged-in user, like `AuthorizedKeysFile`.
+const UNSAFE_DIRECTIVES: &[(&str, &str)] = &[
+    (
+        "ModuliFile",
+        "sshd reads it as root and sends the Diffie-Hellman groups in it to anyone who connects, before \
+         authentication; keyhaven uses the system's moduli file (/etc/ssh/moduli)",
+    ),
+    (
+        "SecurityKeyProvider",
+        "sshd loads this library into a helper that runs as root; keyhaven's host keys are ordinary key \
+         files and need no FIDO provider",
+    ),
+    (
+        "SshdSessionPath",
+        "it names a program sshd (OpenSSH 9.8 and later) runs as root for every connection; keyhaven uses \
+         the one sshd was installed with",
+    ),
+    (
+        "SshdAuthPath",
+        "it names a program sshd (OpenSSH 10 and later) runs as root for every connection; keyhaven uses \
+         the one sshd was installed with",
+    ),
+];
+
+/// The commands sshd runs before authentication, each with the keyword that
+/// names the account it runs them as.
+const COMMAND_DIRECTIVES: &[(&str, &str)] = &[
+    ("AuthorizedKeysCommand", "AuthorizedKeysCommandUser"),
+    ("AuthorizedPrincipalsCommand", "AuthorizedPrincipalsCommandUser"),
+];
+
+/// Environment variables that make a shell, the dynamic loader or a common
+/// interpreter run code the sender chooses: (name matched against the
+/// patterns, how a message shows it). A user who may set one of these escapes
+/// a key's `command=` restriction (an rsync-only backup key becomes a shell —
+/// as root, for root's keys). `AcceptEnv` / `PermitUserEnvironment` patterns
+/// that accept any of them are refused; `*` accepts all of them. This is a
+/// list of the well-known ones, so the advice is to accept only harmless
+/// variables by name.
+const CODE_RUNNING_ENV: &[(&str, &str)] = &[
+    ("LD_PRELOAD", "LD_PRELOAD"),
+    ("LD_LIBRARY_PATH", "LD_LIBRARY_PATH"),
+    ("LD_AUDIT", "LD_AUDIT"),
+    ("BASH_ENV", "BASH_ENV"),
+    ("ENV", "ENV"),
+    ("BASH_FUNC_rsync%%", "BASH_FUNC_* (exported shell functions)"),
+    ("SHELLOPTS", "SHELLOPTS"),
+    ("BASHOPTS", "BASHOPTS"),
+    ("PS4", "PS4"),
+    ("PROMPT_COMMAND", "PROMPT_COMMAND"),
+    ("PATH", "PATH"),
+    ("IFS", "IFS"),
+    ("PYTHONPATH", "PYTHONPATH"),
+    ("PYTHONSTARTUP", "PYTHONSTARTUP"),
+    ("PERL5LIB", "PERL5LIB"),
+    ("PERL5OPT", "PERL5OPT"),
+    ("RUBYOPT", "RUBYOPT"),
+    ("NODE_OPTIONS", "NODE_OPTIONS"),
+    ("GCONV_PATH", "GCONV_PATH"),
+];
+
+/// What checking `options` needs to know about the host, which this pure
+/// module cannot look up itself: the service answers from NSS and the
+/// filesystem, tests from a table.
+pub trait HostFacts {
+    /// Whether `account` resolves to uid 0 (`root`, or another name for it).
+    fn is_superuser(&self, account: &str) -> bool;
+    /// Why sshd must not send the file at the absolute `path` to everyone
+    /// before authentication (e.g. "it is not readable by everyone (mode
+    /// 0600)"), or `None` when it is a world-readable file safe to publish.
+    fn banner_problem(&self, path: &str) -> Option<String>;
+}
+
 /// One meaningful line of `options`.
 struct OptionLine<'a> {
     line_no: usize,
     /// As written.
     keyword: &'a str,
-    /// First argument, surrounding quotes removed.
-    first_arg: &'a str,
+    /// The arguments as sshd reads them (quotes and escapes removed).
+    args: Vec<String>,
     /// Before the first `Match` line.
     global: bool,
+}
+
+impl OptionLine<'_> {
+    fn is(&self, keyword: &str) -> bool {
+        self.keyword.eq_ignore_ascii_case(keyword)
+    }
+
+    /// First argument (empty when there is none).
+    fn first_arg(&self) -> &str {
+        self.args.first().map(String::as_str).unwrap_or("")
+    }
 }
 
 /// Split `options` the way sshd reads a config line: keyword, then arguments
@@ -183,12 +299,46 @@ fn option_lines(options: &str) -> Vec<OptionLine<'_>> {
         };
         let rest = rest.trim_start();
         let rest = rest.strip_prefix('=').unwrap_or(rest).trim_start();
-        let arg_end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-        let first_arg = rest[..arg_end].trim_matches(|c| c == '"' || c == '\'');
         if keyword.eq_ignore_ascii_case("Match") {
             global = false;
         }
-        out.push(OptionLine { line_no: idx + 1, keyword, first_arg, global });
+        out.push(OptionLine { line_no: idx + 1, keyword, args: split_args(rest), global });
+    }
+    out
+}
+
+/// Split the arguments of a config line exactly as sshd's `argv_split` does,
+/// so a check sees the same path or account name sshd will use: spaces and
+/// tabs separate; `"…"` and `'…'` quote; a backslash escapes a quote, a
+/// backslash or (outside quotes) a space; a `#` starting an argument ends the
+/// line.
+fn split_args(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.next_if(|c| *c == ' ' || *c == '\t').is_some() {}
+        match chars.peek() {
+            None | Some('#') => break,
+            Some(_) => {}
+        }
+        let mut arg = String::new();
+        let mut quote: Option<char> = None;
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.peek().copied() {
+                    Some(n) if matches!(n, '\'' | '"' | '\\') || (quote.is_none() && n == ' ') => {
+                        arg.push(n);
+                        chars.next();
+                    }
+                    _ => arg.push('\\'),
+                },
+                ' ' | '\t' if quote.is_none() => break,
+                '"' | '\'' if quote.is_none() => quote = Some(c),
+                c if Some(c) == quote => quote = None,
+                c => arg.push(c),
+            }
+        }
+        out.push(arg);
     }
     out
 }
@@ -225,9 +375,19 @@ fn literal_message(choices: &[&str]) -> String {
 /// (`ssh_update` → `ssh_update.tcpport`); all problems are reported together.
 ///
 /// Besides the field ranges, `options` is checked for:
-/// * NUL characters and size (at most [`MAX_OPTIONS_BYTES`]);
-/// * directives keyhaven owns, anywhere: `HostKey`, `PidFile`,
-///   `AuthorizedKeysFile`, `StrictModes`, `Port` and `Subsystem sftp`;
+/// * NUL and other control characters (tab, LF and CRLF are fine) and size
+///   (at most [`MAX_OPTIONS_BYTES`]);
+/// * directives keyhaven owns, anywhere: `HostKey`, `HostDSAKey`, `HostKeyAgent`, `PidFile`,
+///   `AuthorizedKeysFile`, `StrictModes`, `Port`, `ListenAddress`, `Include`
+///   and every `Subsystem`;
+/// * directives that would expose a root-only file before authentication or
+///   run something as root, anywhere (see [`UNSAFE_DIRECTIVES`]): `ModuliFile`,
+///   `SecurityKeyProvider`, `SshdSessionPath`, `SshdAuthPath`; an
+///   `AuthorizedKeysCommand` / `AuthorizedPrincipalsCommand` without a
+///   `…User` line, or whose `…User` is root, any uid-0 account
+///   (`host.is_superuser`) or a `%` token; a `Banner` that is not `none` or an
+///   absolute path `host.banner_problem` accepts; `PermitUserEnvironment` and
+///   `AcceptEnv` patterns that accept a variable in [`CODE_RUNNING_ENV`];
 /// * at global scope (before any `Match` line), directives keyhaven always
 ///   renders earlier — sshd would silently ignore them: `UsePAM`,
 ///   `PermitRootLogin`, `AllowTcpForwarding`, `Compression`,
@@ -236,7 +396,12 @@ fn literal_message(choices: &[&str]) -> String {
 ///
 /// Unknown keywords and bad values are left to `sshd -t`, which the service
 /// runs on every rendered config.
-pub fn validate_settings(s: &SshSettings, known_interfaces: &[String], schema: &str) -> Result<(), ValidationErrors> {
+pub fn validate_settings(
+    s: &SshSettings,
+    known_interfaces: &[String],
+    host: &dyn HostFacts,
+    schema: &str,
+) -> Result<(), ValidationErrors> {
     let attr = |field: &str| {
         if schema.is_empty() {
             field.to_string()
@@ -282,11 +447,11 @@ pub fn validate_settings(s: &SshSettings, known_interfaces: &[String], schema: &
         }
     }
 
-    validate_options(s, &attr("options"), &mut errors);
+    validate_options(s, host, &attr("options"), &mut errors);
     errors.check()
 }
 
-fn validate_options(s: &SshSettings, attribute: &str, errors: &mut ValidationErrors) {
+fn validate_options(s: &SshSettings, host: &dyn HostFacts, attribute: &str, errors: &mut ValidationErrors) {
     let options = &s.options;
     if options.contains('\0') {
         errors.add(attribute, "Auxiliary parameters must not contain NUL characters");
@@ -302,39 +467,211 @@ fn validate_options(s: &SshSettings, attribute: &str, errors: &mut ValidationErr
         );
         return;
     }
-    for line in option_lines(options) {
+    // Other control characters: sshd would take them as part of a value (a
+    // VersionAddendum with an escape sequence is sent to every client).
+    if let Err(e) = crate::text::check_multi_line(options) {
+        errors.add(attribute, e.to_string());
+        return;
+    }
+    let lines = option_lines(options);
+    let has_line = |keyword: &str| lines.iter().any(|l| l.is(keyword));
+    for line in &lines {
         let n = line.line_no;
-        if let Some((kw, why)) = OWNED_DIRECTIVES.iter().find(|(kw, _)| kw.eq_ignore_ascii_case(line.keyword)) {
-            errors.push(FieldError::new(
-                attribute,
-                format!("Line {n}: {kw} cannot be set in auxiliary parameters: {why}"),
-            ));
-        } else if line.keyword.eq_ignore_ascii_case("Subsystem") && line.first_arg == "sftp" {
-            errors.push(FieldError::new(
-                attribute,
-                format!(
-                    "Line {n}: Subsystem sftp cannot be set in auxiliary parameters: keyhaven \
-                     defines it (use the SFTP log level and facility settings) and sshd refuses \
-                     a second definition"
-                ),
-            ));
+        let refuse = |errors: &mut ValidationErrors, msg: String| errors.push(FieldError::new(attribute, msg));
+        if let Some((kw, why)) = OWNED_DIRECTIVES.iter().chain(UNSAFE_DIRECTIVES).find(|(kw, _)| line.is(kw)) {
+            refuse(errors, format!("Line {n}: {kw} cannot be set in auxiliary parameters: {why}"));
+        } else if line.is("Subsystem") {
+            let name = line.first_arg();
+            refuse(
+                errors,
+                if name == "sftp" {
+                    format!(
+                        "Line {n}: Subsystem sftp cannot be set in auxiliary parameters: keyhaven \
+                         defines it (use the SFTP log level and facility settings) and sshd refuses \
+                         a second definition"
+                    )
+                } else {
+                    format!(
+                        "Line {n}: Subsystem {} cannot be set in auxiliary parameters: keyhaven \
+                         renders the only subsystem sshd offers, sftp; to run another program for \
+                         some users, use ForceCommand in a Match block",
+                        shown(name)
+                    )
+                },
+            );
+        } else if let Some(msg) = command_problem(line, host, &has_line) {
+            refuse(errors, format!("Line {n}: {msg}"));
+        } else if line.is("Banner") {
+            let path = line.first_arg();
+            let problem = if path.eq_ignore_ascii_case("none") {
+                None
+            } else if !path.starts_with('/') {
+                Some("it is not an absolute path".to_string())
+            } else {
+                host.banner_problem(path)
+            };
+            if let Some(problem) = problem {
+                refuse(
+                    errors,
+                    format!(
+                        "Line {n}: Banner cannot be set to {} in auxiliary parameters: sshd sends \
+                         this file to anyone who connects, before authentication, and {problem}; \
+                         use none or a world-readable file such as /etc/issue.net",
+                        shown(path)
+                    ),
+                );
+            }
+        } else if line.is("PermitUserEnvironment") {
+            let value = line.first_arg();
+            // sshd: "yes" accepts every variable, "no" none, anything else
+            // is a comma-separated pattern list.
+            let accepted = match value {
+                "no" => None,
+                "yes" => CODE_RUNNING_ENV.first(),
+                list => CODE_RUNNING_ENV.iter().find(|(name, _)| pattern_list_accepts(list, name)),
+            };
+            if let Some((_, var)) = accepted {
+                refuse(
+                    errors,
+                    format!(
+                        "Line {n}: PermitUserEnvironment cannot be set to {} in auxiliary \
+                         parameters: it lets users set {var} in ~/.ssh/environment, which makes \
+                         programs run code of their choosing and escapes a key's command= \
+                         restriction (as root, for root's keys); leave it at no, name only \
+                         harmless variables (e.g. PermitUserEnvironment LANG,TZ) or set values \
+                         with SetEnv in a Match block",
+                        shown(value)
+                    ),
+                );
+            }
+        } else if line.is("AcceptEnv") {
+            let accepted = line
+                .args
+                .iter()
+                .find_map(|p| CODE_RUNNING_ENV.iter().find(|(name, _)| glob_match(p, name)).map(|(_, v)| (p, v)));
+            if let Some((pattern, var)) = accepted {
+                refuse(
+                    errors,
+                    format!(
+                        "Line {n}: AcceptEnv cannot accept {} in auxiliary parameters: it lets a \
+                         client send {var}, which makes a forced command (command= on a key, \
+                         ForceCommand) run code of its choosing — as root, for root's keys; accept \
+                         only harmless variables (e.g. AcceptEnv LANG LC_*)",
+                        shown(pattern)
+                    ),
+                );
+            }
         } else if line.global {
-            let fixed =
-                FIXED_DIRECTIVES.iter().find(|(kw, _)| kw.eq_ignore_ascii_case(line.keyword)).copied().or_else(|| {
-                    (s.kerberosauth && line.keyword.eq_ignore_ascii_case("GSSAPIAuthentication"))
-                        .then_some(("GSSAPIAuthentication", "use the Kerberos authentication setting (kerberosauth)"))
-                });
+            let fixed = FIXED_DIRECTIVES.iter().find(|(kw, _)| line.is(kw)).copied().or_else(|| {
+                (s.kerberosauth && line.is("GSSAPIAuthentication"))
+                    .then_some(("GSSAPIAuthentication", "use the Kerberos authentication setting (kerberosauth)"))
+            });
             if let Some((kw, hint)) = fixed {
-                errors.push(FieldError::new(
-                    attribute,
+                refuse(
+                    errors,
                     format!(
                         "Line {n}: {kw} is already set by keyhaven and sshd keeps the first \
                          value it reads, so this line would be ignored: {hint}"
                     ),
-                ));
+                );
             }
         }
     }
+}
+
+/// Why `line` would make sshd run an `AuthorizedKeysCommand` /
+/// `AuthorizedPrincipalsCommand` with more privilege than an unprivileged
+/// account (message without the `Line N: ` prefix), or `None`.
+///
+/// sshd 9.2 (checked with `sshd -t`): a global command without its `…User`
+/// is refused at start ("AuthorizedKeysCommand set without
+/// AuthorizedKeysCommandUser"), while one set only inside a `Match` block
+/// passes `sshd -t` and is skipped at login with a log line. Neither runs it
+/// as root, but both are configurations that cannot work, so a command line
+/// needs a `…User` line somewhere in `options`. The `…User` value goes
+/// through `%u` expansion and `getpwnam`, so `%u` means "the account being
+/// logged in to" — root for root logins.
+fn command_problem(line: &OptionLine<'_>, host: &dyn HostFacts, has_line: &dyn Fn(&str) -> bool) -> Option<String> {
+    for (command, user_kw) in COMMAND_DIRECTIVES {
+        if line.is(user_kw) {
+            let user = line.first_arg();
+            let why = if user.contains('%') {
+                format!(
+                    "a % token makes sshd run the {command} as the account being logged in to, which \
+                     is root for root logins"
+                )
+            } else if user == "root" || host.is_superuser(user) {
+                let who = if user == "root" { "root".to_string() } else { format!("{} (uid 0)", shown(user)) };
+                format!("sshd would run the {command} as {who} for every connection, before authentication")
+            } else {
+                return None;
+            };
+            return Some(format!(
+                "{user_kw} cannot be set to {} in auxiliary parameters: {why}; name one unprivileged \
+                 account that does nothing else (e.g. nobody)",
+                shown(user)
+            ));
+        }
+        if line.is(command) && !line.first_arg().eq_ignore_ascii_case("none") && !has_line(user_kw) {
+            return Some(format!(
+                "{command} cannot be set in auxiliary parameters without an {user_kw} line: sshd \
+                 refuses a global {command} without one and skips one in a Match block; add e.g. \
+                 \"{user_kw} nobody\" (an unprivileged account that does nothing else, never root)"
+            ));
+        }
+    }
+    None
+}
+
+/// A value from `options` as a message shows it: at most 200 characters.
+/// (Control characters never get here: `options` is refused first.)
+fn shown(value: &str) -> String {
+    const MAX: usize = 200;
+    if value.chars().count() <= MAX {
+        value.to_string()
+    } else {
+        format!("{}…", value.chars().take(MAX).collect::<String>())
+    }
+}
+
+/// sshd's `match_pattern`: `*` matches any run of characters, `?` one
+/// character; case-sensitive, as sshd matches environment variable names.
+fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // Iterative wildcard matching with one backtrack point (the last `*`).
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// sshd's `match_pattern_list` for `PermitUserEnvironment`: a comma-separated
+/// list where `!pattern` excludes; `name` is accepted when a plain pattern
+/// matches and no negated one does.
+fn pattern_list_accepts(list: &str, name: &str) -> bool {
+    let mut accepted = false;
+    for p in list.split(',') {
+        match p.strip_prefix('!') {
+            Some(neg) if glob_match(neg, name) => return false,
+            Some(_) => {}
+            None => accepted |= glob_match(p, name),
+        }
+    }
+    accepted
 }
 
 /// Render `sshd_config` for `s` and `ctx`.
@@ -458,6 +795,19 @@ pub fn render(s: &SshSettings, ctx: &RenderContext) -> String {
 mod tests {
     use super::*;
 
+    /// `root` and its alias `toor` are uid 0; a banner path containing
+    /// "private" is what the service would refuse.
+    struct Facts;
+
+    impl HostFacts for Facts {
+        fn is_superuser(&self, account: &str) -> bool {
+            matches!(account, "root" | "toor")
+        }
+        fn banner_problem(&self, path: &str) -> Option<String> {
+            path.contains("private").then(|| "it is not readable by everyone (mode 0600)".to_string())
+        }
+    }
+
     fn ifaces() -> Vec<String> {
         vec!["eth0".to_string(), "lo".to_string()]
     }
@@ -485,11 +835,11 @@ mod tests {
             "ListenAddress 0.0.0.0:2222",
         ] {
             let s = SshSettings { options: opt.to_string(), ..SshSettings::default() };
-            let e = validate_settings(&s, &[], "ssh_update").expect_err(opt);
+            let e = validate_settings(&s, &[], &Facts, "ssh_update").expect_err(opt);
             assert!(e.0.iter().any(|f| f.attribute == "ssh_update.options"), "{opt}: {e:?}");
         }
         let ok = SshSettings { options: "MaxAuthTries 4".into(), ..SshSettings::default() };
-        assert!(validate_settings(&ok, &[], "ssh_update").is_ok());
+        assert!(validate_settings(&ok, &[], &Facts, "ssh_update").is_ok());
     }
 
     #[test]
@@ -498,7 +848,7 @@ mod tests {
         assert_eq!(s.tcpport, 22);
         assert!(!s.passwordauth);
         assert!(s.weak_ciphers.is_empty());
-        assert_eq!(validate_settings(&s, &ifaces(), "ssh_update"), Ok(()));
+        assert_eq!(validate_settings(&s, &ifaces(), &Facts, "ssh_update"), Ok(()));
     }
 
     #[test]
@@ -512,7 +862,7 @@ mod tests {
             weak_ciphers: vec!["AES128-CBC".into(), "3DES".into()],
             ..SshSettings::default()
         };
-        let got = messages(validate_settings(&s, &ifaces(), "ssh_update"));
+        let got = messages(validate_settings(&s, &ifaces(), &Facts, "ssh_update"));
         let attrs: Vec<&str> = got.iter().map(|(a, _)| a.as_str()).collect();
         assert_eq!(
             attrs,
@@ -547,7 +897,7 @@ mod tests {
                     weak_ciphers: vec!["AES128-CBC".into(), "NONE".into()],
                     ..SshSettings::default()
                 };
-                assert_eq!(validate_settings(&s, &[], ""), Ok(()));
+                assert_eq!(validate_settings(&s, &[], &Facts, ""), Ok(()));
             }
         }
     }
@@ -555,16 +905,16 @@ mod tests {
     #[test]
     fn options_nul_and_size() {
         let s = SshSettings { options: "MaxAuthTries 3\0".into(), ..SshSettings::default() };
-        let got = messages(validate_settings(&s, &[], "ssh_update"));
+        let got = messages(validate_settings(&s, &[], &Facts, "ssh_update"));
         assert_eq!(
             got,
             vec![("ssh_update.options".into(), "Auxiliary parameters must not contain NUL characters".into())]
         );
         let s = SshSettings { options: "# x\n".repeat(MAX_OPTIONS_BYTES / 4 + 1), ..SshSettings::default() };
-        let got = messages(validate_settings(&s, &[], "ssh_update"));
+        let got = messages(validate_settings(&s, &[], &Facts, "ssh_update"));
         assert!(got[0].1.contains("65536"), "{got:?}");
         let s = SshSettings { options: "# x\n".repeat(MAX_OPTIONS_BYTES / 4), ..SshSettings::default() };
-        assert_eq!(validate_settings(&s, &[], "ssh_update"), Ok(()));
+        assert_eq!(validate_settings(&s, &[], &Facts, "ssh_update"), Ok(()));
     }
 
     #[test]
@@ -573,16 +923,167 @@ mod tests {
             options: "MaxAuthTries 4\nhostkey /etc/ssh/other\nPidFile=/tmp/x\n  Port 2222\nMatch User bob\n\tAuthorizedKeysFile /tmp/%u\nStrictModes no\nSubsystem sftp /usr/lib/sftp-server\nSubsystem backup /usr/bin/backup\n".into(),
             ..SshSettings::default()
         };
-        let got = messages(validate_settings(&s, &[], "ssh_update"));
+        let got = messages(validate_settings(&s, &[], &Facts, "ssh_update"));
         let msgs: Vec<&str> = got.iter().map(|(_, m)| m.as_str()).collect();
-        assert_eq!(msgs.len(), 6, "{msgs:#?}");
+        assert_eq!(msgs.len(), 7, "{msgs:#?}");
         assert!(msgs[0].starts_with("Line 2: HostKey cannot be set in auxiliary parameters: keyhaven generates"));
         assert!(msgs[1].starts_with("Line 3: PidFile cannot be set"));
         assert!(msgs[2].starts_with("Line 4: Port cannot be set") && msgs[2].contains("tcpport"));
         assert!(msgs[3].starts_with("Line 6: AuthorizedKeysFile cannot be set"));
         assert!(msgs[4].starts_with("Line 7: StrictModes cannot be set"));
         assert!(msgs[5].starts_with("Line 8: Subsystem sftp cannot be set"));
+        // Any subsystem, not only a second sftp: keyhaven renders the only one.
+        assert!(msgs[6].starts_with("Line 9: Subsystem backup cannot be set") && msgs[6].contains("ForceCommand"));
         assert!(got.iter().all(|(a, _)| a == "ssh_update.options"));
+    }
+
+    /// `text` with a `Match User x` line before it and every line indented,
+    /// so each line moves down by one.
+    fn in_match(text: &str) -> String {
+        format!("Match User x\n{}", text.lines().map(|l| format!("\t{l}\n")).collect::<String>())
+    }
+
+    #[test]
+    fn unsafe_directives_are_refused_globally_and_in_match_blocks() {
+        // (options, line of the error in the global form, start of the message after "Line N: ", fragment)
+        let cases: &[(&str, usize, &str, &str)] = &[
+            ("ModuliFile /etc/ssh/moduli", 1, "ModuliFile cannot be set in auxiliary parameters: ", "before authentication"),
+            ("SecurityKeyProvider /usr/lib/sk.so", 1, "SecurityKeyProvider cannot be set in auxiliary parameters: ", "runs as root"),
+            ("SshdSessionPath /tmp/s", 1, "SshdSessionPath cannot be set in auxiliary parameters: ", "as root"),
+            ("SshdAuthPath /tmp/s", 1, "SshdAuthPath cannot be set in auxiliary parameters: ", "as root"),
+            ("HostKeyAgent /run/agent.sock", 1, "HostKeyAgent cannot be set in auxiliary parameters: ", "host keys"),
+            ("HostDSAKey /root/.ssh/id_rsa", 1, "HostDSAKey cannot be set in auxiliary parameters: ", "host keys"),
+            ("PidFile /tmp/sshd.pid", 1, "PidFile cannot be set in auxiliary parameters: ", "PID file"),
+            ("Subsystem backup /usr/bin/backup", 1, "Subsystem backup cannot be set in auxiliary parameters: ", "ForceCommand"),
+            ("Subsystem \"sftp\" /usr/lib/openssh/sftp-server", 1, "Subsystem sftp cannot be set", "SFTP log level"),
+            (
+                "AuthorizedKeysCommand /bin/x\nAuthorizedKeysCommandUser root",
+                2,
+                "AuthorizedKeysCommandUser cannot be set to root in auxiliary parameters: sshd would run the \
+                 AuthorizedKeysCommand as root for every connection, before authentication",
+                "nobody",
+            ),
+            ("AuthorizedKeysCommandUser \"root\"\nAuthorizedKeysCommand /bin/x", 1, "AuthorizedKeysCommandUser cannot be set to root", ""),
+            ("AuthorizedKeysCommand /bin/x\nAuthorizedKeysCommandUser toor", 2, "AuthorizedKeysCommandUser cannot be set to toor", "as toor (uid 0)"),
+            ("AuthorizedKeysCommand /bin/x\nAuthorizedKeysCommandUser %u", 2, "AuthorizedKeysCommandUser cannot be set to %u", "% token"),
+            (
+                "AuthorizedKeysCommand /bin/x %u %k",
+                1,
+                "AuthorizedKeysCommand cannot be set in auxiliary parameters without an AuthorizedKeysCommandUser line",
+                "AuthorizedKeysCommandUser nobody",
+            ),
+            ("AuthorizedPrincipalsCommand /bin/p\nAuthorizedPrincipalsCommandUser root", 2, "AuthorizedPrincipalsCommandUser cannot be set to root", "AuthorizedPrincipalsCommand as root"),
+            ("AuthorizedPrincipalsCommand /bin/p %u", 1, "AuthorizedPrincipalsCommand cannot be set in auxiliary parameters without an AuthorizedPrincipalsCommandUser line", ""),
+            (
+                "Banner /var/lib/keyhaven/private/master.key",
+                1,
+                "Banner cannot be set to /var/lib/keyhaven/private/master.key in auxiliary parameters: sshd sends \
+                 this file to anyone who connects, before authentication, and it is not readable by everyone (mode 0600)",
+                "/etc/issue.net",
+            ),
+            ("Banner \"/srv/private dir/b\"", 1, "Banner cannot be set to /srv/private dir/b", ""),
+            ("Banner etc/issue.net", 1, "Banner cannot be set to etc/issue.net", "it is not an absolute path"),
+            ("Banner ~/.ssh/id_ed25519", 1, "Banner cannot be set to ~/.ssh/id_ed25519", "it is not an absolute path"),
+            ("PermitUserEnvironment yes", 1, "PermitUserEnvironment cannot be set to yes in auxiliary parameters: it lets users set LD_PRELOAD", "command="),
+            ("PermitUserEnvironment LANG,LD_*", 1, "PermitUserEnvironment cannot be set to LANG,LD_*", "LD_PRELOAD"),
+            ("PermitUserEnvironment *,!LD_*", 1, "PermitUserEnvironment cannot be set to *,!LD_*", "BASH_ENV"),
+            ("AcceptEnv LANG LC_* *", 1, "AcceptEnv cannot accept * in auxiliary parameters: it lets a client send LD_PRELOAD", "LANG LC_*"),
+            ("AcceptEnv BASH_FUNC_*", 1, "AcceptEnv cannot accept BASH_FUNC_*", "exported shell functions"),
+            ("AcceptEnv LANG\nAcceptEnv PATH", 2, "AcceptEnv cannot accept PATH", ""),
+        ];
+        for &(opts, line, start, fragment) in cases {
+            for (text, line) in [(opts.to_string(), line), (in_match(opts), line + 1)] {
+                let s = SshSettings { options: text.clone(), ..SshSettings::default() };
+                let got = messages(validate_settings(&s, &[], &Facts, "ssh_update"));
+                assert_eq!(got.len(), 1, "{text:?}: {got:#?}");
+                let (attr, msg) = &got[0];
+                assert_eq!(attr, "ssh_update.options");
+                assert!(msg.starts_with(&format!("Line {line}: {start}")), "{text:?}: {msg}");
+                assert!(msg.contains(fragment), "{text:?}: {msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn reviewed_directives_and_safe_values_are_accepted() {
+        for opts in [
+            "AuthorizedKeysCommand /usr/local/bin/k\nAuthorizedKeysCommandUser nobody",
+            "AuthorizedKeysCommandUser nobody\nMatch User x\n\tAuthorizedKeysCommand /usr/local/bin/k %u %k",
+            "AuthorizedPrincipalsCommand /usr/local/bin/p %u\nAuthorizedPrincipalsCommandUser nobody",
+            "AuthorizedKeysCommand none",
+            "Banner none",
+            "Banner NONE",
+            "Banner /etc/issue.net",
+            "Banner=/etc/issue.net # the public notice",
+            "PermitUserEnvironment no",
+            "PermitUserEnvironment LANG,TZ",
+            "PermitUserEnvironment LANG,!LD_*",
+            "AcceptEnv LANG LC_*",
+            "ForceCommand /usr/bin/rrsync /backup",
+            "XAuthLocation /usr/bin/xauth",
+            "RevokedKeys /etc/ssh/revoked_keys",
+            "TrustedUserCAKeys /etc/ssh/user_ca.pub",
+            "HostCertificate /etc/ssh/ssh_host_ed25519_key-cert.pub",
+            "AuthorizedPrincipalsFile /etc/ssh/principals/%u",
+            "# ModuliFile /etc/ssh/moduli (a comment, not a directive)",
+        ] {
+            for text in [opts.to_string(), in_match(opts)] {
+                let s = SshSettings { options: text.clone(), ..SshSettings::default() };
+                assert_eq!(validate_settings(&s, &[], &Facts, "ssh_update"), Ok(()), "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn options_control_characters_are_refused_with_the_line() {
+        let s =
+            SshSettings { options: "MaxAuthTries 3\nVersionAddendum x\u{1b}[2J\n".into(), ..SshSettings::default() };
+        assert_eq!(
+            messages(validate_settings(&s, &[], &Facts, "ssh_update")),
+            vec![(
+                "ssh_update.options".to_string(),
+                "Line 2: contains a control character (U+001B); remove it".to_string()
+            )]
+        );
+        let crlf =
+            SshSettings { options: "MaxAuthTries 3\r\n\tClientAliveInterval 30\r\n".into(), ..SshSettings::default() };
+        assert_eq!(validate_settings(&crlf, &[], &Facts, "ssh_update"), Ok(()));
+    }
+
+    #[test]
+    fn arguments_are_split_like_sshd() {
+        assert_eq!(
+            split_args(r#"a "b c" 'd e' f\ g h\"i "j\"k" l\m # rest"#),
+            vec!["a", "b c", "d e", "f g", "h\"i", "j\"k", "l\\m"]
+        );
+        assert_eq!(split_args(""), Vec::<String>::new());
+        assert_eq!(split_args("#x"), Vec::<String>::new());
+        assert_eq!(split_args("a#b"), vec!["a#b"]);
+        let lines = option_lines("Banner = \"/x y\"\n\"AuthorizedKeysCommandUser\" 'root'\n");
+        assert_eq!(lines[0].first_arg(), "/x y");
+        assert!(lines[1].is("authorizedkeyscommanduser") && lines[1].first_arg() == "root");
+    }
+
+    #[test]
+    fn env_patterns_match_like_sshd() {
+        for (p, n, want) in [
+            ("*", "LD_PRELOAD", true),
+            ("LD_*", "LD_PRELOAD", true),
+            ("L?_PRELOAD", "LD_PRELOAD", true),
+            ("LC_*", "LD_PRELOAD", false),
+            ("ld_*", "LD_PRELOAD", false),
+            ("*PATH", "LD_LIBRARY_PATH", true),
+            ("*_*_*", "LD_LIBRARY_PATH", true),
+            ("PATH", "PATH", true),
+            ("PAT", "PATH", false),
+            ("", "PATH", false),
+        ] {
+            assert_eq!(glob_match(p, n), want, "{p} vs {n}");
+        }
+        assert!(pattern_list_accepts("LANG,LD_*", "LD_PRELOAD"));
+        assert!(!pattern_list_accepts("*,!LD_*", "LD_PRELOAD"));
+        assert!(pattern_list_accepts("*,!LD_*", "BASH_ENV"));
+        assert!(!pattern_list_accepts("LANG,TZ", "PATH"));
     }
 
     #[test]
@@ -591,14 +1092,14 @@ mod tests {
             options: "PasswordAuthentication yes\npermitrootlogin=yes\nGSSAPIAuthentication yes\nMatch Address 10.0.0.0/8\n\tPasswordAuthentication yes\n\tPermitRootLogin yes\n\tAllowTcpForwarding yes\n".into(),
             ..SshSettings::default()
         };
-        let got = messages(validate_settings(&s, &[], "ssh_update"));
+        let got = messages(validate_settings(&s, &[], &Facts, "ssh_update"));
         assert_eq!(got.len(), 2, "{got:#?}");
         assert!(got[0].1.starts_with("Line 1: PasswordAuthentication is already set by keyhaven"));
         assert!(got[0].1.contains("would be ignored"));
         assert!(got[1].1.starts_with("Line 2: PermitRootLogin is already set"));
         // GSSAPIAuthentication is only rendered (and so only refused) with kerberosauth.
         let s = SshSettings { kerberosauth: true, ..s };
-        let got = messages(validate_settings(&s, &[], "ssh_update"));
+        let got = messages(validate_settings(&s, &[], &Facts, "ssh_update"));
         assert_eq!(got.len(), 3);
         assert!(got[2].1.contains("kerberosauth"));
     }
@@ -610,7 +1111,7 @@ mod tests {
             weak_ciphers: vec!["AES128-CBC".into()],
             ..SshSettings::default()
         };
-        assert_eq!(validate_settings(&s, &[], "ssh_update"), Ok(()));
+        assert_eq!(validate_settings(&s, &[], &Facts, "ssh_update"), Ok(()));
         let out = render(&s, &ctx());
         for gone in [
             "ClientAliveInterval 15",

@@ -8,12 +8,25 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use keyhaven_core::sshd_config::{render, validate_settings, RenderContext, SshSettings};
+use keyhaven_core::sshd_config::{render, validate_settings, HostFacts, RenderContext, SshSettings};
 
 const SSHD: &str = "/usr/sbin/sshd";
 /// Directory the golden host keys live in; the sshd tests swap it for real keys.
 const GOLDEN_KEY_DIR: &str = "/var/lib/keyhaven/sshd";
 const KEY_TYPES: &[&str] = &["ed25519", "ecdsa", "rsa"];
+
+/// Host facts for cases without banners or command users: only `root` is
+/// uid 0, and any banner file is refused (none of these cases sets one).
+struct NoBanners;
+
+impl HostFacts for NoBanners {
+    fn is_superuser(&self, account: &str) -> bool {
+        account == "root"
+    }
+    fn banner_problem(&self, _path: &str) -> Option<String> {
+        Some("banner files are not checked in the golden tests".into())
+    }
+}
 
 fn base_ctx() -> RenderContext {
     RenderContext {
@@ -91,7 +104,7 @@ fn rendered_configs_match_golden_files() {
     let update = std::env::var_os("KEYHAVEN_UPDATE_GOLDEN").is_some();
     for (name, settings, ctx) in cases() {
         let interfaces = vec!["eth0".to_string()];
-        validate_settings(&settings, &interfaces, "ssh_update")
+        validate_settings(&settings, &interfaces, &NoBanners, "ssh_update")
             .unwrap_or_else(|e| panic!("{name}: settings should be valid: {e}"));
         let rendered = render(&settings, &ctx);
         let path = golden_path(name);
@@ -193,7 +206,7 @@ fn bad_option_line_makes_sshd_t_fail() {
     let scratch = Scratch::new();
     let settings = SshSettings { options: "MaxAuthTries 4\nNoSuchOption yes\n".into(), ..SshSettings::default() };
     // Validation leaves unknown keywords to sshd -t.
-    validate_settings(&settings, &[], "ssh_update").unwrap();
+    validate_settings(&settings, &[], &NoBanners, "ssh_update").unwrap();
     let cfg = scratch.write_config("bad", &render(&settings, &base_ctx()));
     let out = sshd(&["-t"], &cfg);
     assert!(!out.status.success(), "sshd -t accepted a bad option");

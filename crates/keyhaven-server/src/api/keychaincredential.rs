@@ -88,6 +88,13 @@ pub fn decode_attributes(kind: &str, v: Value, schema: &str) -> Result<Attribute
         }))
     } else {
         let a: ConnAttrs = decode(v, &prefix)?;
+        let mut errs = keyhaven_core::ValidationErrors::new();
+        for (field, value) in [("host", &*a.host), ("username", &*a.username)] {
+            if let Err(e) = keyhaven_core::text::check_single_line(value) {
+                errs.add(format!("{prefix}.{field}"), e.to_string());
+            }
+        }
+        errs.check()?;
         Ok(AttributesInput::Connection(ConnectionInput {
             host: a.host.0,
             port: a.port,
@@ -427,6 +434,15 @@ async fn ssh_pair(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     ctx.app.ssh_pair(a.remote_hostname.trim(), &a.username, &a.public_key, S).await
 }
 
+/// Add an error on `attribute` if a credential name is not one line of
+/// printable text (the rule keychain_create applies; checked up front so a
+/// pairing fails before it changes the remote).
+fn name_line(name: &str, attribute: &str, errs: &mut keyhaven_core::ValidationErrors) {
+    if let Err(e) = keyhaven_core::text::check_single_line(name) {
+        errs.add(attribute, e.to_string());
+    }
+}
+
 fn default_true() -> bool {
     true
 }
@@ -539,6 +555,10 @@ async fn remote_ssh_semiautomatic_setup(ctx: Arc<Ctx>, p: Params) -> Result<Valu
     if a.name.trim().is_empty() {
         return Err(ServiceError::field(format!("{S}.name"), "String should have at least 1 character"));
     }
+    // Checked here, before the remote is changed, although keychain_create checks it again.
+    let mut errs = keyhaven_core::ValidationErrors::new();
+    name_line(&a.name, &format!("{S}.name"), &mut errs);
+    errs.check()?;
     ctx.describe(format!("SSH Semi-automatic Setup: {}", &*a.name));
     let (name, key) = (a.name.0.clone(), a.private_key);
     let semi = a.semi(S)?;
@@ -639,6 +659,7 @@ async fn setup_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, Service
     if a.connection_name.trim().is_empty() {
         errs.add(format!("{S}.connection_name"), "String should have at least 1 character");
     }
+    name_line(&a.connection_name, &format!("{S}.connection_name"), &mut errs);
     let pk = a.private_key;
     let gen_opts = if pk.generate_key {
         pairing_key_options(pk.key_type, pk.size, &format!("{S}.private_key"), &mut errs)
@@ -653,6 +674,9 @@ async fn setup_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, Service
         }
         None
     };
+    if let Some(n) = &pk.name {
+        name_line(n, &format!("{S}.private_key.name"), &mut errs);
+    }
     let key = match (pk.generate_key, pk.name, pk.existing_key_id) {
         (true, Some(n), None) if !n.trim().is_empty() => {
             gen_opts.map(|options| pairing::KeyChoice::Generate { name: n.0, options })
@@ -796,6 +820,7 @@ async fn re_pair_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, Servi
             if k.name.trim().is_empty() {
                 errs.add(format!("{S}.new_key.name"), "String should have at least 1 character");
             }
+            name_line(&k.name, &format!("{S}.new_key.name"), &mut errs);
             pairing_key_options(k.key_type, k.size, &format!("{S}.new_key"), &mut errs).map(|o| (k.name.0, o))
         }
     };

@@ -1,4 +1,6 @@
-//! `ssh.*`: the SSH service configuration (reference §4.1).
+//! `ssh.*`: the SSH service configuration (reference §4.1). An accepted
+//! change of `options` is audited with its new text (see
+//! [`options_change_description`]).
 
 use std::sync::Arc;
 
@@ -63,7 +65,34 @@ async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
         }
     }
     let new: SshSettings = super::params::decode(merged, S)?;
-    ctx.app.ssh_update(new).await
+    let options = new.options.clone();
+    let updated = ctx.app.ssh_update(new).await?;
+    if updated.previous_options != options {
+        ctx.describe(options_change_description(&options));
+    }
+    Ok(updated.entry)
+}
+
+/// Longest `options` text kept in an audit entry; a longer one is cut (on a
+/// character boundary) and the entry says so.
+const AUDITED_OPTIONS_MAX: usize = 8 * 1024;
+
+/// The audit description of an accepted `options` change: the new text is
+/// kept because options can make sshd run programs or send files, and they
+/// are not secrets.
+fn options_change_description(options: &str) -> String {
+    if options.trim().is_empty() {
+        return "Update SSH configuration: auxiliary parameters (options) cleared".to_string();
+    }
+    let mut cut = options.len().min(AUDITED_OPTIONS_MAX);
+    while !options.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut d = format!("Update SSH configuration: auxiliary parameters (options) set to:\n{}", &options[..cut]);
+    if cut < options.len() {
+        d.push_str(&format!("\n[truncated: the first {cut} of {} bytes are shown]", options.len()));
+    }
+    d
 }
 
 async fn bindiface_choices(_: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
@@ -73,4 +102,28 @@ async fn bindiface_choices(_: Arc<Ctx>, p: Params) -> Result<Value, ServiceError
         m.insert(i.clone(), Value::String(i));
     }
     Ok(Value::Object(m))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_changes_are_described_with_their_text_and_capped() {
+        assert_eq!(
+            options_change_description("MaxAuthTries 4\n"),
+            "Update SSH configuration: auxiliary parameters (options) set to:\nMaxAuthTries 4\n"
+        );
+        assert_eq!(
+            options_change_description(" \n"),
+            "Update SSH configuration: auxiliary parameters (options) cleared"
+        );
+        // 3-byte characters: the cut falls inside one and moves back to a boundary.
+        let long = "€".repeat(AUDITED_OPTIONS_MAX);
+        let d = options_change_description(&long);
+        assert!(d.ends_with(&format!("[truncated: the first 8190 of {} bytes are shown]", long.len())), "{d}");
+        assert!(d.len() < AUDITED_OPTIONS_MAX + 200);
+        let exact = "x".repeat(AUDITED_OPTIONS_MAX);
+        assert!(!options_change_description(&exact).contains("truncated"));
+    }
 }

@@ -1,7 +1,9 @@
 //! The audit log: one entry per login failure or success, per state change made
 //! through the API, per private-key download and per pairing — who, from where,
 //! when, which method, on what, and whether it worked. Never a secret: entries
-//! are built from method names and target names, never from parameters.
+//! are built from method names and target names, never from parameters — the
+//! one parameter kept is the new `options` text of an `ssh.update`, which is
+//! sshd configuration (it can run programs), not a secret.
 
 use serde_json::{json, Value};
 

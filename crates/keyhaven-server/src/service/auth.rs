@@ -810,6 +810,9 @@ impl App {
         if name.trim().is_empty() {
             return Err(ServiceError::field("api_key_create.name", "Name must not be empty"));
         }
+        if let Err(e) = keyhaven_core::text::check_single_line(name) {
+            return Err(ServiceError::field("api_key_create.name", e.to_string()));
+        }
         if self.store.user_by_name(username)?.is_none() {
             return Err(ServiceError::field_errno(
                 "api_key_create.username",

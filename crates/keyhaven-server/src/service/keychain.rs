@@ -289,6 +289,7 @@ impl App {
         if name.trim().is_empty() {
             return Err(ServiceError::field(format!("{schema}.name"), "String should have at least 1 character"));
         }
+        check_name(name, schema)?;
         // TrueNAS checks the name first and stops there when it is taken.
         if self.keychain_name_taken(name, None)? {
             return Err(ServiceError::field(format!("{schema}.name"), "Object with this name already exists"));
@@ -335,6 +336,7 @@ impl App {
         if name.trim().is_empty() {
             return Err(ServiceError::field(format!("{schema}.name"), "String should have at least 1 character"));
         }
+        check_name(&name, schema)?;
         if self.keychain_name_taken(&name, Some(id))? {
             return Err(ServiceError::field(format!("{schema}.name"), "Object with this name already exists"));
         }
@@ -494,6 +496,13 @@ impl App {
         };
         out.map_err(|e| ServiceError::Validation(e.prefixed("keychain_credential_generate_ssh_key_pair").into()))
     }
+}
+
+/// A credential name is one line of printable text: it is shown in tables,
+/// logs and download file names (rule: `keyhaven_core::text`).
+fn check_name(name: &str, schema: &str) -> Result<(), ServiceError> {
+    keyhaven_core::text::check_single_line(name)
+        .map_err(|e| ServiceError::field(format!("{schema}.name"), e.to_string()))
 }
 
 pub fn not_found(id: i64) -> ServiceError {

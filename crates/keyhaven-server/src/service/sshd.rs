@@ -4,9 +4,15 @@
 //! Every change is rendered, checked with `sshd -t` and only then swapped in
 //! and applied with SIGHUP; a refused configuration leaves the running sshd
 //! and the current file untouched.
+//!
+//! The checks of `options` that need this machine — whether an account is
+//! uid 0, whether a `Banner` file is safe to show to everyone — live here
+//! ([`SystemFacts`], [`banner_problem`]); the rules themselves are in
+//! `keyhaven_core::sshd_config`.
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
@@ -14,7 +20,7 @@ use super::users::UserData;
 use super::App;
 use crate::error::{ServiceError, EFAULT};
 use keyhaven_core::keys::{self, GenerateOptions, KeyAlgorithm};
-use keyhaven_core::sshd_config::{self, RenderContext, SshSettings};
+use keyhaven_core::sshd_config::{self, HostFacts, RenderContext, SshSettings};
 use keyhaven_ssh::files;
 use keyhaven_ssh::supervisor::{SshdError, SshdState};
 
@@ -215,10 +221,20 @@ impl App {
     }
 
     /// `ssh.update`: validate, render, `sshd -t`, then save and apply.
-    pub async fn ssh_update(&self, new: SshSettings) -> Result<Value, ServiceError> {
+    /// Returns the new `ssh.config` entry and the `options` it replaced
+    /// (read under the lock, so the caller can audit an options change).
+    pub async fn ssh_update(&self, new: SshSettings) -> Result<SshUpdated, ServiceError> {
         let _guard = self.ssh_lock.lock().await;
         let old = self.ssh_settings()?;
-        sshd_config::validate_settings(&new, &interfaces(), "ssh_update")?;
+        {
+            // NSS (possibly LDAP) and filesystem look-ups: off the executor.
+            let (settings, facts) = (new.clone(), SystemFacts { data_dir: self.config.data_dir.clone() });
+            tokio::task::spawn_blocking(move || {
+                sshd_config::validate_settings(&settings, &interfaces(), &facts, "ssh_update")
+            })
+            .await
+            .map_err(|e| ServiceError::internal("checking the SSH settings", e))??;
+        }
         if new.tcpport != old.tcpport || self.sshd.state() != SshdState::Running {
             if let Some(msg) = port_in_use(new.tcpport) {
                 return Err(ServiceError::field("ssh_update.tcpport", msg));
@@ -232,7 +248,7 @@ impl App {
             SETTINGS_KEY,
             &serde_json::to_value(&new).map_err(|e| ServiceError::internal("ssh.update", e))?,
         )?;
-        self.ssh_config_entry()
+        Ok(SshUpdated { entry: self.ssh_config_entry()?, previous_options: old.options })
     }
 
     /// Re-render after account changes (password users); keys files are read
@@ -336,6 +352,107 @@ impl App {
     }
 }
 
+/// What `ssh.update` did.
+pub struct SshUpdated {
+    /// The new `ssh.config` entry.
+    pub entry: Value,
+    /// `options` before this update.
+    pub previous_options: String,
+}
+
+/// [`HostFacts`] answered from this machine: NSS for account uids, the
+/// filesystem for banner files.
+struct SystemFacts {
+    data_dir: PathBuf,
+}
+
+impl HostFacts for SystemFacts {
+    fn is_superuser(&self, account: &str) -> bool {
+        // An account NSS cannot find is not uid 0 now; sshd looks it up
+        // again at each login and skips the command if it is still missing.
+        keyhaven_ssh::accounts::lookup(account).is_some_and(|a| a.uid == 0)
+    }
+
+    fn banner_problem(&self, path: &str) -> Option<String> {
+        banner_problem(Path::new(path), &self.data_dir)
+    }
+}
+
+/// Why sshd must not send the file at `path` to everyone who connects, or
+/// `None` when it is safe: sshd reads the banner as root, before
+/// authentication, at every connection.
+///
+/// Safe means: a regular file, named by its real path (no symbolic link, no
+/// `..`, so what is checked is what sshd opens), outside keyhaven's data
+/// directory, readable by everyone (o+r) under directories everyone may
+/// search (o+x) — so it is public already — and, file and directories alike,
+/// owned by root (or the account keyhaven runs as) and writable by nobody
+/// else: otherwise another account could later swap the file for a link to a
+/// secret, which sshd, as root, would follow.
+pub fn banner_problem(path: &Path, data_dir: &Path) -> Option<String> {
+    let real = match std::fs::canonicalize(path) {
+        Ok(r) => r,
+        Err(e) => return Some(format!("it cannot be opened ({e})")),
+    };
+    let data = std::fs::canonicalize(data_dir)
+        .or_else(|_| std::path::absolute(data_dir))
+        .unwrap_or_else(|_| data_dir.to_path_buf());
+    if real.starts_with(&data) {
+        return Some(format!(
+            "it is inside keyhaven's data directory {}, which holds the master key, the database and the host keys",
+            data.display()
+        ));
+    }
+    if real != path {
+        return Some(format!(
+            "it is a symbolic link or its path goes through one (or through ..): the file is {}; name that path \
+             if it is the one you mean",
+            real.display()
+        ));
+    }
+    let me = unsafe { libc::geteuid() };
+    let only_root_writes = |m: &std::fs::Metadata| (m.uid() == 0 || m.uid() == me) && m.mode() & 0o022 == 0;
+    let meta = match std::fs::metadata(&real) {
+        Ok(m) => m,
+        Err(e) => return Some(format!("it cannot be opened ({e})")),
+    };
+    let mode = meta.mode() & 0o7777;
+    if !meta.is_file() {
+        return Some("it is not a regular file".to_string());
+    }
+    if mode & 0o004 == 0 {
+        return Some(format!(
+            "it is not readable by everyone (mode {mode:04o}); only a file that is already public may be named here"
+        ));
+    }
+    if !only_root_writes(&meta) {
+        return Some(format!(
+            "it can be changed by accounts other than root (owner uid {}, mode {mode:04o}), who could swap it for \
+             a link to a secret",
+            meta.uid()
+        ));
+    }
+    for dir in real.ancestors().skip(1) {
+        let m = match std::fs::metadata(dir) {
+            Ok(m) => m,
+            Err(e) => return Some(format!("directory {} cannot be read ({e})", dir.display())),
+        };
+        let mode = m.mode() & 0o7777;
+        if mode & 0o001 == 0 {
+            return Some(format!("directory {} is not searchable by everyone (mode {mode:04o})", dir.display()));
+        }
+        if !only_root_writes(&m) {
+            return Some(format!(
+                "directory {} can be written by accounts other than root (owner uid {}, mode {mode:04o}), who \
+                 could swap the file for a link to a secret",
+                dir.display(),
+                m.uid()
+            ));
+        }
+    }
+    None
+}
+
 fn abs(p: &std::path::Path) -> String {
     p.display().to_string()
 }
@@ -364,5 +481,121 @@ fn sshd_error(schema: &str, e: SshdError) -> ServiceError {
             format!("Port {port} is already in use by another process; choose another port or stop that process"),
         ),
         other => ServiceError::call(202, other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    use super::*;
+
+    fn write(path: &Path, mode: u32) {
+        std::fs::write(path, b"Authorised use only\n").unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// A 0755 directory on a path no other account can write: below the
+    /// integration harness's root-owned base when running as root (a temp dir
+    /// under /tmp, which is 1777, could never hold an acceptable banner).
+    fn safe_dir() -> Option<tempfile::TempDir> {
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let base = Path::new("/var/lib/keyhaven-test");
+        std::fs::create_dir_all(base).unwrap();
+        std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let d = tempfile::Builder::new().prefix("banner-").tempdir_in(base).unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Some(d)
+    }
+
+    #[test]
+    fn banner_files_must_be_public_real_paths_outside_the_data_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        // The checks compare real paths; a TMPDIR reached through a link must not matter.
+        let root = tmp.path().canonicalize().unwrap();
+        let data = root.join("data");
+        std::fs::create_dir(&data).unwrap();
+        let master = data.join("master.key");
+        write(&master, 0o600);
+        let problem = |p: &Path| banner_problem(p, &data).unwrap_or_default();
+
+        // The master key itself, a link to it, and a world-readable file in the data dir.
+        assert!(problem(&master).starts_with("it is inside keyhaven's data directory"), "{}", problem(&master));
+        let link = root.join("issue.net");
+        symlink(&master, &link).unwrap();
+        assert!(problem(&link).starts_with("it is inside keyhaven's data directory"));
+        let public_in_data = data.join("public");
+        write(&public_in_data, 0o644);
+        assert!(problem(&public_in_data).starts_with("it is inside keyhaven's data directory"));
+        // The data dir spelled another way (through ..) is recognised too.
+        let cwd_relative = banner_problem(&master, Path::new(&format!("{}/../data", data.display())));
+        assert!(cwd_relative.unwrap().starts_with("it is inside keyhaven's data directory"));
+
+        // A private file, a directory, a missing file.
+        let private = root.join("private");
+        write(&private, 0o600);
+        assert_eq!(
+            problem(&private),
+            "it is not readable by everyone (mode 0600); only a file that is already public may be named here"
+        );
+        assert_eq!(problem(&root), "it is not a regular file");
+        assert!(problem(&root.join("missing")).starts_with("it cannot be opened"));
+
+        // A link to a public file elsewhere: the real path is named.
+        let public = root.join("public");
+        write(&public, 0o644);
+        let link2 = root.join("link2");
+        symlink(&public, &link2).unwrap();
+        assert!(problem(&link2).contains(&format!("the file is {}", public.display())), "{}", problem(&link2));
+        let dotdot = root.join("data/../public");
+        assert!(problem(&dotdot).starts_with("it is a symbolic link"), "{}", problem(&dotdot));
+    }
+
+    #[test]
+    fn superusers_are_found_through_nss() {
+        let facts = SystemFacts { data_dir: PathBuf::from("/nonexistent") };
+        assert!(facts.is_superuser("root"));
+        assert!(!facts.is_superuser("nobody"));
+        assert!(!facts.is_superuser("no-such-account-here"));
+        assert!(!facts.is_superuser("%u"));
+    }
+
+    #[test]
+    fn a_public_root_owned_banner_is_accepted_and_writable_places_are_not() {
+        let Some(dir) = safe_dir() else {
+            eprintln!("skipped: needs root for a root-owned directory outside /tmp");
+            return;
+        };
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let issue = dir.path().join("issue.net");
+        write(&issue, 0o644);
+        assert_eq!(banner_problem(&issue, &data), None);
+
+        // A group-writable file could be rewritten into a link by its group.
+        write(&issue, 0o664);
+        assert!(banner_problem(&issue, &data).unwrap().starts_with("it can be changed by accounts other than root"));
+        write(&issue, 0o644);
+        // A directory that is not searchable, or that others can write.
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let inner = sub.join("banner");
+        write(&inner, 0o644);
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o750)).unwrap();
+        assert!(banner_problem(&inner, &data).unwrap().contains("is not searchable by everyone (mode 0750)"));
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(banner_problem(&inner, &data).unwrap().contains("can be written by accounts other than root"));
+        // Under a world-writable temp dir such as /tmp (1777) nothing is acceptable.
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let in_tmp = tmp.path().canonicalize().unwrap().join("b");
+        write(&in_tmp, 0o644);
+        let temp_dir = std::env::temp_dir().canonicalize().unwrap();
+        if std::fs::metadata(&temp_dir).unwrap().mode() & 0o002 != 0 {
+            let msg = banner_problem(&in_tmp, &data).unwrap();
+            assert!(msg.contains(&format!("directory {} can be written", temp_dir.display())), "{msg}");
+        }
     }
 }

@@ -238,6 +238,18 @@ impl App {
     }
 
     fn validate_common(&self, input: &UserInput, schema: &str, errs: &mut ValidationErrors) {
+        // One-line fields: they reach /etc/passwd (via useradd), sshd and the UI,
+        // where a newline, NUL or escape sequence would split or hide text.
+        for (field, value) in [
+            ("full_name", input.full_name.as_deref()),
+            ("home", input.home.as_deref()),
+            ("shell", input.shell.as_deref()),
+            ("email", input.email.as_ref().and_then(|e| e.as_deref())),
+        ] {
+            if let Some(Err(e)) = value.map(keyhaven_core::text::check_single_line) {
+                errs.add(format!("{schema}.{field}"), e.to_string());
+            }
+        }
         if let Some(Some(text)) = &input.sshpubkey {
             if let Err(e) = authorized_keys::parse_authorized_keys(text) {
                 errs.push(e.to_field_error(format!("{schema}.sshpubkey")));
