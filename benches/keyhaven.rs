@@ -1,6 +1,8 @@
 //! keyhaven's benchmarks, measured against OpenSSH's own tools on the same
 //! machine in the same run. `cargo bench --bench keyhaven [-- GROUP…]` prints a
-//! Markdown report (groups: daemon, keygen, keychain, sshd, pairing; default all).
+//! Markdown report (groups: daemon, keygen, keychain, sshd, pairing, hostile;
+//! default all). `KEYHAVEN_BENCH_BASELINE=/path/to/older/keyhaven` adds the
+//! figures of that build, measured in the same run, where a group compares.
 //!
 //! Nothing here asserts a time: the goals are written next to the figures and
 //! BENCHMARKS.md records one run.
@@ -63,9 +65,14 @@ fn fresh_dir() -> std::path::PathBuf {
 
 /// Start a daemon; returns it and the time from spawn to its ready line.
 fn start(dir: Option<std::path::PathBuf>) -> (Daemon, Duration) {
+    start_bin(env!("CARGO_BIN_EXE_keyhaven"), dir)
+}
+
+/// [`start`] with another keyhaven binary (a baseline build to compare with).
+fn start_bin(bin: &str, dir: Option<std::path::PathBuf>) -> (Daemon, Duration) {
     let dir = dir.unwrap_or_else(fresh_dir);
     let t = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keyhaven"))
+    let mut child = Command::new(bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&dir)
         .env("KEYHAVEN_ADMIN_PASSWORD", PASSWORD)
@@ -599,4 +606,280 @@ fn main() {
     if want("pairing") {
         rt.block_on(bench_pairing());
     }
+    if want("hostile") {
+        rt.block_on(bench_hostile());
+    }
+}
+
+// ---------------------------------------------------------------- hostile (issue 10)
+
+async fn connect_from(d: &Daemon, source: &str) -> Ws {
+    let addr: std::net::SocketAddr = d.url.trim_start_matches("ws://").parse().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(std::net::SocketAddr::new(source.parse().unwrap(), 0)).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(
+        format!("{}/api/current", d.url),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .unwrap();
+    ws
+}
+
+/// A fresh connection from `source` and a correct login; returns its time in ms.
+async fn admin_login_ms(d: &Daemon, source: &str) -> f64 {
+    let t = Instant::now();
+    let mut ws = connect_from(d, source).await;
+    let r = call(
+        &mut ws,
+        "auth.login_ex",
+        json!([{"mechanism": "PASSWORD_PLAIN", "username": "admin", "password": PASSWORD}]),
+    )
+    .await;
+    assert_eq!(r["response_type"], "SUCCESS", "{r}");
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+fn db_bytes(dir: &std::path::Path) -> u64 {
+    ["keyhaven.db", "keyhaven.db-wal"]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+/// Sequential `core.ping` round trips on one connection until `until` says
+/// stop; returns (p50, p99, max) in ms.
+async fn ping_latency_while(d: &Daemon, until: impl Fn() -> bool) -> (f64, f64, f64, usize) {
+    let mut ws = connect(d, false).await;
+    let mut lat = vec![];
+    while !until() {
+        let t = Instant::now();
+        call(&mut ws, "core.ping", json!([])).await;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let n = lat.len();
+    let max = lat.iter().cloned().fold(0.0, f64::max);
+    (median(&mut lat), pct(&mut lat, 0.99), max, n)
+}
+
+/// Pipelined `keychaincredential.create` of public-key-only pairs on `conns`
+/// connections; creates per second.
+async fn create_rate(d: &Daemon, conns: usize, per: usize, public_key: &str, tag: &str) -> f64 {
+    let mut wss = vec![];
+    for _ in 0..conns {
+        wss.push(connect(d, true).await);
+    }
+    let t = Instant::now();
+    let mut tasks = vec![];
+    for (c, mut ws) in wss.into_iter().enumerate() {
+        let pk = public_key.to_string();
+        let tag = tag.to_string();
+        tasks.push(tokio::spawn(async move {
+            pipelined(&mut ws, per, 16, |i| {
+                json!({"jsonrpc":"2.0","id":i,"method":"keychaincredential.create","params":[{"name": format!("{tag}-{c}-{i}"),
+                    "type":"SSH_KEY_PAIR", "attributes": {"public_key": pk}}]}).to_string()
+            })
+            .await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (conns * per) as f64 / t.elapsed().as_secs_f64()
+}
+
+async fn bench_hostile() {
+    println!("## Under attack (issue 10)\n");
+    println!("Each attacker connects from its own 127.0.0.x address; the admin from 127.0.0.1.\n");
+    println!("| measure | result | goal |\n|---|---|---|");
+    let baseline = std::env::var("KEYHAVEN_BENCH_BASELINE").ok().filter(|b| std::path::Path::new(b).exists());
+
+    // Correct-password login latency, no attack: fresh connection + auth.login_ex, interleaved with the baseline.
+    let (d, _) = start(None);
+    let base = baseline.as_ref().map(|b| start_bin(b, None).0);
+    let (mut ours, mut theirs) = (vec![], vec![]);
+    for _ in 0..31 {
+        ours.push(admin_login_ms(&d, "127.0.0.1").await);
+        if let Some(b) = &base {
+            theirs.push(admin_login_ms(b, "127.0.0.1").await);
+        }
+    }
+    let o = median(&mut ours);
+    match base.is_some() {
+        true => {
+            let t = median(&mut theirs);
+            println!("| correct-password login, no attack (connect + `auth.login_ex`, median of 31; baseline build in the same run) | {o:.1} ms (baseline {t:.1} ms, ratio {:.2}) | within 10% |", o / t);
+        }
+        false => println!("| correct-password login, no attack (connect + `auth.login_ex`, median of 31) | {o:.1} ms | within 10% of before |"),
+    }
+    drop(base);
+
+    // The issue's storm: 10 addresses, one connection each, 20 pipelined wrong
+    // passwords, repeated for 4 s; admin logins from 127.0.0.1 meanwhile.
+    let pid = d.child.id();
+    let rss_before = rss_kib(pid);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let (stop, peak) = (stop.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let d = std::sync::Arc::new(d);
+    let until = Instant::now() + Duration::from_secs(4);
+    let mut attackers = vec![];
+    for i in 0..10 {
+        let d = d.clone();
+        attackers.push(tokio::spawn(async move {
+            let mut sent = 0usize;
+            while Instant::now() < until {
+                let mut ws = connect_from(&d, &format!("127.0.0.{}", 10 + i)).await;
+                for k in 0..20 {
+                    let m = json!({"jsonrpc":"2.0","id":k,"method":"auth.login_ex","params":[{"mechanism":"PASSWORD_PLAIN","username":"admin","password":format!("guess-{k}")}]});
+                    ws.feed(Message::Text(m.to_string().into())).await.unwrap();
+                }
+                ws.flush().await.unwrap();
+                let mut got = 0;
+                while got < 20 {
+                    match ws.next().await {
+                        Some(Ok(Message::Text(_))) => got += 1,
+                        Some(Ok(_)) => {}
+                        _ => break,
+                    }
+                }
+                sent += 20;
+            }
+            sent
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut admin = vec![];
+    while Instant::now() < until {
+        admin.push(admin_login_ms(&d, "127.0.0.1").await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut attempts = 0;
+    for a in attackers {
+        attempts += a.await.unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    let admin_max = admin.iter().cloned().fold(0.0, f64::max);
+    println!("| login storm: 10 addresses × 20 pipelined wrong passwords, repeated for 4 s ({attempts} attempts): peak RSS | {:.1} MB (before {:.1} MB) | < 150 MB |", peak as f64 / 1024.0, rss_before as f64 / 1024.0);
+    println!("| … the admin's login from another address during it ({} logins) | median {:.1} ms, max {admin_max:.1} ms | < 1 s |", admin.len(), median(&mut admin));
+
+    // Store growth per refused attempt: lock an address, then 20,000 made-up usernames.
+    let mut ws = connect_from(&d, "127.0.0.99").await;
+    for i in 0..20 {
+        call(
+            &mut ws,
+            "auth.login_ex",
+            json!([{"mechanism":"PASSWORD_PLAIN","username":format!("nobody-{i}"),"password":"x"}]),
+        )
+        .await;
+    }
+    let before = db_bytes(&d.dir);
+    let n = 20_000;
+    pipelined(&mut ws, n, 1, |i| {
+        json!({"jsonrpc":"2.0","id":i,"method":"auth.login_ex","params":[{"mechanism":"PASSWORD_PLAIN","username":format!("made-up-{i}"),"password":"x"}]}).to_string()
+    })
+    .await;
+    let grown = db_bytes(&d.dir).saturating_sub(before);
+    println!("| store growth per refused login attempt ({n} made-up usernames from a locked address) | {:.2} bytes | < 100 bytes |", grown as f64 / n as f64);
+    drop(ws);
+    let d = std::sync::Arc::try_unwrap(d).ok().expect("attackers are done");
+    drop(d);
+
+    // core.ping p99 on an unrelated connection while three clients send the
+    // worst filter the bounds accept, over 10,000 credentials.
+    let (d, _) = start(None);
+    let mut ws = connect(&d, true).await;
+    let kp = call(&mut ws, "keychaincredential.generate_ssh_key_pair", json!([])).await;
+    let pk = kp["public_key"].as_str().unwrap().to_string();
+    create_rate(&d, 1, 10_000, &pk, "fill").await;
+    let worst: Vec<Value> = (0..keyhaven_core::query::MAX_REGEX_CONDITIONS)
+        .map(|i| json!(["name", "~", format!("(?i)(f|g|h)+[a-z]*-?[0-9]{{1,8}}-[0-9]*{i}[0-9]*$")]))
+        .collect();
+    let check = call(&mut ws, "keychaincredential.query", json!([worst.clone(), {"count": true}])).await;
+    assert!(check.is_u64(), "{check}");
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut load = vec![];
+    for _ in 0..3 {
+        let (mut c, busy, worst) = (connect(&d, true).await, busy.clone(), worst.clone());
+        load.push(tokio::spawn(async move {
+            let mut n = 0;
+            while busy.load(std::sync::atomic::Ordering::Relaxed) {
+                call(&mut c, "keychaincredential.query", json!([worst.clone()])).await;
+                n += 1;
+            }
+            n
+        }));
+    }
+    let t0 = Instant::now();
+    let (p50, p99, max, pings) = ping_latency_while(&d, || t0.elapsed() > Duration::from_secs(5)).await;
+    busy.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut queries = 0;
+    for l in load {
+        queries += l.await.unwrap();
+    }
+    println!("| `core.ping` on an unrelated connection while 3 clients send the worst accepted filter ({} regex conditions over 10,000 credentials; {queries} queries in 5 s) | p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.1} ms ({pings} pings) | p99 < 100 ms |", keyhaven_core::query::MAX_REGEX_CONDITIONS);
+
+    // …and while three passphrase imports (`ssh-keygen -a 1000`) run.
+    let kdir = fresh_dir();
+    std::fs::create_dir_all(&kdir).unwrap();
+    let kfile = kdir.join("k");
+    let o = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-a", "1000", "-N", "bench pass", "-f"])
+        .arg(&kfile)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let private = std::fs::read_to_string(&kfile).unwrap();
+    let _ = std::fs::remove_dir_all(&kdir);
+    let mut imports = vec![];
+    let t0 = Instant::now();
+    for i in 0..3 {
+        let (mut c, private) = (connect(&d, true).await, private.clone());
+        imports.push(tokio::spawn(async move {
+            call(
+                &mut c,
+                "keychaincredential.create",
+                json!([{"name": format!("kdf-{i}"), "type": "SSH_KEY_PAIR",
+                "attributes": {"private_key": private, "passphrase": "bench pass"}}]),
+            )
+            .await;
+        }));
+    }
+    let (p50, p99, max, pings) = ping_latency_while(&d, || imports.iter().all(|h| h.is_finished())).await;
+    let took = t0.elapsed().as_secs_f64();
+    for h in imports {
+        h.await.unwrap();
+    }
+    println!("| `core.ping` on an unrelated connection while 3 passphrase imports (`ssh-keygen -a 1000`) run ({took:.1} s in all) | p50 {p50:.2} ms, p99 {p99:.2} ms, max {max:.1} ms ({pings} pings) | p99 < 100 ms |");
+    drop(d);
+
+    // Durability: pipelined creates with synchronous=FULL, against the baseline (NORMAL) when given.
+    for conns in [1usize, 8] {
+        let per = 4000 / conns;
+        let (d, _) = start(None);
+        let ours = create_rate(&d, conns, per, &pk, "dur").await;
+        drop(d);
+        let theirs = match &baseline {
+            Some(b) => {
+                let (bd, _) = start_bin(b, None);
+                let r = create_rate(&bd, conns, per, &pk, "dur").await;
+                format!(" (baseline, synchronous=NORMAL: {r:.0}/s)")
+            }
+            None => String::new(),
+        };
+        println!("| pipelined `keychaincredential.create` with synchronous=FULL, {conns} connection(s) | {ours:.0}/s{theirs} | — |");
+    }
+    println!();
 }

@@ -30,6 +30,11 @@ async fn first_start_layout_restart_and_clean_shutdown() {
     assert_eq!(mode(&pw_file), 0o600);
     let pw = std::fs::read_to_string(&pw_file).unwrap().trim().to_string();
     assert!(pw.len() >= 20);
+    // stderr is read by another thread: give it a moment to catch up.
+    let t = std::time::Instant::now();
+    while d.stderr().matches(&pw).count() == 0 && t.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert_eq!(d.stderr().matches(&pw).count(), 1, "password printed exactly once");
     let mut c = d.client().await;
     c.login("admin", &pw).await;

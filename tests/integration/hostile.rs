@@ -185,7 +185,7 @@ async fn half_open_flood_is_capped_and_timed_out() {
         opts(&[
             ("KEYHAVEN_LIMITS_MAX_CONNECTIONS", "200"),
             ("KEYHAVEN_LIMITS_MAX_CONNECTIONS_PER_ADDRESS", "40"),
-            ("KEYHAVEN_LIMITS_HEADER_READ_TIMEOUT", "3"),
+            ("KEYHAVEN_LIMITS_HEADER_READ_TIMEOUT", "8"),
         ]),
     );
     let fds_before = fd_count(d.pid());
@@ -214,7 +214,13 @@ async fn half_open_flood_is_capped_and_timed_out() {
             open.push(s);
         }
     }
-    let during = fd_count(d.pid());
+    // Evicted and refused sockets close asynchronously: allow them a moment.
+    let settle = Instant::now();
+    let mut during = fd_count(d.pid());
+    while during > fds_before + 200 + 20 && settle.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        during = fd_count(d.pid());
+    }
     // The CLI (local socket) and a fresh admin login both work during the flood.
     assert_eq!(d.cli_json(&["core.ping"]), json!("pong"));
     let t = Instant::now();
@@ -223,7 +229,7 @@ async fn half_open_flood_is_capped_and_timed_out() {
     let login_ms = t.elapsed().as_millis();
     assert!(during <= fds_before + 200 + 20, "{during} descriptors open (cap 200 connections)");
     // Every half-open request is closed by the server once the header timeout passes.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(25);
     let mut closed = 0;
     for s in open.iter_mut() {
         let mut buf = [0u8; 256];
@@ -244,7 +250,7 @@ async fn half_open_flood_is_capped_and_timed_out() {
     assert_eq!(admin.call("auth.me", json!([])).await["pw_name"], "admin");
     eprintln!(
         "hostile: half-open flood 45 + 7 x 40 addresses: {refused_at_once} refused at once, {during} fds during \
-         (before {fds_before}), CLI ok, admin login {login_ms} ms, all closed after the 3 s header timeout"
+         (before {fds_before}), CLI ok, admin login {login_ms} ms, all closed after the 8 s header timeout"
     );
 }
 
