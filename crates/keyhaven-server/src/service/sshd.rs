@@ -302,6 +302,26 @@ impl App {
         }
         self.sync_all_user_keys()?;
         let s = self.ssh_settings()?;
+        // Settings saved by an older keyhaven may hold what is refused now
+        // (e.g. a Banner naming a secret file): never start sshd with them.
+        {
+            let (settings, facts) = (s.clone(), SystemFacts { data_dir: self.config.data_dir.clone() });
+            let checked = tokio::task::spawn_blocking(move || {
+                sshd_config::validate_settings(&settings, &interfaces(), &facts, "ssh")
+            })
+            .await
+            .map_err(|e| ServiceError::internal("checking the SSH settings", e))?;
+            if let Err(errors) = checked {
+                let why = errors.0.iter().map(|e| e.message.clone()).collect::<Vec<_>>().join("; ");
+                return Err(ServiceError::call(
+                    EFAULT,
+                    format!(
+                        "Cannot start the SSH service: its saved settings are no longer accepted ({why}). \
+                         Change them with ssh.update (System › Services › SSH), then start it again"
+                    ),
+                ));
+            }
+        }
         let text = self.render_ssh(&s).await?;
         self.sshd.apply_config(&text).await.map_err(|e| sshd_error("ssh", e))?;
         self.sshd.start().await.map_err(|e| sshd_error("ssh", e))
