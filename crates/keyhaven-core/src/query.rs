@@ -32,10 +32,32 @@
 //! first key is the primary one, as in the SQL-backed TrueNAS queries), then
 //! `offset`, then `limit`; `count` counts the matches; `get` returns the first
 //! one or [`QueryError::NotFound`]; `select` projects fields.
+//!
+//! # Cost bounds
+//!
+//! Any logged-in caller can send filters, so their cost is bounded up front
+//! and while they run. Apart from the `OR` depth these limits are keyhaven's
+//! (TrueNAS has none); ordinary queries come nowhere near them:
+//! - at most [`MAX_FILTER_CONDITIONS`] conditions and [`MAX_FILTERS_DEPTH`]
+//!   levels of `OR`;
+//! - at most [`MAX_REGEX_FILTERS`] `~` conditions holding at most
+//!   [`MAX_REGEX_PATTERN_BYTES`] of patterns together, each compiled once
+//!   within [`REGEX_SIZE_LIMIT`]: `\w{400}` (about 20 MB compiled) is refused
+//!   in 1–3 ms instead of spending about 100 ms failing against the regex
+//!   crate's 10 MiB default, so 130 of them no longer cost 13 s;
+//! - compiling the patterns and matching the filters against the items may
+//!   take [`FILTER_TIME_BUDGET`] together. The static limits cannot cap
+//!   matching on their own: `[ab]*a[ab]{40}$` compiles to a few KiB but
+//!   defeats the regex crate's lazy DFA, which then simulates the NFA at
+//!   microseconds per search; sixteen of them took 0.9 s over 10,000
+//!   64-byte fields, even with a 4 KiB size limit. The budget turns that
+//!   into an error; the clock is read after every search, so a query
+//!   overruns it by at most one search or one compilation.
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use regex::{Regex, RegexBuilder};
 use serde_json::{Map, Number, Value};
@@ -46,6 +68,26 @@ use crate::error::{FieldError, ValidationErrors};
 pub const MAX_LIMIT: usize = 10_000;
 /// How deep `OR` entries may nest (TrueNAS `MAX_FILTERS_DEPTH`).
 pub const MAX_FILTERS_DEPTH: usize = 3;
+/// Most `[field, op, value]` conditions in one query, `OR` branches included.
+pub const MAX_FILTER_CONDITIONS: usize = 128;
+/// Most regular-expression (`~`, `C~`) conditions in one query.
+pub const MAX_REGEX_FILTERS: usize = 16;
+/// Most bytes of regular-expression patterns in one query, all `~`
+/// conditions together.
+pub const MAX_REGEX_PATTERN_BYTES: usize = 4 * 1024;
+/// Compiled-size limit of one pattern (the regex crate's `size_limit`): what
+/// bounds the time and memory a pattern costs to compile.
+pub const REGEX_SIZE_LIMIT: usize = 256 * 1024;
+/// Lazy-DFA cache of one pattern (the regex crate's `dfa_size_limit`, 2 MiB
+/// by default), allocated as it fills: what a query's patterns may hold in
+/// memory beyond their compiled form. A pattern whose DFA does not fit falls
+/// back to the slower NFA simulation, which [`FILTER_TIME_BUDGET`] bounds.
+pub const REGEX_DFA_SIZE_LIMIT: usize = 1024 * 1024;
+/// Wall-clock time that compiling one query's patterns and matching its
+/// filters against the items may take together (fetching, sorting and
+/// projecting are not counted). Ordinary filters over 10,000 items take a
+/// few milliseconds, even in a debug build.
+pub const FILTER_TIME_BUDGET: Duration = Duration::from_millis(50);
 
 const NULLS_FIRST: &str = "nulls_first:";
 const NULLS_LAST: &str = "nulls_last:";
@@ -364,29 +406,50 @@ enum Filter {
 
 /// A validated, compiled `query-filters` list (an AND of its entries).
 #[derive(Debug, Clone, Default)]
-pub struct Filters(Vec<Filter>);
+pub struct Filters {
+    entries: Vec<Filter>,
+    /// Time spent compiling the patterns: the first part of the query's
+    /// [`FILTER_TIME_BUDGET`].
+    compile_time: Duration,
+}
 
 impl Filters {
     /// The empty list, which matches everything.
     pub fn all() -> Filters {
-        Filters(Vec::new())
+        Filters::default()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.entries.is_empty()
     }
 
     /// Number of top-level entries.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.entries.len()
     }
+}
+
+/// What one query has used of the per-query limits so far (see the module
+/// docs), counted in parse order.
+#[derive(Debug, Default)]
+struct Budget {
+    conditions: usize,
+    regexes: usize,
+    pattern_bytes: usize,
+    compile_time: Duration,
+    /// Set once a limit was reported: later entries are skipped without
+    /// further errors (and, above all, without compiling their patterns).
+    conditions_spent: bool,
+    regexes_spent: bool,
 }
 
 /// Parse and validate a `query-filters` argument. `null` is the empty list.
 ///
 /// Errors name `filters` (not a list) or `filters.<index>` (the offending
 /// entry; inside an `OR` the path continues through the branch list, e.g.
-/// `filters.0.1.2`). Every problem found is reported.
+/// `filters.0.1.2`). Every problem found is reported, except that past a
+/// per-query limit ([`MAX_FILTER_CONDITIONS`], [`MAX_REGEX_FILTERS`],
+/// [`MAX_REGEX_PATTERN_BYTES`]) only the entry that crossed it is named.
 pub fn parse_filters(v: &Value) -> Result<Filters, ValidationErrors> {
     let list = match v {
         Value::Null => return Ok(Filters::all()),
@@ -394,23 +457,53 @@ pub fn parse_filters(v: &Value) -> Result<Filters, ValidationErrors> {
         _ => return Err(ValidationErrors::single("filters", "Input should be a valid list")),
     };
     let mut errs = ValidationErrors::new();
-    let parsed = parse_list(list, "filters", 0, &mut errs);
+    let mut budget = Budget::default();
+    let entries = parse_list(list, "filters", 0, &mut budget, &mut errs);
     errs.check()?;
-    Ok(Filters(parsed))
+    Ok(Filters { entries, compile_time: budget.compile_time })
 }
 
-fn parse_list(items: &[Value], attr: &str, depth: usize, errs: &mut ValidationErrors) -> Vec<Filter> {
-    items.iter().enumerate().filter_map(|(i, f)| parse_entry(f, &format!("{attr}.{i}"), depth, errs)).collect()
+fn parse_list(
+    items: &[Value],
+    attr: &str,
+    depth: usize,
+    budget: &mut Budget,
+    errs: &mut ValidationErrors,
+) -> Vec<Filter> {
+    items.iter().enumerate().filter_map(|(i, f)| parse_entry(f, &format!("{attr}.{i}"), depth, budget, errs)).collect()
 }
 
-fn parse_entry(f: &Value, attr: &str, depth: usize, errs: &mut ValidationErrors) -> Option<Filter> {
+fn parse_entry(
+    f: &Value,
+    attr: &str,
+    depth: usize,
+    budget: &mut Budget,
+    errs: &mut ValidationErrors,
+) -> Option<Filter> {
+    if budget.conditions_spent {
+        return None;
+    }
     let Value::Array(parts) = f else {
         errs.add(attr, INVALID_FILTER);
         return None;
     };
     match parts.len() {
-        2 => parse_or(&parts[0], &parts[1], attr, depth, errs),
-        3 => parse_cond(&parts[0], &parts[1], &parts[2], attr, errs).map(Filter::Cond),
+        2 => parse_or(&parts[0], &parts[1], attr, depth, budget, errs),
+        3 => {
+            budget.conditions += 1;
+            if budget.conditions > MAX_FILTER_CONDITIONS {
+                budget.conditions_spent = true;
+                errs.add(
+                    attr,
+                    format!(
+                        "Too many filter conditions: at most {MAX_FILTER_CONDITIONS} per query; \
+                         combine values into one `in` condition or split the query"
+                    ),
+                );
+                return None;
+            }
+            parse_cond(&parts[0], &parts[1], &parts[2], attr, budget, errs).map(Filter::Cond)
+        }
         _ => {
             errs.add(attr, INVALID_FILTER);
             None
@@ -418,7 +511,14 @@ fn parse_entry(f: &Value, attr: &str, depth: usize, errs: &mut ValidationErrors)
     }
 }
 
-fn parse_or(op: &Value, branches: &Value, attr: &str, depth: usize, errs: &mut ValidationErrors) -> Option<Filter> {
+fn parse_or(
+    op: &Value,
+    branches: &Value,
+    attr: &str,
+    depth: usize,
+    budget: &mut Budget,
+    errs: &mut ValidationErrors,
+) -> Option<Filter> {
     if op.as_str() != Some("OR") {
         errs.add(attr, format!("Invalid operation: {}", describe(op)));
         return None;
@@ -442,10 +542,10 @@ fn parse_or(op: &Value, branches: &Value, attr: &str, depth: usize, errs: &mut V
         match branch {
             // A list whose first member is a list: an AND of entries.
             Value::Array(items) if matches!(items.first(), Some(Value::Array(_))) => {
-                out.push(parse_list(items, &battr, depth + 1, errs));
+                out.push(parse_list(items, &battr, depth + 1, budget, errs));
             }
             Value::Array(items) if !items.is_empty() => {
-                if let Some(f) = parse_entry(branch, &battr, depth + 1, errs) {
+                if let Some(f) = parse_entry(branch, &battr, depth + 1, budget, errs) {
                     out.push(vec![f]);
                 }
             }
@@ -455,7 +555,14 @@ fn parse_or(op: &Value, branches: &Value, attr: &str, depth: usize, errs: &mut V
     (errs.0.len() == before).then_some(Filter::Or(out))
 }
 
-fn parse_cond(field: &Value, op: &Value, value: &Value, attr: &str, errs: &mut ValidationErrors) -> Option<Cond> {
+fn parse_cond(
+    field: &Value,
+    op: &Value,
+    value: &Value,
+    attr: &str,
+    budget: &mut Budget,
+    errs: &mut ValidationErrors,
+) -> Option<Cond> {
     let Value::String(field) = field else {
         errs.add(attr, format!("Invalid filter: field name must be a string, not {}", describe(field)));
         return None;
@@ -488,13 +595,58 @@ fn parse_cond(field: &Value, op: &Value, value: &Value, attr: &str, errs: &mut V
     }
 
     let regex = match (op, value) {
-        (Op::Re, Value::String(pattern)) => match compile_regex(pattern, fold) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                errs.add(attr, format!("Invalid regular expression: {e}"));
+        (Op::Re, Value::String(pattern)) => {
+            if budget.regexes_spent {
                 return None;
             }
-        },
+            budget.regexes += 1;
+            budget.pattern_bytes += pattern.len();
+            if budget.regexes > MAX_REGEX_FILTERS {
+                budget.regexes_spent = true;
+                errs.add(
+                    attr,
+                    format!(
+                        "Too many regular expression filters: at most {MAX_REGEX_FILTERS} per query; \
+                         combine patterns with | in one filter, or use =, ^, $ or in filters"
+                    ),
+                );
+                return None;
+            }
+            if budget.pattern_bytes > MAX_REGEX_PATTERN_BYTES {
+                budget.regexes_spent = true;
+                errs.add(
+                    attr,
+                    format!(
+                        "Regular expressions too long: at most {MAX_REGEX_PATTERN_BYTES} bytes of patterns \
+                         per query, this one brings the total to {}; shorten them or use =, ^, $ or in filters",
+                        budget.pattern_bytes
+                    ),
+                );
+                return None;
+            }
+            if budget.compile_time > FILTER_TIME_BUDGET {
+                budget.regexes_spent = true;
+                errs.add(
+                    attr,
+                    format!(
+                        "Regular expressions too costly: compiling them took more than {} ms before this one; \
+                         use fewer or simpler patterns, or =, ^, $ or in filters",
+                        FILTER_TIME_BUDGET.as_millis()
+                    ),
+                );
+                return None;
+            }
+            let start = Instant::now();
+            let compiled = compile_regex(pattern, fold);
+            budget.compile_time += start.elapsed();
+            match compiled {
+                Ok(r) => Some(r),
+                Err(message) => {
+                    errs.add(attr, message);
+                    return None;
+                }
+            }
+        }
         _ => None,
     };
 
@@ -519,13 +671,33 @@ fn parse_cond(field: &Value, op: &Value, value: &Value, attr: &str, errs: &mut V
     Some(Cond { path: compile_path(field), op, fold, value, regex })
 }
 
-/// Compile `pattern` so that it matches like Python's `re.match`: anchored at
-/// the start of the string, not at the end.
-fn compile_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, regex::Error> {
-    // Compiling the bare pattern first proves its groups are balanced, so the
-    // wrapper below cannot be escaped (e.g. by `a)|(b`).
-    RegexBuilder::new(pattern).case_insensitive(case_insensitive).build()?;
-    RegexBuilder::new(&format!(r"\A(?:{pattern})")).case_insensitive(case_insensitive).build()
+/// Compile `pattern` once so that it matches like Python's `re.match`:
+/// anchored at the start of the string, not at the end. The error is the
+/// message for the caller.
+fn compile_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, String> {
+    // Parsing the bare pattern (a parse, no compilation) proves its groups are
+    // balanced, so the anchoring wrapper cannot be escaped (`a)|(b` would
+    // otherwise compile as `\A(?:a)|(b)`), and its syntax errors quote the
+    // caller's pattern rather than the wrapper.
+    regex_syntax::ParserBuilder::new()
+        .case_insensitive(case_insensitive)
+        .build()
+        .parse(pattern)
+        .map_err(|e| format!("Invalid regular expression: {e}"))?;
+    RegexBuilder::new(&format!(r"\A(?:{pattern})"))
+        .case_insensitive(case_insensitive)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_DFA_SIZE_LIMIT)
+        .build()
+        .map_err(|e| match e {
+            regex::Error::CompiledTooBig(_) => format!(
+                "Regular expression too complex: its compiled size exceeds {} KiB; simplify it (fewer or \
+                 smaller repetitions such as {{n}}, an ASCII class like [A-Za-z0-9_] instead of \\w) \
+                 or use ^ / $ / = filters",
+                REGEX_SIZE_LIMIT / 1024
+            ),
+            other => format!("Invalid regular expression: {other}"),
+        })
 }
 
 /// A short, single-line rendering of a JSON value for error messages.
@@ -549,30 +721,103 @@ fn truncate(s: &str) -> String {
 }
 
 /// Whether `item` passes every entry of `filters` (the empty list passes all).
+///
+/// This is not time-bounded; to run caller-supplied filters over many items,
+/// use a [`Matcher`].
 pub fn matches(item: &Value, filters: &Filters) -> bool {
-    all_match(item, &filters.0)
+    all_match(item, &filters.entries, None).unwrap_or(false)
 }
 
-fn all_match(item: &Value, filters: &[Filter]) -> bool {
-    filters.iter().all(|f| match f {
-        Filter::Cond(c) => cond_matches(item, c, 0),
-        Filter::Or(branches) => branches.iter().any(|b| all_match(item, b)),
-    })
+/// Runs [`matches`] over the items of one query, timing the matching and
+/// failing once compiling the filters and matching them have together taken
+/// longer than [`FILTER_TIME_BUDGET`]. The clock is read after each item and
+/// after each regular-expression search, so one item costs at most one
+/// search beyond the budget.
+#[derive(Debug)]
+pub struct Matcher<'a> {
+    filters: &'a Filters,
+    spent: Duration,
+    checked: usize,
 }
 
-fn cond_matches(item: &Value, c: &Cond, from: usize) -> bool {
+/// The budget ran out in the middle of an item.
+struct OutOfTime;
+
+impl<'a> Matcher<'a> {
+    pub fn new(filters: &'a Filters) -> Matcher<'a> {
+        Matcher { filters, spent: filters.compile_time, checked: 0 }
+    }
+
+    /// Whether `item` passes the filters, or an error (for `filters`) once
+    /// the budget is spent. Time spent between calls is not counted.
+    pub fn try_matches(&mut self, item: &Value) -> Result<bool, QueryError> {
+        if self.filters.is_empty() {
+            return Ok(true);
+        }
+        let start = Instant::now();
+        let deadline = start + FILTER_TIME_BUDGET.saturating_sub(self.spent);
+        let hit = all_match(item, &self.filters.entries, Some(deadline));
+        self.spent += start.elapsed();
+        self.checked += 1;
+        match hit {
+            Ok(hit) if self.spent <= FILTER_TIME_BUDGET => Ok(hit),
+            _ => Err(QueryError::Invalid(ValidationErrors::single(
+                "filters",
+                format!(
+                    "Query stopped: compiling and matching its filters took more than {} ms (at entry {}); \
+                     simplify the regular expressions (a counted repetition such as {{n}} after * or + is the \
+                     usual cause) or narrow the query with =, ^, $ or in filters",
+                    FILTER_TIME_BUDGET.as_millis(),
+                    self.checked
+                ),
+            ))),
+        }
+    }
+}
+
+fn all_match(item: &Value, filters: &[Filter], deadline: Option<Instant>) -> Result<bool, OutOfTime> {
+    for f in filters {
+        let hit = match f {
+            Filter::Cond(c) => cond_matches(item, c, 0, deadline)?,
+            Filter::Or(branches) => {
+                let mut any = false;
+                for b in branches {
+                    if all_match(item, b, deadline)? {
+                        any = true;
+                        break;
+                    }
+                }
+                any
+            }
+        };
+        if !hit {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn cond_matches(item: &Value, c: &Cond, from: usize, deadline: Option<Instant>) -> Result<bool, OutOfTime> {
     match resolve(item, &c.path[from..]) {
-        Found::Missing => false,
-        Found::Value(v) => c.test(v),
+        Found::Missing => Ok(false),
+        Found::Value(v) => c.test(v, deadline),
         Found::Each(list, rest) => {
-            list.as_array().is_some_and(|members| members.iter().any(|m| cond_matches(m, c, from + rest)))
+            for m in list.as_array().into_iter().flatten() {
+                if cond_matches(m, c, from + rest, deadline)? {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
         }
     }
 }
 
 impl Cond {
-    fn test(&self, source: &Value) -> bool {
-        if self.fold && self.op != Op::Re {
+    fn test(&self, source: &Value, deadline: Option<Instant>) -> Result<bool, OutOfTime> {
+        if self.op == Op::Re {
+            return self.search(source, deadline);
+        }
+        Ok(if self.fold {
             match fold_value(source) {
                 Some(folded) => self.apply(&folded),
                 // TrueNAS raises on casefolding numbers, objects, mixed lists.
@@ -580,6 +825,22 @@ impl Cond {
             }
         } else {
             self.apply(source)
+        })
+    }
+
+    /// `~`: the one operator whose cost is not bounded by its operand, so
+    /// the clock is read after every search.
+    fn search(&self, x: &Value, deadline: Option<Instant>) -> Result<bool, OutOfTime> {
+        let s = match x {
+            Value::String(s) => s.as_str(),
+            // TrueNAS treats a null string field as "".
+            Value::Null => "",
+            _ => return Ok(false),
+        };
+        let hit = self.regex.as_ref().is_some_and(|r| r.is_match(s));
+        match deadline {
+            Some(d) if Instant::now() > d => Err(OutOfTime),
+            _ => Ok(hit),
         }
     }
 
@@ -592,15 +853,8 @@ impl Cond {
             Op::Ge => matches!(py_cmp(x, y), Some(Ordering::Greater | Ordering::Equal)),
             Op::Lt => py_cmp(x, y) == Some(Ordering::Less),
             Op::Le => matches!(py_cmp(x, y), Some(Ordering::Less | Ordering::Equal)),
-            Op::Re => {
-                let s = match x {
-                    Value::String(s) => s.as_str(),
-                    // TrueNAS treats a null string field as "".
-                    Value::Null => "",
-                    _ => return false,
-                };
-                self.regex.as_ref().is_some_and(|r| r.is_match(s))
-            }
+            // Handled by `search`.
+            Op::Re => false,
             Op::In => contains(y, x) == Some(true),
             Op::Nin => !x.is_null() && contains(y, x) == Some(false),
             Op::Rin => !x.is_null() && contains(x, y) == Some(true),
@@ -987,7 +1241,9 @@ impl From<FieldError> for QueryError {
 /// `count` wins over `get`, and counts every match (ignoring `offset` and
 /// `limit`). `get` returns the first entry after ordering and `offset`.
 /// `items` may be `Value`s or anything that borrows one (`Arc<Value>` lets a
-/// cache share its entries without cloning them).
+/// cache share its entries without cloning them). Matching is bounded by
+/// [`FILTER_TIME_BUDGET`]; without `order_by` it stops at the last entry
+/// the page needs.
 pub fn filter_list<T: std::borrow::Borrow<Value>>(
     items: &[T],
     filters: &Filters,
@@ -995,10 +1251,14 @@ pub fn filter_list<T: std::borrow::Borrow<Value>>(
 ) -> Result<QueryResult, QueryError> {
     let selectors = parse_selectors(&options.select)?;
     let keys: Vec<OrderKey> = options.order_by.iter().map(|o| parse_order_key(o)).collect();
-    let hits = items.iter().map(|t| t.borrow()).filter(|item| matches(item, filters));
+    let mut matcher = Matcher::new(filters);
 
     if options.count {
-        return Ok(QueryResult::Count(hits.count()));
+        let mut n = 0;
+        for item in items {
+            n += usize::from(matcher.try_matches(item.borrow())?);
+        }
+        return Ok(QueryResult::Count(n));
     }
     let limit = match (options.get, options.limit) {
         (true, _) => 1,
@@ -1007,23 +1267,45 @@ pub fn filter_list<T: std::borrow::Borrow<Value>>(
     };
 
     if keys.is_empty() {
-        let mut window = hits.skip(options.offset);
+        let wanted = options.offset.saturating_add(limit);
+        let mut seen = 0usize;
+        let mut window = Vec::new();
+        for item in items {
+            if seen >= wanted {
+                break;
+            }
+            let item = item.borrow();
+            if matcher.try_matches(item)? {
+                if seen >= options.offset {
+                    window.push(item);
+                }
+                seen += 1;
+            }
+        }
         if options.get {
-            let first = window.next().ok_or(QueryError::NotFound)?;
+            let first = window.first().ok_or(QueryError::NotFound)?;
             return Ok(QueryResult::One(project(first, &selectors)?));
         }
-        let out = window.take(limit).map(|v| project(v, &selectors)).collect::<Result<_, _>>()?;
+        let out = window.into_iter().map(|v| project(v, &selectors)).collect::<Result<_, _>>()?;
         return Ok(QueryResult::List(out));
     }
 
+    let mut hits = Vec::new();
+    for item in items {
+        let item = item.borrow();
+        if matcher.try_matches(item)? {
+            hits.push(item);
+        }
+    }
+
     let mut out: Vec<Value> = if selectors.is_empty() {
-        let mut refs: Vec<&Value> = hits.collect();
+        let mut refs = hits;
         refs.sort_by(|a, b| compare_entries(&keys, (None, a), (None, b)));
         refs.into_iter().skip(options.offset).take(limit).cloned().collect()
     } else {
         // TrueNAS projects before ordering, so aliases can be ordered by.
         let mut pairs: Vec<(Value, &Value)> =
-            hits.map(|v| project(v, &selectors).map(|p| (p, v))).collect::<Result<_, _>>()?;
+            hits.into_iter().map(|v| project(v, &selectors).map(|p| (p, v))).collect::<Result<_, _>>()?;
         pairs.sort_by(|a, b| compare_entries(&keys, (Some(&a.0), a.1), (Some(&b.0), b.1)));
         pairs.into_iter().skip(options.offset).take(limit).map(|(p, _)| p).collect()
     };
@@ -1463,6 +1745,135 @@ mod tests {
         assert_one_err(filter_errs(json!([["a", "C~", "("]])), "filters.0", "Invalid regular expression");
         // Patterns too big to compile are an error, not a hang or a panic.
         assert!(parse_filters(&json!([["a", "~", r"(\w{1000}){1000}"]])).is_err());
+    }
+
+    #[test]
+    fn regex_filters_are_limited_in_number() {
+        let re = |i: usize| json!(["name", if i.is_multiple_of(2) { "~" } else { "C~" }, format!("foo{i}")]);
+        let most: Vec<Value> = (0..MAX_REGEX_FILTERS).map(re).collect();
+        assert_eq!(f(Value::Array(most.clone())).len(), MAX_REGEX_FILTERS);
+        let mut too_many = most.clone();
+        too_many.push(re(MAX_REGEX_FILTERS));
+        assert_one_err(filter_errs(Value::Array(too_many)), "filters.16", "at most 16 per query");
+        // Other conditions still count separately; regexes inside OR count too.
+        let mut mixed: Vec<Value> = most[1..].to_vec();
+        mixed.push(json!(["name", "=", "x"]));
+        mixed.push(json!(["OR", [["id", "=", 1], ["name", "~", "a"], ["name", "~", "b"]]]));
+        assert_one_err(filter_errs(Value::Array(mixed)), "filters.16.1.2", "combine patterns with |");
+        // The reported attack: 130 expensive patterns. Only the first 16 are
+        // ever compiled; the rest are skipped, not reported one by one.
+        let attack = Value::Array((0..130).map(|_| json!(["username", "~", r"\w{400}"])).collect());
+        let errs = filter_errs(attack);
+        assert!(errs.len() <= MAX_REGEX_FILTERS + 2, "{errs:?}");
+        assert!(
+            errs.iter().all(|(a, _)| a
+                .strip_prefix("filters.")
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_some_and(|i| i <= MAX_REGEX_FILTERS || i == MAX_FILTER_CONDITIONS)),
+            "{errs:?}"
+        );
+        assert!(errs.iter().any(|(_, m)| m.contains("too complex")), "{errs:?}");
+    }
+
+    #[test]
+    fn regex_patterns_are_limited_in_total_length() {
+        let half = "a".repeat(MAX_REGEX_PATTERN_BYTES / 2);
+        assert_eq!(f(json!([["name", "~", half], ["name", "~", half]])).len(), 2);
+        let errs = filter_errs(json!([["name", "~", half], ["id", "=", 1], ["name", "~", format!("{half}b")]]));
+        assert_one_err(errs, "filters.2", "at most 4096 bytes of patterns per query");
+        let errs = filter_errs(json!([["name", "~", "b".repeat(MAX_REGEX_PATTERN_BYTES + 1)]]));
+        assert_one_err(errs, "filters.0", "brings the total to 4097");
+    }
+
+    #[test]
+    fn conditions_are_limited_in_number() {
+        let cond = |i: usize| json!(["id", "!=", i]);
+        let most: Vec<Value> = (0..MAX_FILTER_CONDITIONS).map(cond).collect();
+        assert_eq!(f(Value::Array(most.clone())).len(), MAX_FILTER_CONDITIONS);
+        let mut too_many = most.clone();
+        too_many.push(cond(MAX_FILTER_CONDITIONS));
+        too_many.push(json!(["bad"]));
+        // Past the limit nothing more is parsed or reported.
+        assert_one_err(filter_errs(Value::Array(too_many)), "filters.128", "at most 128 per query");
+        // Conditions inside OR branches count too.
+        let nested = json!([["id", "=", 0], ["OR", most]]);
+        assert_one_err(filter_errs(nested), "filters.1.1.127", "combine values into one `in`");
+    }
+
+    #[test]
+    fn regexes_too_big_to_compile_are_refused_with_advice() {
+        for pattern in [r"\w{400}", r"\w{100}", r"(?i)\w{20}", r".{1000}", r"\pL{30}"] {
+            let errs = filter_errs(json!([["username", "~", pattern]]));
+            assert_one_err(errs.clone(), "filters.0", "Regular expression too complex");
+            assert!(errs[0].1.contains("exceeds 256 KiB") && errs[0].1.contains("use ^ / $ / = filters"), "{errs:?}");
+        }
+        // Ordinary patterns are well within the limit.
+        for pattern in [
+            r"^backup-.*$",
+            r"(?i)key",
+            r"[a-z]{1,40}",
+            r"\w+",
+            r"^\w+-\w+$",
+            r"\w+@\w+\.\w+",
+            r"(?i)^keyhaven-[a-f0-9]{8}-[a-f0-9]{4}$",
+            r"[A-Za-z0-9_]{400}",
+        ] {
+            assert!(parse_filters(&json!([["name", "~", pattern]])).is_ok(), "{pattern} should compile");
+        }
+    }
+
+    #[test]
+    fn legitimate_regexes_match_as_before() {
+        let items: Vec<Value> = ["backup-daily", "Backup-weekly", "mykey", "KEY-1", "abc", "keyhaven-0a1b2c3d-ffff"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| json!({"id": i, "name": n}))
+            .collect();
+        assert_eq!(ids_in(&items, json!([["name", "~", "^backup-.*$"]])), [0]);
+        assert_eq!(ids_in(&items, json!([["name", "C~", "^backup-.*$"]])), [0, 1]);
+        assert_eq!(ids_in(&items, json!([["name", "~", "(?i)key"]])), [3, 5]);
+        assert_eq!(ids_in(&items, json!([["name", "~", "[a-z]{1,40}"]])), [0, 2, 4, 5]);
+        assert_eq!(ids_in(&items, json!([["name", "~", "[a-z]{1,40}$"]])), [2, 4]);
+        assert_eq!(ids_in(&items, json!([["name", "~", "(?i)^keyhaven-[a-f0-9]{8}-[a-f0-9]{4}$"]])), [5]);
+        // The same through filter_list, which runs under the time budget.
+        let r = filter_list(&items, &f(json!([["name", "~", "(?i)key"]])), &QueryOptions::default());
+        assert_eq!(r.map(|r| r.into_value().as_array().map(Vec::len)), Ok(Some(2)));
+        // Syntax errors quote the caller's pattern, not the anchoring wrapper.
+        let errs = filter_errs(json!([["name", "~", "a)|(b"]]));
+        assert_one_err(errs.clone(), "filters.0", "Invalid regular expression");
+        assert!(errs[0].1.contains("a)|(b") && !errs[0].1.contains(r"\A(?:"), "{errs:?}");
+    }
+
+    #[test]
+    fn slow_matching_is_stopped_by_the_time_budget() {
+        // A pattern that defeats the lazy DFA: the regex crate falls back to
+        // simulating the NFA at microseconds per item, far beyond the budget
+        // over these items (seconds without it, in any build).
+        let mut r = Lcg(7);
+        let items: Vec<Value> = (0..20_000)
+            .map(|i| json!({"id": i, "s": (0..200).map(|_| if r.below(2) == 0 { 'a' } else { 'b' }).collect::<String>()}))
+            .collect();
+        let slow = Value::Array((0..MAX_REGEX_FILTERS).map(|_| json!(["s", "~", "[ab]*a[ab]{40}$"])).collect());
+        let slow = f(slow);
+        for options in [QueryOptions::default(), QueryOptions { count: true, ..Default::default() }] {
+            let err = filter_list(&items, &slow, &options).expect_err("stopped");
+            let QueryError::Invalid(e) = err else { panic!("expected a validation error, got {err:?}") };
+            let errs = errs_of(e);
+            assert_one_err(errs.clone(), "filters", "Query stopped");
+            // It stopped early, not after the last entry.
+            let at: usize = errs[0]
+                .1
+                .split("(at entry ")
+                .nth(1)
+                .and_then(|r| r.split(')').next())
+                .and_then(|n| n.parse().ok())
+                .expect("entry number");
+            assert!(at < items.len(), "{errs:?}");
+        }
+        // Cheap filters over the same items are unaffected.
+        let cheap =
+            filter_list(&items, &f(json!([["s", "^", "ab"]])), &QueryOptions { count: true, ..Default::default() });
+        assert!(matches!(cheap, Ok(QueryResult::Count(n)) if n > 0));
     }
 
     #[test]
