@@ -25,6 +25,7 @@ fn migrations() -> Migrations<'static> {
     Migrations::new(vec![
         M::up(include_str!("migrations/0001_initial.sql")),
         M::up(include_str!("migrations/0002_connection_tests.sql")),
+        M::up(include_str!("migrations/0003_audit.sql")),
     ])
 }
 
