@@ -554,3 +554,41 @@ async fn one_login_at_a_time_per_connection() {
     ws.ws.send(Message::Text("{}".into())).await.unwrap();
     assert!(ws.recv().await.is_some());
 }
+
+/// Audit entries older than `audit.retention_days` are deleted (at start, then hourly).
+#[tokio::test]
+async fn audit_retention_deletes_old_entries() {
+    let dir = Arc::new(TestDir::new("retention"));
+    let mut d = Daemon::start_in(dir.clone(), opts(&[("KEYHAVEN_AUDIT_RETENTION_DAYS", "30")]));
+    let mut a = d.admin().await;
+    for i in 0..3 {
+        a.call("api_key.create", json!([{"name": format!("k{i}"), "username": "admin"}])).await;
+    }
+    let before = a.call("audit.query", json!([[], {"count": true}])).await.as_u64().unwrap();
+    drop(a);
+    d.stop();
+    // Age two entries by 40 days, one by 20, behind keyhaven's back (Python's sqlite3).
+    let db = dir.path().join("keyhaven.db");
+    let script = "import sqlite3, sys\n\
+        c = sqlite3.connect(sys.argv[1])\n\
+        ids = [r[0] for r in c.execute('SELECT id FROM audit ORDER BY id LIMIT 3')]\n\
+        c.execute('UPDATE audit SET ts = ts - 40*86400 WHERE id IN (?, ?)', ids[:2])\n\
+        c.execute('UPDATE audit SET ts = ts - 20*86400 WHERE id = ?', ids[2:])\n\
+        c.commit()\n";
+    let o = std::process::Command::new("python3").arg("-c").arg(script).arg(&db).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = Daemon::start_in(dir, opts(&[("KEYHAVEN_AUDIT_RETENTION_DAYS", "30")]));
+    let mut a = d.admin().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // `before` entries, minus the two aged past 30 days, plus this login's.
+        let n = a.call("audit.query", json!([[["event", "!=", "AUTHENTICATION"]], {"count": true}])).await;
+        let all = a.call("audit.query", json!([[], {"count": true}])).await.as_u64().unwrap();
+        if all == before - 2 + 1 {
+            assert!(n.as_u64().unwrap() >= 1);
+            break;
+        }
+        assert!(Instant::now() < deadline, "old entries not pruned: {all} entries, {before} before");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

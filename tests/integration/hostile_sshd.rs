@@ -11,7 +11,7 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 
-use crate::sshd::{sshd_available, start_ssh};
+use crate::sshd::{free_port, sshd_available, start_ssh, wait_job};
 use crate::util::*;
 
 /// `text` as a `Match User backup` block: every line moves down by one.
@@ -199,4 +199,50 @@ async fn an_accepted_options_change_is_audited_with_its_text() {
     );
     assert!(text.ends_with(&format!("[truncated: the first 8192 of {} bytes are shown]", long.len())), "{text}");
     assert!(text.len() < 8192 + 200);
+}
+
+/// Settings saved before a directive was refused (here a Banner naming the
+/// master key, written behind keyhaven's back) never reach sshd: starting the
+/// service fails and says how to fix it; after `ssh.update` it starts.
+#[tokio::test]
+async fn saved_settings_refused_now_keep_sshd_from_starting() {
+    if !sshd_available() {
+        eprintln!("skipped: needs root and /usr/sbin/sshd");
+        return;
+    }
+    let dir = std::sync::Arc::new(TestDir::new("oldsettings"));
+    let mut d = Daemon::start_in(dir.clone(), Default::default());
+    let mut c = d.admin().await;
+    let port = free_port();
+    c.call("ssh.update", json!([{"tcpport": port, "options": "MaxAuthTries 4"}])).await;
+    drop(c);
+    d.stop();
+    let master = dir.path().join("master.key");
+    let script = "import sqlite3, sys, json\n\
+        c = sqlite3.connect(sys.argv[1])\n\
+        v = json.loads(c.execute(\"SELECT value FROM settings WHERE key = 'ssh'\").fetchone()[0])\n\
+        v['options'] = 'Banner ' + sys.argv[2]\n\
+        c.execute(\"UPDATE settings SET value = ? WHERE key = 'ssh'\", (json.dumps(v),))\n\
+        c.commit()\n";
+    let o = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(dir.path().join("keyhaven.db"))
+        .arg(&master)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = Daemon::start_in(dir.clone(), Default::default());
+    let mut c = d.admin().await;
+    let job = c.call("service.control", json!(["START", "ssh"])).await;
+    let job = wait_job(&mut c, &job).await;
+    assert_eq!(job["state"], "FAILED", "{job}");
+    let err = job["error"].as_str().unwrap_or_default();
+    assert!(err.contains("its saved settings are no longer accepted") && err.contains("Banner"), "{err}");
+    let rendered = std::fs::read_to_string(dir.path().join("sshd/sshd_config")).unwrap_or_default();
+    assert!(!rendered.contains("master.key"), "the refused banner reached sshd_config");
+    // Fixed through the API, the service starts.
+    c.call("ssh.update", json!([{"options": "Banner none"}])).await;
+    let started = start_ssh(&mut c).await;
+    assert!(started > 0);
 }

@@ -86,8 +86,11 @@ pub const REGEX_DFA_SIZE_LIMIT: usize = 1024 * 1024;
 /// Wall-clock time that compiling one query's patterns and matching its
 /// filters against the items may take together (fetching, sorting and
 /// projecting are not counted). Ordinary filters over 10,000 items take a
-/// few milliseconds, even in a debug build.
-pub const FILTER_TIME_BUDGET: Duration = Duration::from_millis(50);
+/// few milliseconds, even in a debug build: one second is far from what a
+/// legitimate query meets on a loaded machine, and still frees the worker
+/// (queries run off the async workers, one per core) soon after a
+/// pathological pattern took it.
+pub const FILTER_TIME_BUDGET: Duration = Duration::from_secs(1);
 
 const NULLS_FIRST: &str = "nulls_first:";
 const NULLS_LAST: &str = "nulls_last:";
@@ -342,22 +345,38 @@ fn sort_lookup<'a>(item: &'a Value, segs: &[Segment]) -> Option<&'a Value> {
 // Filters
 // ---------------------------------------------------------------------------
 
+/// A filter operator, without its `C` (case-insensitive) prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
+pub enum Op {
+    /// `=`
     Eq,
+    /// `!=`
     Ne,
+    /// `>`
     Gt,
+    /// `>=`
     Ge,
+    /// `<`
     Lt,
+    /// `<=`
     Le,
+    /// `~`: Python `re.match`.
     Re,
+    /// `in`: the field is in the operand.
     In,
+    /// `nin`
     Nin,
+    /// `rin`: the operand is in the field.
     Rin,
+    /// `rnin`
     Rnin,
+    /// `^`
     StartsWith,
+    /// `!^`
     NotStartsWith,
+    /// `$`
     EndsWith,
+    /// `!$`
     NotEndsWith,
 }
 
@@ -384,9 +403,10 @@ impl Op {
     }
 }
 
-/// `[field, op, value]`, compiled.
+/// `[field, op, value]`, compiled. Its accessors let a caller translate it
+/// (for example to SQL); the semantics to preserve are the module docs'.
 #[derive(Debug, Clone)]
-struct Cond {
+pub struct Cond {
     path: Vec<Segment>,
     op: Op,
     /// `C` prefix: compare case-insensitively.
@@ -397,11 +417,41 @@ struct Cond {
     regex: Option<Regex>,
 }
 
+/// One entry of a filter list.
 #[derive(Debug, Clone)]
-enum Filter {
+pub enum Filter {
     Cond(Cond),
     /// Any branch; each branch is an AND of filters.
     Or(Vec<Vec<Filter>>),
+}
+
+impl Cond {
+    /// The segments of the field path, unescaped (`a\.b.c` is `a.b`, `c`);
+    /// `*` and list indexes appear as written.
+    pub fn path(&self) -> impl Iterator<Item = &str> + '_ {
+        self.path.iter().map(|s| s.key.as_str())
+    }
+
+    pub fn op(&self) -> Op {
+        self.op
+    }
+
+    /// The `C` prefix: both sides are case-folded with [`casefold`] before
+    /// comparing (for `~`, the pattern is case-insensitive instead).
+    pub fn case_insensitive(&self) -> bool {
+        self.fold
+    }
+
+    /// The operand, already case-folded when [`Cond::case_insensitive`]
+    /// (except for `~`).
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+}
+
+/// The case folding of the `C` operators (close to Python's `str.casefold`).
+pub fn casefold(s: &str) -> Cow<'_, str> {
+    fold_str(s)
 }
 
 /// A validated, compiled `query-filters` list (an AND of its entries).
@@ -426,6 +476,11 @@ impl Filters {
     /// Number of top-level entries.
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// The top-level entries (an AND).
+    pub fn entries(&self) -> &[Filter] {
+        &self.entries
     }
 }
 
@@ -1029,18 +1084,47 @@ fn sort_cmp(a: &Value, b: &Value) -> Ordering {
 // Ordering and selection
 // ---------------------------------------------------------------------------
 
+/// Where an `order_by` key puts `null` (and missing) values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Nulls {
+pub enum Nulls {
+    /// As the lowest value: first ascending, last descending.
     Natural,
+    /// `nulls_first:`
     First,
+    /// `nulls_last:`
     Last,
 }
 
+/// One parsed `order_by` entry. Values compare as: null < booleans < numbers
+/// < strings (by code point) < lists < objects (all equal); ties keep the
+/// items' order.
 #[derive(Debug, Clone)]
-struct OrderKey {
+pub struct OrderKey {
     path: Vec<Segment>,
     desc: bool,
     nulls: Nulls,
+}
+
+impl OrderKey {
+    /// The segments of the field path, as [`Cond::path`].
+    pub fn path(&self) -> impl Iterator<Item = &str> + '_ {
+        self.path.iter().map(|s| s.key.as_str())
+    }
+
+    pub fn descending(&self) -> bool {
+        self.desc
+    }
+
+    pub fn nulls(&self) -> Nulls {
+        self.nulls
+    }
+}
+
+impl QueryOptions {
+    /// `order_by`, parsed (primary key first).
+    pub fn order_keys(&self) -> Vec<OrderKey> {
+        self.order_by.iter().map(|o| parse_order_key(o)).collect()
+    }
 }
 
 fn parse_order_key(s: &str) -> OrderKey {
@@ -1250,7 +1334,7 @@ pub fn filter_list<T: std::borrow::Borrow<Value>>(
     options: &QueryOptions,
 ) -> Result<QueryResult, QueryError> {
     let selectors = parse_selectors(&options.select)?;
-    let keys: Vec<OrderKey> = options.order_by.iter().map(|o| parse_order_key(o)).collect();
+    let keys = options.order_keys();
     let mut matcher = Matcher::new(filters);
 
     if options.count {

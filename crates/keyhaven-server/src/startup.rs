@@ -195,6 +195,23 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
         header_read_timeout: app.config.header_read_timeout,
     };
     {
+        // Audit retention: at start, then hourly.
+        let app = app.clone();
+        tokio::spawn(async move {
+            let keep = (app.config.audit_retention_days * 86_400) as i64;
+            loop {
+                let a = app.clone();
+                match tokio::task::spawn_blocking(move || a.store.audit_prune(keep)).await {
+                    Ok(Ok(n)) if n > 0 => tracing::info!("deleted {n} audit entries older than the retention period"),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!("pruning the audit log: {e}"),
+                    Err(e) => tracing::warn!("pruning the audit log: {e}"),
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            }
+        });
+    }
+    {
         // Refused-login summaries once their lock ends; the failure map pruned.
         let app = app.clone();
         tokio::spawn(async move {

@@ -26,6 +26,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("migrations/0001_initial.sql")),
         M::up(include_str!("migrations/0002_connection_tests.sql")),
         M::up(include_str!("migrations/0003_totp_replay.sql")),
+        M::up(include_str!("migrations/0004_audit.sql")),
     ])
 }
 

@@ -24,6 +24,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A caller asked for something the store cannot do (a programming error).
+    #[error("invalid store request: {0}")]
+    InvalidArgument(String),
 }
 
 impl StoreError {

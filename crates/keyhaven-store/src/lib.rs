@@ -8,11 +8,13 @@
 //! moved to another row. Passwords, API keys and tokens are stored only as hashes
 //! computed by the service layer.
 
+pub mod audit;
 mod crypto;
 mod db;
 mod error;
 pub mod records;
 
+pub use audit::*;
 pub use crypto::{MasterKey, MASTER_KEY_FILE};
 pub use db::{Store, DB_FILE};
 pub use error::StoreError;

@@ -509,6 +509,12 @@ impl Store {
     pub fn audit_insert(&self, e: &AuditEntry) -> Result<i64> {
         let ts =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        self.audit_insert_at(ts, e)
+    }
+
+    /// [`Store::audit_insert`] with a given time (seconds since the epoch),
+    /// for imports and tests.
+    pub fn audit_insert_at(&self, ts: f64, e: &AuditEntry) -> Result<i64> {
         let conn = self.conn();
         let mut st = conn.prepare_cached(
             "INSERT INTO audit(ts, username, address, service, method, event, target, success, error)
@@ -518,30 +524,10 @@ impl Store {
         Ok(conn.last_insert_rowid())
     }
 
+    /// Every entry, in insertion (`id`) order. `audit.query` filters in SQL
+    /// instead ([`Store::audit_query`]); this is for tests and exports.
     pub fn audit_list(&self) -> Result<Vec<AuditRecord>> {
-        let conn = self.conn();
-        let mut st = conn.prepare_cached(
-            "SELECT id, ts, username, address, service, method, event, target, success, error FROM audit ORDER BY id",
-        )?;
-        let rows = st
-            .query_map([], |r| {
-                Ok(AuditRecord {
-                    id: r.get(0)?,
-                    ts: r.get(1)?,
-                    entry: AuditEntry {
-                        username: r.get(2)?,
-                        address: r.get(3)?,
-                        service: r.get(4)?,
-                        method: r.get(5)?,
-                        event: r.get(6)?,
-                        target: r.get(7)?,
-                        success: r.get(8)?,
-                        error: r.get(9)?,
-                    },
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(rows)
+        self.audit_query(&crate::audit::AuditQuery::default())
     }
 }
 
