@@ -1,9 +1,10 @@
 //! Opening the database, migrations, the master-key check and key rotation.
 
 use std::fs::OpenOptions;
+use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use rusqlite_migration::{Migrations, M};
@@ -35,6 +36,156 @@ pub struct Store {
     conn: Mutex<Connection>,
     key: Mutex<MasterKey>,
     key_path: PathBuf,
+    syncer: Syncer,
+}
+
+/// Durable writes with shared fsyncs (group commit).
+///
+/// The connection runs WAL with `synchronous=NORMAL`, so a commit appends to
+/// the WAL without syncing it. Every write is nevertheless acknowledged only
+/// once durable: when a [`Conn`] guard that changed rows is released, it waits
+/// until an `fdatasync` of the WAL that started after its commit has
+/// finished. That is what `synchronous=FULL` does per commit (sync the WAL
+/// before the commit returns); here writers that commit while a sync is
+/// running share the next one instead of each paying their own. Checkpoints
+/// sync the database file themselves under NORMAL, so the WAL is all that is
+/// ever at risk.
+struct Syncer {
+    wal: PathBuf,
+    dir: PathBuf,
+    state: Mutex<SyncState>,
+    done: Condvar,
+    /// A slow disk, for the group-commit test (tmpfs syncs take no time).
+    #[cfg(test)]
+    test_slow_disk: std::time::Duration,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Commits counted so far (each a number, in commit order).
+    committed: u64,
+    /// Every commit up to this number is on disk.
+    synced: u64,
+    syncing: bool,
+    /// fsyncs run (for tests and figures).
+    syncs: u64,
+    dir_synced: bool,
+}
+
+impl Syncer {
+    fn new(db_path: &Path) -> Syncer {
+        let mut wal = db_path.as_os_str().to_owned();
+        wal.push("-wal");
+        Syncer {
+            wal: PathBuf::from(wal),
+            dir: db_path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")),
+            state: Mutex::new(SyncState::default()),
+            done: Condvar::new(),
+            #[cfg(test)]
+            test_slow_disk: std::time::Duration::ZERO,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number a commit; called while the connection is still held, so the
+    /// numbers follow the order of the commits.
+    fn committed(&self) -> u64 {
+        let mut s = self.lock();
+        s.committed += 1;
+        s.committed
+    }
+
+    /// Block until commit `n` is on disk, running the sync when nobody is.
+    fn wait(&self, n: u64) {
+        let mut s = self.lock();
+        loop {
+            if s.synced >= n {
+                return;
+            }
+            if s.syncing {
+                s = self.done.wait(s).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            s.syncing = true;
+            let target = s.committed;
+            let sync_dir = !s.dir_synced;
+            drop(s);
+            let r = self.sync_files(sync_dir);
+            s = self.lock();
+            s.syncing = false;
+            s.syncs += 1;
+            match r {
+                Ok(()) => {
+                    s.dir_synced = true;
+                }
+                Err(e) => {
+                    // Nothing sensible to retry forever: say so loudly; the
+                    // write itself has committed.
+                    tracing::error!(
+                        "could not sync the database journal {} to disk ({e}); recent writes may be lost on power failure",
+                        self.wal.display()
+                    );
+                }
+            }
+            s.synced = s.synced.max(target);
+            self.done.notify_all();
+        }
+    }
+
+    fn sync_files(&self, sync_dir: bool) -> std::io::Result<()> {
+        #[cfg(test)]
+        std::thread::sleep(self.test_slow_disk);
+        match std::fs::File::open(&self.wal) {
+            Ok(f) => f.sync_data()?,
+            // No WAL: everything is in the (checkpointed, synced) database file.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if sync_dir {
+            // The WAL's directory entry, once: a new file must survive too.
+            std::fs::File::open(&self.dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// The connection, held; released by drop. When the holder changed rows, the
+/// drop waits until they are durable (see [`Syncer`]).
+pub(crate) struct Conn<'a> {
+    guard: Option<MutexGuard<'a, Connection>>,
+    syncer: Option<&'a Syncer>,
+    changes_before: u64,
+}
+
+impl Deref for Conn<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.guard.as_ref().expect("held until drop")
+    }
+}
+
+impl DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        self.guard.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        let Some(guard) = self.guard.take() else { return };
+        let wrote = guard.total_changes() != self.changes_before && guard.is_autocommit();
+        match (self.syncer, wrote) {
+            (Some(syncer), true) => {
+                let n = syncer.committed();
+                drop(guard);
+                syncer.wait(n);
+            }
+            _ => drop(guard),
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -74,21 +225,39 @@ impl Store {
         }
         let mut conn = Connection::open(&db_path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL: a write is acknowledged only once it survives power loss. In
-        // WAL mode NORMAL may lose the last commits, e.g. a key pair whose
-        // public half pairing already installed on a remote.
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        // NORMAL plus the Syncer's group commit: as durable as FULL (no write
+        // is acknowledged before it survives power loss, e.g. a key pair whose
+        // public half pairing already installed on a remote), with one fsync
+        // shared by every writer that commits while another one syncs.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrations().to_latest(&mut conn)?;
 
         let key = recover_rotation(&conn, &key_path)?;
         check_or_set_key(&conn, &key, &key_path)?;
-        Ok((Store { conn: Mutex::new(conn), key: Mutex::new(key), key_path }, first_start))
+        let syncer = Syncer::new(&db_path);
+        Ok((Store { conn: Mutex::new(conn), key: Mutex::new(key), key_path, syncer }, first_start))
     }
 
-    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    /// The connection; a holder that writes returns only once the write is durable.
+    pub(crate) fn conn(&self) -> Conn<'_> {
+        let guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let changes_before = guard.total_changes();
+        Conn { guard: Some(guard), syncer: Some(&self.syncer), changes_before }
+    }
+
+    /// The connection for writes whose loss on power failure is acceptable
+    /// (audit entries): they do not wait for a sync, and become durable with
+    /// the next durable write or checkpoint.
+    pub(crate) fn conn_volatile(&self) -> Conn<'_> {
+        let guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        Conn { guard: Some(guard), syncer: None, changes_before: 0 }
+    }
+
+    /// fsyncs run so far by the group commit (for tests and figures).
+    pub fn journal_syncs(&self) -> u64 {
+        self.syncer.lock().syncs
     }
 
     pub(crate) fn key(&self) -> MutexGuard<'_, MasterKey> {
@@ -197,5 +366,50 @@ fn check_or_set_key(conn: &Connection, key: &MasterKey, key_path: &Path) -> Resu
         Some(true) => Ok(()),
         Some(false) => Err(StoreError::WrongMasterKey { path: key_path.to_path_buf() }),
         None => set_key_check(conn, key),
+    }
+}
+
+#[cfg(test)]
+mod durability_tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn every_write_returns_durable_and_concurrent_writers_share_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = Store::open(dir.path()).unwrap();
+        store.syncer.test_slow_disk = std::time::Duration::from_millis(30);
+        // One writer: each write returns only after a sync covering it.
+        for i in 0..3 {
+            store.setting_set(&format!("k{i}"), &serde_json::json!(i)).unwrap();
+            let s = store.syncer.lock();
+            assert_eq!(s.synced, s.committed, "a write returned before its sync");
+        }
+        // Reads never sync.
+        let syncs = store.journal_syncs();
+        for _ in 0..10 {
+            store.setting_get("k0").unwrap();
+        }
+        assert_eq!(store.journal_syncs(), syncs);
+        // Eight writers at once: far fewer syncs than writes.
+        let store = Arc::new(store);
+        let before = store.journal_syncs();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..10 {
+                        store.setting_set(&format!("t{t}-{i}"), &serde_json::json!(i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let syncs = store.journal_syncs() - before;
+        assert!(syncs < 40, "80 concurrent writes took {syncs} syncs; they should share them");
+        let s = store.syncer.lock();
+        assert_eq!(s.synced, s.committed);
     }
 }

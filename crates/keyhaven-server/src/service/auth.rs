@@ -190,6 +190,11 @@ impl Session {
         }
     }
 
+    /// Whether the session is logged in (cheaper than [`Session::caller`]).
+    pub fn is_authenticated(&self) -> bool {
+        matches!(&*self.auth.lock().unwrap_or_else(|p| p.into_inner()), SessionAuth::Authenticated(_))
+    }
+
     pub fn username(&self) -> Option<String> {
         match &*self.auth.lock().unwrap_or_else(|p| p.into_inner()) {
             SessionAuth::Authenticated(c) => Some(c.username.clone()),

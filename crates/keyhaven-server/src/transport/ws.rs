@@ -249,7 +249,7 @@ impl Drop for AbortOnDrop {
 async fn login_watchdog(session: &Session, last: &std::sync::Mutex<Instant>, timeout: Duration) {
     loop {
         let since = last.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
-        if session.caller().is_none() && since >= timeout {
+        if !session.is_authenticated() && since >= timeout {
             return;
         }
         tokio::time::sleep(timeout.saturating_sub(since).max(Duration::from_millis(100))).await;
@@ -301,7 +301,7 @@ pub async fn serve(
         while let Some(Ok(msg)) = stream.next().await {
             *last_message.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
             if let Some(s) = &conn_state {
-                s.mark_authenticated(session.caller().is_some());
+                s.mark_authenticated(session.is_authenticated());
             }
             let text = match msg {
                 Message::Text(t) => t,
@@ -317,7 +317,7 @@ pub async fn serve(
                 Message::Close(_) => break,
                 _ => continue,
             };
-            let limit = if session.caller().is_some() { MAX_MESSAGE_AFTER_AUTH } else { MAX_MESSAGE_BEFORE_AUTH };
+            let limit = if session.is_authenticated() { MAX_MESSAGE_AFTER_AUTH } else { MAX_MESSAGE_BEFORE_AUTH };
             if text.len() > limit {
                 tracing::info!(peer = %peer, size = text.len(), limit, "closing connection: message too large");
                 let _ = tx
@@ -410,7 +410,7 @@ pub async fn serve(
                         let out = dispatch(&app, &session, &method, params).await;
                         // A login protects the connection from eviction at once.
                         if let Some(s) = &conn_state {
-                            s.mark_authenticated(session.caller().is_some());
+                            s.mark_authenticated(session.is_authenticated());
                         }
                         drop(permit);
                         if let Some(id) = id {
