@@ -2,7 +2,7 @@
 //! and clean shutdown on SIGTERM/SIGINT.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -55,35 +55,6 @@ fn check_mode(path: &Path, what: &str, allowed_extra: u32, fix_mode: u32) -> Res
         )));
     }
     Ok(())
-}
-
-/// Every directory from `/` to `dir` must be owned by root (or us) and not
-/// writable by group or others, or sshd's StrictModes refuses the
-/// authorized-keys files below it. Returns a description of the first offender.
-pub fn strict_modes_problem(dir: &Path) -> Option<String> {
-    let me = unsafe { libc::geteuid() };
-    let abs = std::fs::canonicalize(dir).ok()?;
-    let mut cur = PathBuf::from("/");
-    let mut parts = vec![cur.clone()];
-    for c in abs.components().skip(1) {
-        cur.push(c);
-        parts.push(cur.clone());
-    }
-    for p in parts {
-        let m = std::fs::metadata(&p).ok()?;
-        let mode = m.permissions().mode() & 0o7777;
-        if (m.uid() != 0 && m.uid() != me) || mode & 0o022 != 0 {
-            return Some(format!(
-                "{} (owner uid {}, mode {:04o}) is writable by group or others or owned by another user; \
-                 sshd (StrictModes) will refuse keys stored below it. Put the data dir on a path of root-owned, \
-                 non-world-writable directories (e.g. /var/lib/keyhaven)",
-                p.display(),
-                m.uid(),
-                mode
-            ));
-        }
-    }
-    None
 }
 
 /// Create the data dir (0711) on first start, and check the modes of what exists.
@@ -146,8 +117,13 @@ async fn shutdown_signal() {
 pub async fn serve(cfg: Config) -> Result<(), StartupError> {
     let started = Instant::now();
     let store = open_store(&cfg)?;
-    if let Some(problem) = strict_modes_problem(&cfg.data_dir) {
+    if let Some(problem) = keyhaven_ssh::reach::strict_modes_problem(&cfg.data_dir) {
         tracing::warn!("{problem}");
+    }
+    if !cfg.authorized_keys_in_home {
+        if let Some(problem) = keyhaven_ssh::reach::others_cannot_reach(&cfg.data_dir) {
+            tracing::warn!("keys set on accounts other than root will not work: {problem}");
+        }
     }
     let tls = if cfg.use_tls() {
         let (c, k) = transport::tls::ensure_cert(
@@ -226,15 +202,6 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
     {
         let app = app.clone();
         tokio::spawn(async move { app.start_enabled_services().await });
-    }
-    // Argon2 allocates ~19 MiB per check. glibc's adaptive mmap threshold
-    // would serve such blocks from per-thread arenas after the first free and
-    // keep them there: pin the threshold so they are mapped and unmapped.
-    #[cfg(target_env = "gnu")]
-    unsafe {
-        // SAFETY: mallopt only changes allocator tuning; called before the
-        // allocation pattern it tunes.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
     // glibc keeps freed memory after bursts (bulk creates, large queries);
     // hand it back to the system now and then so an idle daemon stays small.

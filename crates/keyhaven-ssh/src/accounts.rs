@@ -13,7 +13,13 @@ pub struct OsAccount {
     pub gid: u32,
     pub home: PathBuf,
     pub shell: String,
+    /// Name of the primary group (`gid`), empty when it has none.
+    pub primary_group: String,
+    /// Group names, primary first ([`lookup`] only; [`all`] gives the primary one).
     pub groups: Vec<String>,
+    /// Group ids the account is in, primary first ([`lookup`] only; [`all`]
+    /// gives the primary one): what sshd's permission checks see.
+    pub gids: Vec<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -24,39 +30,123 @@ pub enum AccountError {
     Failed { command: &'static str, stderr: String },
 }
 
+// SAFETY (for the helpers below): every pointer read comes from a passwd or
+// group record that getpw*/getgr* filled into a buffer we own and that
+// outlives the read.
+fn cstr(p: *const libc::c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+/// Name of group `gid` (getgrgid_r), empty when unknown.
+fn group_name(gid: u32) -> String {
+    let mut buf = vec![0 as libc::c_char; 16384];
+    // SAFETY: getgrgid_r with a record and buffer we own; the result borrows `buf`.
+    unsafe {
+        let mut grp: libc::group = std::mem::zeroed();
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        let rc = libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut result);
+        if rc != 0 || result.is_null() {
+            return String::new();
+        }
+        cstr(grp.gr_name)
+    }
+}
+
+fn from_passwd(pwd: &libc::passwd) -> OsAccount {
+    OsAccount {
+        name: cstr(pwd.pw_name),
+        uid: pwd.pw_uid,
+        gid: pwd.pw_gid,
+        home: PathBuf::from(cstr(pwd.pw_dir)),
+        shell: cstr(pwd.pw_shell),
+        primary_group: String::new(),
+        groups: vec![],
+        gids: vec![pwd.pw_gid],
+    }
+}
+
 /// Look an account up through the system's NSS (getpwnam), with its groups.
 pub fn lookup(name: &str) -> Option<OsAccount> {
     let cname = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getpwnam_r with buffers we own; the result borrows `buf` only.
-    unsafe {
+    let mut buf = vec![0 as libc::c_char; 16384];
+    // SAFETY: getpwnam_r with a record and buffer we own; the result borrows `buf`.
+    let mut acct = unsafe {
         let mut pwd: libc::passwd = std::mem::zeroed();
-        let mut buf = vec![0 as libc::c_char; 16384];
         let mut result: *mut libc::passwd = std::ptr::null_mut();
         let rc = libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result);
         if rc != 0 || result.is_null() {
             return None;
         }
-        let cstr = |p: *const libc::c_char| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
-        let mut acct = OsAccount {
-            name: cstr(pwd.pw_name),
-            uid: pwd.pw_uid,
-            gid: pwd.pw_gid,
-            home: PathBuf::from(cstr(pwd.pw_dir)),
-            shell: cstr(pwd.pw_shell),
-            groups: vec![],
-        };
-        let mut ngroups: libc::c_int = 64;
-        let mut groups = vec![0 as libc::gid_t; 64];
-        if libc::getgrouplist(cname.as_ptr(), pwd.pw_gid, groups.as_mut_ptr(), &mut ngroups) >= 0 {
-            groups.truncate(ngroups.max(0) as usize);
-            for g in groups {
-                let gr = libc::getgrgid(g);
-                if !gr.is_null() {
-                    acct.groups.push(cstr((*gr).gr_name));
-                }
+        from_passwd(&pwd)
+    };
+    acct.primary_group = group_name(acct.gid);
+    let mut ngroups: libc::c_int = 256;
+    let mut gids = vec![0 as libc::gid_t; 256];
+    // SAFETY: getgrouplist writes at most `ngroups` entries into `gids`.
+    let n = unsafe { libc::getgrouplist(cname.as_ptr(), acct.gid, gids.as_mut_ptr(), &mut ngroups) };
+    if n >= 0 {
+        gids.truncate(ngroups.max(0) as usize);
+        acct.groups = gids.iter().map(|g| group_name(*g)).filter(|n| !n.is_empty()).collect();
+        acct.gids = gids;
+    } else {
+        acct.groups = vec![acct.primary_group.clone()];
+    }
+    Some(acct)
+}
+
+/// getpwent's enumeration state is process-wide.
+static ENUMERATION: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Every account NSS enumerates (getpwent), by name, each with its primary
+/// group only: one pass, for listing thousands of accounts. NSS sources that
+/// do not enumerate (some LDAP setups) are missing: fall back to [`lookup`].
+pub fn all() -> std::collections::HashMap<String, OsAccount> {
+    let _one = ENUMERATION.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out = std::collections::HashMap::new();
+    let mut groups: std::collections::HashMap<u32, String> = std::collections::HashMap::new();
+    let mut buf = vec![0 as libc::c_char; 16384];
+    // SAFETY: setpwent/getpwent_r/endpwent under ENUMERATION, with a record
+    // and buffer we own; each record is copied out before the next call.
+    unsafe {
+        libc::setpwent();
+        loop {
+            let mut pwd: libc::passwd = std::mem::zeroed();
+            let mut result: *mut libc::passwd = std::ptr::null_mut();
+            let rc = libc::getpwent_r(&mut pwd, buf.as_mut_ptr(), buf.len(), &mut result);
+            if rc != 0 || result.is_null() {
+                break;
             }
+            let mut a = from_passwd(&pwd);
+            a.primary_group = groups.entry(a.gid).or_insert_with(|| group_name(a.gid)).clone();
+            a.groups = vec![a.primary_group.clone()];
+            out.entry(a.name.clone()).or_insert(a);
         }
-        Some(acct)
+        libc::endpwent();
+    }
+    out
+}
+
+/// Shells that exist to refuse logins.
+const NO_LOGIN_SHELLS: &[&str] = &["/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/false"];
+
+/// Whether an account with login shell `shell` can run commands over SSH
+/// (backups, the connection test): `Err` says why not.
+pub fn shell_runs_commands(shell: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    if shell.is_empty() {
+        // sshd then uses /bin/sh.
+        return Ok(());
+    }
+    if NO_LOGIN_SHELLS.contains(&shell) || shell.ends_with("/nologin") {
+        return Err(format!("its login shell is {shell}, which refuses to run commands"));
+    }
+    match std::fs::metadata(shell) {
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(_) => Err(format!("its login shell {shell} is not an executable file")),
+        Err(_) => Err(format!("its login shell {shell} does not exist on this system")),
     }
 }
 
@@ -99,9 +189,9 @@ pub fn create(
     run("useradd", &args, None)
 }
 
-/// `usermod -s shell -c gecos name`.
-pub fn modify(name: &str, shell: &str, full_name: &str) -> Result<(), AccountError> {
-    run("usermod", &["-s", shell, "-c", full_name, name], None)
+/// `usermod -s shell -c gecos -d home name` (the home's files are not moved).
+pub fn modify(name: &str, shell: &str, full_name: &str, home: &str) -> Result<(), AccountError> {
+    run("usermod", &["-s", shell, "-c", full_name, "-d", home, name], None)
 }
 
 /// Set (or lock with `None`) the OS password through chpasswd's stdin.
@@ -128,7 +218,25 @@ mod tests {
     fn root_exists() {
         let r = super::lookup("root").unwrap();
         assert_eq!(r.uid, 0);
+        assert_eq!(r.primary_group, "root");
         assert!(r.groups.iter().any(|g| g == "root"));
+        assert!(r.gids.contains(&0));
         assert!(super::lookup("no-such-user-keyhaven").is_none());
+        // The enumeration agrees with the lookup.
+        let all = super::all();
+        let e = &all["root"];
+        assert_eq!((e.uid, &e.home, &e.shell, &e.primary_group), (r.uid, &r.home, &r.shell, &r.primary_group));
+        assert!(!all.contains_key("no-such-user-keyhaven"));
+    }
+
+    #[test]
+    fn login_shells() {
+        assert!(super::shell_runs_commands("/bin/sh").is_ok());
+        assert!(super::shell_runs_commands("").is_ok());
+        for s in ["/usr/sbin/nologin", "/bin/false", "/opt/x/nologin"] {
+            assert!(super::shell_runs_commands(s).unwrap_err().contains("refuses to run commands"), "{s}");
+        }
+        assert!(super::shell_runs_commands("/no/such/shell").unwrap_err().contains("does not exist"));
+        assert!(super::shell_runs_commands("/etc/passwd").unwrap_err().contains("not an executable"));
     }
 }

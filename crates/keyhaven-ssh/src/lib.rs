@@ -9,4 +9,5 @@
 pub mod accounts;
 pub mod client;
 pub mod files;
+pub mod reach;
 pub mod supervisor;

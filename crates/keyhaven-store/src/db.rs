@@ -36,7 +36,33 @@ pub struct Store {
     conn: Mutex<Connection>,
     key: Mutex<MasterKey>,
     key_path: PathBuf,
-    syncer: Syncer,
+    syncer: std::sync::Arc<Syncer>,
+}
+
+thread_local! {
+    /// Inside [`Store::deferring_sync`]: the newest commit whose wait was deferred.
+    static DEFERRED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// A promise that some writes will be durable; [`SyncTicket::wait`] keeps it.
+#[must_use = "the writes are not acknowledged as durable until the ticket is waited on"]
+pub struct SyncTicket {
+    syncer: std::sync::Arc<Syncer>,
+    upto: u64,
+}
+
+impl SyncTicket {
+    /// Block until the writes are on disk.
+    pub fn wait(self) {
+        if self.upto > 0 {
+            self.syncer.wait(self.upto);
+        }
+    }
+
+    /// Whether nothing is left to wait for (already synced by someone else).
+    pub fn is_done(&self) -> bool {
+        self.upto == 0 || self.syncer.lock().synced >= self.upto
+    }
 }
 
 /// Durable writes with shared fsyncs (group commit).
@@ -181,7 +207,16 @@ impl Drop for Conn<'_> {
             (Some(syncer), true) => {
                 let n = syncer.committed();
                 drop(guard);
-                syncer.wait(n);
+                let deferred = DEFERRED.with(|d| match d.get() {
+                    Some(prev) => {
+                        d.set(Some(prev.max(n)));
+                        true
+                    }
+                    None => false,
+                });
+                if !deferred {
+                    syncer.wait(n);
+                }
             }
             _ => drop(guard),
         }
@@ -236,7 +271,7 @@ impl Store {
 
         let key = recover_rotation(&conn, &key_path)?;
         check_or_set_key(&conn, &key, &key_path)?;
-        let syncer = Syncer::new(&db_path);
+        let syncer = std::sync::Arc::new(Syncer::new(&db_path));
         Ok((Store { conn: Mutex::new(conn), key: Mutex::new(key), key_path, syncer }, first_start))
     }
 
@@ -253,6 +288,26 @@ impl Store {
     pub(crate) fn conn_volatile(&self) -> Conn<'_> {
         let guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         Conn { guard: Some(guard), syncer: None, changes_before: 0 }
+    }
+
+    /// Run `f` (synchronous store calls, typically under a lock of the
+    /// caller's) without waiting for its writes to reach the disk; the ticket
+    /// waits, once the caller has released its locks, so that writers
+    /// serialised by such a lock still share fsyncs.
+    pub fn deferring_sync<T>(&self, f: impl FnOnce() -> T) -> (T, SyncTicket) {
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                DEFERRED.with(|d| d.set(None));
+            }
+        }
+        assert!(DEFERRED.with(|d| d.get()).is_none(), "deferring_sync does not nest");
+        DEFERRED.with(|d| d.set(Some(0)));
+        let reset = Reset;
+        let out = f();
+        let upto = DEFERRED.with(|d| d.get()).unwrap_or(0);
+        drop(reset);
+        (out, SyncTicket { syncer: self.syncer.clone(), upto })
     }
 
     /// fsyncs run so far by the group commit (for tests and figures).
@@ -378,7 +433,8 @@ mod durability_tests {
     fn every_write_returns_durable_and_concurrent_writers_share_syncs() {
         let dir = tempfile::tempdir().unwrap();
         let (mut store, _) = Store::open(dir.path()).unwrap();
-        store.syncer.test_slow_disk = std::time::Duration::from_millis(30);
+        std::sync::Arc::get_mut(&mut store.syncer).expect("not shared yet").test_slow_disk =
+            std::time::Duration::from_millis(30);
         // One writer: each write returns only after a sync covering it.
         for i in 0..3 {
             store.setting_set(&format!("k{i}"), &serde_json::json!(i)).unwrap();
@@ -409,7 +465,22 @@ mod durability_tests {
         }
         let syncs = store.journal_syncs() - before;
         assert!(syncs < 40, "80 concurrent writes took {syncs} syncs; they should share them");
-        let s = store.syncer.lock();
-        assert_eq!(s.synced, s.committed);
+        {
+            let s = store.syncer.lock();
+            assert_eq!(s.synced, s.committed);
+        }
+        // Deferred: the writes return at once, the ticket makes them durable.
+        let (_, ticket) = store.deferring_sync(|| {
+            store.setting_set("deferred-1", &serde_json::json!(1)).unwrap();
+            store.setting_set("deferred-2", &serde_json::json!(2)).unwrap();
+        });
+        let upto = ticket.upto;
+        assert!(store.syncer.lock().synced < upto, "deferred writes waited");
+        assert!(!ticket.is_done());
+        ticket.wait();
+        assert!(store.syncer.lock().synced >= upto);
+        // A read-only closure needs no wait at all.
+        let (_, nothing) = store.deferring_sync(|| store.setting_get("deferred-1").unwrap());
+        assert!(nothing.is_done());
     }
 }

@@ -16,6 +16,6 @@ pub mod records;
 
 pub use audit::*;
 pub use crypto::{MasterKey, MASTER_KEY_FILE};
-pub use db::{Store, DB_FILE};
+pub use db::{Store, SyncTicket, DB_FILE};
 pub use error::StoreError;
 pub use records::*;

@@ -85,6 +85,7 @@ fn to_input(u: UserIn) -> UserInput {
         sudo_commands: strs(u.sudo_commands),
         sudo_commands_nopasswd: strs(u.sudo_commands_nopasswd),
         roles: strs(u.roles),
+        group: u.group.as_ref().and_then(Value::as_i64),
     }
 }
 

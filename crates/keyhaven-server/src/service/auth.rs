@@ -287,15 +287,63 @@ pub struct AuthState {
     /// this many run at once, the rest queue (briefly).
     hash_slots: tokio::sync::Semaphore,
     pub hash_slot_count: usize,
+    hashers: HashPool,
+}
+
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// The threads that run Argon2, as many as there are slots. Always the same
+/// threads: each keeps reusing the ~19 MiB its allocator arena holds from the
+/// previous check (no page faults on the next), and no more arenas than
+/// threads ever hold such blocks — on the shared blocking pool, every new
+/// thread's arena would keep one until the periodic trim.
+struct HashPool {
+    jobs: std::sync::mpsc::Sender<HashJob>,
+}
+
+impl HashPool {
+    fn new(threads: usize) -> HashPool {
+        let (tx, rx) = std::sync::mpsc::channel::<HashJob>();
+        let rx = std::sync::Arc::new(Mutex::new(rx));
+        for i in 0..threads {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new().name(format!("keyhaven-hash-{i}")).spawn(move || loop {
+                let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                    Ok(j) => j,
+                    Err(_) => return,
+                };
+                job();
+            });
+            if let Err(e) = spawned {
+                tracing::error!("could not start a password-hashing thread: {e}");
+            }
+        }
+        HashPool { jobs: tx }
+    }
+
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, ServiceError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|e| ServiceError::internal("password hashing", e))?;
+        rx.await.map_err(|e| ServiceError::internal("password hashing", e))
+    }
 }
 
 impl AuthState {
     pub fn new(limits: Limits, hash_slots: usize) -> AuthState {
         let n = hash_slots.max(1);
-        AuthState { limiter: Limiter::new(limits), hash_slots: tokio::sync::Semaphore::new(n), hash_slot_count: n }
+        AuthState {
+            limiter: Limiter::new(limits),
+            hash_slots: tokio::sync::Semaphore::new(n),
+            hash_slot_count: n,
+            hashers: HashPool::new(n),
+        }
     }
 
-    /// Run an Argon2 computation on a blocking thread once a slot is free;
+    /// Run an Argon2 computation on a hashing thread once a slot is free;
     /// `Err` with a retry hint when none frees up within [`HASH_WAIT`].
     pub async fn with_hash_slot<T: Send + 'static>(
         &self,
@@ -310,7 +358,7 @@ impl AuthState {
                 ))
             }
         };
-        let out = tokio::task::spawn_blocking(f).await.map_err(|e| ServiceError::internal("password hashing", e));
+        let out = self.hashers.run(f).await;
         drop(permit);
         out
     }

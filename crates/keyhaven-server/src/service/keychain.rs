@@ -281,7 +281,9 @@ impl App {
             return Err(ServiceError::field(format!("{schema}.name"), "Object with this name already exists"));
         }
         let attrs = self.check_key_material(attrs, schema).await?;
-        self.keychain_create_now(name, attrs, schema)
+        let (out, durable) = self.store.deferring_sync(|| self.keychain_create_now(name, attrs, schema));
+        wait_durable(durable).await;
+        out
     }
 
     fn keychain_create_now(&self, name: &str, attrs: AttributesInput, schema: &str) -> Result<Value, ServiceError> {
@@ -320,7 +322,9 @@ impl App {
             Some(a) => Some(self.check_key_material(a, schema).await?),
             None => None,
         };
-        self.keychain_update_now(id, name, attrs, schema)
+        let (out, durable) = self.store.deferring_sync(|| self.keychain_update_now(id, name, attrs, schema));
+        wait_durable(durable).await;
+        out
     }
 
     fn keychain_update_now(
@@ -527,6 +531,14 @@ fn entry_value(r: &keyhaven_store::KeychainRecord) -> Value {
     }
     e.insert("attributes".into(), Value::Object(attrs));
     Value::Object(e)
+}
+
+/// Wait, off the async workers, until writes made under the keychain's lock
+/// are durable: the lock is released first, so concurrent writers share fsyncs.
+async fn wait_durable(t: keyhaven_store::SyncTicket) {
+    if !t.is_done() {
+        let _ = tokio::task::spawn_blocking(move || t.wait()).await;
+    }
 }
 
 /// The stored attributes of a checked key pair, and its private key to seal.

@@ -175,12 +175,124 @@ pub struct UserInput {
     pub sudo_commands: Option<Vec<String>>,
     pub sudo_commands_nopasswd: Option<Vec<String>>,
     pub roles: Option<Vec<String>>,
+    /// The primary group's id (TrueNAS's `group`).
+    pub group: Option<i64>,
 }
 
 /// A keys file that could not be written: EACCES, as before the checks were
 /// typed; the message names the path and says what to fix.
 fn keys_file_error(e: KeysFileError) -> ServiceError {
     ServiceError::call(EACCES, format!("Failed to update authorized keys: {e}"))
+}
+
+/// An account's OS counterpart as the system has it now, against what
+/// keyhaven recorded when it set the account up.
+#[derive(Debug, Clone)]
+pub enum OsState {
+    Ok(OsAccount),
+    /// No OS account of that name (removed outside keyhaven).
+    Missing,
+    /// The name now has another uid than the one recorded (removed and
+    /// recreated outside keyhaven, or `usermod -u`): possibly another person.
+    UidChanged(OsAccount),
+}
+
+impl OsState {
+    pub fn of(data: &UserData, os: Option<&OsAccount>) -> OsState {
+        match os {
+            None => OsState::Missing,
+            Some(o) if i64::from(o.uid) != data.uid => OsState::UidChanged(o.clone()),
+            Some(o) => OsState::Ok(o.clone()),
+        }
+    }
+
+    /// The OS account when it is the one keyhaven set up.
+    pub fn ok(&self) -> Option<&OsAccount> {
+        match self {
+            OsState::Ok(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// Why the account's keys are not served, for people.
+    pub fn problem(&self, username: &str, data: &UserData) -> Option<String> {
+        match self {
+            OsState::Ok(_) => None,
+            OsState::Missing => Some(format!(
+                "The OS account {username} no longer exists (it was removed outside keyhaven), so its keys are not \
+                 served. Recreate it (useradd {username}) or delete this account"
+            )),
+            OsState::UidChanged(o) => Some(format!(
+                "The OS account {username} now has uid {}, not {} as when keyhaven set it up (it was changed or \
+                 recreated outside keyhaven), so its keys are not served. If it is the same person, adopt the new \
+                 uid with user.update {{\"uid\": {}}}",
+                o.uid, data.uid, o.uid
+            )),
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            OsState::Ok(_) => "OK",
+            OsState::Missing => "MISSING",
+            OsState::UidChanged(_) => "UID_CHANGED",
+        }
+    }
+}
+
+/// TrueNAS's `user` entry: OS-owned fields (uid, primary group, home, shell)
+/// as the system has them now whenever the OS account exists; the record's
+/// last-known values otherwise. `os_account` (keyhaven extension) says how the
+/// OS account stands.
+fn user_entry_with(r: &UserRecord, os: Option<&OsAccount>) -> Value {
+    let d = UserData::from_record(r);
+    let state = OsState::of(&d, os);
+    let (uid, gid, group, home, shell) = match os {
+        Some(o) => {
+            (i64::from(o.uid), i64::from(o.gid), o.primary_group.clone(), o.home.display().to_string(), o.shell.clone())
+        }
+        None => (d.uid, d.gid, d.group.clone(), d.home.clone(), d.shell.clone()),
+    };
+    json!({
+        "id": r.id,
+        "uid": uid,
+        "username": r.username,
+        "unixhash": "*",
+        "smbhash": "*",
+        "home": home,
+        "shell": shell,
+        "full_name": d.full_name,
+        "builtin": d.builtin,
+        "immutable": d.builtin,
+        "smb": false,
+        "group": {"bsdgrp_gid": gid, "bsdgrp_group": group},
+        "groups": [],
+        "password_disabled": d.password_disabled || r.password_hash.is_none(),
+        "ssh_password_enabled": d.ssh_password_enabled,
+        "sshpubkey": d.sshpubkey,
+        "locked": d.locked,
+        "sudo_commands": d.sudo_commands,
+        "sudo_commands_nopasswd": d.sudo_commands_nopasswd,
+        "email": d.email,
+        "local": true,
+        "id_type_both": false,
+        "sid": null,
+        "roles": d.roles,
+        "twofactor_auth_configured": r.has_twofactor_secret && d.twofactor_enabled,
+        "os_account": {"state": state.label(), "message": state.problem(&r.username, &d)},
+    })
+}
+
+/// The field error for a change of an OS-owned field while keyhaven does not
+/// manage OS accounts.
+fn os_owned(schema: &str, field: &str, username: &str, label: &str, now: &str, command: &str) -> FieldError {
+    FieldError::new(
+        format!("{schema}.{field}"),
+        format!(
+            "The OS owns the {label} of {username} (now {now}): change it on the system ({command}), or set \
+             accounts.manage_os = true so keyhaven changes OS accounts"
+        ),
+    )
 }
 
 fn valid_username(u: &str) -> bool {
@@ -191,42 +303,25 @@ fn valid_username(u: &str) -> bool {
 }
 
 impl App {
-    /// TrueNAS's `user` entry for an account.
+    /// TrueNAS's `user` entry for an account, with its OS counterpart as the
+    /// system has it now (one NSS look-up).
     pub fn user_entry(&self, r: &UserRecord) -> Value {
-        let d = UserData::from_record(r);
-        // No NSS lookup here: `user.query` builds every entry, and with tens of
-        // thousands of accounts a getpwnam per entry would dominate.
-        json!({
-            "id": r.id,
-            "uid": d.uid,
-            "username": r.username,
-            "unixhash": "*",
-            "smbhash": "*",
-            "home": d.home,
-            "shell": d.shell,
-            "full_name": d.full_name,
-            "builtin": d.builtin,
-            "immutable": d.builtin,
-            "smb": false,
-            "group": {"bsdgrp_gid": d.gid, "bsdgrp_group": d.group},
-            "groups": [],
-            "password_disabled": d.password_disabled || r.password_hash.is_none(),
-            "ssh_password_enabled": d.ssh_password_enabled,
-            "sshpubkey": d.sshpubkey,
-            "locked": d.locked,
-            "sudo_commands": d.sudo_commands,
-            "sudo_commands_nopasswd": d.sudo_commands_nopasswd,
-            "email": d.email,
-            "local": true,
-            "id_type_both": false,
-            "sid": null,
-            "roles": d.roles,
-            "twofactor_auth_configured": r.has_twofactor_secret && d.twofactor_enabled,
-        })
+        user_entry_with(r, accounts::lookup(&r.username).as_ref())
     }
 
+    /// Every entry: the OS accounts enumerated once (getpwent), looked up one
+    /// by one only for names the enumeration lacks.
     pub fn user_entries(&self) -> Result<Vec<Value>, ServiceError> {
-        Ok(self.store.users_list()?.iter().map(|r| self.user_entry(r)).collect())
+        let all = accounts::all();
+        Ok(self
+            .store
+            .users_list()?
+            .iter()
+            .map(|r| match all.get(&r.username) {
+                Some(os) => user_entry_with(r, Some(os)),
+                None => user_entry_with(r, accounts::lookup(&r.username).as_ref()),
+            })
+            .collect())
     }
 
     pub fn user_by_id(&self, id: i64) -> Result<(UserRecord, UserData), ServiceError> {
@@ -291,6 +386,49 @@ impl App {
         }
     }
 
+    /// With `accounts.manage_os` off, the OS owns uid, primary group, home
+    /// and shell: a value other than the OS's is refused, naming the setting.
+    fn check_os_owned(
+        &self,
+        input: &UserInput,
+        os: &OsAccount,
+        schema: &str,
+        username: &str,
+        errs: &mut ValidationErrors,
+    ) {
+        let home = os.home.display().to_string();
+        if input.shell.as_ref().is_some_and(|v| *v != os.shell) {
+            errs.push(os_owned(
+                schema,
+                "shell",
+                username,
+                "login shell",
+                &os.shell,
+                &format!("usermod -s SHELL {username}"),
+            ));
+        }
+        if input.home.as_ref().is_some_and(|v| *v != home) {
+            errs.push(os_owned(
+                schema,
+                "home",
+                username,
+                "home directory",
+                &home,
+                &format!("usermod -d HOME {username}"),
+            ));
+        }
+        if input.group.is_some_and(|g| g != i64::from(os.gid)) {
+            errs.push(os_owned(
+                schema,
+                "group",
+                username,
+                "primary group",
+                &format!("{} ({})", os.primary_group, os.gid),
+                &format!("usermod -g GROUP {username}"),
+            ));
+        }
+    }
+
     /// `user.create`.
     pub async fn user_create(&self, input: UserInput) -> Result<Value, ServiceError> {
         let _guard = self.users_lock.lock().await;
@@ -331,6 +469,7 @@ impl App {
             if let Some(uid) = input.uid.filter(|u| *u != os.uid as i64) {
                 errs.add(format!("{S}.uid"), format!("The OS account {username} has uid {}, not {uid}", os.uid));
             }
+            self.check_os_owned(&input, os, S, &username, &mut errs);
         }
         errs.check()?;
 
@@ -376,10 +515,14 @@ impl App {
             uid: os.uid as i64,
             gid: os.gid as i64,
             full_name,
-            home: input.home.clone().unwrap_or_else(|| os.home.display().to_string()),
-            shell,
+            home: if manage {
+                input.home.clone().unwrap_or_else(|| os.home.display().to_string())
+            } else {
+                os.home.display().to_string()
+            },
+            shell: if manage { shell } else { os.shell.clone() },
             email: input.email.clone().flatten(),
-            group: os.groups.first().cloned().unwrap_or_default(),
+            group: os.primary_group.clone(),
             ssh_password_enabled: input.ssh_password_enabled.unwrap_or(false),
             password_disabled: disabled,
             locked: input.locked.unwrap_or(false),
@@ -443,9 +586,18 @@ impl App {
                 errs.add(format!("{S}.username"), "Renaming an account is not supported; create a new account instead");
             }
         }
-        if input.uid.is_some_and(|u| u != data.uid) {
-            errs.add(format!("{S}.uid"), "The uid of an existing account cannot be changed");
-        }
+        let os = accounts::lookup(&rec.username);
+        let state = OsState::of(&data, os.as_ref());
+        // A uid equal to the one the OS now has adopts it (after the account
+        // was recreated outside keyhaven); any other change is refused.
+        let adopt_uid = match (&state, input.uid) {
+            (OsState::UidChanged(o), Some(u)) if u == i64::from(o.uid) => true,
+            (_, Some(u)) if u != data.uid => {
+                errs.add(format!("{S}.uid"), "The uid of an existing account cannot be changed");
+                false
+            }
+            _ => false,
+        };
         if data.builtin && input.roles.as_ref().is_some_and(|r| !r.iter().any(|x| x == "FULL_ADMIN")) {
             errs.add(
                 format!("{S}.roles"),
@@ -454,21 +606,40 @@ impl App {
         }
         self.validate_common(&input, S, &mut errs);
         let manage = self.config.manage_os_accounts;
-        if !manage {
-            if let Some(h) = input.home.as_ref().filter(|h| **h != data.home) {
-                errs.add(format!("{S}.home"), format!("Changing the home to {h} needs accounts.manage_os = true (keyhaven does not modify OS accounts otherwise)"));
+        if let (Some(os), false) = (&os, manage) {
+            self.check_os_owned(&input, os, S, &rec.username, &mut errs);
+        }
+        if input.sshpubkey.as_ref().is_some_and(|k| k.as_ref().is_some_and(|k| !k.trim().is_empty())) {
+            if let Some(problem) = state.problem(&rec.username, &data).filter(|_| !adopt_uid) {
+                errs.add(format!("{S}.sshpubkey"), problem);
             }
         }
         errs.check()?;
+        if adopt_uid {
+            if let OsState::UidChanged(o) = &state {
+                data.uid = i64::from(o.uid);
+                data.gid = i64::from(o.gid);
+            }
+        }
         use secrecy::ExposeSecret;
         if let Some(v) = input.full_name {
             data.full_name = v;
         }
-        if let Some(v) = input.shell {
-            data.shell = v;
-        }
-        if let Some(v) = input.home {
-            data.home = v;
+        match (&os, manage) {
+            (Some(o), false) => {
+                // The record keeps the OS's values (last known, shown if the account goes).
+                data.shell = o.shell.clone();
+                data.home = o.home.display().to_string();
+                data.group = o.primary_group.clone();
+            }
+            _ => {
+                if let Some(v) = input.shell {
+                    data.shell = v;
+                }
+                if let Some(v) = input.home {
+                    data.home = v;
+                }
+            }
         }
         if let Some(v) = input.email {
             data.email = v;
@@ -511,10 +682,10 @@ impl App {
                 }
             }
         };
-        let os_managed = manage && accounts::lookup(&rec.username).is_some();
+        let os_managed = manage && os.is_some();
         let undo_os = || {
             if os_managed {
-                if let Err(e) = accounts::modify(&rec.username, &old.shell, &old.full_name) {
+                if let Err(e) = accounts::modify(&rec.username, &old.shell, &old.full_name, &old.home) {
                     tracing::error!(user = %rec.username, "restoring the OS account failed: {e}");
                 }
             }
@@ -523,7 +694,7 @@ impl App {
             self.write_user_keys(&rec.username, &data)?;
         }
         if os_managed {
-            if let Err(e) = accounts::modify(&rec.username, &data.shell, &data.full_name) {
+            if let Err(e) = accounts::modify(&rec.username, &data.shell, &data.full_name, &data.home) {
                 undo_keys();
                 return Err(ServiceError::field(format!("{S}.shell"), format!("Updating the OS account failed: {e}")));
             }
