@@ -879,7 +879,7 @@ async fn bench_hostile() {
             }
             None => String::new(),
         };
-        println!("| pipelined `keychaincredential.create` with synchronous=FULL, {conns} connection(s) | {ours:.0}/s{theirs} | — |");
+        println!("| pipelined `keychaincredential.create` with synchronous=FULL-equivalent group commit, {conns} connection(s) | {ours:.0}/s{theirs} | — |");
     }
     println!();
 }

@@ -188,6 +188,37 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
         });
     }
     {
+        // Keys files follow the OS accounts: withdrawn when one is removed or
+        // changes uid behind keyhaven's back, restored when it is back.
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                let a = app.clone();
+                match tokio::task::spawn_blocking(move || a.reconcile_user_keys()).await {
+                    Ok(Ok(withdrawn)) => {
+                        for user in withdrawn {
+                            let session = crate::service::auth::Session::new("system".into());
+                            crate::service::audit::record(
+                                &app,
+                                &session,
+                                crate::service::audit::AuditEvent::method(
+                                    "user.keys",
+                                    &format!("Keys withdrawn: the OS account {user} is missing or has another uid"),
+                                    None,
+                                    true,
+                                    None,
+                                ),
+                            );
+                        }
+                    }
+                    Ok(Err(e)) => tracing::warn!("reconciling keys files with the OS accounts: {e}"),
+                    Err(e) => tracing::warn!("reconciling keys files with the OS accounts: {e}"),
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            }
+        });
+    }
+    {
         // Refused-login summaries once their lock ends; the failure map pruned.
         let app = app.clone();
         tokio::spawn(async move {
@@ -195,6 +226,7 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
                 tokio::time::sleep(std::time::Duration::from_secs(15)).await;
                 app.flush_refusal_summaries(false);
                 app.auth.limiter.prune();
+                crate::service::auth::release_idle_hash_memory(std::time::Duration::from_secs(10));
             }
         });
     }
@@ -202,6 +234,15 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
     {
         let app = app.clone();
         tokio::spawn(async move { app.start_enabled_services().await });
+    }
+    // Argon2 works in ~19 MiB blocks. Pinning glibc's mmap threshold keeps
+    // such blocks out of the per-thread arenas (which would hold on to them)
+    // and returns them to the system as soon as they are freed; the login
+    // path reuses its blocks during bursts (service::auth::verify_password).
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator tuning.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
     // glibc keeps freed memory after bursts (bulk creates, large queries);
     // hand it back to the system now and then so an idle daemon stays small.

@@ -1007,12 +1007,21 @@ async function viewUsers(view) {
       { label: 'Full name', key: 'full_name' },
       { label: 'UID', key: 'uid' },
       { label: 'Shell', key: 'shell' },
+      { label: 'OS account', render: (u) => osAccountBadge(u) },
       { label: 'Authorized keys', render: (u) => String(keyCount(u)) },
       { label: 'SSH password', render: (u) => (u.ssh_password_enabled ? 'yes' : 'no') },
       { label: '2FA', render: (u) => (u.twofactor_auth_configured ? 'yes' : 'no') },
       { label: 'Actions', cls: 'actions', render: (u) => btn('Edit', () => userForm(u), 'secondary small', { 'aria-label': `Edit ${u.username}` }) },
     ], users, 'No users.', (u) => ({ 'data-name': u.username }))),
   );
+}
+
+// How the account's OS counterpart stands (keyhaven's os_account extension).
+function osAccountBadge(u) {
+  const st = (u.os_account && u.os_account.state) || 'OK';
+  if (st === 'OK') return h('span', { class: 'badge ok' }, 'ok');
+  const label = st === 'MISSING' ? 'missing' : 'uid changed';
+  return h('span', { class: 'badge fail', title: u.os_account.message || '', 'data-os-state': st }, label);
 }
 
 function userForm(u) {
@@ -1030,7 +1039,9 @@ function userForm(u) {
     values: { full_name: u.full_name, shell: u.shell, sshpubkey: u.sshpubkey || '', ssh_password_enabled: u.ssh_password_enabled },
     onSubmit: async (v, f, m) => {
       if (v.password !== v.password2) { f.fieldError('password2', 'The passwords do not match'); return; }
-      const patch = { full_name: v.full_name, shell: v.shell, ssh_password_enabled: v.ssh_password_enabled };
+      const patch = { full_name: v.full_name, ssh_password_enabled: v.ssh_password_enabled };
+      // The shell may belong to the OS (accounts.manage_os off): send it only when changed.
+      if (v.shell !== u.shell) patch.shell = v.shell;
       const keys = v.sshpubkey.trim();
       patch.sshpubkey = keys ? keys : null;
       if (v.password) patch.password = v.password;
@@ -1053,6 +1064,9 @@ function userForm(u) {
   }, 'secondary small', { id: 'download-authorized-keys' });
   form.ctl.sshpubkey.parentElement.append(h('div', { class: 'row-buttons' },
     h('label', { for: fileId, class: 'inline' }, 'Upload SSH Key (replaces the text):'), file, dl));
+  if (u.os_account && u.os_account.message) {
+    form.el.prepend(h('p', { class: 'notice error', role: 'alert', id: 'os-account-problem' }, u.os_account.message));
+  }
   if (rpc.user && rpc.user.pw_name === u.username && rpc.has('user.renew_2fa_secret')) {
     form.el.append(h('fieldset', {}, h('legend', {}, 'Two-factor authentication'),
       h('p', { class: 'help' }, u.twofactor_auth_configured ? '2FA is configured. Renewing replaces the secret.' : '2FA is not configured.'),

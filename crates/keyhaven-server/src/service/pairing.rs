@@ -144,6 +144,26 @@ impl App {
         let (_, data) = self
             .user(username)?
             .ok_or_else(|| ServiceError::call(EFAULT, format!("User {username} does not exist")))?;
+        // Before anything changes: an account that cannot run commands makes a
+        // connection that fails every backup. With manage_os the pairing side
+        // changes the shell afterwards (as TrueNAS does); without, it cannot.
+        if !self.config.manage_os_accounts {
+            let os = keyhaven_ssh::accounts::lookup(username).ok_or_else(|| {
+                ServiceError::call(
+                    EFAULT,
+                    format!("User {username} has no OS account on this system; create it first (useradd {username})"),
+                )
+            })?;
+            if let Err(why) = keyhaven_ssh::accounts::shell_runs_commands(&os.shell) {
+                return Err(ServiceError::call(
+                    EINVAL,
+                    format!(
+                        "User {username} cannot run commands over SSH: {why}. Give it a shell on this system \
+                         (usermod -s /bin/bash {username}) or set accounts.manage_os = true so pairing can change it"
+                    ),
+                ));
+            }
+        }
         if let KeysLocation::Home = self.keys_location {
             let home = data.home.as_str();
             if home.starts_with("/var/empty")
@@ -483,6 +503,24 @@ impl App {
             c.call("user.update", vec![user["id"].clone(), Value::Object(update.clone())]).await.map_err(upd_err)?;
             for k in update.keys() {
                 changes.restore.insert(k.clone(), user[k].clone());
+            }
+            // Trust what the remote reports now, not that it accepted the
+            // update: a login shell that refuses commands fails every backup.
+            if update.contains_key("shell") {
+                let now = c
+                    .call("user.get_instance", vec![user["id"].clone()])
+                    .await
+                    .map_err(upd_err)?;
+                if now["shell"] == "/usr/sbin/nologin" {
+                    return Err(ServiceError::call(
+                        EFAULT,
+                        format!(
+                            "Error updating remote user attributes: the remote account {} still has the login shell \
+                             /usr/sbin/nologin, so it cannot run commands; give it a shell on the remote system",
+                            s.username
+                        ),
+                    ));
+                }
             }
             Ok::<_, ServiceError>((port, host_key))
         }

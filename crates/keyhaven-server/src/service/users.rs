@@ -539,6 +539,10 @@ impl App {
             twofactor_enabled: false,
             attributes: serde_json::Map::new(),
         };
+        if let Some(p) = self.keys_reach_problem(&username, &data, Some(&os)) {
+            undo_os();
+            return Err(ServiceError::field(format!("{S}.sshpubkey"), format!("sshd could not use these keys: {p}")));
+        }
         let id = self.store.user_insert(&username, &data.to_value(), hash.as_deref()).inspect_err(|_| undo_os())?;
         if let Err(e) = self.write_user_keys(&username, &data) {
             // No half-made account: without its keys file the row goes too.
@@ -667,6 +671,12 @@ impl App {
         if let Some(v) = input.sshpubkey {
             data.sshpubkey = v.map(|t| authorized_keys::normalize(&t)).filter(|t| !t.is_empty());
         }
+        if keys_changed {
+            let os_now = state.ok().cloned().or_else(|| if adopt_uid { os.clone() } else { None });
+            if let Some(p) = self.keys_reach_problem(&rec.username, &data, os_now.as_ref()) {
+                return Err(ServiceError::field(format!("{S}.sshpubkey"), format!("sshd could not use these keys: {p}")));
+            }
+        }
         let hash = match &input.password {
             Some(p) => Some(Some(self.auth.hash(p).await?)),
             None => None,
@@ -758,18 +768,28 @@ impl App {
 
     /// Who owns an account's keys file and where its home is: the OS
     /// account's values, the record's when there is none.
-    fn keys_owner_of(username: &str, data: &UserData) -> (u32, u32, std::path::PathBuf) {
-        let os: Option<OsAccount> = accounts::lookup(username);
+    fn keys_owner_of(os: Option<&OsAccount>, data: &UserData) -> (u32, u32, std::path::PathBuf) {
         match os {
-            Some(o) => (o.uid, o.gid, o.home),
+            Some(o) => (o.uid, o.gid, o.home.clone()),
             None => (data.uid.max(0) as u32, data.uid.max(0) as u32, std::path::PathBuf::from(&data.home)),
         }
     }
 
-    /// Write an account's authorized keys where sshd looks for them.
+    /// Write an account's authorized keys where sshd looks for them. An
+    /// account whose OS counterpart is missing or has another uid gets none:
+    /// its file is withdrawn (best effort) so sshd never serves its keys to
+    /// whoever holds the name now.
     pub fn write_user_keys(&self, username: &str, data: &UserData) -> Result<(), ServiceError> {
-        let (uid, gid, home) = Self::keys_owner_of(username, data);
+        let os = accounts::lookup(username);
+        let state = OsState::of(data, os.as_ref());
+        let (uid, gid, home) = Self::keys_owner_of(os.as_ref(), data);
         let owner = KeysOwner { username, uid, gid, home: &home };
+        if state.ok().is_none() {
+            if let Err(e) = self.keys_location.write(&owner, "") {
+                tracing::debug!(user = %username, "withdrawing the keys of an account without its OS account: {e}");
+            }
+            return Ok(());
+        }
         self.keys_location.write(&owner, data.sshpubkey.as_deref().unwrap_or("")).map_err(keys_file_error)?;
         Ok(())
     }
@@ -777,12 +797,28 @@ impl App {
     /// Whether `write_user_keys` would find a usable home and `~/.ssh`, without
     /// changing anything: for callers with side effects to do first.
     pub fn check_user_keys(&self, username: &str, data: &UserData) -> Result<(), ServiceError> {
-        let (uid, gid, home) = Self::keys_owner_of(username, data);
+        let os = accounts::lookup(username);
+        let (uid, gid, home) = Self::keys_owner_of(os.as_ref(), data);
         let owner = KeysOwner { username, uid, gid, home: &home };
         self.keys_location.check(&owner).map_err(keys_file_error)
     }
 
-    /// Rewrite every account's keys (start of the SSH service).
+    /// Why sshd, reading this account's keys file as the account, would not
+    /// use it (`None` when it would, or when there are no keys to read).
+    pub fn keys_reach_problem(&self, username: &str, data: &UserData, os: Option<&OsAccount>) -> Option<String> {
+        let os = os?;
+        if data.sshpubkey.as_deref().is_none_or(|k| k.trim().is_empty()) {
+            return None;
+        }
+        let owner = KeysOwner { username, uid: os.uid, gid: os.gid, home: &os.home };
+        let path = self.keys_location.path_for(&owner);
+        let home = matches!(self.keys_location, keyhaven_ssh::files::KeysLocation::Home).then_some(os.home.as_path());
+        let reader = keyhaven_ssh::reach::Reader { username, uid: os.uid, gids: &os.gids };
+        keyhaven_ssh::reach::sshd_read_problem(&path, home, &reader)
+    }
+
+    /// Rewrite every account's keys (start of the SSH service), saying which
+    /// accounts' keys sshd will not use and why.
     pub fn sync_all_user_keys(&self) -> Result<(), ServiceError> {
         for r in self.store.users_list()? {
             let d = UserData::from_record(&r);
@@ -790,9 +826,51 @@ impl App {
                 if let Err(e) = self.write_user_keys(&r.username, &d) {
                     tracing::warn!(user = %r.username, "{e}");
                 }
+                let os = accounts::lookup(&r.username);
+                match OsState::of(&d, os.as_ref()).problem(&r.username, &d) {
+                    Some(p) => tracing::warn!(user = %r.username, "{p}"),
+                    None => {
+                        if let Some(p) = self.keys_reach_problem(&r.username, &d, os.as_ref()) {
+                            tracing::warn!(user = %r.username, "sshd will refuse the keys of {}: {p}", r.username);
+                        }
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// Keep the keys files in step with the OS accounts: withdraw the file of
+    /// an account whose OS counterpart went away or changed uid, restore it
+    /// when the account is back as it was. Cheap (one enumeration, a stat per
+    /// account with keys); run periodically. Returns the accounts whose keys
+    /// it withdrew.
+    pub fn reconcile_user_keys(&self) -> Result<Vec<String>, ServiceError> {
+        let keyhaven_ssh::files::KeysLocation::Data(_) = &self.keys_location else { return Ok(vec![]) };
+        let all = accounts::all();
+        let mut withdrawn = vec![];
+        for r in self.store.users_list()? {
+            let d = UserData::from_record(&r);
+            if d.sshpubkey.as_deref().is_none_or(|k| k.trim().is_empty()) {
+                continue;
+            }
+            let os = all.get(&r.username).cloned().or_else(|| accounts::lookup(&r.username));
+            let state = OsState::of(&d, os.as_ref());
+            let (uid, gid, home) = Self::keys_owner_of(os.as_ref(), &d);
+            let path = self.keys_location.path_for(&KeysOwner { username: &r.username, uid, gid, home: &home });
+            let present = path.exists();
+            if state.ok().is_none() && present {
+                self.write_user_keys(&r.username, &d)?;
+                if let Some(p) = state.problem(&r.username, &d) {
+                    tracing::warn!(user = %r.username, "{p}");
+                }
+                withdrawn.push(r.username.clone());
+            } else if state.ok().is_some() && !present {
+                tracing::info!(user = %r.username, "the OS account is back as keyhaven set it up: its keys are served again");
+                self.write_user_keys(&r.username, &d)?;
+            }
+        }
+        Ok(withdrawn)
     }
 
     // ---------------------------------------------------------- two-factor
