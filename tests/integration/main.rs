@@ -3,6 +3,7 @@
 
 mod util;
 
+mod accounts;
 mod api_auth;
 mod api_protocol;
 mod badinput;

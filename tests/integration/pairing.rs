@@ -272,9 +272,10 @@ async fn ssh_pair_home_location_needs_a_home() {
         )
         .await;
     assert_call_error(&e, "ENOENT", &format!("Home directory {home} does not exist"));
-    // user.update fails the same way and changes nothing (the key file is written before the record).
+    // user.update is refused too (admin has no OS account here, so no SSH
+    // login: keys on it could never be used) and changes nothing.
     let e = c.err("user.update", json!([admin["id"], {"sshpubkey": kp["public_key"], "full_name": "New Name"}])).await;
-    assert_call_error(&e, "EACCES", "Failed to update authorized keys");
+    assert_field(&e, "user_update.sshpubkey", "API account without an OS account");
     let after = c.call("user.query", json!([[["username", "=", "admin"]], {"get": true}])).await;
     assert_eq!(after, admin, "a failed user.update changed the account");
 }
@@ -607,16 +608,20 @@ async fn semiautomatic_setup_with_otp_and_sudo_for_a_non_root_user() {
         return;
     }
     let a = Daemon::start();
-    let (b, _b_ssh) = remote_b(DaemonOpts::default()).await;
+    // B manages OS accounts (as TrueNAS does), so pairing may give the account a shell.
+    let manage = DaemonOpts { env: vec![("KEYHAVEN_ACCOUNTS_MANAGE_OS".into(), "true".into())], ..Default::default() };
+    let (b, _b_ssh) = remote_b(manage).await;
     let mut cb = b.admin().await;
     // B's admin has two-factor login.
     let e = cb.call("user.renew_2fa_secret", json!(["admin", {}])).await;
     let uri = e["provisioning_uri"].as_str().unwrap().to_string();
     let (_, totp) = totp_from_uri(&uri);
-    // The SSH user on B: `daemon` (exists on every Debian system), with a nologin shell.
+    // The SSH user on B, made by keyhaven (useradd), with a nologin shell.
+    let account = OsUserGuard::new("khpair");
+    let user = account.name.clone();
     cb.call(
         "user.create",
-        json!([{"username": "daemon", "full_name": "", "password_disabled": true, "shell": "/usr/sbin/nologin"}]),
+        json!([{"username": user, "full_name": "", "password_disabled": true, "shell": "/usr/sbin/nologin"}]),
     )
     .await;
 
@@ -624,7 +629,7 @@ async fn semiautomatic_setup_with_otp_and_sudo_for_a_non_root_user() {
     let setup = |otp: &str| {
         json!([{"connection_name": format!("otp-{otp}"), "setup_type": "SEMI-AUTOMATIC",
                 "private_key": {"generate_key": true, "name": format!("otp-{otp} Key")},
-                "semi_automatic_setup": semi(&b.url, json!({"password": ADMIN_PASSWORD, "otp_token": otp, "username": "daemon", "sudo": true}))}])
+                "semi_automatic_setup": semi(&b.url, json!({"password": ADMIN_PASSWORD, "otp_token": otp, "username": user, "sudo": true}))}])
     };
     // Without the code: refused, and the generated key is rolled back.
     let e = ca.err("keychaincredential.setup_ssh_connection", setup("")).await;
@@ -636,10 +641,12 @@ async fn semiautomatic_setup_with_otp_and_sudo_for_a_non_root_user() {
     // The right code (OTP_TOKEN continuation on the same connection): paired.
     let code = totp.generate_current().to_string();
     let conn = ca.call("keychaincredential.setup_ssh_connection", setup(&code)).await;
-    assert_eq!(conn["attributes"]["username"], "daemon");
-    // The remote user got a login shell and passwordless sudo for zfs, and the key.
-    let u = cb.call("user.query", json!([[["username", "=", "daemon"]], {"get": true}])).await;
+    assert_eq!(conn["attributes"]["username"], user);
+    // The remote user got a login shell (in the OS: the entry shows the OS's) and
+    // passwordless sudo for zfs, and the key.
+    let u = cb.call("user.query", json!([[["username", "=", user]], {"get": true}])).await;
     assert_eq!(u["shell"], "/usr/bin/bash", "{u}");
+    assert_eq!(u["os_account"]["state"], "OK", "{u}");
     assert_eq!(u["sudo_commands_nopasswd"], json!(["/usr/sbin/zfs"]));
     assert!(u["sshpubkey"].as_str().unwrap().starts_with("ssh-ed25519 "));
 }
@@ -840,9 +847,8 @@ async fn re_pair_rotates_the_key_and_refreshes_host_keys() {
     assert_field(&e, "keychain_re_pair_ssh_connection.id", "is not an SSH connection");
     assert_eq!(credential_count(&mut ca).await, before, "a refused re-pair created or removed credentials");
     assert_eq!(ca.call("keychaincredential.get_instance", json!([id.clone()])).await, conn, "connection changed");
-    // Pairing works but the new key cannot log in (the OS account `daemon` has the
-    // nologin shell and B does not manage OS accounts): everything is rolled back,
-    // on B too.
+    // The OS account `daemon` has the nologin shell and B does not manage OS
+    // accounts: B refuses before changing anything, and A keeps everything.
     cb.call(
         "user.create",
         json!([{"username": "daemon", "full_name": "", "password_disabled": true, "shell": "/usr/sbin/nologin"}]),
@@ -856,7 +862,7 @@ async fn re_pair_rotates_the_key_and_refreshes_host_keys() {
             json!([id.clone(), {"semi_automatic_setup": as_daemon, "new_key": {"name": "to-b Key 3"}}]),
         )
         .await;
-    assert_call_error(&e, "EFAULT", "The connection is unchanged");
+    assert_call_error(&e, "EFAULT", "User daemon cannot run commands over SSH: its login shell is /usr/sbin/nologin");
     assert_eq!(credential_count(&mut ca).await, before, "the generated key pair was kept");
     assert_eq!(ca.call("keychaincredential.get_instance", json!([id.clone()])).await, conn, "connection changed");
     let daemon = cb.call("user.query", json!([[["username", "=", "daemon"]], {"get": true}])).await;

@@ -481,3 +481,48 @@ pub fn db_bytes(dir: &Path) -> u64 {
         .map(|f| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0))
         .sum()
 }
+
+// ---------------------------------------------------------------- OS accounts
+
+/// An OS account name reserved for one test (`<prefix>-<hex>`); whatever
+/// account of that name exists when the guard drops is removed with its home
+/// (`userdel -r`), also when the test fails.
+pub struct OsUserGuard {
+    pub name: String,
+}
+
+impl OsUserGuard {
+    pub fn new(prefix: &str) -> OsUserGuard {
+        let mut r = [0u8; 4];
+        getrandom(&mut r);
+        OsUserGuard { name: format!("{prefix}-{}", hex(&r)) }
+    }
+
+    /// `useradd -m -s SHELL [-u UID] NAME`.
+    pub fn useradd(&self, shell: &str, uid: Option<u32>) {
+        let mut c = Command::new("useradd");
+        c.args(["-m", "-s", shell]);
+        if let Some(u) = uid {
+            c.args(["-u", &u.to_string()]);
+        }
+        let o = c.arg(&self.name).output().expect("useradd (Debian package `passwd`)");
+        assert!(o.status.success(), "useradd {}: {}", self.name, String::from_utf8_lossy(&o.stderr));
+    }
+
+    /// `userdel -r NAME` now (behind keyhaven's back).
+    pub fn userdel(&self) {
+        let o = Command::new("userdel").args(["-r", &self.name]).output().unwrap();
+        assert!(o.status.success(), "userdel {}: {}", self.name, String::from_utf8_lossy(&o.stderr));
+    }
+
+    pub fn uid(&self) -> u32 {
+        let o = Command::new("id").args(["-u", &self.name]).output().unwrap();
+        String::from_utf8(o.stdout).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for OsUserGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").args(["-r", &self.name]).stderr(Stdio::null()).status();
+    }
+}

@@ -428,10 +428,9 @@ fn verify_password(hash: &str, password: &str) -> bool {
     let mut blocks = HASH_MEMORY.lock().unwrap_or_else(|p| p.into_inner()).0.pop().unwrap_or_default();
     blocks.resize(params.block_count(), argon2::Block::default());
     let mut out = vec![0u8; expected.len()];
-    let ok = argon
-        .hash_password_into_with_memory(password.as_bytes(), salt.as_ref(), &mut out, &mut blocks[..])
-        .is_ok()
-        && bool::from(out.as_slice().ct_eq(expected.as_bytes()));
+    let ok =
+        argon.hash_password_into_with_memory(password.as_bytes(), salt.as_ref(), &mut out, &mut blocks[..]).is_ok()
+            && bool::from(out.as_slice().ct_eq(expected.as_bytes()));
     let mut m = HASH_MEMORY.lock().unwrap_or_else(|p| p.into_inner());
     m.0.push(blocks);
     m.1 = Some(Instant::now());

@@ -144,6 +144,18 @@ impl App {
         let (_, data) = self
             .user(username)?
             .ok_or_else(|| ServiceError::call(EFAULT, format!("User {username} does not exist")))?;
+        if let KeysLocation::Home = self.keys_location {
+            let home = data.home.as_str();
+            if home.starts_with("/var/empty")
+                || home.starts_with("/nonexistent")
+                || !std::path::Path::new(home).is_dir()
+            {
+                return Err(ServiceError::call(ENOENT, format!("Home directory {home} does not exist")));
+            }
+            // A home or ~/.ssh that is a symbolic link or another account's:
+            // refused now, before sshd is enabled and started for nothing.
+            self.check_user_keys(username, &data)?;
+        }
         // Before anything changes: an account that cannot run commands makes a
         // connection that fails every backup. With manage_os the pairing side
         // changes the shell afterwards (as TrueNAS does); without, it cannot.
@@ -163,18 +175,6 @@ impl App {
                     ),
                 ));
             }
-        }
-        if let KeysLocation::Home = self.keys_location {
-            let home = data.home.as_str();
-            if home.starts_with("/var/empty")
-                || home.starts_with("/nonexistent")
-                || !std::path::Path::new(home).is_dir()
-            {
-                return Err(ServiceError::call(ENOENT, format!("Home directory {home} does not exist")));
-            }
-            // A home or ~/.ssh that is a symbolic link or another account's:
-            // refused now, before sshd is enabled and started for nothing.
-            self.check_user_keys(username, &data)?;
         }
         if !self.ssh_enabled()? {
             self.ssh_set_enabled(true)?;
@@ -507,10 +507,7 @@ impl App {
             // Trust what the remote reports now, not that it accepted the
             // update: a login shell that refuses commands fails every backup.
             if update.contains_key("shell") {
-                let now = c
-                    .call("user.get_instance", vec![user["id"].clone()])
-                    .await
-                    .map_err(upd_err)?;
+                let now = c.call("user.get_instance", vec![user["id"].clone()]).await.map_err(upd_err)?;
                 if now["shell"] == "/usr/sbin/nologin" {
                     return Err(ServiceError::call(
                         EFAULT,

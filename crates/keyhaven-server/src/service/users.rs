@@ -37,6 +37,10 @@ pub struct UserData {
     /// The account's own preferences (`auth.set_attribute`, shown by `auth.me`),
     /// e.g. the web UI's session timeout.
     pub attributes: serde_json::Map<String, serde_json::Value>,
+    /// Whether an OS account of this name belonged to it when keyhaven set it
+    /// up. `false` for an API-only account (the built-in `admin` on a system
+    /// without such an OS account): it has no SSH login.
+    pub os_account: bool,
 }
 
 impl Default for UserData {
@@ -59,6 +63,7 @@ impl Default for UserData {
             sshpubkey: None,
             twofactor_enabled: false,
             attributes: serde_json::Map::new(),
+            os_account: true,
         }
     }
 }
@@ -118,8 +123,11 @@ pub fn bootstrap(store: &Store, admin_password: Option<Zeroizing<String>>) -> Re
                 p
             }
         };
-        let (uid, home, shell) = os_account("admin").unwrap_or((950, "/var/empty".into(), "/usr/sbin/nologin".into()));
+        let os = os_account("admin");
+        let has_os = os.is_some();
+        let (uid, home, shell) = os.unwrap_or((950, "/var/empty".into(), "/usr/sbin/nologin".into()));
         let data = UserData {
+            os_account: has_os,
             uid,
             gid: uid,
             full_name: "Administrator".into(),
@@ -190,6 +198,8 @@ fn keys_file_error(e: KeysFileError) -> ServiceError {
 #[derive(Debug, Clone)]
 pub enum OsState {
     Ok(OsAccount),
+    /// An API-only account: there never was an OS account of that name.
+    None,
     /// No OS account of that name (removed outside keyhaven).
     Missing,
     /// The name now has another uid than the one recorded (removed and
@@ -200,7 +210,9 @@ pub enum OsState {
 impl OsState {
     pub fn of(data: &UserData, os: Option<&OsAccount>) -> OsState {
         match os {
+            None if !data.os_account => OsState::None,
             None => OsState::Missing,
+            Some(o) if !data.os_account => OsState::UidChanged(o.clone()),
             Some(o) if i64::from(o.uid) != data.uid => OsState::UidChanged(o.clone()),
             Some(o) => OsState::Ok(o.clone()),
         }
@@ -218,6 +230,11 @@ impl OsState {
     pub fn problem(&self, username: &str, data: &UserData) -> Option<String> {
         match self {
             OsState::Ok(_) => None,
+            OsState::None => Some(format!(
+                "{username} is an API account without an OS account: sshd cannot log in as it, so keys set on it \
+                 would never be used. Put the keys on an account that has one, or create an OS account {username} \
+                 (useradd {username}) and adopt its uid with user.update {{\"uid\": UID}}"
+            )),
             OsState::Missing => Some(format!(
                 "The OS account {username} no longer exists (it was removed outside keyhaven), so its keys are not \
                  served. Recreate it (useradd {username}) or delete this account"
@@ -234,6 +251,7 @@ impl OsState {
     fn label(&self) -> &'static str {
         match self {
             OsState::Ok(_) => "OK",
+            OsState::None => "NONE",
             OsState::Missing => "MISSING",
             OsState::UidChanged(_) => "UID_CHANGED",
         }
@@ -311,17 +329,23 @@ impl App {
 
     /// Every entry: the OS accounts enumerated once (getpwent), looked up one
     /// by one only for names the enumeration lacks.
+    /// An account found without its OS counterpart has its keys withdrawn
+    /// at once (the periodic reconcile would within 30 s).
     pub fn user_entries(&self) -> Result<Vec<Value>, ServiceError> {
         let all = accounts::all();
-        Ok(self
-            .store
-            .users_list()?
-            .iter()
-            .map(|r| match all.get(&r.username) {
-                Some(os) => user_entry_with(r, Some(os)),
-                None => user_entry_with(r, accounts::lookup(&r.username).as_ref()),
-            })
-            .collect())
+        let mut out = Vec::new();
+        for r in self.store.users_list()? {
+            let os = all.get(&r.username).cloned().or_else(|| accounts::lookup(&r.username));
+            let entry = user_entry_with(&r, os.as_ref());
+            if entry["os_account"]["state"] != "OK" && entry["sshpubkey"].is_string() {
+                let d = UserData::from_record(&r);
+                if let Err(e) = self.write_user_keys(&r.username, &d) {
+                    tracing::warn!(user = %r.username, "withdrawing keys: {e}");
+                }
+            }
+            out.push(entry);
+        }
+        Ok(out)
     }
 
     pub fn user_by_id(&self, id: i64) -> Result<(UserRecord, UserData), ServiceError> {
@@ -538,6 +562,7 @@ impl App {
                 .filter(|t| !t.is_empty()),
             twofactor_enabled: false,
             attributes: serde_json::Map::new(),
+            os_account: true,
         };
         if let Some(p) = self.keys_reach_problem(&username, &data, Some(&os)) {
             undo_os();
@@ -623,6 +648,7 @@ impl App {
             if let OsState::UidChanged(o) = &state {
                 data.uid = i64::from(o.uid);
                 data.gid = i64::from(o.gid);
+                data.os_account = true;
             }
         }
         use secrecy::ExposeSecret;
@@ -674,7 +700,10 @@ impl App {
         if keys_changed {
             let os_now = state.ok().cloned().or_else(|| if adopt_uid { os.clone() } else { None });
             if let Some(p) = self.keys_reach_problem(&rec.username, &data, os_now.as_ref()) {
-                return Err(ServiceError::field(format!("{S}.sshpubkey"), format!("sshd could not use these keys: {p}")));
+                return Err(ServiceError::field(
+                    format!("{S}.sshpubkey"),
+                    format!("sshd could not use these keys: {p}"),
+                ));
             }
         }
         let hash = match &input.password {
