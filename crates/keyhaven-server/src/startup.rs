@@ -188,6 +188,14 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
         });
     }
     {
+        let app = app.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = app.report_unusable_keys() {
+                tracing::warn!("checking the accounts' keys: {e}");
+            }
+        });
+    }
+    {
         // Keys files follow the OS accounts: withdrawn when one is removed or
         // changes uid behind keyhaven's back, restored when it is back.
         let app = app.clone();

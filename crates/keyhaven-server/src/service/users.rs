@@ -869,6 +869,28 @@ impl App {
         Ok(())
     }
 
+    /// Say, in the log, which accounts' keys sshd would not use and why
+    /// (start of keyhaven; writes nothing).
+    pub fn report_unusable_keys(&self) -> Result<usize, ServiceError> {
+        let mut n = 0;
+        let all = accounts::all();
+        for r in self.store.users_list()? {
+            let d = UserData::from_record(&r);
+            if d.sshpubkey.as_deref().is_none_or(|k| k.trim().is_empty()) {
+                continue;
+            }
+            let os = all.get(&r.username).cloned().or_else(|| accounts::lookup(&r.username));
+            let problem = OsState::of(&d, os.as_ref())
+                .problem(&r.username, &d)
+                .or_else(|| self.keys_reach_problem(&r.username, &d, os.as_ref()));
+            if let Some(p) = problem {
+                tracing::warn!(user = %r.username, "sshd will not use the keys of {}: {p}", r.username);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Keep the keys files in step with the OS accounts: withdraw the file of
     /// an account whose OS counterpart went away or changed uid, restore it
     /// when the account is back as it was. Cheap (one enumeration, a stat per
