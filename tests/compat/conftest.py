@@ -9,6 +9,10 @@ Clients under test, each used through its public API:
 
 * pytruenas 0.7.1         -- JSON-RPC 2.0 at ``/api/current`` (test_pytruenas.py)
 * aiotruenas-client 0.10.0 -- legacy DDP-style ``/websocket`` (test_aiotruenas.py)
+
+TrueNAS's own API tests (test_api2_*.py) run against daemons of their
+own, one per account mode (``accounts.manage_os`` false and true), each with
+a real sshd: see the ``truenas`` fixtures at the end and truenas_assets.py.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-READY_LINE = re.compile(r"^keyhaven listening on http://127\.0\.0\.1:(\d+)\s*$")
+READY_LINE = re.compile(r"^keyhaven listening on (https?)://127\.0\.0\.1:(\d+)\s*$")
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -54,6 +58,7 @@ class Keyhaven:
     proc: subprocess.Popen
     stderr_path: pathlib.Path
     _keys: list = field(default_factory=list)
+    scheme: str = "http"
 
     username = "admin"
 
@@ -65,7 +70,13 @@ class Keyhaven:
     @property
     def target(self) -> str:
         """A pytruenas connection string (it appends ``/api/current`` itself)."""
-        return f"ws://127.0.0.1:{self.port}"
+        ws = "wss" if self.scheme == "https" else "ws"
+        return f"{ws}://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The base URL another system pairs with (``http(s)://127.0.0.1:port``)."""
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def cli(self, method: str, *params) -> object:
         """Call a method through ``keyhaven call`` (the local socket), for setup."""
@@ -86,7 +97,13 @@ class Keyhaven:
             return ""
 
 
-def _start(tmp: pathlib.Path) -> Keyhaven:
+def _start(tmp: pathlib.Path, env: dict[str, str] | None = None, *, make_data_dir: bool = True) -> Keyhaven:
+    """Start a daemon with its data dir in ``tmp/data``.
+
+    ``env`` adds settings (``KEYHAVEN_*``). With ``make_data_dir`` false the
+    daemon creates the data dir itself (0711: sshd must reach the per-user
+    keys files below it as each user, see shared/DESIGN.md section 2).
+    """
     binary = keyhaven_bin()
     if not binary.is_file() or not os.access(binary, os.X_OK):
         pytest.exit(
@@ -95,12 +112,13 @@ def _start(tmp: pathlib.Path) -> Keyhaven:
             returncode=3,
         )
     data_dir = tmp / "data"
-    data_dir.mkdir()
-    data_dir.chmod(0o700)  # keyhaven refuses a data dir that group or others can read
+    if make_data_dir:
+        data_dir.mkdir()
+        data_dir.chmod(0o700)  # keyhaven refuses a data dir that group or others can read
     stdout_path = tmp / "stdout.log"
     stderr_path = tmp / "stderr.log"
     password = "compat-" + secrets.token_urlsafe(12)
-    env = dict(os.environ, KEYHAVEN_ADMIN_PASSWORD=password)
+    env = dict(os.environ, **(env or {}), KEYHAVEN_ADMIN_PASSWORD=password)
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
         proc = subprocess.Popen(
             [str(binary), "serve", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"],
@@ -112,16 +130,17 @@ def _start(tmp: pathlib.Path) -> Keyhaven:
         )
     deadline = time.monotonic() + START_TIMEOUT
     port = None
+    scheme = "http"
     while time.monotonic() < deadline:
         for line in stdout_path.read_text(errors="replace").splitlines():
             m = READY_LINE.match(line)
             if m:
-                port = int(m.group(1))
+                scheme, port = m.group(1), int(m.group(2))
                 break
         if port is not None or proc.poll() is not None:
             break
         time.sleep(0.05)
-    kh = Keyhaven(binary, data_dir, password, port or 0, proc, stderr_path)
+    kh = Keyhaven(binary, data_dir, password, port or 0, proc, stderr_path, scheme=scheme)
     if port is None:
         _stop(proc)
         pytest.exit(
@@ -197,3 +216,57 @@ def pytest_terminal_summary(terminalreporter):
     )
     for nodeid, outcome in _KEYCHAIN_OUTCOMES.items():
         terminalreporter.write_line(f"{outcome.upper():8} {nodeid}")
+
+
+# -- TrueNAS's own API tests (test_api2_*.py) ----------------------------------
+#
+# A daemon per account mode (and, on first use, per keys location and for
+# TLS), each in its own directory below /var/lib/keyhaven-test, with sshd on a
+# free port of the wildcard address. See truenas_assets.py.
+
+from truenas_assets import Accounts, TrueNASSystem, TrueNASSystems, unavailable_reason  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def truenas_systems() -> TrueNASSystems:
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    systems = TrueNASSystems(_start, _stop)
+    yield systems
+    systems.stop_all()
+
+
+@pytest.fixture(scope="session", params=[False, True], ids=["manage_os=false", "manage_os=true"])
+def manage_os(request) -> bool:
+    """``accounts.manage_os``: false (default: OS accounts must exist and are
+    never changed by keyhaven) or true (keyhaven runs useradd/usermod/userdel)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def truenas(truenas_systems: TrueNASSystems, manage_os: bool) -> TrueNASSystem:
+    """The system under test: keys in keyhaven's data dir (its default), plain
+    HTTP on loopback."""
+    return truenas_systems.get(manage_os=manage_os)
+
+
+@pytest.fixture
+def accounts(truenas: TrueNASSystem) -> Accounts:
+    """Accounts (OS and keyhaven) and homes on ``truenas``, removed after the test."""
+    made = Accounts(truenas)
+    yield made
+    made.cleanup()
+
+
+@pytest.fixture
+def accounts_on():
+    """``accounts`` for another system: ``accounts_on(system)``."""
+    made: dict[int, Accounts] = {}
+
+    def on(system: TrueNASSystem) -> Accounts:
+        return made.setdefault(id(system), Accounts(system))
+
+    yield on
+    for a in made.values():
+        a.cleanup()
