@@ -26,14 +26,6 @@ from pytruenas import ValidationErrors
 
 from truenas_assets import free_uid, generate_key_files, os_account, sh
 
-PENDING = pytest.mark.xfail(reason="issue 15: pending", strict=False)
-BUG_HOME_NOT_APPLIED = pytest.mark.xfail(
-    strict=True,
-    reason="keyhaven bug: with accounts.manage_os = true, user.update of home stores the new home "
-    "but never changes the OS account (usermod only sets shell and full name)",
-)
-
-
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     """Two real key pairs standing in for TrueNAS's "old" and "new"."""
@@ -107,10 +99,6 @@ def test_account_create_update_ssh_key_in_existing_dir(system, accounts, keys):
 
 def test_account_update_ssh_key_and_set_homedir(system, accounts, keys, request):
     """tests/api2/test_account_ssh_key.py::test_account_update_ssh_key_and_set_homedir"""
-    if system.manage_os:
-        request.applymarker(BUG_HOME_NOT_APPLIED)
-    else:
-        request.applymarker(PENDING)
     new = keys["new"][1]
     # As on TrueNAS, the new home is an existing directory (the dataset itself).
     homedir = accounts.dataset()
@@ -139,8 +127,17 @@ def test_account_update_ssh_key_and_set_homedir(system, accounts, keys, request)
             # here also uid, primary group and shell), and keyhaven follows:
             # user.query shows the account as NSS has it, not a stored copy.
             group = accounts.os_group()
-            sh("usermod", "-d", homedir, "-u", str(free_uid()), "-g", group, "-s", "/bin/sh", name)
-            system.call("user.update", u["id"], {"sshpubkey": new})
+            uid = free_uid()
+            sh("usermod", "-d", homedir, "-u", str(uid), "-g", group, "-s", "/bin/sh", name)
+            # keyhaven differs: a uid changed behind its back may be another
+            # person; keys are refused until the admin adopts the new uid.
+            with pytest.raises(ValidationErrors) as ve:
+                system.call("user.update", u["id"], {"sshpubkey": new})
+            assert any(
+                attr == "user_update.sshpubkey" and f"now has uid {uid}" in msg for attr, msg, _c in ve.value.errors
+            ), ve.value.errors
+            assert system.call("user.get_instance", u["id"])["os_account"]["state"] == "UID_CHANGED"
+            system.call("user.update", u["id"], {"uid": uid, "sshpubkey": new})
             _assert_matches_os(system.call("user.get_instance", u["id"]))
 
         u = system.call("user.get_instance", u["id"])

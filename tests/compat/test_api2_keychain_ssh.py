@@ -32,9 +32,6 @@ from truenas_assets import (
     ssh_keypair,
 )
 
-PENDING = pytest.mark.xfail(reason="issue 15: pending", strict=False)
-
-
 @pytest.fixture(scope="module")
 def credential(truenas):
     credential = truenas.call("keychaincredential.create", {
@@ -115,8 +112,6 @@ def test_remote_ssh_semiautomatic_setup_invalid_homedir(truenas_systems, manage_
 
 def test_remote_ssh_semiautomatic_setup_sets_user_attributes(truenas, credential, accounts, request):
     """tests/api2/test_keychain_ssh.py::test_remote_ssh_semiautomatic_setup_sets_user_attributes"""
-    if not truenas.manage_os:
-        request.applymarker(PENDING)
     homedir = accounts.dataset()
     name = accounts.name()
     with accounts.user({

@@ -25,17 +25,6 @@ from pytruenas import ValidationErrors
 
 from truenas_assets import Accounts, NO_LOGIN_SHELL, sh, temporary_update
 
-PENDING = pytest.mark.xfail(reason="issue 15: pending", strict=False)
-
-
-def _bug_unvalidated(what: str):
-    return pytest.mark.xfail(
-        strict=True,
-        reason=f"keyhaven bug: user.{what} accepts ssh_password_enabled without a valid home path or login shell "
-        "(TrueNAS refuses it; reference 4.2)",
-    )
-
-
 @pytest.fixture(scope="module", autouse=True)
 def password_login(truenas):
     # keyhaven differs: passwordauth is off by default (see the module docstring).
@@ -126,8 +115,6 @@ def test_user_create_ssh_password_login(truenas, accounts, request, args: dict, 
         # accepted. (TrueNAS's is /var/empty; passing that here would make
         # useradd create /var/empty on this machine.)
         errmsg = None
-    if errmsg is not None:
-        request.applymarker(_bug_unvalidated("create"))
     if errmsg is None:
         with accounts.user({
             "username": name,
@@ -198,7 +185,6 @@ def test_user_update_ssh_password_login(truenas, accounts, test_user: dict, requ
     if not truenas.manage_os and "shell" in args:
         # keyhaven differs: with accounts.manage_os = false it never changes the
         # OS account, so a shell change is refused, naming the setting.
-        request.applymarker(PENDING)
         with pytest.raises(ValidationErrors) as ve:
             with temporary_update(truenas, test_user, args):
                 pass
@@ -215,8 +201,6 @@ def test_user_update_ssh_password_login(truenas, accounts, test_user: dict, requ
             attr == "user_update.home" and "accounts.manage_os" in msg for attr, msg, _c in ve.value.errors
         ), ve.value.errors
         return
-    if errmsg is not None:
-        request.applymarker(_bug_unvalidated("update"))
     if errmsg is None:
         with temporary_update(truenas, test_user, args):
             return

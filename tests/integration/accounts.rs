@@ -224,3 +224,41 @@ async fn os_account_removed_or_recreated_behind_keyhavens_back() {
     let o = ssh_key_login(&private, &kh, port, &acct.name);
     assert!(o.status.success(), "the adopted account's key did not log in: {}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// With keys in homes (TrueNAS's layout) an account's existing
+/// `~/.ssh/authorized_keys` is its keys: adopted by `user.create`, never
+/// deleted by it nor by starting sshd.
+#[tokio::test]
+async fn existing_home_keys_are_adopted_not_deleted() {
+    if !root_only() {
+        return;
+    }
+    let mut opts = managed(false);
+    opts.env.push(("KEYHAVEN_SSH_AUTHORIZED_KEYS_LOCATION".into(), "home".into()));
+    let d = Daemon::start_in(Arc::new(TestDir::new("homekeys")), opts);
+    let mut a = d.admin().await;
+    let acct = OsUserGuard::new("khhome");
+    acct.useradd("/bin/sh", None);
+    let home = std::path::PathBuf::from(format!("/home/{}", acct.name));
+    let kp = a.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
+    let line = kp["public_key"].as_str().unwrap().trim().to_string();
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    let file = home.join(".ssh/authorized_keys");
+    std::fs::write(&file, format!("{line}\n")).unwrap();
+    let uid = acct.uid();
+    for p in [home.join(".ssh"), file.clone()] {
+        std::os::unix::fs::chown(&p, Some(uid), Some(uid)).unwrap();
+    }
+    std::fs::set_permissions(home.join(".ssh"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let u = a.call("user.create", json!([{"username": acct.name, "full_name": "", "password_disabled": true}])).await;
+    assert_eq!(u["sshpubkey"].as_str().map(str::trim), Some(line.as_str()), "{u}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), format!("{line}\n"), "user.create changed the file");
+    let port = start_sshd(&mut a).await;
+    assert!(port > 0);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), format!("{line}\n"), "starting sshd changed the file");
+    // Clearing the keys explicitly does remove it.
+    a.call("user.update", json!([u["id"], {"sshpubkey": null}])).await;
+    assert!(!file.exists());
+}

@@ -184,6 +184,30 @@ impl KeysLocation {
         Ok(path)
     }
 
+    /// The keys an account already has where sshd looks (at most
+    /// `max_bytes`), read through the same checked descriptors as `write`
+    /// (never through a link); `None` when there is no such file. For the
+    /// home location only: keyhaven writes the data location itself.
+    pub fn read_existing(&self, owner: &KeysOwner<'_>, max_bytes: usize) -> Result<Option<String>, KeysFileError> {
+        use std::io::Read;
+        let KeysLocation::Home = self else { return Ok(None) };
+        let home = HomeDir::open(owner)?;
+        let Some(ssh) = home.open_ssh()? else { return Ok(None) };
+        let path = home.ssh_path().join(KEYS_FILE);
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = match rustix::fs::openat(&ssh, KEYS_FILE, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(KeysFileError::io("cannot open", &path, e)),
+        };
+        let mut text = String::new();
+        File::from(fd)
+            .take(max_bytes as u64 + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| KeysFileError::io("cannot read", &path, e))?;
+        Ok(Some(text))
+    }
+
     /// The checks `write` makes before it changes anything (home and `~/.ssh`
     /// are real directories of the account), without changing anything: lets
     /// a caller refuse early, before other side effects.

@@ -54,7 +54,6 @@ struct UserIn {
     groups: Option<Vec<Value>>,
     #[allow(dead_code)]
     smb: Option<bool>,
-    #[allow(dead_code)]
     home_create: Option<bool>,
     #[allow(dead_code)]
     home_mode: Option<Str>,
@@ -86,6 +85,7 @@ fn to_input(u: UserIn) -> UserInput {
         sudo_commands_nopasswd: strs(u.sudo_commands_nopasswd),
         roles: strs(u.roles),
         group: u.group.as_ref().and_then(Value::as_i64),
+        home_create: u.home_create,
     }
 }
 

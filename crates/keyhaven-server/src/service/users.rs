@@ -185,6 +185,8 @@ pub struct UserInput {
     pub roles: Option<Vec<String>>,
     /// The primary group's id (TrueNAS's `group`).
     pub group: Option<i64>,
+    /// Create the new `home` when it does not exist (managed accounts only).
+    pub home_create: Option<bool>,
 }
 
 /// A keys file that could not be written: EACCES, as before the checks were
@@ -311,6 +313,15 @@ fn os_owned(schema: &str, field: &str, username: &str, label: &str, now: &str, c
              accounts.manage_os = true so keyhaven changes OS accounts"
         ),
     )
+}
+
+/// A home path password login can use: not a placeholder, and a directory
+/// (or one useradd is about to make, `made`).
+fn valid_home(home: &str, made: bool) -> bool {
+    home.starts_with('/')
+        && !home.starts_with("/var/empty")
+        && !home.starts_with("/nonexistent")
+        && (made || std::path::Path::new(home).is_dir())
 }
 
 fn valid_username(u: &str) -> bool {
@@ -507,6 +518,29 @@ impl App {
                 }
             })
         });
+        if input.ssh_password_enabled == Some(true) {
+            // The home the account will have: the OS account's (not managed), or
+            // the one useradd -m makes.
+            let (home, made) = match (&os, manage) {
+                (Some(o), false) => (o.home.display().to_string(), false),
+                (Some(o), true) => (input.home.clone().unwrap_or_else(|| o.home.display().to_string()), false),
+                (None, _) => (input.home.clone().unwrap_or_else(|| format!("/home/{username}")), true),
+            };
+            let shell_now =
+                if manage { shell.clone() } else { os.as_ref().map(|o| o.shell.clone()).unwrap_or_default() };
+            if !valid_home(&home, made) {
+                return Err(ServiceError::field(
+                    format!("{S}.ssh_password_enabled"),
+                    "SSH password login requires a valid home path.",
+                ));
+            }
+            if accounts::shell_runs_commands(&shell_now).is_err() {
+                return Err(ServiceError::field(
+                    format!("{S}.ssh_password_enabled"),
+                    "SSH password login requires a login shell.",
+                ));
+            }
+        }
         let full_name = input.full_name.clone().unwrap_or_default();
         let hash = match &input.password {
             Some(p) => Some(self.auth.hash(p).await?),
@@ -564,12 +598,30 @@ impl App {
             attributes: serde_json::Map::new(),
             os_account: true,
         };
+        let mut data = data;
+        let keep_existing = input.sshpubkey.is_none() && self.config.authorized_keys_in_home;
+        if keep_existing {
+            // As TrueNAS shows it: an existing ~/.ssh/authorized_keys is the
+            // account's keys, adopted (when valid), never deleted.
+            let owner = KeysOwner { username: &username, uid: os.uid, gid: os.gid, home: &os.home };
+            match self.keys_location.read_existing(&owner, authorized_keys::MAX_AUTHORIZED_KEYS_BYTES) {
+                Ok(Some(text)) if authorized_keys::parse_authorized_keys(&text).is_ok() => {
+                    data.sshpubkey = Some(authorized_keys::normalize(&text)).filter(|t| !t.is_empty());
+                }
+                Ok(Some(_)) => {
+                    tracing::warn!(user = %username, "its existing authorized_keys is not valid; left as it is and not shown")
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(user = %username, "its existing authorized_keys could not be read: {e}"),
+            }
+        }
         if let Some(p) = self.keys_reach_problem(&username, &data, Some(&os)) {
             undo_os();
             return Err(ServiceError::field(format!("{S}.sshpubkey"), format!("sshd could not use these keys: {p}")));
         }
         let id = self.store.user_insert(&username, &data.to_value(), hash.as_deref()).inspect_err(|_| undo_os())?;
-        if let Err(e) = self.write_user_keys(&username, &data) {
+        let write = if keep_existing { Ok(()) } else { self.write_user_keys(&username, &data) };
+        if let Err(e) = write {
             // No half-made account: without its keys file the row goes too.
             let _ = self.store.user_delete(id);
             undo_os();
@@ -581,7 +633,8 @@ impl App {
             if let Err(e) = accounts::set_password(&username, pw.as_deref()) {
                 let _ = self.store.user_delete(id);
                 let no_keys = UserData { sshpubkey: None, ..data.clone() };
-                if let Err(e) = self.write_user_keys(&username, &no_keys) {
+                let undo = if keep_existing { Ok(()) } else { self.write_user_keys(&username, &no_keys) };
+                if let Err(e) = undo {
                     tracing::error!(user = %username, "removing the keys of a failed user.create failed: {e}");
                 }
                 undo_os();
@@ -641,6 +694,31 @@ impl App {
         if input.sshpubkey.as_ref().is_some_and(|k| k.as_ref().is_some_and(|k| !k.trim().is_empty())) {
             if let Some(problem) = state.problem(&rec.username, &data).filter(|_| !adopt_uid) {
                 errs.add(format!("{S}.sshpubkey"), problem);
+            }
+        }
+        let enabled_after = input.ssh_password_enabled.unwrap_or(data.ssh_password_enabled);
+        if enabled_after {
+            // TrueNAS's rules for password login (reference 4.2), on the values
+            // the account will have.
+            let (home_now, shell_now) = match (&os, manage) {
+                (Some(o), false) => (o.home.display().to_string(), o.shell.clone()),
+                _ => (data.home.clone(), data.shell.clone()),
+            };
+            let field = format!("{S}.ssh_password_enabled");
+            match (&input.home, &input.shell) {
+                (Some(h), _) if !valid_home(h, manage && input.home_create == Some(true)) => {
+                    errs.add(field, "SSH password login requires a valid home path.")
+                }
+                (_, Some(sh)) if accounts::shell_runs_commands(sh).is_err() => {
+                    errs.add(field, "SSH password login requires a login shell.")
+                }
+                (None, None)
+                    if input.ssh_password_enabled == Some(true)
+                        && (!valid_home(&home_now, false) || accounts::shell_runs_commands(&shell_now).is_err()) =>
+                {
+                    errs.add(field, "Cannot be enabled without a valid home path and login shell.")
+                }
+                _ => {}
             }
         }
         errs.check()?;
@@ -729,13 +807,29 @@ impl App {
                 }
             }
         };
-        if keys_changed {
-            self.write_user_keys(&rec.username, &data)?;
+        // The OS account first: with a new home, the keys go to the new one.
+        if os_managed && input.home_create == Some(true) && !std::path::Path::new(&data.home).exists() {
+            if let Some(o) = &os {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&data.home)
+                    .and_then(|()| std::os::unix::fs::chown(&data.home, Some(o.uid), Some(o.gid)))
+                    .map_err(|e| {
+                        ServiceError::field(format!("{S}.home"), format!("Creating {} failed: {e}", data.home))
+                    })?;
+            }
         }
         if os_managed {
             if let Err(e) = accounts::modify(&rec.username, &data.shell, &data.full_name, &data.home) {
-                undo_keys();
                 return Err(ServiceError::field(format!("{S}.shell"), format!("Updating the OS account failed: {e}")));
+            }
+        }
+        if keys_changed {
+            if let Err(e) = self.write_user_keys(&rec.username, &data) {
+                undo_os();
+                return Err(e);
             }
         }
         if let Err(e) = self.store.user_update(id, &rec.username, &data.to_value(), hash.as_ref().map(|h| h.as_deref()))
@@ -851,7 +945,10 @@ impl App {
     pub fn sync_all_user_keys(&self) -> Result<(), ServiceError> {
         for r in self.store.users_list()? {
             let d = UserData::from_record(&r);
-            if d.sshpubkey.is_some() || self.config.authorized_keys_in_home {
+            // In the home location a file keyhaven has no keys for is the
+            // account's own (it predates keyhaven, or was kept on create):
+            // never removed here, only by an explicit clear.
+            if d.sshpubkey.is_some() {
                 if let Err(e) = self.write_user_keys(&r.username, &d) {
                     tracing::warn!(user = %r.username, "{e}");
                 }
