@@ -234,7 +234,7 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
                 tokio::time::sleep(std::time::Duration::from_secs(15)).await;
                 app.flush_refusal_summaries(false);
                 app.auth.limiter.prune();
-                crate::service::auth::release_idle_hash_memory(std::time::Duration::from_secs(10));
+                crate::service::auth::release_idle_hash_memory(crate::service::auth::HASH_MEMORY_IDLE);
             }
         });
     }

@@ -24,6 +24,8 @@ use crate::error::{ServiceError, EBUSY, EINVAL, ENOENT};
 pub const MAX_OTP_TRIES: u32 = 3;
 /// The longest lifetime `auth.generate_token` grants (one day).
 pub const MAX_TOKEN_TTL: i64 = 86_400;
+/// How long Argon2's working memory is kept after the last check.
+pub const HASH_MEMORY_IDLE: Duration = Duration::from_secs(1);
 /// How long a login waits for a free password-check slot before it is told to retry.
 pub const HASH_WAIT: Duration = Duration::from_secs(3);
 /// The one token `purpose` keyhaven knows (`attrs.purpose`).
@@ -360,6 +362,12 @@ impl AuthState {
         };
         let out = self.hashers.run(f).await;
         drop(permit);
+        // The working memory stays for the next check of a burst; once checks
+        // stop for a moment it goes back to the system.
+        tokio::spawn(async {
+            tokio::time::sleep(HASH_MEMORY_IDLE + Duration::from_millis(200)).await;
+            release_idle_hash_memory(HASH_MEMORY_IDLE);
+        });
         out
     }
 
