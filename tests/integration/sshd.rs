@@ -11,8 +11,22 @@ use serde_json::{json, Value};
 
 use crate::util::*;
 
+/// A port for a server (sshd) that is free on the wildcard addresses now.
+/// Picked below the kernel's ephemeral range (32768 and up by default), so
+/// the many client connections other tests open meanwhile cannot take it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    for _ in 0..1000 {
+        let mut r = [0u8; 2];
+        getrandom(&mut r);
+        let port = 20000 + u16::from_le_bytes(r) % 12000;
+        let v4 = std::net::TcpListener::bind(("0.0.0.0", port)).is_ok();
+        let v6 =
+            std::net::TcpListener::bind(("::", port)).is_ok() || !std::path::Path::new("/proc/net/if_inet6").exists();
+        if v4 && v6 {
+            return port;
+        }
+    }
+    panic!("no free port found between 20000 and 32000");
 }
 
 pub fn sshd_available() -> bool {
