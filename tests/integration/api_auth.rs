@@ -283,3 +283,38 @@ async fn state_changes_are_audited_without_secrets() {
     let n = a.call("audit.query", json!([{"services": ["MIDDLEWARE"], "query-filters": [["event", "=", "AUTHENTICATION"]], "query-options": {"count": true}}])).await;
     assert!(n.as_i64().unwrap() >= 1);
 }
+
+/// Sessions check their account from memory (a generation the store bumps on
+/// every account change), yet a demotion, a lock or a deletion still takes
+/// effect on the very next call of a session that is already logged in.
+#[tokio::test]
+async fn account_changes_reach_open_sessions_on_their_next_call() {
+    let d = Daemon::start();
+    let mut a = d.admin().await;
+    let u = a
+        .call(
+            "user.create",
+            json!([{"username": "daemon", "full_name": "", "password": "pw-for-daemon-1", "roles": ["FULL_ADMIN"]}]),
+        )
+        .await;
+    let mut s = d.client().await;
+    s.login("daemon", "pw-for-daemon-1").await;
+    // Many calls on an unchanged account: no store read is needed, all work.
+    for i in 0..50 {
+        s.call("api_key.create", json!([{"name": format!("k{i}"), "username": "daemon"}])).await;
+    }
+    a.call("user.update", json!([u["id"], {"roles": ["READONLY_ADMIN"]}])).await;
+    assert_call_error(&s.err("api_key.create", json!([{"name": "late", "username": "daemon"}])).await, "EACCES", "");
+    assert_eq!(s.call("auth.me", json!([])).await["privilege"]["roles"]["$set"], json!(["READONLY_ADMIN"]));
+    a.call("user.update", json!([u["id"], {"roles": ["FULL_ADMIN"]}])).await;
+    s.call("api_key.create", json!([{"name": "again", "username": "daemon"}])).await;
+    a.call("user.update", json!([u["id"], {"locked": true}])).await;
+    assert_eq!(s.err("auth.me", json!([])).await["data"]["error"], 207, "a locked account's session lived on");
+    // Deleted: another logged-in session of it ends too.
+    a.call("user.update", json!([u["id"], {"locked": false}])).await;
+    let mut t = d.client().await;
+    t.login("daemon", "pw-for-daemon-1").await;
+    t.call("auth.me", json!([])).await;
+    a.call("user.delete", json!([u["id"]])).await;
+    assert_eq!(t.err("auth.me", json!([])).await["data"]["error"], 207, "a deleted account's session lived on");
+}

@@ -37,6 +37,10 @@ pub struct Store {
     key: Mutex<MasterKey>,
     key_path: PathBuf,
     syncer: std::sync::Arc<Syncer>,
+    /// Bumped after every committed change to the `users` table, so that
+    /// sessions can tell, without I/O, whether what they know of their
+    /// account (locked, role, deleted) may be stale.
+    users_generation: std::sync::atomic::AtomicU64,
 }
 
 thread_local! {
@@ -272,7 +276,14 @@ impl Store {
         let key = recover_rotation(&conn, &key_path)?;
         check_or_set_key(&conn, &key, &key_path)?;
         let syncer = std::sync::Arc::new(Syncer::new(&db_path));
-        Ok((Store { conn: Mutex::new(conn), key: Mutex::new(key), key_path, syncer }, first_start))
+        let store = Store {
+            conn: Mutex::new(conn),
+            key: Mutex::new(key),
+            key_path,
+            syncer,
+            users_generation: std::sync::atomic::AtomicU64::new(1),
+        };
+        Ok((store, first_start))
     }
 
     /// The connection; a holder that writes returns only once the write is durable.
@@ -308,6 +319,17 @@ impl Store {
         let upto = DEFERRED.with(|d| d.get()).unwrap_or(0);
         drop(reset);
         (out, SyncTicket { syncer: self.syncer.clone(), upto })
+    }
+
+    /// The accounts' generation: changes whenever a `users` row changed
+    /// (after the change is committed). Read without I/O.
+    pub fn users_generation(&self) -> u64 {
+        self.users_generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Called after a change to the `users` table committed.
+    pub(crate) fn users_changed(&self) {
+        self.users_generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// fsyncs run so far by the group commit (for tests and figures).

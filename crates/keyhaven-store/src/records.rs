@@ -85,7 +85,9 @@ impl Store {
             params![username, data.to_string(), password_hash],
         )
         .map_err(|e| map_unique(e, &format!("user {username}")))?;
-        Ok(conn.last_insert_rowid())
+        let id = conn.last_insert_rowid();
+        self.users_changed();
+        Ok(id)
     }
 
     /// Replace the row's username and data; `password_hash: Some(x)` sets it (x may be None).
@@ -111,6 +113,7 @@ impl Store {
         if n == 0 {
             return Err(StoreError::NotFound(format!("user {id}")));
         }
+        self.users_changed();
         Ok(())
     }
 
@@ -121,12 +124,15 @@ impl Store {
             tx.execute("DELETE FROM tokens WHERE username = ?1", [username])?;
             tx.execute("DELETE FROM users WHERE id = ?1", [id])?;
             Ok(())
-        })
+        })?;
+        self.users_changed();
+        Ok(())
     }
 
     pub fn user_delete(&self, id: i64) -> Result<()> {
         let conn = self.conn();
         conn.execute("DELETE FROM users WHERE id = ?1", [id])?;
+        self.users_changed();
         Ok(())
     }
 
@@ -139,6 +145,7 @@ impl Store {
             "UPDATE users SET twofactor_secret = ?1, totp_last_step = NULL WHERE id = ?2",
             params![sealed, id],
         )?;
+        self.users_changed();
         Ok(())
     }
 

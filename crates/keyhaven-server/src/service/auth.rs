@@ -148,6 +148,9 @@ pub struct Session {
     /// For a pairing session: the one account it pairs, fixed by the first
     /// call that names one.
     pairing_account: Mutex<Option<String>>,
+    /// The accounts' generation ([`keyhaven_store::Store::users_generation`])
+    /// at which this session last checked its account; 0 = never.
+    checked_generation: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -168,6 +171,7 @@ impl Session {
             idle: Mutex::new(None),
             login: tokio::sync::Mutex::new(()),
             pairing_account: Mutex::new(None),
+            checked_generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -218,6 +222,7 @@ impl Session {
     /// Change who the session is; any idle limit or paired account of the
     /// previous login ends with it.
     pub fn set(&self, a: SessionAuth) {
+        self.checked_generation.store(0, std::sync::atomic::Ordering::Release);
         *self.auth.lock().unwrap_or_else(|p| p.into_inner()) = a;
         *self.idle.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.pairing_account.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -1050,6 +1055,12 @@ impl App {
             );
             return Err(ServiceError::SessionExpired { idle_secs: ttl.as_secs() });
         }
+        // What the session knows of its account is current unless an account
+        // changed since it last looked: checked without I/O on every call.
+        let generation = self.store.users_generation();
+        if session.checked_generation.load(std::sync::atomic::Ordering::Acquire) == generation {
+            return Ok(c);
+        }
         let fresh = self.store.user_by_name(&c.username).ok().flatten().and_then(|u| {
             let d = users::UserData::from_record(&u);
             if d.locked {
@@ -1065,6 +1076,9 @@ impl App {
                     // Not `set`: a role change keeps the session's idle limit.
                     *session.auth.lock().unwrap_or_else(|p| p.into_inner()) = SessionAuth::Authenticated(c.clone());
                 }
+                // The generation read before the account was: a change racing
+                // with this read bumps it again, and the next call looks again.
+                session.checked_generation.store(generation, std::sync::atomic::Ordering::Release);
                 Ok(c)
             }
             None => {
