@@ -116,6 +116,10 @@ async fn test_ssh_connection_ok_and_wrong_host_key() {
     assert!(r["error"].is_null(), "{r}");
     assert!(r["host_key_fingerprint"].as_str().unwrap().starts_with("SHA256:"), "{r}");
     assert!(r["latency_ms"].is_u64(), "{r}");
+    // Where the time went: every stage was reached and took some time.
+    for stage in ["connect", "auth", "channel", "command"] {
+        assert!(r["stages_ms"][stage].as_f64().is_some_and(|ms| ms > 0.0), "{stage}: {r}");
+    }
 
     // Pinned key of another "host": refused before authenticating, both fingerprints named.
     let other = new_key_pair(&mut c, "not-the-host").await;
@@ -133,6 +137,11 @@ async fn test_ssh_connection_ok_and_wrong_host_key() {
     let err = r["error"].as_str().unwrap();
     let presented = r["host_key_fingerprint"].as_str().unwrap();
     assert!(err.contains(presented), "presented fingerprint in {err}");
+    // Nothing after the host key was attempted.
+    assert!(r["stages_ms"]["connect"].as_f64().unwrap() > 0.0, "{r}");
+    for stage in ["auth", "channel", "command"] {
+        assert_eq!(r["stages_ms"][stage], 0.0, "{stage}: {r}");
+    }
     assert!(err.contains(other["fingerprint"].as_str().unwrap()), "pinned fingerprint in {err}");
 
     // Not a connection / missing.
@@ -187,6 +196,46 @@ async fn test_ssh_connection_ok_and_wrong_host_key() {
     c.call("keychaincredential.delete", json!([wrong["id"]])).await;
     let left = c.call("keychaincredential.ssh_connection_status", json!([[], {"select": ["id"]}])).await;
     assert_eq!(left, json!([{"id": conn["id"]}]));
+}
+
+/// Why the connection test runs a command instead of stopping once the
+/// session channel is open (which would halve its time): sshd opens a session
+/// for an account whose shell is nologin; only the command shows that nothing
+/// can run there, rsync included.
+#[tokio::test]
+async fn connection_test_runs_a_command_because_nologin_accounts_still_open_sessions() {
+    if skip() {
+        return;
+    }
+    let d = Daemon::start();
+    let mut c = d.admin().await;
+    let port = start_ssh(&mut c).await;
+    let kp = new_key_pair(&mut c, "nologin-key").await;
+    let acct = OsUserGuard::new("khnlt");
+    acct.useradd("/usr/sbin/nologin", None);
+    c.call(
+        "user.create",
+        json!([{"username": acct.name, "full_name": "", "password_disabled": true,
+                "sshpubkey": kp["attributes"]["public_key"]}]),
+    )
+    .await;
+    let host_keys =
+        c.call("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port}])).await;
+    let conn = c
+        .call(
+            "keychaincredential.create",
+            json!([{"name": "nologin", "type": "SSH_CREDENTIALS", "attributes": {
+                "host": "127.0.0.1", "port": port, "username": acct.name, "private_key": kp["id"],
+                "remote_host_key": host_keys}}]),
+        )
+        .await;
+    let r = c.call("keychaincredential.test_ssh_connection", json!([conn["id"]])).await;
+    assert_eq!((r["ok"].clone(), r["stage"].clone()), (json!(false), json!("exec")), "{r}");
+    // The key was accepted and the session channel opened ...
+    assert!(r["stages_ms"]["channel"].as_f64().unwrap() > 0.0, "{r}");
+    // ... yet the account cannot run commands, and the report says what to fix.
+    let err = r["error"].as_str().unwrap();
+    assert!(err.contains(&format!("Logged in as {}", acct.name)) && err.contains("nologin"), "{err}");
 }
 
 #[tokio::test]

@@ -234,7 +234,7 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
                 tokio::time::sleep(std::time::Duration::from_secs(15)).await;
                 app.flush_refusal_summaries(false);
                 app.auth.limiter.prune();
-                crate::service::auth::release_idle_hash_memory(crate::service::auth::HASH_MEMORY_IDLE);
+                crate::service::crypto::release_idle_hash_memory(crate::service::crypto::HASH_MEMORY_IDLE);
             }
         });
     }
@@ -243,17 +243,10 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
         let app = app.clone();
         tokio::spawn(async move { app.start_enabled_services().await });
     }
-    // Argon2 works in ~19 MiB blocks. Pinning glibc's mmap threshold keeps
-    // such blocks out of the per-thread arenas (which would hold on to them)
-    // and returns them to the system as soon as they are freed; the login
-    // path reuses its blocks during bursts (service::auth::verify_password).
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes allocator tuning.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
     // glibc keeps freed memory after bursts (bulk creates, large queries);
     // hand it back to the system now and then so an idle daemon stays small.
+    // (The binary tunes the allocator at start: see `tune_allocator` in
+    // src/main.rs.)
     #[cfg(target_env = "gnu")]
     tokio::spawn(async {
         loop {

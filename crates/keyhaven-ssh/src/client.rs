@@ -282,8 +282,25 @@ impl fmt::Display for Stage {
     }
 }
 
+/// Where a connection test spent its time, in milliseconds (0.1 ms steps):
+/// what an admin needs to tell a slow network from a slow login on the remote.
+/// The stage where a test stopped shows the time until it stopped; stages
+/// not reached are 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct StageTimes {
+    /// Resolve, TCP connect, key exchange and the host-key check.
+    pub connect: f64,
+    /// Public-key authentication.
+    pub auth: f64,
+    /// Opening the session channel.
+    pub channel: f64,
+    /// From the exec request to the command's exit status (on the remote:
+    /// its session setup, e.g. PAM, then the command itself).
+    pub command: f64,
+}
+
 /// The outcome of [`test_connection`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TestReport {
     pub ok: bool,
     /// Where the test stopped; [`Stage::Exec`] when `ok`.
@@ -294,6 +311,8 @@ pub struct TestReport {
     pub latency_ms: u64,
     /// What went wrong and what to do about it; `None` when `ok`.
     pub error: Option<String>,
+    /// Time per stage reached (0 for stages not reached).
+    pub stages_ms: StageTimes,
 }
 
 /// Test an SSH connection: connect, verify the host key against the pinned keys (before
@@ -301,7 +320,8 @@ pub struct TestReport {
 /// report says where it stopped.
 pub async fn test_connection(t: &TestTarget) -> TestReport {
     let start = Instant::now();
-    let result = session(t, "true").await;
+    let mut times = StageTimes::default();
+    let result = session(t, "true", &mut times).await;
     match result {
         Ok(out) => {
             if out.exit_status == Some(0) {
@@ -311,6 +331,7 @@ pub async fn test_connection(t: &TestTarget) -> TestReport {
                     host_key_fingerprint: Some(out.host_key_fingerprint),
                     latency_ms: elapsed_ms(start),
                     error: None,
+                    stages_ms: times,
                 }
             } else {
                 let what = match (&out.exit_status, &out.exit_signal) {
@@ -324,6 +345,7 @@ pub async fn test_connection(t: &TestTarget) -> TestReport {
                     stage: Stage::Exec,
                     host_key_fingerprint: Some(out.host_key_fingerprint),
                     latency_ms: elapsed_ms(start),
+                    stages_ms: times,
                     error: Some(format!(
                         "Logged in as {user}, but the test command `true` {what}{stderr}. \
                          Check that {user} has a working login shell on the remote (not nologin) \
@@ -333,7 +355,7 @@ pub async fn test_connection(t: &TestTarget) -> TestReport {
                 }
             }
         }
-        Err(f) => f.into_report(start),
+        Err(f) => f.into_report(start, times),
     }
 }
 
@@ -342,7 +364,8 @@ pub async fn test_connection(t: &TestTarget) -> TestReport {
 /// where it stopped; a command killed by a signal fails at [`Stage::Exec`].
 pub async fn run_command(t: &TestTarget, command: &str) -> Result<(u32, Vec<u8>), TestReport> {
     let start = Instant::now();
-    match session(t, command).await {
+    let mut times = StageTimes::default();
+    match session(t, command, &mut times).await {
         Ok(out) => match out.exit_status {
             Some(code) => Ok((code, out.stdout)),
             None => {
@@ -356,10 +379,11 @@ pub async fn run_command(t: &TestTarget, command: &str) -> Result<(u32, Vec<u8>)
                     host_key_fingerprint: Some(out.host_key_fingerprint),
                     latency_ms: elapsed_ms(start),
                     error: Some(format!("The remote command {what}{}", quote_stderr(&out.stderr))),
+                    stages_ms: times,
                 })
             }
         },
-        Err(f) => Err(f.into_report(start)),
+        Err(f) => Err(f.into_report(start, times)),
     }
 }
 
@@ -382,13 +406,14 @@ impl Failure {
         Failure { stage, host_key_fingerprint: fp.map(str::to_string), message: message.into() }
     }
 
-    fn into_report(self, start: Instant) -> TestReport {
+    fn into_report(self, start: Instant, stages_ms: StageTimes) -> TestReport {
         TestReport {
             ok: false,
             stage: self.stage,
             host_key_fingerprint: self.host_key_fingerprint,
             latency_ms: elapsed_ms(start),
             error: Some(self.message),
+            stages_ms,
         }
     }
 }
@@ -397,7 +422,13 @@ const REPIN_HINT: &str = "If the host key changed legitimately, discover it agai
                           in the connection's Remote Host Key";
 
 /// The shared path of [`test_connection`] and [`run_command`].
-async fn session(t: &TestTarget, command: &str) -> Result<SessionOutput, Failure> {
+async fn session(t: &TestTarget, command: &str, times: &mut StageTimes) -> Result<SessionOutput, Failure> {
+    let mut clock = Instant::now();
+    let mut lap = move || {
+        let ms = ms_since(clock);
+        clock = Instant::now();
+        ms
+    };
     let host = strip_brackets(t.host.trim());
     let port = t.port;
 
@@ -439,13 +470,15 @@ async fn session(t: &TestTarget, command: &str) -> Result<SessionOutput, Failure
 
     // Connect, key exchange, host-key check.
     let deadline = tokio::time::Instant::now() + t.timeout;
-    let addrs = resolve(host, port, deadline)
-        .await
-        .map_err(|e| Failure::new(Stage::Connect, None, connect_message(&e, host, port, t.timeout)))?;
+    let addrs = resolve(host, port, deadline).await.map_err(|e| {
+        times.connect = lap();
+        Failure::new(Stage::Connect, None, connect_message(&e, host, port, t.timeout))
+    })?;
     let target = Target { host, port, addrs: &addrs };
     let seen = Arc::new(Mutex::new(None));
     let handler = KeyHandler { seen: seen.clone(), accept: pinned.clone() };
     let result = open(&target, algorithms, handler, deadline).await;
+    times.connect = lap();
     let presented: Option<PublicKey> = seen.lock().unwrap_or_else(|p| p.into_inner()).take();
     let presented_fp = presented.as_ref().map(fingerprint);
     let fp = presented_fp.as_deref();
@@ -484,6 +517,7 @@ async fn session(t: &TestTarget, command: &str) -> Result<SessionOutput, Failure
         let key = private_key.map_err(|m| Failure::new(Stage::Auth, fpo, m))?;
         let user = t.username.as_str();
         let auth = tokio::time::timeout(t.timeout, authenticate(&mut handle, user, key)).await;
+        times.auth = lap();
         match auth {
             Err(_) => {
                 return Err(Failure::new(
@@ -497,7 +531,7 @@ async fn session(t: &TestTarget, command: &str) -> Result<SessionOutput, Failure
         }
 
         // The command.
-        match tokio::time::timeout(t.timeout, exec(&handle, command)).await {
+        match tokio::time::timeout(t.timeout, exec(&handle, command, times)).await {
             Err(_) => Err(Failure::new(
                 Stage::Exec,
                 fpo,
@@ -514,6 +548,11 @@ async fn session(t: &TestTarget, command: &str) -> Result<SessionOutput, Failure
 
     let _ = handle.disconnect(Disconnect::ByApplication, "", "en").await;
     out
+}
+
+/// Milliseconds since `t`, in 0.1 ms steps.
+fn ms_since(t: Instant) -> f64 {
+    (t.elapsed().as_secs_f64() * 10_000.0).round() / 10.0
 }
 
 /// Public-key authentication; `Err` is the message for the report.
@@ -568,11 +607,12 @@ fn method_list(m: &russh::MethodSet) -> String {
 
 /// Open a session channel, run `command`, collect stdout, stderr (capped) and the exit status.
 /// `Err` completes the sentence "Logged in as X, but …".
-async fn exec(handle: &Handle<KeyHandler>, command: &str) -> Result<SessionOutput, String> {
-    let mut channel = handle
-        .channel_open_session()
-        .await
-        .map_err(|e| format!("the server refused to open a session channel: {e}"))?;
+async fn exec(handle: &Handle<KeyHandler>, command: &str, times: &mut StageTimes) -> Result<SessionOutput, String> {
+    let clock = Instant::now();
+    let opened = handle.channel_open_session().await;
+    times.channel = ms_since(clock);
+    let mut channel = opened.map_err(|e| format!("the server refused to open a session channel: {e}"))?;
+    let clock = Instant::now();
     channel.exec(true, command).await.map_err(|e| format!("the command could not be sent: {e}"))?;
     let mut out = SessionOutput {
         host_key_fingerprint: String::new(),
@@ -588,7 +628,10 @@ async fn exec(handle: &Handle<KeyHandler>, command: &str) -> Result<SessionOutpu
                 let room = STDERR_QUOTE_MAX.saturating_sub(out.stderr.len());
                 out.stderr.extend_from_slice(&data[..room.min(data.len())]);
             }
-            ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
+            ChannelMsg::ExitStatus { exit_status } => {
+                out.exit_status = Some(exit_status);
+                times.command = ms_since(clock);
+            }
             ChannelMsg::ExitSignal { signal_name, .. } => out.exit_signal = Some(format!("{signal_name:?}")),
             ChannelMsg::Failure => {
                 return Err("the server refused to run a command (exec request denied): the account may \
@@ -601,6 +644,9 @@ async fn exec(handle: &Handle<KeyHandler>, command: &str) -> Result<SessionOutpu
             ChannelMsg::Close => break,
             _ => {}
         }
+    }
+    if times.command == 0.0 {
+        times.command = ms_since(clock);
     }
     Ok(out)
 }

@@ -22,11 +22,61 @@ use rusqlite::{params, params_from_iter};
 
 use crate::db::Store;
 use crate::error::{Result, StoreError};
-use crate::records::{AuditEntry, AuditRecord};
 
 /// Rows deleted per statement by [`Store::audit_prune`]: small enough that
 /// no statement holds the database lock for long.
 pub const AUDIT_PRUNE_BATCH: usize = 10_000;
+
+// ---------------------------------------------------------------- entries
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditEntry {
+    pub username: Option<String>,
+    pub address: Option<String>,
+    pub service: String,
+    pub method: Option<String>,
+    pub event: String,
+    pub target: Option<String>,
+    pub success: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub ts: f64,
+    pub entry: AuditEntry,
+}
+
+impl Store {
+    pub fn audit_insert(&self, e: &AuditEntry) -> Result<i64> {
+        let ts =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        self.audit_insert_at(ts, e)
+    }
+
+    /// [`Store::audit_insert`] with a given time (seconds since the epoch),
+    /// for imports and tests.
+    pub fn audit_insert_at(&self, ts: f64, e: &AuditEntry) -> Result<i64> {
+        // Not waited on: an audit entry rides with the next durable write, so
+        // a login does not pay an fsync for its own audit row.
+        let conn = self.conn_volatile();
+        let mut st = conn.prepare_cached(
+            "INSERT INTO audit(ts, username, address, service, method, event, target, success, error)
+             VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        st.execute(params![ts, e.username, e.address, e.service, e.method, e.event, e.target, e.success, e.error])?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Every entry, in insertion (`id`) order. `audit.query` filters in SQL
+    /// instead ([`Store::audit_query`]); this is for tests and exports.
+    pub fn audit_list(&self) -> Result<Vec<AuditRecord>> {
+        self.audit_query(&AuditQuery::default())
+    }
+}
+
+// ---------------------------------------------------------------- queries
 
 /// The SQL name of [`AuditQuery::casefold`].
 const CASEFOLD_FN: &str = "keyhaven_casefold";

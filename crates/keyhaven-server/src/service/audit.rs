@@ -23,7 +23,7 @@
 
 use serde_json::{json, Value};
 
-use super::auth::Session;
+use super::session::Session;
 use super::App;
 use crate::error::{ServiceError, ENOENT};
 use keyhaven_core::query::{

@@ -2,11 +2,13 @@
 
 pub mod audit;
 pub mod auth;
+pub mod crypto;
 pub mod events;
 pub mod jobs;
 pub mod keychain;
 pub mod limiter;
 pub mod pairing;
+pub mod session;
 pub mod sshd;
 pub mod users;
 

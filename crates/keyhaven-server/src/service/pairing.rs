@@ -106,6 +106,8 @@ impl App {
             "host_key_fingerprint": r.host_key_fingerprint,
             "latency_ms": r.latency_ms,
             "error": r.error,
+            // keyhaven extension: where the time went (0 for stages not reached).
+            "stages_ms": r.stages_ms,
         }))
     }
 

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::auth::{hash_password, random_alnum};
+use super::crypto::{hash_password, random_alnum};
 use super::App;
 use crate::error::ServiceError;
 use keyhaven_store::{Store, UserRecord};
