@@ -60,7 +60,7 @@ async fn first_start_layout_restart_and_clean_shutdown() {
     // SIGINT also shuts down cleanly.
     let mut d2 = d2;
     let mut child = d2.child.take().unwrap();
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    crate::util::signal(child.id(), libc::SIGINT);
     assert!(child.wait().unwrap().success());
 }
 

@@ -70,7 +70,7 @@ fn snapshot(dir: &Path) -> Snapshot {
 
 #[tokio::test]
 async fn a_dot_ssh_symlink_never_redirects_keyhaven() {
-    if unsafe { libc::geteuid() } != 0 {
+    if crate::util::euid() != 0 {
         eprintln!("skipped: needs root (useradd, and keyhaven writing homes as root)");
         return;
     }

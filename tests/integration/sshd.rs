@@ -30,7 +30,7 @@ pub fn free_port() -> u16 {
 }
 
 pub fn sshd_available() -> bool {
-    Path::new("/usr/sbin/sshd").exists() && unsafe { libc::geteuid() } == 0
+    Path::new("/usr/sbin/sshd").exists() && crate::util::euid() == 0
 }
 
 /// Wait for a job and return its entry.
@@ -216,7 +216,7 @@ async fn bad_options_are_refused_and_sshd_keeps_serving_and_restarts_after_a_cra
 
     // Kill sshd: keyhaven restarts it.
     let pid = c.call("service.query", json!([[], {"get": true}])).await["pids"][0].as_i64().unwrap();
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    crate::util::signal(pid as u32, libc::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let s = c.call("service.query", json!([[], {"get": true}])).await;
@@ -269,7 +269,7 @@ async fn enabled_service_starts_with_keyhaven_and_stops_with_it() {
     let mut d = d;
     d.stop();
     std::thread::sleep(Duration::from_millis(200));
-    assert!(unsafe { libc::kill(pid as i32, 0) } != 0, "sshd survived keyhaven's shutdown");
+    assert!(crate::util::signal(pid as u32, 0) != 0, "sshd survived keyhaven's shutdown");
 }
 
 /// OS accounts created by a test, removed again even if it fails.

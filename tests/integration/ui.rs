@@ -50,7 +50,7 @@ impl ChromeDriver {
 
 impl Drop for ChromeDriver {
     fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        crate::util::signal(self.child.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -1183,7 +1183,7 @@ impl Drop for GeckoDriver {
     fn drop(&mut self) {
         // After `driver.quit()` Firefox is gone already; after a failure it may not be.
         let left = descendants(self.child.id() as i32);
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        crate::util::signal(self.child.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
             std::thread::sleep(Duration::from_millis(20));
@@ -1191,7 +1191,7 @@ impl Drop for GeckoDriver {
         let _ = self.child.kill();
         let _ = self.child.wait();
         for pid in left {
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            crate::util::signal(pid as u32, libc::SIGKILL);
         }
     }
 }

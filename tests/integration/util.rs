@@ -27,11 +27,8 @@ pub fn bin() -> &'static str {
 /// Base for data dirs: root-owned, 0755, outside /tmp, so sshd's StrictModes
 /// accepts files below it whatever folder the checkout lives in.
 pub fn test_base() -> PathBuf {
-    let base = if unsafe { libc::geteuid() } == 0 {
-        PathBuf::from("/var/lib/keyhaven-test")
-    } else {
-        std::env::temp_dir().join("keyhaven-test")
-    };
+    let base =
+        if euid() == 0 { PathBuf::from("/var/lib/keyhaven-test") } else { std::env::temp_dir().join("keyhaven-test") };
     std::fs::create_dir_all(&base).unwrap();
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o755)).unwrap();
     base
@@ -197,7 +194,7 @@ impl Daemon {
     /// SIGTERM and wait; returns the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().unwrap();
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        signal(c.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(s) = c.try_wait().unwrap() {
@@ -525,4 +522,20 @@ impl Drop for OsUserGuard {
     fn drop(&mut self) {
         let _ = Command::new("userdel").args(["-r", &self.name]).stderr(Stdio::null()).status();
     }
+}
+
+/// The effective uid of the test process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// kill(2) `sig` to a process this test started; the result of the call.
+pub fn signal(pid: u32, sig: i32) -> i32 {
+    let Ok(pid) = i32::try_from(pid) else { return -1 };
+    if pid <= 0 {
+        return -1;
+    }
+    // SAFETY: a positive PID (never a group or -1) of a process the test started.
+    unsafe { libc::kill(pid, sig) }
 }

@@ -6,19 +6,74 @@
 
 use std::fmt;
 
-/// `EINVAL`, the errno TrueNAS attaches to ordinary validation failures.
-pub const EINVAL: i32 = 22;
-/// `ENOENT`, used for "does not exist" validation failures.
-pub const ENOENT: i32 = 2;
-/// `EEXIST`.
-pub const EEXIST: i32 = 17;
+/// Declares [`Errno`] from `NAME = number` pairs: the one list of errno
+/// names and numbers.
+macro_rules! errnos {
+    ($($(#[$doc:meta])* $name:ident = $num:literal,)*) => {
+        /// The errno values TrueNAS puts on its errors (`error` and `errname`
+        /// on the wire, the third element of a validation error): POSIX
+        /// numbers plus middlewared's own 2xx.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[allow(clippy::upper_case_acronyms)]
+        pub enum Errno {
+            $($(#[$doc])* $name = $num,)*
+        }
+
+        impl Errno {
+            /// The number on the wire.
+            pub const fn code(self) -> i32 {
+                self as i32
+            }
+
+            /// The name on the wire (`errname`).
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Errno::$name => stringify!($name),)*
+                }
+            }
+
+            /// The errno of a number a remote system sent, if keyhaven knows it.
+            pub fn from_code(n: i64) -> Option<Errno> {
+                match n {
+                    $($num => Some(Errno::$name),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+errnos! {
+    EPERM = 1,
+    /// "Does not exist".
+    ENOENT = 2,
+    EIO = 5,
+    EACCES = 13,
+    EFAULT = 14,
+    EBUSY = 16,
+    EEXIST = 17,
+    /// What TrueNAS attaches to ordinary validation failures.
+    EINVAL = 22,
+    EOPNOTSUPP = 95,
+    EADDRINUSE = 98,
+    ETIMEDOUT = 110,
+    ECONNREFUSED = 111,
+    /// No such method (middlewared).
+    ENOMETHOD = 201,
+    /// A service did not start (middlewared).
+    ESERVICESTARTFAILURE = 202,
+    ENOTAUTHENTICATED = 207,
+    ESSLCERTVERIFICATIONERROR = 208,
+}
+
+pub use Errno::*;
 
 /// One failed check on one attribute (e.g. `keychain_credential_create.name`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
     pub attribute: String,
     pub message: String,
-    pub errno: i32,
+    pub errno: Errno,
 }
 
 impl FieldError {
@@ -26,7 +81,7 @@ impl FieldError {
         Self { attribute: attribute.into(), message: message.into(), errno: EINVAL }
     }
 
-    pub fn with_errno(mut self, errno: i32) -> Self {
+    pub fn with_errno(mut self, errno: Errno) -> Self {
         self.errno = errno;
         self
     }

@@ -6,6 +6,8 @@
 //! generation and fingerprints, authorized_keys lines, host-key lines, the
 //! rendering of `sshd_config`, and the control-character rule for text fields.
 
+#![forbid(unsafe_code)]
+
 pub mod authorized_keys;
 pub mod error;
 pub mod keys;

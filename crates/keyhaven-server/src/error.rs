@@ -6,42 +6,10 @@
 
 use keyhaven_core::error::{FieldError, ValidationErrors};
 
-pub const EPERM: i32 = 1;
-pub const ENOENT: i32 = 2;
-pub const EIO: i32 = 5;
-pub const EACCES: i32 = 13;
-pub const EFAULT: i32 = 14;
-pub const EBUSY: i32 = 16;
-pub const EEXIST: i32 = 17;
-pub const EINVAL: i32 = 22;
-pub const EOPNOTSUPP: i32 = 95;
-pub const EADDRINUSE: i32 = 98;
-pub const ETIMEDOUT: i32 = 110;
-pub const ECONNREFUSED: i32 = 111;
-pub const ENOTAUTHENTICATED: i32 = 207;
-pub const ESSLCERTVERIFICATIONERROR: i32 = 208;
-
-pub fn errname(errno: i32) -> &'static str {
-    match errno {
-        EPERM => "EPERM",
-        ENOENT => "ENOENT",
-        EIO => "EIO",
-        EACCES => "EACCES",
-        EFAULT => "EFAULT",
-        EBUSY => "EBUSY",
-        EEXIST => "EEXIST",
-        EINVAL => "EINVAL",
-        EOPNOTSUPP => "EOPNOTSUPP",
-        EADDRINUSE => "EADDRINUSE",
-        ETIMEDOUT => "ETIMEDOUT",
-        ECONNREFUSED => "ECONNREFUSED",
-        201 => "ENOMETHOD",
-        202 => "ESERVICESTARTFAILURE",
-        ENOTAUTHENTICATED => "ENOTAUTHENTICATED",
-        ESSLCERTVERIFICATIONERROR => "ESSLCERTVERIFICATIONERROR",
-        _ => "EFAULT",
-    }
-}
+pub use keyhaven_core::error::Errno::{
+    self, EACCES, EADDRINUSE, EBUSY, ECONNREFUSED, EEXIST, EFAULT, EINVAL, EIO, ENOENT, ENOMETHOD, ENOTAUTHENTICATED,
+    EOPNOTSUPP, EPERM, ESERVICESTARTFAILURE, ESSLCERTVERIFICATIONERROR, ETIMEDOUT,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -50,7 +18,7 @@ pub enum ServiceError {
     Validation(ValidationErrors),
     /// TrueNAS CallError: JSON-RPC -32001.
     #[error("{message}")]
-    Call { errno: i32, message: String },
+    Call { errno: Errno, message: String },
     /// The connection must log in first.
     #[error("Not authenticated")]
     NotAuthenticated,
@@ -63,7 +31,7 @@ pub enum ServiceError {
 }
 
 impl ServiceError {
-    pub fn call(errno: i32, message: impl Into<String>) -> Self {
+    pub fn call(errno: Errno, message: impl Into<String>) -> Self {
         Self::Call { errno, message: message.into() }
     }
 
@@ -71,7 +39,7 @@ impl ServiceError {
         Self::Validation(ValidationErrors::single(attribute, message))
     }
 
-    pub fn field_errno(attribute: impl Into<String>, message: impl Into<String>, errno: i32) -> Self {
+    pub fn field_errno(attribute: impl Into<String>, message: impl Into<String>, errno: Errno) -> Self {
         Self::Validation(FieldError::new(attribute, message).with_errno(errno).into())
     }
 
@@ -82,7 +50,7 @@ impl ServiceError {
         Self::call(EFAULT, format!("{context} failed; the server log has the details"))
     }
 
-    pub fn errno(&self) -> i32 {
+    pub fn errno(&self) -> Errno {
         match self {
             Self::Validation(_) => EINVAL,
             Self::Call { errno, .. } => *errno,

@@ -20,6 +20,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
+use crate::error::ENOMETHOD;
+
 /// Which WebSocket dialect a connection speaks.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Dialect {
@@ -50,7 +52,7 @@ impl ClientError {
     /// True when the remote says the method does not exist.
     pub fn is_no_method(&self) -> bool {
         matches!(self, ClientError::Remote { code: -32601, .. })
-            || matches!(self, ClientError::Remote { errno: Some(201), .. })
+            || matches!(self, ClientError::Remote { errno: Some(n), .. } if *n == i64::from(ENOMETHOD.code()))
     }
 }
 
@@ -355,7 +357,7 @@ fn remote_error(dialect: Dialect, err: &Value) -> ClientError {
         Dialect::Legacy => {
             let errno = err.get("error").and_then(Value::as_i64);
             ClientError::Remote {
-                code: if errno == Some(201) { -32601 } else { -32001 },
+                code: if errno == Some(i64::from(ENOMETHOD.code())) { -32601 } else { -32001 },
                 errno,
                 errname: err.get("errname").and_then(Value::as_str).map(str::to_string),
                 reason: err.get("reason").and_then(Value::as_str).unwrap_or("remote error").to_string(),

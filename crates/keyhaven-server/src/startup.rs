@@ -251,6 +251,7 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
     tokio::spawn(async {
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            // SAFETY: malloc_trim only returns free memory to the system.
             let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
         }
     });

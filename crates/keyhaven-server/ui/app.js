@@ -533,6 +533,9 @@ async function testConnection(c, done) {
     h('dt', {}, 'Result'), h('dd', {}, h('span', { class: `badge ${r.ok ? 'ok' : 'fail'}` }, r.ok ? 'OK' : 'FAILED')),
     h('dt', {}, 'Stage'), h('dd', {}, String(r.stage ?? '')),
     h('dt', {}, 'Latency'), h('dd', {}, r.latency_ms === null || r.latency_ms === undefined ? '' : `${r.latency_ms} ms`),
+    // Where the time went: a slow network shows in connect, a slow login on the remote in channel/command.
+    r.stages_ms ? [h('dt', {}, 'Stages'), h('dd', { id: 'test-stages' },
+      `connect ${r.stages_ms.connect} ms · auth ${r.stages_ms.auth} ms · session ${r.stages_ms.channel} ms · command ${r.stages_ms.command} ms`)] : null,
     r.error ? [h('dt', {}, 'Error'), h('dd', { class: 'error' }, String(r.error))] : null);
   const buttons = [{ label: 'Close', onClick: (m) => m.close() }];
   // A changed host key is not a dead end: review what the remote offers now and re-pin it, or cancel.

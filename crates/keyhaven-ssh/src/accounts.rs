@@ -37,6 +37,7 @@ fn cstr(p: *const libc::c_char) -> String {
     if p.is_null() {
         return String::new();
     }
+    // SAFETY: non-null, NUL-terminated, in a record buffer that outlives this read (above).
     unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
 }
 

@@ -40,6 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use rustix::process::{Pid, Signal};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -490,7 +491,7 @@ async fn monitor(shared: Arc<Shared>, first: Launched, mut rx: mpsc::UnboundedRe
                         let r = match child.try_wait() {
                             Ok(None) => {
                                 let _ = std::fs::remove_file(paths.pid_file());
-                                signal(pid, libc::SIGHUP);
+                                signal(pid, Signal::HUP);
                                 Some(pid)
                             }
                             _ => None,
@@ -594,7 +595,7 @@ fn mark_stopped(shared: &Shared) {
 /// so `pid` is still ours.
 async fn terminate(paths: &SshdPaths, child: &mut Child, pid: u32) {
     if let Ok(None) = child.try_wait() {
-        signal(pid, libc::SIGTERM);
+        signal(pid, Signal::TERM);
         if tokio::time::timeout(STOP_TIMEOUT, child.wait()).await.is_err() {
             tracing::warn!(pid, "sshd did not exit after SIGTERM; sending SIGKILL");
             let _ = child.start_kill();
@@ -608,15 +609,10 @@ async fn terminate(paths: &SshdPaths, child: &mut Child, pid: u32) {
     tracing::info!(pid, "sshd stopped");
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
-    if pid <= 0 {
-        return;
-    }
-    // SAFETY: kill(2) with a positive PID of our own, not yet reaped child.
-    unsafe {
-        libc::kill(pid, sig);
-    }
+fn signal(pid: u32, sig: Signal) {
+    // Only a positive PID of our own child, not yet reaped: never a group or -1.
+    let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) else { return };
+    let _ = rustix::process::kill_process(pid, sig);
 }
 
 fn describe_exit(status: ExitStatus) -> String {

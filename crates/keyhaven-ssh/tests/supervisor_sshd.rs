@@ -255,7 +255,7 @@ async fn killed_sshd_is_restarted_with_a_new_pid() {
     let old = sup.pids()[0];
 
     // SAFETY: kill(2) on the PID of the sshd this test started.
-    assert_eq!(unsafe { libc::kill(old as libc::pid_t, libc::SIGKILL) }, 0);
+    assert_eq!(signal(old, libc::SIGKILL), 0);
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut saw_crashed = false;
@@ -277,7 +277,7 @@ async fn killed_sshd_is_restarted_with_a_new_pid() {
 
     // And again: supervision continues after a restart.
     // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(new as libc::pid_t, libc::SIGKILL) }, 0);
+    assert_eq!(signal(new, libc::SIGKILL), 0);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !(sup.state() == SshdState::Running && sup.pids().first().is_some_and(|&p| p != new)) {
         assert!(Instant::now() < deadline, "sshd not restarted twice: {:?}", sup.last_error());
@@ -363,4 +363,14 @@ async fn dropping_the_supervisor_stops_sshd() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_closed(port).await;
+}
+
+/// kill(2) `sig` to a process this test started; the result of the call.
+fn signal(pid: u32, sig: i32) -> i32 {
+    let Ok(pid) = i32::try_from(pid) else { return -1 };
+    if pid <= 0 {
+        return -1;
+    }
+    // SAFETY: a positive PID (never a group or -1) of a process the test started.
+    unsafe { libc::kill(pid, sig) }
 }

@@ -8,6 +8,8 @@
 //! moved to another row. Passwords, API keys and tokens are stored only as hashes
 //! computed by the service layer.
 
+#![forbid(unsafe_code)]
+
 pub mod audit;
 mod crypto;
 mod db;

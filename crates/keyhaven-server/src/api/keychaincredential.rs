@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::params::{decode, Secret, Str};
+use super::params::{decode, Secret, SecretText, Str};
 use super::{query, Ctx, MethodDef, Params};
 use crate::error::ServiceError;
 use crate::method;
@@ -45,7 +45,7 @@ const UPDATE: &str = "keychain_credentials_update";
 #[serde(deny_unknown_fields)]
 struct KeyPairAttrs {
     #[serde(default)]
-    private_key: Option<String>,
+    private_key: Option<SecretText>,
     #[serde(default)]
     public_key: Option<String>,
     /// keyhaven extension: decrypts a passphrase-protected import; never stored.
@@ -82,7 +82,7 @@ pub fn decode_attributes(kind: &str, v: Value, schema: &str) -> Result<Attribute
     if kind == SSH_KEY_PAIR {
         let a: KeyPairAttrs = decode(v, &prefix)?;
         Ok(AttributesInput::KeyPair(KeyPairInput {
-            private_key: a.private_key,
+            private_key: a.private_key.map(|s| s.0),
             public_key: a.public_key,
             passphrase: a.passphrase.map(|s| s.0),
         }))

@@ -110,20 +110,31 @@ impl Ctx {
     }
 }
 
+/// Every namespace's declarations, in declaration order.
+fn declared() -> Vec<MethodDef> {
+    let mut all = Vec::new();
+    all.extend(auth::methods());
+    all.extend(api_key::methods());
+    all.extend(audit::methods());
+    all.extend(core::methods());
+    all.extend(keychaincredential::methods());
+    all.extend(keyhaven::methods());
+    all.extend(service::methods());
+    all.extend(ssh::methods());
+    all.extend(user::methods());
+    all
+}
+
 fn registry() -> &'static HashMap<&'static str, MethodDef> {
     static R: OnceLock<HashMap<&'static str, MethodDef>> = OnceLock::new();
     R.get_or_init(|| {
-        let mut all = Vec::new();
-        all.extend(auth::methods());
-        all.extend(api_key::methods());
-        all.extend(audit::methods());
-        all.extend(core::methods());
-        all.extend(keychaincredential::methods());
-        all.extend(keyhaven::methods());
-        all.extend(service::methods());
-        all.extend(ssh::methods());
-        all.extend(user::methods());
-        all.into_iter().map(|m| (m.name, m)).collect()
+        let mut map = HashMap::new();
+        for m in declared() {
+            // A second declaration of a name is a programming error, which
+            // `tests::every_method_is_declared_once` catches; the first wins.
+            map.entry(m.name).or_insert(m);
+        }
+        map
     })
 }
 
@@ -199,4 +210,23 @@ pub fn query<T: std::borrow::Borrow<Value>>(items: &[T], params: &Params, schema
 
 fn prefix_errors(v: keyhaven_core::ValidationErrors, schema: &str) -> ServiceError {
     ServiceError::Validation(keyhaven_core::ValidationErrors(v.0.into_iter().map(|e| e.prefixed(schema)).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_method_is_declared_once_with_a_namespaced_name() {
+        let mut seen = std::collections::HashSet::new();
+        for m in declared() {
+            assert!(seen.insert(m.name), "{} is declared twice", m.name);
+            let (ns, name) = m.name.rsplit_once('.').unwrap_or_else(|| panic!("{} has no namespace", m.name));
+            let ok = |s: &str| {
+                !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+            };
+            assert!(ok(ns) && ok(name), "{} is not a TrueNAS-style name", m.name);
+        }
+        assert_eq!(registry().len(), seen.len());
+    }
 }

@@ -73,6 +73,22 @@ impl Secret {
     }
 }
 
+/// Secret text of any length (an imported private key): redacted in `Debug`,
+/// zeroed when dropped. Its size is bounded by the request size limit.
+pub struct SecretText(pub secrecy::SecretString);
+
+impl fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"********\"")
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(SecretText(secrecy::SecretString::from(String::deserialize(d)?)))
+    }
+}
+
 /// Turn serde's message into TrueNAS/pydantic wording.
 fn pydantic_message(msg: &str) -> String {
     if let Some(rest) = msg.strip_prefix("invalid type: ") {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 
 use super::events::{Event, Events};
-use crate::error::{errname, ServiceError};
+use crate::error::ServiceError;
 
 const KEEP_FINISHED: usize = 1000;
 
@@ -112,7 +112,7 @@ impl Jobs {
                     }
                     Err(e) => {
                         j.state = "FAILED";
-                        j.exc_info = json!({"type": if matches!(e, ServiceError::Validation(_)) {"VALIDATION"} else {"CallError"}, "errno": e.errno(), "errname": errname(e.errno())});
+                        j.exc_info = json!({"type": if matches!(e, ServiceError::Validation(_)) {"VALIDATION"} else {"CallError"}, "errno": e.errno().code(), "errname": e.errno().name()});
                         j.error = Some(e.to_string());
                     }
                 }

@@ -132,10 +132,12 @@ impl Cached {
     }
 }
 
-/// SSH_KEY_PAIR attributes as given by a caller.
+/// SSH_KEY_PAIR attributes as given by a caller. The private key and the
+/// passphrase stay in secret types: `Debug` shows neither, and both are
+/// zeroed when dropped.
 #[derive(Debug, Default)]
 pub struct KeyPairInput {
-    pub private_key: Option<String>,
+    pub private_key: Option<secrecy::SecretString>,
     pub public_key: Option<String>,
     pub passphrase: Option<secrecy::SecretString>,
 }
@@ -258,7 +260,7 @@ impl App {
         let v = tokio::task::spawn_blocking(move || {
             let pass = kp.passphrase.as_ref().map(|p| Zeroizing::new(p.expose_secret().to_string()));
             keys::validate_key_pair(
-                kp.private_key.as_deref().filter(|s| !s.trim().is_empty()),
+                kp.private_key.as_ref().map(|s| s.expose_secret()).filter(|s| !s.trim().is_empty()),
                 kp.public_key.as_deref().filter(|s| !s.trim().is_empty()),
                 pass.as_deref().map(|s| s.as_str()),
             )
@@ -385,7 +387,7 @@ impl App {
             AttributesInput::KeyPair(kp) => {
                 let pass = kp.passphrase.as_ref().map(|p| p.expose_secret().to_string()).map(Zeroizing::new);
                 let v = keys::validate_key_pair(
-                    kp.private_key.as_deref().filter(|s| !s.trim().is_empty()),
+                    kp.private_key.as_ref().map(|s| s.expose_secret()).filter(|s| !s.trim().is_empty()),
                     kp.public_key.as_deref().filter(|s| !s.trim().is_empty()),
                     pass.as_deref().map(|s| s.as_str()),
                 )
@@ -569,4 +571,21 @@ pub fn parse_algorithm(s: &str, attr: &str) -> Result<KeyAlgorithm, ServiceError
             FieldError::new(attr, "Input should be 'ED25519', 'ECDSA' or 'RSA'").with_errno(EINVAL).into(),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_pair_input_debug_shows_no_secret() {
+        let k = KeyPairInput {
+            private_key: Some(secrecy::SecretString::from("-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn".to_string())),
+            public_key: Some("ssh-ed25519 AAAA".into()),
+            passphrase: Some(secrecy::SecretString::from("hunter2".to_string())),
+        };
+        let shown = format!("{k:?}");
+        assert!(!shown.contains("BEGIN") && !shown.contains("b3Blbn") && !shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("ssh-ed25519"), "{shown}");
+    }
 }

@@ -563,7 +563,7 @@ impl App {
             KeyChoice::Generate { name, options } => {
                 let kp = self.generate_key_pair(options).await?;
                 let input = KeyPairInput {
-                    private_key: Some(kp.private_key.to_string()),
+                    private_key: Some(secrecy::SecretString::from(kp.private_key.to_string())),
                     public_key: Some(kp.public_key.clone()),
                     passphrase: None,
                 };
@@ -656,7 +656,7 @@ impl App {
             Some((key_name, options)) => {
                 let kp = self.generate_key_pair(options).await?;
                 let input = KeyPairInput {
-                    private_key: Some(kp.private_key.to_string()),
+                    private_key: Some(secrecy::SecretString::from(kp.private_key.to_string())),
                     public_key: Some(kp.public_key.clone()),
                     passphrase: None,
                 };

@@ -430,7 +430,7 @@ pub fn banner_problem(path: &Path, data_dir: &Path) -> Option<String> {
             real.display()
         ));
     }
-    let me = unsafe { libc::geteuid() };
+    let me = rustix::process::geteuid().as_raw();
     let only_root_writes = |m: &std::fs::Metadata| (m.uid() == 0 || m.uid() == me) && m.mode() & 0o022 == 0;
     let meta = match std::fs::metadata(&real) {
         Ok(m) => m,
@@ -500,7 +500,7 @@ fn sshd_error(schema: &str, e: SshdError) -> ServiceError {
             format!("{schema}.tcpport"),
             format!("Port {port} is already in use by another process; choose another port or stop that process"),
         ),
-        other => ServiceError::call(202, other.to_string()),
+        other => ServiceError::call(crate::error::ESERVICESTARTFAILURE, other.to_string()),
     }
 }
 
@@ -519,7 +519,7 @@ mod tests {
     /// integration harness's root-owned base when running as root (a temp dir
     /// under /tmp, which is 1777, could never hold an acceptable banner).
     fn safe_dir() -> Option<tempfile::TempDir> {
-        if unsafe { libc::geteuid() } != 0 {
+        if !rustix::process::geteuid().is_root() {
             return None;
         }
         let base = Path::new("/var/lib/keyhaven-test");

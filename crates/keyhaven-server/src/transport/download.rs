@@ -61,7 +61,7 @@ async fn authenticate(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PassphraseBody {
-    passphrase: String,
+    passphrase: crate::api::params::SecretText,
 }
 
 pub async fn get_key(
@@ -86,7 +86,7 @@ pub async fn post_key(
         return plain(StatusCode::METHOD_NOT_ALLOWED, "POST is only for private_key (to encrypt it with a passphrase)");
     }
     let pass = match serde_json::from_slice::<PassphraseBody>(&body) {
-        Ok(b) if !b.passphrase.is_empty() => SecretString::from(b.passphrase),
+        Ok(b) if !secrecy::ExposeSecret::expose_secret(&b.passphrase.0).is_empty() => b.passphrase.0,
         _ => {
             return plain(
                 StatusCode::BAD_REQUEST,

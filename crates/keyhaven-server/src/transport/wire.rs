@@ -3,7 +3,7 @@
 use serde_json::{json, Value};
 
 use crate::api::CallFailure;
-use crate::error::{errname, ServiceError, EINVAL};
+use crate::error::{ServiceError, EINVAL, ENOMETHOD};
 
 pub const PARSE_ERROR: i64 = -32700;
 pub const INVALID_REQUEST: i64 = -32600;
@@ -20,7 +20,7 @@ fn extra(e: &ServiceError) -> Value {
                 v.0.iter()
                     .map(|f| {
                         let attr = if f.attribute.is_empty() { Value::Null } else { json!(f.attribute) };
-                        json!([attr, f.message, f.errno])
+                        json!([attr, f.message, f.errno.code()])
                     })
                     .collect(),
             )
@@ -35,15 +35,15 @@ fn reason(e: &ServiceError) -> String {
             v.0.iter()
                 .map(|f| {
                     if f.attribute.is_empty() {
-                        format!("[{}] {}", errname(f.errno), f.message)
+                        format!("[{}] {}", f.errno.name(), f.message)
                     } else {
-                        format!("[{}] {}: {}", errname(f.errno), f.attribute, f.message)
+                        format!("[{}] {}: {}", f.errno.name(), f.attribute, f.message)
                     }
                 })
                 .collect::<Vec<_>>()
                 .join("\n")
         }
-        other => format!("[{}] {}", errname(other.errno()), other),
+        other => format!("[{}] {}", other.errno().name(), other),
     }
 }
 
@@ -65,8 +65,8 @@ pub fn rpc_error(f: &CallFailure) -> Value {
                 "code": code,
                 "message": message,
                 "data": {
-                    "error": if matches!(e, ServiceError::Validation(_)) { EINVAL } else { e.errno() },
-                    "errname": errname(e.errno()),
+                    "error": if matches!(e, ServiceError::Validation(_)) { EINVAL.code() } else { e.errno().code() },
+                    "errname": e.errno().name(),
                     "reason": reason(e),
                     "trace": trace(e),
                     "extra": extra(e),
@@ -80,12 +80,12 @@ pub fn rpc_error(f: &CallFailure) -> Value {
 pub fn legacy_error(f: &CallFailure) -> Value {
     match f {
         CallFailure::NoMethod => json!({
-            "error": 201, "errname": "ENOMETHOD", "type": null,
+            "error": ENOMETHOD.code(), "errname": ENOMETHOD.name(), "type": null,
             "reason": "[ENOMETHOD] Method does not exist", "trace": null, "extra": null
         }),
         CallFailure::Failed(e) => json!({
-            "error": e.errno(),
-            "errname": errname(e.errno()),
+            "error": e.errno().code(),
+            "errname": e.errno().name(),
             "type": if matches!(e, ServiceError::Validation(_)) { json!("VALIDATION") } else { Value::Null },
             "reason": reason(e),
             "trace": trace(e),

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::wire::{self, INVALID_REQUEST, PARSE_ERROR, TOO_MANY_CONCURRENT};
 use crate::api::{dispatch, CallFailure};
+use crate::error::{EACCES, EBUSY, EINVAL};
 use crate::service::auth::Session;
 use crate::service::App;
 
@@ -109,7 +110,7 @@ fn parse_legacy(text: &str, connected: &mut bool, session: &Session) -> Incoming
                 Some(Value::String(s)) if !s.is_empty() => s,
                 _ => {
                     return Incoming::Reply(json!({"msg": "result", "id": id, "error": {
-                        "error": 22, "errname": "EINVAL", "type": null, "reason": "[EINVAL] method must be a non-empty string",
+                        "error": EINVAL.code(), "errname": EINVAL.name(), "type": null, "reason": "[EINVAL] method must be a non-empty string",
                         "trace": null, "extra": null}}))
                 }
             };
@@ -118,7 +119,7 @@ fn parse_legacy(text: &str, connected: &mut bool, session: &Session) -> Incoming
                 Some(Value::Array(a)) => a,
                 Some(_) => {
                     return Incoming::Reply(json!({"msg": "result", "id": id, "error": {
-                        "error": 22, "errname": "EINVAL", "type": null, "reason": "[EINVAL] params must be a list",
+                        "error": EINVAL.code(), "errname": EINVAL.name(), "type": null, "reason": "[EINVAL] params must be a list",
                         "trace": null, "extra": null}}))
                 }
             };
@@ -132,9 +133,9 @@ fn parse_legacy(text: &str, connected: &mut bool, session: &Session) -> Incoming
             match (session.caller(), m.remove("name")) {
                 (Some(_), Some(Value::String(name))) if !name.is_empty() => Incoming::Subscribe { id, name },
                 (Some(_), _) => Incoming::Reply(json!({"msg": "nosub", "id": id, "error": {
-                    "error": 22, "errname": "EINVAL", "type": null, "reason": "[EINVAL] name must be a non-empty string", "trace": null, "extra": null}})),
+                    "error": EINVAL.code(), "errname": EINVAL.name(), "type": null, "reason": "[EINVAL] name must be a non-empty string", "trace": null, "extra": null}})),
                 (None, _) => Incoming::Reply(json!({"msg": "result", "id": id, "error": {
-                    "error": 13, "errname": "EACCES", "type": null, "reason": "Not authorized", "trace": null, "extra": null}})),
+                    "error": EACCES.code(), "errname": EACCES.name(), "type": null, "reason": "Not authorized", "trace": null, "extra": null}})),
             }
         }
         "unsub" => Incoming::Unsubscribe { id: m.remove("id").unwrap_or(Value::Null) },
@@ -341,7 +342,7 @@ pub async fn serve(
                 }
                 Incoming::Subscribe { id, .. } if app.current_caller(&session).is_err() => {
                     let reply = json!({"msg": "result", "id": id, "error": {
-                            "error": 13, "errname": "EACCES", "type": null, "reason": "Not authorized", "trace": null, "extra": null}});
+                            "error": EACCES.code(), "errname": EACCES.name(), "type": null, "reason": "Not authorized", "trace": null, "extra": null}});
                     if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
                         break;
                     }
@@ -352,7 +353,7 @@ pub async fn serve(
                     }) {
                         Ok(()) => json!({"msg": "ready", "subs": [id]}),
                         Err(reason) => json!({"msg": "nosub", "id": id, "error": {
-                                "error": 16, "errname": "EBUSY", "type": null, "reason": format!("[EBUSY] {reason}"), "trace": null, "extra": null}}),
+                                "error": EBUSY.code(), "errname": EBUSY.name(), "type": null, "reason": format!("[EBUSY] {reason}"), "trace": null, "extra": null}}),
                     };
                     if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
                         break;
@@ -395,7 +396,7 @@ pub async fn serve(
                                     ),
                                 ),
                                 Dialect::Legacy => json!({"msg": "result", "id": id, "error": {
-                                        "error": 16, "errname": "EBUSY", "type": null, "trace": null, "extra": null,
+                                        "error": EBUSY.code(), "errname": EBUSY.name(), "type": null, "trace": null, "extra": null,
                                         "reason": format!("[EBUSY] Maximum number of concurrent calls ({MAX_CONCURRENT_CALLS}) has exceeded")}}),
                             };
                             let _ = tx.send(Message::Text(reply.to_string().into())).await;
