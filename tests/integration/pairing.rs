@@ -88,6 +88,13 @@ async fn host_key_scan_of_own_sshd_and_errors() {
     assert_eq!(e["code"], -32602, "{e}");
     let e = c.err("keychaincredential.remote_ssh_host_key_scan", json!([{"host": ""}])).await;
     assert_field(&e, "keychain_remote_ssh_host_key_scan.host", "at least 1");
+    // Every out-of-range value is named in the same reply, nothing is scanned.
+    let e = c
+        .err("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "", "port": 0, "connect_timeout": 301}]))
+        .await;
+    assert_field(&e, "keychain_remote_ssh_host_key_scan.host", "at least 1");
+    assert_field(&e, "keychain_remote_ssh_host_key_scan.port", "between 1 and 65535");
+    assert_field(&e, "keychain_remote_ssh_host_key_scan.connect_timeout", "between 1 and 300");
 }
 
 #[tokio::test]

@@ -557,8 +557,8 @@ async fn accounts_ssh_and_service_reject_bad_input() {
         ("user.create", json!([{"username": "daemon"}]), "user_create.password", "required"),
         ("user.create", json!([{}]), "user_create.username", "Field required"),
         ("user.delete", json!([999999]), "", "does not exist"),
-        ("ssh.update", json!([{"tcpport": 0}]), "ssh_update.tcpport", ""),
-        ("ssh.update", json!([{"tcpport": 70000}]), "ssh_update.tcpport", ""),
+        ("ssh.update", json!([{"tcpport": 0}]), "ssh_update.tcpport", "between 1 and 65535"),
+        ("ssh.update", json!([{"tcpport": 70000}]), "ssh_update.tcpport", "between 1 and 65535"),
         ("ssh.update", json!([{"tcpport": "22"}]), "ssh_update.tcpport", "valid integer"),
         (
             "ssh.update",

@@ -11,6 +11,7 @@
 pub mod authorized_keys;
 pub mod error;
 pub mod keys;
+pub mod net;
 pub mod query;
 pub mod sshd_config;
 pub mod text;

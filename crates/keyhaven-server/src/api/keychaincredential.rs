@@ -12,6 +12,7 @@ use crate::method;
 use crate::service::keychain::{self, AttributesInput, ConnectionInput, KeyPairInput, SSH_CREDENTIALS, SSH_KEY_PAIR};
 use crate::service::pairing;
 use keyhaven_core::keys::{GenerateOptions, KeyAlgorithm};
+use keyhaven_core::net::{ConnectTimeout, Port};
 
 pub fn methods() -> Vec<MethodDef> {
     vec![
@@ -337,14 +338,11 @@ async fn scan(p: &Params, method: &str) -> Result<Vec<keyhaven_ssh::client::Scan
     if a.host.trim().is_empty() {
         errs.add(format!("{S}.host"), "String should have at least 1 character");
     }
-    if !(1..=65535).contains(&a.port) {
-        errs.add(format!("{S}.port"), "Port must be between 1 and 65535");
-    }
-    if !(1..=300).contains(&a.connect_timeout) {
-        errs.add(format!("{S}.connect_timeout"), "Connect timeout must be between 1 and 300 seconds");
-    }
+    let port = errs.take(format!("{S}.port"), Port::new(a.port));
+    let timeout = errs.take(format!("{S}.connect_timeout"), ConnectTimeout::new(a.connect_timeout));
+    let (Some(port), Some(timeout)) = (port, timeout) else { return Err(errs.into()) };
     errs.check()?;
-    pairing::host_key_scan(a.host.trim(), a.port as u16, std::time::Duration::from_secs(a.connect_timeout as u64)).await
+    pairing::host_key_scan(a.host.trim(), port.get(), timeout.duration()).await
 }
 
 async fn remote_ssh_host_key_scan(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
@@ -383,8 +381,9 @@ async fn test_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceE
     p.at_most(2, "keychaincredential.test_ssh_connection")?;
     let id: i64 = p.req(0, &format!("{S}.id"))?;
     let o: TestIn = p.opt(1, &format!("{S}.options"))?;
-    if o.timeout.is_some_and(|t| !(1..=300).contains(&t)) {
-        return Err(ServiceError::field(format!("{S}.options.timeout"), "Timeout must be between 1 and 300 seconds"));
+    if let Some(t) = o.timeout {
+        ConnectTimeout::new(i64::try_from(t).unwrap_or(i64::MAX))
+            .map_err(|m| ServiceError::field(format!("{S}.options.timeout"), m))?;
     }
     ctx.app.test_ssh_connection_with(id, o.timeout, o.private_key, &format!("{S}.options.private_key")).await
 }
@@ -541,9 +540,7 @@ fn check_semi(url: &str, username: &str, connect_timeout: i64, schema: &str) -> 
     if username.trim().is_empty() {
         errs.add(format!("{schema}.username"), "String should have at least 1 character");
     }
-    if !(1..=300).contains(&connect_timeout) {
-        errs.add(format!("{schema}.connect_timeout"), "Connect timeout must be between 1 and 300 seconds");
-    }
+    errs.take(format!("{schema}.connect_timeout"), ConnectTimeout::new(connect_timeout));
     errs.check()?;
     Ok(())
 }

@@ -60,9 +60,7 @@ async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
         merged[k] = v;
     }
     if let Some(port) = merged.get("tcpport").and_then(Value::as_i64) {
-        if !(1..=65535).contains(&port) {
-            return Err(ServiceError::field(format!("{S}.tcpport"), "Input should be between 1 and 65535"));
-        }
+        keyhaven_core::net::Port::new(port).map_err(|m| ServiceError::field(format!("{S}.tcpport"), m))?;
     }
     let new: SshSettings = super::params::decode(merged, S)?;
     let options = new.options.clone();

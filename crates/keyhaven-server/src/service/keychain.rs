@@ -400,15 +400,14 @@ impl App {
                 if c.host.trim().is_empty() {
                     errs.add(format!("{prefix}.host"), "Host must not be empty");
                 }
-                if !(1..=65535).contains(&c.port) {
-                    errs.add(format!("{prefix}.port"), "Port must be between 1 and 65535");
-                }
+                errs.take(format!("{prefix}.port"), keyhaven_core::net::Port::new(c.port));
                 if c.username.trim().is_empty() {
                     errs.add(format!("{prefix}.username"), "Username must not be empty");
                 }
-                if !(1..=300).contains(&c.connect_timeout) {
-                    errs.add(format!("{prefix}.connect_timeout"), "Connect timeout must be between 1 and 300 seconds");
-                }
+                errs.take(
+                    format!("{prefix}.connect_timeout"),
+                    keyhaven_core::net::ConnectTimeout::new(c.connect_timeout),
+                );
                 match self.store.keychain_get(c.private_key)? {
                     Some(r) if r.kind == SSH_KEY_PAIR && r.has_private_key => {}
                     Some(r) if r.kind == SSH_KEY_PAIR => errs.add(
