@@ -1158,7 +1158,7 @@ async fn every_keychain_method_rejects_bad_input_and_changes_nothing() {
             "keychaincredential_query.options.bogus".into(),
             "Extra inputs",
         ),
-        ("keychaincredential.query", json!([[], {}, 3]), "keychaincredential_query".into(), "Too many arguments"),
+        ("keychaincredential.query", json!([[], {}, 3]), "keychaincredential.query".into(), "Too many arguments"),
         // get_instance
         ("keychaincredential.get_instance", json!([]), "keychaincredential_get_instance.id".into(), "Field required"),
         ("keychaincredential.get_instance", json!(["1"]), "keychaincredential_get_instance.id".into(), "valid integer"),

@@ -13,9 +13,9 @@ use crate::method;
 
 pub fn methods() -> Vec<MethodDef> {
     vec![
-        method!("api_key.create", Write, create),
-        method!("api_key.query", Read, list, heavy),
-        method!("api_key.delete", Write, delete),
+        method!("api_key.create", Write, create, 1),
+        method!("api_key.query", Read, list, 2, heavy),
+        method!("api_key.delete", Write, delete, 1),
     ]
 }
 
@@ -41,7 +41,6 @@ struct Create {
 }
 
 async fn create(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(1, "api_key.create")?;
     let c: Create = p.req(0, "api_key_create")?;
     ctx.describe(format!("Create API key: {}", &*c.name));
     let (rec, key) = ctx.app.create_api_key(&c.name, &c.username)?;
@@ -56,7 +55,6 @@ async fn list(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
 }
 
 async fn delete(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(1, "api_key.delete")?;
     let id: i64 = p.req(0, "api_key_delete.id")?;
     let rec = ctx
         .app

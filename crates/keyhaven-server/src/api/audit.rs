@@ -14,7 +14,7 @@ use keyhaven_core::ValidationErrors;
 const SCHEMA: &str = "audit_query";
 
 pub fn methods() -> Vec<MethodDef> {
-    vec![method!("audit.query", Read, audit_query, heavy)]
+    vec![method!("audit.query", Read, audit_query, 2, heavy)]
 }
 
 async fn audit_query(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
@@ -30,7 +30,6 @@ async fn audit_query(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
         let options = m.get("query-options").cloned().unwrap_or(Value::Object(Default::default()));
         (filters, options)
     } else {
-        p.at_most(2, SCHEMA)?;
         (p.raw(0).cloned().unwrap_or(Value::Null), p.raw(1).cloned().unwrap_or(Value::Null))
     };
     let app = ctx.app.clone();

@@ -16,18 +16,18 @@ pub const MECHANISMS: &[&str] = &["PASSWORD_PLAIN", "API_KEY_PLAIN", "TOKEN_PLAI
 
 pub fn methods() -> Vec<MethodDef> {
     vec![
-        method!("auth.login_ex", Public, login_ex),
+        method!("auth.login_ex", Public, login_ex, 1),
         // TrueNAS's OTP continuation wrapper (pytruenas calls it after OTP_REQUIRED).
-        method!("auth.login_ex_continue", Public, login_ex),
-        method!("auth.login", Public, login),
-        method!("auth.login_with_api_key", Public, login_with_api_key),
-        method!("auth.login_with_token", Public, login_with_token),
-        method!("auth.mechanism_choices", Public, mechanism_choices),
-        method!("auth.generate_token", Read, generate_token),
-        method!("auth.me", Read, me),
+        method!("auth.login_ex_continue", Public, login_ex, 1),
+        method!("auth.login", Public, login, 3),
+        method!("auth.login_with_api_key", Public, login_with_api_key, 1),
+        method!("auth.login_with_token", Public, login_with_token, 1),
+        method!("auth.mechanism_choices", Public, mechanism_choices, 0),
+        method!("auth.generate_token", Read, generate_token, 4),
+        method!("auth.me", Read, me, 0),
         // Each account's own preferences: allowed to read-only admins too.
-        method!("auth.set_attribute", Read, set_attribute),
-        method!("auth.logout", Read, logout),
+        method!("auth.set_attribute", Read, set_attribute, 2),
+        method!("auth.logout", Read, logout, 0),
     ]
 }
 
@@ -96,7 +96,6 @@ fn response(ctx: &Ctx, outcome: LoginOutcome, opts: &LoginOptions) -> Result<Val
 
 async fn login_ex(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     const S: &str = "auth_login_ex.login_data";
-    p.at_most(1, "auth.login_ex")?;
     let data = p.raw(0).cloned().ok_or_else(|| ServiceError::field(S, "Field required"))?;
     let mechanism = match data.get("mechanism") {
         Some(Value::String(m)) if MECHANISMS.contains(&m.as_str()) => m.clone(),
@@ -137,7 +136,6 @@ async fn login_ex(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
 }
 
 async fn login(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(3, "auth.login")?;
     let username: Str = p.req(0, "auth_login.username")?;
     let password: Secret = p.req(1, "auth_login.password")?;
     let otp: Option<Secret> = p.opt(2, "auth_login.otp_token")?;
@@ -155,14 +153,12 @@ async fn login(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
 }
 
 async fn login_with_api_key(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(1, "auth.login_with_api_key")?;
     let key: Secret = p.req(0, "auth_login_with_api_key.api_key")?;
     let out = ctx.app.login_api_key(&ctx.session, None, &key.0).await;
     bool_outcome(out)
 }
 
 async fn login_with_token(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(1, "auth.login_with_token")?;
     let token: Secret = p.req(0, "auth_login_with_token.token")?;
     let out = ctx.app.login_token(&ctx.session, &token.0).await;
     bool_outcome(out)
@@ -176,13 +172,11 @@ fn bool_outcome(out: LoginOutcome) -> Result<Value, ServiceError> {
     }
 }
 
-async fn mechanism_choices(_: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(0, "auth.mechanism_choices")?;
+async fn mechanism_choices(_: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
     Ok(json!(MECHANISMS))
 }
 
 async fn generate_token(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(4, "auth.generate_token")?;
     let ttl: Option<i64> = p.opt(0, "auth_generate_token.ttl")?;
     let attrs: Option<serde_json::Map<String, Value>> = p.opt(1, "auth_generate_token.attrs")?;
     let match_origin: Option<bool> = p.opt(2, "auth_generate_token.match_origin")?;
@@ -201,13 +195,11 @@ async fn generate_token(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError>
     Ok(json!(token.expose_secret()))
 }
 
-async fn me(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(0, "auth.me")?;
+async fn me(ctx: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
     ctx.app.me(&ctx.caller()?)
 }
 
 async fn set_attribute(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(2, "auth.set_attribute")?;
     let key: Str = p.req(0, "auth_set_attribute.key")?;
     let value: Value = p.req(1, "auth_set_attribute.value")?;
     let caller = ctx.caller()?;
@@ -215,8 +207,7 @@ async fn set_attribute(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> 
     Ok(Value::Null)
 }
 
-async fn logout(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(0, "auth.logout")?;
+async fn logout(ctx: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
     ctx.app.logout(&ctx.session);
     Ok(json!(true))
 }

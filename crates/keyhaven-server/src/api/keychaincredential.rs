@@ -16,26 +16,27 @@ use keyhaven_core::net::{ConnectTimeout, Port};
 
 pub fn methods() -> Vec<MethodDef> {
     vec![
-        method!("keychaincredential.query", Read, query_m, heavy),
-        method!("keychaincredential.get_instance", Read, get_instance),
-        method!("keychaincredential.create", Write, create),
-        method!("keychaincredential.update", Write, update),
-        method!("keychaincredential.delete", Write, delete),
-        method!("keychaincredential.used_by", Read, used_by),
-        method!("keychaincredential.generate_ssh_key_pair", Write, generate_ssh_key_pair),
-        method!("keychaincredential.download_private_key", Write, download_private_key),
-        method!("keychaincredential.remote_ssh_host_key_scan", Write, remote_ssh_host_key_scan),
+        method!("keychaincredential.query", Read, query_m, 2, heavy),
+        method!("keychaincredential.get_instance", Read, get_instance, 2),
+        method!("keychaincredential.create", Write, create, 1),
+        method!("keychaincredential.update", Write, update, 2),
+        method!("keychaincredential.delete", Write, delete, 2),
+        method!("keychaincredential.used_by", Read, used_by, 1),
+        method!("keychaincredential.generate_ssh_key_pair", Write, generate_ssh_key_pair, 1),
+        method!("keychaincredential.download_private_key", Write, download_private_key, 2),
+        method!("keychaincredential.remote_ssh_host_key_scan", Write, remote_ssh_host_key_scan, 1),
         method!(
             "keychaincredential.remote_ssh_host_key_scan_fingerprints",
             Write,
-            remote_ssh_host_key_scan_fingerprints
+            remote_ssh_host_key_scan_fingerprints,
+            1
         ),
-        method!("keychaincredential.test_ssh_connection", Write, test_ssh_connection),
-        method!("keychaincredential.ssh_connection_status", Read, ssh_connection_status, heavy),
-        method!("keychaincredential.ssh_pair", Write, ssh_pair),
-        method!("keychaincredential.remote_ssh_semiautomatic_setup", Write, remote_ssh_semiautomatic_setup),
-        method!("keychaincredential.setup_ssh_connection", Write, setup_ssh_connection),
-        method!("keychaincredential.re_pair_ssh_connection", Write, re_pair_ssh_connection),
+        method!("keychaincredential.test_ssh_connection", Write, test_ssh_connection, 2),
+        method!("keychaincredential.ssh_connection_status", Read, ssh_connection_status, 2, heavy),
+        method!("keychaincredential.ssh_pair", Write, ssh_pair, 1),
+        method!("keychaincredential.remote_ssh_semiautomatic_setup", Write, remote_ssh_semiautomatic_setup, 1),
+        method!("keychaincredential.setup_ssh_connection", Write, setup_ssh_connection, 1),
+        method!("keychaincredential.re_pair_ssh_connection", Write, re_pair_ssh_connection, 2),
     ]
 }
 
@@ -196,7 +197,6 @@ async fn query_m(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
 }
 
 async fn get_instance(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(2, "keychaincredential.get_instance")?;
     let id: i64 = p.req(0, "keychaincredential_get_instance.id")?;
     let e = ctx.app.keychain_get(id)?;
     redact_if_readonly(&ctx, e)
@@ -228,7 +228,6 @@ impl CredType {
 }
 
 async fn create(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(1, "keychaincredential.create")?;
     let c: CreateIn = p.req(0, CREATE)?;
     ctx.describe(format!("Create Keychain Credential: {}", &*c.name));
     let attrs = decode_attributes(c.kind.as_str(), c.attributes, CREATE)?;
@@ -245,7 +244,6 @@ struct UpdateIn {
 }
 
 async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(2, "keychaincredential.update")?;
     let id: i64 = p.req(0, &format!("{UPDATE}.id"))?;
     let u: UpdateIn = p.req(1, UPDATE)?;
     let current = ctx.app.keychain_get(id)?;
@@ -263,7 +261,6 @@ struct DeleteOptions {
 }
 
 async fn delete(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(2, "keychaincredential.delete")?;
     let id: i64 = p.req(0, "keychaincredential_delete.id")?;
     let o: DeleteOptions = p.opt(1, "options")?;
     if let Ok(e) = ctx.app.keychain_get(id) {
@@ -274,7 +271,6 @@ async fn delete(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
 }
 
 async fn used_by(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(1, "keychaincredential.used_by")?;
     let id: i64 = p.req(0, "keychaincredential_used_by.id")?;
     let deps = ctx.app.keychain_used_by(id)?;
     Ok(Value::Array(deps.into_iter().map(|d| json!({"title": d.title, "unbind_method": d.unbind_method})).collect()))
@@ -308,7 +304,6 @@ pub struct GenerateArgs {
 
 async fn generate_ssh_key_pair(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     const S: &str = "keychain_credential_generate_ssh_key_pair";
-    p.at_most(1, "keychaincredential.generate_ssh_key_pair")?;
     let g: GenerateIn = p.opt(0, S)?;
     let opts = generate_options(
         &GenerateArgs { key_type: g.key_type.map(|s| s.0), size: g.size, comment: g.comment.map(|s| s.0) },
@@ -330,9 +325,8 @@ struct ScanIn {
     connect_timeout: i64,
 }
 
-async fn scan(p: &Params, method: &str) -> Result<Vec<keyhaven_ssh::client::ScannedKey>, ServiceError> {
+async fn scan(p: &Params) -> Result<Vec<keyhaven_ssh::client::ScannedKey>, ServiceError> {
     const S: &str = "keychain_remote_ssh_host_key_scan";
-    p.at_most(1, method)?;
     let a: ScanIn = p.req(0, S)?;
     let mut errs = keyhaven_core::ValidationErrors::new();
     if a.host.trim().is_empty() {
@@ -346,7 +340,7 @@ async fn scan(p: &Params, method: &str) -> Result<Vec<keyhaven_ssh::client::Scan
 }
 
 async fn remote_ssh_host_key_scan(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    let keys = scan(&p, "keychaincredential.remote_ssh_host_key_scan").await?;
+    let keys = scan(&p).await?;
     if let Some(h) = p.raw(0).and_then(|v| v.get("host")).and_then(Value::as_str) {
         ctx.describe(format!("Discover remote host key: {h}"));
     }
@@ -354,7 +348,7 @@ async fn remote_ssh_host_key_scan(ctx: Arc<Ctx>, p: Params) -> Result<Value, Ser
 }
 
 async fn remote_ssh_host_key_scan_fingerprints(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    let keys = scan(&p, "keychaincredential.remote_ssh_host_key_scan_fingerprints").await?;
+    let keys = scan(&p).await?;
     if let Some(h) = p.raw(0).and_then(|v| v.get("host")).and_then(Value::as_str) {
         ctx.describe(format!("Discover remote host key: {h}"));
     }
@@ -378,7 +372,6 @@ struct TestIn {
 
 async fn test_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     const S: &str = "keychain_test_ssh_connection";
-    p.at_most(2, "keychaincredential.test_ssh_connection")?;
     let id: i64 = p.req(0, &format!("{S}.id"))?;
     let o: TestIn = p.opt(1, &format!("{S}.options"))?;
     if let Some(t) = o.timeout {
@@ -415,7 +408,6 @@ struct PairIn {
 
 async fn ssh_pair(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     const S: &str = "keychain_ssh_pair";
-    p.at_most(1, "keychaincredential.ssh_pair")?;
     let a: PairIn = p.req(0, S)?;
     let mut errs = keyhaven_core::ValidationErrors::new();
     if a.remote_hostname.trim().is_empty() {
@@ -547,7 +539,6 @@ fn check_semi(url: &str, username: &str, connect_timeout: i64, schema: &str) -> 
 
 async fn remote_ssh_semiautomatic_setup(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     const S: &str = "keychain_remote_ssh_semiautomatic_setup";
-    p.at_most(1, "keychaincredential.remote_ssh_semiautomatic_setup")?;
     let a: SemiFullIn = p.req(0, S)?;
     if a.name.trim().is_empty() {
         return Err(ServiceError::field(format!("{S}.name"), "String should have at least 1 character"));
@@ -650,7 +641,6 @@ struct SetupIn {
 
 async fn setup_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     const S: &str = "setup_ssh_connection";
-    p.at_most(1, "keychaincredential.setup_ssh_connection")?;
     let a: SetupIn = p.req(0, S)?;
     let mut errs = keyhaven_core::ValidationErrors::new();
     if a.connection_name.trim().is_empty() {
@@ -751,7 +741,6 @@ struct DownloadIn {
 /// (optionally passphrase-encrypted), audited like an HTTP download.
 async fn download_private_key(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     const S: &str = "keychaincredential_download_private_key";
-    p.at_most(2, "keychaincredential.download_private_key")?;
     let id: i64 = p.req(0, &format!("{S}.id"))?;
     let o: DownloadIn = p.opt(1, &format!("{S}.options"))?;
     let e = ctx.app.keychain_get(id)?;
@@ -805,7 +794,6 @@ struct RePairIn {
 /// API (new host keys, key installed again), optionally rotating its key pair.
 async fn re_pair_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     const S: &str = "keychain_re_pair_ssh_connection";
-    p.at_most(2, "keychaincredential.re_pair_ssh_connection")?;
     let id: i64 = p.req(0, &format!("{S}.id"))?;
     let a: RePairIn = p.req(1, &format!("{S}.options"))?;
     let name = ctx.app.keychain_get(id)?["name"].as_str().unwrap_or_default().to_string();

@@ -9,13 +9,12 @@ use crate::error::ServiceError;
 use crate::method;
 
 pub fn methods() -> Vec<MethodDef> {
-    vec![method!("keyhaven.tls_certificate", Read, tls_certificate)]
+    vec![method!("keyhaven.tls_certificate", Read, tls_certificate, 0)]
 }
 
 /// Whether the API is served over TLS and the served certificate's SHA-256
 /// fingerprint, to compare with what a pairing system shows before it trusts it.
-async fn tls_certificate(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(0, "keyhaven.tls_certificate")?;
+async fn tls_certificate(ctx: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
     let fp = ctx.app.tls_fingerprint.get();
     Ok(json!({"tls": fp.is_some(), "fingerprint_sha256": fp}))
 }

@@ -44,28 +44,34 @@ pub struct MethodDef {
     pub name: &'static str,
     pub access: Access,
     pub handler: Handler,
+    /// The most positional parameters it takes; more are refused before the
+    /// handler runs ("Too many arguments").
+    pub params: usize,
     /// CPU-bound in proportion to caller-chosen input (query filters over
     /// every record): run off the async workers, a bounded number at once.
     pub heavy: bool,
 }
 
-/// Build a [`MethodDef`] from an `async fn(Arc<Ctx>, Params) -> Result<Value>`;
-/// a trailing `heavy` marks a method that filters caller-chosen amounts of data.
+/// Build a [`MethodDef`] from an `async fn(Arc<Ctx>, Params) -> Result<Value>`
+/// and the most positional parameters the method takes; a trailing `heavy`
+/// marks a method that filters caller-chosen amounts of data.
 #[macro_export]
 macro_rules! method {
-    ($name:literal, $access:ident, $f:path) => {
+    ($name:literal, $access:ident, $f:path, $params:literal) => {
         $crate::api::MethodDef {
             name: $name,
             access: $crate::api::Access::$access,
             handler: |c, p| Box::pin($f(c, p)),
+            params: $params,
             heavy: false,
         }
     };
-    ($name:literal, $access:ident, $f:path, heavy) => {
+    ($name:literal, $access:ident, $f:path, $params:literal, heavy) => {
         $crate::api::MethodDef {
             name: $name,
             access: $crate::api::Access::$access,
             handler: |c, p| Box::pin($f(c, p)),
+            params: $params,
             heavy: true,
         }
     };
@@ -178,6 +184,12 @@ pub async fn dispatch(
             Ok(_) => {}
         }
     }
+    if params.len() > def.params {
+        return Err(CallFailure::Failed(ServiceError::field(
+            def.name,
+            format!("Too many arguments (expected at most {}, got {})", def.params, params.len()),
+        )));
+    }
     let ctx =
         Arc::new(Ctx { app: app.clone(), session: session.clone(), method: def.name, description: Mutex::new(None) });
     let fut = (def.handler)(ctx.clone(), Params(params));
@@ -197,7 +209,6 @@ pub async fn dispatch(
 /// Run a TrueNAS query (`[filters, options]`) over already-built entries.
 pub fn query<T: std::borrow::Borrow<Value>>(items: &[T], params: &Params, schema: &str) -> Result<Value, ServiceError> {
     use keyhaven_core::query::{filter_list, parse_filters, QueryError, QueryOptions};
-    params.at_most(2, schema)?;
     let filters = parse_filters(params.raw(0).unwrap_or(&Value::Null)).map_err(|e| prefix_errors(e, schema))?;
     let options =
         QueryOptions::from_value(params.raw(1).unwrap_or(&Value::Null)).map_err(|e| prefix_errors(e, schema))?;

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::ServiceError;
-use keyhaven_core::error::{FieldError, ValidationErrors};
+use keyhaven_core::error::FieldError;
 
 /// Cap of plain strings, as TrueNAS's models.
 pub const STR_MAX: usize = 1024;
@@ -162,17 +162,6 @@ pub fn decode<T: DeserializeOwned>(v: Value, schema: &str) -> Result<T, ServiceE
 pub struct Params(pub Vec<Value>);
 
 impl Params {
-    /// Refuse more than `n` positional arguments.
-    pub fn at_most(&self, n: usize, method: &str) -> Result<(), ServiceError> {
-        if self.0.len() > n {
-            return Err(ServiceError::Validation(ValidationErrors::single(
-                method,
-                format!("Too many arguments (expected at most {n}, got {})", self.0.len()),
-            )));
-        }
-        Ok(())
-    }
-
     /// A required argument.
     pub fn req<T: DeserializeOwned>(&self, idx: usize, schema: &str) -> Result<T, ServiceError> {
         match self.0.get(idx) {

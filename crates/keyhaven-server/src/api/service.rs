@@ -12,9 +12,9 @@ use crate::method;
 
 pub fn methods() -> Vec<MethodDef> {
     vec![
-        method!("service.query", Read, query_m),
-        method!("service.update", Write, update),
-        method!("service.control", Write, control),
+        method!("service.query", Read, query_m, 2),
+        method!("service.update", Write, update, 2),
+        method!("service.control", Write, control, 3),
     ]
 }
 
@@ -42,7 +42,6 @@ struct UpdateIn {
 }
 
 async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(2, "service.update")?;
     let id = p.raw(0).cloned().ok_or_else(|| ServiceError::field("service_update.id_or_name", "Field required"))?;
     check_service(&id, "service_update.id_or_name")?;
     let u: UpdateIn = p.req(1, "service_update")?;
@@ -66,7 +65,6 @@ struct ControlOptions {
 }
 
 async fn control(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(3, "service.control")?;
     let verb: Str = p.req(0, "service_control.verb")?;
     if !["START", "STOP", "RESTART", "RELOAD"].contains(&&*verb) {
         return Err(ServiceError::field(

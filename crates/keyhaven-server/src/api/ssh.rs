@@ -13,14 +13,13 @@ use keyhaven_core::sshd_config::SshSettings;
 
 pub fn methods() -> Vec<MethodDef> {
     vec![
-        method!("ssh.config", Read, config),
-        method!("ssh.update", Write, update),
-        method!("ssh.bindiface_choices", Read, bindiface_choices),
+        method!("ssh.config", Read, config, 0),
+        method!("ssh.update", Write, update, 1),
+        method!("ssh.bindiface_choices", Read, bindiface_choices, 0),
     ]
 }
 
-async fn config(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(0, "ssh.config")?;
+async fn config(ctx: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
     {
         // Host keys are made on first use; serialise with every other change.
         let _guard = ctx.app.ssh_lock.lock().await;
@@ -45,7 +44,6 @@ const FIELDS: &[&str] = &[
 
 async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     const S: &str = "ssh_update";
-    p.at_most(1, "ssh.update")?;
     ctx.describe("Update SSH configuration");
     let patch: serde_json::Map<String, Value> = p.req(0, S)?;
     for k in patch.keys() {
@@ -93,8 +91,7 @@ fn options_change_description(options: &str) -> String {
     d
 }
 
-async fn bindiface_choices(_: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(0, "ssh.bindiface_choices")?;
+async fn bindiface_choices(_: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
     let mut m = serde_json::Map::new();
     for i in crate::service::sshd::interfaces() {
         m.insert(i.clone(), Value::String(i));

@@ -14,13 +14,13 @@ use crate::service::users::UserInput;
 
 pub fn methods() -> Vec<MethodDef> {
     vec![
-        method!("user.query", Read, query_m, heavy),
-        method!("user.get_instance", Read, get_instance),
-        method!("user.create", Write, create),
-        method!("user.update", Write, update),
-        method!("user.delete", Write, delete),
-        method!("user.renew_2fa_secret", Write, renew_2fa),
-        method!("user.unset_2fa_secret", Write, unset_2fa),
+        method!("user.query", Read, query_m, 2, heavy),
+        method!("user.get_instance", Read, get_instance, 2),
+        method!("user.create", Write, create, 1),
+        method!("user.update", Write, update, 2),
+        method!("user.delete", Write, delete, 2),
+        method!("user.renew_2fa_secret", Write, renew_2fa, 2),
+        method!("user.unset_2fa_secret", Write, unset_2fa, 1),
     ]
 }
 
@@ -139,7 +139,6 @@ fn exact_username(filters: &Value) -> Option<String> {
 }
 
 async fn get_instance(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(2, "user.get_instance")?;
     let id: i64 = p.req(0, "user_get_instance.id")?;
     let (r, _) = ctx.app.user_by_id(id)?;
     pairing_bound(&ctx, &r.username)?;
@@ -166,7 +165,6 @@ fn pairing_bound(ctx: &Ctx, username: &str) -> Result<(), ServiceError> {
 }
 
 async fn create(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(1, "user.create")?;
     let u: UserIn = p.req(0, "user_create")?;
     check_size(&u, "user_create")?;
     ctx.describe(format!("Create user: {}", u.username.as_deref().unwrap_or("")));
@@ -177,7 +175,6 @@ async fn create(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
 }
 
 async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(2, "user.update")?;
     let id: i64 = p.req(0, "user_update.id")?;
     let raw = p.raw(1).cloned();
     let u: UserIn = p.req(1, "user_update")?;
@@ -207,7 +204,6 @@ struct DeleteOptions {
 }
 
 async fn delete(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(2, "user.delete")?;
     let id: i64 = p.req(0, "user_delete.id")?;
     let _: DeleteOptions = p.opt(1, "user_delete.options")?;
     if let Ok((r, _)) = ctx.app.user_by_id(id) {
@@ -218,7 +214,6 @@ async fn delete(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
 }
 
 async fn renew_2fa(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(2, "user.renew_2fa_secret")?;
     let username: Str = p.req(0, "user_renew_2fa_secret.username")?;
     let _: Option<serde_json::Map<String, Value>> = p.opt(1, "user_renew_2fa_secret.twofactor_options")?;
     ctx.describe(format!("Renew two-factor secret: {}", &*username));
@@ -231,7 +226,6 @@ async fn renew_2fa(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
 }
 
 async fn unset_2fa(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    p.at_most(1, "user.unset_2fa_secret")?;
     let username: Str = p.req(0, "user_unset_2fa_secret.username")?;
     ctx.describe(format!("Disable two-factor login: {}", &*username));
     ctx.app.twofactor_unset(&username).await?;
