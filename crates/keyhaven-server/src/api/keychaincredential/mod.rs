@@ -1,0 +1,131 @@
+//! `keychaincredential.*`: SSH key pairs and SSH connections (reference §2–3).
+//! This file declares the methods and the attribute shapes they share;
+//! `crud`, `connections` and `setup` hold the handlers.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::params::{decode, Secret, SecretText, Str};
+use super::{query, Ctx, MethodDef, Params};
+use crate::error::ServiceError;
+use crate::method;
+use crate::service::keychain::{self, AttributesInput, ConnectionInput, KeyPairInput, SSH_CREDENTIALS, SSH_KEY_PAIR};
+use crate::service::pairing;
+use keyhaven_core::keys::{GenerateOptions, KeyAlgorithm};
+use keyhaven_core::net::{ConnectTimeout, Port};
+
+mod connections;
+mod crud;
+mod setup;
+
+use connections::*;
+use crud::*;
+use setup::*;
+
+pub fn methods() -> Vec<MethodDef> {
+    vec![
+        method!("keychaincredential.query", Read, query_m, 2, heavy),
+        method!("keychaincredential.get_instance", Read, get_instance, 2),
+        method!("keychaincredential.create", Write, create, 1),
+        method!("keychaincredential.update", Write, update, 2),
+        method!("keychaincredential.delete", Write, delete, 2),
+        method!("keychaincredential.used_by", Read, used_by, 1),
+        method!("keychaincredential.generate_ssh_key_pair", Write, generate_ssh_key_pair, 1),
+        method!("keychaincredential.download_private_key", Write, download_private_key, 2),
+        method!("keychaincredential.remote_ssh_host_key_scan", Write, remote_ssh_host_key_scan, 1),
+        method!(
+            "keychaincredential.remote_ssh_host_key_scan_fingerprints",
+            Write,
+            remote_ssh_host_key_scan_fingerprints,
+            1
+        ),
+        method!("keychaincredential.test_ssh_connection", Write, test_ssh_connection, 2),
+        method!("keychaincredential.ssh_connection_status", Read, ssh_connection_status, 2, heavy),
+        method!("keychaincredential.ssh_pair", Write, ssh_pair, 1),
+        method!("keychaincredential.remote_ssh_semiautomatic_setup", Write, remote_ssh_semiautomatic_setup, 1),
+        method!("keychaincredential.setup_ssh_connection", Write, setup_ssh_connection, 1),
+        method!("keychaincredential.re_pair_ssh_connection", Write, re_pair_ssh_connection, 2),
+    ]
+}
+
+const CREATE: &str = "keychain_credential_create";
+const UPDATE: &str = "keychain_credentials_update";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyPairAttrs {
+    #[serde(default)]
+    private_key: Option<SecretText>,
+    #[serde(default)]
+    public_key: Option<String>,
+    /// keyhaven extension: decrypts a passphrase-protected import; never stored.
+    #[serde(default)]
+    passphrase: Option<Secret>,
+}
+
+fn default_port() -> i64 {
+    22
+}
+fn default_user() -> Str {
+    Str("root".into())
+}
+fn default_timeout() -> i64 {
+    10
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnAttrs {
+    host: Str,
+    #[serde(default = "default_port")]
+    port: i64,
+    #[serde(default = "default_user")]
+    username: Str,
+    private_key: i64,
+    remote_host_key: String,
+    #[serde(default = "default_timeout")]
+    connect_timeout: i64,
+}
+
+pub fn decode_attributes(kind: &str, v: Value, schema: &str) -> Result<AttributesInput, ServiceError> {
+    let prefix = format!("{schema}.attributes");
+    if kind == SSH_KEY_PAIR {
+        let a: KeyPairAttrs = decode(v, &prefix)?;
+        Ok(AttributesInput::KeyPair(KeyPairInput {
+            private_key: a.private_key.map(|s| s.0),
+            public_key: a.public_key,
+            passphrase: a.passphrase.map(|s| s.0),
+        }))
+    } else {
+        let a: ConnAttrs = decode(v, &prefix)?;
+        let mut errs = keyhaven_core::ValidationErrors::new();
+        for (field, value) in [("host", &*a.host), ("username", &*a.username)] {
+            if let Err(e) = keyhaven_core::text::check_single_line(value) {
+                errs.add(format!("{prefix}.{field}"), e.to_string());
+            }
+        }
+        errs.check()?;
+        Ok(AttributesInput::Connection(ConnectionInput {
+            host: a.host.0,
+            port: a.port,
+            username: a.username.0,
+            private_key: a.private_key,
+            remote_host_key: a.remote_host_key,
+            connect_timeout: a.connect_timeout,
+        }))
+    }
+}
+
+fn redact_if_readonly(ctx: &Ctx, mut v: Value) -> Result<Value, ServiceError> {
+    if ctx.caller()?.role.can_write() {
+        return Ok(v);
+    }
+    match &mut v {
+        Value::Array(a) => a.iter_mut().for_each(keychain::redact),
+        Value::Object(_) => keychain::redact(&mut v),
+        _ => {}
+    }
+    Ok(v)
+}
