@@ -30,8 +30,47 @@ pub struct SettingDef {
     pub doc: &'static str,
 }
 
-pub const SETTINGS: &[SettingDef] = &[
-    SettingDef {
+/// Declares every setting once: the [`Config`] field and its type, the TOML
+/// key, the environment variable, the flag, the default, the check and the
+/// documentation. From it come [`SETTINGS`] (file keys, README table, the
+/// environment) and the typed [`Config`] built from resolved values.
+macro_rules! settings {
+    ($(
+        $field:ident: $ty:ty {
+            name: $name:literal,
+            env: $env:literal,
+            flag: $flag:expr,
+            default: $default:literal,
+            kind: $kind:expr,
+            doc: $doc:literal $(,)?
+        }
+    ),* $(,)?) => {
+        pub const SETTINGS: &[SettingDef] = &[$(SettingDef {
+            name: $name,
+            env: $env,
+            flag: $flag,
+            default: $default,
+            kind: $kind,
+            doc: $doc,
+        }),*];
+
+        /// Resolved configuration.
+        #[derive(Debug, Clone)]
+        pub struct Config {
+            $(#[doc = $doc] pub $field: $ty,)*
+        }
+
+        impl Config {
+            /// Each setting's value, checked (see [`check_kind`]) and converted.
+            fn from_values(values: &Resolved) -> Result<Config, ConfigError> {
+                Ok(Config { $($field: values.get::<$ty>($name)?,)* })
+            }
+        }
+    };
+}
+
+settings! {
+    data_dir: PathBuf {
         name: "data_dir",
         env: "KEYHAVEN_DATA_DIR",
         flag: Some("--data-dir"),
@@ -39,7 +78,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Path,
         doc: "Directory holding the database, master.key, sshd files and TLS material (created 0711 on first start).",
     },
-    SettingDef {
+    listen: SocketAddr {
         name: "listen",
         env: "KEYHAVEN_LISTEN",
         flag: Some("--listen"),
@@ -47,7 +86,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Addr,
         doc: "Address and port of the API and web UI. Plain HTTP only on loopback; any other address is served over TLS. Port 0 picks a free port.",
     },
-    SettingDef {
+    tls: bool {
         name: "tls",
         env: "KEYHAVEN_TLS",
         flag: None,
@@ -55,7 +94,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Bool,
         doc: "Serve TLS on a loopback address too (non-loopback addresses always use TLS).",
     },
-    SettingDef {
+    tls_cert: Option<PathBuf> {
         name: "tls_cert",
         env: "KEYHAVEN_TLS_CERT",
         flag: None,
@@ -63,7 +102,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Path,
         doc: "PEM certificate chain to serve; empty = a self-signed certificate generated into <data>/tls/.",
     },
-    SettingDef {
+    tls_key: Option<PathBuf> {
         name: "tls_key",
         env: "KEYHAVEN_TLS_KEY",
         flag: None,
@@ -71,7 +110,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Path,
         doc: "PEM private key for tls_cert.",
     },
-    SettingDef {
+    log: String {
         name: "log",
         env: "KEYHAVEN_LOG",
         flag: None,
@@ -79,7 +118,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Str,
         doc: "Log filter (tracing EnvFilter syntax, e.g. `info,keyhaven_server=debug`). Logs go to stderr and never contain secrets.",
     },
-    SettingDef {
+    sshd_path: PathBuf {
         name: "sshd_path",
         env: "KEYHAVEN_SSHD_PATH",
         flag: None,
@@ -87,7 +126,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Path,
         doc: "Absolute path of OpenSSH's sshd (Debian package openssh-server).",
     },
-    SettingDef {
+    manage_os_accounts: bool {
         name: "accounts.manage_os",
         env: "KEYHAVEN_ACCOUNTS_MANAGE_OS",
         flag: None,
@@ -95,7 +134,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Bool,
         doc: "Create, change and remove OS accounts (useradd/usermod/userdel) for keyhaven accounts. Off: an account's OS account must already exist.",
     },
-    SettingDef {
+    authorized_keys_location: KeysLocationSetting {
         name: "ssh.authorized_keys_location",
         env: "KEYHAVEN_SSH_AUTHORIZED_KEYS_LOCATION",
         flag: None,
@@ -103,7 +142,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Choice(&["data", "home"]),
         doc: "Where account keys are written: `data` = <data>/sshd/authorized_keys/<user> (root-owned), `home` = ~/.ssh/authorized_keys as TrueNAS does.",
     },
-    SettingDef {
+    allowed_origins: Origins {
         name: "allowed_origins",
         env: "KEYHAVEN_ALLOWED_ORIGINS",
         flag: None,
@@ -111,7 +150,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Str,
         doc: "Extra browser origins (comma-separated, e.g. `https://nas.example:8443`) allowed to open the API's WebSocket. Pages served by keyhaven itself (same host and port, by IP address, `localhost` or this machine's name) are always allowed; requests without an `Origin` (non-browser clients) too; any other origin gets 403.",
     },
-    SettingDef {
+    max_connections: usize {
         name: "limits.max_connections",
         env: "KEYHAVEN_LIMITS_MAX_CONNECTIONS",
         flag: None,
@@ -119,7 +158,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Uint(16, 1_000_000),
         doc: "Most TCP connections served at once (also kept below the open-file limit). When full, the oldest connection that has not logged in is closed to make room, so an admin can always log in.",
     },
-    SettingDef {
+    max_connections_per_address: usize {
         name: "limits.max_connections_per_address",
         env: "KEYHAVEN_LIMITS_MAX_CONNECTIONS_PER_ADDRESS",
         flag: None,
@@ -127,7 +166,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Uint(1, 1_000_000),
         doc: "Most TCP connections from one source address; further ones are closed at once.",
     },
-    SettingDef {
+    header_read_timeout: std::time::Duration {
         name: "limits.header_read_timeout",
         env: "KEYHAVEN_LIMITS_HEADER_READ_TIMEOUT",
         flag: None,
@@ -135,7 +174,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Uint(1, 3600),
         doc: "Seconds a client has to send a complete HTTP request head (and to finish a TLS handshake); idle keep-alive connections are closed after the same time.",
     },
-    SettingDef {
+    login_timeout: std::time::Duration {
         name: "limits.login_timeout",
         env: "KEYHAVEN_LIMITS_LOGIN_TIMEOUT",
         flag: None,
@@ -143,7 +182,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Uint(1, 3600),
         doc: "Seconds a WebSocket that has not logged in may stay silent before it is closed.",
     },
-    SettingDef {
+    password_checks: usize {
         name: "limits.password_checks",
         env: "KEYHAVEN_LIMITS_PASSWORD_CHECKS",
         flag: None,
@@ -151,7 +190,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Uint(0, 256),
         doc: "Password hashes (Argon2id, about 19 MiB each) computed at once; others wait up to 3 s, then are told to retry. 0 = two per CPU core.",
     },
-    SettingDef {
+    lockout_after: u32 {
         name: "auth.lockout_after",
         env: "KEYHAVEN_AUTH_LOCKOUT_AFTER",
         flag: None,
@@ -159,7 +198,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Uint(1, 1000),
         doc: "Failed logins for one account from one address after which that pair is refused for `auth.lockout_seconds` (failures are slowed from the third). The same account from other addresses is only slowed, never refused.",
     },
-    SettingDef {
+    address_lockout_after: u32 {
         name: "auth.address_lockout_after",
         env: "KEYHAVEN_AUTH_ADDRESS_LOCKOUT_AFTER",
         flag: None,
@@ -167,7 +206,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Uint(1, 10000),
         doc: "Failed logins from one address, whatever the account names, after which the address is refused for `auth.lockout_seconds`.",
     },
-    SettingDef {
+    lockout: std::time::Duration {
         name: "auth.lockout_seconds",
         env: "KEYHAVEN_AUTH_LOCKOUT_SECONDS",
         flag: None,
@@ -175,7 +214,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Uint(1, 86400),
         doc: "How long a locked account/address pair or address is refused. Refused attempts are summarised in one audit entry per lock.",
     },
-    SettingDef {
+    audit_retention_days: u64 {
         name: "audit.retention_days",
         env: "KEYHAVEN_AUDIT_RETENTION_DAYS",
         flag: None,
@@ -183,7 +222,7 @@ pub const SETTINGS: &[SettingDef] = &[
         kind: Kind::Uint(1, 36500),
         doc: "Audit entries older than this many days are deleted (checked hourly).",
     },
-];
+}
 
 /// The admin password used on first start only (never stored in a file keyhaven reads back).
 pub const ADMIN_PASSWORD_ENV: &str = "KEYHAVEN_ADMIN_PASSWORD";
@@ -200,33 +239,12 @@ pub enum ConfigError {
     Invalid { name: String, source_desc: String, message: String },
 }
 
-/// Resolved configuration.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub data_dir: PathBuf,
-    pub listen: SocketAddr,
-    pub tls: bool,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub log: String,
-    pub sshd_path: PathBuf,
-    pub manage_os_accounts: bool,
-    pub authorized_keys_in_home: bool,
-    /// Origins (`scheme://host[:port]`, lower-case) allowed besides our own.
-    pub allowed_origins: Vec<String>,
-    pub max_connections: usize,
-    pub max_connections_per_address: usize,
-    pub header_read_timeout: std::time::Duration,
-    pub login_timeout: std::time::Duration,
-    /// Concurrent password hashes; 0 = two per core.
-    pub password_checks: usize,
-    pub lockout_after: u32,
-    pub address_lockout_after: u32,
-    pub lockout: std::time::Duration,
-    pub audit_retention_days: u64,
-}
-
 impl Config {
+    /// Whether account keys live in `~/.ssh/authorized_keys` (else in the data dir).
+    pub fn authorized_keys_in_home(&self) -> bool {
+        self.authorized_keys_location == KeysLocationSetting::Home
+    }
+
     /// Whether the listener must use TLS (non-loopback, or forced).
     pub fn use_tls(&self) -> bool {
         self.tls || !self.listen.ip().is_loopback()
@@ -256,65 +274,144 @@ impl Config {
             check_kind(def, &v, &src)?;
             values.insert(def.name, (v, src));
         }
-        let get = |n: &str| values[n].0.clone();
-        let uint = |n: &str| values[n].0.trim().parse::<u64>().expect("checked by check_kind");
-        let opt_path = |n: &str| {
-            let v = get(n);
-            if v.is_empty() {
-                None
-            } else {
-                Some(PathBuf::from(v))
-            }
-        };
-        let cfg = Config {
-            data_dir: PathBuf::from(get("data_dir")),
-            listen: get("listen").parse().expect("checked by check_kind"),
-            tls: parse_bool(&get("tls")).expect("checked"),
-            tls_cert: opt_path("tls_cert"),
-            tls_key: opt_path("tls_key"),
-            log: get("log"),
-            sshd_path: PathBuf::from(get("sshd_path")),
-            manage_os_accounts: parse_bool(&get("accounts.manage_os")).expect("checked"),
-            authorized_keys_in_home: get("ssh.authorized_keys_location") == "home",
-            allowed_origins: get("allowed_origins")
-                .split(',')
-                .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
-                .filter(|o| !o.is_empty())
-                .collect(),
-            max_connections: uint("limits.max_connections") as usize,
-            max_connections_per_address: uint("limits.max_connections_per_address") as usize,
-            header_read_timeout: std::time::Duration::from_secs(uint("limits.header_read_timeout")),
-            login_timeout: std::time::Duration::from_secs(uint("limits.login_timeout")),
-            password_checks: uint("limits.password_checks") as usize,
-            lockout_after: uint("auth.lockout_after") as u32,
-            address_lockout_after: uint("auth.address_lockout_after") as u32,
-            lockout: std::time::Duration::from_secs(uint("auth.lockout_seconds")),
-            audit_retention_days: uint("audit.retention_days"),
-        };
-        for o in &cfg.allowed_origins {
-            if !(o.starts_with("http://") || o.starts_with("https://")) || o.matches('/').count() != 2 {
-                return Err(ConfigError::Invalid {
-                    name: "allowed_origins".into(),
-                    source_desc: values["allowed_origins"].1.clone(),
-                    message: format!("`{o}` is not an origin such as https://nas.example:8443 (scheme, host, optional port; no path)"),
-                });
-            }
-        }
+        let values = Resolved(values);
+        let cfg = Config::from_values(&values)?;
         if cfg.tls_cert.is_some() != cfg.tls_key.is_some() {
             return Err(ConfigError::Invalid {
                 name: "tls_cert".into(),
-                source_desc: values["tls_cert"].1.clone(),
+                source_desc: values.source("tls_cert"),
                 message: "tls_cert and tls_key must be set together".into(),
             });
         }
         if !cfg.sshd_path.is_absolute() {
             return Err(ConfigError::Invalid {
                 name: "sshd_path".into(),
-                source_desc: values["sshd_path"].1.clone(),
+                source_desc: values.source("sshd_path"),
                 message: "must be an absolute path (sshd refuses to re-exec otherwise)".into(),
             });
         }
         Ok(cfg)
+    }
+}
+
+/// Resolved values (value, where it came from) by setting name.
+struct Resolved(BTreeMap<&'static str, (String, String)>);
+
+impl Resolved {
+    fn get<T: FromSetting>(&self, name: &'static str) -> Result<T, ConfigError> {
+        let (v, src) = &self.0[name];
+        T::from_setting(v).map_err(|message| ConfigError::Invalid {
+            name: name.into(),
+            source_desc: src.clone(),
+            message,
+        })
+    }
+
+    fn source(&self, name: &'static str) -> String {
+        self.0[name].1.clone()
+    }
+}
+
+/// Conversion of a checked setting value into its [`Config`] field.
+pub trait FromSetting: Sized {
+    fn from_setting(v: &str) -> Result<Self, String>;
+}
+
+impl FromSetting for String {
+    fn from_setting(v: &str) -> Result<Self, String> {
+        Ok(v.to_string())
+    }
+}
+
+impl FromSetting for PathBuf {
+    fn from_setting(v: &str) -> Result<Self, String> {
+        Ok(PathBuf::from(v))
+    }
+}
+
+/// Empty means unset.
+impl FromSetting for Option<PathBuf> {
+    fn from_setting(v: &str) -> Result<Self, String> {
+        Ok(Some(v).filter(|v| !v.is_empty()).map(PathBuf::from))
+    }
+}
+
+impl FromSetting for SocketAddr {
+    fn from_setting(v: &str) -> Result<Self, String> {
+        v.parse().map_err(|_| format!("`{v}` is not an ADDRESS:PORT such as 127.0.0.1:8080 or [::1]:8080"))
+    }
+}
+
+impl FromSetting for bool {
+    fn from_setting(v: &str) -> Result<Self, String> {
+        parse_bool(v).ok_or_else(|| format!("`{v}` is not a boolean (use true or false)"))
+    }
+}
+
+macro_rules! from_setting_uint {
+    ($($t:ty),*) => {$(
+        impl FromSetting for $t {
+            fn from_setting(v: &str) -> Result<Self, String> {
+                v.trim().parse().map_err(|_| format!("`{v}` is not a whole number"))
+            }
+        }
+    )*};
+}
+from_setting_uint!(u32, u64, usize);
+
+/// Durations are set in whole seconds.
+impl FromSetting for std::time::Duration {
+    fn from_setting(v: &str) -> Result<Self, String> {
+        u64::from_setting(v).map(std::time::Duration::from_secs)
+    }
+}
+
+/// Where account keys are written (`ssh.authorized_keys_location`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeysLocationSetting {
+    /// Per-user files under the data dir, which sshd reads.
+    Data,
+    /// Each account's `~/.ssh/authorized_keys`.
+    Home,
+}
+
+impl FromSetting for KeysLocationSetting {
+    fn from_setting(v: &str) -> Result<Self, String> {
+        match v {
+            "data" => Ok(KeysLocationSetting::Data),
+            "home" => Ok(KeysLocationSetting::Home),
+            _ => Err(format!("`{v}` is not one of data, home")),
+        }
+    }
+}
+
+/// Browser origins allowed besides keyhaven's own (`scheme://host[:port]`,
+/// lower-case, no trailing slash).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origins(pub Vec<String>);
+
+impl std::ops::Deref for Origins {
+    type Target = [String];
+    fn deref(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl FromSetting for Origins {
+    fn from_setting(v: &str) -> Result<Self, String> {
+        let list: Vec<String> = v
+            .split(',')
+            .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+            .filter(|o| !o.is_empty())
+            .collect();
+        for o in &list {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.matches('/').count() != 2 {
+                return Err(format!(
+                    "`{o}` is not an origin such as https://nas.example:8443 (scheme, host, optional port; no path)"
+                ));
+            }
+        }
+        Ok(Origins(list))
     }
 }
 
@@ -329,13 +426,6 @@ fn parse_bool(v: &str) -> Option<bool> {
 fn check_kind(def: &SettingDef, v: &str, src: &str) -> Result<(), ConfigError> {
     let bad = |message: String| ConfigError::Invalid { name: def.name.into(), source_desc: src.into(), message };
     match def.kind {
-        Kind::Addr => {
-            v.parse::<SocketAddr>()
-                .map_err(|_| bad(format!("`{v}` is not an ADDRESS:PORT such as 127.0.0.1:8080 or [::1]:8080")))?;
-        }
-        Kind::Bool => {
-            parse_bool(v).ok_or_else(|| bad(format!("`{v}` is not a boolean (use true or false)")))?;
-        }
         Kind::Choice(choices) => {
             if !choices.contains(&v) {
                 return Err(bad(format!("`{v}` is not one of {}", choices.join(", "))));
@@ -345,7 +435,8 @@ fn check_kind(def: &SettingDef, v: &str, src: &str) -> Result<(), ConfigError> {
             Ok(n) if (lo..=hi).contains(&n) => {}
             _ => return Err(bad(format!("`{v}` is not a whole number from {lo} to {hi}"))),
         },
-        Kind::Path | Kind::Str => {}
+        // Converted (and refused with a message) by the field's FromSetting.
+        Kind::Path | Kind::Str | Kind::Addr | Kind::Bool => {}
     }
     Ok(())
 }
@@ -457,7 +548,7 @@ mod tests {
         let c = resolve(&[], &[], Some("[accounts]\nmanage_os = true\n[ssh]\nauthorized_keys_location = \"home\"\n"))
             .unwrap();
         assert!(c.manage_os_accounts);
-        assert!(c.authorized_keys_in_home);
+        assert!(c.authorized_keys_in_home());
         let e = resolve(&[], &[], Some("listne = \"x\"\n")).unwrap_err();
         assert!(e.to_string().contains("unknown setting `listne`"), "{e}");
         let e = resolve(&[], &[], Some("[accounts]\nmanage = true\n")).unwrap_err();
@@ -473,5 +564,25 @@ mod tests {
         assert!(resolve(&[], &[("KEYHAVEN_TLS", "true")], None).unwrap().use_tls());
         assert!(resolve(&[], &[("KEYHAVEN_TLS_CERT", "/x")], None).is_err());
         assert!(resolve(&[("listen", "nonsense")], &[], None).unwrap_err().to_string().contains("flag --listen"));
+    }
+
+    #[test]
+    fn typed_values_and_their_refusals() {
+        let c = resolve(
+            &[],
+            &[("KEYHAVEN_ALLOWED_ORIGINS", "https://NAS.example:8443/, http://10.0.0.2"), ("KEYHAVEN_TLS", "yes")],
+            Some("[auth]\nlockout_seconds = 60\n"),
+        )
+        .unwrap();
+        assert_eq!(&*c.allowed_origins, ["https://nas.example:8443", "http://10.0.0.2"]);
+        assert_eq!(c.lockout, std::time::Duration::from_secs(60));
+        assert!(c.tls && !c.authorized_keys_in_home());
+        let e = resolve(&[], &[("KEYHAVEN_ALLOWED_ORIGINS", "https://nas/path")], None).unwrap_err().to_string();
+        assert!(
+            e.contains("allowed_origins") && e.contains("KEYHAVEN_ALLOWED_ORIGINS") && e.contains("no path"),
+            "{e}"
+        );
+        let e = resolve(&[], &[("KEYHAVEN_TLS", "maybe")], None).unwrap_err().to_string();
+        assert!(e.contains("not a boolean"), "{e}");
     }
 }

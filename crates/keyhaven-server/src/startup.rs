@@ -120,7 +120,7 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
     if let Some(problem) = keyhaven_ssh::reach::strict_modes_problem(&cfg.data_dir) {
         tracing::warn!("{problem}");
     }
-    if !cfg.authorized_keys_in_home {
+    if !cfg.authorized_keys_in_home() {
         if let Some(problem) = keyhaven_ssh::reach::others_cannot_reach(&cfg.data_dir) {
             tracing::warn!("keys set on accounts other than root will not work: {problem}");
         }

@@ -47,7 +47,7 @@ impl App {
             sshd: config.sshd_path.clone(),
             dir: data.join("sshd"),
         });
-        let keys_location = if config.authorized_keys_in_home {
+        let keys_location = if config.authorized_keys_in_home() {
             keyhaven_ssh::files::KeysLocation::Home
         } else {
             keyhaven_ssh::files::KeysLocation::Data(data.join("sshd").join("authorized_keys"))

@@ -295,7 +295,7 @@ impl App {
 
     /// `ssh_start` for a caller that holds `ssh_lock`.
     async fn ssh_start_locked(&self) -> Result<(), ServiceError> {
-        if !self.config.authorized_keys_in_home {
+        if !self.config.authorized_keys_in_home() {
             if let Some(problem) = keyhaven_ssh::reach::strict_modes_problem(&self.config.data_dir) {
                 return Err(ServiceError::call(EFAULT, format!("Cannot start the SSH service: {problem}")));
             }

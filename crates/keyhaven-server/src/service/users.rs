@@ -599,7 +599,7 @@ impl App {
             os_account: true,
         };
         let mut data = data;
-        let keep_existing = input.sshpubkey.is_none() && self.config.authorized_keys_in_home;
+        let keep_existing = input.sshpubkey.is_none() && self.config.authorized_keys_in_home();
         if keep_existing {
             // As TrueNAS shows it: an existing ~/.ssh/authorized_keys is the
             // account's keys, adopted (when valid), never deleted.
