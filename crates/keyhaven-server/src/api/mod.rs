@@ -208,19 +208,7 @@ pub async fn dispatch(
 
 /// Run a TrueNAS query (`[filters, options]`) over already-built entries.
 pub fn query<T: std::borrow::Borrow<Value>>(items: &[T], params: &Params, schema: &str) -> Result<Value, ServiceError> {
-    use keyhaven_core::query::{filter_list, parse_filters, QueryError, QueryOptions};
-    let filters = parse_filters(params.raw(0).unwrap_or(&Value::Null)).map_err(|e| prefix_errors(e, schema))?;
-    let options =
-        QueryOptions::from_value(params.raw(1).unwrap_or(&Value::Null)).map_err(|e| prefix_errors(e, schema))?;
-    match filter_list(items, &filters, &options) {
-        Ok(r) => Ok(r.into_value()),
-        Err(QueryError::NotFound) => Err(ServiceError::call(crate::error::ENOENT, "No matching records found")),
-        Err(QueryError::Invalid(v)) => Err(prefix_errors(v, schema)),
-    }
-}
-
-fn prefix_errors(v: keyhaven_core::ValidationErrors, schema: &str) -> ServiceError {
-    ServiceError::Validation(keyhaven_core::ValidationErrors(v.0.into_iter().map(|e| e.prefixed(schema)).collect()))
+    crate::service::run_query(items, params.raw(0), params.raw(1), schema)
 }
 
 #[cfg(test)]

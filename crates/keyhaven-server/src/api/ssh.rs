@@ -20,12 +20,7 @@ pub fn methods() -> Vec<MethodDef> {
 }
 
 async fn config(ctx: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
-    {
-        // Host keys are made on first use; serialise with every other change.
-        let _guard = ctx.app.ssh_lock.lock().await;
-        ctx.app.ensure_host_keys().await?;
-    }
-    ctx.app.ssh_config_entry()
+    ctx.app.ssh_config().await
 }
 
 const FIELDS: &[&str] = &[

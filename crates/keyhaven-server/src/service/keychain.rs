@@ -13,6 +13,7 @@ use secrecy::ExposeSecret;
 use serde_json::{json, Map, Value};
 use zeroize::Zeroizing;
 
+use super::session::Role;
 use super::App;
 use crate::error::{ServiceError, EINVAL, ENOENT};
 use keyhaven_core::error::{FieldError, ValidationErrors};
@@ -561,6 +562,115 @@ pub fn redact(entry: &mut Value) {
     if let Some(a) = entry.get_mut("attributes") {
         *a = json!(REDACTED);
     }
+}
+
+// ------------------------------------------------------------ reading, per role
+
+impl App {
+    /// `keychaincredential.query` as a caller of `role` may see it: read-only
+    /// callers get no attributes (and cannot filter or select on them); full
+    /// admins get private keys filled in for the entries returned.
+    pub fn keychain_query(
+        &self,
+        role: Role,
+        filters_in: Option<&Value>,
+        options_in: Option<&Value>,
+        schema: &str,
+    ) -> Result<Value, ServiceError> {
+        use keyhaven_core::query::{matches, parse_filters, QueryOptions};
+        let app = self;
+        let cached = app.keychain_entries()?;
+        let can_write = role.can_write();
+        let needs_private = can_write
+            && (filters_in.is_some_and(|f| f.to_string().contains("private_key"))
+                || options_in
+                    .and_then(|o| o.get("select"))
+                    .is_some_and(|s| s.as_array().is_some_and(|a| !a.is_empty())));
+        let filters = parse_filters(filters_in.unwrap_or(&Value::Null));
+        let options = QueryOptions::from_value(options_in.unwrap_or(&Value::Null));
+        // Candidates: the one entry an indexed equality filter names, or the
+        // entries that pass the filters, parsed one at a time. Invalid filters or
+        // options fall through to `query`, which reports them.
+        let items: Vec<Value> = match (&filters, &options, pinned_id(&cached, filters_in)) {
+            (Ok(f), Ok(o), None) if f.is_empty() && o.count && !needs_private => {
+                return Ok(json!(cached.len()));
+            }
+            (Ok(_), Ok(_), Some(id)) => id.and_then(|id| cached.get(id)).into_iter().collect(),
+            (Ok(f), Ok(_), None) => cached.matching(|v| {
+                if needs_private {
+                    app.keychain_fill_private(v, &cached)?;
+                }
+                // Read-only callers filter what they may see, so filters and
+                // `select` cannot be used to read redacted attributes.
+                if !can_write {
+                    redact(v);
+                }
+                Ok(matches(v, f))
+            })?,
+            _ => vec![],
+        };
+        let mut items = items;
+        if !can_write {
+            items.iter_mut().for_each(redact);
+        }
+        if needs_private {
+            for e in &mut items {
+                app.keychain_fill_private(e, &cached)?;
+            }
+        }
+        let mut out = super::run_query(&items, filters_in, options_in, schema)?;
+        if can_write && !needs_private {
+            match &mut out {
+                Value::Array(a) => {
+                    for e in a {
+                        app.keychain_fill_private(e, &cached)?;
+                    }
+                }
+                Value::Object(_) => app.keychain_fill_private(&mut out, &cached)?,
+                _ => {}
+            }
+        }
+        Ok(redact_for(role, out))
+    }
+
+    /// One entry as a caller of `role` may see it.
+    pub fn keychain_get_as(&self, id: i64, role: Role) -> Result<Value, ServiceError> {
+        Ok(redact_for(role, self.keychain_get(id)?))
+    }
+}
+
+/// What a caller of `role` may see of entries: read-only callers see no attributes.
+fn redact_for(role: Role, mut v: Value) -> Value {
+    if role.can_write() {
+        return v;
+    }
+    match &mut v {
+        Value::Array(a) => a.iter_mut().for_each(redact),
+        Value::Object(_) => redact(&mut v),
+        _ => {}
+    }
+    v
+}
+
+/// The entry a top-level `["name", "=", s]` or `["id", "=", n]` filter pins
+/// down, if any: the list is an AND, so no other entry can match.
+fn pinned_id(cached: &Cached, filters: Option<&Value>) -> Option<Option<i64>> {
+    let list = filters?.as_array()?;
+    for f in list {
+        let Some([field, op, value]) = f.as_array().map(Vec::as_slice) else { continue };
+        if op != "=" {
+            continue;
+        }
+        match (field.as_str(), value) {
+            (Some("name"), Value::String(n)) => return Some(cached.names.get(n).copied()),
+            (Some("id"), Value::Number(n)) if n.is_i64() => {
+                let id = n.as_i64().unwrap_or_default();
+                return Some(cached.contains(id).then_some(id));
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Map `keys::KeyAlgorithm` errors from strings.

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use keyhaven_store::Store;
 
 use crate::config::Config;
+use crate::error::ServiceError;
 
 /// Everything a request handler can reach: configuration, store and the
 /// in-memory state of each use case.
@@ -89,4 +90,27 @@ fn password_checks(setting: usize) -> usize {
         return setting;
     }
     std::thread::available_parallelism().map(|n| n.get() * 2).unwrap_or(4)
+}
+
+/// Run a TrueNAS query (`filters`, `options`: the two positional parameters of
+/// every `*.query`) over already-built entries. Errors in either are field
+/// errors under `schema`.
+pub fn run_query<T: std::borrow::Borrow<serde_json::Value>>(
+    items: &[T],
+    filters: Option<&serde_json::Value>,
+    options: Option<&serde_json::Value>,
+    schema: &str,
+) -> Result<serde_json::Value, ServiceError> {
+    use keyhaven_core::query::{filter_list, parse_filters, QueryError, QueryOptions};
+    let null = serde_json::Value::Null;
+    let prefix = |v: keyhaven_core::ValidationErrors| {
+        ServiceError::Validation(keyhaven_core::ValidationErrors(v.0.into_iter().map(|e| e.prefixed(schema)).collect()))
+    };
+    let filters = parse_filters(filters.unwrap_or(&null)).map_err(prefix)?;
+    let options = QueryOptions::from_value(options.unwrap_or(&null)).map_err(prefix)?;
+    match filter_list(items, &filters, &options) {
+        Ok(r) => Ok(r.into_value()),
+        Err(QueryError::NotFound) => Err(ServiceError::call(crate::error::ENOENT, "No matching records found")),
+        Err(QueryError::Invalid(v)) => Err(prefix(v)),
+    }
 }

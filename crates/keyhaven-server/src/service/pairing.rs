@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::keychain::{AttributesInput, ConnectionInput, KeyPairInput, SSH_KEY_PAIR};
+use super::session::Role;
 use super::users::UserInput;
 use super::App;
 use crate::error::{ServiceError, EFAULT, EINVAL, ENOENT, ESSLCERTVERIFICATIONERROR};
@@ -111,17 +112,24 @@ impl App {
         }))
     }
 
-    /// The last test of every SSH connection tested so far (keyhaven extension).
-    pub fn ssh_connection_status(&self) -> Result<Vec<Value>, ServiceError> {
+    /// The last test of every SSH connection tested so far (keyhaven
+    /// extension), as a caller of `role` may see it: error texts name hosts
+    /// and users, which read-only admins do not see (connection attributes
+    /// are redacted for them too).
+    pub fn ssh_connection_status(&self, role: Role) -> Result<Vec<Value>, ServiceError> {
         let tests = self.store.connection_tests()?;
         Ok(tests
             .into_iter()
             .map(|t| {
+                let error = match t.error {
+                    Some(_) if !role.can_write() => Some(super::keychain::REDACTED.to_string()),
+                    e => e,
+                };
                 json!({
                     "id": t.connection_id,
                     "ok": t.ok,
                     "stage": t.stage,
-                    "error": t.error,
+                    "error": error,
                     "latency_ms": t.latency_ms,
                     "tested_at": {"$date": t.tested_at * 1000},
                 })

@@ -187,6 +187,16 @@ impl App {
     }
 
     /// `ssh.config`.
+    /// `ssh.config`: the entry, with host keys made on first use (under the
+    /// SSH lock, like every other change).
+    pub async fn ssh_config(&self) -> Result<Value, ServiceError> {
+        {
+            let _guard = self.ssh_lock.lock().await;
+            self.ensure_host_keys().await?;
+        }
+        self.ssh_config_entry()
+    }
+
     pub fn ssh_config_entry(&self) -> Result<Value, ServiceError> {
         let s = self.ssh_settings()?;
         let mut v = serde_json::to_value(&s).map_err(|e| ServiceError::internal("ssh.config", e))?;

@@ -71,15 +71,6 @@ pub(super) async fn test_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Valu
 /// keyhaven extension: each tested connection's last test, filtered and
 /// ordered like any TrueNAS query (`[{id, ok, stage, error, latency_ms, tested_at}]`).
 pub(super) async fn ssh_connection_status(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    let mut all = ctx.app.ssh_connection_status()?;
-    // Error texts name hosts and users, which read-only admins do not see
-    // (connection attributes are redacted for them).
-    if !ctx.caller()?.role.can_write() {
-        for t in &mut all {
-            if !t["error"].is_null() {
-                t["error"] = json!(keychain::REDACTED);
-            }
-        }
-    }
+    let all = ctx.app.ssh_connection_status(ctx.caller()?.role)?;
     query(&all, &p, "keychaincredential.ssh_connection_status")
 }

@@ -3,86 +3,14 @@
 
 use super::*;
 
-/// The entry a top-level `["name", "=", s]` or `["id", "=", n]` filter pins
-/// down, if any: the list is an AND, so no other entry can match.
-pub(super) fn pinned_id(cached: &keychain::Cached, filters: Option<&Value>) -> Option<Option<i64>> {
-    let list = filters?.as_array()?;
-    for f in list {
-        let Some([field, op, value]) = f.as_array().map(Vec::as_slice) else { continue };
-        if op != "=" {
-            continue;
-        }
-        match (field.as_str(), value) {
-            (Some("name"), Value::String(n)) => return Some(cached.names.get(n).copied()),
-            (Some("id"), Value::Number(n)) if n.is_i64() => {
-                let id = n.as_i64().unwrap_or_default();
-                return Some(cached.contains(id).then_some(id));
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
 pub(super) async fn query_m(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    use keyhaven_core::query::{matches, parse_filters, QueryOptions};
-    let app = &ctx.app;
-    let cached = app.keychain_entries()?;
-    let can_write = ctx.caller()?.role.can_write();
-    let needs_private = can_write
-        && (p.raw(0).is_some_and(|f| f.to_string().contains("private_key"))
-            || p.raw(1).and_then(|o| o.get("select")).is_some_and(|s| s.as_array().is_some_and(|a| !a.is_empty())));
-    let filters = parse_filters(p.raw(0).unwrap_or(&Value::Null));
-    let options = QueryOptions::from_value(p.raw(1).unwrap_or(&Value::Null));
-    // Candidates: the one entry an indexed equality filter names, or the
-    // entries that pass the filters, parsed one at a time. Invalid filters or
-    // options fall through to `query`, which reports them.
-    let items: Vec<Value> = match (&filters, &options, pinned_id(&cached, p.raw(0))) {
-        (Ok(f), Ok(o), None) if f.is_empty() && o.count && !needs_private => {
-            return Ok(json!(cached.len()));
-        }
-        (Ok(_), Ok(_), Some(id)) => id.and_then(|id| cached.get(id)).into_iter().collect(),
-        (Ok(f), Ok(_), None) => cached.matching(|v| {
-            if needs_private {
-                app.keychain_fill_private(v, &cached)?;
-            }
-            // Read-only callers filter what they may see, so filters and
-            // `select` cannot be used to read redacted attributes.
-            if !can_write {
-                keychain::redact(v);
-            }
-            Ok(matches(v, f))
-        })?,
-        _ => vec![],
-    };
-    let mut items = items;
-    if !can_write {
-        items.iter_mut().for_each(keychain::redact);
-    }
-    if needs_private {
-        for e in &mut items {
-            app.keychain_fill_private(e, &cached)?;
-        }
-    }
-    let mut out = query(&items, &p, "keychaincredential_query")?;
-    if can_write && !needs_private {
-        match &mut out {
-            Value::Array(a) => {
-                for e in a {
-                    app.keychain_fill_private(e, &cached)?;
-                }
-            }
-            Value::Object(_) => app.keychain_fill_private(&mut out, &cached)?,
-            _ => {}
-        }
-    }
-    redact_if_readonly(&ctx, out)
+    let role = ctx.caller()?.role;
+    ctx.app.keychain_query(role, p.raw(0), p.raw(1), "keychaincredential_query")
 }
 
 pub(super) async fn get_instance(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, "keychaincredential_get_instance.id")?;
-    let e = ctx.app.keychain_get(id)?;
-    redact_if_readonly(&ctx, e)
+    ctx.app.keychain_get_as(id, ctx.caller()?.role)
 }
 
 #[derive(Deserialize)]

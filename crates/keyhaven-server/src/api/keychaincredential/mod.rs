@@ -117,15 +117,3 @@ pub fn decode_attributes(kind: &str, v: Value, schema: &str) -> Result<Attribute
         }))
     }
 }
-
-fn redact_if_readonly(ctx: &Ctx, mut v: Value) -> Result<Value, ServiceError> {
-    if ctx.caller()?.role.can_write() {
-        return Ok(v);
-    }
-    match &mut v {
-        Value::Array(a) => a.iter_mut().for_each(keychain::redact),
-        Value::Object(_) => keychain::redact(&mut v),
-        _ => {}
-    }
-    Ok(v)
-}
