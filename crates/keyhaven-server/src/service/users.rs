@@ -629,8 +629,8 @@ impl App {
         }
         // The OS password last: an existing OS account's old one cannot be put back.
         if manage {
-            let pw = input.password.as_ref().map(|p| p.expose_secret().to_string());
-            if let Err(e) = accounts::set_password(&username, pw.as_deref()) {
+            let pw = input.password.as_ref().map(|p| zeroize::Zeroizing::new(p.expose_secret().to_string()));
+            if let Err(e) = accounts::set_password(&username, pw.as_ref().map(|p| p.as_str())) {
                 let _ = self.store.user_delete(id);
                 let no_keys = UserData { sshpubkey: None, ..data.clone() };
                 let undo = if keep_existing { Ok(()) } else { self.write_user_keys(&username, &no_keys) };

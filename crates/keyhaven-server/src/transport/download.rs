@@ -144,7 +144,7 @@ async fn serve_key(
                 None => pk,
                 Some(pass) => {
                     use secrecy::ExposeSecret;
-                    let pass = pass.expose_secret().to_string();
+                    let pass = zeroize::Zeroizing::new(pass.expose_secret().to_string());
                     match tokio::task::spawn_blocking(move || keys::encrypt_private_key(&pk, &pass)).await {
                         Ok(Ok(enc)) => enc,
                         _ => return plain(StatusCode::INTERNAL_SERVER_ERROR, "Encrypting the private key failed"),

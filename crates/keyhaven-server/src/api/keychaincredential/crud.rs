@@ -153,7 +153,7 @@ pub(super) async fn download_private_key(ctx: Arc<Ctx>, p: Params) -> Result<Val
     let text = match o.passphrase {
         None => pk,
         Some(pass) => {
-            let pass = pass.expose().to_string();
+            let pass = zeroize::Zeroizing::new(pass.expose().to_string());
             tokio::task::spawn_blocking(move || keyhaven_core::keys::encrypt_private_key(&pk, &pass))
                 .await
                 .map_err(|e| ServiceError::internal("key encryption", e))?
