@@ -5,89 +5,13 @@
 //! (keys, sshpubkey, options) use `String`. Every failure is a field-named
 //! validation error `<schema>.<path>`.
 
-use std::fmt;
-use std::ops::Deref;
-
-use serde::de::{DeserializeOwned, Deserializer};
-use serde::{Deserialize, Serialize};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::ServiceError;
 use keyhaven_core::error::FieldError;
 
-/// Cap of plain strings, as TrueNAS's models.
-pub const STR_MAX: usize = 1024;
-
-/// A string of at most [`STR_MAX`] characters.
-#[derive(Clone, PartialEq, Eq, Hash, Default, Serialize)]
-#[serde(transparent)]
-pub struct Str(pub String);
-
-impl fmt::Debug for Str {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl Deref for Str {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for Str {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        if s.chars().count() > STR_MAX {
-            return Err(serde::de::Error::custom(format!("String should have at most {STR_MAX} characters")));
-        }
-        Ok(Str(s))
-    }
-}
-
-/// A secret string parameter (password, token, OTP): redacted in Debug and zeroed on drop.
-#[derive(Clone, Default)]
-pub struct Secret(pub secrecy::SecretString);
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"********\"")
-    }
-}
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        if s.chars().count() > STR_MAX {
-            return Err(serde::de::Error::custom(format!("String should have at most {STR_MAX} characters")));
-        }
-        Ok(Secret(secrecy::SecretString::from(s)))
-    }
-}
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        use secrecy::ExposeSecret;
-        self.0.expose_secret()
-    }
-}
-
-/// Secret text of any length (an imported private key): redacted in `Debug`,
-/// zeroed when dropped. Its size is bounded by the request size limit.
-pub struct SecretText(pub secrecy::SecretString);
-
-impl fmt::Debug for SecretText {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"********\"")
-    }
-}
-
-impl<'de> Deserialize<'de> for SecretText {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(SecretText(secrecy::SecretString::from(String::deserialize(d)?)))
-    }
-}
+pub use crate::service::input::{Secret, SecretText, Str, STR_MAX};
 
 /// Turn serde's message into TrueNAS/pydantic wording.
 fn pydantic_message(msg: &str) -> String {
@@ -186,6 +110,7 @@ impl Params {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Deserialize;
 
     #[derive(Debug, Deserialize)]
     #[serde(deny_unknown_fields)]

@@ -10,9 +10,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use secrecy::ExposeSecret;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use zeroize::Zeroizing;
 
+use super::input::{self, Secret, SecretText};
 use super::session::Role;
 use super::App;
 use crate::error::{ServiceError, EINVAL, ENOENT};
@@ -133,24 +135,35 @@ impl Cached {
     }
 }
 
-/// SSH_KEY_PAIR attributes as given by a caller. The private key and the
-/// passphrase stay in secret types: `Debug` shows neither, and both are
-/// zeroed when dropped.
-#[derive(Debug, Default)]
+/// SSH_KEY_PAIR attributes as given by a caller (TrueNAS's shape, decoded
+/// as is). The private key and the passphrase stay in secret types: `Debug`
+/// shows neither, and both are zeroed when dropped.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KeyPairInput {
-    pub private_key: Option<secrecy::SecretString>,
+    #[serde(default)]
+    pub private_key: Option<SecretText>,
+    #[serde(default)]
     pub public_key: Option<String>,
-    pub passphrase: Option<secrecy::SecretString>,
+    /// keyhaven extension: decrypts a passphrase-protected import; never stored.
+    #[serde(default)]
+    pub passphrase: Option<Secret>,
 }
 
-/// SSH_CREDENTIALS attributes as given by a caller.
-#[derive(Debug, Clone)]
+/// SSH_CREDENTIALS attributes as given by a caller (TrueNAS's shape and
+/// defaults, decoded as is; ranges and lines are checked by the keychain).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ConnectionInput {
+    #[serde(deserialize_with = "input::capped")]
     pub host: String,
+    #[serde(default = "input::default_port")]
     pub port: i64,
+    #[serde(default = "input::default_username", deserialize_with = "input::capped")]
     pub username: String,
     pub private_key: i64,
     pub remote_host_key: String,
+    #[serde(default = "input::default_connect_timeout")]
     pub connect_timeout: i64,
 }
 
@@ -253,15 +266,15 @@ impl App {
         schema: &str,
     ) -> Result<AttributesInput, ServiceError> {
         let kp = match attrs {
-            AttributesInput::KeyPair(kp) if kp.passphrase.as_ref().is_some_and(|p| !p.expose_secret().is_empty()) => kp,
+            AttributesInput::KeyPair(kp) if kp.passphrase.as_ref().is_some_and(|p| !p.expose().is_empty()) => kp,
             other => return Ok(other),
         };
         let _slot = self.keychain.kdf_slots.acquire().await.map_err(|e| ServiceError::internal("key import", e))?;
         let prefix = format!("{schema}.attributes");
         let v = tokio::task::spawn_blocking(move || {
-            let pass = kp.passphrase.as_ref().map(|p| Zeroizing::new(p.expose_secret().to_string()));
+            let pass = kp.passphrase.as_ref().map(|p| Zeroizing::new(p.expose().to_string()));
             keys::validate_key_pair(
-                kp.private_key.as_ref().map(|s| s.expose_secret()).filter(|s| !s.trim().is_empty()),
+                kp.private_key.as_ref().map(|s| s.0.expose_secret()).filter(|s| !s.trim().is_empty()),
                 kp.public_key.as_deref().filter(|s| !s.trim().is_empty()),
                 pass.as_deref().map(|s| s.as_str()),
             )
@@ -386,9 +399,9 @@ impl App {
         let prefix = format!("{schema}.attributes");
         match attrs {
             AttributesInput::KeyPair(kp) => {
-                let pass = kp.passphrase.as_ref().map(|p| p.expose_secret().to_string()).map(Zeroizing::new);
+                let pass = kp.passphrase.as_ref().map(|p| Zeroizing::new(p.expose().to_string()));
                 let v = keys::validate_key_pair(
-                    kp.private_key.as_ref().map(|s| s.expose_secret()).filter(|s| !s.trim().is_empty()),
+                    kp.private_key.as_ref().map(|s| s.0.expose_secret()).filter(|s| !s.trim().is_empty()),
                     kp.public_key.as_deref().filter(|s| !s.trim().is_empty()),
                     pass.as_deref().map(|s| s.as_str()),
                 )
@@ -400,6 +413,11 @@ impl App {
                 let mut errs = ValidationErrors::new();
                 if c.host.trim().is_empty() {
                     errs.add(format!("{prefix}.host"), "Host must not be empty");
+                }
+                for (field, value) in [("host", &c.host), ("username", &c.username)] {
+                    if let Err(e) = keyhaven_core::text::check_single_line(value) {
+                        errs.add(format!("{prefix}.{field}"), e.to_string());
+                    }
                 }
                 errs.take(format!("{prefix}.port"), keyhaven_core::net::Port::new(c.port));
                 if c.username.trim().is_empty() {
@@ -689,9 +707,11 @@ mod tests {
     #[test]
     fn key_pair_input_debug_shows_no_secret() {
         let k = KeyPairInput {
-            private_key: Some(secrecy::SecretString::from("-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn".to_string())),
+            private_key: Some(SecretText(secrecy::SecretString::from(
+                "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn".to_string(),
+            ))),
             public_key: Some("ssh-ed25519 AAAA".into()),
-            passphrase: Some(secrecy::SecretString::from("hunter2".to_string())),
+            passphrase: Some(Secret(secrecy::SecretString::from("hunter2".to_string()))),
         };
         let shown = format!("{k:?}");
         assert!(!shown.contains("BEGIN") && !shown.contains("b3Blbn") && !shown.contains("hunter2"), "{shown}");

@@ -4,6 +4,7 @@ pub mod audit;
 pub mod auth;
 pub mod crypto;
 pub mod events;
+pub mod input;
 pub mod jobs;
 pub mod keychain;
 pub mod limiter;

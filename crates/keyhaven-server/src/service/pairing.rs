@@ -571,7 +571,9 @@ impl App {
             KeyChoice::Generate { name, options } => {
                 let kp = self.generate_key_pair(options).await?;
                 let input = KeyPairInput {
-                    private_key: Some(secrecy::SecretString::from(kp.private_key.to_string())),
+                    private_key: Some(super::input::SecretText(secrecy::SecretString::from(
+                        kp.private_key.to_string(),
+                    ))),
                     public_key: Some(kp.public_key.clone()),
                     passphrase: None,
                 };
@@ -664,7 +666,9 @@ impl App {
             Some((key_name, options)) => {
                 let kp = self.generate_key_pair(options).await?;
                 let input = KeyPairInput {
-                    private_key: Some(secrecy::SecretString::from(kp.private_key.to_string())),
+                    private_key: Some(super::input::SecretText(secrecy::SecretString::from(
+                        kp.private_key.to_string(),
+                    ))),
                     public_key: Some(kp.public_key.clone()),
                     passphrase: None,
                 };

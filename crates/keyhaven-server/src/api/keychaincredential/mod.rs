@@ -7,11 +7,11 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::params::{decode, Secret, SecretText, Str};
+use super::params::{decode, Secret, Str};
 use super::{query, Ctx, MethodDef, Params};
 use crate::error::ServiceError;
 use crate::method;
-use crate::service::keychain::{self, AttributesInput, ConnectionInput, KeyPairInput, SSH_CREDENTIALS, SSH_KEY_PAIR};
+use crate::service::keychain::{self, AttributesInput, SSH_CREDENTIALS, SSH_KEY_PAIR};
 use crate::service::pairing;
 use keyhaven_core::keys::{GenerateOptions, KeyAlgorithm};
 use keyhaven_core::net::{ConnectTimeout, Port};
@@ -53,67 +53,17 @@ pub fn methods() -> Vec<MethodDef> {
 const CREATE: &str = "keychain_credential_create";
 const UPDATE: &str = "keychain_credentials_update";
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct KeyPairAttrs {
-    #[serde(default)]
-    private_key: Option<SecretText>,
-    #[serde(default)]
-    public_key: Option<String>,
-    /// keyhaven extension: decrypts a passphrase-protected import; never stored.
-    #[serde(default)]
-    passphrase: Option<Secret>,
-}
-
-fn default_port() -> i64 {
-    22
-}
+use crate::service::input::{default_connect_timeout as default_timeout, default_port};
 fn default_user() -> Str {
     Str("root".into())
 }
-fn default_timeout() -> i64 {
-    10
-}
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConnAttrs {
-    host: Str,
-    #[serde(default = "default_port")]
-    port: i64,
-    #[serde(default = "default_user")]
-    username: Str,
-    private_key: i64,
-    remote_host_key: String,
-    #[serde(default = "default_timeout")]
-    connect_timeout: i64,
-}
-
+/// Decode `attributes` of `kind` into the keychain's input (TrueNAS's shape).
 pub fn decode_attributes(kind: &str, v: Value, schema: &str) -> Result<AttributesInput, ServiceError> {
     let prefix = format!("{schema}.attributes");
     if kind == SSH_KEY_PAIR {
-        let a: KeyPairAttrs = decode(v, &prefix)?;
-        Ok(AttributesInput::KeyPair(KeyPairInput {
-            private_key: a.private_key.map(|s| s.0),
-            public_key: a.public_key,
-            passphrase: a.passphrase.map(|s| s.0),
-        }))
+        Ok(AttributesInput::KeyPair(decode(v, &prefix)?))
     } else {
-        let a: ConnAttrs = decode(v, &prefix)?;
-        let mut errs = keyhaven_core::ValidationErrors::new();
-        for (field, value) in [("host", &*a.host), ("username", &*a.username)] {
-            if let Err(e) = keyhaven_core::text::check_single_line(value) {
-                errs.add(format!("{prefix}.{field}"), e.to_string());
-            }
-        }
-        errs.check()?;
-        Ok(AttributesInput::Connection(ConnectionInput {
-            host: a.host.0,
-            port: a.port,
-            username: a.username.0,
-            private_key: a.private_key,
-            remote_host_key: a.remote_host_key,
-            connect_timeout: a.connect_timeout,
-        }))
+        Ok(AttributesInput::Connection(decode(v, &prefix)?))
     }
 }
