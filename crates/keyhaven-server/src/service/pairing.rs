@@ -112,6 +112,22 @@ impl App {
         }))
     }
 
+    /// Generate a key pair and store it as `name`: its id and its public key line.
+    async fn create_generated_key(
+        &self,
+        name: &str,
+        options: keys::GenerateOptions,
+    ) -> Result<(i64, String), ServiceError> {
+        let kp = self.generate_key_pair(options).await?;
+        let input = KeyPairInput {
+            private_key: Some(super::input::SecretText(secrecy::SecretString::from(kp.private_key.to_string()))),
+            public_key: Some(kp.public_key.clone()),
+            passphrase: None,
+        };
+        let e = self.keychain_create(name, AttributesInput::KeyPair(input), CREATE).await?;
+        Ok((e["id"].as_i64().unwrap_or_default(), kp.public_key.trim().to_string()))
+    }
+
     /// The last test of every SSH connection tested so far (keyhaven
     /// extension), as a caller of `role` may see it: error texts name hosts
     /// and users, which read-only admins do not see (connection attributes
@@ -568,18 +584,7 @@ impl App {
         drop(cached);
         errs.check()?;
         let (key_id, generated) = match key {
-            KeyChoice::Generate { name, options } => {
-                let kp = self.generate_key_pair(options).await?;
-                let input = KeyPairInput {
-                    private_key: Some(super::input::SecretText(secrecy::SecretString::from(
-                        kp.private_key.to_string(),
-                    ))),
-                    public_key: Some(kp.public_key.clone()),
-                    passphrase: None,
-                };
-                let e = self.keychain_create(&name, AttributesInput::KeyPair(input), CREATE).await?;
-                (e["id"].as_i64().unwrap_or_default(), true)
-            }
+            KeyChoice::Generate { name, options } => (self.create_generated_key(&name, options).await?.0, true),
             KeyChoice::Existing(id) => {
                 let e = self.keychain_get(id).map_err(|_| ServiceError::call(ENOENT, "Credential does not exist"))?;
                 if e["type"] != SSH_KEY_PAIR {
@@ -663,18 +668,7 @@ impl App {
 
         let mut c = connect_remote(s).await?;
         let (key_id, public_key) = match new_key {
-            Some((key_name, options)) => {
-                let kp = self.generate_key_pair(options).await?;
-                let input = KeyPairInput {
-                    private_key: Some(super::input::SecretText(secrecy::SecretString::from(
-                        kp.private_key.to_string(),
-                    ))),
-                    public_key: Some(kp.public_key.clone()),
-                    passphrase: None,
-                };
-                let e = self.keychain_create(&key_name, AttributesInput::KeyPair(input), CREATE).await?;
-                (e["id"].as_i64().unwrap_or_default(), kp.public_key.trim().to_string())
-            }
+            Some((key_name, options)) => self.create_generated_key(&key_name, options).await?,
             None => (old_key_id, old_public.clone().unwrap_or_default()),
         };
         let rotated = key_id != old_key_id;
