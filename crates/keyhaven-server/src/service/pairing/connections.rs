@@ -1,0 +1,125 @@
+//! Checking stored SSH connections: the connection test and each connection's last result.
+
+use super::*;
+
+impl App {
+    /// Test a stored SSH connection: pinned host keys, its key pair, `true`.
+    pub async fn test_ssh_connection(&self, id: i64, timeout: Option<u64>) -> Result<Value, ServiceError> {
+        self.test_ssh_connection_with(id, timeout, None, "").await
+    }
+
+    /// [`App::test_ssh_connection`], optionally logging in with another key
+    /// pair than the connection's (`key_field` names it in errors).
+    pub async fn test_ssh_connection_with(
+        &self,
+        id: i64,
+        timeout: Option<u64>,
+        key_pair: Option<i64>,
+        key_field: &str,
+    ) -> Result<Value, ServiceError> {
+        let e = self.keychain_get(id)?;
+        if e["type"] != crate::service::keychain::SSH_CREDENTIALS {
+            return Err(ServiceError::call(EINVAL, "Credential is not of type SSH_CREDENTIALS"));
+        }
+        let a = &e["attributes"];
+        if let Some(k) = key_pair {
+            // The cached entry is enough to check the type; the key itself is read once, below.
+            if !self.keychain_entries()?.get(k).is_some_and(|kp| kp["type"] == SSH_KEY_PAIR) {
+                return Err(ServiceError::field(key_field, format!("SSH key pair {k} does not exist")));
+            }
+        }
+        let kp_id = key_pair.unwrap_or_else(|| a["private_key"].as_i64().unwrap_or_default());
+        let private =
+            self.keypair_private_key(kp_id).ok().flatten().filter(|p| !p.trim().is_empty()).ok_or_else(|| {
+                match key_pair {
+                    Some(k) => ServiceError::field(
+                        key_field,
+                        format!("SSH key pair {k} has no private key (public key only); it cannot log in"),
+                    ),
+                    None => ServiceError::call(
+                        ENOENT,
+                        format!("SSH key pair {kp_id} of this connection does not exist or has no private key"),
+                    ),
+                }
+            })?;
+        let pinned = keys::parse_host_key_lines(a["remote_host_key"].as_str().unwrap_or(""))
+            .map_err(|(line, m)| ServiceError::call(EINVAL, format!("Stored remote_host_key, line {line}: {m}")))?;
+        let port = a["port"].as_i64().and_then(|p| u16::try_from(p).ok()).unwrap_or(22);
+        let secs = timeout.unwrap_or_else(|| a["connect_timeout"].as_u64().unwrap_or(10)).clamp(1, 300);
+        let target = TestTarget {
+            host: a["host"].as_str().unwrap_or("").to_string(),
+            port,
+            username: a["username"].as_str().unwrap_or("root").to_string(),
+            private_key_openssh: private,
+            pinned_host_keys: pinned.into_iter().map(|k| (k.key_type, k.base64)).collect(),
+            timeout: Duration::from_secs(secs),
+        };
+        let r = ssh_client::test_connection(&target).await;
+        // A test with the connection's own key is its status in the connection list.
+        if key_pair.is_none() {
+            let rec = keyhaven_store::ConnectionTestRecord {
+                connection_id: id,
+                ok: r.ok,
+                stage: r.stage.as_str().to_string(),
+                error: r.error.clone(),
+                latency_ms: r.latency_ms as i64,
+                tested_at: crate::service::now_secs(),
+            };
+            if let Err(e) = self.store.connection_test_record(&rec) {
+                tracing::warn!(connection = id, "could not keep the test result: {e}");
+            }
+        }
+        Ok(json!({
+            "ok": r.ok,
+            "stage": r.stage.as_str(),
+            "host_key_fingerprint": r.host_key_fingerprint,
+            "latency_ms": r.latency_ms,
+            "error": r.error,
+            // keyhaven extension: where the time went (0 for stages not reached).
+            "stages_ms": r.stages_ms,
+        }))
+    }
+
+    /// Generate a key pair and store it as `name`: its id and its public key line.
+    pub(super) async fn create_generated_key(
+        &self,
+        name: &str,
+        options: keys::GenerateOptions,
+    ) -> Result<(i64, String), ServiceError> {
+        let kp = self.generate_key_pair(options).await?;
+        let input = KeyPairInput {
+            private_key: Some(crate::service::input::SecretText(secrecy::SecretString::from(
+                kp.private_key.to_string(),
+            ))),
+            public_key: Some(kp.public_key.clone()),
+            passphrase: None,
+        };
+        let e = self.keychain_create(name, AttributesInput::KeyPair(input), CREATE).await?;
+        Ok((e["id"].as_i64().unwrap_or_default(), kp.public_key.trim().to_string()))
+    }
+
+    /// The last test of every SSH connection tested so far (keyhaven
+    /// extension), as a caller of `role` may see it: error texts name hosts
+    /// and users, which read-only admins do not see (connection attributes
+    /// are redacted for them too).
+    pub fn ssh_connection_status(&self, role: Role) -> Result<Vec<Value>, ServiceError> {
+        let tests = self.store.connection_tests()?;
+        Ok(tests
+            .into_iter()
+            .map(|t| {
+                let error = match t.error {
+                    Some(_) if !role.can_write() => Some(crate::service::keychain::REDACTED.to_string()),
+                    e => e,
+                };
+                json!({
+                    "id": t.connection_id,
+                    "ok": t.ok,
+                    "stage": t.stage,
+                    "error": error,
+                    "latency_ms": t.latency_ms,
+                    "tested_at": {"$date": t.tested_at * 1000},
+                })
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,95 @@
+//! The remote side of semi-automatic setup: `keychaincredential.ssh_pair`.
+
+use super::*;
+
+impl App {
+    /// `keychaincredential.ssh_pair`, the remote side of semi-automatic setup:
+    /// check the account, enable and start sshd if needed, authorize
+    /// `public_key` once, report the SSH port and the host keys.
+    pub async fn ssh_pair(
+        &self,
+        remote_hostname: &str,
+        username: &str,
+        public_key: &str,
+        schema: &str,
+    ) -> Result<Value, ServiceError> {
+        let public_key = public_key.trim();
+        if let Err(e) = authorized_keys::parse_authorized_keys(public_key) {
+            return Err(e.to_field_error(format!("{schema}.public_key")).into());
+        }
+        let (_, data) = self
+            .user(username)?
+            .ok_or_else(|| ServiceError::call(EFAULT, format!("User {username} does not exist")))?;
+        if let KeysLocation::Home = self.keys_location {
+            let home = data.home.as_str();
+            if home.starts_with("/var/empty")
+                || home.starts_with("/nonexistent")
+                || !std::path::Path::new(home).is_dir()
+            {
+                return Err(ServiceError::call(ENOENT, format!("Home directory {home} does not exist")));
+            }
+            // A home or ~/.ssh that is a symbolic link or another account's:
+            // refused now, before sshd is enabled and started for nothing.
+            self.check_user_keys(username, &data)?;
+        }
+        // Before anything changes: an account that cannot run commands makes a
+        // connection that fails every backup. With manage_os the pairing side
+        // changes the shell afterwards (as TrueNAS does); without, it cannot.
+        if !self.config.manage_os_accounts {
+            let os = keyhaven_ssh::accounts::lookup(username).ok_or_else(|| {
+                ServiceError::call(
+                    EFAULT,
+                    format!("User {username} has no OS account on this system; create it first (useradd {username})"),
+                )
+            })?;
+            if let Err(why) = keyhaven_ssh::accounts::shell_runs_commands(&os.shell) {
+                return Err(ServiceError::call(
+                    EINVAL,
+                    format!(
+                        "User {username} cannot run commands over SSH: {why}. Give it a shell on this system \
+                         (usermod -s /bin/bash {username}) or set accounts.manage_os = true so pairing can change it"
+                    ),
+                ));
+            }
+        }
+        if !self.ssh_enabled()? {
+            self.ssh_set_enabled(true)?;
+        }
+        if self.sshd.state() != SshdState::Running {
+            self.ssh_control("START").await?;
+        }
+        let host_keys = self.host_public_keys()?;
+        let mut lines = Vec::new();
+        for (label, pred) in [
+            ("RSA", (|t: &str| t == "ssh-rsa") as fn(&str) -> bool),
+            ("ECDSA", |t: &str| t.starts_with("ecdsa-")),
+            ("ED25519", |t: &str| t == "ssh-ed25519"),
+        ] {
+            let k = host_keys
+                .iter()
+                .find(|k| pred(&k.key_type))
+                .ok_or_else(|| ServiceError::call(EFAULT, format!("Host {label} key not configured")))?;
+            lines.push(format!("{remote_hostname} {}\n", k.to_line()));
+        }
+        {
+            // Read and write the keys under the accounts lock: two pairings at
+            // once must both end up authorized.
+            let _guard = self.users_lock.lock().await;
+            let (rec, data) = self
+                .user(username)?
+                .ok_or_else(|| ServiceError::call(EFAULT, format!("User {username} does not exist")))?;
+            let current = data.sshpubkey.clone().unwrap_or_default();
+            if !current.contains(public_key) {
+                let mut new = current.trim_end().to_string();
+                if !new.is_empty() {
+                    new.push('\n');
+                }
+                new.push_str(public_key);
+                new.push('\n');
+                let input = UserInput { sshpubkey: Some(Some(new)), ..UserInput::default() };
+                self.user_update_locked(rec.id, input).await?;
+            }
+        }
+        Ok(json!({"port": self.ssh_settings()?.tcpport, "host_key": lines.concat()}))
+    }
+}
