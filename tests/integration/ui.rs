@@ -1055,7 +1055,12 @@ async fn run(driver: &WebDriver, d: &Daemon, downloads: &Path) {
 #[tokio::test]
 async fn ui_assets_have_strict_security_headers() {
     let d = Daemon::start();
-    for (path, ctype) in [("/", "text/html"), ("/ui/app.js", "text/javascript"), ("/ui/app.css", "text/css")] {
+    for (path, ctype) in [
+        ("/", "text/html"),
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/backup.js", "text/javascript"),
+        ("/ui/app.css", "text/css"),
+    ] {
         let (status, headers, body) = http_get(d.addr, path).await;
         assert_eq!(status, 200, "{path}");
         let h = |n: &str| {
