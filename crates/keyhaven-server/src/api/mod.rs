@@ -206,6 +206,12 @@ pub async fn dispatch(
     out.map_err(CallFailure::Failed)
 }
 
+/// Serialise a service's result for the wire: the one place domain types
+/// become JSON.
+pub fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, ServiceError> {
+    serde_json::to_value(v).map_err(|e| ServiceError::internal("encoding the reply", e))
+}
+
 /// Run a TrueNAS query (`[filters, options]`) over already-built entries.
 pub fn query<T: std::borrow::Borrow<Value>>(items: &[T], params: &Params, schema: &str) -> Result<Value, ServiceError> {
     crate::service::run_query(items, params.raw(0), params.raw(1), schema)

@@ -65,12 +65,15 @@ pub(super) async fn test_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Valu
         ConnectTimeout::new(i64::try_from(t).unwrap_or(i64::MAX))
             .map_err(|m| ServiceError::field(format!("{S}.options.timeout"), m))?;
     }
-    ctx.app.test_ssh_connection_with(id, o.timeout, o.private_key, &format!("{S}.options.private_key")).await
+    let report =
+        ctx.app.test_ssh_connection_with(id, o.timeout, o.private_key, &format!("{S}.options.private_key")).await?;
+    to_json(&report)
 }
 
 /// keyhaven extension: each tested connection's last test, filtered and
 /// ordered like any TrueNAS query (`[{id, ok, stage, error, latency_ms, tested_at}]`).
 pub(super) async fn ssh_connection_status(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    let all = ctx.app.ssh_connection_status(ctx.caller()?.role)?;
+    let all: Vec<Value> =
+        ctx.app.ssh_connection_status(ctx.caller()?.role)?.iter().map(to_json).collect::<Result<_, _>>()?;
     query(&all, &p, "keychaincredential.ssh_connection_status")
 }

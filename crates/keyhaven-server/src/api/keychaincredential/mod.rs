@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::params::{decode, Secret, Str};
-use super::{query, Ctx, MethodDef, Params};
+use super::{query, to_json, Ctx, MethodDef, Params};
 use crate::error::ServiceError;
 use crate::method;
 use crate::service::keychain::{self, AttributesInput, SSH_CREDENTIALS, SSH_KEY_PAIR};

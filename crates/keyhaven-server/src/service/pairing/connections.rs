@@ -4,7 +4,7 @@ use super::*;
 
 impl App {
     /// Test a stored SSH connection: pinned host keys, its key pair, `true`.
-    pub async fn test_ssh_connection(&self, id: i64, timeout: Option<u64>) -> Result<Value, ServiceError> {
+    pub async fn test_ssh_connection(&self, id: i64, timeout: Option<u64>) -> Result<TestReport, ServiceError> {
         self.test_ssh_connection_with(id, timeout, None, "").await
     }
 
@@ -16,7 +16,7 @@ impl App {
         timeout: Option<u64>,
         key_pair: Option<i64>,
         key_field: &str,
-    ) -> Result<Value, ServiceError> {
+    ) -> Result<TestReport, ServiceError> {
         let e = self.keychain_get(id)?;
         if e["type"] != crate::service::keychain::SSH_CREDENTIALS {
             return Err(ServiceError::call(EINVAL, "Credential is not of type SSH_CREDENTIALS"));
@@ -69,15 +69,7 @@ impl App {
                 tracing::warn!(connection = id, "could not keep the test result: {e}");
             }
         }
-        Ok(json!({
-            "ok": r.ok,
-            "stage": r.stage.as_str(),
-            "host_key_fingerprint": r.host_key_fingerprint,
-            "latency_ms": r.latency_ms,
-            "error": r.error,
-            // keyhaven extension: where the time went (0 for stages not reached).
-            "stages_ms": r.stages_ms,
-        }))
+        Ok(r)
     }
 
     /// Generate a key pair and store it as `name`: its id and its public key line.
@@ -102,24 +94,45 @@ impl App {
     /// extension), as a caller of `role` may see it: error texts name hosts
     /// and users, which read-only admins do not see (connection attributes
     /// are redacted for them too).
-    pub fn ssh_connection_status(&self, role: Role) -> Result<Vec<Value>, ServiceError> {
+    pub fn ssh_connection_status(&self, role: Role) -> Result<Vec<ConnectionStatus>, ServiceError> {
         let tests = self.store.connection_tests()?;
         Ok(tests
             .into_iter()
-            .map(|t| {
-                let error = match t.error {
+            .map(|t| ConnectionStatus {
+                id: t.connection_id,
+                ok: t.ok,
+                stage: t.stage,
+                error: match t.error {
                     Some(_) if !role.can_write() => Some(crate::service::keychain::REDACTED.to_string()),
                     e => e,
-                };
-                json!({
-                    "id": t.connection_id,
-                    "ok": t.ok,
-                    "stage": t.stage,
-                    "error": error,
-                    "latency_ms": t.latency_ms,
-                    "tested_at": {"$date": t.tested_at * 1000},
-                })
+                },
+                latency_ms: t.latency_ms,
+                tested_at: EpochMillis(t.tested_at * 1000),
             })
             .collect())
+    }
+}
+
+/// The last test of one connection (`keychaincredential.ssh_connection_status`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnectionStatus {
+    pub id: i64,
+    pub ok: bool,
+    pub stage: String,
+    pub error: Option<String>,
+    pub latency_ms: i64,
+    pub tested_at: EpochMillis,
+}
+
+/// A time as TrueNAS's extended JSON writes it: `{"$date": milliseconds}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochMillis(pub i64);
+
+impl serde::Serialize for EpochMillis {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(1))?;
+        m.serialize_entry("$date", &self.0)?;
+        m.end()
     }
 }

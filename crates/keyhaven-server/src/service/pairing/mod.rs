@@ -16,7 +16,7 @@ use super::App;
 use crate::error::{ServiceError, EFAULT, EINVAL, ENOENT, ESSLCERTVERIFICATIONERROR};
 use crate::remote::{ClientError, Dialect, RpcClient, TlsTrust};
 use keyhaven_core::{authorized_keys, keys};
-use keyhaven_ssh::client::{self as ssh_client, ScanError, ScannedKey, TestTarget};
+use keyhaven_ssh::client::{self as ssh_client, ScanError, ScannedKey, TestReport, TestTarget};
 use keyhaven_ssh::files::KeysLocation;
 use keyhaven_ssh::supervisor::SshdState;
 use secrecy::{ExposeSecret, SecretString};
@@ -26,6 +26,7 @@ mod remote_side;
 mod repair;
 mod setup;
 
+pub use connections::{ConnectionStatus, EpochMillis};
 pub use repair::RePairOutcome;
 
 /// Discover the host keys of `host:port` (keyhaven's `ssh-keyscan`).

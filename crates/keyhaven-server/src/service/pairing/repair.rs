@@ -88,11 +88,11 @@ impl App {
             }
         };
         // The new key must work before anything old goes away.
-        let test = self
-            .test_ssh_connection(id, None)
-            .await
-            .unwrap_or_else(|e| json!({"ok": false, "stage": "connect", "error": e.to_string()}));
-        if test["ok"] != json!(true) {
+        let (passed, stage, why) = match self.test_ssh_connection(id, None).await {
+            Ok(r) => (r.ok, r.stage.as_str(), r.error.unwrap_or_default()),
+            Err(e) => (false, "connect", e.to_string()),
+        };
+        if !passed {
             let old = ConnectionInput {
                 host: old_attrs["host"].as_str().unwrap_or_default().to_string(),
                 port: old_attrs["port"].as_i64().unwrap_or(22),
@@ -113,8 +113,8 @@ impl App {
                 format!(
                     "Re-pairing {name} failed: the remote accepted the key but logging in with it did not work \
                      (stage {}: {}). The connection is unchanged",
-                    test["stage"].as_str().unwrap_or("?"),
-                    test["error"].as_str().unwrap_or("unknown error")
+                    stage,
+                    if why.is_empty() { "unknown error" } else { why.as_str() }
                 ),
             ));
         }
