@@ -596,8 +596,7 @@ impl App {
         schema: &str,
     ) -> Result<Value, ServiceError> {
         use keyhaven_core::query::{matches, parse_filters, QueryOptions};
-        let app = self;
-        let cached = app.keychain_entries()?;
+        let cached = self.keychain_entries()?;
         let can_write = role.can_write();
         let needs_private = can_write
             && (filters_in.is_some_and(|f| f.to_string().contains("private_key"))
@@ -616,7 +615,7 @@ impl App {
             (Ok(_), Ok(_), Some(id)) => id.and_then(|id| cached.get(id)).into_iter().collect(),
             (Ok(f), Ok(_), None) => cached.matching(|v| {
                 if needs_private {
-                    app.keychain_fill_private(v, &cached)?;
+                    self.keychain_fill_private(v, &cached)?;
                 }
                 // Read-only callers filter what they may see, so filters and
                 // `select` cannot be used to read redacted attributes.
@@ -633,7 +632,7 @@ impl App {
         }
         if needs_private {
             for e in &mut items {
-                app.keychain_fill_private(e, &cached)?;
+                self.keychain_fill_private(e, &cached)?;
             }
         }
         let mut out = super::run_query(&items, filters_in, options_in, schema)?;
@@ -641,10 +640,10 @@ impl App {
             match &mut out {
                 Value::Array(a) => {
                     for e in a {
-                        app.keychain_fill_private(e, &cached)?;
+                        self.keychain_fill_private(e, &cached)?;
                     }
                 }
-                Value::Object(_) => app.keychain_fill_private(&mut out, &cached)?,
+                Value::Object(_) => self.keychain_fill_private(&mut out, &cached)?,
                 _ => {}
             }
         }
