@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what keyhaven's tests need on a fresh Debian machine, only when missing:
 # OpenSSH's server and client (sshd, ssh, ssh-keygen, ssh-keyscan), openssl (key
-# interop tests), Python's venv module (compatibility tests with pytruenas and
+# interop tests), rsync (rsync tasks), Python's venv module (compatibility tests with pytruenas and
 # aiotruenas-client), Chromium and chromedriver, Firefox ESR and geckodriver (web
 # UI tests; Debian does not package geckodriver, so it is built from crates.io).
 set -euo pipefail
@@ -15,6 +15,8 @@ need ssh openssh-client
 need ssh-keygen openssh-client
 need ssh-keyscan openssh-client
 need openssl openssl
+need /usr/bin/rsync rsync
+need /usr/bin/setpriv util-linux
 need chromium chromium
 need chromedriver chromium-driver
 need firefox-esr firefox-esr

@@ -13,5 +13,6 @@ mod hostile_home;
 mod hostile_sshd;
 mod keychain;
 mod pairing;
+mod rsync;
 mod sshd;
 mod ui;

@@ -13,6 +13,7 @@ pub mod error;
 pub mod keys;
 pub mod net;
 pub mod query;
+pub mod rsync;
 pub mod sshd_config;
 pub mod text;
 

@@ -239,6 +239,9 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
         });
     }
     let unix_task = tokio::spawn(transport::unix::serve(app.clone(), unix));
+    // Rsync tasks: runs a killed daemon left RUNNING are failed, then the scheduler starts.
+    app.rsync_recover();
+    let scheduler = app.rsync_scheduler();
     {
         let app = app.clone();
         tokio::spawn(async move { app.start_enabled_services().await });
@@ -265,6 +268,8 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
     tracing::info!("shutting down");
     app.flush_refusal_summaries(true);
     unix_task.abort();
+    scheduler.abort();
+    app.rsync_stop_all();
     if let Err(e) = app.sshd.stop().await {
         tracing::warn!("stopping sshd: {e}");
     }

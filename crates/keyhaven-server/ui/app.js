@@ -7,6 +7,7 @@ import { viewAudit } from './audit.js';
 import { updateAttribute, viewBackup } from './backup.js';
 import { $, busy, formModal, h, toast, toastError } from './dom.js';
 import { errText, rpc } from './rpc.js';
+import { viewRsync } from './rsync.js';
 import { viewSsh } from './ssh.js';
 import { viewUsers } from './users.js';
 
@@ -14,6 +15,7 @@ import { viewUsers } from './users.js';
 export const ROUTES = {
   '#/credentials/backup': ['backup', viewBackup],
   '#/credentials/users': ['users', viewUsers],
+  '#/data-protection/rsync': ['rsync', viewRsync],
   '#/system/services/ssh': ['ssh', viewSsh],
   '#/audit': ['audit', viewAudit],
 };

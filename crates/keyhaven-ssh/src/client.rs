@@ -702,7 +702,7 @@ fn connect_message(e: &ScanError, host: &str, port: u16, timeout: Duration) -> S
 }
 
 /// Read the private key: OpenSSH first, then any format keyhaven can import.
-fn parse_private_key(text: &str) -> Result<PrivateKey, String> {
+pub fn parse_private_key(text: &str) -> Result<PrivateKey, String> {
     let text = text.trim();
     if text.is_empty() {
         return Err("The connection has no private key".to_string());

@@ -7,7 +7,9 @@
 //! results and errors.
 
 pub mod accounts;
+pub mod agent;
 pub mod client;
 pub mod files;
 pub mod reach;
+pub mod rsync;
 pub mod supervisor;

@@ -28,6 +28,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("migrations/0002_connection_tests.sql")),
         M::up(include_str!("migrations/0003_totp_replay.sql")),
         M::up(include_str!("migrations/0004_audit.sql")),
+        M::up(include_str!("migrations/0005_rsync_tasks.sql")),
     ])
 }
 

@@ -15,9 +15,11 @@ mod crypto;
 mod db;
 mod error;
 pub mod records;
+pub mod rsync;
 
 pub use audit::*;
 pub use crypto::{MasterKey, MASTER_KEY_FILE};
 pub use db::{Store, SyncTicket, DB_FILE};
 pub use error::StoreError;
 pub use records::*;
+pub use rsync::*;

@@ -9,6 +9,7 @@ mod core;
 mod keychaincredential;
 mod keyhaven;
 pub mod params;
+mod rsynctask;
 mod service;
 mod ssh;
 mod user;
@@ -125,6 +126,7 @@ fn declared() -> Vec<MethodDef> {
     all.extend(core::methods());
     all.extend(keychaincredential::methods());
     all.extend(keyhaven::methods());
+    all.extend(rsynctask::methods());
     all.extend(service::methods());
     all.extend(ssh::methods());
     all.extend(user::methods());

@@ -17,6 +17,7 @@ const KEEP_FINISHED: usize = 1000;
 struct Job {
     id: i64,
     method: String,
+    arguments: Value,
     state: &'static str,
     percent: f64,
     description: String,
@@ -25,9 +26,14 @@ struct Job {
     exc_info: Value,
     started: f64,
     finished: Option<f64>,
+    /// The end of the job's log (TrueNAS's `logs_excerpt`), when it keeps one.
+    logs: Option<String>,
 }
 
-fn now() -> f64 {
+/// The most of a job's log kept in memory (its end is what explains a failure).
+const LOG_EXCERPT: usize = 64 * 1024;
+
+pub fn now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
@@ -54,6 +60,29 @@ impl JobHandle {
             self.jobs.publish("changed", j);
         }
     }
+
+    /// Append a line to the job's log (the oldest part goes past [`LOG_EXCERPT`]).
+    pub fn log(&self, line: &str) {
+        let mut all = self.jobs.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(j) = all.get_mut(&self.id) {
+            let logs = j.logs.get_or_insert_with(String::new);
+            logs.push_str(line);
+            logs.push('\n');
+            if logs.len() > LOG_EXCERPT {
+                let mut cut = logs.len() - LOG_EXCERPT;
+                while !logs.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                logs.drain(..cut);
+            }
+        }
+    }
+
+    /// The job's log so far.
+    pub fn logs(&self) -> String {
+        let all = self.jobs.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        all.get(&self.id).and_then(|j| j.logs.clone()).unwrap_or_default()
+    }
 }
 
 impl Jobs {
@@ -72,12 +101,22 @@ impl Jobs {
         F: FnOnce(JobHandle) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Value, ServiceError>> + Send + 'static,
     {
+        self.spawn_with(method, Value::Array(vec![]), body)
+    }
+
+    /// [`Jobs::spawn`] with the call's arguments shown in the job entry.
+    pub fn spawn_with<F, Fut>(self: &Arc<Self>, method: &str, arguments: Value, body: F) -> i64
+    where
+        F: FnOnce(JobHandle) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Value, ServiceError>> + Send + 'static,
+    {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         {
             let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
             let job = Job {
                 id,
                 method: method.to_string(),
+                arguments,
                 state: "RUNNING",
                 percent: 0.0,
                 description: String::new(),
@@ -86,6 +125,7 @@ impl Jobs {
                 exc_info: Value::Null,
                 started: now(),
                 finished: None,
+                logs: None,
             };
             self.publish("added", &job);
             jobs.insert(id, job);
@@ -146,7 +186,7 @@ fn to_value(j: &Job) -> Value {
     json!({
         "id": j.id,
         "method": j.method,
-        "arguments": [],
+        "arguments": j.arguments,
         "state": j.state,
         "progress": {"percent": j.percent, "description": j.description, "extra": null},
         "result": j.result,
@@ -157,5 +197,6 @@ fn to_value(j: &Job) -> Value {
         "time_finished": j.finished.map(|f| json!({"$date": (f * 1000.0) as i64})),
         "abortable": false,
         "transient": false,
+        "logs_excerpt": j.logs,
     })
 }

@@ -179,6 +179,8 @@ pub struct Dependent {
     pub id: i64,
     pub title: String,
     pub unbind_method: &'static str,
+    /// An rsync task (disabled by a cascade) rather than a credential (deleted).
+    pub task: bool,
 }
 
 impl App {
@@ -473,16 +475,29 @@ impl App {
         let cached = self.keychain_cached()?;
         let me = cached.get(id).ok_or_else(|| not_found(id))?;
         let mut out = Vec::new();
+        let tasks = |conn: i64, out: &mut Vec<Dependent>| -> Result<(), ServiceError> {
+            for (task, title) in self.rsync_tasks_using(conn)? {
+                out.push(Dependent { id: task, title, unbind_method: "disable", task: true });
+            }
+            Ok(())
+        };
         if me["type"] == SSH_KEY_PAIR {
             let mut users: Vec<i64> =
                 cached.connection_keys.iter().filter(|(_, k)| **k == id).map(|(c, _)| *c).collect();
             users.sort_unstable();
             for c in users {
                 let name = cached.get(c).and_then(|e| e["name"].as_str().map(str::to_string)).unwrap_or_default();
-                out.push(Dependent { id: c, title: format!("SSH credentials {name}"), unbind_method: "delete" });
-                // A connection has no dependents of its own in keyhaven (no
-                // replication or rsync tasks), so the recursion ends here.
+                out.push(Dependent {
+                    id: c,
+                    title: format!("SSH credentials {name}"),
+                    unbind_method: "delete",
+                    task: false,
+                });
+                // A connection's own dependents: the rsync tasks that use it.
+                tasks(c, &mut out)?;
             }
+        } else {
+            tasks(id, &mut out)?;
         }
         Ok(out)
     }
@@ -498,10 +513,12 @@ impl App {
                 "This credential is used and no cascade option is specified",
             ));
         }
-        let mut ids: Vec<i64> = deps.iter().filter(|d| d.unbind_method == "delete").map(|d| d.id).collect();
+        let mut ids: Vec<i64> = deps.iter().filter(|d| !d.task).map(|d| d.id).collect();
         ids.push(id);
-        let r = self.store.keychain_delete_many(&ids);
+        // Tasks that used a deleted connection are disabled and unbound in the same transaction.
+        let r = self.store.keychain_delete_unbinding_tasks(&ids);
         self.keychain_changed(&ids);
+        self.rsync_schedules_changed();
         r?;
         Ok(rec.name)
     }

@@ -9,6 +9,7 @@ pub mod jobs;
 pub mod keychain;
 pub mod limiter;
 pub mod pairing;
+pub mod rsync;
 pub mod session;
 pub mod sshd;
 pub mod users;
@@ -30,6 +31,8 @@ pub struct App {
     /// What `core.subscribe` / legacy `sub` deliver.
     pub events: Arc<events::Events>,
     pub keychain: keychain::KeychainCache,
+    /// Rsync tasks' runs going on and their schedules.
+    pub rsync: rsync::RsyncState,
     /// The supervised OpenSSH sshd.
     pub sshd: keyhaven_ssh::supervisor::Supervisor,
     /// Where account keys are written for sshd.
@@ -71,6 +74,7 @@ impl App {
             jobs: Arc::new(jobs::Jobs::new(events.clone())),
             events,
             keychain: keychain::KeychainCache::default(),
+            rsync: rsync::RsyncState::default(),
             sshd,
             keys_location,
             ssh_lock: tokio::sync::Mutex::new(()),

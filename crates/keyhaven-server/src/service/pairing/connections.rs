@@ -17,6 +17,38 @@ impl App {
         key_pair: Option<i64>,
         key_field: &str,
     ) -> Result<TestReport, ServiceError> {
+        let target = self.connection_target_with(id, timeout, key_pair, key_field)?;
+        let r = ssh_client::test_connection(&target).await;
+        // A test with the connection's own key is its status in the connection list.
+        if key_pair.is_none() {
+            let rec = keyhaven_store::ConnectionTestRecord {
+                connection_id: id,
+                ok: r.ok,
+                stage: r.stage.as_str().to_string(),
+                error: r.error.clone(),
+                latency_ms: r.latency_ms as i64,
+                tested_at: crate::service::now_secs(),
+            };
+            if let Err(e) = self.store.connection_test_record(&rec) {
+                tracing::warn!(connection = id, "could not keep the test result: {e}");
+            }
+        }
+        Ok(r)
+    }
+
+    /// How to reach a stored SSH connection: its host, port, user, private key
+    /// and pinned host keys; `timeout` overrides its `connect_timeout`.
+    pub fn connection_target(&self, id: i64, timeout: Option<u64>) -> Result<TestTarget, ServiceError> {
+        self.connection_target_with(id, timeout, None, "")
+    }
+
+    fn connection_target_with(
+        &self,
+        id: i64,
+        timeout: Option<u64>,
+        key_pair: Option<i64>,
+        key_field: &str,
+    ) -> Result<TestTarget, ServiceError> {
         let e = self.keychain_get(id)?;
         if e["type"] != crate::service::keychain::SSH_CREDENTIALS {
             return Err(ServiceError::call(EINVAL, "Credential is not of type SSH_CREDENTIALS"));
@@ -46,30 +78,14 @@ impl App {
             .map_err(|(line, m)| ServiceError::call(EINVAL, format!("Stored remote_host_key, line {line}: {m}")))?;
         let port = a["port"].as_i64().and_then(|p| u16::try_from(p).ok()).unwrap_or(22);
         let secs = timeout.unwrap_or_else(|| a["connect_timeout"].as_u64().unwrap_or(10)).clamp(1, 300);
-        let target = TestTarget {
+        Ok(TestTarget {
             host: a["host"].as_str().unwrap_or("").to_string(),
             port,
             username: a["username"].as_str().unwrap_or("root").to_string(),
             private_key_openssh: private,
             pinned_host_keys: pinned.into_iter().map(|k| (k.key_type, k.base64)).collect(),
             timeout: Duration::from_secs(secs),
-        };
-        let r = ssh_client::test_connection(&target).await;
-        // A test with the connection's own key is its status in the connection list.
-        if key_pair.is_none() {
-            let rec = keyhaven_store::ConnectionTestRecord {
-                connection_id: id,
-                ok: r.ok,
-                stage: r.stage.as_str().to_string(),
-                error: r.error.clone(),
-                latency_ms: r.latency_ms as i64,
-                tested_at: crate::service::now_secs(),
-            };
-            if let Err(e) = self.store.connection_test_record(&rec) {
-                tracing::warn!(connection = id, "could not keep the test result: {e}");
-            }
-        }
-        Ok(r)
+        })
     }
 
     /// Generate a key pair and store it as `name`: its id and its public key line.
