@@ -152,11 +152,7 @@ fn files_holding(dirs: &[&Path], needle: &[u8]) -> Vec<PathBuf> {
             let p = e.path();
             match e.file_type() {
                 Ok(ft) if ft.is_dir() => stack.push(p),
-                Ok(ft) if ft.is_file() => {
-                    if std::fs::read(&p).is_ok_and(|b| contains(&b, needle)) {
-                        found.push(p);
-                    }
-                }
+                Ok(ft) if ft.is_file() && std::fs::read(&p).is_ok_and(|b| contains(&b, needle)) => found.push(p),
                 _ => {}
             }
         }

@@ -222,12 +222,24 @@ impl RsyncTaskEntry {
     }
 }
 
+/// Enabled tasks' schedules, by task id.
+type Schedules = Arc<Vec<(i64, Schedule)>>;
+
+/// What a run over a connection pinned: to explain a host-key failure.
+struct Pinned {
+    connection: i64,
+    keys: Vec<(String, String)>,
+    timeout: Duration,
+    host: String,
+    port: u16,
+}
+
 /// In-memory state of the area: runs going on and the schedules of enabled tasks.
 #[derive(Default)]
 pub struct RsyncState {
     /// Task id → (job id, process id once started).
     running: Mutex<HashMap<i64, (i64, u32)>>,
-    schedules: RwLock<Option<Arc<Vec<(i64, Schedule)>>>>,
+    schedules: RwLock<Option<Schedules>>,
     /// Serialises check-then-write of tasks with keychain cascades.
     writes: tokio::sync::Mutex<()>,
 }
@@ -370,7 +382,7 @@ impl App {
         *self.rsync.schedules.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    fn rsync_schedules(&self) -> Result<Arc<Vec<(i64, Schedule)>>, ServiceError> {
+    fn rsync_schedules(&self) -> Result<Schedules, ServiceError> {
         if let Some(s) = self.rsync.schedules.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return Ok(s.clone());
         }
@@ -687,13 +699,13 @@ impl App {
                         opt(&mut ssh, "UpdateHostKeys=no".into());
                         opt(&mut ssh, "CheckHostIP=no".into());
                         opt(&mut ssh, format!("ConnectTimeout={}", target.timeout.as_secs()));
-                        pinned = Some((
-                            c,
-                            target.pinned_host_keys.clone(),
-                            target.timeout,
-                            target.host.clone(),
-                            target.port,
-                        ));
+                        pinned = Some(Pinned {
+                            connection: c,
+                            keys: target.pinned_host_keys.clone(),
+                            timeout: target.timeout,
+                            host: target.host.clone(),
+                            port: target.port,
+                        });
                         _agent = Some(agent);
                         (target.host, target.port, target.username)
                     }
@@ -761,17 +773,13 @@ impl App {
                     l.contains("Host key verification failed") || l.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
                 });
                 if hostkey {
-                    msg = self
-                        .host_key_failure(
-                            pinned.as_ref().map(|(c, k, to, host, port)| (*c, k.as_slice(), *to, host.as_str(), *port)),
-                        )
-                        .await;
+                    msg = self.host_key_failure(pinned.as_ref()).await;
                 } else if code == 12 && t.compress {
                     msg.push_str(". If the remote runs another rsync build, try without compress (old-style compression is not understood by every rsync)");
                 }
                 let tail = outcome.tail.join("\n");
                 if !tail.is_empty() {
-                    msg.push_str("\n");
+                    msg.push('\n');
                     msg.push_str(&tail);
                 }
                 h.log(&msg);
@@ -790,8 +798,8 @@ impl App {
 
     /// The message for a run that ssh refused because the host key did not
     /// match: both fingerprints and how to re-pin.
-    async fn host_key_failure(&self, pinned: Option<(i64, &[(String, String)], Duration, &str, u16)>) -> String {
-        let Some((c, keys, timeout, host, port)) = pinned else {
+    async fn host_key_failure(&self, pinned: Option<&Pinned>) -> String {
+        let Some(Pinned { connection: c, keys, timeout, host, port }) = pinned else {
             return "Host key verification failed: the remote's host key is not in the account's known_hosts or has \
                     changed. Nothing was transferred. Choose an SSH connection for this task (it pins the key you confirm)"
                 .into();
@@ -802,7 +810,7 @@ impl App {
             .flatten()
             .map(|k| format!("{} {}", k.key_type, k.fingerprint))
             .collect();
-        let offered = match keyhaven_ssh::client::scan_host_keys(host, port, timeout).await {
+        let offered = match keyhaven_ssh::client::scan_host_keys(host, *port, *timeout).await {
             Ok(k) => k.iter().map(|k| format!("{} {}", k.key_type, k.fingerprint)).collect::<Vec<_>>().join(", "),
             Err(e) => format!("(could not scan it again: {e})"),
         };
