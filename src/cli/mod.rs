@@ -2,6 +2,7 @@
 
 mod call;
 mod keypair;
+mod rsync;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ enum Cmd {
     /// Manage SSH key pairs (generate, import, list, show, download, delete).
     #[command(subcommand)]
     Keypair(keypair::KeypairCmd),
+    /// Rsync tasks: list them, run one now (--wait shows progress).
+    #[command(subcommand)]
+    Rsync(rsync::RsyncCmd),
     /// Re-encrypt every stored secret under a new master key (stop the daemon first).
     RotateMasterKey {
         #[command(flatten)]
@@ -87,6 +91,7 @@ pub fn run() -> Result<ExitCode, String> {
         }
         Cmd::Call(args) => call::run(args),
         Cmd::Keypair(k) => keypair::run(k),
+        Cmd::Rsync(r) => rsync::run(r),
         Cmd::RotateMasterKey { common } => {
             let cfg = resolve_config(&common, None)?;
             init_logging(&cfg.log);

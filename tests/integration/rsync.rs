@@ -510,7 +510,28 @@ async fn a_non_root_task_runs_as_its_account_and_owns_the_files() {
                     "ssh_credentials": s.conn["id"], "remotepath": src.path()}]),
         )
         .await;
-    let j = run_and_wait(&mut s.c, &task["id"]).await;
+    // Run from the command line, waiting for the end.
+    let id = task["id"].to_string();
+    let cli = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(["rsync"])
+            .args(args)
+            .arg("--data-dir")
+            .arg(s.d.dir.path())
+            .output()
+            .unwrap()
+    };
+    let o = cli(&["run", &id, "--wait"]);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "keyhaven rsync run --wait: {out} {err}");
+    assert!(out.contains("rsync task finished"), "{out}");
+    assert!(err.contains("100%"), "progress shown while waiting: {err}");
+    let o = cli(&["list"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    let row = out.lines().find(|l| l.starts_with(&format!("{id} "))).unwrap_or_else(|| panic!("task {id} listed: {out}"));
+    assert!(row.contains("PULL") && row.contains("SUCCESS") && row.contains(&s.remote.name), "{row}");
+    let j = s.c.call("rsynctask.get_instance", json!([task["id"]])).await["job"].clone();
     assert_eq!(j["state"], "SUCCESS", "{j}");
     for f in ["from remote.txt", "sub/x", "sub"] {
         assert_eq!(std::fs::metadata(dst.path().join(f)).unwrap().uid(), uid, "{f} belongs to the task's account");
