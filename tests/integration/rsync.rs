@@ -661,3 +661,85 @@ async fn scheduler_runs_an_enabled_task_on_its_minute() {
     assert!(off["job"].is_null(), "a disabled task is not run: {off}");
     assert!(std::fs::read_dir(disabled_dst.path()).unwrap().next().is_none());
 }
+
+/// Data Protection › Rsync Tasks in headless Chromium: add a task with a
+/// connection (host and port hidden), Run Now with live progress, the last
+/// run's log, disable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsync_tasks_screen_in_headless_chromium() {
+    use crate::ui::{click, field, fill, js, modal_closed, shot, start_chromium, ui_login, wait_js};
+    if skip() {
+        return;
+    }
+    let mut s = setup().await;
+    let src = tree_dir("rs-ui-src", 0);
+    std::fs::write(src.path().join("from the browser.txt"), b"clicked\n").unwrap();
+    let dst = tree_dir("rs-ui-dst", s.remote.uid());
+    let downloads = TestDir::new("rs-ui-dl");
+    std::fs::create_dir_all(downloads.path()).unwrap();
+    let (cd, driver) = start_chromium(downloads.path()).await;
+    let d = &s.d;
+    let conn_id = s.conn["id"].to_string();
+    let (src_p, dst_p) = (src.path().to_str().unwrap().to_string(), dst.path().to_str().unwrap().to_string());
+    let run = async {
+        ui_login(&driver, d).await;
+        driver.goto(format!("{}/#/data-protection/rsync", d.url)).await.unwrap();
+        wait_js(&driver, "rsync page", "return document.querySelector('#view-rsync h1');", vec![]).await;
+        click(&driver, "#rsync-add").await;
+        wait_js(&driver, "task form", "return document.getElementById('modal').open;", vec![]).await;
+        fill(&driver, &field("path"), &src_p).await;
+        fill(&driver, &field("ssh_credentials"), &conn_id).await;
+        fill(&driver, &field("remotepath"), &dst_p).await;
+        // With a connection chosen, its host and port apply: the fields are hidden (NAS-118168).
+        let hidden = js(
+            &driver,
+            "return document.querySelector(\"#modal [name='remotehost']\").closest('.field').hidden;",
+            vec![],
+        )
+        .await;
+        assert_eq!(hidden, json!(true));
+        shot(&driver, "rsync-add").await;
+        click(&driver, "#form-submit").await;
+        modal_closed(&driver, "task saved").await;
+        wait_js(&driver, "task row", "return document.querySelector('[data-task]');", vec![]).await;
+        let id = js(&driver, "return Number(document.querySelector('[data-task]').dataset.task);", vec![]).await;
+        click(&driver, &format!("[data-run='{id}']")).await;
+        let state = wait_js(
+            &driver,
+            "run finished",
+            "const s = document.getElementById('rsync-state'); return s && s.dataset.state;",
+            vec![],
+        )
+        .await;
+        assert_eq!(state, json!("SUCCESS"));
+        assert_eq!(js(&driver, "return document.getElementById('rsync-progress').value;", vec![]).await, json!(100));
+        shot(&driver, "rsync-run").await;
+        click(&driver, "#rsync-close").await;
+        modal_closed(&driver, "run dialog closed").await;
+        wait_js(&driver, "last run shown", "return document.querySelector('[data-task] .badge.ok');", vec![]).await;
+        click(&driver, &format!("[data-log='{id}']")).await;
+        let log = wait_js(
+            &driver,
+            "last log",
+            "const l = document.getElementById('rsync-last-log'); return l && l.textContent;",
+            vec![],
+        )
+        .await;
+        assert!(log.as_str().unwrap().contains("rsync finished"), "{log}");
+        id
+    };
+    let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run)).await;
+    let _ = driver.quit().await;
+    drop(cd);
+    let id = match outcome {
+        Ok(id) => id,
+        Err(p) => {
+            eprintln!("daemon stderr:\n{}", s.d.stderr());
+            std::panic::resume_unwind(p);
+        }
+    };
+    assert_eq!(std::fs::read(dst.path().join("from the browser.txt")).unwrap(), b"clicked\n");
+    let t = s.c.call("rsynctask.get_instance", json!([id])).await;
+    assert_eq!(t["ssh_credentials"]["id"], s.conn["id"]);
+    assert_eq!(t["job"]["state"], "SUCCESS");
+}

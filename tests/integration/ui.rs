@@ -18,7 +18,7 @@ use crate::sshd::{free_port, known_hosts, ssh_key_login, sshd_available};
 use crate::util::*;
 
 /// chromedriver as a child process, killed by PID on drop.
-struct ChromeDriver {
+pub(crate) struct ChromeDriver {
     child: Child,
     port: u16,
 }
@@ -73,13 +73,13 @@ fn screenshot_dir() -> PathBuf {
     d
 }
 
-async fn shot(driver: &WebDriver, name: &str) {
+pub(crate) async fn shot(driver: &WebDriver, name: &str) {
     let path = screenshot_dir().join(format!("{name}.png"));
     driver.screenshot(&path).await.unwrap_or_else(|e| panic!("screenshot {name}: {e}"));
 }
 
 /// Evaluate `body` (a JS function body) until it returns something truthy; returns it.
-async fn wait_js(driver: &WebDriver, what: &str, body: &str, args: Vec<Value>) -> Value {
+pub(crate) async fn wait_js(driver: &WebDriver, what: &str, body: &str, args: Vec<Value>) -> Value {
     wait_js_within(driver, what, body, args, Duration::from_secs(20)).await
 }
 
@@ -105,12 +105,12 @@ async fn wait_js_within(driver: &WebDriver, what: &str, body: &str, args: Vec<Va
     }
 }
 
-async fn js(driver: &WebDriver, body: &str, args: Vec<Value>) -> Value {
+pub(crate) async fn js(driver: &WebDriver, body: &str, args: Vec<Value>) -> Value {
     driver.execute(body, args).await.unwrap_or_else(|e| panic!("script failed: {e}\n{body}")).json().clone()
 }
 
 /// Set a form control's value by id or selector (fires input/change like typing would).
-async fn fill(driver: &WebDriver, selector: &str, value: &str) {
+pub(crate) async fn fill(driver: &WebDriver, selector: &str, value: &str) {
     let ok = js(
         driver,
         "const el = document.querySelector(arguments[0]); if (!el) return false;
@@ -122,16 +122,16 @@ async fn fill(driver: &WebDriver, selector: &str, value: &str) {
     assert_eq!(ok, json!(true), "no element {selector}");
 }
 
-async fn click(driver: &WebDriver, css: &str) {
+pub(crate) async fn click(driver: &WebDriver, css: &str) {
     driver.find(By::Css(css)).await.unwrap_or_else(|e| panic!("no element {css}: {e}")).click().await.unwrap();
 }
 
 /// The modal form's control for a field name.
-fn field(name: &str) -> String {
+pub(crate) fn field(name: &str) -> String {
     format!("#modal [name='{name}']")
 }
 
-async fn modal_closed(driver: &WebDriver, what: &str) {
+pub(crate) async fn modal_closed(driver: &WebDriver, what: &str) {
     wait_js(
         driver,
         what,
@@ -169,7 +169,7 @@ fn key_body(line: &str) -> String {
 }
 
 /// chromedriver plus a headless Chromium at 1280×800 that saves downloads into `downloads`.
-async fn start_chromium(downloads: &Path) -> (ChromeDriver, WebDriver) {
+pub(crate) async fn start_chromium(downloads: &Path) -> (ChromeDriver, WebDriver) {
     let cd = ChromeDriver::start();
     let mut caps = DesiredCapabilities::chrome();
     if std::path::Path::new("/usr/bin/chromium").exists() {
@@ -249,7 +249,7 @@ async fn web_ui_session_ends_on_token_expiry() {
 }
 
 /// Log in on the page as admin and wait for the first screen.
-async fn ui_login(driver: &WebDriver, d: &Daemon) {
+pub(crate) async fn ui_login(driver: &WebDriver, d: &Daemon) {
     driver.goto(format!("{}/", d.url)).await.unwrap();
     wait_js(driver, "login form", "return !document.getElementById('login').hidden;", vec![]).await;
     fill(driver, "#login-username", "admin").await;
