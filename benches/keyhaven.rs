@@ -1,6 +1,6 @@
 //! keyhaven's benchmarks, measured against OpenSSH's own tools on the same
 //! machine in the same run. `cargo bench --bench keyhaven [-- GROUP…]` prints a
-//! Markdown report (groups: daemon, keygen, keychain, sshd, pairing, hostile, perf;
+//! Markdown report (groups: daemon, keygen, keychain, sshd, pairing, hostile, perf, rsync;
 //! default all). `KEYHAVEN_BENCH_BASELINE=/path/to/older/keyhaven` adds the
 //! figures of that build, measured in the same run, where a group compares.
 //!
@@ -682,6 +682,9 @@ fn main() {
     if want("perf") {
         rt.block_on(bench_perf());
     }
+    if want("rsync") {
+        rt.block_on(bench_rsync());
+    }
 }
 
 // ---------------------------------------------------------------- hostile (issue 10)
@@ -1054,4 +1057,212 @@ fn signal(pid: u32, sig: i32) -> i32 {
     }
     // SAFETY: a positive PID (never a group or -1) of a process the test started.
     unsafe { libc::kill(pid, sig) }
+}
+
+// ---------------------------------------------------------------- rsync tasks (issue 12)
+
+/// Wait for a job's end, polling every 10 ms; returns its entry.
+async fn job_end(ws: &mut Ws, job: &Value) -> Value {
+    loop {
+        let j = call(ws, "core.get_jobs", json!([[["id", "=", job]], {"get": true}])).await;
+        if j["state"] != "RUNNING" {
+            return j;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn empty_dir(p: &std::path::Path, uid: u32) {
+    let _ = std::fs::remove_dir_all(p);
+    std::fs::create_dir_all(p).unwrap();
+    std::os::unix::fs::chown(p, Some(uid), Some(uid)).unwrap();
+}
+
+fn uid_of(name: &str) -> u32 {
+    let o = Command::new("id").args(["-u", name]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+}
+
+async fn bench_rsync() {
+    println!("## Rsync tasks (issue 12)\n");
+    if euid() != 0 || !std::path::Path::new("/usr/bin/rsync").exists() {
+        println!("skipped: needs root, /usr/sbin/sshd and /usr/bin/rsync\n");
+        return;
+    }
+    let (d, _) = start(None);
+    let mut ws = connect(&d, true).await;
+    let (port, kh) = start_sshd(&mut ws, &d).await;
+    let kp = call(&mut ws, "keychaincredential.generate_ssh_key_pair", json!([])).await;
+    let key_file = d.dir.join("bench_id_ed25519");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key_file).unwrap();
+        f.write_all(kp["private_key"].as_str().unwrap().as_bytes()).unwrap();
+    }
+    let kp = call(
+        &mut ws,
+        "keychaincredential.create",
+        json!([{"name": "bench-rsync", "type": "SSH_KEY_PAIR", "attributes": {"private_key": kp["private_key"], "public_key": kp["public_key"]}}]),
+    )
+    .await;
+    let user = format!("khbr{}", std::process::id());
+    assert!(Command::new("useradd").args(["-m", "-s", "/bin/sh", &user]).status().unwrap().success());
+    let uid = uid_of(&user);
+    call(&mut ws, "user.create", json!([{"username": user, "full_name": "", "password_disabled": true, "sshpubkey": kp["attributes"]["public_key"]}])).await;
+    let host_keys =
+        call(&mut ws, "keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port}]))
+            .await;
+    let conn = call(
+        &mut ws,
+        "keychaincredential.create",
+        json!([{"name": "bench-conn", "type": "SSH_CREDENTIALS", "attributes": {"host": "127.0.0.1", "port": port, "username": user, "private_key": kp["id"], "remote_host_key": host_keys}}]),
+    )
+    .await;
+
+    // The data: 2,000 small files in 40 directories, and one 256 MB file (random bytes).
+    let data = base().join(format!("rsync-bench-{}", std::process::id()));
+    let small = data.join("small");
+    let big = data.join("big");
+    for i in 0..2000 {
+        let dir = small.join(format!("d{:02}", i % 40));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut b = vec![0u8; 512 + (i * 37) % 3584];
+        rand_fill(&mut b);
+        std::fs::write(dir.join(format!("file {i}.bin")), &b).unwrap();
+    }
+    std::fs::create_dir_all(&big).unwrap();
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(big.join("256M.bin")).unwrap();
+        let mut chunk = vec![0u8; 1 << 20];
+        for _ in 0..256 {
+            rand_fill(&mut chunk);
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let home = std::path::PathBuf::from(format!("/home/{user}"));
+    let dst = home.join("dst");
+
+    println!("| measure | keyhaven median | plain rsync + ssh median | ratio | goal |\n|---|---|---|---|---|");
+    for (label, src, runs) in [("2,000 small files (4.3 MB)", &small, 7), ("one 256 MB file", &big, 5)] {
+        let task = call(
+            &mut ws,
+            "rsynctask.create",
+            json!([{"path": src, "user": "root", "mode": "SSH", "ssh_credentials": conn["id"], "remotepath": dst,
+                    "archive": true, "compress": false, "delayupdates": false, "validate_rpath": false}]),
+        )
+        .await;
+        let mut ours = vec![];
+        let mut theirs = vec![];
+        for _ in 0..runs {
+            empty_dir(&dst, uid);
+            let t = Instant::now();
+            let job = call(&mut ws, "rsynctask.run", json!([task["id"]])).await;
+            let j = job_end(&mut ws, &job).await;
+            ours.push(t.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(j["state"], "SUCCESS", "{j}");
+            empty_dir(&dst, uid);
+            // The same rsync options keyhaven passes for this task, over plain ssh with a key file.
+            let t = Instant::now();
+            let st = Command::new("rsync")
+                .args(["--archive", "--recursive", "--times", "--info=progress2", "-e"])
+                .arg(format!(
+                    "ssh -F none -i {} -p {port} -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={} -o IdentitiesOnly=yes",
+                    key_file.display(),
+                    kh.display()
+                ))
+                .arg(format!("{}/", src.display()))
+                .arg(format!("{user}@127.0.0.1:{}", dst.display()))
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            theirs.push(t.elapsed().as_secs_f64() * 1000.0);
+            assert!(st.success());
+        }
+        let (o, t) = (median(&mut ours), median(&mut theirs));
+        println!("| task run, {label} (`rsynctask.run` to the job's end vs `rsync -a -e \"ssh -i KEY …\"`, {runs} interleaved) | {o:.0} ms | {t:.0} ms | {:.3} | ≤ 1.05 |", o / t);
+        call(&mut ws, "rsynctask.delete", json!([task["id"]])).await;
+    }
+
+    // Time from the call to rsync started: the job's "Starting rsync" event on a subscribed connection.
+    let task = call(
+        &mut ws,
+        "rsynctask.create",
+        json!([{"path": small.join("d00"), "user": "root", "mode": "SSH", "ssh_credentials": conn["id"], "remotepath": dst, "validate_rpath": false}]),
+    )
+    .await;
+    let mut sub = connect(&d, true).await;
+    sub.send(Message::Text(
+        json!({"jsonrpc":"2.0","id":1,"method":"core.subscribe","params":["core.get_jobs"]}).to_string().into(),
+    ))
+    .await
+    .unwrap();
+    let _ = sub.next().await;
+    let mut starts = vec![];
+    for _ in 0..21 {
+        let t = Instant::now();
+        let job = call(&mut ws, "rsynctask.run", json!([task["id"]])).await;
+        loop {
+            let Some(Ok(Message::Text(m))) = sub.next().await else { panic!("subscription ended") };
+            let v: Value = serde_json::from_str(&m).unwrap();
+            let f = &v["params"]["fields"];
+            if f["id"] == job && f["progress"]["description"] == "Starting rsync" {
+                starts.push(t.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+        }
+        job_end(&mut ws, &job).await;
+    }
+    let (p50, p90) = (pct(&mut starts.clone(), 50.0), pct(&mut starts, 90.0));
+    println!("| `rsynctask.run` → rsync started (agent up, known_hosts written, process spawned; 21 runs) | p50 {p50:.1} ms, p90 {p90:.1} ms | | | < 30 ms |");
+    println!();
+
+    // The scheduler with 10,000 enabled tasks (never due: 31 February): idle CPU and memory.
+    let (d2, _) = start(None);
+    let mut w2 = connect(&d2, true).await;
+    let never = json!({"minute": "0", "hour": "0", "dom": "31", "month": "2", "dow": "*"});
+    let t = Instant::now();
+    for i in 0..10_000 {
+        call(
+            &mut w2,
+            "rsynctask.create",
+            json!([{"path": data, "user": "root", "remotehost": "127.0.0.1", "remotemodule": format!("m{i}"), "schedule": never}]),
+        )
+        .await;
+    }
+    let created = t.elapsed().as_secs_f64();
+    drop(w2);
+    let pid = d2.child.id();
+    let ticks = |pid: u32| -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    // Past at least one scheduler tick (each minute) after the tasks are loaded.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let c0 = ticks(pid);
+    let idle = Duration::from_secs(75);
+    tokio::time::sleep(idle).await;
+    let cpu_ms = (ticks(pid) - c0) as f64 * 10.0;
+    let rss = rss_kib(pid) as f64 / 1024.0;
+    println!("| scheduler with 10,000 enabled tasks | value | goal |\n|---|---|---|");
+    println!("| creating them (one connection, sequential calls) | {created:.1} s ({:.0}/s) | |", 10_000.0 / created);
+    println!(
+        "| CPU over {} s idle (including a minute's tick over all tasks) | {cpu_ms:.0} ms ({:.3} %) | ~0 |",
+        idle.as_secs(),
+        cpu_ms / idle.as_secs_f64() / 10.0
+    );
+    println!("| RSS at rest | {rss:.1} MB | < 40 MB |\n");
+
+    let _ = Command::new("userdel").args(["-r", &user]).status();
+    let _ = std::fs::remove_dir_all(&data);
+    let _ = std::fs::remove_file(&key_file);
+    drop(d);
+    drop(d2);
+}
+
+fn rand_fill(b: &mut [u8]) {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom").unwrap().read_exact(b).unwrap();
 }

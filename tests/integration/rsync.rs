@@ -529,7 +529,8 @@ async fn a_non_root_task_runs_as_its_account_and_owns_the_files() {
     let o = cli(&["list"]);
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}");
-    let row = out.lines().find(|l| l.starts_with(&format!("{id} "))).unwrap_or_else(|| panic!("task {id} listed: {out}"));
+    let row =
+        out.lines().find(|l| l.starts_with(&format!("{id} "))).unwrap_or_else(|| panic!("task {id} listed: {out}"));
     assert!(row.contains("PULL") && row.contains("SUCCESS") && row.contains(&s.remote.name), "{row}");
     let j = s.c.call("rsynctask.get_instance", json!([task["id"]])).await["job"].clone();
     assert_eq!(j["state"], "SUCCESS", "{j}");
