@@ -744,3 +744,117 @@ async fn rsync_tasks_screen_in_headless_chromium() {
     assert_eq!(t["ssh_credentials"]["id"], s.conn["id"]);
     assert_eq!(t["job"]["state"], "SUCCESS");
 }
+
+/// A local user who owns the task's directory swaps it, after the task was
+/// saved, for a symlink into keyhaven's data directory: the run refuses to
+/// start, and nothing of the data directory (master key, database) leaves.
+#[tokio::test]
+async fn hostile_a_path_swapped_for_a_symlink_into_the_data_dir_is_refused_at_run_time() {
+    if skip() {
+        return;
+    }
+    let mut s = setup().await;
+    let mallory = OsUserGuard::new("khmal");
+    mallory.useradd("/bin/sh", None);
+    let theirs = tree_dir("rs-mal", mallory.uid());
+    let path = theirs.path().join("data");
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("ordinary.txt"), b"ordinary").unwrap();
+    let dst = tree_dir("rs-mal-dst", s.remote.uid());
+    let task = s
+        .c
+        .call(
+            "rsynctask.create",
+            json!([{"path": path, "user": "root", "mode": "SSH", "ssh_credentials": s.conn["id"], "remotepath": dst.path()}]),
+        )
+        .await;
+    // What mallory can do in a directory of theirs.
+    std::fs::remove_dir_all(&path).unwrap();
+    std::os::unix::fs::symlink(s.d.dir.path(), &path).unwrap();
+    let j = run_and_wait(&mut s.c, &task["id"]).await;
+    assert_eq!(j["state"], "FAILED", "{j}");
+    let err = j["error"].as_str().unwrap();
+    assert!(err.contains("data directory") && err.contains("did not start"), "{err}");
+    assert!(std::fs::read_dir(dst.path()).unwrap().next().is_none(), "nothing was sent");
+    assert_eq!(s.c.call("core.ping", json!([])).await, "pong", "the admin is still served");
+}
+
+/// The run's agent answers only its account, only lists and signs: the
+/// account cannot remove or lock the key (and so break or hijack the run),
+/// and another account cannot reach the agent at all.
+#[tokio::test]
+async fn hostile_the_run_agent_serves_only_its_account_and_only_signs() {
+    if skip() {
+        return;
+    }
+    let mut s = setup().await;
+    let runner = OsUserGuard::new("khrun");
+    runner.useradd("/bin/sh", None);
+    let other = OsUserGuard::new("khoth");
+    other.useradd("/bin/sh", None);
+    let src = tree_dir("rs-agent-src", runner.uid());
+    let mut big = vec![0u8; 6 * 1024 * 1024];
+    getrandom(&mut big);
+    std::fs::write(src.path().join("big.bin"), &big).unwrap();
+    chown_tree(src.path(), runner.uid());
+    let dst = tree_dir("rs-agent-dst", s.remote.uid());
+    let task =
+        s.c.call(
+            "rsynctask.create",
+            json!([{"path": src.path(), "user": runner.name, "mode": "SSH", "ssh_credentials": s.conn["id"],
+                    "remotepath": dst.path(), "compress": false, "extra": ["--bwlimit=1500"]}]),
+        )
+        .await;
+    let job = s.c.call("rsynctask.run", json!([task["id"]])).await;
+    let run_dir = s.d.dir.path().join("run");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let sock = loop {
+        let found = std::fs::read_dir(&run_dir)
+            .ok()
+            .and_then(|rd| rd.flatten().map(|e| e.path().join("agent.sock")).find(|p| p.exists()));
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no agent socket appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let dir = sock.parent().unwrap();
+    assert_eq!(
+        std::fs::metadata(dir).unwrap().uid(),
+        runner.uid(),
+        "the agent's directory belongs to the run's account"
+    );
+    let ssh_add = |uid: u32, args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args([&format!("--reuid={uid}"), &format!("--regid={}", uid_gid(uid)), "--clear-groups", "--", "ssh-add"])
+            .args(args)
+            .env("SSH_AUTH_SOCK", &sock)
+            .output()
+            .unwrap()
+    };
+    let o = ssh_add(other.uid(), &["-l"]);
+    assert!(!o.status.success(), "another account reached the agent: {}", String::from_utf8_lossy(&o.stdout));
+    let o = ssh_add(runner.uid(), &["-l"]);
+    assert!(o.status.success(), "the run's account lists its key: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 1, "exactly one key");
+    assert!(!ssh_add(runner.uid(), &["-D"]).status.success(), "removing the key is refused");
+    let o = std::process::Command::new("setpriv")
+        .args([
+            &format!("--reuid={}", runner.uid()),
+            &format!("--regid={}", uid_gid(runner.uid())),
+            "--clear-groups",
+            "--",
+            "sh",
+            "-c",
+            "echo pw | SSH_ASKPASS_REQUIRE=never ssh-add -x",
+        ])
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "locking the agent is refused");
+    assert_eq!(String::from_utf8_lossy(&ssh_add(runner.uid(), &["-l"]).stdout).lines().count(), 1);
+    assert_eq!(s.c.call("core.ping", json!([])).await, "pong", "the admin is still served");
+    let j = wait_job(&mut s.c, &job).await;
+    assert_eq!(j["state"], "SUCCESS", "the run was not disturbed: {j}");
+    assert!(!dir.exists(), "the agent's directory is gone with the run");
+}

@@ -633,7 +633,18 @@ impl App {
         ));
         let account = keyhaven_ssh::accounts::lookup(&t.user)
             .ok_or_else(|| ServiceError::call(ENOENT, format!("The task's user {} does not exist any more", t.user)))?;
-        let mut local = t.path.clone();
+        // Checked again now: since the task was saved, a local user who owns a
+        // parent directory may have swapped the path for a symlink into the data
+        // directory. rsync gets the resolved path, which holds no symlinks.
+        let mut problems = ValidationErrors::new();
+        self.rsync_check_path(&t.path, &mut problems);
+        if let Some(p) = problems.0.first() {
+            return Err(ServiceError::call(EINVAL, format!("path: {}; the run did not start", p.message)));
+        }
+        let mut local = std::fs::canonicalize(&t.path)
+            .map_err(|e| ServiceError::call(ENOENT, format!("path: {}: {e}", t.path)))?
+            .to_string_lossy()
+            .into_owned();
         if !local.ends_with('/') {
             local.push('/');
         }
