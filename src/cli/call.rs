@@ -85,7 +85,7 @@ fn call_local(a: &CallArgs, params: Vec<Value>) -> Result<Value, String> {
 
 /// One call through the local unix socket (full admin).
 pub fn local(common: &Common, method: &str, params: Vec<Value>) -> Result<Value, String> {
-    let cfg = resolve_config(common, None)?;
+    let cfg = resolve_config(common)?;
     let path = keyhaven_server::transport::unix::socket_path(&cfg.data_dir);
     let mut s = UnixStream::connect(&path).map_err(|e| {
         format!(

@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
-use keyhaven_server::config::{Config, SETTINGS};
+use clap::builder::PossibleValuesParser;
+use clap::{value_parser, Arg, ArgMatches, Args, Command, FromArgMatches, Parser, Subcommand};
+use keyhaven_server::config::{Config, Kind, Scope, SettingDef, SETTINGS};
 
 #[derive(Parser)]
 #[command(
@@ -22,14 +23,91 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(Args, Clone, Default)]
-pub struct Common {
-    /// Data directory [env: KEYHAVEN_DATA_DIR] [default: ./keyhaven-data]
-    #[arg(long, global = true)]
-    data_dir: Option<PathBuf>,
-    /// TOML config file (keys as in the README's configuration table)
-    #[arg(long, global = true)]
+/// A subcommand's setting flags, built from [`SETTINGS`]: one clap argument per
+/// setting with a `flag` (id = the setting's name, help = its doc), plus
+/// `--config FILE`. `SERVE`: every flagged setting (`serve`); otherwise only
+/// those of [`Scope::AllCommands`] (the data directory).
+#[derive(Clone, Default)]
+pub struct SettingFlags<const SERVE: bool> {
+    /// The flags given, by setting name.
+    values: BTreeMap<&'static str, String>,
     config: Option<PathBuf>,
+}
+
+/// The flags of every subcommand that works on the local data directory.
+pub type Common = SettingFlags<false>;
+/// The flags of `serve`.
+type ServeFlags = SettingFlags<true>;
+
+/// The clap id of `--config` (no setting is named so: see the config tests).
+const CONFIG_ID: &str = "config";
+
+impl<const SERVE: bool> SettingFlags<SERVE> {
+    /// The settings this subcommand takes as flags, with their long names.
+    fn settings() -> impl Iterator<Item = (&'static SettingDef, &'static str)> {
+        SETTINGS.iter().filter_map(|def| {
+            let long = def.flag?.strip_prefix("--")?;
+            (SERVE || def.scope == Scope::AllCommands).then_some((def, long))
+        })
+    }
+}
+
+fn setting_arg(def: &'static SettingDef, long: &'static str) -> Arg {
+    let default = match def.default {
+        "" => String::new(),
+        d => format!(" [default: {d}]"),
+    };
+    let arg =
+        Arg::new(def.name).long(long).global(true).help(format!("{} [env: {}]{default}", def.doc, def.env)).value_name(
+            match def.kind {
+                Kind::Path => "PATH",
+                Kind::Addr => "ADDRESS:PORT",
+                Kind::Bool => "BOOL",
+                Kind::Str | Kind::Choice(_) => "VALUE",
+                Kind::Uint(..) => "N",
+            },
+        );
+    match def.kind {
+        Kind::Choice(choices) => arg.value_parser(PossibleValuesParser::new(choices)),
+        _ => arg.value_parser(value_parser!(String)),
+    }
+}
+
+impl<const SERVE: bool> Args for SettingFlags<SERVE> {
+    fn augment_args(cmd: Command) -> Command {
+        cmd.args(Self::settings().map(|(def, long)| setting_arg(def, long))).arg(
+            Arg::new(CONFIG_ID)
+                .long("config")
+                .global(true)
+                .value_name("FILE")
+                .value_parser(value_parser!(PathBuf))
+                .help("TOML config file (keys as in the README's configuration table)"),
+        )
+    }
+
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl<const SERVE: bool> FromArgMatches for SettingFlags<SERVE> {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut flags = Self::default();
+        flags.update_from_arg_matches(m)?;
+        Ok(flags)
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        for (def, _) in Self::settings() {
+            if let Some(v) = m.get_one::<String>(def.name) {
+                self.values.insert(def.name, v.clone());
+            }
+        }
+        if let Some(c) = m.get_one::<PathBuf>(CONFIG_ID) {
+            self.config = Some(c.clone());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Subcommand)]
@@ -37,10 +115,7 @@ enum Cmd {
     /// Run the daemon.
     Serve {
         #[command(flatten)]
-        common: Common,
-        /// ADDRESS:PORT to listen on [env: KEYHAVEN_LISTEN] [default: 127.0.0.1:8080]
-        #[arg(long)]
-        listen: Option<String>,
+        flags: ServeFlags,
     },
     /// Call an API method and print its JSON result, e.g. `keyhaven call core.ping`.
     Call(call::CallArgs),
@@ -60,16 +135,9 @@ enum Cmd {
     SettingsTable,
 }
 
-pub fn resolve_config(common: &Common, listen: Option<String>) -> Result<Config, String> {
-    let mut flags: BTreeMap<&'static str, String> = BTreeMap::new();
-    if let Some(d) = &common.data_dir {
-        flags.insert("data_dir", d.display().to_string());
-    }
-    if let Some(l) = listen {
-        flags.insert("listen", l);
-    }
-    debug_assert!(SETTINGS.iter().any(|s| s.name == "data_dir"));
-    Config::resolve(&flags, &|k| std::env::var(k).ok(), common.config.as_deref()).map_err(|e| e.to_string())
+/// The configuration from the flags given (flag > environment > `--config` file > default).
+pub fn resolve_config<const SERVE: bool>(flags: &SettingFlags<SERVE>) -> Result<Config, String> {
+    Config::resolve(&flags.values, &|k| std::env::var(k).ok(), flags.config.as_deref()).map_err(|e| e.to_string())
 }
 
 fn init_logging(filter: &str) {
@@ -82,8 +150,8 @@ fn init_logging(filter: &str) {
 pub fn run() -> Result<ExitCode, String> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Serve { common, listen } => {
-            let cfg = resolve_config(&common, listen)?;
+        Cmd::Serve { flags } => {
+            let cfg = resolve_config(&flags)?;
             init_logging(&cfg.log);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
             rt.block_on(keyhaven_server::startup::serve(cfg)).map_err(|e| e.to_string())?;
@@ -93,7 +161,7 @@ pub fn run() -> Result<ExitCode, String> {
         Cmd::Keypair(k) => keypair::run(k),
         Cmd::Rsync(r) => rsync::run(r),
         Cmd::RotateMasterKey { common } => {
-            let cfg = resolve_config(&common, None)?;
+            let cfg = resolve_config(&common)?;
             init_logging(&cfg.log);
             let sock = keyhaven_server::transport::unix::socket_path(&cfg.data_dir);
             if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
@@ -111,5 +179,44 @@ pub fn run() -> Result<ExitCode, String> {
             print!("{}", keyhaven_server::config::markdown_table());
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn setting_flags_come_from_the_declared_settings() {
+        let cli = Cli::try_parse_from(["keyhaven", "serve", "--listen", "127.0.0.1:0", "--data-dir", "/d"]).unwrap();
+        let Cmd::Serve { flags } = cli.cmd else { panic!("not serve") };
+        assert_eq!(flags.values.get("data_dir").map(String::as_str), Some("/d"));
+        assert_eq!(flags.values.get("listen").map(String::as_str), Some("127.0.0.1:0"));
+        let cfg = resolve_config(&flags).unwrap();
+        assert_eq!(cfg.listen.port(), 0);
+
+        // Every flagged setting is a flag of `serve`, with its doc as help.
+        let mut cmd = Cli::command();
+        let serve = cmd.find_subcommand_mut("serve").unwrap();
+        for def in SETTINGS.iter().filter(|d| d.flag.is_some()) {
+            let arg = serve.get_arguments().find(|a| a.get_id() == def.name).unwrap();
+            assert_eq!(arg.get_long().map(|l| format!("--{l}")).as_deref(), def.flag);
+            assert!(arg.get_help().unwrap().to_string().starts_with(def.doc));
+        }
+
+        // Other subcommands take only the data directory's flag.
+        let e = Cli::try_parse_from(["keyhaven", "rotate-master-key", "--listen", "127.0.0.1:0"]).err().unwrap();
+        assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument);
+        let cli = Cli::try_parse_from(["keyhaven", "rotate-master-key", "--data-dir", "/d", "--config", "/c"]).unwrap();
+        let Cmd::RotateMasterKey { common } = cli.cmd else { panic!("not rotate-master-key") };
+        assert_eq!(common.values.keys().copied().collect::<Vec<_>>(), ["data_dir"]);
+        assert_eq!(common.config.as_deref(), Some(std::path::Path::new("/c")));
     }
 }

@@ -37,8 +37,8 @@ use std::fmt;
 
 use base64::alphabet;
 use base64::engine::{DecodePaddingMode, Engine, GeneralPurpose, GeneralPurposeConfig};
-use russh::keys::ssh_key::public::KeyData;
-use russh::keys::ssh_key::{HashAlg, PublicKey};
+use ssh_key::public::KeyData;
+use ssh_key::{HashAlg, PublicKey};
 
 use crate::error::FieldError;
 

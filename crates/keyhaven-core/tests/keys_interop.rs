@@ -542,6 +542,25 @@ fn keys_import_openssl_legacy_and_pkcs8() {
     let v = validate_key_pair(Some(&text), None, None).unwrap();
     assert_eq!(v.info.key_type, "ecdsa-sha2-nistp256");
 
+    // SEC1 with explicit curve parameters instead of the curve's name: the same key as its
+    // named-curve form.
+    for (curve, key_type) in [
+        ("prime256v1", "ecdsa-sha2-nistp256"),
+        ("secp384r1", "ecdsa-sha2-nistp384"),
+        ("secp521r1", "ecdsa-sha2-nistp521"),
+    ] {
+        let explicit = d(&format!("{curve}-explicit.pem"));
+        let named = d(&format!("{curve}-named.pem"));
+        openssl(&["ecparam", "-name", curve, "-genkey", "-noout", "-param_enc", "explicit", "-out", explicit.as_str()]);
+        openssl(&["ec", "-in", explicit.as_str(), "-param_enc", "named_curve", "-out", named.as_str()]);
+        let text = fs::read_to_string(&explicit).unwrap();
+        assert!(text.contains("BEGIN EC PRIVATE KEY") && !text.contains("EC PARAMETERS"), "{text}");
+        let v = validate_key_pair(Some(&text), None, None).unwrap_or_else(|e| panic!("{curve}: {e}"));
+        let w = validate_key_pair(Some(&fs::read_to_string(&named).unwrap()), None, None).unwrap();
+        assert_eq!(v.info.key_type, key_type);
+        assert_eq!(v.info.fingerprint, w.info.fingerprint, "{curve}");
+    }
+
     // RSA-1024 from openssl, legacy-encrypted: decrypted, then refused for its size.
     let small = d("rsa1024");
     openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:1024", "-out", small.as_str()]);
@@ -599,7 +618,7 @@ fn passphrase_protected_ecdsa_p256_key_with_a_short_scalar_imports() {
         run(Command::new("ssh-keygen").args(["-q", "-p", "-P", "", "-N", PASS, "-Z", cipher, "-f"]).arg(&path));
         let text = fs::read_to_string(&path).unwrap();
         // The reason for the repair: ssh-key alone refuses this key after decrypting it.
-        let raw = russh::keys::ssh_key::PrivateKey::from_openssh(&text).expect("the encrypted envelope parses");
+        let raw = ssh_key::PrivateKey::from_openssh(&text).expect("the encrypted envelope parses");
         assert!(raw.is_encrypted(), "{cipher}: ssh-keygen did not encrypt");
         assert!(raw.decrypt(PASS).is_err(), "{cipher}: ssh-key now reads short scalars; the repair can go");
 

@@ -1,8 +1,10 @@
 //! Settings, declared once.
 //!
 //! Every setting has one entry in [`SETTINGS`]: its name (the TOML key, dotted
-//! for tables), its environment variable, its command-line flag if any, its
-//! default and its documentation. Values resolve as flag > env > file > default.
+//! for tables), its environment variable, its command-line flag if any (and which
+//! subcommands take it: [`Scope`]), its default and its documentation. Values
+//! resolve as flag > env > file > default. The binary's clap flags are built from
+//! the same list, keyed by setting name.
 //! The README's configuration table is generated from the same list
 //! (`keyhaven settings-table`) and a test keeps the two equal.
 
@@ -21,25 +23,50 @@ pub enum Kind {
     Choice(&'static [&'static str]),
 }
 
+/// Which subcommands take a setting's flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Only `serve`: a setting of the running daemon (the default).
+    Serve,
+    /// Every subcommand that works on the local data directory (`serve`, `call`,
+    /// `keypair`, `rotate-master-key`).
+    AllCommands,
+}
+
 pub struct SettingDef {
     pub name: &'static str,
     pub env: &'static str,
+    /// The command-line flag (`--name`), if any.
     pub flag: Option<&'static str>,
+    /// The subcommands that take [`SettingDef::flag`].
+    pub scope: Scope,
     pub default: &'static str,
     pub kind: Kind,
     pub doc: &'static str,
 }
 
+/// `scope:` is optional in [`settings!`]; without it a flag is `serve`'s only.
+macro_rules! scope_or_serve {
+    () => {
+        Scope::Serve
+    };
+    ($scope:expr) => {
+        $scope
+    };
+}
+
 /// Declares every setting once: the [`Config`] field and its type, the TOML
-/// key, the environment variable, the flag, the default, the check and the
-/// documentation. From it come [`SETTINGS`] (file keys, README table, the
-/// environment) and the typed [`Config`] built from resolved values.
+/// key, the environment variable, the flag (and its optional [`Scope`]), the
+/// default, the check and the documentation. From it come [`SETTINGS`] (file
+/// keys, command-line flags, README table, the environment) and the typed
+/// [`Config`] built from resolved values.
 macro_rules! settings {
     ($(
         $field:ident: $ty:ty {
             name: $name:literal,
             env: $env:literal,
             flag: $flag:expr,
+            $(scope: $scope:expr,)?
             default: $default:literal,
             kind: $kind:expr,
             doc: $doc:literal $(,)?
@@ -49,6 +76,7 @@ macro_rules! settings {
             name: $name,
             env: $env,
             flag: $flag,
+            scope: scope_or_serve!($($scope)?),
             default: $default,
             kind: $kind,
             doc: $doc,
@@ -74,6 +102,7 @@ settings! {
         name: "data_dir",
         env: "KEYHAVEN_DATA_DIR",
         flag: Some("--data-dir"),
+        scope: Scope::AllCommands,
         default: "./keyhaven-data",
         kind: Kind::Path,
         doc: "Directory holding the database, master.key, sshd files and TLS material (created 0711 on first start).",
@@ -523,6 +552,20 @@ mod tests {
             std::fs::write(&path, f).unwrap();
         }
         Config::resolve(&flags, &|k| env.get(k).cloned(), file.map(|_| path.as_path()))
+    }
+
+    #[test]
+    fn flags_are_unique_long_options() {
+        let flags: Vec<&str> = SETTINGS.iter().filter_map(|d| d.flag).collect();
+        for f in &flags {
+            let long = f.strip_prefix("--").unwrap_or_else(|| panic!("flag {f} must start with --"));
+            assert!(!long.is_empty() && long.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'), "{f}");
+            assert_eq!(flags.iter().filter(|g| *g == f).count(), 1, "{f} is declared twice");
+        }
+        // `--config FILE` names the file; the CLI keys flags by setting name.
+        assert!(!flags.contains(&"--config") && SETTINGS.iter().all(|d| d.name != "config"));
+        let data_dir = SETTINGS.iter().find(|d| d.name == "data_dir").unwrap();
+        assert_eq!(data_dir.scope, Scope::AllCommands);
     }
 
     #[test]

@@ -130,8 +130,8 @@ impl fmt::Debug for KeyPairText {
 /// async callers run it in `spawn_blocking`.
 pub fn generate(o: &GenerateOptions) -> Result<KeyPairText, FieldError> {
     let bits = validate_generate_options(o)?;
-    let mut rng = russh::keys::key::safe_rng();
-    let failed = |e: russh::keys::ssh_key::Error| FieldError::new("key_type", format!("Key generation failed: {e}"));
+    let mut rng = os_rng();
+    let failed = |e: ssh_key::Error| FieldError::new("key_type", format!("Key generation failed: {e}"));
     let mut key = match o.algorithm {
         KeyAlgorithm::Ed25519 => PrivateKey::random(&mut rng, Algorithm::Ed25519).map_err(failed)?,
         KeyAlgorithm::Ecdsa => {

@@ -138,7 +138,7 @@ pub(super) fn parse_private_key(text: &str, passphrase: Option<&str>) -> Result<
             if !der_is_complete_sequence(&armour.der) {
                 return Err(KeyPairError::private(MSG_DAMAGED));
             }
-            russh::keys::pkcs8::decode_pkcs8(&armour.der, None).map_err(map_plain_decode_error)
+            der_keys::decode_private_key_der(&armour.der).map_err(map_plain_decode_error)
         }
         "ENCRYPTED PRIVATE KEY" => parse_encrypted_pkcs8(&armour.der, passphrase),
         "SSH2 ENCRYPTED PRIVATE KEY" => Err(KeyPairError::private(
@@ -158,7 +158,7 @@ pub(super) fn parse_openssh(der: &[u8], passphrase: Option<&str>) -> Result<Priv
     let repaired = PrivateKey::from_bytes(der).is_err().then(|| pad_short_ecdsa_scalar(der)).flatten();
     let der = repaired.as_deref().map(|v| v.as_slice()).unwrap_or(der);
     let key = PrivateKey::from_bytes(der).map_err(|e| match e {
-        russh::keys::ssh_key::Error::AlgorithmUnknown | russh::keys::ssh_key::Error::AlgorithmUnsupported { .. } => {
+        ssh_key::Error::AlgorithmUnknown | ssh_key::Error::AlgorithmUnsupported { .. } => {
             KeyPairError::private(format!("This private key's type is not supported. {MSG_SUPPORTED}."))
         }
         _ => KeyPairError::private(MSG_DAMAGED),
@@ -172,7 +172,7 @@ pub(super) fn parse_openssh(der: &[u8], passphrase: Option<&str>) -> Result<Priv
     let Some(pass) = passphrase else {
         return Err(KeyPairError::private(MSG_ENCRYPTED));
     };
-    if let russh::keys::ssh_key::Kdf::Bcrypt { rounds, .. } = key.kdf() {
+    if let ssh_key::Kdf::Bcrypt { rounds, .. } = key.kdf() {
         if *rounds > MAX_BCRYPT_ROUNDS {
             return Err(KeyPairError::private(format!(
                 "This key's passphrase protection uses {rounds} KDF rounds; at most \
@@ -190,13 +190,11 @@ pub(super) fn parse_openssh(der: &[u8], passphrase: Option<&str>) -> Result<Priv
         }
     }
     decrypted.map_err(|e| match e {
-        russh::keys::ssh_key::Error::Crypto => KeyPairError::passphrase(MSG_WRONG_PASSPHRASE),
-        russh::keys::ssh_key::Error::AlgorithmUnsupported { .. } | russh::keys::ssh_key::Error::AlgorithmUnknown => {
-            KeyPairError::private(
-                "This private key is encrypted with a cipher keyhaven cannot read. Re-encrypt it \
+        ssh_key::Error::Crypto => KeyPairError::passphrase(MSG_WRONG_PASSPHRASE),
+        ssh_key::Error::AlgorithmUnsupported { .. } | ssh_key::Error::AlgorithmUnknown => KeyPairError::private(
+            "This private key is encrypted with a cipher keyhaven cannot read. Re-encrypt it \
              with a current ssh-keygen (ssh-keygen -p -f <file>) or remove the passphrase",
-            )
-        }
+        ),
         // A wrong passphrase usually fails the checkint comparison, which ssh-key may
         // report as an encoding error rather than `Crypto`.
         _ => KeyPairError::passphrase(MSG_WRONG_PASSPHRASE),
@@ -207,7 +205,7 @@ pub(super) fn parse_openssh(der: &[u8], passphrase: Option<&str>) -> Result<Priv
 /// when it is an `ecdsa-sha2-nistp256` key with a short scalar, return it
 /// repaired. `None` for anything else, a wrong passphrase included.
 pub(super) fn decrypt_padding_short_ecdsa_scalar(key: &PrivateKey, der: &[u8], pass: &str) -> Option<PrivateKey> {
-    use russh::keys::ssh_key::cipher::Tag;
+    use ssh_key::cipher::Tag;
     if key.public_key().algorithm() != (Algorithm::Ecdsa { curve: EcdsaCurve::NistP256 }) {
         return None;
     }
@@ -331,33 +329,24 @@ pub(super) fn parse_traditional_pem(armour: &Armour<'_>, passphrase: Option<&str
     let map_err = |e| {
         if encrypted {
             match e {
-                russh::keys::Error::UnknownAlgorithm(_) => map_plain_decode_error(e),
-                _ => KeyPairError::passphrase(MSG_WRONG_PASSPHRASE),
+                der_keys::DerKeyError::UnknownAlgorithm(_) => map_plain_decode_error(e),
+                der_keys::DerKeyError::Invalid => KeyPairError::passphrase(MSG_WRONG_PASSPHRASE),
             }
         } else {
             map_plain_decode_error(e)
         }
     };
     if armour.label == "EC PRIVATE KEY" {
-        russh::keys::pkcs8::decode_pkcs8(&plain, None).map_err(map_err)
+        der_keys::decode_private_key_der(&plain).map_err(map_err)
     } else {
-        // PKCS#1 RSA: russh exposes it only through its PEM entry point.
-        let mut pem = Zeroizing::new(String::from("-----BEGIN RSA PRIVATE KEY-----\n"));
-        let b64 = Zeroizing::new(STANDARD.encode(&*plain));
-        for chunk in b64.as_bytes().chunks(64) {
-            // base64 output is ASCII, so every chunk is valid UTF-8.
-            pem.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-            pem.push('\n');
-        }
-        pem.push_str("-----END RSA PRIVATE KEY-----\n");
-        russh::keys::decode_secret_key(&pem, None).map_err(map_err)
+        der_keys::decode_pkcs1_rsa(&plain).map_err(map_err)
     }
 }
 
 /// Errors of an unencrypted PEM/PKCS#8 decode.
-pub(super) fn map_plain_decode_error(e: russh::keys::Error) -> KeyPairError {
+pub(super) fn map_plain_decode_error(e: der_keys::DerKeyError) -> KeyPairError {
     match e {
-        russh::keys::Error::UnknownAlgorithm(oid) => {
+        der_keys::DerKeyError::UnknownAlgorithm(oid) => {
             let s = oid.to_string();
             let what = match s.as_str() {
                 "1.2.840.10040.4.1" => {
@@ -372,7 +361,7 @@ pub(super) fn map_plain_decode_error(e: russh::keys::Error) -> KeyPairError {
             };
             KeyPairError::private(format!("Unsupported key type ({what}). {MSG_SUPPORTED}."))
         }
-        _ => KeyPairError::private(MSG_UNREADABLE),
+        der_keys::DerKeyError::Invalid => KeyPairError::private(MSG_UNREADABLE),
     }
 }
 
@@ -413,9 +402,9 @@ pub(super) fn parse_encrypted_pkcs8(der: &[u8], passphrase: Option<&str>) -> Res
     let Some(pass) = passphrase else {
         return Err(KeyPairError::private(MSG_ENCRYPTED));
     };
-    russh::keys::pkcs8::decode_pkcs8(der, Some(pass.as_bytes())).map_err(|e| match e {
-        russh::keys::Error::UnknownAlgorithm(_) => map_plain_decode_error(e),
-        _ => KeyPairError::passphrase(MSG_WRONG_PASSPHRASE),
+    der_keys::decode_encrypted_pkcs8(der, pass.as_bytes()).map_err(|e| match e {
+        der_keys::DerKeyError::UnknownAlgorithm(_) => map_plain_decode_error(e),
+        der_keys::DerKeyError::Invalid => KeyPairError::passphrase(MSG_WRONG_PASSPHRASE),
     })
 }
 

@@ -19,7 +19,8 @@
 //!   `SSH_CREDENTIALS` entry.
 //!
 //! One submodule per concern: `generate`, `public` (public keys, fingerprints),
-//! `validate` (import rules), `import` (private key formats), `legacy_pem` (old
+//! `validate` (import rules), `import` (private key formats), `der_keys` (PKCS#8, SEC1
+//! and PKCS#1 structures, through the RustCrypto crates), `legacy_pem` (old
 //! OpenSSL encryption, decrypt only), `protect` (download encryption) and
 //! `host_keys`. Limits and user-facing messages live here, shared by all.
 //!
@@ -34,11 +35,11 @@ use base64::alphabet;
 use base64::engine::general_purpose::STANDARD;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine as _;
-use russh::keys::ssh_key::encoding::Encode as _;
-use russh::keys::ssh_key::private::{KeypairData, RsaKeypair};
-use russh::keys::ssh_key::public::KeyData;
-use russh::keys::ssh_key::{Algorithm, EcdsaCurve, HashAlg, LineEnding, PrivateKey, PublicKey};
 use serde::{Deserialize, Serialize};
+use ssh_key::encoding::Encode as _;
+use ssh_key::private::{KeypairData, RsaKeypair};
+use ssh_key::public::KeyData;
+use ssh_key::{Algorithm, EcdsaCurve, HashAlg, LineEnding, PrivateKey, PublicKey};
 use zeroize::Zeroizing;
 
 use crate::error::FieldError;
@@ -108,6 +109,7 @@ const MSG_SUPPORTED: &str = "Supported key types: Ed25519, ECDSA (P-256, P-384, 
      (2048 bits or more)";
 const MSG_GENERATE_NEW: &str = "Generate a new key (Ed25519 is recommended).";
 
+mod der_keys;
 mod generate;
 mod host_keys;
 mod import;
@@ -115,6 +117,12 @@ mod legacy_pem;
 mod protect;
 mod public;
 mod validate;
+
+/// The OS RNG (getrandom) as the `rand_core` generator ssh-key takes. Panics if the OS
+/// cannot provide randomness.
+fn os_rng() -> getrandom::rand_core::UnwrapErr<getrandom::SysRng> {
+    getrandom::rand_core::UnwrapErr(getrandom::SysRng)
+}
 
 pub use generate::*;
 pub use host_keys::*;

@@ -19,7 +19,7 @@ pub fn encrypt_private_key(openssh_private: &str, passphrase: &str) -> Result<Ze
     if key.is_encrypted() {
         return Err("The private key is already encrypted".to_string());
     }
-    let mut rng = russh::keys::key::safe_rng();
+    let mut rng = os_rng();
     let encrypted =
         key.encrypt(&mut rng, passphrase).map_err(|_| "The private key could not be encrypted".to_string())?;
     openssh_text(&encrypted)
