@@ -858,3 +858,102 @@ async fn hostile_the_run_agent_serves_only_its_account_and_only_signs() {
     assert_eq!(j["state"], "SUCCESS", "the run was not disturbed: {j}");
     assert!(!dir.exists(), "the agent's directory is gone with the run");
 }
+
+/// MODULE mode against a real rsync daemon (`rsync --daemon`) on a loopback port.
+#[tokio::test]
+async fn module_mode_pushes_to_an_rsync_daemon() {
+    if skip() {
+        return;
+    }
+    let d = Daemon::start();
+    let mut c = d.admin().await;
+    let module_dir = tree_dir("rs-mod", 0);
+    let conf_dir = tree_dir("rs-mod-conf", 0);
+    let port = crate::sshd::free_port();
+    let conf = conf_dir.path().join("rsyncd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port = {port}\naddress = 127.0.0.1\nuse chroot = no\npid file = {}/rsyncd.pid\n[backup]\n  path = {}\n  read only = no\n  uid = root\n  gid = root\n",
+            conf_dir.path().display(),
+            module_dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = std::process::Command::new("rsync")
+        .args(["--daemon", "--no-detach", "--config"])
+        .arg(&conf)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "rsync daemon did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let src = tree_dir("rs-mod-src", 0);
+    std::fs::create_dir(src.path().join("nested")).unwrap();
+    std::fs::write(src.path().join("nested/n.txt"), b"to the module").unwrap();
+    let task = c
+        .call(
+            "rsynctask.create",
+            json!([{"path": src.path(), "user": "root", "remotehost": "127.0.0.1", "remoteport": port,
+                    "remotemodule": "backup", "direction": "PUSH"}]),
+        )
+        .await;
+    assert_eq!(task["mode"], "MODULE", "the default mode");
+    assert!(task["ssh_credentials"].is_null());
+    let j = run_and_wait(&mut c, &task["id"]).await;
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert_eq!(j["state"], "SUCCESS", "{j}");
+    assert_eq!(std::fs::read(module_dir.path().join("nested/n.txt")).unwrap(), b"to the module");
+    // A module that does not exist: rsync's own words, under its exit code's name.
+    let bad = c
+        .call(
+            "rsynctask.create",
+            json!([{"path": src.path(), "user": "root", "remotehost": "127.0.0.1", "remoteport": port,
+                    "remotemodule": "nosuch"}]),
+        )
+        .await;
+    let j = run_and_wait(&mut c, &bad["id"]).await;
+    assert_eq!(j["state"], "FAILED", "{j}");
+    assert!(j["error"].as_str().unwrap().starts_with("rsync command returned"), "{j}");
+}
+
+/// An IPv6 remote (NAS-130641): the connection's host `::1`, the known_hosts
+/// line `[::1]:port` and the operand `user@[::1]:path`.
+#[tokio::test]
+async fn an_ipv6_connection_backs_up_over_bracketed_addresses() {
+    if skip() || !Path::new("/proc/net/if_inet6").exists() {
+        return;
+    }
+    let mut s = setup().await;
+    if std::net::TcpStream::connect(("::1", s.port)).is_err() {
+        eprintln!("skipped: sshd does not listen on ::1 here");
+        return;
+    }
+    let host_keys =
+        s.c.call("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "::1", "port": s.port}])).await;
+    let conn =
+        s.c.call(
+            "keychaincredential.create",
+            json!([{"name": "v6", "type": "SSH_CREDENTIALS", "attributes": {
+                "host": "::1", "port": s.port, "username": s.remote.name, "private_key": s.kp["id"],
+                "remote_host_key": host_keys}}]),
+        )
+        .await;
+    let src = tree_dir("rs-v6", 0);
+    std::fs::write(src.path().join("v6.txt"), b"over ::1").unwrap();
+    let dst = tree_dir("rs-v6-dst", s.remote.uid());
+    let task = s
+        .c
+        .call(
+            "rsynctask.create",
+            json!([{"path": src.path(), "user": "root", "mode": "SSH", "ssh_credentials": conn["id"], "remotepath": dst.path()}]),
+        )
+        .await;
+    let j = run_and_wait(&mut s.c, &task["id"]).await;
+    assert_eq!(j["state"], "SUCCESS", "{j}");
+    assert_eq!(std::fs::read(dst.path().join("v6.txt")).unwrap(), b"over ::1");
+}
