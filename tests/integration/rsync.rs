@@ -957,3 +957,62 @@ async fn an_ipv6_connection_backs_up_over_bracketed_addresses() {
     assert_eq!(j["state"], "SUCCESS", "{j}");
     assert_eq!(std::fs::read(dst.path().join("v6.txt")).unwrap(), b"over ::1");
 }
+
+/// Without a connection (TrueNAS's original way): the task's account logs in
+/// with its own key and its own known_hosts; the remote path is checked with
+/// them on save.
+#[tokio::test]
+async fn without_a_connection_the_account_uses_its_own_key_and_known_hosts() {
+    if skip() {
+        return;
+    }
+    let mut s = setup().await;
+    let local = OsUserGuard::new("khown");
+    local.useradd("/bin/sh", None);
+    let home = PathBuf::from(format!("/home/{}", local.name));
+    let ssh_dir = home.join(".ssh");
+    std::fs::create_dir_all(&ssh_dir).unwrap();
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(ssh_dir.join("id_ed25519"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let cfg = s.c.call("ssh.config", json!([])).await;
+    let kh: String = cfg["host_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| format!("[127.0.0.1]:{} {}\n", s.port, k["public_key"].as_str().unwrap()))
+        .collect();
+    std::fs::write(ssh_dir.join("known_hosts"), kh).unwrap();
+    chown_tree(&ssh_dir, local.uid());
+    // The remote account (same name as the task's user, as TrueNAS logs in) trusts that key.
+    let pubkey = std::fs::read_to_string(ssh_dir.join("id_ed25519.pub")).unwrap();
+    let remote_same = OsUserGuard { name: local.name.clone() };
+    let me =
+        s.c.call(
+            "user.create",
+            json!([{"username": local.name, "full_name": "", "password_disabled": true, "sshpubkey": pubkey.trim()}]),
+        )
+        .await;
+    assert!(me["id"].is_i64());
+    let src = tree_dir("rs-own-src", local.uid());
+    std::fs::write(src.path().join("own.txt"), b"own key").unwrap();
+    chown_tree(src.path(), local.uid());
+    let dst = tree_dir("rs-own-dst", local.uid());
+    let base =
+        json!({"path": src.path(), "user": local.name, "mode": "SSH", "remotehost": "127.0.0.1", "remoteport": s.port});
+    let mut bad = base.clone();
+    bad["remotepath"] = json!(dst.path().join("missing"));
+    let e = s.c.err("rsynctask.create", json!([bad])).await;
+    assert_field(&e, "rsync_task_create.remotepath", "does not exist or is not a directory");
+    let mut good = base.clone();
+    good["remotepath"] = json!(dst.path());
+    let task = s.c.call("rsynctask.create", json!([good])).await;
+    assert!(task["ssh_credentials"].is_null());
+    let j = run_and_wait(&mut s.c, &task["id"]).await;
+    assert_eq!(j["state"], "SUCCESS", "{j}");
+    assert_eq!(std::fs::read(dst.path().join("own.txt")).unwrap(), b"own key");
+    std::mem::forget(remote_same); // the same account as `local`, removed by its guard
+}

@@ -1,4 +1,4 @@
-//! Running the real `rsync` for a task: as the task's OS account (uid, gid
+//! Running the real `rsync` for a task (or `ssh`, to check its remote path): as the task's OS account (uid, gid
 //! and supplementary groups, through util-linux's `setpriv`), in its own
 //! process group, killed with keyhaven if keyhaven dies (parent-death
 //! signal), with its progress and output streamed to the caller.

@@ -503,8 +503,9 @@ impl App {
         }
         v.check().map_err(ServiceError::Validation)?;
         if t.mode == Mode::SSH && t.enabled && t.validate_rpath {
-            if let Some(c) = t.ssh_credentials {
-                self.rsync_check_remote_path(c, &t.remotepath).await?;
+            match t.ssh_credentials {
+                Some(c) => self.rsync_check_remote_path(c, &t.remotepath).await?,
+                None => self.rsync_check_remote_path_as_user(t).await?,
             }
         }
         Ok(())
@@ -550,6 +551,57 @@ impl App {
                 format!(
                     "Could not check the remote path: {}",
                     report.error.unwrap_or_else(|| "the connection failed".into())
+                ),
+            )),
+        }
+    }
+
+    /// Without a connection (TrueNAS's way): real `ssh` as the task's account,
+    /// with its own key and known_hosts, checks that the remote path is a directory.
+    async fn rsync_check_remote_path_as_user(&self, t: &RsyncTaskInput) -> Result<(), ServiceError> {
+        let Some(account) = keyhaven_ssh::accounts::lookup(&t.user) else { return Ok(()) };
+        let port = t.remoteport.and_then(|p| u16::try_from(p).ok()).unwrap_or(22);
+        let host = t.remotehost.as_deref().unwrap_or("");
+        let args: Vec<std::ffi::OsString> = [
+            "-p".to_string(),
+            port.to_string(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "StrictHostKeyChecking=yes".into(),
+            "-o".into(),
+            "ConnectTimeout=5".into(),
+            format!("{}@{}", t.user, host.trim_start_matches('[').trim_end_matches(']')),
+            format!("test -d {}", shell_quote(&t.remotepath)),
+        ]
+        .into_iter()
+        .map(Into::into)
+        .collect();
+        let spec = keyhaven_ssh::rsync::RunSpec {
+            rsync: PathBuf::from(SSH),
+            uid: account.uid,
+            gid: account.gid,
+            home: account.home.clone(),
+            user: account.name.clone(),
+            args,
+            keep_output: true,
+        };
+        let mut run = keyhaven_ssh::rsync::start(&spec).map_err(|e| ServiceError::call(ENOENT, e.to_string()))?;
+        while run.events.recv().await.is_some() {}
+        let out = run.wait().await.map_err(|e| ServiceError::internal("waiting for ssh", e))?;
+        match out.code {
+            Some(0) => Ok(()),
+            Some(1) => Err(ServiceError::field(
+                "remotepath",
+                "The Remote Path you specified does not exist or is not a directory. Either create one yourself \
+                 on the remote machine or uncheck the validate_rpath field",
+            )),
+            _ => Err(ServiceError::field(
+                "remotepath",
+                format!(
+                    "Could not check the remote path as {} with its own key: {}",
+                    t.user,
+                    out.tail.join(" ").trim()
                 ),
             )),
         }
