@@ -87,7 +87,8 @@ impl App {
                 new.push_str(public_key);
                 new.push('\n');
                 let input = UserInput { sshpubkey: Some(Some(new)), ..UserInput::default() };
-                self.user_update_locked(rec.id, input).await?;
+                // Its field errors keep naming user.update's schema, as they always have.
+                self.user_update_locked(rec.id, input).await.map_err(|e| e.in_schema("user_update"))?;
             }
         }
         Ok(json!({"port": self.ssh_settings()?.tcpport, "host_key": lines.concat()}))
