@@ -56,7 +56,7 @@ impl App {
             self.ssh_set_enabled(true)?;
         }
         if self.sshd.state() != SshdState::Running {
-            self.ssh_control("START").await?;
+            self.ssh_control(crate::service::sshd::SshVerb::Start).await?;
         }
         let host_keys = self.host_public_keys()?;
         let mut lines = Vec::new();
