@@ -1095,12 +1095,7 @@ impl App {
             .ok_or_else(|| ServiceError::field_errno("username", format!("User {username} does not exist"), ENOENT))?;
         let secret = totp_rs::Secret::generate();
         let b32 = secret.to_base32();
-        let totp = totp_rs::Builder::new()
-            .with_algorithm(totp_rs::Algorithm::SHA1)
-            .with_digits(6)
-            .with_skew(1)
-            .with_step_duration(30)
-            .with_secret(secret)
+        let totp = super::crypto::totp_builder(secret)
             .with_account_name(username.to_string())
             .with_issuer(Some("keyhaven"))
             .build()
