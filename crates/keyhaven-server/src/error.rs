@@ -50,6 +50,21 @@ impl ServiceError {
         Self::call(EFAULT, format!("{context} failed; the server log has the details"))
     }
 
+    /// Place the field errors a service named relative to its input
+    /// (`username`, `attributes.port`) in a method's schema
+    /// (`user_create.username`): the API edge does this once per call.
+    /// Errors that name no field (an empty attribute, TrueNAS's `None`, as in
+    /// "User 5 does not exist") and every other kind of error are left as
+    /// they are.
+    pub fn in_schema(self, schema: &str) -> Self {
+        match self {
+            Self::Validation(v) => Self::Validation(ValidationErrors(
+                v.0.into_iter().map(|e| if e.attribute.is_empty() { e } else { e.prefixed(schema) }).collect(),
+            )),
+            other => other,
+        }
+    }
+
     pub fn errno(&self) -> Errno {
         match self {
             Self::Validation(_) => EINVAL,
@@ -84,3 +99,24 @@ impl From<keyhaven_store::StoreError> for ServiceError {
 }
 
 pub type Result<T, E = ServiceError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_schema_prefixes_field_errors_only() {
+        let mut v = ValidationErrors::new();
+        v.add("username", "bad");
+        v.push(FieldError::new("", "User 5 does not exist").with_errno(ENOENT));
+        v.add("roles.1", "bad");
+        let ServiceError::Validation(got) = ServiceError::Validation(v).in_schema("user_create") else {
+            panic!("still a validation error")
+        };
+        let attrs: Vec<&str> = got.0.iter().map(|e| e.attribute.as_str()).collect();
+        assert_eq!(attrs, ["user_create.username", "", "user_create.roles.1"]);
+        assert_eq!(got.0[1].errno, ENOENT);
+        let call = ServiceError::call(EFAULT, "x").in_schema("user_create");
+        assert!(matches!(call, ServiceError::Call { errno: EFAULT, .. }));
+    }
+}

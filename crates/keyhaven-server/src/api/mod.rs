@@ -214,9 +214,10 @@ pub fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, ServiceError> {
     serde_json::to_value(v).map_err(|e| ServiceError::internal("encoding the reply", e))
 }
 
-/// Run a TrueNAS query (`[filters, options]`) over already-built entries.
+/// Run a TrueNAS query (`[filters, options]`) over already-built entries;
+/// errors in either are named in `schema`.
 pub fn query<T: std::borrow::Borrow<Value>>(items: &[T], params: &Params, schema: &str) -> Result<Value, ServiceError> {
-    crate::service::run_query(items, params.raw(0), params.raw(1), schema)
+    crate::service::run_query(items, params.raw(0), params.raw(1)).map_err(|e| e.in_schema(schema))
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use super::params::Str;
 use super::{query, Ctx, MethodDef, Params};
 use crate::error::{ServiceError, ENOENT};
 use crate::method;
+use crate::service::sshd::SshVerb;
 
 pub fn methods() -> Vec<MethodDef> {
     vec![
@@ -66,22 +67,21 @@ struct ControlOptions {
 
 async fn control(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let verb: Str = p.req(0, "service_control.verb")?;
-    if !["START", "STOP", "RESTART", "RELOAD"].contains(&&*verb) {
+    let Some(verb) = SshVerb::parse(&verb) else {
         return Err(ServiceError::field(
             "service_control.verb",
             "Input should be 'START', 'STOP', 'RESTART' or 'RELOAD'",
         ));
-    }
+    };
     let svc = p.raw(1).cloned().ok_or_else(|| ServiceError::field("service_control.service", "Field required"))?;
     check_service(&svc, "service_control.service")?;
     let _: ControlOptions = p.opt(2, "service_control.options")?;
-    ctx.describe(format!("{} service ssh", &*verb));
+    ctx.describe(format!("{} service ssh", verb.as_str()));
     let app = ctx.app.clone();
-    let verb = verb.0;
     let id = ctx.app.jobs.spawn("service.control", move |job| async move {
-        job.progress(10.0, format!("{verb} ssh"));
-        app.ssh_control(&verb).await?;
-        job.progress(100.0, format!("{verb} ssh: done"));
+        job.progress(10.0, format!("{} ssh", verb.as_str()));
+        app.ssh_control(verb).await?;
+        job.progress(100.0, format!("{} ssh: done", verb.as_str()));
         Ok(json!(true))
     });
     Ok(json!(id))

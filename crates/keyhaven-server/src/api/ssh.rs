@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::{Ctx, MethodDef, Params};
+use super::{to_json, Ctx, MethodDef, Params};
 use crate::error::ServiceError;
 use crate::method;
 use keyhaven_core::sshd_config::SshSettings;
@@ -20,7 +20,7 @@ pub fn methods() -> Vec<MethodDef> {
 }
 
 async fn config(ctx: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
-    ctx.app.ssh_config().await
+    to_json(&ctx.app.ssh_config().await?)
 }
 
 const FIELDS: &[&str] = &[
@@ -46,7 +46,8 @@ async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
             return Err(ServiceError::field(format!("{S}.{k}"), "Extra inputs are not permitted"));
         }
     }
-    // Merge over the current settings, then decode strictly (types, ranges).
+    // A partial update: merged over the current settings, then decoded
+    // strictly (the port's range first, then every type, as TrueNAS reports them).
     let mut merged =
         serde_json::to_value(ctx.app.ssh_settings()?).map_err(|e| ServiceError::internal("ssh.update", e))?;
     for (k, v) in patch {
@@ -57,11 +58,11 @@ async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     }
     let new: SshSettings = super::params::decode(merged, S)?;
     let options = new.options.clone();
-    let updated = ctx.app.ssh_update(new).await?;
+    let updated = ctx.app.ssh_update(new).await.map_err(|e| e.in_schema(S))?;
     if updated.previous_options != options {
         ctx.describe(options_change_description(&options));
     }
-    Ok(updated.entry)
+    to_json(&updated.entry)
 }
 
 /// Longest `options` text kept in an audit entry; a longer one is cut (on a

@@ -143,14 +143,7 @@ pub enum LoginOutcome {
 /// accept each step once (RFC 6238 §5.2): see [`App::check_otp`].
 pub fn totp_step(seed_b32: &str, code: &str, now: u64) -> Option<u64> {
     let secret = totp_rs::Secret::try_from_base32(seed_b32).ok()?;
-    let totp = totp_rs::Builder::new()
-        .with_algorithm(totp_rs::Algorithm::SHA1)
-        .with_digits(6)
-        .with_skew(1)
-        .with_step_duration(30)
-        .with_secret(secret)
-        .build()
-        .ok()?;
+    let totp = super::crypto::totp_builder(secret).build().ok()?;
     totp.check(code.trim(), now)
 }
 

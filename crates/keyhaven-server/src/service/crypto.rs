@@ -87,3 +87,15 @@ pub fn random_alnum(n: usize) -> String {
     let mut rng = rand::rngs::OsRng;
     (0..n).map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char).collect()
 }
+
+/// keyhaven's TOTP parameters (RFC 6238: SHA-1, 6 digits, 30 s steps, one
+/// step of skew), declared once: authenticators are provisioned with the
+/// same ones codes are checked with.
+pub fn totp_builder(secret: totp_rs::Secret) -> totp_rs::Builder {
+    totp_rs::Builder::new()
+        .with_algorithm(totp_rs::Algorithm::SHA1)
+        .with_digits(6)
+        .with_skew(1)
+        .with_step_duration(30)
+        .with_secret(secret)
+}

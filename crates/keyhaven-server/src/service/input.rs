@@ -87,6 +87,34 @@ pub fn capped<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     Str::deserialize(d).map(|s| s.0)
 }
 
+/// An optional capped string (absent or null: `None`), for `deserialize_with`
+/// (with `#[serde(default)]`).
+pub fn capped_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<Str>::deserialize(d).map(|s| s.map(|s| s.0))
+}
+
+/// An optional list of capped strings, for `deserialize_with` (with `#[serde(default)]`).
+pub fn capped_list_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    Option::<Vec<Str>>::deserialize(d).map(|l| l.map(|l| l.into_iter().map(|s| s.0).collect()))
+}
+
+/// A field that may be absent (`None`: unchanged), null (`Some(None)`:
+/// cleared) or set, for `deserialize_with` (with `#[serde(default)]`).
+pub fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// [`nullable`] for a capped string.
+pub fn capped_nullable<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<Str>::deserialize(d).map(|s| Some(s.map(|s| s.0)))
+}
+
+/// Any JSON value, kept only when it is an integer id (TrueNAS clients send
+/// `group` as an id; other shapes are accepted and ignored).
+pub fn lenient_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Option::<serde_json::Value>::deserialize(d).map(|v| v.as_ref().and_then(serde_json::Value::as_i64))
+}
+
 /// TrueNAS's defaults for an SSH target.
 pub fn default_port() -> i64 {
     i64::from(keyhaven_core::net::Port::SSH.get())

@@ -262,17 +262,12 @@ impl App {
     /// KDF (bcrypt-pbkdf; seconds for `ssh-keygen -a 1000`) runs on a blocking
     /// thread, at most one per core at a time, never on the async workers nor
     /// under the keychain's write lock. Other input passes through unchanged.
-    pub async fn check_key_material(
-        &self,
-        attrs: AttributesInput,
-        schema: &str,
-    ) -> Result<AttributesInput, ServiceError> {
+    pub async fn check_key_material(&self, attrs: AttributesInput) -> Result<AttributesInput, ServiceError> {
         let kp = match attrs {
             AttributesInput::KeyPair(kp) if kp.passphrase.as_ref().is_some_and(|p| !p.expose().is_empty()) => kp,
             other => return Ok(other),
         };
         let _slot = self.keychain.kdf_slots.acquire().await.map_err(|e| ServiceError::internal("key import", e))?;
-        let prefix = format!("{schema}.attributes");
         let v = tokio::task::spawn_blocking(move || {
             let pass = kp.passphrase.as_ref().map(|p| Zeroizing::new(p.expose().to_string()));
             keys::validate_key_pair(
@@ -283,45 +278,40 @@ impl App {
         })
         .await
         .map_err(|e| ServiceError::internal("key import", e))?
-        .map_err(|e| ServiceError::Validation(FieldError::from(e).prefixed(&prefix).into()))?;
+        .map_err(|e| ServiceError::Validation(FieldError::from(e).prefixed("attributes").into()))?;
         Ok(AttributesInput::CheckedKeyPair(v))
     }
 
     /// Validate and store a new credential; returns the stored entry.
-    pub async fn keychain_create(
-        &self,
-        name: &str,
-        attrs: AttributesInput,
-        schema: &str,
-    ) -> Result<Value, ServiceError> {
+    pub async fn keychain_create(&self, name: &str, attrs: AttributesInput) -> Result<Value, ServiceError> {
         // TrueNAS reports a taken name before anything else; checked again under the lock.
         if !name.trim().is_empty() && self.keychain_name_taken(name, None)? {
-            return Err(ServiceError::field(format!("{schema}.name"), "Object with this name already exists"));
+            return Err(ServiceError::field("name", "Object with this name already exists"));
         }
-        let attrs = self.check_key_material(attrs, schema).await?;
-        let (out, durable) = self.store.deferring_sync(|| self.keychain_create_now(name, attrs, schema));
+        let attrs = self.check_key_material(attrs).await?;
+        let (out, durable) = self.store.deferring_sync(|| self.keychain_create_now(name, attrs));
         wait_durable(durable).await;
         out
     }
 
-    fn keychain_create_now(&self, name: &str, attrs: AttributesInput, schema: &str) -> Result<Value, ServiceError> {
+    fn keychain_create_now(&self, name: &str, attrs: AttributesInput) -> Result<Value, ServiceError> {
         let _writes = self.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
         if name.trim().is_empty() {
-            return Err(ServiceError::field(format!("{schema}.name"), "String should have at least 1 character"));
+            return Err(ServiceError::field("name", "String should have at least 1 character"));
         }
-        check_name(name, schema)?;
+        check_name(name)?;
         // TrueNAS checks the name first and stops there when it is taken.
         if self.keychain_name_taken(name, None)? {
-            return Err(ServiceError::field(format!("{schema}.name"), "Object with this name already exists"));
+            return Err(ServiceError::field("name", "Object with this name already exists"));
         }
-        let (kind, attributes, private) = self.validate_attributes(attrs, schema, None)?;
+        let (kind, attributes, private) = self.validate_attributes(attrs, None)?;
         let id = self.store.keychain_insert(name, kind, &attributes, private.as_deref().map(|s| s.as_str()));
         if let Ok(id) = &id {
             self.keychain_changed(&[*id]);
         }
         let id = id.map_err(|e| match e {
             keyhaven_store::StoreError::Conflict(_) => {
-                ServiceError::field(format!("{schema}.name"), "Object with this name already exists")
+                ServiceError::field("name", "Object with this name already exists")
             }
             other => other.into(),
         })?;
@@ -334,13 +324,12 @@ impl App {
         id: i64,
         name: Option<&str>,
         attrs: Option<AttributesInput>,
-        schema: &str,
     ) -> Result<Value, ServiceError> {
         let attrs = match attrs {
-            Some(a) => Some(self.check_key_material(a, schema).await?),
+            Some(a) => Some(self.check_key_material(a).await?),
             None => None,
         };
-        let (out, durable) = self.store.deferring_sync(|| self.keychain_update_now(id, name, attrs, schema));
+        let (out, durable) = self.store.deferring_sync(|| self.keychain_update_now(id, name, attrs));
         wait_durable(durable).await;
         out
     }
@@ -350,31 +339,30 @@ impl App {
         id: i64,
         name: Option<&str>,
         attrs: Option<AttributesInput>,
-        schema: &str,
     ) -> Result<Value, ServiceError> {
         let _writes = self.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
         let rec = self.store.keychain_get(id)?.ok_or_else(|| not_found(id))?;
         let name = name.unwrap_or(&rec.name).to_string();
         if name.trim().is_empty() {
-            return Err(ServiceError::field(format!("{schema}.name"), "String should have at least 1 character"));
+            return Err(ServiceError::field("name", "String should have at least 1 character"));
         }
-        check_name(&name, schema)?;
+        check_name(&name)?;
         if self.keychain_name_taken(&name, Some(id))? {
-            return Err(ServiceError::field(format!("{schema}.name"), "Object with this name already exists"));
+            return Err(ServiceError::field("name", "Object with this name already exists"));
         }
         let (attributes, private) = match attrs {
             None => (rec.attributes.clone(), self.store.keychain_private_key(id)?),
             Some(a) => {
-                let (kind, attributes, private) = self.validate_attributes(a, schema, Some(id))?;
+                let (kind, attributes, private) = self.validate_attributes(a, Some(id))?;
                 if kind != rec.kind {
                     return Err(ServiceError::field(
-                        format!("{schema}.attributes"),
+                        "attributes",
                         format!("This credential is of type {}; its type cannot be changed", rec.kind),
                     ));
                 }
                 if private.is_none() && rec.has_private_key && !self.keychain_used_by(id)?.is_empty() {
                     return Err(ServiceError::field(
-                        format!("{schema}.attributes.private_key"),
+                        "attributes.private_key",
                         "SSH connections use this key pair: keep its private key (or delete those connections first)",
                     ));
                 }
@@ -385,7 +373,7 @@ impl App {
         self.keychain_changed(&[id]);
         r.map_err(|e| match e {
             keyhaven_store::StoreError::Conflict(_) => {
-                ServiceError::field(format!("{schema}.name"), "Object with this name already exists")
+                ServiceError::field("name", "Object with this name already exists")
             }
             other => other.into(),
         })?;
@@ -395,10 +383,9 @@ impl App {
     fn validate_attributes(
         &self,
         attrs: AttributesInput,
-        schema: &str,
         self_id: Option<i64>,
     ) -> Result<(&'static str, Value, Option<Zeroizing<String>>), ServiceError> {
-        let prefix = format!("{schema}.attributes");
+        let prefix = "attributes";
         match attrs {
             AttributesInput::KeyPair(kp) => {
                 let pass = kp.passphrase.as_ref().map(|p| Zeroizing::new(p.expose().to_string()));
@@ -407,7 +394,7 @@ impl App {
                     kp.public_key.as_deref().filter(|s| !s.trim().is_empty()),
                     pass.as_deref().map(|s| s.as_str()),
                 )
-                .map_err(|e| ServiceError::Validation(FieldError::from(e).prefixed(&prefix).into()))?;
+                .map_err(|e| ServiceError::Validation(FieldError::from(e).prefixed(prefix).into()))?;
                 Ok(key_pair_attributes(v))
             }
             AttributesInput::CheckedKeyPair(v) => Ok(key_pair_attributes(v)),
@@ -541,9 +528,8 @@ impl App {
 
 /// A credential name is one line of printable text: it is shown in tables,
 /// logs and download file names (rule: `keyhaven_core::text`).
-fn check_name(name: &str, schema: &str) -> Result<(), ServiceError> {
-    keyhaven_core::text::check_single_line(name)
-        .map_err(|e| ServiceError::field(format!("{schema}.name"), e.to_string()))
+fn check_name(name: &str) -> Result<(), ServiceError> {
+    keyhaven_core::text::check_single_line(name).map_err(|e| ServiceError::field("name", e.to_string()))
 }
 
 pub fn not_found(id: i64) -> ServiceError {
@@ -610,7 +596,6 @@ impl App {
         role: Role,
         filters_in: Option<&Value>,
         options_in: Option<&Value>,
-        schema: &str,
     ) -> Result<Value, ServiceError> {
         use keyhaven_core::query::{matches, parse_filters, QueryOptions};
         let cached = self.keychain_entries()?;
@@ -652,7 +637,7 @@ impl App {
                 self.keychain_fill_private(e, &cached)?;
             }
         }
-        let mut out = super::run_query(&items, filters_in, options_in, schema)?;
+        let mut out = super::run_query(&items, filters_in, options_in)?;
         if can_write && !needs_private {
             match &mut out {
                 Value::Array(a) => {

@@ -99,23 +99,19 @@ fn password_checks(setting: usize) -> usize {
 
 /// Run a TrueNAS query (`filters`, `options`: the two positional parameters of
 /// every `*.query`) over already-built entries. Errors in either are field
-/// errors under `schema`.
+/// errors named relative to the query (`filters.0`, `options.limit`).
 pub fn run_query<T: std::borrow::Borrow<serde_json::Value>>(
     items: &[T],
     filters: Option<&serde_json::Value>,
     options: Option<&serde_json::Value>,
-    schema: &str,
 ) -> Result<serde_json::Value, ServiceError> {
     use keyhaven_core::query::{filter_list, parse_filters, QueryError, QueryOptions};
     let null = serde_json::Value::Null;
-    let prefix = |v: keyhaven_core::ValidationErrors| {
-        ServiceError::Validation(keyhaven_core::ValidationErrors(v.0.into_iter().map(|e| e.prefixed(schema)).collect()))
-    };
-    let filters = parse_filters(filters.unwrap_or(&null)).map_err(prefix)?;
-    let options = QueryOptions::from_value(options.unwrap_or(&null)).map_err(prefix)?;
+    let filters = parse_filters(filters.unwrap_or(&null))?;
+    let options = QueryOptions::from_value(options.unwrap_or(&null))?;
     match filter_list(items, &filters, &options) {
         Ok(r) => Ok(r.into_value()),
         Err(QueryError::NotFound) => Err(ServiceError::call(crate::error::ENOENT, "No matching records found")),
-        Err(QueryError::Invalid(v)) => Err(prefix(v)),
+        Err(QueryError::Invalid(v)) => Err(v.into()),
     }
 }

@@ -14,6 +14,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::users::UserData;
@@ -186,10 +187,9 @@ impl App {
         Ok(sshd_config::render(s, &ctx))
     }
 
-    /// `ssh.config`.
     /// `ssh.config`: the entry, with host keys made on first use (under the
     /// SSH lock, like every other change).
-    pub async fn ssh_config(&self) -> Result<Value, ServiceError> {
+    pub async fn ssh_config(&self) -> Result<SshConfigEntry, ServiceError> {
         {
             let _guard = self.ssh_lock.lock().await;
             self.ensure_host_keys().await?;
@@ -197,37 +197,42 @@ impl App {
         self.ssh_config_entry()
     }
 
-    pub fn ssh_config_entry(&self) -> Result<Value, ServiceError> {
-        let s = self.ssh_settings()?;
-        let mut v = serde_json::to_value(&s).map_err(|e| ServiceError::internal("ssh.config", e))?;
-        v["id"] = json!(1);
+    pub fn ssh_config_entry(&self) -> Result<SshConfigEntry, ServiceError> {
+        let settings = self.ssh_settings()?;
         let hk = self.host_public_keys()?;
         use base64::Engine;
-        let b64 = |stem: &str| {
+        let public = |pred: fn(&str) -> bool| {
             hk.iter()
-                .find(|k| match stem {
-                    "ed25519" => k.key_type == "ssh-ed25519",
-                    "ecdsa" => k.key_type.starts_with("ecdsa-"),
-                    _ => k.key_type == "ssh-rsa",
-                })
-                .map(|k| json!(base64::engine::general_purpose::STANDARD.encode(format!("{}\n", k.to_line()))))
-                .unwrap_or(Value::Null)
+                .find(|k| pred(&k.key_type))
+                .map(|k| base64::engine::general_purpose::STANDARD.encode(format!("{}\n", k.to_line())))
         };
-        // TrueNAS exposes private host keys here; keyhaven never returns them.
-        for stem in ["dsa", "ecdsa", "ed25519", "rsa"] {
-            v[format!("host_{stem}_key")] = Value::Null;
-            v[format!("host_{stem}_key_pub")] = if stem == "dsa" { Value::Null } else { b64(stem) };
-            v[format!("host_{stem}_key_cert_pub")] = Value::Null;
-        }
-        v["privatekey"] = Value::Null;
-        v["host_key"] = Value::Null;
-        v["host_key_pub"] = Value::Null;
-        v["host_keys"] = Value::Array(
-            hk.iter()
-                .map(|k| json!({"type": k.key_type, "public_key": k.to_line(), "fingerprint": k.fingerprint}))
+        Ok(SshConfigEntry {
+            settings,
+            id: 1,
+            host_dsa_key: Withheld,
+            host_dsa_key_pub: Withheld,
+            host_dsa_key_cert_pub: Withheld,
+            host_ecdsa_key: Withheld,
+            host_ecdsa_key_pub: public(|t| t.starts_with("ecdsa-")),
+            host_ecdsa_key_cert_pub: Withheld,
+            host_ed25519_key: Withheld,
+            host_ed25519_key_pub: public(|t| t == "ssh-ed25519"),
+            host_ed25519_key_cert_pub: Withheld,
+            host_rsa_key: Withheld,
+            host_rsa_key_pub: public(|t| t == "ssh-rsa"),
+            host_rsa_key_cert_pub: Withheld,
+            privatekey: Withheld,
+            host_key: Withheld,
+            host_key_pub: Withheld,
+            host_keys: hk
+                .iter()
+                .map(|k| HostKeyEntry {
+                    key_type: k.key_type.clone(),
+                    public_key: k.to_line(),
+                    fingerprint: k.fingerprint.clone(),
+                })
                 .collect(),
-        );
-        Ok(v)
+        })
     }
 
     /// `ssh.update`: validate, render, `sshd -t`, then save and apply.
@@ -239,21 +244,19 @@ impl App {
         {
             // NSS (possibly LDAP) and filesystem look-ups: off the executor.
             let (settings, facts) = (new.clone(), SystemFacts { data_dir: self.config.data_dir.clone() });
-            tokio::task::spawn_blocking(move || {
-                sshd_config::validate_settings(&settings, &interfaces(), &facts, "ssh_update")
-            })
-            .await
-            .map_err(|e| ServiceError::internal("checking the SSH settings", e))??;
+            tokio::task::spawn_blocking(move || sshd_config::validate_settings(&settings, &interfaces(), &facts, ""))
+                .await
+                .map_err(|e| ServiceError::internal("checking the SSH settings", e))??;
         }
         if new.tcpport != old.tcpport || self.sshd.state() != SshdState::Running {
             if let Some(msg) = port_in_use(new.tcpport) {
-                return Err(ServiceError::field("ssh_update.tcpport", msg));
+                return Err(ServiceError::field("tcpport", msg));
             }
         }
         let text = self.render_ssh(&new).await?;
         // apply_config runs `sshd -t` first and touches nothing on refusal;
         // the settings are saved only once sshd has them.
-        self.sshd.apply_config(&text).await.map_err(|e| sshd_error("ssh_update", e))?;
+        self.sshd.apply_config(&text).await.map_err(sshd_error)?;
         self.store.setting_set(
             SETTINGS_KEY,
             &serde_json::to_value(&new).map_err(|e| ServiceError::internal("ssh.update", e))?,
@@ -274,7 +277,7 @@ impl App {
             if std::fs::read_to_string(self.sshd.paths().config_file()).is_ok_and(|cur| cur == text) {
                 return Ok(());
             }
-            self.sshd.apply_config(&text).await.map_err(|e| sshd_error("ssh", e))
+            self.sshd.apply_config(&text).await.map_err(sshd_error_in_ssh)
         }
         .await;
         if let Err(e) = r {
@@ -317,7 +320,7 @@ impl App {
         {
             let (settings, facts) = (s.clone(), SystemFacts { data_dir: self.config.data_dir.clone() });
             let checked = tokio::task::spawn_blocking(move || {
-                sshd_config::validate_settings(&settings, &interfaces(), &facts, "ssh")
+                sshd_config::validate_settings(&settings, &interfaces(), &facts, "")
             })
             .await
             .map_err(|e| ServiceError::internal("checking the SSH settings", e))?;
@@ -333,38 +336,34 @@ impl App {
             }
         }
         let text = self.render_ssh(&s).await?;
-        self.sshd.apply_config(&text).await.map_err(|e| sshd_error("ssh", e))?;
-        self.sshd.start().await.map_err(|e| sshd_error("ssh", e))
+        self.sshd.apply_config(&text).await.map_err(sshd_error_in_ssh)?;
+        self.sshd.start().await.map_err(sshd_error_in_ssh)
     }
 
-    pub async fn ssh_control(&self, verb: &str) -> Result<(), ServiceError> {
+    pub async fn ssh_control(&self, verb: SshVerb) -> Result<(), ServiceError> {
         // One change at a time: a restart must not interleave with an update.
         let _guard = self.ssh_lock.lock().await;
         match verb {
-            "START" => {
+            SshVerb::Start => {
                 if self.sshd.state() == SshdState::Running {
                     return Ok(());
                 }
                 self.ssh_start_locked().await
             }
-            "STOP" => self.sshd.stop().await.map_err(|e| sshd_error("ssh", e)),
-            "RESTART" => {
-                self.sshd.stop().await.map_err(|e| sshd_error("ssh", e))?;
+            SshVerb::Stop => self.sshd.stop().await.map_err(sshd_error_in_ssh),
+            SshVerb::Restart => {
+                self.sshd.stop().await.map_err(sshd_error_in_ssh)?;
                 self.ssh_start_locked().await
             }
-            "RELOAD" => {
+            SshVerb::Reload => {
                 if self.sshd.state() != SshdState::Running {
                     return self.ssh_start_locked().await;
                 }
                 self.sync_all_user_keys()?;
                 let s = self.ssh_settings()?;
                 let text = self.render_ssh(&s).await?;
-                self.sshd.apply_config(&text).await.map_err(|e| sshd_error("ssh", e))
+                self.sshd.apply_config(&text).await.map_err(sshd_error_in_ssh)
             }
-            other => Err(ServiceError::field(
-                "service_control.verb",
-                format!("Input should be 'START', 'STOP', 'RESTART' or 'RELOAD'; got {other}"),
-            )),
         }
     }
 
@@ -382,10 +381,88 @@ impl App {
     }
 }
 
+/// What `service.control` asks of the SSH service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SshVerb {
+    Start,
+    Stop,
+    Restart,
+    Reload,
+}
+
+impl SshVerb {
+    /// The verb as TrueNAS spells it (`START`, …), `None` for any other text.
+    pub fn parse(s: &str) -> Option<SshVerb> {
+        match s {
+            "START" => Some(SshVerb::Start),
+            "STOP" => Some(SshVerb::Stop),
+            "RESTART" => Some(SshVerb::Restart),
+            "RELOAD" => Some(SshVerb::Reload),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SshVerb::Start => "START",
+            SshVerb::Stop => "STOP",
+            SshVerb::Restart => "RESTART",
+            SshVerb::Reload => "RELOAD",
+        }
+    }
+}
+
+/// TrueNAS's `ssh.config` entry: the settings, the public host keys, and
+/// (keyhaven extension) `host_keys` with their fingerprints.
+#[derive(Debug, Clone, Serialize)]
+pub struct SshConfigEntry {
+    #[serde(flatten)]
+    pub settings: SshSettings,
+    pub id: i64,
+    // TrueNAS exposes private host keys (and DSA, certificates) here;
+    // keyhaven never returns them.
+    pub host_dsa_key: Withheld,
+    pub host_dsa_key_pub: Withheld,
+    pub host_dsa_key_cert_pub: Withheld,
+    pub host_ecdsa_key: Withheld,
+    /// The public key line (`type base64\n`), base64-encoded as TrueNAS does.
+    pub host_ecdsa_key_pub: Option<String>,
+    pub host_ecdsa_key_cert_pub: Withheld,
+    pub host_ed25519_key: Withheld,
+    pub host_ed25519_key_pub: Option<String>,
+    pub host_ed25519_key_cert_pub: Withheld,
+    pub host_rsa_key: Withheld,
+    pub host_rsa_key_pub: Option<String>,
+    pub host_rsa_key_cert_pub: Withheld,
+    pub privatekey: Withheld,
+    pub host_key: Withheld,
+    pub host_key_pub: Withheld,
+    pub host_keys: Vec<HostKeyEntry>,
+}
+
+/// A TrueNAS field keyhaven never fills in: always `null`.
+#[derive(Debug, Clone, Copy)]
+pub struct Withheld;
+
+impl Serialize for Withheld {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_none()
+    }
+}
+
+/// One public host key in `ssh.config`'s `host_keys`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostKeyEntry {
+    #[serde(rename = "type")]
+    pub key_type: String,
+    pub public_key: String,
+    pub fingerprint: String,
+}
+
 /// What `ssh.update` did.
 pub struct SshUpdated {
     /// The new `ssh.config` entry.
-    pub entry: Value,
+    pub entry: SshConfigEntry,
     /// `options` before this update.
     pub previous_options: String,
 }
@@ -501,17 +578,25 @@ fn port_in_use(port: u16) -> Option<String> {
     None
 }
 
-fn sshd_error(schema: &str, e: SshdError) -> ServiceError {
+/// sshd's refusal of a configuration as field errors of the settings
+/// (`options`, `tcpport`), other failures as ESERVICESTARTFAILURE.
+fn sshd_error(e: SshdError) -> ServiceError {
     match e {
         SshdError::ConfigRejected { message } => {
-            ServiceError::field(format!("{schema}.options"), format!("sshd refused the configuration: {message}"))
+            ServiceError::field("options", format!("sshd refused the configuration: {message}"))
         }
         SshdError::PortInUse { port } => ServiceError::field(
-            format!("{schema}.tcpport"),
+            "tcpport",
             format!("Port {port} is already in use by another process; choose another port or stop that process"),
         ),
         other => ServiceError::call(crate::error::ESERVICESTARTFAILURE, other.to_string()),
     }
+}
+
+/// [`sshd_error`] outside `ssh.update` (starting, reloading, account
+/// changes): the fields are named in the saved settings' schema, `ssh`.
+fn sshd_error_in_ssh(e: SshdError) -> ServiceError {
+    sshd_error(e).in_schema("ssh")
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::crypto::{hash_password, random_alnum};
+use super::input::{self, Secret};
 use super::App;
 use crate::error::ServiceError;
 use keyhaven_store::{Store, UserRecord};
@@ -160,33 +161,135 @@ use keyhaven_core::authorized_keys;
 use keyhaven_core::error::{FieldError, ValidationErrors};
 use keyhaven_ssh::accounts::{self, OsAccount};
 use keyhaven_ssh::files::{KeysFileError, KeysOwner};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::error::{EACCES, ENOENT, EPERM};
 
 pub const ROLES: &[&str] = &["FULL_ADMIN", "READONLY_ADMIN"];
 
-/// Fields a caller may set on `user.create` / `user.update` (None = unchanged / default).
-#[derive(Debug, Default)]
+/// What a caller may set on `user.create` / `user.update`, decoded straight
+/// from TrueNAS's shape (None = unchanged / default). TrueNAS-only fields
+/// (`group_create`, `smb`, …) are accepted and ignored so existing clients
+/// keep working.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UserInput {
+    #[serde(default, deserialize_with = "input::capped_opt")]
     pub username: Option<String>,
+    #[serde(default)]
     pub uid: Option<i64>,
+    #[serde(default, deserialize_with = "input::capped_opt")]
     pub full_name: Option<String>,
+    #[serde(default, deserialize_with = "input::capped_opt")]
     pub home: Option<String>,
+    #[serde(default, deserialize_with = "input::capped_opt")]
     pub shell: Option<String>,
+    #[serde(default, deserialize_with = "input::capped_nullable")]
     pub email: Option<Option<String>>,
-    pub password: Option<secrecy::SecretString>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(default)]
     pub password_disabled: Option<bool>,
+    #[serde(default)]
     pub locked: Option<bool>,
+    #[serde(default)]
     pub ssh_password_enabled: Option<bool>,
+    #[serde(default, deserialize_with = "input::nullable")]
     pub sshpubkey: Option<Option<String>>,
+    #[serde(default, deserialize_with = "input::capped_list_opt")]
     pub sudo_commands: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "input::capped_list_opt")]
     pub sudo_commands_nopasswd: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "input::capped_list_opt")]
     pub roles: Option<Vec<String>>,
-    /// The primary group's id (TrueNAS's `group`).
+    /// The primary group's id (TrueNAS's `group`; other shapes are ignored).
+    #[serde(default, deserialize_with = "input::lenient_id")]
     pub group: Option<i64>,
     /// Create the new `home` when it does not exist (managed accounts only).
+    #[serde(default)]
     pub home_create: Option<bool>,
+    /// Accepted for TrueNAS compatibility and ignored: keyhaven's OS accounts
+    /// use their own group, no SMB.
+    #[serde(default)]
+    pub group_create: Option<bool>,
+    #[serde(default)]
+    pub groups: Option<Vec<Value>>,
+    #[serde(default)]
+    pub smb: Option<bool>,
+    #[serde(default, deserialize_with = "input::capped_opt")]
+    pub home_mode: Option<String>,
+}
+
+impl UserInput {
+    /// The size cap of `sshpubkey`, checked before anything else (relative
+    /// field error, like every error of this module).
+    pub fn check_size(&self) -> Result<(), ServiceError> {
+        if let Some(Some(k)) = &self.sshpubkey {
+            if k.len() > authorized_keys::MAX_AUTHORIZED_KEYS_BYTES {
+                return Err(ServiceError::field(
+                    "sshpubkey",
+                    format!("Authorized keys are limited to {} bytes", authorized_keys::MAX_AUTHORIZED_KEYS_BYTES),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// TrueNAS's `user` entry (plus keyhaven's `os_account`).
+#[derive(Debug, Clone, Serialize)]
+pub struct UserEntry {
+    pub id: i64,
+    pub uid: i64,
+    pub username: String,
+    pub unixhash: &'static str,
+    pub smbhash: &'static str,
+    pub home: String,
+    pub shell: String,
+    pub full_name: String,
+    pub builtin: bool,
+    pub immutable: bool,
+    pub smb: bool,
+    pub group: UserGroup,
+    pub groups: Vec<i64>,
+    pub password_disabled: bool,
+    pub ssh_password_enabled: bool,
+    pub sshpubkey: Option<String>,
+    pub locked: bool,
+    pub sudo_commands: Vec<String>,
+    pub sudo_commands_nopasswd: Vec<String>,
+    pub email: Option<String>,
+    pub local: bool,
+    pub id_type_both: bool,
+    pub sid: Option<String>,
+    pub roles: Vec<String>,
+    pub twofactor_auth_configured: bool,
+    pub os_account: OsAccountStatus,
+}
+
+/// An entry's primary group, in TrueNAS's shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct UserGroup {
+    pub bsdgrp_gid: i64,
+    pub bsdgrp_group: String,
+}
+
+/// keyhaven extension: how the account's OS counterpart stands.
+#[derive(Debug, Clone, Serialize)]
+pub struct OsAccountStatus {
+    /// `OK`, `NONE`, `MISSING` or `UID_CHANGED`.
+    pub state: &'static str,
+    /// Why the account's keys are not served, for people.
+    pub message: Option<String>,
+}
+
+/// `user.renew_2fa_secret`: the entry and (keyhaven extension) the
+/// provisioning URI, shown this once.
+#[derive(Debug, Clone, Serialize)]
+pub struct TwoFactorRenewed {
+    #[serde(flatten)]
+    pub entry: UserEntry,
+    pub provisioning_uri: String,
 }
 
 /// A keys file that could not be written: EACCES, as before the checks were
@@ -264,7 +367,7 @@ impl OsState {
 /// as the system has them now whenever the OS account exists; the record's
 /// last-known values otherwise. `os_account` (keyhaven extension) says how the
 /// OS account stands.
-fn user_entry_with(r: &UserRecord, os: Option<&OsAccount>) -> Value {
+fn user_entry_with(r: &UserRecord, os: Option<&OsAccount>) -> UserEntry {
     let d = UserData::from_record(r);
     let state = OsState::of(&d, os);
     let (uid, gid, group, home, shell) = match os {
@@ -273,41 +376,41 @@ fn user_entry_with(r: &UserRecord, os: Option<&OsAccount>) -> Value {
         }
         None => (d.uid, d.gid, d.group.clone(), d.home.clone(), d.shell.clone()),
     };
-    json!({
-        "id": r.id,
-        "uid": uid,
-        "username": r.username,
-        "unixhash": "*",
-        "smbhash": "*",
-        "home": home,
-        "shell": shell,
-        "full_name": d.full_name,
-        "builtin": d.builtin,
-        "immutable": d.builtin,
-        "smb": false,
-        "group": {"bsdgrp_gid": gid, "bsdgrp_group": group},
-        "groups": [],
-        "password_disabled": d.password_disabled || r.password_hash.is_none(),
-        "ssh_password_enabled": d.ssh_password_enabled,
-        "sshpubkey": d.sshpubkey,
-        "locked": d.locked,
-        "sudo_commands": d.sudo_commands,
-        "sudo_commands_nopasswd": d.sudo_commands_nopasswd,
-        "email": d.email,
-        "local": true,
-        "id_type_both": false,
-        "sid": null,
-        "roles": d.roles,
-        "twofactor_auth_configured": r.has_twofactor_secret && d.twofactor_enabled,
-        "os_account": {"state": state.label(), "message": state.problem(&r.username, &d)},
-    })
+    UserEntry {
+        id: r.id,
+        uid,
+        username: r.username.clone(),
+        unixhash: "*",
+        smbhash: "*",
+        home,
+        shell,
+        full_name: d.full_name.clone(),
+        builtin: d.builtin,
+        immutable: d.builtin,
+        smb: false,
+        group: UserGroup { bsdgrp_gid: gid, bsdgrp_group: group },
+        groups: vec![],
+        password_disabled: d.password_disabled || r.password_hash.is_none(),
+        ssh_password_enabled: d.ssh_password_enabled,
+        sshpubkey: d.sshpubkey.clone(),
+        locked: d.locked,
+        sudo_commands: d.sudo_commands.clone(),
+        sudo_commands_nopasswd: d.sudo_commands_nopasswd.clone(),
+        email: d.email.clone(),
+        local: true,
+        id_type_both: false,
+        sid: None,
+        roles: d.roles.clone(),
+        twofactor_auth_configured: r.has_twofactor_secret && d.twofactor_enabled,
+        os_account: OsAccountStatus { state: state.label(), message: state.problem(&r.username, &d) },
+    }
 }
 
 /// The field error for a change of an OS-owned field while keyhaven does not
 /// manage OS accounts.
-fn os_owned(schema: &str, field: &str, username: &str, label: &str, now: &str, command: &str) -> FieldError {
+fn os_owned(field: &str, username: &str, label: &str, now: &str, command: &str) -> FieldError {
     FieldError::new(
-        format!("{schema}.{field}"),
+        field,
         format!(
             "The OS owns the {label} of {username} (now {now}): change it on the system ({command}), or set \
              accounts.manage_os = true so keyhaven changes OS accounts"
@@ -334,7 +437,7 @@ fn valid_username(u: &str) -> bool {
 impl App {
     /// TrueNAS's `user` entry for an account, with its OS counterpart as the
     /// system has it now (one NSS look-up).
-    pub fn user_entry(&self, r: &UserRecord) -> Value {
+    pub fn user_entry(&self, r: &UserRecord) -> UserEntry {
         user_entry_with(r, accounts::lookup(&r.username).as_ref())
     }
 
@@ -342,13 +445,13 @@ impl App {
     /// by one only for names the enumeration lacks.
     /// An account found without its OS counterpart has its keys withdrawn
     /// at once (the periodic reconcile would within 30 s).
-    pub fn user_entries(&self) -> Result<Vec<Value>, ServiceError> {
+    pub fn user_entries(&self) -> Result<Vec<UserEntry>, ServiceError> {
         let all = accounts::all();
         let mut out = Vec::new();
         for r in self.store.users_list()? {
             let os = all.get(&r.username).cloned().or_else(|| accounts::lookup(&r.username));
             let entry = user_entry_with(&r, os.as_ref());
-            if entry["os_account"]["state"] != "OK" && entry["sshpubkey"].is_string() {
+            if entry.os_account.state != "OK" && entry.sshpubkey.is_some() {
                 let d = UserData::from_record(&r);
                 if let Err(e) = self.write_user_keys(&r.username, &d) {
                     tracing::warn!(user = %r.username, "withdrawing keys: {e}");
@@ -367,7 +470,7 @@ impl App {
         Ok((r, d))
     }
 
-    fn validate_common(&self, input: &UserInput, schema: &str, errs: &mut ValidationErrors) {
+    fn validate_common(&self, input: &UserInput, errs: &mut ValidationErrors) {
         // One-line fields: they reach /etc/passwd (via useradd), sshd and the UI,
         // where a newline, NUL or escape sequence would split or hide text.
         for (field, value) in [
@@ -377,31 +480,31 @@ impl App {
             ("email", input.email.as_ref().and_then(|e| e.as_deref())),
         ] {
             if let Some(Err(e)) = value.map(keyhaven_core::text::check_single_line) {
-                errs.add(format!("{schema}.{field}"), e.to_string());
+                errs.add(field, e.to_string());
             }
         }
         if let Some(Some(text)) = &input.sshpubkey {
             if let Err(e) = authorized_keys::parse_authorized_keys(text) {
-                errs.push(e.to_field_error(format!("{schema}.sshpubkey")));
+                errs.push(e.to_field_error("sshpubkey"));
             }
         }
         if let Some(roles) = &input.roles {
             for (i, r) in roles.iter().enumerate() {
                 if !ROLES.contains(&r.as_str()) {
-                    errs.add(format!("{schema}.roles.{i}"), format!("Input should be {}", ROLES.join(" or ")));
+                    errs.add(format!("roles.{i}"), format!("Input should be {}", ROLES.join(" or ")));
                 }
             }
         }
         if let Some(shell) = &input.shell {
             if !shell.starts_with('/') {
-                errs.add(format!("{schema}.shell"), "Shell must be an absolute path such as /usr/bin/bash");
+                errs.add("shell", "Shell must be an absolute path such as /usr/bin/bash");
             } else if !std::path::Path::new(shell).exists() {
-                errs.add(format!("{schema}.shell"), format!("{shell}: no such shell on this system"));
+                errs.add("shell", format!("{shell}: no such shell on this system"));
             }
         }
         if let Some(home) = &input.home {
             if !home.starts_with('/') {
-                errs.add(format!("{schema}.home"), "Home must be an absolute path");
+                errs.add("home", "Home must be an absolute path");
             }
         }
         for (field, list) in
@@ -409,52 +512,29 @@ impl App {
         {
             for (i, c) in list.iter().flatten().enumerate() {
                 if c.trim().is_empty() || c.contains('\n') {
-                    errs.add(format!("{schema}.{field}.{i}"), "A sudo command must be one non-empty line");
+                    errs.add(format!("{field}.{i}"), "A sudo command must be one non-empty line");
                 }
             }
         }
         if let Some(pw) = &input.password {
-            use secrecy::ExposeSecret;
-            if pw.expose_secret().contains('\n') {
-                errs.add(format!("{schema}.password"), "Password must not contain a newline");
+            if pw.expose().contains('\n') {
+                errs.add("password", "Password must not contain a newline");
             }
         }
     }
 
     /// With `accounts.manage_os` off, the OS owns uid, primary group, home
     /// and shell: a value other than the OS's is refused, naming the setting.
-    fn check_os_owned(
-        &self,
-        input: &UserInput,
-        os: &OsAccount,
-        schema: &str,
-        username: &str,
-        errs: &mut ValidationErrors,
-    ) {
+    fn check_os_owned(&self, input: &UserInput, os: &OsAccount, username: &str, errs: &mut ValidationErrors) {
         let home = os.home.display().to_string();
         if input.shell.as_ref().is_some_and(|v| *v != os.shell) {
-            errs.push(os_owned(
-                schema,
-                "shell",
-                username,
-                "login shell",
-                &os.shell,
-                &format!("usermod -s SHELL {username}"),
-            ));
+            errs.push(os_owned("shell", username, "login shell", &os.shell, &format!("usermod -s SHELL {username}")));
         }
         if input.home.as_ref().is_some_and(|v| *v != home) {
-            errs.push(os_owned(
-                schema,
-                "home",
-                username,
-                "home directory",
-                &home,
-                &format!("usermod -d HOME {username}"),
-            ));
+            errs.push(os_owned("home", username, "home directory", &home, &format!("usermod -d HOME {username}")));
         }
         if input.group.is_some_and(|g| g != i64::from(os.gid)) {
             errs.push(os_owned(
-                schema,
                 "group",
                 username,
                 "primary group",
@@ -465,36 +545,39 @@ impl App {
     }
 
     /// `user.create`.
-    pub async fn user_create(&self, input: UserInput) -> Result<Value, ServiceError> {
+    pub async fn user_create(&self, input: UserInput) -> Result<UserEntry, ServiceError> {
+        input.check_size()?;
+        if input.username.is_none() {
+            return Err(ServiceError::field("username", "Field required"));
+        }
         let _guard = self.users_lock.lock().await;
         self.user_create_locked(input).await
     }
 
-    async fn user_create_locked(&self, input: UserInput) -> Result<Value, ServiceError> {
-        const S: &str = "user_create";
+    async fn user_create_locked(&self, input: UserInput) -> Result<UserEntry, ServiceError> {
         let mut errs = ValidationErrors::new();
         let username = input.username.clone().unwrap_or_default();
         if !valid_username(&username) {
             errs.add(
-                format!("{S}.username"),
+                "username",
                 "Username must start with a lowercase letter or underscore and contain only lowercase letters, digits, `_`, `-` and `.` (at most 32 characters)",
             );
         } else if self.store.user_by_name(&username)?.is_some() {
-            errs.add(format!("{S}.username"), format!("A user with the username \"{username}\" already exists"));
+            errs.add("username", format!("A user with the username \"{username}\" already exists"));
         }
         let disabled = input.password_disabled.unwrap_or(false);
         if input.password.is_none() && !disabled {
-            errs.add(format!("{S}.password"), "Password is required unless password_disabled is set");
+            errs.add("password", "Password is required unless password_disabled is set");
         }
         if input.password.is_some() && disabled {
-            errs.add(format!("{S}.password_disabled"), "Leave password empty when password_disabled is set");
+            errs.add("password_disabled", "Leave password empty when password_disabled is set");
         }
-        self.validate_common(&input, S, &mut errs);
+        self.validate_common(&input, &mut errs);
         let os = accounts::lookup(&username);
         let manage = self.config.manage_os_accounts;
         if errs.is_empty() && os.is_none() && !manage {
             errs.add(
-                format!("{S}.username"),
+                "username",
                 format!(
                     "There is no OS account named {username} on this system, and sshd needs one. Create it first (e.g. `useradd -m {username}`) or set accounts.manage_os = true so keyhaven creates it"
                 ),
@@ -502,13 +585,12 @@ impl App {
         }
         if let (Some(os), false) = (&os, manage) {
             if let Some(uid) = input.uid.filter(|u| *u != os.uid as i64) {
-                errs.add(format!("{S}.uid"), format!("The OS account {username} has uid {}, not {uid}", os.uid));
+                errs.add("uid", format!("The OS account {username} has uid {}, not {uid}", os.uid));
             }
-            self.check_os_owned(&input, os, S, &username, &mut errs);
+            self.check_os_owned(&input, os, &username, &mut errs);
         }
         errs.check()?;
 
-        use secrecy::ExposeSecret;
         let shell = input.shell.clone().unwrap_or_else(|| {
             os.as_ref().map(|o| o.shell.clone()).unwrap_or_else(|| {
                 if std::path::Path::new("/usr/bin/bash").exists() {
@@ -530,20 +612,17 @@ impl App {
                 if manage { shell.clone() } else { os.as_ref().map(|o| o.shell.clone()).unwrap_or_default() };
             if !valid_home(&home, made) {
                 return Err(ServiceError::field(
-                    format!("{S}.ssh_password_enabled"),
+                    "ssh_password_enabled",
                     "SSH password login requires a valid home path.",
                 ));
             }
             if accounts::shell_runs_commands(&shell_now).is_err() {
-                return Err(ServiceError::field(
-                    format!("{S}.ssh_password_enabled"),
-                    "SSH password login requires a login shell.",
-                ));
+                return Err(ServiceError::field("ssh_password_enabled", "SSH password login requires a login shell."));
             }
         }
         let full_name = input.full_name.clone().unwrap_or_default();
         let hash = match &input.password {
-            Some(p) => Some(self.auth.hash(p).await?),
+            Some(p) => Some(self.auth.hash(&p.0).await?),
             None => None,
         };
         // An OS account made here is removed again if a later step fails (its
@@ -560,9 +639,8 @@ impl App {
             Some(o) => o,
             None => {
                 let home = input.home.clone().unwrap_or_else(|| format!("/home/{username}"));
-                accounts::create(&username, input.uid.map(|u| u as u32), Some(&home), &shell, &full_name).map_err(
-                    |e| ServiceError::field(format!("{S}.username"), format!("Creating the OS account failed: {e}")),
-                )?;
+                accounts::create(&username, input.uid.map(|u| u as u32), Some(&home), &shell, &full_name)
+                    .map_err(|e| ServiceError::field("username", format!("Creating the OS account failed: {e}")))?;
                 accounts::lookup(&username).ok_or_else(|| {
                     undo_os();
                     ServiceError::internal("useradd", "account missing after creation")
@@ -617,7 +695,7 @@ impl App {
         }
         if let Some(p) = self.keys_reach_problem(&username, &data, Some(&os)) {
             undo_os();
-            return Err(ServiceError::field(format!("{S}.sshpubkey"), format!("sshd could not use these keys: {p}")));
+            return Err(ServiceError::field("sshpubkey", format!("sshd could not use these keys: {p}")));
         }
         let id = self.store.user_insert(&username, &data.to_value(), hash.as_deref()).inspect_err(|_| undo_os())?;
         let write = if keep_existing { Ok(()) } else { self.write_user_keys(&username, &data) };
@@ -629,7 +707,7 @@ impl App {
         }
         // The OS password last: an existing OS account's old one cannot be put back.
         if manage {
-            let pw = input.password.as_ref().map(|p| zeroize::Zeroizing::new(p.expose_secret().to_string()));
+            let pw = input.password.as_ref().map(|p| zeroize::Zeroizing::new(p.expose().to_string()));
             if let Err(e) = accounts::set_password(&username, pw.as_ref().map(|p| p.as_str())) {
                 let _ = self.store.user_delete(id);
                 let no_keys = UserData { sshpubkey: None, ..data.clone() };
@@ -638,10 +716,7 @@ impl App {
                     tracing::error!(user = %username, "removing the keys of a failed user.create failed: {e}");
                 }
                 undo_os();
-                return Err(ServiceError::field(
-                    format!("{S}.password"),
-                    format!("Setting the OS password failed: {e}"),
-                ));
+                return Err(ServiceError::field("password", format!("Setting the OS password failed: {e}")));
             }
         }
         // sshd_config lists password users only; keys files need no reload.
@@ -653,19 +728,19 @@ impl App {
     }
 
     /// `user.update`.
-    pub async fn user_update(&self, id: i64, input: UserInput) -> Result<Value, ServiceError> {
+    pub async fn user_update(&self, id: i64, input: UserInput) -> Result<UserEntry, ServiceError> {
+        input.check_size()?;
         let _guard = self.users_lock.lock().await;
         self.user_update_locked(id, input).await
     }
 
     /// `user.update` for a caller that holds `users_lock`.
-    pub(crate) async fn user_update_locked(&self, id: i64, input: UserInput) -> Result<Value, ServiceError> {
-        const S: &str = "user_update";
+    pub(crate) async fn user_update_locked(&self, id: i64, input: UserInput) -> Result<UserEntry, ServiceError> {
         let (rec, mut data) = self.user_by_id(id)?;
         let mut errs = ValidationErrors::new();
         if let Some(u) = &input.username {
             if u != &rec.username {
-                errs.add(format!("{S}.username"), "Renaming an account is not supported; create a new account instead");
+                errs.add("username", "Renaming an account is not supported; create a new account instead");
             }
         }
         let os = accounts::lookup(&rec.username);
@@ -675,25 +750,22 @@ impl App {
         let adopt_uid = match (&state, input.uid) {
             (OsState::UidChanged(o), Some(u)) if u == i64::from(o.uid) => true,
             (_, Some(u)) if u != data.uid => {
-                errs.add(format!("{S}.uid"), "The uid of an existing account cannot be changed");
+                errs.add("uid", "The uid of an existing account cannot be changed");
                 false
             }
             _ => false,
         };
         if data.builtin && input.roles.as_ref().is_some_and(|r| !r.iter().any(|x| x == "FULL_ADMIN")) {
-            errs.add(
-                format!("{S}.roles"),
-                format!("{} is a built-in administrator and keeps FULL_ADMIN", rec.username),
-            );
+            errs.add("roles", format!("{} is a built-in administrator and keeps FULL_ADMIN", rec.username));
         }
-        self.validate_common(&input, S, &mut errs);
+        self.validate_common(&input, &mut errs);
         let manage = self.config.manage_os_accounts;
         if let (Some(os), false) = (&os, manage) {
-            self.check_os_owned(&input, os, S, &rec.username, &mut errs);
+            self.check_os_owned(&input, os, &rec.username, &mut errs);
         }
         if input.sshpubkey.as_ref().is_some_and(|k| k.as_ref().is_some_and(|k| !k.trim().is_empty())) {
             if let Some(problem) = state.problem(&rec.username, &data).filter(|_| !adopt_uid) {
-                errs.add(format!("{S}.sshpubkey"), problem);
+                errs.add("sshpubkey", problem);
             }
         }
         let enabled_after = input.ssh_password_enabled.unwrap_or(data.ssh_password_enabled);
@@ -704,7 +776,7 @@ impl App {
                 (Some(o), false) => (o.home.display().to_string(), o.shell.clone()),
                 _ => (data.home.clone(), data.shell.clone()),
             };
-            let field = format!("{S}.ssh_password_enabled");
+            let field = "ssh_password_enabled";
             match (&input.home, &input.shell) {
                 (Some(h), _) if !valid_home(h, manage && input.home_create == Some(true)) => {
                     errs.add(field, "SSH password login requires a valid home path.")
@@ -729,7 +801,6 @@ impl App {
                 data.os_account = true;
             }
         }
-        use secrecy::ExposeSecret;
         if let Some(v) = input.full_name {
             data.full_name = v;
         }
@@ -778,14 +849,11 @@ impl App {
         if keys_changed {
             let os_now = state.ok().cloned().or_else(|| if adopt_uid { os.clone() } else { None });
             if let Some(p) = self.keys_reach_problem(&rec.username, &data, os_now.as_ref()) {
-                return Err(ServiceError::field(
-                    format!("{S}.sshpubkey"),
-                    format!("sshd could not use these keys: {p}"),
-                ));
+                return Err(ServiceError::field("sshpubkey", format!("sshd could not use these keys: {p}")));
             }
         }
         let hash = match &input.password {
-            Some(p) => Some(Some(self.auth.hash(p).await?)),
+            Some(p) => Some(Some(self.auth.hash(&p.0).await?)),
             None => None,
         };
         // Side effects in the order most likely to fail first, each undone when
@@ -816,14 +884,12 @@ impl App {
                     .mode(0o700)
                     .create(&data.home)
                     .and_then(|()| std::os::unix::fs::chown(&data.home, Some(o.uid), Some(o.gid)))
-                    .map_err(|e| {
-                        ServiceError::field(format!("{S}.home"), format!("Creating {} failed: {e}", data.home))
-                    })?;
+                    .map_err(|e| ServiceError::field("home", format!("Creating {} failed: {e}", data.home)))?;
             }
         }
         if os_managed {
             if let Err(e) = accounts::modify(&rec.username, &data.shell, &data.full_name, &data.home) {
-                return Err(ServiceError::field(format!("{S}.shell"), format!("Updating the OS account failed: {e}")));
+                return Err(ServiceError::field("shell", format!("Updating the OS account failed: {e}")));
             }
         }
         if keys_changed {
@@ -839,17 +905,14 @@ impl App {
             return Err(e.into());
         }
         if let (true, Some(p)) = (os_managed, &input.password) {
-            if let Err(e) = accounts::set_password(&rec.username, Some(p.expose_secret())) {
+            if let Err(e) = accounts::set_password(&rec.username, Some(p.expose())) {
                 let old_hash = hash.as_ref().map(|_| rec.password_hash.as_deref());
                 if let Err(e) = self.store.user_update(id, &rec.username, &rec.data, old_hash) {
                     tracing::error!(user = %rec.username, "restoring the account record failed: {e}");
                 }
                 undo_os();
                 undo_keys();
-                return Err(ServiceError::field(
-                    format!("{S}.password"),
-                    format!("Setting the OS password failed: {e}"),
-                ));
+                return Err(ServiceError::field("password", format!("Setting the OS password failed: {e}")));
             }
         }
         if password_login_changed {
@@ -1024,24 +1087,15 @@ impl App {
     // ---------------------------------------------------------- two-factor
 
     /// Enable (or renew) TOTP for an account: a new seed, sealed at rest.
-    /// Returns the provisioning URI, shown this once.
-    pub async fn twofactor_renew(&self, username: &str) -> Result<String, ServiceError> {
+    /// Returns the account's entry and the provisioning URI, shown this once.
+    pub async fn twofactor_renew(&self, username: &str) -> Result<TwoFactorRenewed, ServiceError> {
         let _guard = self.users_lock.lock().await;
-        let (rec, mut data) = self.user(username)?.ok_or_else(|| {
-            ServiceError::field_errno(
-                "user_renew_2fa_secret.username",
-                format!("User {username} does not exist"),
-                ENOENT,
-            )
-        })?;
+        let (rec, mut data) = self
+            .user(username)?
+            .ok_or_else(|| ServiceError::field_errno("username", format!("User {username} does not exist"), ENOENT))?;
         let secret = totp_rs::Secret::generate();
         let b32 = secret.to_base32();
-        let totp = totp_rs::Builder::new()
-            .with_algorithm(totp_rs::Algorithm::SHA1)
-            .with_digits(6)
-            .with_skew(1)
-            .with_step_duration(30)
-            .with_secret(secret)
+        let totp = super::crypto::totp_builder(secret)
             .with_account_name(username.to_string())
             .with_issuer(Some("keyhaven"))
             .build()
@@ -1050,18 +1104,15 @@ impl App {
         self.store.user_set_twofactor_secret(rec.id, Some(&b32))?;
         data.twofactor_enabled = true;
         self.store.user_update(rec.id, &rec.username, &data.to_value(), None)?;
-        Ok(uri)
+        let r = self.store.user_by_id(rec.id)?.ok_or_else(|| ServiceError::internal("2FA", "user vanished"))?;
+        Ok(TwoFactorRenewed { entry: self.user_entry(&r), provisioning_uri: uri })
     }
 
     pub async fn twofactor_unset(&self, username: &str) -> Result<(), ServiceError> {
         let _guard = self.users_lock.lock().await;
-        let (rec, mut data) = self.user(username)?.ok_or_else(|| {
-            ServiceError::field_errno(
-                "user_unset_2fa_secret.username",
-                format!("User {username} does not exist"),
-                ENOENT,
-            )
-        })?;
+        let (rec, mut data) = self
+            .user(username)?
+            .ok_or_else(|| ServiceError::field_errno("username", format!("User {username} does not exist"), ENOENT))?;
         self.store.user_set_twofactor_secret(rec.id, None)?;
         data.twofactor_enabled = false;
         self.store.user_update(rec.id, &rec.username, &data.to_value(), None)?;
@@ -1072,12 +1123,8 @@ impl App {
 
     /// `auth.set_attribute`: set one key of the account's own `attributes`.
     pub async fn set_attribute(&self, username: &str, key: &str, value: Value) -> Result<(), ServiceError> {
-        const S: &str = "auth_set_attribute";
         if key.trim().is_empty() || key.len() > MAX_ATTRIBUTE_KEY {
-            return Err(ServiceError::field(
-                format!("{S}.key"),
-                format!("Key must be 1 to {MAX_ATTRIBUTE_KEY} characters"),
-            ));
+            return Err(ServiceError::field("key", format!("Key must be 1 to {MAX_ATTRIBUTE_KEY} characters")));
         }
         let _guard = self.users_lock.lock().await;
         let (rec, mut data) = self.user(username)?.ok_or_else(|| {
@@ -1087,11 +1134,67 @@ impl App {
         let size = Value::Object(data.attributes.clone()).to_string().len();
         if size > MAX_ATTRIBUTES_BYTES {
             return Err(ServiceError::field(
-                format!("{S}.value"),
+                "value",
                 format!("Attributes would take {size} bytes; at most {MAX_ATTRIBUTES_BYTES} are kept per account"),
             ));
         }
         self.store.user_update(rec.id, &rec.username, &data.to_value(), None)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::params::decode;
+
+    fn err(v: Value) -> (String, String) {
+        match decode::<UserInput>(v, "user_create") {
+            Err(ServiceError::Validation(v)) => (v.0[0].attribute.clone(), v.0[0].message.clone()),
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn user_input_decodes_truenas_shapes_with_field_named_errors() {
+        let long = "a".repeat(input::STR_MAX + 1);
+        let u: UserInput = decode(
+            serde_json::json!({
+                "username": "alice", "email": null, "sshpubkey": null, "group": 1001,
+                "groups": [], "group_create": false, "smb": false, "home_mode": "700",
+                "sudo_commands": ["/usr/bin/zfs"], "password": "pw"
+            }),
+            "user_create",
+        )
+        .unwrap();
+        assert_eq!(u.username.as_deref(), Some("alice"));
+        assert_eq!(u.email, Some(None));
+        assert_eq!(u.sshpubkey, Some(None));
+        assert_eq!(u.group, Some(1001));
+        assert_eq!(u.sudo_commands, Some(vec!["/usr/bin/zfs".to_string()]));
+        assert!(!format!("{u:?}").contains("\"pw\""));
+        let u: UserInput = decode(serde_json::json!({"group": {"id": 1}}), "user_create").unwrap();
+        assert_eq!((u.group, u.email, u.sshpubkey), (None, None, None));
+
+        assert_eq!(
+            err(serde_json::json!({"sudo_commands": ["ok", long]})),
+            ("user_create.sudo_commands.1".into(), "String should have at most 1024 characters".into())
+        );
+        assert_eq!(
+            err(serde_json::json!({"email": 5})),
+            ("user_create.email".into(), "Input should be a valid string".into())
+        );
+        assert_eq!(
+            err(serde_json::json!({"full_name": long})),
+            ("user_create.full_name".into(), "String should have at most 1024 characters".into())
+        );
+        assert_eq!(
+            err(serde_json::json!({"smb": "no"})),
+            ("user_create.smb".into(), "Input should be a valid boolean".into())
+        );
+        assert_eq!(
+            err(serde_json::json!({"nickname": "x"})),
+            ("user_create.nickname".into(), "Extra inputs are not permitted".into())
+        );
     }
 }

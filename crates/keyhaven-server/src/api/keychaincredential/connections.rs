@@ -65,8 +65,7 @@ pub(super) async fn test_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Valu
         ConnectTimeout::new(i64::try_from(t).unwrap_or(i64::MAX))
             .map_err(|m| ServiceError::field(format!("{S}.options.timeout"), m))?;
     }
-    let report =
-        ctx.app.test_ssh_connection_with(id, o.timeout, o.private_key, &format!("{S}.options.private_key")).await?;
+    let report = ctx.app.test_ssh_connection_with(id, o.timeout, o.private_key).await.map_err(|e| e.in_schema(S))?;
     to_json(&report)
 }
 

@@ -5,7 +5,7 @@ use super::*;
 
 pub(super) async fn query_m(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let role = ctx.caller()?.role;
-    ctx.app.keychain_query(role, p.raw(0), p.raw(1), "keychaincredential_query")
+    ctx.app.keychain_query(role, p.raw(0), p.raw(1)).map_err(|e| e.in_schema("keychaincredential_query"))
 }
 
 pub(super) async fn get_instance(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
@@ -42,7 +42,7 @@ pub(super) async fn create(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceErr
     let c: CreateIn = p.req(0, CREATE)?;
     ctx.describe(format!("Create Keychain Credential: {}", &*c.name));
     let attrs = decode_attributes(c.kind.as_str(), c.attributes, CREATE)?;
-    ctx.app.keychain_create(&c.name, attrs, CREATE).await
+    ctx.app.keychain_create(&c.name, attrs).await.map_err(|e| e.in_schema(CREATE))
 }
 
 #[derive(Deserialize)]
@@ -61,7 +61,7 @@ pub(super) async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceErr
     ctx.describe(format!("Update Keychain Credential: {}", current["name"].as_str().unwrap_or("")));
     let kind = current["type"].as_str().unwrap_or(SSH_KEY_PAIR).to_string();
     let attrs = u.attributes.map(|a| decode_attributes(&kind, a, UPDATE)).transpose()?;
-    ctx.app.keychain_update(id, u.name.as_deref(), attrs, UPDATE).await
+    ctx.app.keychain_update(id, u.name.as_deref(), attrs).await.map_err(|e| e.in_schema(UPDATE))
 }
 
 #[derive(Deserialize, Default)]

@@ -3,32 +3,15 @@
 
 use super::*;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct PairIn {
-    remote_hostname: Str,
-    #[serde(default = "default_user")]
-    username: Str,
-    public_key: String,
-}
-
 pub(super) async fn ssh_pair(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     const S: &str = "keychain_ssh_pair";
-    let a: PairIn = p.req(0, S)?;
-    let mut errs = keyhaven_core::ValidationErrors::new();
-    if a.remote_hostname.trim().is_empty() {
-        errs.add(format!("{S}.remote_hostname"), "String should have at least 1 character");
-    }
-    if a.username.trim().is_empty() {
-        errs.add(format!("{S}.username"), "String should have at least 1 character");
-    }
-    if a.public_key.trim().is_empty() {
-        errs.add(format!("{S}.public_key"), "String should have at least 1 character");
-    }
-    errs.check()?;
+    let a: pairing::PairInput = p.req(0, S)?;
+    a.check().map_err(|e| e.in_schema(S))?;
     ctx.session.pairing_may_use(&a.username)?;
-    ctx.describe(format!("SSH pair: authorize a key for {}", &*a.username));
-    ctx.app.ssh_pair(a.remote_hostname.trim(), &a.username, &a.public_key, S).await
+    ctx.describe(format!("SSH pair: authorize a key for {}", a.username));
+    let key = a.authorized_key().map_err(|e| e.in_schema(S))?;
+    // Not placed in this method's schema: ssh_pair's own errors name other schemas.
+    to_json(&ctx.app.ssh_pair(a.remote_hostname.trim(), &a.username, &key).await?)
 }
 
 /// Add an error on `attribute` if a credential name is not one line of

@@ -2,20 +2,23 @@
 
 use super::*;
 
+/// The field of `keychaincredential.test_ssh_connection` that names another key pair.
+const KEY_FIELD: &str = "options.private_key";
+
 impl App {
     /// Test a stored SSH connection: pinned host keys, its key pair, `true`.
     pub async fn test_ssh_connection(&self, id: i64, timeout: Option<u64>) -> Result<TestReport, ServiceError> {
-        self.test_ssh_connection_with(id, timeout, None, "").await
+        self.test_ssh_connection_with(id, timeout, None).await
     }
 
     /// [`App::test_ssh_connection`], optionally logging in with another key
-    /// pair than the connection's (`key_field` names it in errors).
+    /// pair than the connection's (named `options.private_key` in errors, as
+    /// in `keychaincredential.test_ssh_connection`'s input).
     pub async fn test_ssh_connection_with(
         &self,
         id: i64,
         timeout: Option<u64>,
         key_pair: Option<i64>,
-        key_field: &str,
     ) -> Result<TestReport, ServiceError> {
         let target = self.connection_target_with(id, timeout, key_pair, key_field)?;
         let r = ssh_client::test_connection(&target).await;
@@ -57,7 +60,7 @@ impl App {
         if let Some(k) = key_pair {
             // The cached entry is enough to check the type; the key itself is read once, below.
             if !self.keychain_entries()?.get(k).is_some_and(|kp| kp["type"] == SSH_KEY_PAIR) {
-                return Err(ServiceError::field(key_field, format!("SSH key pair {k} does not exist")));
+                return Err(ServiceError::field(KEY_FIELD, format!("SSH key pair {k} does not exist")));
             }
         }
         let kp_id = key_pair.unwrap_or_else(|| a["private_key"].as_i64().unwrap_or_default());
@@ -65,7 +68,7 @@ impl App {
             self.keypair_private_key(kp_id).ok().flatten().filter(|p| !p.trim().is_empty()).ok_or_else(|| {
                 match key_pair {
                     Some(k) => ServiceError::field(
-                        key_field,
+                        KEY_FIELD,
                         format!("SSH key pair {k} has no private key (public key only); it cannot log in"),
                     ),
                     None => ServiceError::call(
@@ -102,7 +105,7 @@ impl App {
             public_key: Some(kp.public_key.clone()),
             passphrase: None,
         };
-        let e = self.keychain_create(name, AttributesInput::KeyPair(input), CREATE).await?;
+        let e = self.keychain_create(name, AttributesInput::KeyPair(input)).await.map_err(|e| e.in_schema(CREATE))?;
         Ok((e["id"].as_i64().unwrap_or_default(), kp.public_key.trim().to_string()))
     }
 

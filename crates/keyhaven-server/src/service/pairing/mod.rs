@@ -27,6 +27,7 @@ mod repair;
 mod setup;
 
 pub use connections::{ConnectionStatus, EpochMillis};
+pub use remote_side::{PairInput, PairKey, PairReply};
 pub use repair::RePairOutcome;
 
 /// Discover the host keys of `host:port` (keyhaven's `ssh-keyscan`).

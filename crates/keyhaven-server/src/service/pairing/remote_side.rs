@@ -1,22 +1,69 @@
 //! The remote side of semi-automatic setup: `keychaincredential.ssh_pair`.
 
 use super::*;
+use crate::service::input;
+use serde::{Deserialize, Serialize};
+
+/// `keychaincredential.ssh_pair`'s argument, in TrueNAS's shape.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairInput {
+    #[serde(deserialize_with = "input::capped")]
+    pub remote_hostname: String,
+    #[serde(default = "input::default_username", deserialize_with = "input::capped")]
+    pub username: String,
+    pub public_key: String,
+}
+
+/// A public key [`PairInput::authorized_key`] accepted as an
+/// `authorized_keys` line (trimmed).
+#[derive(Debug)]
+pub struct PairKey(String);
+
+impl PairInput {
+    /// Every field must be non-empty; all empty ones are reported together
+    /// (field errors relative to the input, as every check here).
+    pub fn check(&self) -> Result<(), ServiceError> {
+        let mut errs = keyhaven_core::ValidationErrors::new();
+        for (field, value) in
+            [("remote_hostname", &self.remote_hostname), ("username", &self.username), ("public_key", &self.public_key)]
+        {
+            if value.trim().is_empty() {
+                errs.add(field, "String should have at least 1 character");
+            }
+        }
+        Ok(errs.check()?)
+    }
+
+    /// The key to authorize, once it parses as an `authorized_keys` line.
+    pub fn authorized_key(&self) -> Result<PairKey, ServiceError> {
+        let public_key = self.public_key.trim();
+        authorized_keys::parse_authorized_keys(public_key).map_err(|e| e.to_field_error("public_key"))?;
+        Ok(PairKey(public_key.to_string()))
+    }
+}
+
+/// What `ssh_pair` tells the pairing side: where sshd listens and its host
+/// keys as known_hosts lines for `remote_hostname`.
+#[derive(Debug, Serialize)]
+pub struct PairReply {
+    pub port: u16,
+    pub host_key: String,
+}
 
 impl App {
     /// `keychaincredential.ssh_pair`, the remote side of semi-automatic setup:
     /// check the account, enable and start sshd if needed, authorize
-    /// `public_key` once, report the SSH port and the host keys.
+    /// `public_key` once, report the SSH port and the host keys. Its errors
+    /// name no field of its input: changes it makes to the account fail as
+    /// `user_update`'s, sshd's refusals as the `ssh` settings'.
     pub async fn ssh_pair(
         &self,
         remote_hostname: &str,
         username: &str,
-        public_key: &str,
-        schema: &str,
-    ) -> Result<Value, ServiceError> {
-        let public_key = public_key.trim();
-        if let Err(e) = authorized_keys::parse_authorized_keys(public_key) {
-            return Err(e.to_field_error(format!("{schema}.public_key")).into());
-        }
+        public_key: &PairKey,
+    ) -> Result<PairReply, ServiceError> {
+        let public_key = public_key.0.as_str();
         let (_, data) = self
             .user(username)?
             .ok_or_else(|| ServiceError::call(EFAULT, format!("User {username} does not exist")))?;
@@ -56,7 +103,7 @@ impl App {
             self.ssh_set_enabled(true)?;
         }
         if self.sshd.state() != SshdState::Running {
-            self.ssh_control("START").await?;
+            self.ssh_control(crate::service::sshd::SshVerb::Start).await?;
         }
         let host_keys = self.host_public_keys()?;
         let mut lines = Vec::new();
@@ -87,9 +134,10 @@ impl App {
                 new.push_str(public_key);
                 new.push('\n');
                 let input = UserInput { sshpubkey: Some(Some(new)), ..UserInput::default() };
-                self.user_update_locked(rec.id, input).await?;
+                // Its field errors keep naming user.update's schema, as they always have.
+                self.user_update_locked(rec.id, input).await.map_err(|e| e.in_schema("user_update"))?;
             }
         }
-        Ok(json!({"port": self.ssh_settings()?.tcpport, "host_key": lines.concat()}))
+        Ok(PairReply { port: self.ssh_settings()?.tcpport, host_key: lines.concat() })
     }
 }

@@ -76,8 +76,12 @@ impl App {
             }
         };
         let updated = paired_connection(s, port, &host_key, key_id);
+        // Field errors are named as keychaincredential.update names them.
         let schema = "keychain_credential_update";
-        let connection = match self.keychain_update(id, None, Some(AttributesInput::Connection(updated)), schema).await
+        let connection = match self
+            .keychain_update(id, None, Some(AttributesInput::Connection(updated)))
+            .await
+            .map_err(|e| e.in_schema(schema))
         {
             Ok(e) => e,
             Err(e) => {
@@ -101,7 +105,7 @@ impl App {
                 remote_host_key: old_attrs["remote_host_key"].as_str().unwrap_or_default().to_string(),
                 connect_timeout: old_attrs["connect_timeout"].as_i64().unwrap_or(10),
             };
-            let restore = self.keychain_update(id, None, Some(AttributesInput::Connection(old)), schema).await;
+            let restore = self.keychain_update(id, None, Some(AttributesInput::Connection(old))).await;
             if let Err(e) = restore {
                 tracing::error!("could not restore connection {name} after a failed re-pair: {e}");
             }

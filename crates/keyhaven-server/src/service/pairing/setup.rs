@@ -27,7 +27,8 @@ impl App {
             }
         };
         let conn = paired_connection(s, port, &host_key, key_id);
-        let created = self.keychain_create(name, AttributesInput::Connection(conn), CREATE).await;
+        let created =
+            self.keychain_create(name, AttributesInput::Connection(conn)).await.map_err(|e| e.in_schema(CREATE));
         if created.is_err() {
             changes.undo(&mut c, &s.username).await;
         }
@@ -182,7 +183,9 @@ impl App {
                     remote_host_key: m.remote_host_key,
                     connect_timeout: m.connect_timeout,
                 };
-                self.keychain_create(connection_name, AttributesInput::Connection(conn), CREATE).await
+                self.keychain_create(connection_name, AttributesInput::Connection(conn))
+                    .await
+                    .map_err(|e| e.in_schema(CREATE))
             }
         };
         if r.is_err() && generated {
