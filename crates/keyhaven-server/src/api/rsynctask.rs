@@ -26,18 +26,8 @@ pub fn methods() -> Vec<MethodDef> {
     ]
 }
 
-/// The service's field errors are relative to the task; the wire names them under the method's schema.
-fn in_schema(e: ServiceError, schema: &str) -> ServiceError {
-    match e {
-        ServiceError::Validation(v) => ServiceError::Validation(keyhaven_core::ValidationErrors(
-            v.0.into_iter().map(|f| f.prefixed(schema)).collect(),
-        )),
-        other => other,
-    }
-}
-
 async fn query(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    ctx.app.rsync_query(ctx.caller()?.role, p.raw(0), p.raw(1), "rsynctask.query")
+    ctx.app.rsync_query(ctx.caller()?.role, p.raw(0), p.raw(1)).map_err(|e| e.in_schema("rsync_task_query"))
 }
 
 async fn get_instance(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
@@ -52,16 +42,16 @@ fn describe(ctx: &Ctx, verb: &str, t: &RsyncTaskInput) {
 async fn create(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let t: RsyncTaskInput = p.req(0, CREATE)?;
     describe(&ctx, "Create", &t);
-    ctx.app.rsync_create(t).await.map_err(|e| in_schema(e, CREATE))
+    ctx.app.rsync_create(t).await.map_err(|e| e.in_schema(CREATE))
 }
 
 async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, &format!("{UPDATE}.id"))?;
-    let changes: Value = p.req(1, UPDATE)?;
-    let merged = ctx.app.rsync_merge(id, changes).map_err(|e| in_schema(e, UPDATE))?;
+    let changes: serde_json::Map<String, Value> = p.req(1, UPDATE)?;
+    let merged = ctx.app.rsync_merge(id, changes).map_err(|e| e.in_schema(UPDATE))?;
     let t: RsyncTaskInput = decode(merged, UPDATE)?;
     describe(&ctx, "Update", &t);
-    ctx.app.rsync_update(id, t).await.map_err(|e| in_schema(e, UPDATE))
+    ctx.app.rsync_update(id, t).await.map_err(|e| e.in_schema(UPDATE))
 }
 
 async fn delete(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {

@@ -294,9 +294,8 @@ impl App {
         role: Role,
         filters: Option<&Value>,
         options: Option<&Value>,
-        schema: &str,
     ) -> Result<Value, ServiceError> {
-        super::run_query(&self.rsync_entries(role)?, filters, options, schema)
+        super::run_query(&self.rsync_entries(role)?, filters, options)
     }
 
     /// One task's entry.
@@ -323,13 +322,10 @@ impl App {
 
     /// The stored task with `changes` (an object of task fields) laid over
     /// it: what `rsynctask.update` decodes into an [`RsyncTaskInput`].
-    pub fn rsync_merge(&self, id: i64, changes: Value) -> Result<Value, ServiceError> {
+    pub fn rsync_merge(&self, id: i64, changes: serde_json::Map<String, Value>) -> Result<Value, ServiceError> {
         let r = self.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
         let current = RsyncTaskInput::from_record(&r)?;
         let mut merged = serde_json::to_value(&current).map_err(|e| ServiceError::internal("rsync task", e))?;
-        let Value::Object(changes) = changes else {
-            return Err(ServiceError::field("", "Input should be a valid dictionary"));
-        };
         for (k, v) in changes {
             match (merged.get_mut(&k), v) {
                 (Some(Value::Object(old)), Value::Object(new)) if k == "schedule" => old.extend(new),

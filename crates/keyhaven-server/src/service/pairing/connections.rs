@@ -20,7 +20,7 @@ impl App {
         timeout: Option<u64>,
         key_pair: Option<i64>,
     ) -> Result<TestReport, ServiceError> {
-        let target = self.connection_target_with(id, timeout, key_pair, key_field)?;
+        let target = self.connection_target_with(id, timeout, key_pair)?;
         let r = ssh_client::test_connection(&target).await;
         // A test with the connection's own key is its status in the connection list.
         if key_pair.is_none() {
@@ -42,7 +42,7 @@ impl App {
     /// How to reach a stored SSH connection: its host, port, user, private key
     /// and pinned host keys; `timeout` overrides its `connect_timeout`.
     pub fn connection_target(&self, id: i64, timeout: Option<u64>) -> Result<TestTarget, ServiceError> {
-        self.connection_target_with(id, timeout, None, "")
+        self.connection_target_with(id, timeout, None)
     }
 
     fn connection_target_with(
@@ -50,7 +50,6 @@ impl App {
         id: i64,
         timeout: Option<u64>,
         key_pair: Option<i64>,
-        key_field: &str,
     ) -> Result<TestTarget, ServiceError> {
         let e = self.keychain_get(id)?;
         if e["type"] != crate::service::keychain::SSH_CREDENTIALS {
