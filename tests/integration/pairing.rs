@@ -217,25 +217,8 @@ async fn connection_test_runs_a_command_because_nologin_accounts_still_open_sess
     let d = Daemon::start();
     let mut c = d.admin().await;
     let port = start_ssh(&mut c).await;
-    let kp = new_key_pair(&mut c, "nologin-key").await;
-    let acct = OsUserGuard::new("khnlt");
-    acct.useradd("/usr/sbin/nologin", None);
-    c.call(
-        "user.create",
-        json!([{"username": acct.name, "full_name": "", "password_disabled": true,
-                "sshpubkey": kp["attributes"]["public_key"]}]),
-    )
-    .await;
-    let host_keys =
-        c.call("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port}])).await;
-    let conn = c
-        .call(
-            "keychaincredential.create",
-            json!([{"name": "nologin", "type": "SSH_CREDENTIALS", "attributes": {
-                "host": "127.0.0.1", "port": port, "username": acct.name, "private_key": kp["id"],
-                "remote_host_key": host_keys}}]),
-        )
-        .await;
+    let (acct, _kp, conn) =
+        crate::sshd::account_and_connection(&mut c, port, "khnlt", "/usr/sbin/nologin", "nologin").await;
     let r = c.call("keychaincredential.test_ssh_connection", json!([conn["id"]])).await;
     assert_eq!((r["ok"].clone(), r["stage"].clone()), (json!(false), json!("exec")), "{r}");
     // The key was accepted and the session channel opened ...

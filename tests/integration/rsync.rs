@@ -35,31 +35,8 @@ async fn setup() -> Setup {
     let d = Daemon::start();
     let mut c = d.admin().await;
     let port = start_ssh(&mut c).await;
-    let kp = c.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
-    let kp = c
-        .call(
-            "keychaincredential.create",
-            json!([{"name": "rsync-key", "type": "SSH_KEY_PAIR", "attributes": {"private_key": kp["private_key"], "public_key": kp["public_key"]}}]),
-        )
-        .await;
-    let remote = OsUserGuard::new("khrs");
-    remote.useradd("/bin/sh", None);
-    c.call(
-        "user.create",
-        json!([{"username": remote.name, "full_name": "", "password_disabled": true,
-                "sshpubkey": kp["attributes"]["public_key"]}]),
-    )
-    .await;
-    let host_keys =
-        c.call("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port}])).await;
-    let conn = c
-        .call(
-            "keychaincredential.create",
-            json!([{"name": "backup-target", "type": "SSH_CREDENTIALS", "attributes": {
-                "host": "127.0.0.1", "port": port, "username": remote.name, "private_key": kp["id"],
-                "remote_host_key": host_keys, "connect_timeout": 7}}]),
-        )
-        .await;
+    let (remote, kp, conn) =
+        crate::sshd::account_and_connection(&mut c, port, "khrs", "/bin/sh", "backup-target").await;
     Setup { d, c, port, remote, kp, conn }
 }
 

@@ -616,3 +616,42 @@ async fn accounts_ssh_and_service_reject_bad_input() {
 fn totp_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
+
+/// A new OS account (`prefix-…`, with `shell`) that a new key pair logs in
+/// to through keyhaven's sshd on `port`, and the SSH connection `name` to it
+/// (host keys pinned from a scan): (account, key pair entry, connection entry).
+pub async fn account_and_connection(
+    c: &mut Client,
+    port: u16,
+    prefix: &str,
+    shell: &str,
+    name: &str,
+) -> (OsUserGuard, Value, Value) {
+    let kp = c.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
+    let kp = c
+        .call(
+            "keychaincredential.create",
+            json!([{"name": format!("{name}-key"), "type": "SSH_KEY_PAIR",
+                    "attributes": {"private_key": kp["private_key"], "public_key": kp["public_key"]}}]),
+        )
+        .await;
+    let acct = OsUserGuard::new(prefix);
+    acct.useradd(shell, None);
+    c.call(
+        "user.create",
+        json!([{"username": acct.name, "full_name": "", "password_disabled": true,
+                "sshpubkey": kp["attributes"]["public_key"]}]),
+    )
+    .await;
+    let host_keys =
+        c.call("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port}])).await;
+    let conn = c
+        .call(
+            "keychaincredential.create",
+            json!([{"name": name, "type": "SSH_CREDENTIALS", "attributes": {
+                "host": "127.0.0.1", "port": port, "username": acct.name, "private_key": kp["id"],
+                "remote_host_key": host_keys, "connect_timeout": 7}}]),
+        )
+        .await;
+    (acct, kp, conn)
+}
