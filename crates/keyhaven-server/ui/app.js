@@ -8,6 +8,7 @@ import { updateAttribute, viewBackup } from './backup.js';
 import { $, busy, formModal, h, toast, toastError } from './dom.js';
 import { errText, rpc } from './rpc.js';
 import { viewRsync } from './rsync.js';
+import { fmtSeconds, shell } from './shell.js';
 import { viewSsh } from './ssh.js';
 import { viewUsers } from './users.js';
 
@@ -94,11 +95,6 @@ export const MAX_LIFETIME = 86400;
 export function sessionLifetime(me) {
   const v = me && me.attributes && me.attributes.preferences && me.attributes.preferences.lifetime;
   return Number.isInteger(v) && v >= MIN_LIFETIME && v <= MAX_LIFETIME ? v : DEFAULT_LIFETIME;
-}
-
-export function fmtSeconds(s) {
-  if (s >= 120 && s % 60 === 0) return `${s / 60} minutes`;
-  return s === 1 ? '1 second' : `${s} seconds`;
 }
 
 export const expiredMessage = () => `Your session expired after ${fmtSeconds(rpc.lifetime)} without activity. Log in again.`;
@@ -233,6 +229,8 @@ export async function logout() {
   rpc.close();
   showLogin('You have logged out.');
 }
+
+Object.assign(shell, { route, sessionEnded, expiredMessage, toastError });
 
 document.addEventListener('DOMContentLoaded', () => {
   $('login-form').addEventListener('submit', onLogin);

@@ -1,6 +1,6 @@
 // The audit log screen.
 
-import { route } from './app.js';
+import { route } from './shell.js';
 import { btn, card, h, table } from './dom.js';
 import { rpc } from './rpc.js';
 

@@ -1,6 +1,6 @@
 // The Backup Credentials screen: SSH key pairs and SSH connections, pairing, re-pairing and key rotation.
 
-import { fmtSeconds, route } from './app.js';
+import { fmtSeconds, route } from './shell.js';
 import { $, btn, busy, card, confirmDialog, download, formModal, h, infoDialog, nextId, openModal, table, toast, toastError } from './dom.js';
 import { RpcError, errText, rpc } from './rpc.js';
 

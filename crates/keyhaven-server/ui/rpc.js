@@ -1,7 +1,6 @@
 // The JSON-RPC 2.0 client of /api/current and error texts.
 
-import { expiredMessage, sessionEnded } from './app.js';
-import { toastError } from './dom.js';
+import { shell } from './shell.js';
 
 // ---------------------------------------------------------------- RPC client
 export class RpcError extends Error {
@@ -27,7 +26,7 @@ export const rpc = {
       ws.onerror = () => reject(new Error('Cannot connect to the keyhaven API'));
       ws.onmessage = (ev) => {
         let msg;
-        try { msg = JSON.parse(ev.data); } catch (e) { toastError(`Bad message from server: ${e}`); return; }
+        try { msg = JSON.parse(ev.data); } catch (e) { shell.toastError(`Bad message from server: ${e}`); return; }
         const p = this.pending.get(msg.id);
         if (!p) return;
         this.pending.delete(msg.id);
@@ -40,7 +39,7 @@ export const rpc = {
         if (wasOpen) this.ws = null;
         for (const p of this.pending.values()) p.reject(new Error('Connection to the server closed'));
         this.pending.clear();
-        if (wasOpen && this.user) sessionEnded('The connection to keyhaven closed (server restarted or network lost). Please log in again.');
+        if (wasOpen && this.user) shell.sessionEnded('The connection to keyhaven closed (server restarted or network lost). Please log in again.');
       };
     });
   },
@@ -53,7 +52,7 @@ export const rpc = {
       this.ws.send(JSON.stringify({ jsonrpc: '2.0', id, method, params }));
     }).catch((e) => {
       if (e instanceof RpcError && e.errname === 'ENOTAUTHENTICATED' && this.user) {
-        sessionEnded(/Session expired/.test(e.message) ? expiredMessage() : 'Your session has ended. Please log in again.');
+        shell.sessionEnded(/Session expired/.test(e.message) ? shell.expiredMessage() : 'Your session has ended. Please log in again.');
       }
       throw e;
     });

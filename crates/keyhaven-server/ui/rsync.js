@@ -1,6 +1,6 @@
 // Data Protection › Rsync Tasks: list, add/edit, run now with live progress, the last run's log.
 
-import { route } from './app.js';
+import { route } from './shell.js';
 import { btn, card, confirmDialog, formModal, h, infoDialog, openModal, table, toast, toastError } from './dom.js';
 import { errText, rpc } from './rpc.js';
 

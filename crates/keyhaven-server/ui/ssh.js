@@ -1,6 +1,6 @@
 // The SSH service screen: settings, start/stop, host keys.
 
-import { route } from './app.js';
+import { route } from './shell.js';
 import { btn, buildForm, busy, card, h, nextId, table, toast, toastError } from './dom.js';
 import { rpc } from './rpc.js';
 

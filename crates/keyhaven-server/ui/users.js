@@ -1,6 +1,6 @@
 // The Users screen: accounts, their public keys and two-factor login.
 
-import { route } from './app.js';
+import { route } from './shell.js';
 import { btn, busy, card, confirmDialog, download, formModal, h, infoDialog, nextId, saveBlob, table, toast, toastError, uid } from './dom.js';
 import { rpc } from './rpc.js';
 
