@@ -151,7 +151,7 @@ pub enum ExtraError {
         "{0:?} is not an rsync option: each entry is one option starting with '-' (write a value as --option=VALUE)"
     )]
     NotAnOption(String),
-    #[error("{0:?} would replace how keyhaven connects (the SSH command, the remote rsync or the daemon); set the task's connection instead")]
+    #[error("{0:?} would replace how keyhaven connects (the SSH command, the remote rsync or the daemon) or reach outside the task's path (files named by the option, followed links); set the task's connection or path instead")]
     Transport(String),
     #[error("{0:?} contains a control character")]
     Control(String),
@@ -159,7 +159,8 @@ pub enum ExtraError {
     TooMuch,
 }
 
-/// Long options that would replace the transport or the remote command.
+/// Long options that would replace the transport or the remote command, or
+/// reach outside the task's path.
 const REFUSED_LONG: &[&str] = &[
     "--rsh",
     "--rsync-path",
@@ -171,6 +172,30 @@ const REFUSED_LONG: &[&str] = &[
     "--config",
     "--dparam",
     "--early-input",
+    // Options that read or write local files by name: they would reach past
+    // the task's path (the data dir's database and master key included).
+    "--log-file",
+    "--write-batch",
+    "--only-write-batch",
+    "--read-batch",
+    "--files-from",
+    "--include-from",
+    "--exclude-from",
+    "--password-file",
+    "--temp-dir",
+    "--partial-dir",
+    "--backup-dir",
+    "--compare-dest",
+    "--copy-dest",
+    "--link-dest",
+    "--filter",
+    // Following links would copy what a link planted in the path points at.
+    "--copy-links",
+    "--copy-unsafe-links",
+    "--copy-dirlinks",
+    "--keep-dirlinks",
+    // Passes the remote path to the remote shell unescaped.
+    "--old-args",
 ];
 
 /// Check a task's `extra`: each entry is one option; none may change the
@@ -188,18 +213,16 @@ pub fn check_extra(extra: &[String]) -> Result<(), ExtraError> {
         }
         if let Some(long) = e.strip_prefix("--") {
             let name = long.split('=').next().unwrap_or("");
-            // rsync (popt) also takes an unambiguous prefix of a long option.
-            let refused = REFUSED_LONG.iter().any(|r| {
-                let r = &r[2..];
-                r == name || (name.len() >= 2 && r.starts_with(name))
-            });
+            // rsync takes long options by their full name only (no abbreviations).
+            let refused = REFUSED_LONG.iter().any(|r| &r[2..] == name);
             if refused {
                 return Err(ExtraError::Transport(e.clone()));
             }
         } else {
             // A cluster of short options: `-e` and `-M` take the transport, `-8`… are fine.
             let cluster = &e[1..];
-            if cluster.contains('e') || cluster.contains('M') {
+            // `-L`/`-k`/`-K` follow links; `-T`/`-f` name local files or filters.
+            if cluster.contains(['e', 'M', 'L', 'k', 'K', 'T', 'f']) {
                 return Err(ExtraError::Transport(e.clone()));
             }
         }
@@ -406,7 +429,17 @@ mod tests {
 
     #[test]
     fn extra_may_not_replace_the_transport() {
-        for bad in ["-e", "-avze", "--rsh=ssh -i /tmp/k", "--rsync-path=sudo rsync", "-M--foo", "--rs=x", "--daemon"] {
+        for bad in [
+            "-e",
+            "-avze",
+            "--rsh=ssh -i /tmp/k",
+            "--rsync-path=sudo rsync",
+            "-M--foo",
+            "--daemon",
+            "-L",
+            "--log-file=/x",
+            "--files-from=/k",
+        ] {
             assert!(matches!(check_extra(&[bad.to_string()]), Err(ExtraError::Transport(_))), "{bad}");
         }
         assert!(matches!(check_extra(&["/etc".into()]), Err(ExtraError::NotAnOption(_))));

@@ -5,15 +5,16 @@
 //! socket in a fresh 0700 directory owned by the run's account. It accepts
 //! connections only from that account (and ours, to load the key), answers
 //! only "list keys" and "sign" once the key is loaded (no adding, removing or
-//! locking by whoever connects), and is gone, directory and all, when the
-//! [`RunAgent`] is dropped.
+//! locking by whoever connects), answers only the run's process group among
+//! the account's processes, and is gone, directory, connections and all, when
+//! the [`RunAgent`] is dropped.
 
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use russh::keys::agent::server::{Agent, MessageType};
 use russh::keys::PrivateKey;
@@ -42,7 +43,14 @@ pub struct RunAgent {
     dir: PathBuf,
     socket: PathBuf,
     task: tokio::task::JoinHandle<()>,
+    /// The run's process group: the account's processes outside it are refused.
+    admitted: Arc<AtomicU32>,
+    /// Every connection served, to cut when the run ends.
+    open: Arc<Mutex<Vec<std::os::unix::net::UnixStream>>>,
 }
+
+/// Connections one run may open (its ssh opens one).
+const MAX_CONNECTIONS: usize = 8;
 
 impl RunAgent {
     /// Serve `key` for the account `uid`/`gid` from a new directory under
@@ -75,15 +83,38 @@ impl RunAgent {
         let listener = UnixListener::bind(&socket)?;
         let me = rustix::process::geteuid().as_raw();
         let sealed = Arc::new(AtomicBool::new(false));
-        let connections = Box::pin(futures::stream::unfold(listener, move |listener| async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => {
-                        if peer_allowed(&stream, uid, me) {
+        let admitted = Arc::new(AtomicU32::new(0));
+        let open: Arc<Mutex<Vec<std::os::unix::net::UnixStream>>> = Arc::default();
+        let (adm, opn) = (admitted.clone(), open.clone());
+        let connections = Box::pin(futures::stream::unfold(listener, move |listener| {
+            let (admitted, open) = (adm.clone(), opn.clone());
+            async move {
+                loop {
+                    let stream = match listener.accept().await {
+                        Ok((stream, _)) => stream,
+                        Err(e) => return Some((Err(e), listener)),
+                    };
+                    if !peer_allowed(&stream, uid, me, &admitted).await {
+                        continue;
+                    }
+                    // A clone of each connection, shut down when the run ends: russh
+                    // serves each connection on a task of its own, which would
+                    // otherwise go on signing for a client that keeps it open.
+                    let kept = stream.into_std().and_then(|s| {
+                        let clone = s.try_clone()?;
+                        Ok((UnixStream::from_std(s)?, clone))
+                    });
+                    match kept {
+                        Ok((stream, clone)) => {
+                            let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+                            if open.len() >= MAX_CONNECTIONS {
+                                continue;
+                            }
+                            open.push(clone);
                             return Some((Ok::<UnixStream, io::Error>(stream), listener));
                         }
+                        Err(_) => continue,
                     }
-                    Err(e) => return Some((Err(e), listener)),
                 }
             }
         }));
@@ -93,7 +124,7 @@ impl RunAgent {
                 tracing::debug!("run agent stopped: {e}");
             }
         });
-        let out = RunAgent { dir: dir.clone(), socket: socket.clone(), task };
+        let out = RunAgent { dir: dir.clone(), socket: socket.clone(), task, admitted, open };
         let mut client = russh::keys::agent::client::AgentClient::connect_uds(&socket)
             .await
             .map_err(|e| io::Error::other(format!("could not reach the run's agent: {e}")))?;
@@ -112,6 +143,12 @@ impl RunAgent {
         Ok(out)
     }
 
+    /// Admit the run's process group (rsync and the ssh it starts): until
+    /// then, and for any other process of the account, the agent answers nothing.
+    pub fn admit_process_group(&self, pgid: u32) {
+        self.admitted.store(pgid, Ordering::SeqCst);
+    }
+
     /// The agent's socket (`IdentityAgent` for ssh).
     pub fn socket(&self) -> &Path {
         &self.socket
@@ -127,6 +164,9 @@ impl RunAgent {
 impl Drop for RunAgent {
     fn drop(&mut self) {
         self.task.abort();
+        for c in self.open.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -143,8 +183,32 @@ fn write_files(dir: &Path, files: &[(&str, &[u8])]) -> io::Result<()> {
     Ok(())
 }
 
-fn peer_allowed(stream: &UnixStream, uid: u32, me: u32) -> bool {
-    stream.peer_cred().map(|c| c.uid() == uid || c.uid() == me).unwrap_or(false)
+/// Our own connections (loading the key) and the run's process group only.
+/// A peer of the account may connect a moment before the group is admitted
+/// (ssh starts right after rsync), so it is given up to two seconds.
+async fn peer_allowed(stream: &UnixStream, uid: u32, me: u32, admitted: &AtomicU32) -> bool {
+    let Ok(cred) = stream.peer_cred() else { return false };
+    if cred.uid() == me {
+        return true;
+    }
+    if cred.uid() != uid {
+        return false;
+    }
+    let Some(pid) = cred.pid() else { return false };
+    for _ in 0..400 {
+        let group = admitted.load(Ordering::SeqCst);
+        if group != 0 {
+            return process_group_of(pid) == Some(group);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    false
+}
+
+/// The process group of `pid` (field 5 of `/proc/PID/stat`).
+fn process_group_of(pid: i32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(2)?.parse().ok()
 }
 
 fn rand_u64() -> u64 {

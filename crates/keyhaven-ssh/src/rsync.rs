@@ -5,6 +5,7 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 
@@ -79,38 +80,55 @@ impl Running {
 /// Start rsync as the account. Events arrive on [`Running::events`]; the
 /// run goes on if nobody reads them (progress updates are dropped when the
 /// reader is slow, lines are not).
-pub fn start(spec: &RunSpec) -> Result<Running, RunError> {
+pub async fn start(spec: &RunSpec) -> Result<Running, RunError> {
     let me = rustix::process::geteuid().as_raw();
-    let mut cmd = tokio::process::Command::new(SETPRIV);
+    if me != 0 && spec.uid != me {
+        return Err(RunError::Spawn(io::Error::other(format!(
+            "keyhaven runs as uid {me} and cannot run as uid {}; run keyhaven as root",
+            spec.uid
+        ))));
+    }
+    let mut cmd = std::process::Command::new(SETPRIV);
     if me == 0 {
         cmd.arg(format!("--reuid={}", spec.uid)).arg(format!("--regid={}", spec.gid)).arg("--init-groups");
     }
     // The child dies with us: no rsync is left behind by a killed daemon.
     cmd.arg("--pdeathsig=KILL").arg("--").arg(&spec.rsync).args(&spec.args);
+    let cwd = if spec.home.is_dir() { spec.home.as_path() } else { std::path::Path::new("/") };
     cmd.env_clear()
         .env("HOME", &spec.home)
         .env("USER", &spec.user)
         .env("LOGNAME", &spec.user)
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("LC_ALL", "C.UTF-8")
-        .current_dir(&spec.home)
+        .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| match e.kind() {
+        .process_group(0);
+    let mut child = spawn_from_lasting_thread(cmd).await.map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => RunError::Missing { program: SETPRIV.into(), package: "util-linux", source: e },
         _ => RunError::Spawn(e),
     })?;
-    let pid = child.id().unwrap_or(0);
-    let stdout = child.stdout.take().ok_or_else(|| RunError::Spawn(io::Error::other("no stdout")))?;
-    let stderr = child.stderr.take().ok_or_else(|| RunError::Spawn(io::Error::other("no stderr")))?;
+    let pid = child.id();
+    let pipes = (|| {
+        let out = child.stdout.take().ok_or_else(|| io::Error::other("no stdout"))?;
+        let err = child.stderr.take().ok_or_else(|| io::Error::other("no stderr"))?;
+        Ok::<_, io::Error>((tokio::process::ChildStdout::from_std(out)?, tokio::process::ChildStderr::from_std(err)?))
+    })();
+    let (stdout, stderr) = match pipes {
+        Ok(p) => p,
+        Err(e) => {
+            kill(pid);
+            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+            return Err(RunError::Spawn(e));
+        }
+    };
     let (tx, rx) = mpsc::channel(256);
     let keep = spec.keep_output;
     let done = tokio::spawn(async move {
         let (out_tail, err_tail) = tokio::join!(pump(stdout, false, keep, tx.clone()), pump(stderr, true, true, tx));
-        let status = child.wait().await?;
+        let status = tokio::task::spawn_blocking(move || child.wait()).await.map_err(io::Error::other)??;
         let mut tail = out_tail;
         tail.extend(err_tail);
         let skip = tail.len().saturating_sub(TAIL_LINES);
@@ -118,6 +136,38 @@ pub fn start(spec: &RunSpec) -> Result<Running, RunError> {
         Ok(RunOutcome { code: status.code(), signal: status.signal(), tail: tail.split_off(skip) })
     });
     Ok(Running { pid, events: rx, done })
+}
+
+type SpawnRequest = (std::process::Command, tokio::sync::oneshot::Sender<io::Result<std::process::Child>>);
+
+/// Start `cmd` from one thread that lives as long as the process. The
+/// parent-death signal fires when the *thread* that forked the child ends,
+/// and tokio retires its threads (a worker handed to `block_in_place` ends
+/// in the blocking pool and exits when idle): forking from such a thread
+/// would kill a long backup halfway.
+async fn spawn_from_lasting_thread(cmd: std::process::Command) -> io::Result<std::process::Child> {
+    static SPAWNER: std::sync::OnceLock<Option<std::sync::Mutex<std::sync::mpsc::Sender<SpawnRequest>>>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("keyhaven-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .ok()
+            .map(|_| std::sync::Mutex::new(tx))
+    });
+    let spawner = spawner.as_ref().ok_or_else(|| io::Error::other("could not start the spawner thread"))?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send((cmd, reply))
+        .map_err(|_| io::Error::other("the spawner thread is gone"))?;
+    answer.await.map_err(|_| io::Error::other("the spawner thread is gone"))?
 }
 
 /// Read one stream to its end, splitting on `\r` (progress updates) and
@@ -184,6 +234,7 @@ pub fn quote(word: &str) -> String {
     if !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-=:@,+".contains(&b)) {
         word.to_string()
     } else {
-        format!("'{}'", word.replace('\'', "'\\''"))
+        // rsync's own splitter: inside single quotes a doubled quote is one quote.
+        format!("'{}'", word.replace('\'', "''"))
     }
 }

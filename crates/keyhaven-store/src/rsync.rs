@@ -119,9 +119,12 @@ impl Store {
         })
     }
 
+    /// Every task's last run, without its log (`log` is empty; see [`Store::rsync_run`]).
     pub fn rsync_runs(&self) -> Result<Vec<RsyncRunRecord>> {
         let conn = self.conn();
-        let mut st = conn.prepare_cached(&format!("SELECT {RUN_COLS} FROM rsync_runs ORDER BY task_id"))?;
+        let mut st = conn.prepare_cached(
+            "SELECT task_id, job_id, state, started, finished, error, '' FROM rsync_runs ORDER BY task_id",
+        )?;
         let rows = st.query_map([], run_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }

@@ -582,7 +582,7 @@ impl App {
             args,
             keep_output: true,
         };
-        let mut run = keyhaven_ssh::rsync::start(&spec).map_err(|e| ServiceError::call(ENOENT, e.to_string()))?;
+        let mut run = keyhaven_ssh::rsync::start(&spec).await.map_err(|e| ServiceError::call(ENOENT, e.to_string()))?;
         while run.events.recv().await.is_some() {}
         let out = run.wait().await.map_err(|e| ServiceError::internal("waiting for ssh", e))?;
         match out.code {
@@ -606,6 +606,9 @@ impl App {
     /// `rsynctask.run`: start a run as a job; refused while one is going on.
     pub fn rsync_run(self: &Arc<Self>, id: i64, trigger: Trigger) -> Result<i64, ServiceError> {
         let r = self.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
+        if matches!(trigger, Trigger::Schedule) && !r.enabled {
+            return Err(ServiceError::call(EINVAL, format!("rsync task {id} is disabled")));
+        }
         let mut running = self.rsync.running.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((job, _)) = running.get(&id) {
             return Err(ServiceError::call(
@@ -618,6 +621,20 @@ impl App {
         running.insert(id, (0, 0));
         let job = self.jobs.spawn_with("rsynctask.run", json!([id]), move |h| async move {
             let started = super::jobs::now();
+            // Recorded here, before the run can end: a RUNNING written after a
+            // fast failure would overwrite it.
+            let rec = RsyncRunRecord {
+                task_id: id,
+                job_id: h.id,
+                state: "RUNNING".into(),
+                started,
+                finished: None,
+                error: None,
+                log: String::new(),
+            };
+            if let Err(e) = app.store.rsync_run_record(&rec) {
+                tracing::warn!(task = id, "could not record the run: {e}");
+            }
             let out = app.rsync_execute(&r, &h, trigger).await;
             let finished = super::jobs::now();
             let mut log = h.logs();
@@ -647,19 +664,6 @@ impl App {
             out
         });
         running.insert(id, (job, 0));
-        drop(running);
-        let rec = RsyncRunRecord {
-            task_id: id,
-            job_id: job,
-            state: "RUNNING".into(),
-            started: super::jobs::now(),
-            finished: None,
-            error: None,
-            log: String::new(),
-        };
-        if let Err(e) = self.store.rsync_run_record(&rec) {
-            tracing::warn!(task = id, "could not record the run: {e}");
-        }
         Ok(job)
     }
 
@@ -726,6 +730,18 @@ impl App {
                 let (host, port, username) = match t.ssh_credentials {
                     Some(c) => {
                         let target = self.connection_target(c, None)?;
+                        // ssh would read a host or user starting with '-' as an option.
+                        for (what, v) in [("host", &target.host), ("username", &target.username)] {
+                            if v.starts_with('-')
+                                || v.is_empty()
+                                || v.chars().any(|ch| ch.is_whitespace() || ch.is_control())
+                            {
+                                return Err(ServiceError::call(
+                                    EINVAL,
+                                    format!("SSH connection {c}: its {what} {v:?} cannot be used on a command line; fix the connection"),
+                                ));
+                            }
+                        }
                         let key = keyhaven_ssh::client::parse_private_key(&target.private_key_openssh)
                             .map_err(|e| ServiceError::call(EINVAL, format!("SSH connection {c}: {e}")))?;
                         let public = key
@@ -781,6 +797,8 @@ impl App {
                 rules::ssh_operand(&username, &host, &remotepath)
             }
         };
+        // Operands only from here: a name starting with '-' is not an option.
+        args.push("--".into());
         match t.direction {
             Direction::PUSH => {
                 args.push(local.into());
@@ -800,7 +818,11 @@ impl App {
             args,
             keep_output: !t.quiet,
         };
-        let mut running = keyhaven_ssh::rsync::start(&spec).map_err(|e| ServiceError::call(ENOENT, e.to_string()))?;
+        let mut running =
+            keyhaven_ssh::rsync::start(&spec).await.map_err(|e| ServiceError::call(ENOENT, e.to_string()))?;
+        if let Some(agent) = &_agent {
+            agent.admit_process_group(running.pid);
+        }
         if let Some(slot) = self.rsync.running.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&r.id) {
             slot.1 = running.pid;
         }
