@@ -592,6 +592,8 @@ async fn a_daemon_killed_during_a_run_leaves_no_rsync_and_reports_the_run_failed
     }
     let d2 = Daemon::start_in(s.d.dir.clone(), DaemonOpts::default());
     let mut c2 = d2.admin().await;
+    let left: Vec<_> = std::fs::read_dir(s.d.dir.path().join("run")).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "the killed run's agent directory is cleared at start: {left:?}");
     let t = c2.call("rsynctask.get_instance", json!([task["id"]])).await;
     assert_eq!(t["job"]["state"], "FAILED", "{t}");
     assert!(t["job"]["error"].as_str().unwrap().contains("keyhaven stopped during this run"), "{t}");

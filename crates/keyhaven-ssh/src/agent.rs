@@ -80,6 +80,14 @@ impl RunAgent {
 
     async fn serve(dir: PathBuf, uid: u32, gid: u32, key: &PrivateKey) -> io::Result<RunAgent> {
         let socket = dir.join("agent.sock");
+        // sockaddr_un holds 108 bytes, the terminating NUL included.
+        let len = socket.as_os_str().len();
+        if len > 107 {
+            return Err(io::Error::other(format!(
+                "the agent socket path {} is {len} bytes, more than a Unix socket takes (107); use a shorter data_dir",
+                socket.display()
+            )));
+        }
         let listener = UnixListener::bind(&socket)?;
         let me = rustix::process::geteuid().as_raw();
         let sealed = Arc::new(AtomicBool::new(false));

@@ -953,6 +953,16 @@ impl App {
             Ok(n) => tracing::warn!("{n} rsync run(s) were interrupted when keyhaven stopped; marked FAILED"),
             Err(e) => tracing::warn!("could not mark interrupted rsync runs: {e}"),
         }
+        // The agent directories of those runs (a stale socket, known_hosts and a
+        // public key; never a private key). remove_dir_all does not follow links.
+        if let Ok(entries) = std::fs::read_dir(self.config.data_dir.join("run")) {
+            for e in entries.flatten() {
+                let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
+                if is_dir && e.file_name().to_string_lossy().starts_with("agent-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
     }
 
     /// The scheduler: at the start of each minute, run the enabled tasks due
