@@ -12,7 +12,7 @@ fn now_secs() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-fn json_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Value> {
+pub(crate) fn json_col(row: &Row<'_>, idx: usize) -> rusqlite::Result<Value> {
     let s: String = row.get(idx)?;
     serde_json::from_str(&s)
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e)))

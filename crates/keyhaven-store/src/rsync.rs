@@ -30,11 +30,9 @@ pub struct RsyncRunRecord {
 }
 
 fn task_row(r: &Row<'_>) -> rusqlite::Result<RsyncTaskRecord> {
-    let data: String = r.get(1)?;
     Ok(RsyncTaskRecord {
         id: r.get(0)?,
-        data: serde_json::from_str(&data)
-            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e)))?,
+        data: crate::records::json_col(r, 1)?,
         enabled: r.get(2)?,
         ssh_credentials: r.get(3)?,
     })

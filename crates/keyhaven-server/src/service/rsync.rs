@@ -25,8 +25,6 @@ use crate::error::{ServiceError, EBUSY, EINVAL, ENOENT};
 pub const RSYNC: &str = "/usr/bin/rsync";
 /// Where ssh is (Debian's `openssh-client`).
 pub const SSH: &str = "/usr/bin/ssh";
-/// The most of a run's log kept with the task.
-const KEEP_LOG: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Mode {
@@ -637,14 +635,8 @@ impl App {
             }
             let out = app.rsync_execute(&r, &h, trigger).await;
             let finished = super::jobs::now();
-            let mut log = h.logs();
-            if log.len() > KEEP_LOG {
-                let mut cut = log.len() - KEEP_LOG;
-                while !log.is_char_boundary(cut) {
-                    cut += 1;
-                }
-                log.drain(..cut);
-            }
+            // The job keeps only the end of its log (64 KiB): that is what the task keeps.
+            let log = h.logs();
             let rec = RsyncRunRecord {
                 task_id: id,
                 job_id: h.id,
@@ -827,14 +819,15 @@ impl App {
             slot.1 = running.pid;
         }
         h.progress(0.0, "Starting rsync");
-        let mut last = Instant::now() - Duration::from_secs(1);
+        let mut last: Option<Instant> = None;
         let mut last_percent = -1.0;
         while let Some(ev) = running.events.recv().await {
             match ev {
                 keyhaven_ssh::rsync::RunEvent::Progress(p) => {
-                    if p.percent != last_percent && (last.elapsed() >= Duration::from_millis(200) || p.percent >= 100.0)
+                    if p.percent != last_percent
+                        && (last.is_none_or(|l| l.elapsed() >= Duration::from_millis(200)) || p.percent >= 100.0)
                     {
-                        last = Instant::now();
+                        last = Some(Instant::now());
                         last_percent = p.percent;
                         h.progress(p.percent, format!("{} bytes, {}", p.bytes, p.rate));
                     }
