@@ -1,10 +1,11 @@
 # keyhaven: `make test` installs what the tests need (apt-get, when missing) and
 # runs every test: Rust unit and integration tests, then the compatibility
-# tests with third-party TrueNAS clients. `make bench` runs the benchmarks.
+# tests with third-party TrueNAS clients. `make bench` runs the benchmarks;
+# `make deb` builds the Debian package (release build, cargo-deb).
 
 CARGO ?= cargo
 
-.PHONY: test deps rust-tests compat-tests bench lint
+.PHONY: test deps rust-tests compat-tests bench lint deb
 
 test: deps rust-tests compat-tests
 
@@ -24,3 +25,7 @@ lint:
 
 bench: deps
 	$(CARGO) bench --bench keyhaven
+
+# The Debian package (release build): target/debian/keyhaven_<version>_amd64.deb
+deb:
+	bash scripts/build-deb.sh

@@ -3,7 +3,9 @@
 # OpenSSH's server and client (sshd, ssh, ssh-keygen, ssh-keyscan), openssl (key
 # interop tests), rsync (rsync tasks), Python's venv module (compatibility tests with pytruenas and
 # aiotruenas-client), Chromium and chromedriver, Firefox ESR and geckodriver (web
-# UI tests; Debian does not package geckodriver, so it is built from crates.io).
+# UI tests; Debian does not package geckodriver, so it is built from crates.io),
+# and for the Debian package's test: lintian, systemd-analyze (package systemd),
+# strip (binutils) and cargo-deb (built from crates.io by scripts/build-deb.sh).
 set -euo pipefail
 
 missing=()
@@ -20,6 +22,9 @@ need /usr/bin/setpriv util-linux
 need chromium chromium
 need chromedriver chromium-driver
 need firefox-esr firefox-esr
+need lintian lintian
+need systemd-analyze systemd
+need strip binutils
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
 
 if [ ${#missing[@]} -gt 0 ]; then
@@ -38,5 +43,8 @@ if ! command -v geckodriver >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/geckodri
   echo "installing geckodriver $GECKODRIVER_VERSION (cargo install)"
   cargo install --locked --quiet geckodriver --version "$GECKODRIVER_VERSION"
 fi
+# cargo-deb (the pinned version in scripts/build-deb.sh), built here rather than
+# inside the package's test, where its compile would slow the tests beside it.
+bash "$(dirname "$0")/build-deb.sh" --tool
 # sshd as root needs its privilege-separation directory.
 if [ "$(id -u)" -eq 0 ] && [ ! -d /run/sshd ]; then mkdir -p /run/sshd && chmod 0755 /run/sshd; fi

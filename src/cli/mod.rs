@@ -2,6 +2,7 @@
 
 mod call;
 mod keypair;
+mod package;
 mod rsync;
 
 use std::collections::BTreeMap;
@@ -9,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::builder::PossibleValuesParser;
-use clap::{value_parser, Arg, ArgMatches, Args, Command, FromArgMatches, Parser, Subcommand};
+use clap::{value_parser, Arg, ArgMatches, Args, Command, CommandFactory, FromArgMatches, Parser, Subcommand};
 use keyhaven_server::config::{Config, Kind, Scope, SettingDef, SETTINGS};
 
 #[derive(Parser)]
@@ -130,9 +131,15 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Print a commented config file: every setting, what it means and its default.
+    ConfigTemplate,
     /// Print the configuration table (Markdown) that README.md carries.
     #[command(hide = true)]
     SettingsTable,
+    /// Write what the Debian package ships besides the binary (config file,
+    /// man pages, shell completions) into DIR.
+    #[command(hide = true)]
+    PackageFiles { dir: PathBuf },
 }
 
 /// The configuration from the flags given (flag > environment > `--config` file > default).
@@ -140,11 +147,21 @@ pub fn resolve_config<const SERVE: bool>(flags: &SettingFlags<SERVE>) -> Result<
     Config::resolve(&flags.values, &|k| std::env::var(k).ok(), flags.config.as_deref()).map_err(|e| e.to_string())
 }
 
-fn init_logging(filter: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+/// Log to stderr; returns how to switch the filter later (SIGHUP reload).
+fn init_logging(filter: &str) -> Box<dyn Fn(&str) -> Result<(), String> + Send + Sync> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_filter_reloading();
+    let handle = builder.reload_handle();
+    let _ = builder.try_init();
+    Box::new(move |f| {
+        let filter = EnvFilter::try_new(f).map_err(|e| format!("`{f}` is not a log filter: {e}"))?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }
 
 pub fn run() -> Result<ExitCode, String> {
@@ -152,9 +169,13 @@ pub fn run() -> Result<ExitCode, String> {
     match cli.cmd {
         Cmd::Serve { flags } => {
             let cfg = resolve_config(&flags)?;
-            init_logging(&cfg.log);
+            let set_log_filter = init_logging(&cfg.log);
+            let reload = keyhaven_server::startup::Reload {
+                resolve: Box::new(move || resolve_config(&flags)),
+                set_log_filter,
+            };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
-            rt.block_on(keyhaven_server::startup::serve(cfg)).map_err(|e| e.to_string())?;
+            rt.block_on(keyhaven_server::startup::serve(cfg, reload)).map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Call(args) => call::run(args),
@@ -162,7 +183,7 @@ pub fn run() -> Result<ExitCode, String> {
         Cmd::Rsync(r) => rsync::run(r),
         Cmd::RotateMasterKey { common } => {
             let cfg = resolve_config(&common)?;
-            init_logging(&cfg.log);
+            let _ = init_logging(&cfg.log);
             let sock = keyhaven_server::transport::unix::socket_path(&cfg.data_dir);
             if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
                 return Err(format!(
@@ -175,8 +196,16 @@ pub fn run() -> Result<ExitCode, String> {
             println!("re-encrypted {n} secrets under a new master key in {}", store.key_path().display());
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::ConfigTemplate => {
+            print!("{}", keyhaven_server::config::toml_template(&[]));
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::SettingsTable => {
             print!("{}", keyhaven_server::config::markdown_table());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::PackageFiles { dir } => {
+            package::write(&dir, Cli::command())?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -184,8 +213,6 @@ pub fn run() -> Result<ExitCode, String> {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
-
     use super::*;
 
     #[test]
@@ -218,5 +245,28 @@ mod tests {
         let Cmd::RotateMasterKey { common } = cli.cmd else { panic!("not rotate-master-key") };
         assert_eq!(common.values.keys().copied().collect::<Vec<_>>(), ["data_dir"]);
         assert_eq!(common.config.as_deref(), Some(std::path::Path::new("/c")));
+    }
+
+    #[test]
+    fn package_files_come_from_the_command_line_and_the_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        package::write(dir.path(), Cli::command()).unwrap();
+        let read = |p: &str| std::fs::read_to_string(dir.path().join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+        // A man page per visible subcommand, each flag of serve in its page.
+        for sub in Cli::command().get_subcommands().filter(|s| !s.is_hide_set()) {
+            read(&format!("man/keyhaven-{}.1", sub.get_name()));
+        }
+        assert!(!dir.path().join("man/keyhaven-package-files.1").exists());
+        let serve = read("man/keyhaven-serve.1");
+        let (bash, zsh, fish) =
+            (read("completions/keyhaven.bash"), read("completions/_keyhaven"), read("completions/keyhaven.fish"));
+        for flag in SETTINGS.iter().filter_map(|d| d.flag) {
+            assert!(serve.contains(&flag.replace('-', "\\-")), "{flag} not in keyhaven-serve.1");
+            assert!(bash.contains(flag) && zsh.contains(flag), "{flag} not completed");
+            assert!(fish.contains(&format!("-l {}", &flag[2..])), "{flag} not completed by fish");
+        }
+        // The config file parses and points at the package's data dir.
+        let cfg = Config::resolve(&BTreeMap::new(), &|_| None, Some(&dir.path().join("keyhaven.toml"))).unwrap();
+        assert_eq!(cfg.data_dir, PathBuf::from(package::PACKAGE_DATA_DIR));
     }
 }

@@ -13,7 +13,6 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::MaybeTlsStream;
 
@@ -285,18 +284,6 @@ async fn per_address_websocket_cap_and_login_timeout() {
     // The logged-in admin stays, however silent.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(admin.call("auth.me", json!([])).await["pw_name"], "admin");
-}
-
-async fn ws_with_origin(d: &Daemon, origin: Option<&str>) -> Result<(), u16> {
-    let mut req = d.ws_url("/api/current").into_client_request().unwrap();
-    if let Some(o) = origin {
-        req.headers_mut().insert("Origin", o.parse().unwrap());
-    }
-    match tokio_tungstenite::connect_async(req).await {
-        Ok(_) => Ok(()),
-        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
-        Err(e) => panic!("unexpected error: {e}"),
-    }
 }
 
 /// A page on another origin cannot open the API from the admin's browser.

@@ -75,6 +75,7 @@ pub struct Daemon {
 
 pub struct DaemonOpts {
     pub listen: String,
+    /// Environment variables for the daemon; an empty value removes the variable.
     pub env: Vec<(String, String)>,
     pub args: Vec<String>,
 }
@@ -100,7 +101,10 @@ impl Daemon {
         cmd.args(&opts.args);
         cmd.env("KEYHAVEN_ADMIN_PASSWORD", ADMIN_PASSWORD).env("KEYHAVEN_LOG", "info");
         for (k, v) in &opts.env {
-            cmd.env(k, v);
+            match v.as_str() {
+                "" => cmd.env_remove(k),
+                v => cmd.env(k, v),
+            };
         }
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
         let mut child = cmd.spawn().expect("spawn keyhaven");
@@ -538,4 +542,18 @@ pub fn signal(pid: u32, sig: i32) -> i32 {
     }
     // SAFETY: a positive PID (never a group or -1) of a process the test started.
     unsafe { libc::kill(pid, sig) }
+}
+
+/// Open the API's WebSocket with this `Origin` header (if any): `Err(status)` when refused.
+pub async fn ws_with_origin(d: &Daemon, origin: Option<&str>) -> Result<(), u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = d.ws_url("/api/current").into_client_request().unwrap();
+    if let Some(o) = origin {
+        req.headers_mut().insert("Origin", o.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok(_) => Ok(()),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
 }

@@ -1,5 +1,6 @@
 //! `keyhaven serve`: self-checks, first-start setup, listeners, the ready line
-//! and clean shutdown on SIGTERM/SIGINT.
+//! (and systemd's `READY=1`), reloading on SIGHUP and clean shutdown on
+//! SIGTERM/SIGINT.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -10,7 +11,7 @@ use std::time::Instant;
 use tokio::net::TcpListener;
 use zeroize::Zeroizing;
 
-use crate::config::{Config, ADMIN_PASSWORD_ENV};
+use crate::config::{Config, ADMIN_PASSWORD_ENV, SETTINGS};
 use crate::service::{users, App};
 use crate::transport;
 use keyhaven_store::{Store, DB_FILE, MASTER_KEY_FILE};
@@ -92,9 +93,10 @@ pub fn open_store(cfg: &Config) -> Result<Store, StartupError> {
             .map_err(|source| StartupError::Write { path: path.clone(), source })?;
         f.write_all(format!("{}\n", pw.as_str()).as_bytes())
             .map_err(|source| StartupError::Write { path: path.clone(), source })?;
+        // The password stays out of the log (the journal keeps it and more
+        // people read it than the data dir): only where to find it.
         eprintln!(
-            "keyhaven: created account `admin` with password {} (also in {}; change it, then delete that file)",
-            pw.as_str(),
+            "keyhaven: created account `admin`; its password is in {} (readable by root only): log in, change it, then delete that file",
             path.display()
         );
     } else if first_start {
@@ -113,8 +115,74 @@ async fn shutdown_signal() {
     }
 }
 
+/// What `serve` does on SIGHUP, given by the binary, which owns the command
+/// line and the logger.
+pub struct Reload {
+    /// The configuration resolved anew: the same flags and environment, the
+    /// config file read again.
+    pub resolve: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
+    /// Switch the log filter (the `log` setting).
+    pub set_log_filter: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+}
+
+/// Tell systemd (when it started us with `Type=notify`) how we are doing.
+/// Without `NOTIFY_SOCKET` this does nothing.
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!("cannot notify systemd through NOTIFY_SOCKET: {e}");
+    }
+}
+
+/// Re-read the configuration on each SIGHUP and apply the settings that can
+/// change while running ([`crate::config::SettingDef::reload`]); name the others,
+/// which keep their running values until a restart.
+async fn reload_on_sighup(app: Arc<App>, reload: Reload, audit_wake: Arc<tokio::sync::Notify>) {
+    use sd_notify::NotifyState;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot handle SIGHUP, so the configuration cannot be reloaded: {e}");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        let mut reloading = vec![NotifyState::Reloading];
+        reloading.extend(NotifyState::monotonic_usec_now().ok());
+        notify_systemd(&reloading);
+        match (reload.resolve)() {
+            Err(e) => tracing::warn!("reloading the configuration failed, nothing was changed: {e}"),
+            Ok(new) => apply_reload(&app, &reload, new, &audit_wake),
+        }
+        notify_systemd(&[NotifyState::Ready]);
+    }
+}
+
+fn apply_reload(app: &App, reload: &Reload, new: Config, audit_wake: &tokio::sync::Notify) {
+    let reloadable = |name: &str| SETTINGS.iter().any(|d| d.name == name && d.reload);
+    for name in app.config.changed_settings(&new).into_iter().filter(|n| !reloadable(n)) {
+        tracing::warn!(
+            "setting `{name}` changed in the configuration, but applies only at start: \
+             keyhaven keeps the running value until it is restarted (systemctl restart keyhaven)"
+        );
+    }
+    let applied: Vec<&str> = app.live_config().changed_settings(&new).into_iter().filter(|n| reloadable(n)).collect();
+    tracing::info!("configuration reloaded; applied: {}", if applied.is_empty() { "nothing changed".into() } else { applied.join(", ") });
+    let log = new.log.clone();
+    app.set_live_config(new);
+    if applied.contains(&"audit.retention_days") {
+        audit_wake.notify_one();
+    }
+    // Last, so that the lines above still go out under the old filter.
+    if applied.contains(&"log") {
+        if let Err(e) = (reload.set_log_filter)(&log) {
+            tracing::warn!("setting `log`: {e}; keeping the previous log filter");
+        }
+    }
+}
+
 /// Run the daemon until SIGTERM/SIGINT.
-pub async fn serve(cfg: Config) -> Result<(), StartupError> {
+pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
     let started = Instant::now();
     let store = open_store(&cfg)?;
     if let Some(problem) = keyhaven_ssh::reach::strict_modes_problem(&cfg.data_dir) {
@@ -170,12 +238,14 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
         registry: transport::limits::Registry::new(max_connections, app.config.max_connections_per_address),
         header_read_timeout: app.config.header_read_timeout,
     };
+    let audit_wake = Arc::new(tokio::sync::Notify::new());
     {
-        // Audit retention: at start, then hourly.
+        // Audit retention: at start, then hourly, and when a reload changes it.
         let app = app.clone();
+        let wake = audit_wake.clone();
         tokio::spawn(async move {
-            let keep = (app.config.audit_retention_days * 86_400) as i64;
             loop {
+                let keep = (app.live_config().audit_retention_days * 86_400) as i64;
                 let a = app.clone();
                 match tokio::task::spawn_blocking(move || a.store.audit_prune(keep)).await {
                     Ok(Ok(n)) if n > 0 => tracing::info!("deleted {n} audit entries older than the retention period"),
@@ -183,10 +253,14 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
                     Ok(Err(e)) => tracing::warn!("pruning the audit log: {e}"),
                     Err(e) => tracing::warn!("pruning the audit log: {e}"),
                 }
-                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+                    _ = wake.notified() => {}
+                }
             }
         });
     }
+    tokio::spawn(reload_on_sighup(app.clone(), reload, audit_wake));
     {
         let app = app.clone();
         tokio::task::spawn_blocking(move || {
@@ -262,10 +336,17 @@ pub async fn serve(cfg: Config) -> Result<(), StartupError> {
     println!("keyhaven listening on {scheme}://{local}");
     let _ = std::io::stdout().flush();
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
+    // The listener is bound (connections queue from here on), so systemd may
+    // start what comes after keyhaven.service.
+    notify_systemd(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("listening on {scheme}://{local}")),
+    ]);
 
     transport::serve_tcp(listener, router, tls, edge, shutdown_signal()).await;
 
     tracing::info!("shutting down");
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     app.flush_refusal_summaries(true);
     unix_task.abort();
     scheduler.abort();

@@ -24,7 +24,10 @@ use crate::error::ServiceError;
 /// Everything a request handler can reach: configuration, store and the
 /// in-memory state of each use case.
 pub struct App {
+    /// The configuration the daemon started with. Settings that SIGHUP
+    /// reloads (`SettingDef::reload`) are read from [`App::live_config`] instead.
     pub config: Config,
+    live: std::sync::RwLock<Arc<Config>>,
     pub store: Store,
     pub auth: auth::AuthState,
     pub jobs: Arc<jobs::Jobs>,
@@ -68,6 +71,7 @@ impl App {
             password_checks(config.password_checks),
         );
         Arc::new(App {
+            live: std::sync::RwLock::new(Arc::new(config.clone())),
             config,
             store,
             auth,
@@ -81,6 +85,18 @@ impl App {
             users_lock: tokio::sync::Mutex::new(()),
             tls_fingerprint: std::sync::OnceLock::new(),
         })
+    }
+}
+
+impl App {
+    /// The configuration as last (re)loaded: read the reloadable settings here.
+    pub fn live_config(&self) -> Arc<Config> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Make `config` the live configuration (after a reload on SIGHUP).
+    pub fn set_live_config(&self, config: Config) {
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
     }
 }
 

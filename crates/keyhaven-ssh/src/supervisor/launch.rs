@@ -37,6 +37,9 @@ pub(super) async fn launch(paths: &SshdPaths) -> Result<Launched, SshdError> {
         .arg(&log_path)
         .arg("-o")
         .arg(pid_file_option(&pid_file))
+        // keyhaven is systemd's main process: Debian's sshd would report its
+        // own readiness on the socket meant for keyhaven.
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(Stdio::from(log_out))
         .stderr(Stdio::from(log))

@@ -1,0 +1,178 @@
+//! Running as a systemd service: readiness through `NOTIFY_SOCKET` (a real
+//! unix datagram socket bound here, as systemd binds one) and reloading the
+//! config file on SIGHUP. The package test (package.rs) runs the installed unit.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// The socket systemd would listen on for a `Type=notify` service.
+pub struct NotifySocket {
+    sock: UnixDatagram,
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NotifySocket {
+    pub fn bind() -> NotifySocket {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        NotifySocket { sock, path, _dir: dir }
+    }
+
+    /// The next message, waiting at most `patience`.
+    pub fn recv(&self, patience: Duration) -> Option<String> {
+        self.sock.set_read_timeout(Some(patience)).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = self.sock.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// Messages until one has the line `line`; all of them, that one last.
+    pub fn wait_for(&self, line: &str, patience: Duration) -> Vec<String> {
+        let deadline = Instant::now() + patience;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let Some(m) = self.recv(left) else { break };
+            let done = m.lines().any(|l| l == line);
+            seen.push(m);
+            if done {
+                return seen;
+            }
+        }
+        panic!("no {line} within {patience:?}; received {seen:?}");
+    }
+}
+
+/// A free loopback port (bound, then released for the daemon to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A process killed (by PID) and reaped on drop.
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn ready_is_notified_once_the_port_accepts_connections() {
+    let dir = TestDir::new("notify");
+    let notify = NotifySocket::bind();
+    let port = free_port();
+    // Not through Daemon::start_in, which waits for the stdout line: here
+    // READY=1 alone says when to connect.
+    let child = Command::new(bin())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.path())
+        .env("KEYHAVEN_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .env("NOTIFY_SOCKET", &notify.path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Spawned(child);
+    let seen = notify.wait_for("READY=1", Duration::from_secs(60));
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("READY=1 came before the API port accepted connections");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].contains(&format!("STATUS=listening on http://127.0.0.1:{port}")), "{seen:?}");
+
+    // SIGTERM: systemd hears STOPPING=1, then the process ends cleanly.
+    signal(child.0.id(), libc::SIGTERM);
+    notify.wait_for("STOPPING=1", Duration::from_secs(15));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "keyhaven did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+fn write_config(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// SIGHUP, then wait until keyhaven says it is ready again.
+fn reload(d: &Daemon, notify: &NotifySocket) {
+    signal(d.pid() as u32, libc::SIGHUP);
+    let seen = notify.wait_for("READY=1", Duration::from_secs(30));
+    assert!(seen.iter().any(|m| m.lines().any(|l| l == "RELOADING=1")), "{seen:?}");
+}
+
+/// Wait (bounded) until the daemon's stderr, read by another thread, holds `text`.
+fn wait_log(d: &Daemon, text: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = d.stderr();
+        if log.contains(text) {
+            return log;
+        }
+        assert!(Instant::now() < deadline, "no `{text}` in the log:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn sighup_applies_the_reloadable_settings_and_names_the_others() {
+    let dir = Arc::new(TestDir::new("reload"));
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("keyhaven.toml");
+    write_config(&cfg, "log = \"info\"\n");
+    let notify = NotifySocket::bind();
+    let d = Daemon::start_in(
+        dir,
+        DaemonOpts {
+            listen: "127.0.0.1:0".into(),
+            // The file's `log` counts only without KEYHAVEN_LOG (env > file).
+            env: vec![
+                ("NOTIFY_SOCKET".into(), notify.path.display().to_string()),
+                ("KEYHAVEN_LOG".into(), String::new()),
+            ],
+            args: vec!["--config".into(), cfg.display().to_string()],
+        },
+    );
+    notify.wait_for("READY=1", Duration::from_secs(30));
+    let nas = "https://nas.example:8443";
+    const REFUSED: &str = "refused a WebSocket from a foreign browser origin";
+    assert_eq!(ws_with_origin(&d, Some(nas)).await, Err(403));
+    wait_log(&d, REFUSED);
+
+    // allowed_origins and log apply at once; listen needs a restart and is
+    // named; the daemon keeps serving where it was.
+    write_config(
+        &cfg,
+        &format!(
+            "log = \"warn\"\nallowed_origins = \"{nas}\"\nlisten = \"127.0.0.1:1\"\n[audit]\nretention_days = 30\n"
+        ),
+    );
+    reload(&d, &notify);
+    let log = wait_log(&d, "configuration reloaded; applied: log, allowed_origins, audit.retention_days");
+    assert!(log.contains("setting `listen` changed in the configuration, but applies only at start"), "{log}");
+    assert_eq!(ws_with_origin(&d, Some(nas)).await, Ok(()));
+    d.admin().await;
+
+    // log = "warn": a refused origin (an info line) is no longer logged. The
+    // failed reload below writes a warning after it, so once that warning is
+    // in, the info line would be too.
+    assert_eq!(ws_with_origin(&d, Some("http://evil.example")).await, Err(403));
+    write_config(&cfg, "log = [\n");
+    reload(&d, &notify);
+    let log = wait_log(&d, "reloading the configuration failed, nothing was changed");
+    assert!(log.contains("is not valid TOML"), "{log}");
+    assert_eq!(log.matches(REFUSED).count(), 1, "{log}");
+    // The failed reload changed nothing.
+    assert_eq!(ws_with_origin(&d, Some(nas)).await, Ok(()));
+}
