@@ -150,17 +150,17 @@ async fn sighup_applies_the_reloadable_settings_and_names_the_others() {
     assert_eq!(ws_with_origin(&d, Some(nas)).await, Err(403));
     wait_log(&d, REFUSED);
 
-    // allowed_origins and log apply at once; listen needs a restart and is
-    // named; the daemon keeps serving where it was.
+    // allowed_origins and log apply at once; limits.login_timeout needs a
+    // restart and is named.
     write_config(
         &cfg,
         &format!(
-            "log = \"warn\"\nallowed_origins = \"{nas}\"\nlisten = \"127.0.0.1:1\"\n[audit]\nretention_days = 30\n"
+            "log = \"warn\"\nallowed_origins = \"{nas}\"\n[audit]\nretention_days = 30\n[limits]\nlogin_timeout = 45\n"
         ),
     );
     reload(&d, &notify);
     let log = wait_log(&d, "configuration reloaded; applied: log, allowed_origins, audit.retention_days");
-    assert!(log.contains("setting `listen` changed in the configuration, but applies only at start"), "{log}");
+    assert!(log.contains("setting `limits.login_timeout` changed in the configuration, but applies only at start"), "{log}");
     assert_eq!(ws_with_origin(&d, Some(nas)).await, Ok(()));
     d.admin().await;
 

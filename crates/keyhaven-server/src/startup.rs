@@ -105,13 +105,18 @@ pub fn open_store(cfg: &Config) -> Result<Store, StartupError> {
     Ok(store)
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed at the call, not
+/// at the first poll: a SIGTERM right after the ready line (systemd may send
+/// one as soon as it has READY=1) must shut down cleanly, not kill the process.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
@@ -333,6 +338,7 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
         }
     });
 
+    let shutdown = shutdown_signal();
     println!("keyhaven listening on {scheme}://{local}");
     let _ = std::io::stdout().flush();
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
@@ -343,7 +349,7 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
         sd_notify::NotifyState::Status(&format!("listening on {scheme}://{local}")),
     ]);
 
-    transport::serve_tcp(listener, router, tls, edge, shutdown_signal()).await;
+    transport::serve_tcp(listener, router, tls, edge, shutdown).await;
 
     tracing::info!("shutting down");
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
