@@ -176,3 +176,34 @@ async fn sighup_applies_the_reloadable_settings_and_names_the_others() {
     // The failed reload changed nothing.
     assert_eq!(ws_with_origin(&d, Some(nas)).await, Ok(()));
 }
+
+/// Hostile: a flood of SIGHUPs while the config file is rewritten, half the
+/// time into something broken (a script gone wrong, or anyone allowed to
+/// signal the daemon). Every reload either applies or changes nothing; the
+/// logged-in admin keeps being served, and the last good file wins.
+#[tokio::test]
+async fn hostile_sighup_flood_while_the_config_changes_keeps_serving_the_admin() {
+    let dir = Arc::new(TestDir::new("hupflood"));
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("keyhaven.toml");
+    write_config(&cfg, "");
+    let d = Daemon::start_in(
+        dir,
+        DaemonOpts { args: vec!["--config".into(), cfg.display().to_string()], ..Default::default() },
+    );
+    let mut admin = d.admin().await;
+    for i in 0..300 {
+        write_config(&cfg, if i % 2 == 0 { "[limits]\nlogin_timeout = 40\n" } else { "allowed_origins = [" });
+        assert_eq!(signal(d.pid() as u32, libc::SIGHUP), 0, "keyhaven is gone:\n{}", d.stderr());
+    }
+    assert_eq!(admin.call("auth.me", serde_json::json!([])).await["pw_name"], "admin");
+    let nas = "https://nas.example:8443";
+    write_config(&cfg, &format!("allowed_origins = \"{nas}\"\n"));
+    signal(d.pid() as u32, libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while ws_with_origin(&d, Some(nas)).await.is_err() {
+        assert!(Instant::now() < deadline, "the last good config was not applied:\n{}", d.stderr());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    d.admin().await;
+}
