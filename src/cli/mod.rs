@@ -170,10 +170,8 @@ pub fn run() -> Result<ExitCode, String> {
         Cmd::Serve { flags } => {
             let cfg = resolve_config(&flags)?;
             let set_log_filter = init_logging(&cfg.log);
-            let reload = keyhaven_server::startup::Reload {
-                resolve: Box::new(move || resolve_config(&flags)),
-                set_log_filter,
-            };
+            let reload =
+                keyhaven_server::startup::Reload { resolve: Box::new(move || resolve_config(&flags)), set_log_filter };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
             rt.block_on(keyhaven_server::startup::serve(cfg, reload)).map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)

@@ -160,7 +160,10 @@ async fn sighup_applies_the_reloadable_settings_and_names_the_others() {
     );
     reload(&d, &notify);
     let log = wait_log(&d, "configuration reloaded; applied: log, allowed_origins, audit.retention_days");
-    assert!(log.contains("setting `limits.login_timeout` changed in the configuration, but applies only at start"), "{log}");
+    assert!(
+        log.contains("setting `limits.login_timeout` changed in the configuration, but applies only at start"),
+        "{log}"
+    );
     assert_eq!(ws_with_origin(&d, Some(nas)).await, Ok(()));
     d.admin().await;
 

@@ -172,7 +172,10 @@ fn apply_reload(app: &App, reload: &Reload, new: Config, audit_wake: &tokio::syn
         );
     }
     let applied: Vec<&str> = app.live_config().changed_settings(&new).into_iter().filter(|n| reloadable(n)).collect();
-    tracing::info!("configuration reloaded; applied: {}", if applied.is_empty() { "nothing changed".into() } else { applied.join(", ") });
+    tracing::info!(
+        "configuration reloaded; applied: {}",
+        if applied.is_empty() { "nothing changed".into() } else { applied.join(", ") }
+    );
     let log = new.log.clone();
     app.set_live_config(new);
     if applied.contains(&"audit.retention_days") {

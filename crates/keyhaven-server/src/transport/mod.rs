@@ -88,10 +88,9 @@ fn upgrade(
 ) -> Response {
     if let Some(origin) = headers.get(header::ORIGIN) {
         let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-        let ok =
-            origin.to_str().is_ok_and(|o| {
-            origin_allowed(o, host, app.config.use_tls(), &app.live_config().allowed_origins)
-        });
+        let ok = origin
+            .to_str()
+            .is_ok_and(|o| origin_allowed(o, host, app.config.use_tls(), &app.live_config().allowed_origins));
         if !ok {
             tracing::info!(%peer, origin = ?origin, "refused a WebSocket from a foreign browser origin");
             return (
