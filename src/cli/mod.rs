@@ -148,7 +148,7 @@ pub fn resolve_config<const SERVE: bool>(flags: &SettingFlags<SERVE>) -> Result<
 }
 
 /// Log to stderr; returns how to switch the filter later (SIGHUP reload).
-fn init_logging(filter: &str) -> Box<dyn Fn(&str) -> Result<(), String> + Send + Sync> {
+fn init_logging(filter: &str) -> keyhaven_server::startup::SetLogFilter {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

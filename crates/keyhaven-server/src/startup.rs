@@ -120,14 +120,16 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
+/// Switches the log filter to a new `log` setting; the error says why it is not a filter.
+pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// What `serve` does on SIGHUP, given by the binary, which owns the command
 /// line and the logger.
 pub struct Reload {
     /// The configuration resolved anew: the same flags and environment, the
     /// config file read again.
     pub resolve: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
-    /// Switch the log filter (the `log` setting).
-    pub set_log_filter: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+    pub set_log_filter: SetLogFilter,
 }
 
 /// Tell systemd (when it started us with `Type=notify`) how we are doing.
