@@ -82,7 +82,7 @@ impl<const SERVE: bool> Args for SettingFlags<SERVE> {
                 .global(true)
                 .value_name("FILE")
                 .value_parser(value_parser!(PathBuf))
-                .help("TOML config file (keys as in the README's configuration table)"),
+                .help("TOML config file (`keyhaven config-template` prints one with every setting and its default)"),
         )
     }
 
