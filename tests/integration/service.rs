@@ -210,3 +210,66 @@ async fn hostile_sighup_flood_while_the_config_changes_keeps_serving_the_admin()
     }
     d.admin().await;
 }
+
+/// SHA-256 fingerprint (openssl's form) of the certificate served on `addr`.
+fn served_fingerprint(addr: std::net::SocketAddr) -> String {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect {addr} -servername localhost </dev/null 2>/dev/null \
+             | openssl x509 -noout -fingerprint -sha256"
+        ))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    out.trim().split_once('=').map(|(_, f)| f.to_string()).unwrap_or_else(|| panic!("no certificate served: {out}"))
+}
+
+fn file_fingerprint(cert: &Path) -> String {
+    let o =
+        Command::new("openssl").args(["x509", "-noout", "-fingerprint", "-sha256", "-in"]).arg(cert).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().split_once('=').unwrap().1.to_string()
+}
+
+#[tokio::test]
+async fn sighup_reads_the_tls_certificate_again() {
+    let dir = Arc::new(TestDir::new("tlsreload"));
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("keyhaven.toml");
+    write_config(&cfg, "tls = true\n");
+    let notify = NotifySocket::bind();
+    let d = Daemon::start_in(
+        dir,
+        DaemonOpts {
+            env: vec![("NOTIFY_SOCKET".into(), notify.path.display().to_string())],
+            args: vec!["--config".into(), cfg.display().to_string()],
+            ..Default::default()
+        },
+    );
+    notify.wait_for("READY=1", Duration::from_secs(30));
+    let self_signed = d.tls_fingerprint();
+    assert_eq!(served_fingerprint(d.addr), self_signed);
+
+    // A certificate of the admin's own (as after a renewal): served after the reload.
+    let (cert, key) = (cfg_dir.path().join("cert.pem"), cfg_dir.path().join("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+        .args(["-subj", "/CN=localhost", "-days", "2", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    write_config(&cfg, &format!("tls = true\ntls_cert = \"{}\"\ntls_key = \"{}\"\n", cert.display(), key.display()));
+    reload(&d, &notify);
+    let renewed = file_fingerprint(&cert);
+    assert_ne!(renewed, self_signed);
+    assert_eq!(served_fingerprint(d.addr), renewed);
+
+    // A broken certificate file: the reload says so and the previous one is still served.
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    reload(&d, &notify);
+    wait_log(&d, "still serving the previous certificate");
+    assert_eq!(served_fingerprint(d.addr), renewed);
+}

@@ -153,7 +153,8 @@ settings! {
         flag: None,
         default: "",
         kind: Kind::Path,
-        doc: "PEM certificate chain to serve; empty = a self-signed certificate generated into <data>/tls/.",
+        reload: true,
+        doc: "PEM certificate chain to serve; empty = a self-signed certificate generated into <data>/tls/. Read again on every reload (SIGHUP), so a renewed certificate is served without a restart.",
     },
     tls_key: Option<PathBuf> {
         name: "tls_key",
@@ -161,6 +162,7 @@ settings! {
         flag: None,
         default: "",
         kind: Kind::Path,
+        reload: true,
         doc: "PEM private key for tls_cert.",
     },
     log: String {

@@ -143,7 +143,12 @@ fn notify_systemd(state: &[sd_notify::NotifyState]) {
 /// Re-read the configuration on each SIGHUP and apply the settings that can
 /// change while running ([`crate::config::SettingDef::reload`]); name the others,
 /// which keep their running values until a restart.
-async fn reload_on_sighup(app: Arc<App>, reload: Reload, audit_wake: Arc<tokio::sync::Notify>) {
+async fn reload_on_sighup(
+    app: Arc<App>,
+    reload: Reload,
+    audit_wake: Arc<tokio::sync::Notify>,
+    tls: Option<transport::tls::SharedAcceptor>,
+) {
     use sd_notify::NotifyState;
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
@@ -159,13 +164,19 @@ async fn reload_on_sighup(app: Arc<App>, reload: Reload, audit_wake: Arc<tokio::
         notify_systemd(&reloading);
         match (reload.resolve)() {
             Err(e) => tracing::warn!("reloading the configuration failed, nothing was changed: {e}"),
-            Ok(new) => apply_reload(&app, &reload, new, &audit_wake),
+            Ok(new) => apply_reload(&app, &reload, new, &audit_wake, tls.as_ref()),
         }
         notify_systemd(&[NotifyState::Ready]);
     }
 }
 
-fn apply_reload(app: &App, reload: &Reload, new: Config, audit_wake: &tokio::sync::Notify) {
+fn apply_reload(
+    app: &App,
+    reload: &Reload,
+    new: Config,
+    audit_wake: &tokio::sync::Notify,
+    tls: Option<&transport::tls::SharedAcceptor>,
+) {
     let reloadable = |name: &str| SETTINGS.iter().any(|d| d.name == name && d.reload);
     for name in app.config.changed_settings(&new).into_iter().filter(|n| !reloadable(n)) {
         tracing::warn!(
@@ -178,6 +189,17 @@ fn apply_reload(app: &App, reload: &Reload, new: Config, audit_wake: &tokio::syn
         "configuration reloaded; applied: {}",
         if applied.is_empty() { "nothing changed".into() } else { applied.join(", ") }
     );
+    // The certificate is read again whether or not its paths changed: a
+    // renewal (certbot and the like) rewrites the same files, then reloads.
+    if let Some(shared) = tls {
+        match load_tls(&new) {
+            Ok((acceptor, fp)) => {
+                *shared.write().unwrap_or_else(|e| e.into_inner()) = acceptor;
+                *app.tls_fingerprint.write().unwrap_or_else(|e| e.into_inner()) = fp;
+            }
+            Err(e) => tracing::warn!("{e}; still serving the previous certificate"),
+        }
+    }
     let log = new.log.clone();
     app.set_live_config(new);
     if applied.contains(&"audit.retention_days") {
@@ -189,6 +211,24 @@ fn apply_reload(app: &App, reload: &Reload, new: Config, audit_wake: &tokio::syn
             tracing::warn!("setting `log`: {e}; keeping the previous log filter");
         }
     }
+}
+
+/// The certificate to serve (configured, or self-signed in the data dir) as an
+/// acceptor, with its fingerprint.
+fn load_tls(cfg: &Config) -> Result<(tokio_rustls::TlsAcceptor, Option<String>), transport::tls::TlsError> {
+    let (c, k) = transport::tls::ensure_cert(
+        &cfg.data_dir,
+        cfg.tls_cert.as_deref(),
+        cfg.tls_key.as_deref(),
+        &[cfg.listen.ip().to_string()],
+    )?;
+    let acceptor = transport::tls::acceptor(&c, &k)?;
+    let fp = transport::tls::leaf_fingerprint(&c);
+    if let Some(fp) = &fp {
+        // Admins compare this with what a pairing system shows before trusting it.
+        tracing::info!("serving TLS with the certificate {} (SHA-256 fingerprint {fp})", c.display());
+    }
+    Ok((acceptor, fp))
 }
 
 /// Run the daemon until SIGTERM/SIGINT.
@@ -203,25 +243,9 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
             tracing::warn!("keys set on accounts other than root will not work: {problem}");
         }
     }
-    let tls = if cfg.use_tls() {
-        let (c, k) = transport::tls::ensure_cert(
-            &cfg.data_dir,
-            cfg.tls_cert.as_deref(),
-            cfg.tls_key.as_deref(),
-            &[cfg.listen.ip().to_string()],
-        )?;
-        let acceptor = transport::tls::acceptor(&c, &k)?;
-        let fp = transport::tls::leaf_fingerprint(&c);
-        if let Some(fp) = &fp {
-            // Admins compare this with what a pairing system shows before trusting it.
-            tracing::info!("serving TLS with the certificate {} (SHA-256 fingerprint {fp})", c.display());
-        }
-        Some((acceptor, fp))
-    } else {
-        None
-    };
+    let tls = if cfg.use_tls() { Some(load_tls(&cfg)?) } else { None };
     let tls_fingerprint = tls.as_ref().and_then(|(_, fp)| fp.clone());
-    let tls = tls.map(|(a, _)| a);
+    let tls = tls.map(|(a, _)| Arc::new(std::sync::RwLock::new(a)));
     let listener =
         TcpListener::bind(cfg.listen).await.map_err(|source| StartupError::Listen { addr: cfg.listen, source })?;
     let local = listener.local_addr().map_err(|source| StartupError::Listen { addr: cfg.listen, source })?;
@@ -231,9 +255,7 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
     let data_dir = cfg.data_dir.clone();
     let scheme = if tls.is_some() { "https" } else { "http" };
     let app = App::new(cfg, store);
-    if let Some(fp) = tls_fingerprint {
-        let _ = app.tls_fingerprint.set(fp);
-    }
+    *app.tls_fingerprint.write().unwrap_or_else(|e| e.into_inner()) = tls_fingerprint;
     let router = transport::router(app.clone());
     let nofile = transport::limits::raise_nofile_limit();
     let max_connections = transport::limits::effective_max(app.config.max_connections, nofile);
@@ -270,7 +292,7 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
             }
         });
     }
-    tokio::spawn(reload_on_sighup(app.clone(), reload, audit_wake));
+    tokio::spawn(reload_on_sighup(app.clone(), reload, audit_wake, tls.clone()));
     {
         let app = app.clone();
         tokio::task::spawn_blocking(move || {

@@ -15,6 +15,6 @@ pub fn methods() -> Vec<MethodDef> {
 /// Whether the API is served over TLS and the served certificate's SHA-256
 /// fingerprint, to compare with what a pairing system shows before it trusts it.
 async fn tls_certificate(ctx: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
-    let fp = ctx.app.tls_fingerprint.get();
+    let fp = ctx.app.tls_fingerprint.read().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(json!({"tls": fp.is_some(), "fingerprint_sha256": fp}))
 }

@@ -44,8 +44,9 @@ pub struct App {
     pub ssh_lock: tokio::sync::Mutex<()>,
     /// Serialises account writes (each is a read-modify-write of the row's data).
     pub users_lock: tokio::sync::Mutex<()>,
-    /// SHA-256 fingerprint of the certificate served, when serving TLS.
-    pub tls_fingerprint: std::sync::OnceLock<String>,
+    /// SHA-256 fingerprint of the certificate served, when serving TLS
+    /// (a reload on SIGHUP re-reads the certificate).
+    pub tls_fingerprint: std::sync::RwLock<Option<String>>,
 }
 
 impl App {
@@ -83,7 +84,7 @@ impl App {
             keys_location,
             ssh_lock: tokio::sync::Mutex::new(()),
             users_lock: tokio::sync::Mutex::new(()),
-            tls_fingerprint: std::sync::OnceLock::new(),
+            tls_fingerprint: std::sync::RwLock::new(None),
         })
     }
 }

@@ -26,7 +26,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::service::App;
@@ -150,7 +149,7 @@ async fn refuse(mut stream: tokio::net::TcpStream, why: Refused) {
 pub async fn serve_tcp(
     listener: TcpListener,
     router: Router,
-    tls: Option<TlsAcceptor>,
+    tls: Option<tls::SharedAcceptor>,
     limits: EdgeLimits,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -177,7 +176,7 @@ pub async fn serve_tcp(
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
-        let tls = tls.clone();
+        let tls = tls.as_ref().map(|t| t.read().unwrap_or_else(|e| e.into_inner()).clone());
         let timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let state = ticket.state.clone();

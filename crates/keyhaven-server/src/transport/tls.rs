@@ -62,6 +62,10 @@ pub fn leaf_fingerprint(cert: &Path) -> Option<String> {
     Some(crate::remote::cert_fingerprint(&first))
 }
 
+/// The acceptor every new connection takes, replaced when a reload re-reads
+/// the certificate (connections already open keep theirs).
+pub type SharedAcceptor = Arc<std::sync::RwLock<TlsAcceptor>>;
+
 pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     let bad = |m: String| TlsError::Config { cert: cert.into(), key: key.into(), message: m };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
