@@ -1,6 +1,6 @@
 //! keyhaven's benchmarks, measured against OpenSSH's own tools on the same
 //! machine in the same run. `cargo bench --bench keyhaven [-- GROUP…]` prints a
-//! Markdown report (groups: daemon, keygen, keychain, sshd, pairing, hostile, perf, rsync;
+//! Markdown report (groups: daemon, keygen, keychain, sshd, pairing, hostile, perf, rsync, metrics;
 //! default all). `KEYHAVEN_BENCH_BASELINE=/path/to/older/keyhaven` adds the
 //! figures of that build, measured in the same run, where a group compares.
 //!
@@ -66,6 +66,11 @@ fn start(dir: Option<std::path::PathBuf>) -> (Daemon, Duration) {
 
 /// [`start`] with another keyhaven binary (a baseline build to compare with).
 fn start_bin(bin: &str, dir: Option<std::path::PathBuf>) -> (Daemon, Duration) {
+    start_env(bin, dir, &[])
+}
+
+/// [`start_bin`] with more environment variables (settings).
+fn start_env(bin: &str, dir: Option<std::path::PathBuf>, env: &[(&str, &str)]) -> (Daemon, Duration) {
     let dir = dir.unwrap_or_else(fresh_dir);
     let t = Instant::now();
     let mut child = Command::new(bin)
@@ -73,6 +78,7 @@ fn start_bin(bin: &str, dir: Option<std::path::PathBuf>) -> (Daemon, Duration) {
         .arg(&dir)
         .env("KEYHAVEN_ADMIN_PASSWORD", PASSWORD)
         .env("KEYHAVEN_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -684,6 +690,9 @@ fn main() {
     }
     if want("rsync") {
         rt.block_on(bench_rsync());
+    }
+    if want("metrics") {
+        rt.block_on(bench_metrics());
     }
 }
 
@@ -1300,4 +1309,79 @@ async fn bench_rsync() {
 fn rand_fill(b: &mut [u8]) {
     use std::io::Read;
     std::fs::File::open("/dev/urandom").unwrap().read_exact(b).unwrap();
+}
+
+// ---------------------------------------------------------------- metrics (issue 13)
+
+/// One `GET` over a fresh connection: (status, body, time to the last byte).
+async fn http_get(addr: std::net::SocketAddr, path: &str, auth: Option<&str>) -> (u16, String, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = auth.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![];
+    s.read_to_end(&mut buf).await.unwrap();
+    let took = t.elapsed();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text, took)
+}
+
+async fn bench_metrics() {
+    println!("## Metrics and health (issue 13)\n");
+    // A fixed loopback port for the listener without login.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let (d, _) = start_env(env!("CARGO_BIN_EXE_keyhaven"), None, &[("KEYHAVEN_METRICS_LISTEN", &listen)]);
+    let main: std::net::SocketAddr = d.url.trim_start_matches("ws://").parse().unwrap();
+    let open: std::net::SocketAddr = listen.parse().unwrap();
+    let mut ws = connect(&d, true).await;
+    let key = call(&mut ws, "api_key.create", json!([{"name": "prometheus", "username": "admin"}])).await["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Outside the data dir (a task's path may not overlap it).
+    let src = base().join(format!("metrics-bench-src-{}", std::process::id()));
+    std::fs::create_dir_all(&src).unwrap();
+    let never = json!({"minute": "0", "hour": "0", "dom": "31", "month": "2", "dow": "*"});
+    println!("| `/metrics` scrape (fresh connection, to the last byte; 200 scrapes) | tasks | p50 | p90 | body | goal |\n|---|---|---|---|---|---|");
+    let mut have = 0;
+    for tasks in [0usize, 1_000, 10_000] {
+        let src = src.clone();
+        let never = never.clone();
+        pipelined(&mut ws, tasks - have, 16, move |i| {
+            json!({"jsonrpc":"2.0","id":i,"method":"rsynctask.create","params":[{"path": src, "user": "root",
+                "remotehost": "127.0.0.1", "remotemodule": format!("m{i}"), "schedule": never, "enabled": false}]})
+            .to_string()
+        })
+        .await;
+        have = tasks;
+        for (label, addr, auth) in
+            [("API key, main listener", main, Some(key.as_str())), ("loopback listener, no login", open, None)]
+        {
+            let mut times = vec![];
+            let mut size = 0;
+            for _ in 0..200 {
+                let (status, body, took) = http_get(addr, "/metrics", auth).await;
+                assert_eq!(status, 200, "{body}");
+                size = body.len();
+                times.push(took.as_secs_f64() * 1000.0);
+            }
+            let (p50, p90) = (pct(&mut times.clone(), 0.5), pct(&mut times, 0.9));
+            println!("| {label} | {tasks} | {p50:.2} ms | {p90:.2} ms | {:.0} KiB | < 5 ms |", size as f64 / 1024.0);
+        }
+    }
+    let mut times = vec![];
+    for _ in 0..200 {
+        let (status, body, took) = http_get(main, "/healthz", None).await;
+        assert_eq!(status, 200, "{body}");
+        times.push(took.as_secs_f64() * 1000.0);
+    }
+    let (p50, p90) = (pct(&mut times.clone(), 0.5), pct(&mut times, 0.9));
+    println!("| `/healthz` (checks at most once a second, the rest served from the last result) | 10000 | {p50:.2} ms | {p90:.2} ms | | |\n");
+    let _ = std::fs::remove_dir_all(&src);
+    drop(d);
 }

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::builder::PossibleValuesParser;
 use clap::{value_parser, Arg, ArgMatches, Args, Command, CommandFactory, FromArgMatches, Parser, Subcommand};
-use keyhaven_server::config::{Config, Kind, Scope, SettingDef, SETTINGS};
+use keyhaven_server::config::{Config, Kind, LogFormat, Scope, SettingDef, SETTINGS};
 
 #[derive(Parser)]
 #[command(
@@ -147,21 +147,29 @@ pub fn resolve_config<const SERVE: bool>(flags: &SettingFlags<SERVE>) -> Result<
     Config::resolve(&flags.values, &|k| std::env::var(k).ok(), flags.config.as_deref()).map_err(|e| e.to_string())
 }
 
-/// Log to stderr; returns how to switch the filter later (SIGHUP reload).
-fn init_logging(filter: &str) -> keyhaven_server::startup::SetLogFilter {
+/// Logs on stderr: lines for people, or one JSON object per line
+/// (`log_format = "json"`) for journald or Loki. Returns how to switch the
+/// filter later (SIGHUP reload).
+fn init_logging(cfg: &Config) -> keyhaven_server::startup::SetLogFilter {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_filter_reloading();
-    let handle = builder.reload_handle();
-    let _ = builder.try_init();
-    Box::new(move |f| {
-        let filter = EnvFilter::try_new(f).map_err(|e| format!("`{f}` is not a log filter: {e}"))?;
-        handle.reload(filter).map_err(|e| e.to_string())
-    })
+    let filter = EnvFilter::try_new(&cfg.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    // The two formats are two subscriber types, each with its own handle.
+    let reload: Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync> = match cfg.log_format {
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            let _ = builder.try_init();
+            Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+        }
+        LogFormat::Json => {
+            let builder = builder.json().with_filter_reloading();
+            let handle = builder.reload_handle();
+            let _ = builder.try_init();
+            Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+        }
+    };
+    Box::new(move |f| reload(EnvFilter::try_new(f).map_err(|e| format!("`{f}` is not a log filter: {e}"))?))
 }
 
 pub fn run() -> Result<ExitCode, String> {
@@ -169,7 +177,7 @@ pub fn run() -> Result<ExitCode, String> {
     match cli.cmd {
         Cmd::Serve { flags } => {
             let cfg = resolve_config(&flags)?;
-            let set_log_filter = init_logging(&cfg.log);
+            let set_log_filter = init_logging(&cfg);
             let reload =
                 keyhaven_server::startup::Reload { resolve: Box::new(move || resolve_config(&flags)), set_log_filter };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
@@ -181,7 +189,7 @@ pub fn run() -> Result<ExitCode, String> {
         Cmd::Rsync(r) => rsync::run(r),
         Cmd::RotateMasterKey { common } => {
             let cfg = resolve_config(&common)?;
-            let _ = init_logging(&cfg.log);
+            let _ = init_logging(&cfg);
             let sock = keyhaven_server::transport::unix::socket_path(&cfg.data_dir);
             if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
                 return Err(format!(

@@ -12,6 +12,7 @@ mod hostile;
 mod hostile_home;
 mod hostile_sshd;
 mod keychain;
+mod monitoring;
 mod package;
 mod pairing;
 mod rsync;

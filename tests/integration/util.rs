@@ -421,15 +421,27 @@ pub async fn http_from(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> HttpResp {
+    http_on(d.addr, source, method, path, headers, body).await
+}
+
+/// One request to any address (e.g. a second listener of the daemon).
+pub async fn http_on(
+    addr: SocketAddr,
+    source: Option<&str>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> HttpResp {
     let mut s = match source {
-        None => TcpStream::connect(d.addr).await.unwrap(),
+        None => TcpStream::connect(addr).await.unwrap(),
         Some(ip) => {
             let sock = tokio::net::TcpSocket::new_v4().unwrap();
             sock.bind(std::net::SocketAddr::new(ip.parse().unwrap(), 0)).unwrap();
-            sock.connect(d.addr).await.unwrap()
+            sock.connect(addr).await.unwrap()
         }
     };
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", d.addr);
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }

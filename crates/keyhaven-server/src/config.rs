@@ -174,6 +174,14 @@ settings! {
         reload: true,
         doc: "Log filter (tracing EnvFilter syntax, e.g. `info,keyhaven_server=debug`). Logs go to stderr and never contain secrets.",
     },
+    log_format: LogFormat {
+        name: "log_format",
+        env: "KEYHAVEN_LOG_FORMAT",
+        flag: None,
+        default: "text",
+        kind: Kind::Choice(&["text", "json"]),
+        doc: "`text` = human-readable lines; `json` = one JSON object per line (`timestamp`, `level`, `fields.message`, other fields), for journald or Loki.",
+    },
     sshd_path: PathBuf {
         name: "sshd_path",
         env: "KEYHAVEN_SSHD_PATH",
@@ -280,6 +288,23 @@ settings! {
         reload: true,
         doc: "Audit entries older than this many days are deleted (checked hourly).",
     },
+    metrics_listen: Option<SocketAddr> {
+        name: "metrics.listen",
+        env: "KEYHAVEN_METRICS_LISTEN",
+        flag: None,
+        default: "",
+        kind: Kind::Addr,
+        doc: "A second, plain-HTTP listener that serves only `GET /metrics` without login (e.g. `127.0.0.1:9464` for a local Prometheus). Loopback addresses only; empty = off. On the main listener `/metrics` always needs an API key (`Authorization: Bearer`).",
+    },
+    disk_min_free_mib: u64 {
+        name: "health.disk_min_free_mib",
+        env: "KEYHAVEN_HEALTH_DISK_MIN_FREE_MIB",
+        flag: None,
+        default: "64",
+        kind: Kind::Uint(0, 16_777_216),
+        reload: true,
+        doc: "`GET /healthz` reports `disk` failed when the data dir's file system has less than this many MiB available (or no free inodes). 0 = only the inode check.",
+    },
 }
 
 /// The admin password used on first start only (never stored in a file keyhaven reads back).
@@ -340,6 +365,18 @@ impl Config {
                 source_desc: values.source("tls_cert"),
                 message: "tls_cert and tls_key must be set together".into(),
             });
+        }
+        if let Some(addr) = cfg.metrics_listen {
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::Invalid {
+                    name: "metrics.listen".into(),
+                    source_desc: values.source("metrics.listen"),
+                    message: format!(
+                        "{addr} is not a loopback address: this listener serves metrics without login, so it only \
+                         binds 127.0.0.1 or [::1]; scrape remote systems through the main listener with an API key"
+                    ),
+                });
+            }
         }
         if !cfg.sshd_path.is_absolute() {
             return Err(ConfigError::Invalid {
@@ -421,6 +458,33 @@ from_setting_uint!(u32, u64, usize);
 impl FromSetting for std::time::Duration {
     fn from_setting(v: &str) -> Result<Self, String> {
         u64::from_setting(v).map(std::time::Duration::from_secs)
+    }
+}
+
+/// Empty means unset.
+impl FromSetting for Option<SocketAddr> {
+    fn from_setting(v: &str) -> Result<Self, String> {
+        match v.trim() {
+            "" => Ok(None),
+            v => SocketAddr::from_setting(v).map(Some),
+        }
+    }
+}
+
+/// How log lines are written (`log_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl FromSetting for LogFormat {
+    fn from_setting(v: &str) -> Result<Self, String> {
+        match v {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("`{v}` is not one of text, json")),
+        }
     }
 }
 
@@ -720,6 +784,22 @@ mod tests {
         assert!(resolve(&[], &[("KEYHAVEN_TLS", "true")], None).unwrap().use_tls());
         assert!(resolve(&[], &[("KEYHAVEN_TLS_CERT", "/x")], None).is_err());
         assert!(resolve(&[("listen", "nonsense")], &[], None).unwrap_err().to_string().contains("flag --listen"));
+    }
+
+    #[test]
+    fn metrics_listener_is_loopback_only() {
+        assert_eq!(resolve(&[], &[], None).unwrap().metrics_listen, None);
+        let c = resolve(&[], &[], Some("[metrics]\nlisten = \"127.0.0.1:9464\"\n")).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        let c = resolve(&[], &[("KEYHAVEN_METRICS_LISTEN", "[::1]:0")], None).unwrap();
+        assert!(c.metrics_listen.is_some_and(|a| a.ip().is_loopback()));
+        for bad in ["0.0.0.0:9464", "10.1.2.3:9464", "[::]:9464"] {
+            let e = resolve(&[], &[("KEYHAVEN_METRICS_LISTEN", bad)], None).unwrap_err().to_string();
+            assert!(e.contains("metrics.listen") && e.contains("not a loopback address"), "{e}");
+        }
+        let e = resolve(&[], &[("KEYHAVEN_LOG_FORMAT", "xml")], None).unwrap_err().to_string();
+        assert!(e.contains("log_format") && e.contains("text, json"), "{e}");
+        assert_eq!(resolve(&[], &[("KEYHAVEN_LOG_FORMAT", "json")], None).unwrap().log_format, LogFormat::Json);
     }
 
     #[test]

@@ -94,13 +94,14 @@ pub fn open_store(cfg: &Config) -> Result<Store, StartupError> {
         f.write_all(format!("{}\n", pw.as_str()).as_bytes())
             .map_err(|source| StartupError::Write { path: path.clone(), source })?;
         // The password stays out of the log (the journal keeps it and more
-        // people read it than the data dir): only where to find it.
-        eprintln!(
-            "keyhaven: created account `admin`; its password is in {} (readable by root only): log in, change it, then delete that file",
+        // people read it than the data dir): only where to find it. Through
+        // the logger, so that it is a JSON line with `log_format = json`.
+        tracing::warn!(
+            "created account `admin`; its password is in {} (readable by root only): log in, change it, then delete that file",
             path.display()
         );
     } else if first_start {
-        eprintln!("keyhaven: created account `admin` with the password from {ADMIN_PASSWORD_ENV}");
+        tracing::info!("created account `admin` with the password from {ADMIN_PASSWORD_ENV}");
     }
     Ok(store)
 }
@@ -193,9 +194,10 @@ fn apply_reload(
     // renewal (certbot and the like) rewrites the same files, then reloads.
     if let Some(shared) = tls {
         match load_tls(&new) {
-            Ok((acceptor, fp)) => {
+            Ok((acceptor, fp, validity)) => {
                 *shared.write().unwrap_or_else(|e| e.into_inner()) = acceptor;
                 *app.tls_fingerprint.write().unwrap_or_else(|e| e.into_inner()) = fp;
+                app.metrics.set_tls_validity(validity);
             }
             Err(e) => tracing::warn!("{e}; still serving the previous certificate"),
         }
@@ -214,8 +216,10 @@ fn apply_reload(
 }
 
 /// The certificate to serve (configured, or self-signed in the data dir) as an
-/// acceptor, with its fingerprint.
-fn load_tls(cfg: &Config) -> Result<(tokio_rustls::TlsAcceptor, Option<String>), transport::tls::TlsError> {
+/// acceptor, with its fingerprint and validity (for `/metrics`).
+type LoadedTls = (tokio_rustls::TlsAcceptor, Option<String>, Option<(i64, i64)>);
+
+fn load_tls(cfg: &Config) -> Result<LoadedTls, transport::tls::TlsError> {
     let (c, k) = transport::tls::ensure_cert(
         &cfg.data_dir,
         cfg.tls_cert.as_deref(),
@@ -228,7 +232,7 @@ fn load_tls(cfg: &Config) -> Result<(tokio_rustls::TlsAcceptor, Option<String>),
         // Admins compare this with what a pairing system shows before trusting it.
         tracing::info!("serving TLS with the certificate {} (SHA-256 fingerprint {fp})", c.display());
     }
-    Ok((acceptor, fp))
+    Ok((acceptor, fp, transport::tls::leaf_validity(&c)))
 }
 
 /// Run the daemon until SIGTERM/SIGINT.
@@ -244,11 +248,20 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
         }
     }
     let tls = if cfg.use_tls() { Some(load_tls(&cfg)?) } else { None };
-    let tls_fingerprint = tls.as_ref().and_then(|(_, fp)| fp.clone());
-    let tls = tls.map(|(a, _)| Arc::new(std::sync::RwLock::new(a)));
+    let tls_fingerprint = tls.as_ref().and_then(|(_, fp, _)| fp.clone());
+    let tls_validity = tls.as_ref().and_then(|(_, _, v)| *v);
+    let tls = tls.map(|(a, _, _)| Arc::new(std::sync::RwLock::new(a)));
     let listener =
         TcpListener::bind(cfg.listen).await.map_err(|source| StartupError::Listen { addr: cfg.listen, source })?;
     let local = listener.local_addr().map_err(|source| StartupError::Listen { addr: cfg.listen, source })?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.map_err(|source| StartupError::Listen { addr, source })?;
+            let local = l.local_addr().map_err(|source| StartupError::Listen { addr, source })?;
+            Some((l, local))
+        }
+        None => None,
+    };
     let unix = transport::unix::bind(&cfg.data_dir)
         .map_err(|source| StartupError::Socket { path: transport::unix::socket_path(&cfg.data_dir), source })?;
 
@@ -256,6 +269,7 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let app = App::new(cfg, store);
     *app.tls_fingerprint.write().unwrap_or_else(|e| e.into_inner()) = tls_fingerprint;
+    app.metrics.set_tls_validity(tls_validity);
     let router = transport::router(app.clone());
     let nofile = transport::limits::raise_nofile_limit();
     let max_connections = transport::limits::effective_max(app.config.max_connections, nofile);
@@ -345,6 +359,16 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
         });
     }
     let unix_task = tokio::spawn(transport::unix::serve(app.clone(), unix));
+    // Its own connection limits: a local scraper never takes the admin's room.
+    let metrics_task = metrics_listener.map(|(listener, local)| {
+        tracing::info!("serving /metrics without login on http://{local}/metrics");
+        let limits = transport::EdgeLimits {
+            registry: transport::limits::Registry::new(16, 16),
+            header_read_timeout: app.config.header_read_timeout,
+        };
+        let router = transport::monitoring::metrics_router(app.clone());
+        tokio::spawn(transport::serve_tcp(listener, router, None, limits, std::future::pending()))
+    });
     // Rsync tasks: runs a killed daemon left RUNNING are failed, then the scheduler starts.
     app.rsync_recover();
     let scheduler = app.rsync_scheduler();
@@ -382,6 +406,9 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     app.flush_refusal_summaries(true);
     unix_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     scheduler.abort();
     app.rsync_stop_all();
     if let Err(e) = app.sshd.stop().await {

@@ -29,6 +29,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("migrations/0003_totp_replay.sql")),
         M::up(include_str!("migrations/0004_audit.sql")),
         M::up(include_str!("migrations/0005_rsync_tasks.sql")),
+        M::up(include_str!("migrations/0006_rsync_last_success.sql")),
     ])
 }
 
@@ -393,6 +394,21 @@ impl Store {
         }
         *key = new_key;
         Ok(count)
+    }
+
+    /// Whether the database can be written now, checked on a connection of
+    /// its own (so a slow holder of the main one is not waited for): the file must open read-write and its write lock must be free
+    /// within `wait`. Takes the lock and releases it without writing.
+    /// `dir` is the data dir the store was opened from.
+    pub fn health_check_at(dir: &Path, wait: std::time::Duration) -> Result<()> {
+        let path = dir.join(DB_FILE);
+        let conn = Connection::open_with_flags(
+            &path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(wait)?;
+        conn.execute_batch("BEGIN IMMEDIATE; SELECT count(*) FROM sqlite_master; ROLLBACK;")?;
+        Ok(())
     }
 
     /// Path of the key file (for messages).

@@ -133,14 +133,40 @@ impl Store {
         Ok(st.query_row([task_id], run_row).optional()?)
     }
 
-    /// Record a task's run (replacing the one before).
+    /// Record a task's run (replacing the one before); a successful one is
+    /// also the task's last success.
     pub fn rsync_run_record(&self, r: &RsyncRunRecord) -> Result<()> {
-        let conn = self.conn();
-        conn.execute(
-            &format!("INSERT OR REPLACE INTO rsync_runs({RUN_COLS}) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
-            params![r.task_id, r.job_id, r.state, r.started, r.finished, r.error, r.log],
-        )?;
-        Ok(())
+        self.tx(|tx, _| {
+            tx.execute(
+                &format!("INSERT OR REPLACE INTO rsync_runs({RUN_COLS}) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+                params![r.task_id, r.job_id, r.state, r.started, r.finished, r.error, r.log],
+            )?;
+            if let (true, Some(at)) = (r.state == "SUCCESS", r.finished) {
+                tx.execute(
+                    "INSERT OR REPLACE INTO rsync_last_success(task_id, at) VALUES(?1, ?2)",
+                    params![r.task_id, at],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Every task's id with the time (Unix seconds) its last successful run
+    /// ended, `None` for a task that never succeeded; by task id.
+    pub fn rsync_last_successes(&self) -> Result<Vec<(i64, Option<f64>)>> {
+        let mut rows = {
+            let conn = self.conn();
+            // No ORDER BY: without it SQLite reads task ids from a covering
+            // index instead of every task's row (a /metrics scrape with
+            // 10,000 tasks); sorting them here costs less.
+            let mut st = conn.prepare_cached(
+                "SELECT t.id, s.at FROM rsync_tasks t LEFT JOIN rsync_last_success s ON s.task_id = t.id",
+            )?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<rusqlite::Result<Vec<_>>>()?;
+            rows
+        };
+        rows.sort_unstable_by_key(|r: &(i64, Option<f64>)| r.0);
+        Ok(rows)
     }
 
     /// Runs left RUNNING by a daemon that stopped: mark them FAILED with `error`.
@@ -178,6 +204,21 @@ mod tests {
             .unwrap();
         assert_eq!(store.rsync_runs_fail_interrupted("stopped", 2.0).unwrap(), 1);
         assert_eq!(store.rsync_run(t).unwrap().unwrap().state, "FAILED");
+        assert_eq!(store.rsync_last_successes().unwrap(), vec![(t, None), (other, None)]);
+        let run = |state: &str, finished: f64| RsyncRunRecord {
+            task_id: t,
+            job_id: 8,
+            state: state.into(),
+            started: 3.0,
+            finished: Some(finished),
+            error: None,
+            log: String::new(),
+        };
+        store.rsync_run_record(&run("SUCCESS", 4.0)).unwrap();
+        // A later failure replaces the last run but not the last success.
+        store.rsync_run_record(&run("FAILED", 5.0)).unwrap();
+        assert_eq!(store.rsync_run(t).unwrap().unwrap().state, "FAILED");
+        assert_eq!(store.rsync_last_successes().unwrap(), vec![(t, Some(4.0)), (other, None)]);
 
         assert_eq!(store.keychain_delete_unbinding_tasks(&[conn_id]).unwrap(), vec![t]);
         let r = store.rsync_task(t).unwrap().unwrap();
@@ -188,6 +229,7 @@ mod tests {
 
         store.rsync_task_delete(t).unwrap();
         assert!(store.rsync_run(t).unwrap().is_none(), "the run goes with its task");
+        assert_eq!(store.rsync_last_successes().unwrap(), vec![(other, None)], "so does its last success");
         assert!(matches!(store.rsync_task_delete(t), Err(StoreError::NotFound(_))));
     }
 }

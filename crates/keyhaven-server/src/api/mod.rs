@@ -159,8 +159,19 @@ pub enum CallFailure {
     Failed(ServiceError),
 }
 
-/// Look up, authorise, run and (for writes) audit one call.
+/// Look up, authorise, run and (for writes) audit one call, and count it.
 pub async fn dispatch(
+    app: &Arc<App>,
+    session: &Arc<Session>,
+    method: &str,
+    params: Vec<Value>,
+) -> Result<Value, CallFailure> {
+    let out = dispatch_uncounted(app, session, method, params).await;
+    app.metrics.call(registry().get(method).map(|d| d.name), &out);
+    out
+}
+
+async fn dispatch_uncounted(
     app: &Arc<App>,
     session: &Arc<Session>,
     method: &str,

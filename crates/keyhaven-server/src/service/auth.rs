@@ -161,7 +161,7 @@ impl App {
         &self,
         session: &Session,
         username: Option<&str>,
-        mechanism: &str,
+        mechanism: &'static str,
     ) -> Result<Attempt<'_>, LoginOutcome> {
         match self.auth.limiter.begin(username, &session.address) {
             Ok(a) => {
@@ -171,6 +171,7 @@ impl App {
                 Ok(a)
             }
             Err(r) => {
+                self.metrics.login(mechanism, "refused");
                 if r.first {
                     tracing::warn!(
                         address = %session.address,
@@ -191,10 +192,11 @@ impl App {
         session: &Session,
         attempt: Attempt<'_>,
         username: Option<&str>,
-        mechanism: &str,
+        mechanism: &'static str,
         reason: &str,
     ) {
         let out = attempt.failed();
+        self.metrics.login(mechanism, "failed");
         let mut msg = reason.to_string();
         for what in &out.locked {
             msg.push_str(&format!(
@@ -211,9 +213,10 @@ impl App {
         session: &Session,
         attempt: Attempt<'_>,
         caller: Caller,
-        mechanism: &str,
+        mechanism: &'static str,
     ) -> LoginOutcome {
         attempt.succeeded();
+        self.metrics.login(mechanism, "ok");
         session.set(SessionAuth::Authenticated(caller.clone()));
         audit::record(self, session, AuditEvent::login(Some(&caller.username), mechanism, true, None));
         LoginOutcome::Success(caller)
@@ -473,8 +476,29 @@ impl App {
         api_key: Option<&str>,
         token: Option<&str>,
     ) -> Result<Caller, DownloadRefusal> {
-        let session = Session::new(address.to_string());
         let mechanism = if api_key.is_some() { "DOWNLOAD_API_KEY" } else { "DOWNLOAD_TOKEN" };
+        self.authenticate_request(address, api_key, token, mechanism).await
+    }
+
+    /// Authenticate a `GET /metrics` on the main listener: an API key only,
+    /// limited and audited like a login (so it cannot be used to guess keys).
+    /// Any account that may use the API may read metrics.
+    pub async fn authenticate_metrics(&self, address: &str, api_key: Option<&str>) -> Result<Caller, DownloadRefusal> {
+        if api_key.is_none() {
+            return Err(DownloadRefusal::Unauthenticated);
+        }
+        self.authenticate_request(address, api_key, None, "METRICS_API_KEY").await
+    }
+
+    /// An HTTP request's API key or token, checked as a login attempt.
+    async fn authenticate_request(
+        &self,
+        address: &str,
+        api_key: Option<&str>,
+        token: Option<&str>,
+        mechanism: &'static str,
+    ) -> Result<Caller, DownloadRefusal> {
+        let session = Session::new(address.to_string());
         if api_key.is_none() && token.is_none() {
             return Err(DownloadRefusal::Unauthenticated);
         }
@@ -509,6 +533,7 @@ impl App {
         match self.account_role(&grant.username) {
             Ok(role) => {
                 attempt.succeeded();
+                self.metrics.login(mechanism, "ok");
                 Ok(Caller::new(grant.username, role, via))
             }
             Err(AccountRefusal::NoApiAccess) => {

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 
 use super::events::{Event, Events};
+use super::metrics::Metrics;
 use crate::error::ServiceError;
 
 const KEEP_FINISHED: usize = 1000;
@@ -16,7 +17,8 @@ const KEEP_FINISHED: usize = 1000;
 #[derive(Debug, Clone)]
 struct Job {
     id: i64,
-    method: String,
+    /// Always a name from the code: it labels the job-duration metric.
+    method: &'static str,
     arguments: Value,
     state: &'static str,
     percent: f64,
@@ -42,6 +44,8 @@ pub struct Jobs {
     jobs: Mutex<BTreeMap<i64, Job>>,
     /// Every new job and change is published as a `core.get_jobs` event.
     events: Arc<Events>,
+    /// Finished jobs' durations go there.
+    metrics: Arc<Metrics>,
 }
 
 /// Handed to a job's body to report progress.
@@ -86,8 +90,8 @@ impl JobHandle {
 }
 
 impl Jobs {
-    pub fn new(events: Arc<Events>) -> Jobs {
-        Jobs { next: AtomicI64::new(0), jobs: Mutex::new(BTreeMap::new()), events }
+    pub fn new(events: Arc<Events>, metrics: Arc<Metrics>) -> Jobs {
+        Jobs { next: AtomicI64::new(0), jobs: Mutex::new(BTreeMap::new()), events, metrics }
     }
 
     /// Published under the jobs lock, so subscribers see changes in order.
@@ -96,7 +100,7 @@ impl Jobs {
     }
 
     /// Start `body` in the background and return the job id at once.
-    pub fn spawn<F, Fut>(self: &Arc<Self>, method: &str, body: F) -> i64
+    pub fn spawn<F, Fut>(self: &Arc<Self>, method: &'static str, body: F) -> i64
     where
         F: FnOnce(JobHandle) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Value, ServiceError>> + Send + 'static,
@@ -105,7 +109,7 @@ impl Jobs {
     }
 
     /// [`Jobs::spawn`] with the call's arguments shown in the job entry.
-    pub fn spawn_with<F, Fut>(self: &Arc<Self>, method: &str, arguments: Value, body: F) -> i64
+    pub fn spawn_with<F, Fut>(self: &Arc<Self>, method: &'static str, arguments: Value, body: F) -> i64
     where
         F: FnOnce(JobHandle) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Value, ServiceError>> + Send + 'static,
@@ -115,7 +119,7 @@ impl Jobs {
             let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
             let job = Job {
                 id,
-                method: method.to_string(),
+                method,
                 arguments,
                 state: "RUNNING",
                 percent: 0.0,
@@ -140,7 +144,9 @@ impl Jobs {
         let handle = JobHandle { id, jobs: self.clone() };
         let jobs = self.clone();
         tokio::spawn(async move {
+            let began = std::time::Instant::now();
             let out = body(handle).await;
+            jobs.metrics.job_finished(method, out.is_ok(), began.elapsed());
             let mut all = jobs.jobs.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(j) = all.get_mut(&id) {
                 j.finished = Some(now());

@@ -4,10 +4,12 @@ pub mod audit;
 pub mod auth;
 pub mod crypto;
 pub mod events;
+pub mod health;
 pub mod input;
 pub mod jobs;
 pub mod keychain;
 pub mod limiter;
+pub mod metrics;
 pub mod pairing;
 pub mod rsync;
 pub mod session;
@@ -47,6 +49,10 @@ pub struct App {
     /// SHA-256 fingerprint of the certificate served, when serving TLS
     /// (a reload on SIGHUP re-reads the certificate).
     pub tls_fingerprint: std::sync::RwLock<Option<String>>,
+    /// What `GET /metrics` serves.
+    pub metrics: Arc<metrics::Metrics>,
+    /// The last `GET /healthz` result.
+    pub health: health::HealthCache,
 }
 
 impl App {
@@ -62,6 +68,7 @@ impl App {
             keyhaven_ssh::files::KeysLocation::Data(data.join("sshd").join("authorized_keys"))
         };
         let events = Arc::new(events::Events::default());
+        let metrics = Arc::new(metrics::Metrics::default());
         let auth = auth::AuthState::new(
             limiter::Limits {
                 lock_after: config.lockout_after,
@@ -76,7 +83,7 @@ impl App {
             config,
             store,
             auth,
-            jobs: Arc::new(jobs::Jobs::new(events.clone())),
+            jobs: Arc::new(jobs::Jobs::new(events.clone(), metrics.clone())),
             events,
             keychain: keychain::KeychainCache::default(),
             rsync: rsync::RsyncState::default(),
@@ -85,6 +92,8 @@ impl App {
             ssh_lock: tokio::sync::Mutex::new(()),
             users_lock: tokio::sync::Mutex::new(()),
             tls_fingerprint: std::sync::RwLock::new(None),
+            metrics,
+            health: health::HealthCache::default(),
         })
     }
 }

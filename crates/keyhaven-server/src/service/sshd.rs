@@ -306,8 +306,17 @@ impl App {
         self.ssh_start_locked().await
     }
 
-    /// `ssh_start` for a caller that holds `ssh_lock`.
+    /// `ssh_start` for a caller that holds `ssh_lock`. A failure leaves sshd
+    /// counted as down (what `/healthz` reports) until it runs or is stopped.
     async fn ssh_start_locked(&self) -> Result<(), ServiceError> {
+        let r = self.ssh_start_checked().await;
+        if let Err(e) = &r {
+            self.sshd.start_failed(&e.to_string());
+        }
+        r
+    }
+
+    async fn ssh_start_checked(&self) -> Result<(), ServiceError> {
         if !self.config.authorized_keys_in_home() {
             if let Some(problem) = keyhaven_ssh::reach::strict_modes_problem(&self.config.data_dir) {
                 return Err(ServiceError::call(EFAULT, format!("Cannot start the SSH service: {problem}")));

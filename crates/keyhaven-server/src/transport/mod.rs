@@ -1,9 +1,10 @@
-//! The network edge: the HTTP router (both WebSocket dialects, downloads),
-//! plain or TLS listeners, the local unix socket for `keyhaven call`, and
+//! The network edge: the HTTP router (both WebSocket dialects, downloads,
+//! health and metrics), plain or TLS listeners, the local unix socket for `keyhaven call`, and
 //! graceful shutdown.
 
 pub mod download;
 pub mod limits;
+pub mod monitoring;
 pub mod tls;
 pub mod ui;
 pub mod unix;
@@ -38,6 +39,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/versions", get(|| async { Json(json!(["current"])) }))
         .route("/websocket", get(legacy))
         .route("/_download/keychaincredential/{id}/{which}", get(download::get_key).post(download::post_key))
+        .route("/healthz", get(monitoring::healthz))
+        .route("/metrics", get(monitoring::metrics_with_key))
         .merge(ui::routes())
         .with_state(app)
 }

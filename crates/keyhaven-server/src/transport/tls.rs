@@ -62,6 +62,14 @@ pub fn leaf_fingerprint(cert: &Path) -> Option<String> {
     Some(crate::remote::cert_fingerprint(&first))
 }
 
+/// Validity (not before, not after; Unix seconds) of the first certificate in a PEM file.
+pub fn leaf_validity(cert: &Path) -> Option<(i64, i64)> {
+    let first = CertificateDer::pem_file_iter(cert).ok()?.next()?.ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&first).ok()?;
+    let v = parsed.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
 /// The acceptor every new connection takes, replaced when a reload re-reads
 /// the certificate (connections already open keep theirs).
 pub type SharedAcceptor = Arc<std::sync::RwLock<TlsAcceptor>>;

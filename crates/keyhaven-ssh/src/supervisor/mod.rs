@@ -207,6 +207,12 @@ struct Status {
     last_error: Option<String>,
     /// Automatic restarts since the last explicit start.
     restarts: u64,
+    /// Automatic restarts since this supervisor was created (never reset).
+    restarts_total: u64,
+    /// Since when sshd should be running but is not: it died (and has not
+    /// been restarted yet) or a start failed. Cleared once it runs again or
+    /// is stopped on purpose.
+    down_since: Option<Instant>,
 }
 
 struct Monitor {
@@ -272,6 +278,30 @@ impl Supervisor {
     /// explicit start.
     pub fn restart_count(&self) -> u64 {
         self.inner.shared.status().restarts
+    }
+
+    /// Automatic restarts since this supervisor was created: unlike
+    /// [`Supervisor::restart_count`], an explicit start does not reset it.
+    pub fn restarts_total(&self) -> u64 {
+        self.inner.shared.status().restarts_total
+    }
+
+    /// How long sshd has been down although it should run (it died and the
+    /// automatic restarts have not brought it back yet, or the last start
+    /// failed); `None` while it runs or after it was stopped on purpose.
+    pub fn down_for(&self) -> Option<Duration> {
+        self.inner.shared.status().down_since.map(|t| t.elapsed())
+    }
+
+    /// Record that a start asked of the SSH service failed before sshd could
+    /// be launched (e.g. its configuration was refused): from now on sshd
+    /// counts as down (see [`Supervisor::down_for`]) until it runs or is stopped.
+    pub fn start_failed(&self, why: &str) {
+        let mut st = self.inner.shared.status();
+        if st.pid.is_none() {
+            st.last_error = Some(why.to_string());
+            st.down_since.get_or_insert_with(Instant::now);
+        }
     }
 
     /// Checks `text` with `sshd -t -f <temp file>` (the temp file is 0600 in
@@ -361,6 +391,7 @@ impl Supervisor {
                     st.addrs = launched.addrs.clone();
                     st.last_error = None;
                     st.restarts = 0;
+                    st.down_since = None;
                 }
                 let (tx, rx) = mpsc::unbounded_channel();
                 let task = tokio::spawn(monitor(Arc::clone(shared), launched, rx));
@@ -369,7 +400,10 @@ impl Supervisor {
                 Ok(())
             }
             Err(e) => {
-                shared.status().last_error = Some(e.to_string());
+                let mut st = shared.status();
+                st.last_error = Some(e.to_string());
+                st.down_since.get_or_insert_with(Instant::now);
+                drop(st);
                 Err(e)
             }
         }
@@ -389,6 +423,7 @@ impl Supervisor {
         let mut st = shared.status();
         st.pid = None;
         st.addrs.clear();
+        st.down_since = None;
     }
 
     async fn reload_locked(&self, ops: &mut Option<Monitor>) -> Result<(), SshdError> {

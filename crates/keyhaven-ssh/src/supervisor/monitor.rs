@@ -78,6 +78,7 @@ pub(super) async fn monitor(shared: Arc<Shared>, first: Launched, mut rx: mpsc::
             let mut st = shared.status();
             st.pid = None;
             st.last_error = Some(message);
+            st.down_since.get_or_insert_with(Instant::now);
         }
         if up >= BACKOFF_RESET_AFTER {
             backoff.reset();
@@ -134,6 +135,8 @@ pub(super) async fn monitor(shared: Arc<Shared>, first: Launched, mut rx: mpsc::
             st.addrs = launched.addrs;
             st.last_error = None;
             st.restarts += 1;
+            st.restarts_total += 1;
+            st.down_since = None;
         }
         tracing::info!(pid, "sshd restarted");
     }

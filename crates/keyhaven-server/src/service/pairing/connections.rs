@@ -22,6 +22,7 @@ impl App {
     ) -> Result<TestReport, ServiceError> {
         let target = self.connection_target_with(id, timeout, key_pair)?;
         let r = ssh_client::test_connection(&target).await;
+        self.metrics.connection_test(r.ok);
         // A test with the connection's own key is its status in the connection list.
         if key_pair.is_none() {
             let rec = keyhaven_store::ConnectionTestRecord {

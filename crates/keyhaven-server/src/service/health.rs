@@ -1,0 +1,111 @@
+//! Health: whether the database, the sshd supervisor and the data dir's
+//! disk are fine, for `GET /healthz`. Answers name only the check that
+//! failed, never why (no paths, versions or errors: the endpoint needs no
+//! login); the reason goes to the log.
+//!
+//! What each check means:
+//! * `database`: a connection of its own opens the database read-write and
+//!   takes its write lock within [`DB_WAIT`] (a file that is gone or
+//!   unwritable, or a lock another process holds, fail it).
+//! * `sshd`: sshd should run (it was started, or a start was asked for) but
+//!   has not been running for more than [`SSHD_GRACE`]: it died and the
+//!   supervisor's restarts (backoff 0.2 s … 10 s) have not brought it back,
+//!   or the start failed. A stopped SSH service is not a failure.
+//! * `disk`: the data dir's file system has less than
+//!   `health.disk_min_free_mib` MiB available, or no free inodes.
+//!
+//! Results are reused for [`CACHE_FOR`]: a flood of requests costs one check
+//! a second, and concurrent requests wait for the same check.
+
+use std::time::{Duration, Instant};
+
+use super::App;
+
+/// How long sshd may be down before health says so (longer than a restart takes).
+pub const SSHD_GRACE: Duration = Duration::from_secs(10);
+/// How long the database check waits for the write lock.
+pub const DB_WAIT: Duration = Duration::from_secs(2);
+/// How long one result is served.
+const CACHE_FOR: Duration = Duration::from_secs(1);
+
+/// The names of the checks, in the order they are reported.
+pub const CHECKS: [&str; 3] = ["database", "sshd", "disk"];
+
+/// The last result, shared by concurrent requests.
+#[derive(Default)]
+pub struct HealthCache {
+    last: tokio::sync::Mutex<Option<(Instant, Vec<&'static str>)>>,
+}
+
+impl App {
+    /// The checks that fail now (empty: healthy).
+    pub async fn health_failures(&self) -> Vec<&'static str> {
+        let mut last = self.health.last.lock().await;
+        if let Some((at, failed)) = last.as_ref() {
+            if at.elapsed() < CACHE_FOR {
+                return failed.clone();
+            }
+        }
+        let mut failed = Vec::new();
+        if let Err(why) = self.database_ok().await {
+            tracing::warn!("health: the database check failed: {why}");
+            failed.push(CHECKS[0]);
+        }
+        if let Some(down) = self.sshd.down_for().filter(|d| *d > SSHD_GRACE) {
+            tracing::warn!(
+                "health: sshd should be running but has been down for {} s: {}",
+                down.as_secs(),
+                self.sshd.last_error().unwrap_or_default()
+            );
+            failed.push(CHECKS[1]);
+        }
+        if let Err(why) = disk_ok(&self.config.data_dir, self.live_config().disk_min_free_mib) {
+            tracing::warn!("health: the disk check failed: {why}");
+            failed.push(CHECKS[2]);
+        }
+        *last = Some((Instant::now(), failed.clone()));
+        failed
+    }
+
+    async fn database_ok(&self) -> Result<(), String> {
+        let dir = self.config.data_dir.clone();
+        let check = tokio::task::spawn_blocking(move || keyhaven_store::Store::health_check_at(&dir, DB_WAIT));
+        // The blocking check gives up after DB_WAIT; this bound is for a
+        // blocking pool so busy that the check never starts.
+        match tokio::time::timeout(DB_WAIT * 2, check).await {
+            Ok(Ok(r)) => r.map_err(|e| e.to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the check did not finish in time".into()),
+        }
+    }
+}
+
+/// Whether the file system holding `dir` has `min_free_mib` MiB available
+/// and free inodes.
+fn disk_ok(dir: &std::path::Path, min_free_mib: u64) -> Result<(), String> {
+    let st = rustix::fs::statvfs(dir).map_err(|e| format!("statvfs: {e}"))?;
+    let available = st.f_bavail.saturating_mul(st.f_frsize);
+    if available < min_free_mib.saturating_mul(1 << 20) {
+        return Err(format!("{} MiB available, below health.disk_min_free_mib = {min_free_mib}", available >> 20));
+    }
+    // Some file systems (btrfs) report no inode counts at all.
+    if st.f_files > 0 && st.f_favail == 0 {
+        return Err("no free inodes".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_threshold() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(disk_ok(dir.path(), 0).is_ok());
+        // More than any file system here has.
+        let e = disk_ok(dir.path(), 1 << 40).unwrap_err();
+        assert!(e.contains("health.disk_min_free_mib"), "{e}");
+        assert!(disk_ok(&dir.path().join("missing"), 0).is_err());
+    }
+}
