@@ -20,7 +20,7 @@ fn opts(env: &[(&str, &str)]) -> DaemonOpts {
 
 /// A parsed scrape: every line must be a comment, a HELP/TYPE line or a
 /// sample the parser understands (the crate skips what it cannot read).
-fn parse(text: &str) -> Scrape {
+pub fn parse(text: &str) -> Scrape {
     for line in text.lines() {
         let ok = match LineInfo::parse(line) {
             LineInfo::Ignored => false,
@@ -33,7 +33,7 @@ fn parse(text: &str) -> Scrape {
 }
 
 /// The value of the sample of `metric` carrying `labels` (a subset match), if any.
-fn sample(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub fn sample(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
     s.samples.iter().find(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v))).map(|x| {
         match &x.value {
             PromValue::Counter(v) | PromValue::Gauge(v) | PromValue::Untyped(v) => *v,
@@ -238,7 +238,7 @@ async fn metrics_need_an_api_key_count_logins_and_calls_and_bad_keys_lock_out() 
 }
 
 /// The address of the metrics listener, from the daemon's log.
-async fn metrics_addr(d: &Daemon) -> SocketAddr {
+pub async fn metrics_addr(d: &Daemon) -> SocketAddr {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let log = d.stderr();

@@ -241,13 +241,24 @@ async fn sighup_reads_the_tls_certificate_again() {
     let d = Daemon::start_in(
         dir,
         DaemonOpts {
-            env: vec![("NOTIFY_SOCKET".into(), notify.path.display().to_string())],
+            env: vec![
+                ("NOTIFY_SOCKET".into(), notify.path.display().to_string()),
+                ("KEYHAVEN_METRICS_LISTEN".into(), "127.0.0.1:0".into()),
+            ],
             args: vec!["--config".into(), cfg.display().to_string()],
             ..Default::default()
         },
     );
     notify.wait_for("READY=1", Duration::from_secs(30));
     let self_signed = d.tls_fingerprint();
+    let metrics = crate::monitoring::metrics_addr(&d).await;
+    let not_after = || async {
+        let r = http_on(metrics, None, "GET", "/metrics", &[], None).await;
+        let s = crate::monitoring::parse(&r.text());
+        crate::monitoring::sample(&s, "keyhaven_tls_certificate_not_after_timestamp_seconds", &[]).unwrap()
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(not_after().await > now + 30.0 * 86400.0, "the self-signed certificate lasts years");
     assert_eq!(served_fingerprint(d.addr), self_signed);
 
     // A certificate of the admin's own (as after a renewal): served after the reload.
@@ -266,6 +277,9 @@ async fn sighup_reads_the_tls_certificate_again() {
     let renewed = file_fingerprint(&cert);
     assert_ne!(renewed, self_signed);
     assert_eq!(served_fingerprint(d.addr), renewed);
+    // /metrics shows the renewed certificate's end (two days from now).
+    let end = not_after().await;
+    assert!((end - (now + 2.0 * 86400.0)).abs() < 600.0, "{end} vs {now}");
 
     // A broken certificate file: the reload says so and the previous one is still served.
     std::fs::write(&cert, "not a certificate\n").unwrap();
