@@ -98,6 +98,14 @@ impl From<keyhaven_store::StoreError> for ServiceError {
     }
 }
 
+/// Why a dispatched call produced no result: no method of that name, or the
+/// method failed. The transport maps it once to the wire.
+#[derive(Debug)]
+pub enum CallFailure {
+    NoMethod,
+    Failed(ServiceError),
+}
+
 pub type Result<T, E = ServiceError> = std::result::Result<T, E>;
 
 #[cfg(test)]

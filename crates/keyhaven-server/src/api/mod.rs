@@ -153,11 +153,7 @@ pub fn method_list() -> Vec<(&'static str, Access)> {
     v
 }
 
-#[derive(Debug)]
-pub enum CallFailure {
-    NoMethod,
-    Failed(ServiceError),
-}
+pub use crate::error::CallFailure;
 
 /// Look up, authorise, run and (for writes) audit one call, and count it.
 pub async fn dispatch(

@@ -21,8 +21,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use super::App;
-use crate::api::CallFailure;
-use crate::error::ServiceError;
+use crate::error::{CallFailure, ServiceError};
 
 /// The `Content-Type` of what [`App::metrics_text`] returns.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
