@@ -55,6 +55,18 @@ impl ConnectTimeout {
 }
 
 impl ValidationErrors {
+    /// Keep the value of a check of several fields, or add its errors (named
+    /// relative to the checked block) under `prefix` (empty: as they are).
+    pub fn take_all<T>(&mut self, prefix: &str, checked: Result<T, ValidationErrors>) -> Option<T> {
+        match checked {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.0.extend(e.0.into_iter().map(|e| e.prefixed(prefix)));
+                None
+            }
+        }
+    }
+
     /// Keep the value of a check, or record its message under `attribute`.
     pub fn take<T>(&mut self, attribute: impl Into<String>, checked: Result<T, &'static str>) -> Option<T> {
         match checked {

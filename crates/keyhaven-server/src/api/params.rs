@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::error::ServiceError;
 use keyhaven_core::error::FieldError;
 
+use crate::service::input::FLAT_FIELD;
 pub use crate::service::input::{Secret, SecretText, Str, STR_MAX};
 
 /// Turn serde's message into TrueNAS/pydantic wording.
@@ -64,7 +65,12 @@ pub fn decode<T: DeserializeOwned>(v: Value, schema: &str) -> Result<T, ServiceE
     }
     serde_path_to_error::deserialize::<_, T>(v).map_err(|e| {
         let mut path = e.path().to_string();
-        let inner = e.inner().to_string();
+        let mut inner = e.inner().to_string();
+        // A field of a flattened block names itself (see `FLAT_FIELD`).
+        if let Some((field, rest)) = inner.strip_prefix(FLAT_FIELD).and_then(|r| r.split_once("`: ")) {
+            path = if path == "." || path.is_empty() { field.to_string() } else { format!("{path}.{field}") };
+            inner = rest.to_string();
+        }
         // serde_path_to_error points at the struct for unknown or missing fields.
         if inner.starts_with("unknown field") || inner.starts_with("missing field") {
             if let Some(f) = backticked(&inner) {
@@ -191,5 +197,40 @@ mod tests {
             err(serde_json::json!({"name": "a", "small": 300})),
             ("x_create.small".into(), "Input should be a valid integer in range".into())
         );
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct WithTarget {
+        #[serde(flatten)]
+        endpoint: crate::service::input::SshEndpoint,
+        #[serde(default)]
+        username: Option<Str>,
+        private_key: i64,
+    }
+
+    #[test]
+    fn flattened_fields_keep_their_path() {
+        let err = |v: Value| match decode::<WithTarget>(v, "x.attributes") {
+            Err(ServiceError::Validation(v)) => (v.0[0].attribute.clone(), v.0[0].message.clone()),
+            other => panic!("expected validation error, got {other:?}"),
+        };
+        let at = |k: &str, v: Value| {
+            let mut o = serde_json::json!({"host": "h", "private_key": 1});
+            o[k] = v;
+            o
+        };
+        for (k, v, msg) in [
+            ("port", serde_json::json!("22"), "Input should be a valid integer"),
+            ("port", serde_json::json!(null), "Input should be a valid integer"),
+            ("connect_timeout", serde_json::json!(1.5), "Input should be a valid integer"),
+            ("username", serde_json::json!(5), "Input should be a valid string"),
+            ("host", serde_json::json!("h".repeat(1025)), "String should have at most 1024 characters"),
+            ("bogus", serde_json::json!(1), "Extra inputs are not permitted"),
+        ] {
+            assert_eq!(err(at(k, v)), (format!("x.attributes.{k}"), msg.to_string()), "{k}");
+        }
+        assert_eq!(err(serde_json::json!({"private_key": 1})), ("x.attributes.host".into(), "Field required".into()));
     }
 }

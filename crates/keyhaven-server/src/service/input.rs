@@ -1,12 +1,16 @@
 //! Value types of caller input, shared by the API edge (which decodes
 //! parameters into them) and the services (whose input structs are built from
-//! them): capped strings and secrets that `Debug` does not show.
+//! them): capped strings, secrets that `Debug` does not show, and the field
+//! blocks several inputs share ([`SshEndpoint`], [`KeyOptionsIn`]).
 
 use std::fmt;
 use std::ops::Deref;
 
 use serde::de::Deserializer;
 use serde::{Deserialize, Serialize};
+
+use keyhaven_core::error::ValidationErrors;
+use keyhaven_core::net::{ConnectTimeout, Port};
 
 /// Cap of plain strings, as TrueNAS's models.
 pub const STR_MAX: usize = 1024;
@@ -126,4 +130,121 @@ pub fn default_username() -> String {
 
 pub fn default_connect_timeout() -> i64 {
     keyhaven_core::net::ConnectTimeout::DEFAULT.secs() as i64
+}
+
+/// Errors of a field inside a `#[serde(flatten)]` block begin with this and
+/// the field's name: serde reports a flattened block's errors at the
+/// enclosing struct, so these fields name themselves and
+/// [`crate::api::params::decode`] moves the name back into the path.
+pub const FLAT_FIELD: &str = "flattened field `";
+
+/// Decode a field of a flattened block so that its errors name it (see [`FLAT_FIELD`]).
+fn flat_field<'de, T: Deserialize<'de>, D: Deserializer<'de>>(field: &str, d: D) -> Result<T, D::Error> {
+    T::deserialize(d).map_err(|e| serde::de::Error::custom(format_args!("{FLAT_FIELD}{field}`: {e}")))
+}
+
+fn host_field<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    flat_field::<Str, D>("host", d).map(|s| s.0)
+}
+
+fn port_field<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    flat_field("port", d)
+}
+
+fn connect_timeout_field<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    flat_field("connect_timeout", d)
+}
+
+fn key_type_field<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Str>, D::Error> {
+    flat_field("key_type", d)
+}
+
+fn size_field<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    flat_field("size", d)
+}
+
+/// Where an SSH server listens and how long to wait for it: TrueNAS's
+/// `host`, `port` (22) and `connect_timeout` (10), the one declaration of
+/// these fields, used with `#[serde(flatten)]` by every input that names an
+/// SSH server (host-key scans, connections, manual setup).
+///
+/// A flattened block must not itself flatten another: serde then reads it
+/// as a map that leaves its fields to the enclosing struct, whose
+/// `deny_unknown_fields` refuses them.
+///
+/// The numbers are decoded as sent and checked by [`SshEndpoint::check`]
+/// (ranges of [`Port`] and [`ConnectTimeout`]), so that one reply names every
+/// out-of-range value together with the request's other problems, as
+/// TrueNAS does.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SshEndpoint {
+    #[serde(deserialize_with = "host_field")]
+    pub host: String,
+    #[serde(default = "default_port", deserialize_with = "port_field")]
+    pub port: i64,
+    #[serde(default = "default_connect_timeout", deserialize_with = "connect_timeout_field")]
+    pub connect_timeout: i64,
+}
+
+impl SshEndpoint {
+    /// The port and timeout as checked values; errors are named relative to
+    /// the block (`port`, `connect_timeout`): the caller places them.
+    pub fn check(&self) -> Result<(Port, ConnectTimeout), ValidationErrors> {
+        let mut errs = ValidationErrors::new();
+        let port = errs.take("port", Port::new(self.port));
+        let timeout = errs.take("connect_timeout", ConnectTimeout::new(self.connect_timeout));
+        match (port, timeout) {
+            (Some(p), Some(t)) => Ok((p, t)),
+            _ => Err(errs),
+        }
+    }
+}
+
+/// The options of a key pair generated on the caller's behalf (pairing,
+/// re-pairing): keyhaven's `key_type` (`ED25519` by default, `ECDSA`, `RSA`)
+/// and `size`.
+///
+/// Used with `#[serde(flatten)]` (by `generate_ssh_key_pair`, pairing's
+/// `private_key` and re-pairing's `new_key`), so its fields name themselves.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct KeyOptionsIn {
+    #[serde(default, deserialize_with = "key_type_field")]
+    pub key_type: Option<Str>,
+    #[serde(default, deserialize_with = "size_field")]
+    pub size: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct WithTarget {
+        #[serde(flatten)]
+        endpoint: SshEndpoint,
+        key: i64,
+    }
+
+    #[test]
+    fn flattened_endpoint_takes_defaults_and_names_its_fields() {
+        let v: WithTarget = serde_json::from_value(json!({"host": "h", "key": 1})).unwrap();
+        assert_eq!(v.endpoint, SshEndpoint { host: "h".into(), port: 22, connect_timeout: 10 });
+        assert_eq!(v.key, 1);
+        let e = serde_json::from_value::<WithTarget>(json!({"host": "h", "key": 1, "port": "22"})).unwrap_err();
+        assert!(e.to_string().starts_with("flattened field `port`: invalid type"), "{e}");
+        let e = serde_json::from_value::<WithTarget>(json!({"host": "h", "key": 1, "bogus": 1})).unwrap_err();
+        assert!(e.to_string().starts_with("unknown field `bogus`"), "{e}");
+    }
+
+    #[test]
+    fn endpoint_check_names_every_range_relative() {
+        let ep = SshEndpoint { host: "h".into(), port: 0, connect_timeout: 301 };
+        let errs = ep.check().unwrap_err();
+        let attrs: Vec<&str> = errs.0.iter().map(|e| e.attribute.as_str()).collect();
+        assert_eq!(attrs, ["port", "connect_timeout"]);
+        let ok = SshEndpoint { host: "h".into(), port: 2222, connect_timeout: 5 }.check().unwrap();
+        assert_eq!((ok.0.get(), ok.1.secs()), (2222, 5));
+    }
 }

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use zeroize::Zeroizing;
 
-use super::input::{self, Secret, SecretText};
+use super::input::{self, Secret, SecretText, SshEndpoint};
 use super::session::Role;
 use super::App;
 use crate::error::{ServiceError, EINVAL, ENOENT};
@@ -155,16 +155,12 @@ pub struct KeyPairInput {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectionInput {
-    #[serde(deserialize_with = "input::capped")]
-    pub host: String,
-    #[serde(default = "input::default_port")]
-    pub port: i64,
+    #[serde(flatten)]
+    pub endpoint: SshEndpoint,
     #[serde(default = "input::default_username", deserialize_with = "input::capped")]
     pub username: String,
     pub private_key: i64,
     pub remote_host_key: String,
-    #[serde(default = "input::default_connect_timeout")]
-    pub connect_timeout: i64,
 }
 
 pub enum AttributesInput {
@@ -400,22 +396,19 @@ impl App {
             AttributesInput::CheckedKeyPair(v) => Ok(key_pair_attributes(v)),
             AttributesInput::Connection(c) => {
                 let mut errs = ValidationErrors::new();
-                if c.host.trim().is_empty() {
+                let (ep, username) = (&c.endpoint, &c.username);
+                if ep.host.trim().is_empty() {
                     errs.add(format!("{prefix}.host"), "Host must not be empty");
                 }
-                for (field, value) in [("host", &c.host), ("username", &c.username)] {
+                for (field, value) in [("host", &ep.host), ("username", username)] {
                     if let Err(e) = keyhaven_core::text::check_single_line(value) {
                         errs.add(format!("{prefix}.{field}"), e.to_string());
                     }
                 }
-                errs.take(format!("{prefix}.port"), keyhaven_core::net::Port::new(c.port));
-                if c.username.trim().is_empty() {
+                if username.trim().is_empty() {
                     errs.add(format!("{prefix}.username"), "Username must not be empty");
                 }
-                errs.take(
-                    format!("{prefix}.connect_timeout"),
-                    keyhaven_core::net::ConnectTimeout::new(c.connect_timeout),
-                );
+                errs.take_all(prefix, ep.check());
                 match self.store.keychain_get(c.private_key)? {
                     Some(r) if r.kind == SSH_KEY_PAIR && r.has_private_key => {}
                     Some(r) if r.kind == SSH_KEY_PAIR => errs.add(
@@ -445,12 +438,12 @@ impl App {
                 errs.check()?;
                 let remote_host_key = host_keys.iter().map(|h| h.to_line()).collect::<Vec<_>>().join("\n");
                 let attributes = json!({
-                    "host": c.host.trim(),
-                    "port": c.port,
-                    "username": c.username,
+                    "host": ep.host.trim(),
+                    "port": ep.port,
+                    "username": username,
                     "private_key": c.private_key,
                     "remote_host_key": remote_host_key,
-                    "connect_timeout": c.connect_timeout,
+                    "connect_timeout": ep.connect_timeout,
                 });
                 Ok((SSH_CREDENTIALS, attributes, None))
             }
@@ -511,9 +504,9 @@ impl App {
     }
 
     /// Generate a key pair (RSA off the async executor). Nothing is stored.
+    /// Errors name the option (`size`): the caller places them.
     pub async fn generate_key_pair(&self, opts: GenerateOptions) -> Result<keys::KeyPairText, ServiceError> {
-        keys::validate_generate_options(&opts)
-            .map_err(|e| ServiceError::Validation(e.prefixed("keychain_credential_generate_ssh_key_pair").into()))?;
+        keys::validate_generate_options(&opts).map_err(ServiceError::from)?;
         // RSA keygen searches for primes and can take seconds: never on the executor.
         let out = if opts.algorithm == KeyAlgorithm::Rsa {
             tokio::task::spawn_blocking(move || keys::generate(&opts))
@@ -522,7 +515,7 @@ impl App {
         } else {
             keys::generate(&opts)
         };
-        out.map_err(|e| ServiceError::Validation(e.prefixed("keychain_credential_generate_ssh_key_pair").into()))
+        out.map_err(ServiceError::from)
     }
 }
 

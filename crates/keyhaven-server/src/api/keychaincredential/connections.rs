@@ -5,25 +5,21 @@ use super::*;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ScanIn {
-    host: Str,
-    #[serde(default = "default_port")]
-    port: i64,
-    #[serde(default = "default_timeout")]
-    connect_timeout: i64,
+    #[serde(flatten)]
+    endpoint: SshEndpoint,
 }
 
 pub(super) async fn scan(p: &Params) -> Result<Vec<keyhaven_ssh::client::ScannedKey>, ServiceError> {
     const S: &str = "keychain_remote_ssh_host_key_scan";
-    let a: ScanIn = p.req(0, S)?;
+    let ScanIn { endpoint: ep } = p.req(0, S)?;
     let mut errs = keyhaven_core::ValidationErrors::new();
-    if a.host.trim().is_empty() {
-        errs.add(format!("{S}.host"), "String should have at least 1 character");
+    if ep.host.trim().is_empty() {
+        errs.add("host", "String should have at least 1 character");
     }
-    let port = errs.take(format!("{S}.port"), Port::new(a.port));
-    let timeout = errs.take(format!("{S}.connect_timeout"), ConnectTimeout::new(a.connect_timeout));
-    let (Some(port), Some(timeout)) = (port, timeout) else { return Err(errs.into()) };
-    errs.check()?;
-    pairing::host_key_scan(a.host.trim(), port.get(), timeout.duration()).await
+    let checked = errs.take_all("", ep.check());
+    errs.check().map_err(|e| ServiceError::from(e).in_schema(S))?;
+    let Some((port, timeout)) = checked else { return Err(ServiceError::internal(S, "endpoint not checked")) };
+    pairing::host_key_scan(ep.host.trim(), port.get(), timeout.duration()).await
 }
 
 pub(super) async fn remote_ssh_host_key_scan(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
@@ -61,11 +57,14 @@ pub(super) async fn test_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Valu
     const S: &str = "keychain_test_ssh_connection";
     let id: i64 = p.req(0, &format!("{S}.id"))?;
     let o: TestIn = p.opt(1, &format!("{S}.options"))?;
-    if let Some(t) = o.timeout {
-        ConnectTimeout::new(i64::try_from(t).unwrap_or(i64::MAX))
-            .map_err(|m| ServiceError::field(format!("{S}.options.timeout"), m))?;
-    }
-    let report = ctx.app.test_ssh_connection_with(id, o.timeout, o.private_key).await.map_err(|e| e.in_schema(S))?;
+    let timeout = match o.timeout {
+        None => None,
+        Some(t) => Some(
+            ConnectTimeout::new(i64::try_from(t).unwrap_or(i64::MAX))
+                .map_err(|m| ServiceError::field(format!("{S}.options.timeout"), m))?,
+        ),
+    };
+    let report = ctx.app.test_ssh_connection_with(id, timeout, o.private_key).await.map_err(|e| e.in_schema(S))?;
     to_json(&report)
 }
 

@@ -90,37 +90,27 @@ pub(super) async fn used_by(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceEr
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct GenerateIn {
-    #[serde(default)]
-    key_type: Option<Str>,
-    #[serde(default)]
-    size: Option<u32>,
+    #[serde(flatten)]
+    options: KeyOptionsIn,
     #[serde(default)]
     comment: Option<Str>,
 }
 
-pub fn generate_options(g: &GenerateArgs, schema: &str) -> Result<GenerateOptions, ServiceError> {
-    let algorithm = match &g.key_type {
+/// The generation options `o` asks for; errors are named relative to `o`
+/// (`key_type`): the caller places them.
+pub fn generate_options(o: &KeyOptionsIn, comment: Option<String>) -> Result<GenerateOptions, ServiceError> {
+    let algorithm = match &o.key_type {
         None => KeyAlgorithm::Ed25519,
-        Some(k) => keychain::parse_algorithm(k, &format!("{schema}.key_type"))?,
+        Some(k) => keychain::parse_algorithm(k, "key_type")?,
     };
-    Ok(GenerateOptions { algorithm, bits: g.size, comment: g.comment.clone() })
-}
-
-/// Generation options as plain values (shared with `setup_ssh_connection`).
-pub struct GenerateArgs {
-    pub key_type: Option<String>,
-    pub size: Option<u32>,
-    pub comment: Option<String>,
+    Ok(GenerateOptions { algorithm, bits: o.size, comment })
 }
 
 pub(super) async fn generate_ssh_key_pair(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     const S: &str = "keychain_credential_generate_ssh_key_pair";
     let g: GenerateIn = p.opt(0, S)?;
-    let opts = generate_options(
-        &GenerateArgs { key_type: g.key_type.map(|s| s.0), size: g.size, comment: g.comment.map(|s| s.0) },
-        S,
-    )?;
-    let kp = ctx.app.generate_key_pair(opts).await?;
+    let opts = generate_options(&g.options, g.comment.map(|s| s.0)).map_err(|e| e.in_schema(S))?;
+    let kp = ctx.app.generate_key_pair(opts).await.map_err(|e| e.in_schema(S))?;
     Ok(json!({"private_key": kp.private_key.as_str(), "public_key": kp.public_key}))
 }
 

@@ -14,7 +14,7 @@ use crate::method;
 use crate::service::keychain::{self, AttributesInput, SSH_CREDENTIALS, SSH_KEY_PAIR};
 use crate::service::pairing;
 use keyhaven_core::keys::{GenerateOptions, KeyAlgorithm};
-use keyhaven_core::net::{ConnectTimeout, Port};
+use keyhaven_core::net::ConnectTimeout;
 
 mod connections;
 mod crud;
@@ -53,7 +53,7 @@ pub fn methods() -> Vec<MethodDef> {
 const CREATE: &str = "keychain_credential_create";
 const UPDATE: &str = "keychain_credentials_update";
 
-use crate::service::input::{default_connect_timeout as default_timeout, default_port};
+use crate::service::input::{default_connect_timeout as default_timeout, KeyOptionsIn, SshEndpoint};
 fn default_user() -> Str {
     Str("root".into())
 }

@@ -27,132 +27,151 @@ pub(super) fn default_true() -> bool {
     true
 }
 
-/// The semi-automatic arguments shared by both setup methods (minus name/key).
-macro_rules! semi_struct {
-    ($name:ident { $($field:ident: $ty:ty),* $(,)? }) => {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct $name {
-            $($field: $ty,)*
-            url: String,
-            #[serde(default = "default_true")]
-            verify_ssl: bool,
-            #[serde(default)]
-            token: Option<Secret>,
-            #[serde(default = "default_user")]
-            admin_username: Str,
-            #[serde(default)]
-            password: Option<Secret>,
-            #[serde(default)]
-            otp_token: Option<Secret>,
-            #[serde(default = "default_user")]
-            username: Str,
-            #[serde(default = "default_timeout")]
-            connect_timeout: i64,
-            #[serde(default)]
-            sudo: bool,
-            /// keyhaven extension: trust exactly the certificate with this
-            /// SHA-256 fingerprint (a self-signed one the admin checked).
-            #[serde(default)]
-            tls_fingerprint: Option<String>,
-            /// keyhaven extension: pair over plain http:// although the
-            /// remote's admin password or token then crosses the network in
-            /// clear text (refused unless set).
-            #[serde(default)]
-            allow_insecure_http: bool,
-        }
-
-        impl $name {
-            fn semi(self, schema: &str) -> Result<pairing::SemiAutomatic, ServiceError> {
-                check_semi(&self.url, &self.username, self.connect_timeout, schema)?;
-                if self.url.trim().to_ascii_lowercase().starts_with("http://") && !self.allow_insecure_http {
-                    return Err(ServiceError::field(
-                        format!("{schema}.url"),
-                        "http:// would send the remote admin password or token unencrypted: use https:// \
-                         (a self-signed certificate can be pinned with tls_fingerprint), or set \
-                         allow_insecure_http to accept that on a network you trust",
-                    ));
-                }
-                let tls_pin = match self.tls_fingerprint.as_deref().filter(|f| !f.trim().is_empty()) {
-                    None => None,
-                    Some(_) if !self.url.trim().starts_with("https://") => {
-                        return Err(ServiceError::field(
-                            format!("{schema}.tls_fingerprint"),
-                            "A certificate can only be pinned for an https:// URL (http:// has no certificate, \
-                             and would send the credentials in clear text)",
-                        ))
-                    }
-                    Some(f) => Some(crate::remote::parse_cert_fingerprint(f).ok_or_else(|| {
-                        ServiceError::field(
-                            format!("{schema}.tls_fingerprint"),
-                            "Give the certificate's SHA-256 fingerprint: 64 hexadecimal digits, colons allowed \
-                             (openssl x509 -noout -fingerprint -sha256 prints it)",
-                        )
-                    })?),
-                };
-                Ok(pairing::SemiAutomatic {
-                    url: self.url.trim().to_string(),
-                    verify_ssl: self.verify_ssl,
-                    tls_pin,
-                    token: self.token.map(|s| s.0),
-                    admin_username: self.admin_username.0,
-                    password: self.password.map(|s| s.0),
-                    otp_token: self.otp_token.map(|s| s.0),
-                    username: self.username.0,
-                    connect_timeout: self.connect_timeout,
-                    sudo: self.sudo,
-                })
-            }
-        }
-    };
+/// The semi-automatic arguments: `setup_ssh_connection`'s
+/// `semi_automatic_setup` and `re_pair_ssh_connection`'s, and
+/// `remote_ssh_semiautomatic_setup`'s argument besides the name and key pair.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SemiIn {
+    url: String,
+    #[serde(default = "default_true")]
+    verify_ssl: bool,
+    #[serde(default)]
+    token: Option<Secret>,
+    #[serde(default = "default_user")]
+    admin_username: Str,
+    #[serde(default)]
+    password: Option<Secret>,
+    #[serde(default)]
+    otp_token: Option<Secret>,
+    #[serde(default = "default_user")]
+    username: Str,
+    #[serde(default = "default_timeout")]
+    connect_timeout: i64,
+    #[serde(default)]
+    sudo: bool,
+    /// keyhaven extension: trust exactly the certificate with this
+    /// SHA-256 fingerprint (a self-signed one the admin checked).
+    #[serde(default)]
+    tls_fingerprint: Option<String>,
+    /// keyhaven extension: pair over plain http:// although the
+    /// remote's admin password or token then crosses the network in
+    /// clear text (refused unless set).
+    #[serde(default)]
+    allow_insecure_http: bool,
 }
 
-semi_struct!(SemiFullIn { name: Str, private_key: i64 });
-semi_struct!(SemiIn {});
+impl SemiIn {
+    /// The checked arguments; errors are named relative to this block (`url`).
+    fn semi(self) -> Result<pairing::SemiAutomatic, ServiceError> {
+        check_semi(&self.url, &self.username, self.connect_timeout)?;
+        if self.url.trim().to_ascii_lowercase().starts_with("http://") && !self.allow_insecure_http {
+            return Err(ServiceError::field(
+                "url",
+                "http:// would send the remote admin password or token unencrypted: use https:// \
+                 (a self-signed certificate can be pinned with tls_fingerprint), or set \
+                 allow_insecure_http to accept that on a network you trust",
+            ));
+        }
+        let tls_pin = match self.tls_fingerprint.as_deref().filter(|f| !f.trim().is_empty()) {
+            None => None,
+            Some(_) if !self.url.trim().starts_with("https://") => {
+                return Err(ServiceError::field(
+                    "tls_fingerprint",
+                    "A certificate can only be pinned for an https:// URL (http:// has no certificate, \
+                     and would send the credentials in clear text)",
+                ))
+            }
+            Some(f) => Some(crate::remote::parse_cert_fingerprint(f).ok_or_else(|| {
+                ServiceError::field(
+                    "tls_fingerprint",
+                    "Give the certificate's SHA-256 fingerprint: 64 hexadecimal digits, colons allowed \
+                     (openssl x509 -noout -fingerprint -sha256 prints it)",
+                )
+            })?),
+        };
+        Ok(pairing::SemiAutomatic {
+            url: self.url.trim().to_string(),
+            verify_ssl: self.verify_ssl,
+            tls_pin,
+            token: self.token.map(|s| s.0),
+            admin_username: self.admin_username.0,
+            password: self.password.map(|s| s.0),
+            otp_token: self.otp_token.map(|s| s.0),
+            username: self.username.0,
+            connect_timeout: self.connect_timeout,
+            sudo: self.sudo,
+        })
+    }
+}
 
-pub(super) fn check_semi(url: &str, username: &str, connect_timeout: i64, schema: &str) -> Result<(), ServiceError> {
+/// `remote_ssh_semiautomatic_setup`'s own fields besides [`SemiIn`]'s.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SemiTargetIn {
+    name: Str,
+    private_key: i64,
+}
+
+/// Split `remote_ssh_semiautomatic_setup`'s argument into its own fields and
+/// [`SemiIn`], each decoded strictly with its errors named by field (a
+/// `#[serde(flatten)]` would report a type error of any [`SemiIn`] field at
+/// the argument itself).
+fn decode_semi_full(p: &Params, schema: &str) -> Result<(SemiTargetIn, SemiIn), ServiceError> {
+    let all: serde_json::Map<String, Value> = p.req(0, schema)?;
+    let (own, rest): (serde_json::Map<_, _>, serde_json::Map<_, _>) =
+        all.into_iter().partition(|(k, _)| k == "name" || k == "private_key");
+    let mut errs = keyhaven_core::ValidationErrors::new();
+    let own = gather(decode::<SemiTargetIn>(Value::Object(own), schema), &mut errs, "")?;
+    let semi = gather(decode::<SemiIn>(Value::Object(rest), schema), &mut errs, "")?;
+    errs.check()?;
+    match (own, semi) {
+        (Some(own), Some(semi)) => Ok((own, semi)),
+        _ => Err(ServiceError::internal(schema, "arguments not decoded")),
+    }
+}
+
+pub(super) fn check_semi(url: &str, username: &str, connect_timeout: i64) -> Result<(), ServiceError> {
     let mut errs = keyhaven_core::ValidationErrors::new();
     let u = url.trim();
     if u.chars().count() > 2083 {
-        errs.add(format!("{schema}.url"), "URL should have at most 2083 characters");
+        errs.add("url", "URL should have at most 2083 characters");
     } else if !(u.starts_with("http://") || u.starts_with("https://")) || pairing::url_host(u).is_empty() {
-        errs.add(format!("{schema}.url"), "Input should be a valid URL: http:// or https:// followed by a host");
+        errs.add("url", "Input should be a valid URL: http:// or https:// followed by a host");
     }
     if username.trim().is_empty() {
-        errs.add(format!("{schema}.username"), "String should have at least 1 character");
+        errs.add("username", "String should have at least 1 character");
     }
-    errs.take(format!("{schema}.connect_timeout"), ConnectTimeout::new(connect_timeout));
+    errs.take("connect_timeout", ConnectTimeout::new(connect_timeout));
     errs.check()?;
     Ok(())
 }
 
 pub(super) async fn remote_ssh_semiautomatic_setup(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     const S: &str = "keychain_remote_ssh_semiautomatic_setup";
-    let a: SemiFullIn = p.req(0, S)?;
-    if a.name.trim().is_empty() {
+    let (own, semi) = decode_semi_full(&p, S)?;
+    if own.name.trim().is_empty() {
         return Err(ServiceError::field(format!("{S}.name"), "String should have at least 1 character"));
     }
     // Checked here, before the remote is changed, although keychain_create checks it again.
     let mut errs = keyhaven_core::ValidationErrors::new();
-    name_line(&a.name, &format!("{S}.name"), &mut errs);
+    name_line(&own.name, &format!("{S}.name"), &mut errs);
     errs.check()?;
-    ctx.describe(format!("SSH Semi-automatic Setup: {}", &*a.name));
-    let (name, key) = (a.name.0.clone(), a.private_key);
-    let semi = a.semi(S)?;
-    ctx.app.remote_semiautomatic_setup(&name, key, &semi).await
+    ctx.describe(format!("SSH Semi-automatic Setup: {}", &*own.name));
+    let semi = semi.semi().map_err(|e| e.in_schema(S))?;
+    ctx.app.remote_semiautomatic_setup(&own.name, own.private_key, &semi).await
 }
 
-/// A validation error joins `errs` (so one reply lists every problem); any other error ends the call.
+/// A validation error joins `errs` under `prefix` (so one reply lists every
+/// problem); any other error ends the call.
 pub(super) fn gather<T>(
     r: Result<T, ServiceError>,
     errs: &mut keyhaven_core::ValidationErrors,
+    prefix: &str,
 ) -> Result<Option<T>, ServiceError> {
     match r {
         Ok(v) => Ok(Some(v)),
-        Err(ServiceError::Validation(v)) => {
-            errs.0.extend(v.0);
-            Ok(None)
-        }
+        Err(ServiceError::Validation(v)) => Ok(errs.take_all(prefix, Err(v))),
         Err(e) => Err(e),
     }
 }
@@ -160,16 +179,14 @@ pub(super) fn gather<T>(
 /// Options of a key pair generated while pairing, checked before anything
 /// happens; problems join `errs` under `prefix` (`….key_type`, `….size`).
 pub(super) fn pairing_key_options(
-    key_type: Option<Str>,
-    size: Option<u32>,
+    o: &KeyOptionsIn,
     prefix: &str,
     errs: &mut keyhaven_core::ValidationErrors,
 ) -> Option<GenerateOptions> {
-    let args = GenerateArgs { key_type: key_type.map(|s| s.0), size, comment: None };
-    let o = match generate_options(&args, prefix) {
+    let o = match generate_options(o, None) {
         Ok(o) => o,
         Err(ServiceError::Validation(v)) => {
-            errs.0.extend(v.0);
+            errs.take_all(prefix, Err::<(), _>(v));
             return None;
         }
         Err(e) => {
@@ -196,23 +213,18 @@ pub(super) struct PrivateKeyChoice {
     #[serde(default)]
     existing_key_id: Option<i64>,
     /// keyhaven extension: the generated key's type (`ED25519` default, `ECDSA`, `RSA`) and size.
-    #[serde(default)]
-    key_type: Option<Str>,
-    #[serde(default)]
-    size: Option<u32>,
+    #[serde(flatten)]
+    options: KeyOptionsIn,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ManualIn {
-    host: Str,
-    #[serde(default = "default_port")]
-    port: i64,
+    #[serde(flatten)]
+    endpoint: SshEndpoint,
     #[serde(default = "default_user")]
     username: Str,
     remote_host_key: String,
-    #[serde(default = "default_timeout")]
-    connect_timeout: i64,
 }
 
 #[derive(Deserialize)]
@@ -238,9 +250,9 @@ pub(super) async fn setup_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Val
     name_line(&a.connection_name, &format!("{S}.connection_name"), &mut errs);
     let pk = a.private_key;
     let gen_opts = if pk.generate_key {
-        pairing_key_options(pk.key_type, pk.size, &format!("{S}.private_key"), &mut errs)
+        pairing_key_options(&pk.options, &format!("{S}.private_key"), &mut errs)
     } else {
-        for (set, field) in [(pk.key_type.is_some(), "key_type"), (pk.size.is_some(), "size")] {
+        for (set, field) in [(pk.options.key_type.is_some(), "key_type"), (pk.options.size.is_some(), "size")] {
             if set {
                 errs.add(
                     format!("{S}.private_key.{field}"),
@@ -281,14 +293,12 @@ pub(super) async fn setup_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Val
     let setup_type = a.setup_type.as_deref().unwrap_or("MANUAL").to_string();
     let kind = match (setup_type.as_str(), a.manual_setup, a.semi_automatic_setup) {
         ("MANUAL", Some(m), None) => Some(pairing::SetupKind::Manual(pairing::Manual {
-            host: m.host.0,
-            port: m.port,
+            endpoint: m.endpoint,
             username: m.username.0,
             remote_host_key: m.remote_host_key,
-            connect_timeout: m.connect_timeout,
         })),
         ("SEMI-AUTOMATIC", None, Some(s)) => {
-            gather(s.semi(&format!("{S}.semi_automatic_setup")), &mut errs)?.map(pairing::SetupKind::SemiAutomatic)
+            gather(s.semi(), &mut errs, &format!("{S}.semi_automatic_setup"))?.map(pairing::SetupKind::SemiAutomatic)
         }
         ("MANUAL", None, _) => {
             errs.add(format!("{S}.manual_setup"), "Field required");
@@ -323,10 +333,8 @@ pub(super) async fn setup_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Val
 #[serde(deny_unknown_fields)]
 pub(super) struct NewKeyIn {
     name: Str,
-    #[serde(default)]
-    key_type: Option<Str>,
-    #[serde(default)]
-    size: Option<u32>,
+    #[serde(flatten)]
+    options: KeyOptionsIn,
 }
 
 #[derive(Deserialize)]
@@ -355,10 +363,10 @@ pub(super) async fn re_pair_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<V
                 errs.add(format!("{S}.new_key.name"), "String should have at least 1 character");
             }
             name_line(&k.name, &format!("{S}.new_key.name"), &mut errs);
-            pairing_key_options(k.key_type, k.size, &format!("{S}.new_key"), &mut errs).map(|o| (k.name.0, o))
+            pairing_key_options(&k.options, &format!("{S}.new_key"), &mut errs).map(|o| (k.name.0, o))
         }
     };
-    let semi = gather(a.semi_automatic_setup.semi(&format!("{S}.semi_automatic_setup")), &mut errs)?;
+    let semi = gather(a.semi_automatic_setup.semi(), &mut errs, &format!("{S}.semi_automatic_setup"))?;
     errs.check()?;
     let Some(semi) = semi else {
         return Err(ServiceError::internal("re_pair_ssh_connection", "arguments not decoded"));

@@ -1,13 +1,18 @@
 //! Checking stored SSH connections: the connection test and each connection's last result.
 
 use super::*;
+use keyhaven_core::net::{ConnectTimeout, Port};
 
 /// The field of `keychaincredential.test_ssh_connection` that names another key pair.
 const KEY_FIELD: &str = "options.private_key";
 
 impl App {
     /// Test a stored SSH connection: pinned host keys, its key pair, `true`.
-    pub async fn test_ssh_connection(&self, id: i64, timeout: Option<u64>) -> Result<TestReport, ServiceError> {
+    pub async fn test_ssh_connection(
+        &self,
+        id: i64,
+        timeout: Option<ConnectTimeout>,
+    ) -> Result<TestReport, ServiceError> {
         self.test_ssh_connection_with(id, timeout, None).await
     }
 
@@ -17,7 +22,7 @@ impl App {
     pub async fn test_ssh_connection_with(
         &self,
         id: i64,
-        timeout: Option<u64>,
+        timeout: Option<ConnectTimeout>,
         key_pair: Option<i64>,
     ) -> Result<TestReport, ServiceError> {
         let target = self.connection_target_with(id, timeout, key_pair)?;
@@ -42,14 +47,14 @@ impl App {
 
     /// How to reach a stored SSH connection: its host, port, user, private key
     /// and pinned host keys; `timeout` overrides its `connect_timeout`.
-    pub fn connection_target(&self, id: i64, timeout: Option<u64>) -> Result<TestTarget, ServiceError> {
+    pub fn connection_target(&self, id: i64, timeout: Option<ConnectTimeout>) -> Result<TestTarget, ServiceError> {
         self.connection_target_with(id, timeout, None)
     }
 
     fn connection_target_with(
         &self,
         id: i64,
-        timeout: Option<u64>,
+        timeout: Option<ConnectTimeout>,
         key_pair: Option<i64>,
     ) -> Result<TestTarget, ServiceError> {
         let e = self.keychain_get(id)?;
@@ -79,15 +84,17 @@ impl App {
             })?;
         let pinned = keys::parse_host_key_lines(a["remote_host_key"].as_str().unwrap_or(""))
             .map_err(|(line, m)| ServiceError::call(EINVAL, format!("Stored remote_host_key, line {line}: {m}")))?;
-        let port = a["port"].as_i64().and_then(|p| u16::try_from(p).ok()).unwrap_or(22);
-        let secs = timeout.unwrap_or_else(|| a["connect_timeout"].as_u64().unwrap_or(10)).clamp(1, 300);
+        let port = a["port"].as_i64().and_then(|p| Port::new(p).ok()).unwrap_or(Port::SSH);
+        let timeout = timeout.unwrap_or_else(|| {
+            a["connect_timeout"].as_i64().and_then(|t| ConnectTimeout::new(t).ok()).unwrap_or(ConnectTimeout::DEFAULT)
+        });
         Ok(TestTarget {
             host: a["host"].as_str().unwrap_or("").to_string(),
-            port,
+            port: port.get(),
             username: a["username"].as_str().unwrap_or("root").to_string(),
             private_key_openssh: private,
             pinned_host_keys: pinned.into_iter().map(|k| (k.key_type, k.base64)).collect(),
-            timeout: Duration::from_secs(secs),
+            timeout: timeout.duration(),
         })
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::input::{self, SshEndpoint};
 use super::keychain::{AttributesInput, ConnectionInput, KeyPairInput, SSH_KEY_PAIR};
 use super::session::Role;
 use super::users::UserInput;
@@ -65,11 +66,9 @@ pub struct SemiAutomatic {
 
 /// A manual connection (SSH_CREDENTIALS attributes without the key pair).
 pub struct Manual {
-    pub host: String,
-    pub port: i64,
+    pub endpoint: SshEndpoint,
     pub username: String,
     pub remote_host_key: String,
-    pub connect_timeout: i64,
 }
 
 pub enum KeyChoice {
@@ -107,12 +106,10 @@ pub fn url_host(url: &str) -> String {
 /// port and with the host keys the remote reported, as `s.username`.
 fn paired_connection(s: &SemiAutomatic, port: i64, host_key: &str, key_id: i64) -> ConnectionInput {
     ConnectionInput {
-        host: url_host(&s.url),
-        port,
+        endpoint: SshEndpoint { host: url_host(&s.url), port, connect_timeout: s.connect_timeout },
         username: s.username.clone(),
         private_key: key_id,
         remote_host_key: strip_host_tokens(host_key),
-        connect_timeout: s.connect_timeout,
     }
 }
 
@@ -257,21 +254,29 @@ fn key_body(line: &str) -> Option<String> {
         .map(|k| format!("{} {}", k.key_type, k.base64))
 }
 
+/// Why a key could not be taken off a remote account.
+#[derive(Debug, thiserror::Error)]
+enum RemoveKeyError {
+    #[error("the key is not a valid public key")]
+    InvalidKey,
+    #[error("{}", remote_reason(.0))]
+    Remote(#[from] ClientError),
+}
+
 /// Take `public_key` (compared by type and base64) off the remote account's
 /// authorized keys through its API. `Ok(false)` when it was not there.
-async fn remove_remote_key(c: &mut RpcClient, username: &str, public_key: &str) -> Result<bool, String> {
-    let target = key_body(public_key).ok_or("the key is not a valid public key")?;
+async fn remove_remote_key(c: &mut RpcClient, username: &str, public_key: &str) -> Result<bool, RemoveKeyError> {
+    let target = key_body(public_key).ok_or(RemoveKeyError::InvalidKey)?;
     let user = c
         .call("user.query", vec![json!([["username", "=", username], ["local", "=", true]]), json!({"get": true})])
-        .await
-        .map_err(|e| remote_reason(&e))?;
+        .await?;
     let current = user["sshpubkey"].as_str().unwrap_or("");
     let kept: Vec<&str> = current.lines().filter(|l| key_body(l).as_deref() != Some(target.as_str())).collect();
     if kept.len() == current.lines().count() {
         return Ok(false);
     }
     let text = if kept.iter().all(|l| l.trim().is_empty()) { Value::Null } else { json!(kept.join("\n") + "\n") };
-    c.call("user.update", vec![user["id"].clone(), json!({"sshpubkey": text})]).await.map_err(|e| remote_reason(&e))?;
+    c.call("user.update", vec![user["id"].clone(), json!({"sshpubkey": text})]).await?;
     Ok(true)
 }
 

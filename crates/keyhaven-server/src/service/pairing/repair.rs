@@ -98,12 +98,16 @@ impl App {
         };
         if !passed {
             let old = ConnectionInput {
-                host: old_attrs["host"].as_str().unwrap_or_default().to_string(),
-                port: old_attrs["port"].as_i64().unwrap_or(22),
+                endpoint: SshEndpoint {
+                    host: old_attrs["host"].as_str().unwrap_or_default().to_string(),
+                    port: old_attrs["port"].as_i64().unwrap_or_else(input::default_port),
+                    connect_timeout: old_attrs["connect_timeout"]
+                        .as_i64()
+                        .unwrap_or_else(input::default_connect_timeout),
+                },
                 username: old_attrs["username"].as_str().unwrap_or_default().to_string(),
                 private_key: old_key_id,
                 remote_host_key: old_attrs["remote_host_key"].as_str().unwrap_or_default().to_string(),
-                connect_timeout: old_attrs["connect_timeout"].as_i64().unwrap_or(10),
             };
             let restore = self.keychain_update(id, None, Some(AttributesInput::Connection(old))).await;
             if let Err(e) = restore {

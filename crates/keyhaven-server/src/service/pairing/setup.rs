@@ -176,12 +176,10 @@ impl App {
             SetupKind::SemiAutomatic(s) => self.remote_semiautomatic_setup(connection_name, key_id, &s).await,
             SetupKind::Manual(m) => {
                 let conn = ConnectionInput {
-                    host: m.host,
-                    port: m.port,
+                    endpoint: m.endpoint,
                     username: m.username,
                     private_key: key_id,
                     remote_host_key: m.remote_host_key,
-                    connect_timeout: m.connect_timeout,
                 };
                 self.keychain_create(connection_name, AttributesInput::Connection(conn))
                     .await
