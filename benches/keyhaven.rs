@@ -1054,8 +1054,7 @@ async fn bench_perf() {
 
 /// The effective uid of the test process.
 fn euid() -> u32 {
-    // SAFETY: geteuid(2) has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    keyhaven_ssh::uid::effective()
 }
 
 /// kill(2) `sig` to a process this test started; the result of the call.

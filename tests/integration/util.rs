@@ -542,8 +542,7 @@ impl Drop for OsUserGuard {
 
 /// The effective uid of the test process.
 pub fn euid() -> u32 {
-    // SAFETY: geteuid(2) has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
+    keyhaven_ssh::uid::effective()
 }
 
 /// kill(2) `sig` to a process this test started; the result of the call.

@@ -89,7 +89,7 @@ impl RunAgent {
             )));
         }
         let listener = UnixListener::bind(&socket)?;
-        let me = rustix::process::geteuid().as_raw();
+        let me = crate::uid::effective();
         let sealed = Arc::new(AtomicBool::new(false));
         let admitted = Arc::new(AtomicU32::new(0));
         let open: Arc<Mutex<Vec<std::os::unix::net::UnixStream>>> = Arc::default();

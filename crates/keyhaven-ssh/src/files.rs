@@ -238,7 +238,7 @@ fn dir_flags() -> OFlags {
 /// and keyhaven itself (without root it cannot write anywhere else anyway).
 fn trusted_owner(st: &Stat, account_uid: u32) -> bool {
     let found = st.st_uid;
-    found == account_uid || found == 0 || found == rustix::process::geteuid().as_raw()
+    found == account_uid || found == 0 || found == crate::uid::effective()
 }
 
 /// Whether `name` (relative to `dir`) is a symbolic link, for the message
@@ -370,7 +370,7 @@ fn replace_in_dir(dir: &OwnedFd, name: &str, contents: &[u8], owner: &KeysOwner<
 }
 
 pub fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
+    crate::uid::is_root()
 }
 
 #[cfg(test)]

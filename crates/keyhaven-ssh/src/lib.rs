@@ -13,3 +13,4 @@ pub mod files;
 pub mod reach;
 pub mod rsync;
 pub mod supervisor;
+pub mod uid;

@@ -108,7 +108,7 @@ pub fn sshd_read_problem(file: &Path, home: Option<&Path>, reader: &Reader<'_>) 
 /// directory from `/` to `dir` must be owned by root (or keyhaven's own user)
 /// and not writable by group or others. Returns the first offender, described.
 pub fn strict_modes_problem(dir: &Path) -> Option<String> {
-    let me = rustix::process::geteuid().as_raw();
+    let me = crate::uid::effective();
     let abs = std::fs::canonicalize(dir).ok()?;
     for p in chain(&abs) {
         let m = std::fs::metadata(&p).ok()?;
@@ -160,7 +160,7 @@ mod tests {
 
     /// A root-owned scratch tree outside /tmp (which is world-writable).
     fn scratch() -> Option<tempfile::TempDir> {
-        if rustix::process::geteuid().as_raw() != 0 {
+        if crate::uid::effective() != 0 {
             return None;
         }
         std::fs::create_dir_all("/var/lib/keyhaven-test").ok()?;

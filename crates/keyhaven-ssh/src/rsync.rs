@@ -81,7 +81,7 @@ impl Running {
 /// run goes on if nobody reads them (progress updates are dropped when the
 /// reader is slow, lines are not).
 pub async fn start(spec: &RunSpec) -> Result<Running, RunError> {
-    let me = rustix::process::geteuid().as_raw();
+    let me = crate::uid::effective();
     if me != 0 && spec.uid != me {
         return Err(RunError::Spawn(io::Error::other(format!(
             "keyhaven runs as uid {me} and cannot run as uid {}; run keyhaven as root",

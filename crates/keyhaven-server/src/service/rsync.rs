@@ -403,7 +403,7 @@ impl App {
         if t.user.is_empty() || t.user.contains(char::is_whitespace) || t.user.len() > 32 {
             v.add("user", "Enter the name of an existing account, without spaces");
         } else if let Some(a) = keyhaven_ssh::accounts::lookup(&t.user) {
-            let me = rustix::process::geteuid().as_raw();
+            let me = keyhaven_ssh::uid::effective();
             if me != 0 && a.uid != me {
                 v.add(
                     "user",
@@ -904,7 +904,7 @@ impl App {
         let dir = self.config.data_dir.join("run");
         match std::fs::symlink_metadata(&dir) {
             Ok(m) if m.is_dir() && !m.file_type().is_symlink() => {
-                let me = rustix::process::geteuid().as_raw();
+                let me = keyhaven_ssh::uid::effective();
                 if m.uid() != me || m.mode() & 0o022 != 0 {
                     return Err(ServiceError::call(
                         EINVAL,

@@ -526,7 +526,7 @@ pub fn banner_problem(path: &Path, data_dir: &Path) -> Option<String> {
             real.display()
         ));
     }
-    let me = rustix::process::geteuid().as_raw();
+    let me = keyhaven_ssh::uid::effective();
     let only_root_writes = |m: &std::fs::Metadata| (m.uid() == 0 || m.uid() == me) && m.mode() & 0o022 == 0;
     let meta = match std::fs::metadata(&real) {
         Ok(m) => m,
@@ -623,7 +623,7 @@ mod tests {
     /// integration harness's root-owned base when running as root (a temp dir
     /// under /tmp, which is 1777, could never hold an acceptable banner).
     fn safe_dir() -> Option<tempfile::TempDir> {
-        if !rustix::process::geteuid().is_root() {
+        if !keyhaven_ssh::uid::is_root() {
             return None;
         }
         let base = Path::new("/var/lib/keyhaven-test");

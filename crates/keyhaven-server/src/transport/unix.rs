@@ -34,7 +34,7 @@ pub fn bind(data_dir: &Path) -> std::io::Result<UnixListener> {
 }
 
 pub async fn serve(app: Arc<App>, listener: UnixListener) {
-    let me = rustix::process::geteuid().as_raw();
+    let me = keyhaven_ssh::uid::effective();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // e.g. out of file descriptors: back off instead of spinning.
