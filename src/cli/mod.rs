@@ -144,32 +144,43 @@ enum Cmd {
 
 /// The configuration from the flags given (flag > environment > `--config` file > default).
 pub fn resolve_config<const SERVE: bool>(flags: &SettingFlags<SERVE>) -> Result<Config, String> {
-    Config::resolve(&flags.values, &|k| std::env::var(k).ok(), flags.config.as_deref()).map_err(|e| e.to_string())
+    resolve(flags).map_err(|e| e.to_string())
+}
+
+fn resolve<const SERVE: bool>(flags: &SettingFlags<SERVE>) -> Result<Config, keyhaven_server::config::ConfigError> {
+    Config::resolve(&flags.values, &|k| std::env::var(k).ok(), flags.config.as_deref())
 }
 
 /// Logs on stderr: lines for people, or one JSON object per line
 /// (`log_format = "json"`) for journald or Loki. Returns how to switch the
 /// filter later (SIGHUP reload).
 fn init_logging(cfg: &Config) -> keyhaven_server::startup::SetLogFilter {
+    use keyhaven_server::startup::LogFilterError;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(&cfg.log).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
     // The two formats are two subscriber types, each with its own handle.
-    let reload: Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync> = match cfg.log_format {
+    type Switch = Box<dyn Fn(EnvFilter) -> Result<(), LogFilterError> + Send + Sync>;
+    let reload: Switch = match cfg.log_format {
         LogFormat::Text => {
             let builder = builder.with_filter_reloading();
             let handle = builder.reload_handle();
             let _ = builder.try_init();
-            Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+            Box::new(move |f| handle.reload(f).map_err(|e| LogFilterError::Switch(e.into())))
         }
         LogFormat::Json => {
             let builder = builder.json().with_filter_reloading();
             let handle = builder.reload_handle();
             let _ = builder.try_init();
-            Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+            Box::new(move |f| handle.reload(f).map_err(|e| LogFilterError::Switch(e.into())))
         }
     };
-    Box::new(move |f| reload(EnvFilter::try_new(f).map_err(|e| format!("`{f}` is not a log filter: {e}"))?))
+    Box::new(move |f| {
+        reload(
+            EnvFilter::try_new(f)
+                .map_err(|e| LogFilterError::NotAFilter { filter: f.to_string(), source: e.into() })?,
+        )
+    })
 }
 
 pub fn run() -> Result<ExitCode, String> {
@@ -179,7 +190,7 @@ pub fn run() -> Result<ExitCode, String> {
             let cfg = resolve_config(&flags)?;
             let set_log_filter = init_logging(&cfg);
             let reload =
-                keyhaven_server::startup::Reload { resolve: Box::new(move || resolve_config(&flags)), set_log_filter };
+                keyhaven_server::startup::Reload { resolve: Box::new(move || resolve(&flags)), set_log_filter };
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
             rt.block_on(keyhaven_server::startup::serve(cfg, reload)).map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)

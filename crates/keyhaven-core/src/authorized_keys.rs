@@ -121,8 +121,8 @@ pub struct AuthorizedKeysError {
 }
 
 impl AuthorizedKeysError {
-    fn line(line_no: usize, message: impl Into<String>) -> Self {
-        Self { line_no: Some(line_no), message: message.into() }
+    fn line(line_no: usize, message: impl fmt::Display) -> Self {
+        Self { line_no: Some(line_no), message: message.to_string() }
     }
 
     /// This error as a [`FieldError`] on `attribute` (message = the `Display` text).
@@ -220,21 +220,85 @@ fn looks_like_private_key(line: &str) -> bool {
         || line.split_whitespace().any(|t| t.starts_with(OPENSSH_PRIVATE_BODY_PREFIX))
 }
 
-/// Parse one non-blank, non-comment line (already trimmed). Errors are messages
-/// without the line prefix.
+/// What is wrong with one `authorized_keys` line (shown after `Line N: `).
+/// Each message says how to write the line instead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    #[error(
+        "this is an RFC 4716 (SSH2) public key; convert it to the one-line OpenSSH form with \
+         `ssh-keygen -i -f <file>` and paste that"
+    )]
+    Ssh2Block,
+    #[error(
+        "this is PEM-armoured data, not an OpenSSH public key; paste the one-line public key (e.g. the \
+         contents of ~/.ssh/id_ed25519.pub); a PEM public key can be converted with \
+         `ssh-keygen -i -m PKCS8 -f <file>`"
+    )]
+    PemBlock,
+    #[error("the key type is missing: a line looks like `ssh-ed25519 AAAA… comment`")]
+    MissingKeyType,
+    #[error("the key type and key are missing after the options")]
+    MissingKeyAfterOptions,
+    #[error("the key data is missing after {0}")]
+    MissingKeyData(String),
+    #[error("unterminated quote in the key options (a value option looks like command=\"…\")")]
+    UnterminatedOptions,
+    #[error("misplaced quote in the key options (a value option looks like from=\"…\")")]
+    MisplacedQuote,
+    #[error("empty key option (stray comma?)")]
+    EmptyOption,
+    #[error("misplaced quote after key option '{0}' (a value option looks like from=\"…\")")]
+    MisplacedQuoteAfter(String),
+    #[error("key option '{0}' does not take a value")]
+    FlagWithValue(String),
+    #[error("unknown key option '{0}'")]
+    UnknownOption(String),
+    #[error("key option '{0}' needs a double-quoted value, e.g. {0}=\"…\"")]
+    ValueNotQuoted(String),
+    #[error("unterminated quote in key option '{0}'")]
+    UnterminatedValue(String),
+    #[error("key option '{0}' is given more than once")]
+    RepeatedOption(&'static str),
+    #[error("the key options end with a stray comma")]
+    TrailingComma,
+    #[error("unexpected text after key option '{0}' (separate options with commas)")]
+    TextAfterOption(String),
+    /// An option's value is malformed; `problem` says what it must look like.
+    #[error("key option '{option}' {problem}")]
+    BadOptionValue { option: &'static str, problem: &'static str },
+    #[error(
+        "OpenSSH certificates cannot be used in authorized_keys (sshd never matches them there); add the \
+         public key itself, or the CA's public key with the cert-authority option to trust certificates it signs"
+    )]
+    Certificate,
+    #[error(
+        "DSA keys (ssh-dss) are not supported: they are insecure and disabled in OpenSSH; use an Ed25519 key \
+         (ssh-keygen -t ed25519)"
+    )]
+    Dsa,
+    #[error("unsupported key type '{0}' (supported: {supported})", supported = SUPPORTED_KEY_TYPES.join(", "))]
+    UnsupportedType(String),
+    #[error("the key data is not a valid {0} public key (is the base64 complete and unbroken?)")]
+    InvalidKeyData(String),
+    /// The line's type and the type inside the key data differ; `found` describes the latter.
+    #[error("the line says {stated} but the key data is {found}")]
+    TypeMismatch { stated: String, found: String },
+    #[error("RSA key is {0} bits; at least {min} bits are required (prefer ssh-keygen -t ed25519)", min = MIN_RSA_BITS)]
+    RsaTooSmall(u32),
+    #[error("RSA key is {0} bits; sshd accepts at most {max}", max = MAX_RSA_BITS)]
+    RsaTooLarge(u32),
+}
+
+/// Parse one non-blank, non-comment line (already trimmed). Errors are
+/// shown after the line prefix.
 /// The text has passed [`crate::text::check_multi_line`], so the only control
 /// character left in a line is a tab (a separator, like a space).
-fn parse_line(line: &str, line_no: usize) -> Result<AuthorizedKeyLine, String> {
+fn parse_line(line: &str, line_no: usize) -> Result<AuthorizedKeyLine, LineError> {
     if line.starts_with("---- BEGIN SSH2 PUBLIC KEY") {
-        return Err("this is an RFC 4716 (SSH2) public key; convert it to the one-line OpenSSH \
-                    form with `ssh-keygen -i -f <file>` and paste that"
-            .to_string());
+        return Err(LineError::Ssh2Block);
     }
     if line.starts_with("-----BEGIN") || line.starts_with("-----END") {
-        return Err("this is PEM-armoured data, not an OpenSSH public key; paste the one-line \
-                    public key (e.g. the contents of ~/.ssh/id_ed25519.pub); a PEM public key \
-                    can be converted with `ssh-keygen -i -m PKCS8 -f <file>`"
-            .to_string());
+        return Err(LineError::PemBlock);
     }
 
     let mut words = line.split([' ', '\t']).filter(|w| !w.is_empty());
@@ -249,7 +313,7 @@ fn parse_line(line: &str, line_no: usize) -> Result<AuthorizedKeyLine, String> {
 
     let (options, rest) = if has_options {
         if first.starts_with("AAAA") {
-            return Err("the key type is missing: a line looks like `ssh-ed25519 AAAA… comment`".to_string());
+            return Err(LineError::MissingKeyType);
         }
         let (opts_text, rest) = split_options(line)?;
         (parse_options(opts_text)?, rest)
@@ -260,13 +324,13 @@ fn parse_line(line: &str, line_no: usize) -> Result<AuthorizedKeyLine, String> {
     let rest = rest.trim_start_matches([' ', '\t']);
     let (key_type, rest) = split_word(rest);
     if key_type.is_empty() {
-        return Err("the key type and key are missing after the options".to_string());
+        return Err(LineError::MissingKeyAfterOptions);
     }
     check_key_type(key_type)?;
 
     let (b64, rest) = split_word(rest.trim_start_matches([' ', '\t']));
     if b64.is_empty() {
-        return Err(format!("the key data is missing after {key_type}"));
+        return Err(LineError::MissingKeyData(key_type.to_string()));
     }
     let comment = rest.trim_matches([' ', '\t']);
 
@@ -304,7 +368,7 @@ fn is_option_name(tok: &str) -> bool {
 
 /// Split the quote-aware options field off the start of `line`: it ends at the
 /// first space or tab outside double quotes (`\"` inside quotes is escaped).
-fn split_options(line: &str) -> Result<(&str, &str), String> {
+fn split_options(line: &str) -> Result<(&str, &str), LineError> {
     let bytes = line.as_bytes();
     let mut in_quote = false;
     let mut i = 0;
@@ -318,9 +382,7 @@ fn split_options(line: &str) -> Result<(&str, &str), String> {
         i += 1;
     }
     if in_quote {
-        Err("unterminated quote in the key options (a value option looks like \
-             command=\"…\")"
-            .to_string())
+        Err(LineError::UnterminatedOptions)
     } else {
         Ok((line, ""))
     }
@@ -337,7 +399,7 @@ fn shown(name: &str) -> String {
 
 /// Parse the options field (OpenSSH `sshauthopt_parse` rules). Returns each
 /// option as written.
-fn parse_options(text: &str) -> Result<Vec<String>, String> {
+fn parse_options(text: &str) -> Result<Vec<String>, LineError> {
     let bytes = text.as_bytes();
     let mut out = Vec::new();
     let mut seen_single: Vec<&str> = Vec::new();
@@ -351,16 +413,13 @@ fn parse_options(text: &str) -> Result<Vec<String>, String> {
         let lower = name.to_ascii_lowercase();
         if name.is_empty() {
             return Err(if i < bytes.len() && bytes[i] == b'"' {
-                "misplaced quote in the key options (a value option looks like from=\"…\")".to_string()
+                LineError::MisplacedQuote
             } else {
-                "empty key option (stray comma?)".to_string()
+                LineError::EmptyOption
             });
         }
         if i < bytes.len() && bytes[i] == b'"' {
-            return Err(format!(
-                "misplaced quote after key option '{}' (a value option looks like from=\"…\")",
-                shown(name)
-            ));
+            return Err(LineError::MisplacedQuoteAfter(shown(name)));
         }
         let is_flag = PLAIN_FLAGS.contains(&lower.as_str())
             || NEGATABLE_FLAGS.contains(&lower.strip_prefix("no-").unwrap_or(&lower));
@@ -368,14 +427,14 @@ fn parse_options(text: &str) -> Result<Vec<String>, String> {
 
         if i < bytes.len() && bytes[i] == b'=' {
             if is_flag {
-                return Err(format!("key option '{}' does not take a value", shown(name)));
+                return Err(LineError::FlagWithValue(shown(name)));
             }
             let Some(canonical) = value_option else {
-                return Err(format!("unknown key option '{}'", shown(name)));
+                return Err(LineError::UnknownOption(shown(name)));
             };
             i += 1;
             if bytes.get(i) != Some(&b'"') {
-                return Err(format!("key option '{lower}' needs a double-quoted value, e.g. {lower}=\"…\""));
+                return Err(LineError::ValueNotQuoted(lower));
             }
             i += 1;
             let mut value = String::new();
@@ -398,19 +457,19 @@ fn parse_options(text: &str) -> Result<Vec<String>, String> {
                 i += 1;
             }
             if !closed {
-                return Err(format!("unterminated quote in key option '{lower}'"));
+                return Err(LineError::UnterminatedValue(lower));
             }
             if SINGLE_VALUE_OPTIONS.contains(&canonical) {
                 if seen_single.contains(&canonical) {
-                    return Err(format!("key option '{canonical}' is given more than once"));
+                    return Err(LineError::RepeatedOption(canonical));
                 }
                 seen_single.push(canonical);
             }
             check_option_value(canonical, &value)?;
         } else if value_option.is_some() {
-            return Err(format!("key option '{lower}' needs a double-quoted value, e.g. {lower}=\"…\""));
+            return Err(LineError::ValueNotQuoted(lower));
         } else if !is_flag {
-            return Err(format!("unknown key option '{}'", shown(name)));
+            return Err(LineError::UnknownOption(shown(name)));
         }
 
         out.push(text[start..i].to_string());
@@ -419,17 +478,15 @@ fn parse_options(text: &str) -> Result<Vec<String>, String> {
             Some(b',') => {
                 i += 1;
                 if i >= bytes.len() {
-                    return Err("the key options end with a stray comma".to_string());
+                    return Err(LineError::TrailingComma);
                 }
             }
-            Some(_) => {
-                return Err(format!("unexpected text after key option '{lower}' (separate options with commas)"))
-            }
+            Some(_) => return Err(LineError::TextAfterOption(lower)),
         }
     }
 }
 
-fn check_option_value(name: &str, value: &str) -> Result<(), String> {
+fn check_option_value(name: &'static str, value: &str) -> Result<(), LineError> {
     let problem = match name {
         "environment" if !valid_environment(value) => {
             "must look like environment=\"NAME=value\" (NAME of letters, digits and _)"
@@ -445,7 +502,7 @@ fn check_option_value(name: &str, value: &str) -> Result<(), String> {
         "from" | "principals" if value.trim().is_empty() => "must not be empty",
         _ => return Ok(()),
     };
-    Err(format!("key option '{name}' {problem}"))
+    Err(LineError::BadOptionValue { option: name, problem })
 }
 
 fn valid_environment(value: &str) -> bool {
@@ -510,23 +567,17 @@ fn valid_permit(value: &str, listen: bool) -> bool {
     !host.is_empty() && host.len() < 1025 && !host.contains([' ', '\t']) && port_ok
 }
 
-fn check_key_type(key_type: &str) -> Result<(), String> {
+fn check_key_type(key_type: &str) -> Result<(), LineError> {
     if SUPPORTED_KEY_TYPES.contains(&key_type) {
         return Ok(());
     }
     if key_type.ends_with("-cert-v01@openssh.com") {
-        return Err("OpenSSH certificates cannot be used in authorized_keys (sshd never matches \
-                    them there); add the public key itself, or the CA's public key with the \
-                    cert-authority option to trust certificates it signs"
-            .to_string());
+        return Err(LineError::Certificate);
     }
     if key_type == "ssh-dss" {
-        return Err("DSA keys (ssh-dss) are not supported: they are insecure and disabled in \
-                    OpenSSH; use an Ed25519 key (ssh-keygen -t ed25519)"
-            .to_string());
+        return Err(LineError::Dsa);
     }
-    let supported = SUPPORTED_KEY_TYPES.join(", ");
-    Err(format!("unsupported key type '{}' (supported: {supported})", shown(key_type)))
+    Err(LineError::UnsupportedType(shown(key_type)))
 }
 
 /// Lenient decoder used only to read the key type embedded in the blob.
@@ -536,9 +587,8 @@ const LENIENT_B64: GeneralPurpose = GeneralPurpose::new(
 );
 
 /// Check the blob is a valid key of `key_type`; returns its SHA-256 fingerprint.
-fn decode_key(key_type: &str, b64: &str) -> Result<String, String> {
-    let invalid =
-        || format!("the key data is not a valid {key_type} public key (is the base64 complete and unbroken?)");
+fn decode_key(key_type: &str, b64: &str) -> Result<String, LineError> {
+    let invalid = || LineError::InvalidKeyData(key_type.to_string());
     let blob = LENIENT_B64.decode(b64).map_err(|_| invalid())?;
     let embedded = blob
         .get(..4)
@@ -552,19 +602,16 @@ fn decode_key(key_type: &str, b64: &str) -> Result<String, String> {
         } else {
             "something else".to_string()
         };
-        return Err(format!("the line says {key_type} but the key data is {what}"));
+        return Err(LineError::TypeMismatch { stated: key_type.to_string(), found: what });
     }
     let key = PublicKey::from_openssh(&format!("{key_type} {b64}")).map_err(|_| invalid())?;
     if let KeyData::Rsa(rsa) = key.key_data() {
         let bits = rsa.key_size();
         if bits < MIN_RSA_BITS {
-            return Err(format!(
-                "RSA key is {bits} bits; at least {MIN_RSA_BITS} bits are required \
-                 (prefer ssh-keygen -t ed25519)"
-            ));
+            return Err(LineError::RsaTooSmall(bits));
         }
         if bits > MAX_RSA_BITS {
-            return Err(format!("RSA key is {bits} bits; sshd accepts at most {MAX_RSA_BITS}"));
+            return Err(LineError::RsaTooLarge(bits));
         }
     }
     Ok(key.fingerprint(HashAlg::Sha256).to_string())

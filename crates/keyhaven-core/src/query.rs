@@ -696,8 +696,8 @@ fn parse_cond(
             budget.compile_time += start.elapsed();
             match compiled {
                 Ok(r) => Some(r),
-                Err(message) => {
-                    errs.add(attr, message);
+                Err(e) => {
+                    errs.add(attr, e.to_string());
                     return None;
                 }
             }
@@ -726,10 +726,22 @@ fn parse_cond(
     Some(Cond { path: compile_path(field), op, fold, value, regex })
 }
 
+/// Why a `~` filter's pattern was refused.
+#[derive(Debug, thiserror::Error)]
+enum RegexError {
+    #[error("Invalid regular expression: {0}")]
+    Syntax(String),
+    #[error(
+        "Regular expression too complex: its compiled size exceeds {kib} KiB; simplify it (fewer or smaller \
+         repetitions such as {{n}}, an ASCII class like [A-Za-z0-9_] instead of \\w) or use ^ / $ / = filters",
+        kib = REGEX_SIZE_LIMIT / 1024
+    )]
+    TooComplex,
+}
+
 /// Compile `pattern` once so that it matches like Python's `re.match`:
-/// anchored at the start of the string, not at the end. The error is the
-/// message for the caller.
-fn compile_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, String> {
+/// anchored at the start of the string, not at the end.
+fn compile_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, RegexError> {
     // Parsing the bare pattern (a parse, no compilation) proves its groups are
     // balanced, so the anchoring wrapper cannot be escaped (`a)|(b` would
     // otherwise compile as `\A(?:a)|(b)`), and its syntax errors quote the
@@ -738,20 +750,15 @@ fn compile_regex(pattern: &str, case_insensitive: bool) -> Result<Regex, String>
         .case_insensitive(case_insensitive)
         .build()
         .parse(pattern)
-        .map_err(|e| format!("Invalid regular expression: {e}"))?;
+        .map_err(|e| RegexError::Syntax(e.to_string()))?;
     RegexBuilder::new(&format!(r"\A(?:{pattern})"))
         .case_insensitive(case_insensitive)
         .size_limit(REGEX_SIZE_LIMIT)
         .dfa_size_limit(REGEX_DFA_SIZE_LIMIT)
         .build()
         .map_err(|e| match e {
-            regex::Error::CompiledTooBig(_) => format!(
-                "Regular expression too complex: its compiled size exceeds {} KiB; simplify it (fewer or \
-                 smaller repetitions such as {{n}}, an ASCII class like [A-Za-z0-9_] instead of \\w) \
-                 or use ^ / $ / = filters",
-                REGEX_SIZE_LIMIT / 1024
-            ),
-            other => format!("Invalid regular expression: {other}"),
+            regex::Error::CompiledTooBig(_) => RegexError::TooComplex,
+            other => RegexError::Syntax(other.to_string()),
         })
 }
 

@@ -395,10 +395,10 @@ struct Resolved(BTreeMap<&'static str, (String, String)>);
 impl Resolved {
     fn get<T: FromSetting>(&self, name: &'static str) -> Result<T, ConfigError> {
         let (v, src) = &self.0[name];
-        T::from_setting(v).map_err(|message| ConfigError::Invalid {
+        T::from_setting(v).map_err(|e| ConfigError::Invalid {
             name: name.into(),
             source_desc: src.clone(),
-            message,
+            message: e.to_string(),
         })
     }
 
@@ -407,47 +407,62 @@ impl Resolved {
     }
 }
 
+/// Why a setting's value cannot be read as its [`Config`] field's type.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadValue {
+    #[error("`{0}` is not an ADDRESS:PORT such as 127.0.0.1:8080 or [::1]:8080")]
+    NotAddress(String),
+    #[error("`{0}` is not a boolean (use true or false)")]
+    NotBool(String),
+    #[error("`{0}` is not a whole number")]
+    NotNumber(String),
+    #[error("`{value}` is not one of {choices}")]
+    NotOneOf { value: String, choices: &'static str },
+    #[error("`{0}` is not an origin such as https://nas.example:8443 (scheme, host, optional port; no path)")]
+    NotOrigin(String),
+}
+
 /// Conversion of a checked setting value into its [`Config`] field.
 pub trait FromSetting: Sized {
-    fn from_setting(v: &str) -> Result<Self, String>;
+    fn from_setting(v: &str) -> Result<Self, BadValue>;
 }
 
 impl FromSetting for String {
-    fn from_setting(v: &str) -> Result<Self, String> {
+    fn from_setting(v: &str) -> Result<Self, BadValue> {
         Ok(v.to_string())
     }
 }
 
 impl FromSetting for PathBuf {
-    fn from_setting(v: &str) -> Result<Self, String> {
+    fn from_setting(v: &str) -> Result<Self, BadValue> {
         Ok(PathBuf::from(v))
     }
 }
 
 /// Empty means unset.
 impl FromSetting for Option<PathBuf> {
-    fn from_setting(v: &str) -> Result<Self, String> {
+    fn from_setting(v: &str) -> Result<Self, BadValue> {
         Ok(Some(v).filter(|v| !v.is_empty()).map(PathBuf::from))
     }
 }
 
 impl FromSetting for SocketAddr {
-    fn from_setting(v: &str) -> Result<Self, String> {
-        v.parse().map_err(|_| format!("`{v}` is not an ADDRESS:PORT such as 127.0.0.1:8080 or [::1]:8080"))
+    fn from_setting(v: &str) -> Result<Self, BadValue> {
+        v.parse().map_err(|_| BadValue::NotAddress(v.to_string()))
     }
 }
 
 impl FromSetting for bool {
-    fn from_setting(v: &str) -> Result<Self, String> {
-        parse_bool(v).ok_or_else(|| format!("`{v}` is not a boolean (use true or false)"))
+    fn from_setting(v: &str) -> Result<Self, BadValue> {
+        parse_bool(v).ok_or_else(|| BadValue::NotBool(v.to_string()))
     }
 }
 
 macro_rules! from_setting_uint {
     ($($t:ty),*) => {$(
         impl FromSetting for $t {
-            fn from_setting(v: &str) -> Result<Self, String> {
-                v.trim().parse().map_err(|_| format!("`{v}` is not a whole number"))
+            fn from_setting(v: &str) -> Result<Self, BadValue> {
+                v.trim().parse().map_err(|_| BadValue::NotNumber(v.to_string()))
             }
         }
     )*};
@@ -456,14 +471,14 @@ from_setting_uint!(u32, u64, usize);
 
 /// Durations are set in whole seconds.
 impl FromSetting for std::time::Duration {
-    fn from_setting(v: &str) -> Result<Self, String> {
+    fn from_setting(v: &str) -> Result<Self, BadValue> {
         u64::from_setting(v).map(std::time::Duration::from_secs)
     }
 }
 
 /// Empty means unset.
 impl FromSetting for Option<SocketAddr> {
-    fn from_setting(v: &str) -> Result<Self, String> {
+    fn from_setting(v: &str) -> Result<Self, BadValue> {
         match v.trim() {
             "" => Ok(None),
             v => SocketAddr::from_setting(v).map(Some),
@@ -479,11 +494,11 @@ pub enum LogFormat {
 }
 
 impl FromSetting for LogFormat {
-    fn from_setting(v: &str) -> Result<Self, String> {
+    fn from_setting(v: &str) -> Result<Self, BadValue> {
         match v {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            _ => Err(format!("`{v}` is not one of text, json")),
+            _ => Err(BadValue::NotOneOf { value: v.to_string(), choices: "text, json" }),
         }
     }
 }
@@ -498,11 +513,11 @@ pub enum KeysLocationSetting {
 }
 
 impl FromSetting for KeysLocationSetting {
-    fn from_setting(v: &str) -> Result<Self, String> {
+    fn from_setting(v: &str) -> Result<Self, BadValue> {
         match v {
             "data" => Ok(KeysLocationSetting::Data),
             "home" => Ok(KeysLocationSetting::Home),
-            _ => Err(format!("`{v}` is not one of data, home")),
+            _ => Err(BadValue::NotOneOf { value: v.to_string(), choices: "data, home" }),
         }
     }
 }
@@ -520,7 +535,7 @@ impl std::ops::Deref for Origins {
 }
 
 impl FromSetting for Origins {
-    fn from_setting(v: &str) -> Result<Self, String> {
+    fn from_setting(v: &str) -> Result<Self, BadValue> {
         let list: Vec<String> = v
             .split(',')
             .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
@@ -528,9 +543,7 @@ impl FromSetting for Origins {
             .collect();
         for o in &list {
             if !(o.starts_with("http://") || o.starts_with("https://")) || o.matches('/').count() != 2 {
-                return Err(format!(
-                    "`{o}` is not an origin such as https://nas.example:8443 (scheme, host, optional port; no path)"
-                ));
+                return Err(BadValue::NotOrigin(o.clone()));
             }
         }
         Ok(Origins(list))

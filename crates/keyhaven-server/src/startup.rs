@@ -121,15 +121,24 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-/// Switches the log filter to a new `log` setting; the error says why it is not a filter.
-pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+/// Why the log filter was not switched to a new `log` setting.
+#[derive(Debug, thiserror::Error)]
+pub enum LogFilterError {
+    #[error("`{filter}` is not a log filter: {source}")]
+    NotAFilter { filter: String, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("the log filter could not be switched: {0}")]
+    Switch(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Switches the log filter to a new `log` setting.
+pub type SetLogFilter = Box<dyn Fn(&str) -> Result<(), LogFilterError> + Send + Sync>;
 
 /// What `serve` does on SIGHUP, given by the binary, which owns the command
 /// line and the logger.
 pub struct Reload {
     /// The configuration resolved anew: the same flags and environment, the
     /// config file read again.
-    pub resolve: Box<dyn Fn() -> Result<Config, String> + Send + Sync>,
+    pub resolve: Box<dyn Fn() -> Result<Config, crate::config::ConfigError> + Send + Sync>,
     pub set_log_filter: SetLogFilter,
 }
 

@@ -133,21 +133,33 @@ pub fn all() -> std::collections::HashMap<String, OsAccount> {
 /// Shells that exist to refuse logins.
 const NO_LOGIN_SHELLS: &[&str] = &["/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/false"];
 
+/// Why an account's login shell cannot run commands over SSH (completes
+/// "user X cannot be used: …").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShellError {
+    #[error("its login shell is {0}, which refuses to run commands")]
+    NoLogin(String),
+    #[error("its login shell {0} is not an executable file")]
+    NotExecutable(String),
+    #[error("its login shell {0} does not exist on this system")]
+    Missing(String),
+}
+
 /// Whether an account with login shell `shell` can run commands over SSH
-/// (backups, the connection test): `Err` says why not.
-pub fn shell_runs_commands(shell: &str) -> Result<(), String> {
+/// (backups, the connection test).
+pub fn shell_runs_commands(shell: &str) -> Result<(), ShellError> {
     use std::os::unix::fs::PermissionsExt;
     if shell.is_empty() {
         // sshd then uses /bin/sh.
         return Ok(());
     }
     if NO_LOGIN_SHELLS.contains(&shell) || shell.ends_with("/nologin") {
-        return Err(format!("its login shell is {shell}, which refuses to run commands"));
+        return Err(ShellError::NoLogin(shell.to_string()));
     }
     match std::fs::metadata(shell) {
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
-        Ok(_) => Err(format!("its login shell {shell} is not an executable file")),
-        Err(_) => Err(format!("its login shell {shell} does not exist on this system")),
+        Ok(_) => Err(ShellError::NotExecutable(shell.to_string())),
+        Err(_) => Err(ShellError::Missing(shell.to_string())),
     }
 }
 
@@ -235,9 +247,9 @@ mod tests {
         assert!(super::shell_runs_commands("/bin/sh").is_ok());
         assert!(super::shell_runs_commands("").is_ok());
         for s in ["/usr/sbin/nologin", "/bin/false", "/opt/x/nologin"] {
-            assert!(super::shell_runs_commands(s).unwrap_err().contains("refuses to run commands"), "{s}");
+            assert_eq!(super::shell_runs_commands(s), Err(super::ShellError::NoLogin(s.to_string())), "{s}");
         }
-        assert!(super::shell_runs_commands("/no/such/shell").unwrap_err().contains("does not exist"));
-        assert!(super::shell_runs_commands("/etc/passwd").unwrap_err().contains("not an executable"));
+        assert!(super::shell_runs_commands("/no/such/shell").unwrap_err().to_string().contains("does not exist"));
+        assert!(super::shell_runs_commands("/etc/passwd").unwrap_err().to_string().contains("not an executable"));
     }
 }

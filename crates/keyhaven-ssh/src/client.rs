@@ -402,8 +402,8 @@ struct Failure {
 }
 
 impl Failure {
-    fn new(stage: Stage, fp: Option<&str>, message: impl Into<String>) -> Failure {
-        Failure { stage, host_key_fingerprint: fp.map(str::to_string), message: message.into() }
+    fn new(stage: Stage, fp: Option<&str>, message: impl fmt::Display) -> Failure {
+        Failure { stage, host_key_fingerprint: fp.map(str::to_string), message: message.to_string() }
     }
 
     fn into_report(self, start: Instant, stages_ms: StageTimes) -> TestReport {
@@ -555,44 +555,59 @@ fn ms_since(t: Instant) -> f64 {
     (t.elapsed().as_secs_f64() * 10_000.0).round() / 10.0
 }
 
-/// Public-key authentication; `Err` is the message for the report.
-async fn authenticate(handle: &mut Handle<KeyHandler>, user: &str, key: PrivateKey) -> Result<(), String> {
+/// Why public-key authentication did not log in (the message of the report's `auth` stage).
+#[derive(Debug, thiserror::Error)]
+enum AuthError {
+    #[error("The connection failed before authentication: {0}")]
+    BeforeAuth(russh::Error),
+    #[error(
+        "The server accepted the {key} for user {user} but requires a further authentication method \
+         ({methods}), which keyhaven cannot provide"
+    )]
+    Partial { key: String, user: String, methods: String },
+    #[error(
+        "The server does not accept public key authentication for user {user} (it offers: {methods}): \
+         enable key logins for {user} on the remote"
+    )]
+    NoPublicKey { user: String, methods: String },
+    #[error(
+        "The server refused the {key} for user {user}: add the public key to ~/.ssh/authorized_keys of {user} \
+         on the remote (and check that the server allows key logins for {user}, e.g. PermitRootLogin / AllowUsers)"
+    )]
+    Refused { key: String, user: String },
+    #[error("Authentication as {0} failed")]
+    Failed(String),
+    #[error("The connection failed during authentication as {user}: {source}")]
+    During { user: String, source: russh::Error },
+}
+
+/// Public-key authentication.
+async fn authenticate(handle: &mut Handle<KeyHandler>, user: &str, key: PrivateKey) -> Result<(), AuthError> {
     let key_desc = format!("{} key {}", key.algorithm().as_str(), key.public_key().fingerprint(HashAlg::Sha256));
     let hash = if key.algorithm().is_rsa() {
         match handle.best_supported_rsa_hash().await {
             Ok(Some(h)) => h,
             Ok(None) => None,
-            Err(e) => return Err(format!("The connection failed before authentication: {e}")),
+            Err(e) => return Err(AuthError::BeforeAuth(e)),
         }
     } else {
         None
     };
     let key = PrivateKeyWithHashAlg::new(Arc::new(key), hash);
+    let user_s = user.to_string();
     match handle.authenticate_publickey(user, key).await {
         Ok(r) if r.success() => Ok(()),
         Ok(russh::client::AuthResult::Failure { remaining_methods, partial_success }) => {
             if partial_success {
-                Err(format!(
-                    "The server accepted the {key_desc} for user {user} but requires a further \
-                     authentication method ({}), which keyhaven cannot provide",
-                    method_list(&remaining_methods)
-                ))
+                Err(AuthError::Partial { key: key_desc, user: user_s, methods: method_list(&remaining_methods) })
             } else if !remaining_methods.is_empty() && !remaining_methods.contains(&MethodKind::PublicKey) {
-                Err(format!(
-                    "The server does not accept public key authentication for user {user} (it \
-                     offers: {}): enable key logins for {user} on the remote",
-                    method_list(&remaining_methods)
-                ))
+                Err(AuthError::NoPublicKey { user: user_s, methods: method_list(&remaining_methods) })
             } else {
-                Err(format!(
-                    "The server refused the {key_desc} for user {user}: add the public key to \
-                     ~/.ssh/authorized_keys of {user} on the remote (and check that the server \
-                     allows key logins for {user}, e.g. PermitRootLogin / AllowUsers)"
-                ))
+                Err(AuthError::Refused { key: key_desc, user: user_s })
             }
         }
-        Ok(_) => Err(format!("Authentication as {user} failed")),
-        Err(e) => Err(format!("The connection failed during authentication as {user}: {e}")),
+        Ok(_) => Err(AuthError::Failed(user_s)),
+        Err(source) => Err(AuthError::During { user: user_s, source }),
     }
 }
 
@@ -605,15 +620,27 @@ fn method_list(m: &russh::MethodSet) -> String {
     }
 }
 
+/// Why the command did not run after a login; completes the sentence "Logged in as X, but …".
+#[derive(Debug, thiserror::Error)]
+enum ExecError {
+    #[error("the server refused to open a session channel: {0}")]
+    Channel(russh::Error),
+    #[error("the command could not be sent: {0}")]
+    Send(russh::Error),
+    #[error("the server refused to run a command (exec request denied): the account may be restricted")]
+    Denied,
+    #[error("the server refused to open a session channel ({0})")]
+    OpenFailure(String),
+}
+
 /// Open a session channel, run `command`, collect stdout, stderr (capped) and the exit status.
-/// `Err` completes the sentence "Logged in as X, but …".
-async fn exec(handle: &Handle<KeyHandler>, command: &str, times: &mut StageTimes) -> Result<SessionOutput, String> {
+async fn exec(handle: &Handle<KeyHandler>, command: &str, times: &mut StageTimes) -> Result<SessionOutput, ExecError> {
     let clock = Instant::now();
     let opened = handle.channel_open_session().await;
     times.channel = ms_since(clock);
-    let mut channel = opened.map_err(|e| format!("the server refused to open a session channel: {e}"))?;
+    let mut channel = opened.map_err(ExecError::Channel)?;
     let clock = Instant::now();
-    channel.exec(true, command).await.map_err(|e| format!("the command could not be sent: {e}"))?;
+    channel.exec(true, command).await.map_err(ExecError::Send)?;
     let mut out = SessionOutput {
         host_key_fingerprint: String::new(),
         exit_status: None,
@@ -633,14 +660,8 @@ async fn exec(handle: &Handle<KeyHandler>, command: &str, times: &mut StageTimes
                 times.command = ms_since(clock);
             }
             ChannelMsg::ExitSignal { signal_name, .. } => out.exit_signal = Some(format!("{signal_name:?}")),
-            ChannelMsg::Failure => {
-                return Err("the server refused to run a command (exec request denied): the account may \
-                     be restricted"
-                    .to_string());
-            }
-            ChannelMsg::OpenFailure(reason) => {
-                return Err(format!("the server refused to open a session channel ({reason:?})"));
-            }
+            ChannelMsg::Failure => return Err(ExecError::Denied),
+            ChannelMsg::OpenFailure(reason) => return Err(ExecError::OpenFailure(format!("{reason:?}"))),
             ChannelMsg::Close => break,
             _ => {}
         }
@@ -701,23 +722,34 @@ fn connect_message(e: &ScanError, host: &str, port: u16, timeout: Duration) -> S
     }
 }
 
+/// Why a connection's private key cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrivateKeyError {
+    #[error("The connection has no private key")]
+    Missing,
+    #[error("The private key cannot be read")]
+    Unreadable,
+    #[error("The key pair has no private key")]
+    PublicOnly,
+    #[error("The private key cannot be used: {0}")]
+    Unusable(String),
+}
+
 /// Read the private key: OpenSSH first, then any format keyhaven can import.
-pub fn parse_private_key(text: &str) -> Result<PrivateKey, String> {
+pub fn parse_private_key(text: &str) -> Result<PrivateKey, PrivateKeyError> {
     let text = text.trim();
     if text.is_empty() {
-        return Err("The connection has no private key".to_string());
+        return Err(PrivateKeyError::Missing);
     }
     if let Ok(k) = russh::keys::decode_secret_key(text, None) {
         return Ok(k);
     }
     match keyhaven_core::keys::validate_key_pair(Some(text), None, None) {
         Ok(v) => match v.private_key {
-            Some(openssh) => {
-                PrivateKey::from_openssh(openssh.as_bytes()).map_err(|_| "The private key cannot be read".to_string())
-            }
-            None => Err("The key pair has no private key".to_string()),
+            Some(openssh) => PrivateKey::from_openssh(openssh.as_bytes()).map_err(|_| PrivateKeyError::Unreadable),
+            None => Err(PrivateKeyError::PublicOnly),
         },
-        Err(e) => Err(format!("The private key cannot be used: {}", e.message)),
+        Err(e) => Err(PrivateKeyError::Unusable(e.message)),
     }
 }
 

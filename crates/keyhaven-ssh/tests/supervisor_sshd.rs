@@ -75,13 +75,13 @@ fn addr(port: u16) -> SocketAddr {
 }
 
 /// The first line sshd sends on `port`.
-async fn banner(port: u16) -> Result<String, String> {
+async fn banner(port: u16) -> std::io::Result<String> {
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr(port)).await.map_err(|e| e.to_string())?;
+        let mut s = tokio::net::TcpStream::connect(addr(port)).await?;
         let mut buf = Vec::new();
         let mut byte = [0u8; 1];
         while !buf.ends_with(b"\n") && buf.len() < 256 {
-            let n = s.read(&mut byte).await.map_err(|e| e.to_string())?;
+            let n = s.read(&mut byte).await?;
             if n == 0 {
                 break;
             }
@@ -89,7 +89,7 @@ async fn banner(port: u16) -> Result<String, String> {
         }
         Ok(String::from_utf8_lossy(&buf).trim().to_string())
     };
-    tokio::time::timeout(Duration::from_secs(5), fut).await.map_err(|_| "timeout".to_string())?
+    tokio::time::timeout(Duration::from_secs(5), fut).await?
 }
 
 async fn assert_banner(port: u16) {

@@ -149,8 +149,9 @@ pub fn generate(o: &GenerateOptions) -> Result<KeyPairText, FieldError> {
     };
     let comment = o.comment.as_deref().unwrap_or("").trim();
     key.set_comment(comment);
-    let private_key = openssh_text(&key).map_err(|e| FieldError::new("key_type", e))?;
-    let public_key = public_line(key.public_key().key_data(), comment).map_err(|e| FieldError::new("key_type", e))?;
+    let private_key = openssh_text(&key).map_err(|e| FieldError::new("key_type", e.to_string()))?;
+    let public_key =
+        public_line(key.public_key().key_data(), comment).map_err(|e| FieldError::new("key_type", e.to_string()))?;
     Ok(KeyPairText { private_key, public_key })
 }
 

@@ -15,18 +15,53 @@ pub struct KeyInfo {
     pub fingerprint: String,
 }
 
+/// Why a key text or key was refused. Each message says what to give
+/// instead; none contains key material.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("{}", MSG_IS_PRIVATE)]
+    IsPrivate,
+    #[error("{}", MSG_NO_KEY)]
+    NoKey,
+    /// Not a one-line public key; the detail (possibly empty) says what it looks like instead.
+    #[error("{}{detail}", MSG_INVALID_PUBLIC)]
+    InvalidPublic { detail: &'static str },
+    #[error(transparent)]
+    Text(#[from] text::ControlCharError),
+    #[error("RSA keys larger than {max} bits are not supported; this key has {0} bits", max = MAX_RSA_BITS)]
+    RsaTooLarge(u32),
+    #[error("RSA keys must be at least {min} bits; this key has {0} bits. {hint}", min = MIN_RSA_BITS, hint = MSG_GENERATE_NEW)]
+    RsaTooSmall(u32),
+    #[error("DSA keys are not supported: OpenSSH has disabled them. {}", MSG_GENERATE_NEW)]
+    Dsa,
+    #[error(
+        "Security-key (FIDO, sk-...) keys are not supported: they need the hardware token at every use. {}.",
+        MSG_SUPPORTED
+    )]
+    SecurityKey,
+    #[error("SSH certificates are not supported here; use the plain public key (the .pub file without -cert)")]
+    Certificate,
+    /// Another key type, named (quoted when safe to show).
+    #[error("Unsupported key type {0}. {supported}.", supported = MSG_SUPPORTED)]
+    UnsupportedType(String),
+    #[error("The public key could not be encoded")]
+    EncodePublic,
+    #[error("The private key could not be encoded in OpenSSH format")]
+    EncodePrivate,
+}
+
 /// Type, size, comment and fingerprint of a one-line public key
 /// (`"type base64[ comment]"`). Does not apply the minimum RSA size; the key type
 /// must be Ed25519, ECDSA or RSA.
-pub fn public_key_info(public_key_line: &str) -> Result<KeyInfo, String> {
+pub fn public_key_info(public_key_line: &str) -> Result<KeyInfo, KeyError> {
     if is_private_key_text(public_key_line) {
-        return Err(MSG_IS_PRIVATE.to_string());
+        return Err(KeyError::IsPrivate);
     }
     let (key_data, comment) = parse_public_line(public_key_line)?;
     key_info(&key_data, &comment)
 }
 
-pub(super) fn key_info(key_data: &KeyData, comment: &str) -> Result<KeyInfo, String> {
+pub(super) fn key_info(key_data: &KeyData, comment: &str) -> Result<KeyInfo, KeyError> {
     let (algorithm, bits) = classify(key_data)?;
     Ok(KeyInfo {
         key_type: key_data.algorithm().as_str().to_string(),
@@ -42,7 +77,7 @@ pub(super) fn fingerprint(key_data: &KeyData) -> String {
 }
 
 /// Algorithm and size of a supported key, or a message saying why it is not supported.
-pub(super) fn classify(key_data: &KeyData) -> Result<(KeyAlgorithm, u32), String> {
+pub(super) fn classify(key_data: &KeyData) -> Result<(KeyAlgorithm, u32), KeyError> {
     match key_data {
         KeyData::Ed25519(_) => Ok((KeyAlgorithm::Ed25519, 256)),
         KeyData::Ecdsa(k) => Ok((
@@ -56,26 +91,14 @@ pub(super) fn classify(key_data: &KeyData) -> Result<(KeyAlgorithm, u32), String
         KeyData::Rsa(k) => {
             let bits = mpint_bits(k.n().as_positive_bytes().unwrap_or_default());
             if bits > MAX_RSA_BITS {
-                return Err(format!(
-                    "RSA keys larger than {MAX_RSA_BITS} bits are not supported; this key has \
-                     {bits} bits"
-                ));
+                return Err(KeyError::RsaTooLarge(bits));
             }
             Ok((KeyAlgorithm::Rsa, bits))
         }
-        KeyData::Dsa(_) => Err(format!("DSA keys are not supported: OpenSSH has disabled them. {MSG_GENERATE_NEW}")),
-        KeyData::SkEd25519(_) | KeyData::SkEcdsaSha2NistP256(_) => Err(format!(
-            "Security-key (FIDO, sk-...) keys are not supported: they need the hardware token \
-             at every use. {MSG_SUPPORTED}."
-        )),
-        KeyData::Certificate(_) => {
-            Err("SSH certificates are not supported here; use the plain public key (the .pub file \
-             without -cert)"
-                .to_string())
-        }
-        other => {
-            Err(format!("Unsupported key type {}. {MSG_SUPPORTED}.", quote_if_safe(other.algorithm().as_str(), 64)))
-        }
+        KeyData::Dsa(_) => Err(KeyError::Dsa),
+        KeyData::SkEd25519(_) | KeyData::SkEcdsaSha2NistP256(_) => Err(KeyError::SecurityKey),
+        KeyData::Certificate(_) => Err(KeyError::Certificate),
+        other => Err(KeyError::UnsupportedType(quote_if_safe(other.algorithm().as_str(), 64))),
     }
 }
 
@@ -92,8 +115,8 @@ pub(super) fn mpint_bits(bytes: &[u8]) -> u32 {
 }
 
 /// `"type base64[ comment]\n"`.
-pub(super) fn public_line(key_data: &KeyData, comment: &str) -> Result<String, String> {
-    let blob = key_data.encode_vec().map_err(|_| "The public key could not be encoded".to_string())?;
+pub(super) fn public_line(key_data: &KeyData, comment: &str) -> Result<String, KeyError> {
+    let blob = key_data.encode_vec().map_err(|_| KeyError::EncodePublic)?;
     let mut s = format!("{} {}", key_data.algorithm().as_str(), STANDARD.encode(blob));
     let comment = sanitize_comment(comment);
     if !comment.is_empty() {
@@ -143,46 +166,44 @@ pub(super) fn decode_key_blob(key_type: &str, b64: &str) -> Result<KeyData, &'st
     Ok(key_data)
 }
 
-/// Parse `"type base64[ comment]"` (one line). Errors are user-facing messages.
-pub(super) fn parse_public_line(text: &str) -> Result<(KeyData, String), String> {
+/// Parse `"type base64[ comment]"` (one line).
+pub(super) fn parse_public_line(text: &str) -> Result<(KeyData, String), KeyError> {
+    let invalid = |detail| KeyError::InvalidPublic { detail };
     if text.len() > MAX_PUBLIC_KEY_LEN {
-        return Err(format!("{MSG_INVALID_PUBLIC}: it is too long"));
+        return Err(invalid(": it is too long"));
     }
     // Refused rather than cleaned: a NUL or an escape sequence in the comment
     // would otherwise be stored (and shown) as something the caller did not send.
-    text::check_multi_line(text).map_err(|e| e.to_string())?;
+    text::check_multi_line(text)?;
     let t = text.trim();
     if t.is_empty() {
-        return Err(MSG_NO_KEY.to_string());
+        return Err(KeyError::NoKey);
     }
     if t.contains("BEGIN SSH2 PUBLIC KEY") {
-        return Err(format!(
-            "{MSG_INVALID_PUBLIC}: this is an SSH2 (RFC 4716) public key; give the OpenSSH \
-             one-line form (ssh-keygen -i -f <file> converts it)"
+        return Err(invalid(
+            ": this is an SSH2 (RFC 4716) public key; give the OpenSSH one-line form (ssh-keygen -i -f <file> \
+             converts it)",
         ));
     }
     if t.contains("-----BEGIN") && t.contains("PUBLIC KEY-----") {
-        return Err(format!(
-            "{MSG_INVALID_PUBLIC}: this is a PEM public key; give the OpenSSH one-line form \
-             (ssh-keygen -i -m PKCS8 -f <file> converts it)"
+        return Err(invalid(
+            ": this is a PEM public key; give the OpenSSH one-line form (ssh-keygen -i -m PKCS8 -f <file> converts it)",
         ));
     }
     if t.contains('\n') || t.contains('\r') {
-        return Err(format!("{MSG_INVALID_PUBLIC}: give exactly one key on a single line (\"type base64 comment\")"));
+        return Err(invalid(": give exactly one key on a single line (\"type base64 comment\")"));
     }
     let (key_type, rest) = split_token(t);
     if !is_key_type_name(key_type) {
-        return Err(MSG_INVALID_PUBLIC.to_string());
+        return Err(invalid(""));
     }
     let (b64, comment) = split_token(rest);
     if b64.is_empty() {
-        return Err(MSG_INVALID_PUBLIC.to_string());
+        return Err(invalid(""));
     }
-    let key_data = decode_key_blob(key_type, b64).map_err(|_| MSG_INVALID_PUBLIC.to_string())?;
+    let key_data = decode_key_blob(key_type, b64).map_err(|_| invalid(""))?;
     if key_data.is_certificate() {
-        return Err("SSH certificates are not supported here; use the plain public key (the .pub file \
-             without -cert)"
-            .to_string());
+        return Err(KeyError::Certificate);
     }
     Ok((key_data, sanitize_comment(comment)))
 }

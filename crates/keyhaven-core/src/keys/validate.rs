@@ -35,16 +35,16 @@ pub struct KeyPairError {
 }
 
 impl KeyPairError {
-    fn new(field: KeyPairField, message: impl Into<String>) -> Self {
-        Self { field, message: message.into() }
+    fn new(field: KeyPairField, message: impl fmt::Display) -> Self {
+        Self { field, message: message.to_string() }
     }
-    pub(super) fn private(message: impl Into<String>) -> Self {
+    pub(super) fn private(message: impl fmt::Display) -> Self {
         Self::new(KeyPairField::PrivateKey, message)
     }
-    fn public(message: impl Into<String>) -> Self {
+    fn public(message: impl fmt::Display) -> Self {
         Self::new(KeyPairField::PublicKey, message)
     }
-    pub(super) fn passphrase(message: impl Into<String>) -> Self {
+    pub(super) fn passphrase(message: impl fmt::Display) -> Self {
         Self::new(KeyPairField::Passphrase, message)
     }
 
@@ -163,13 +163,10 @@ pub fn validate_key_pair(
 }
 
 /// Supported type and, for RSA, at least [`MIN_RSA_BITS`].
-pub(super) fn check_supported(key_data: &KeyData) -> Result<(KeyAlgorithm, u32), String> {
+pub(super) fn check_supported(key_data: &KeyData) -> Result<(KeyAlgorithm, u32), KeyError> {
     let (alg, bits) = classify(key_data)?;
     if alg == KeyAlgorithm::Rsa && bits < MIN_RSA_BITS {
-        return Err(format!(
-            "RSA keys must be at least {MIN_RSA_BITS} bits; this key has {bits} bits. \
-             {MSG_GENERATE_NEW}"
-        ));
+        return Err(KeyError::RsaTooSmall(bits));
     }
     Ok((alg, bits))
 }
@@ -182,10 +179,8 @@ pub(super) fn same_key(a: &KeyData, b: &KeyData) -> bool {
     }
 }
 
-pub(super) fn openssh_text(key: &PrivateKey) -> Result<Zeroizing<String>, String> {
-    let mut text = key
-        .to_openssh(LineEnding::LF)
-        .map_err(|_| "The private key could not be encoded in OpenSSH format".to_string())?;
+pub(super) fn openssh_text(key: &PrivateKey) -> Result<Zeroizing<String>, KeyError> {
+    let mut text = key.to_openssh(LineEnding::LF).map_err(|_| KeyError::EncodePrivate)?;
     if !text.ends_with('\n') {
         text.push('\n');
     }

@@ -746,30 +746,37 @@ mod tests {
         ]
     }
 
-    fn generic(entries: &[Value], f: &Filters, o: &QueryOptions) -> Result<QueryResult, String> {
+    /// A refused query, comparable across the two implementations.
+    #[derive(Debug, PartialEq)]
+    enum Refused {
+        NotFound,
+        Invalid(String),
+    }
+
+    fn generic(entries: &[Value], f: &Filters, o: &QueryOptions) -> Result<QueryResult, Refused> {
         filter_list(entries, f, o).map_err(|e| match e {
-            QueryError::NotFound => "not found".to_string(),
-            QueryError::Invalid(v) => v.to_string(),
+            QueryError::NotFound => Refused::NotFound,
+            QueryError::Invalid(v) => Refused::Invalid(v.to_string()),
         })
     }
 
-    fn through_sql(store: &Store, f: &Filters, o: &QueryOptions) -> Result<QueryResult, String> {
+    fn through_sql(store: &Store, f: &Filters, o: &QueryOptions) -> Result<QueryResult, Refused> {
         query(store, f, o).map_err(|e| match e {
             ServiceError::Call { errno: ENOENT, message } if message == "No matching records found" => {
-                "not found".to_string()
+                Refused::NotFound
             }
-            other => other.to_string(),
+            other => Refused::Invalid(other.to_string()),
         })
     }
 
     /// Ids (or the whole entry when it has no id) of a result, for messages.
-    fn brief(r: &Result<QueryResult, String>) -> String {
+    fn brief(r: &Result<QueryResult, Refused>) -> String {
         let id = |e: &Value| e.get("audit_id").map_or_else(|| e.to_string(), Value::to_string);
         match r {
             Ok(QueryResult::List(l)) => format!("{:?}", l.iter().map(id).collect::<Vec<_>>()),
             Ok(QueryResult::One(e)) => format!("one {}", id(e)),
             Ok(QueryResult::Count(n)) => format!("count {n}"),
-            Err(e) => format!("error {e}"),
+            Err(e) => format!("error {e:?}"),
         }
     }
 

@@ -67,30 +67,47 @@ impl App {
         failed
     }
 
-    async fn database_ok(&self) -> Result<(), String> {
+    async fn database_ok(&self) -> Result<(), HealthError> {
         let dir = self.config.data_dir.clone();
         let check = tokio::task::spawn_blocking(move || keyhaven_store::Store::health_check_at(&dir, DB_WAIT));
         // The blocking check gives up after DB_WAIT; this bound is for a
         // blocking pool so busy that the check never starts.
         match tokio::time::timeout(DB_WAIT * 2, check).await {
-            Ok(Ok(r)) => r.map_err(|e| e.to_string()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("the check did not finish in time".into()),
+            Ok(Ok(r)) => Ok(r?),
+            Ok(Err(e)) => Err(HealthError::Task(e)),
+            Err(_) => Err(HealthError::TimedOut),
         }
     }
 }
 
+/// Why a health check failed (logged; `/healthz` names only the check).
+#[derive(Debug, thiserror::Error)]
+enum HealthError {
+    #[error(transparent)]
+    Database(#[from] keyhaven_store::StoreError),
+    #[error("the check's task failed: {0}")]
+    Task(tokio::task::JoinError),
+    #[error("the check did not finish in time")]
+    TimedOut,
+    #[error("statvfs: {0}")]
+    Statvfs(rustix::io::Errno),
+    #[error("{available_mib} MiB available, below health.disk_min_free_mib = {min_free_mib}")]
+    LowSpace { available_mib: u64, min_free_mib: u64 },
+    #[error("no free inodes")]
+    NoInodes,
+}
+
 /// Whether the file system holding `dir` has `min_free_mib` MiB available
 /// and free inodes.
-fn disk_ok(dir: &std::path::Path, min_free_mib: u64) -> Result<(), String> {
-    let st = rustix::fs::statvfs(dir).map_err(|e| format!("statvfs: {e}"))?;
+fn disk_ok(dir: &std::path::Path, min_free_mib: u64) -> Result<(), HealthError> {
+    let st = rustix::fs::statvfs(dir).map_err(HealthError::Statvfs)?;
     let available = st.f_bavail.saturating_mul(st.f_frsize);
     if available < min_free_mib.saturating_mul(1 << 20) {
-        return Err(format!("{} MiB available, below health.disk_min_free_mib = {min_free_mib}", available >> 20));
+        return Err(HealthError::LowSpace { available_mib: available >> 20, min_free_mib });
     }
     // Some file systems (btrfs) report no inode counts at all.
     if st.f_files > 0 && st.f_favail == 0 {
-        return Err("no free inodes".into());
+        return Err(HealthError::NoInodes);
     }
     Ok(())
 }
@@ -105,7 +122,8 @@ mod tests {
         assert!(disk_ok(dir.path(), 0).is_ok());
         // More than any file system here has.
         let e = disk_ok(dir.path(), 1 << 40).unwrap_err();
-        assert!(e.contains("health.disk_min_free_mib"), "{e}");
+        assert!(matches!(e, HealthError::LowSpace { min_free_mib: 1_099_511_627_776, .. }), "{e}");
+        assert!(e.to_string().contains("health.disk_min_free_mib"), "{e}");
         assert!(disk_ok(&dir.path().join("missing"), 0).is_err());
     }
 }

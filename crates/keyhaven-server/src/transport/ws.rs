@@ -195,16 +195,21 @@ fn forward_events(
 #[derive(Default)]
 struct Subscriptions(std::collections::HashMap<String, (String, Option<tokio::task::JoinHandle<()>>)>);
 
+/// A subscription refused because the connection holds the most it may.
+#[derive(Debug, thiserror::Error)]
+#[error("at most {max} subscriptions per connection", max = MAX_SUBSCRIPTIONS)]
+struct TooManySubscriptions;
+
 impl Subscriptions {
-    /// Start one; `Err` with a reason when the connection holds too many.
+    /// Start one, unless the connection holds too many.
     fn add(
         &mut self,
         key: String,
         name: String,
         start: impl FnOnce() -> tokio::task::JoinHandle<()>,
-    ) -> Result<(), String> {
+    ) -> Result<(), TooManySubscriptions> {
         if self.0.len() >= MAX_SUBSCRIPTIONS && !self.0.contains_key(&key) {
-            return Err(format!("at most {MAX_SUBSCRIPTIONS} subscriptions per connection"));
+            return Err(TooManySubscriptions);
         }
         // Collections keyhaven does not publish are acknowledged without a forwarder.
         let task = crate::service::events::COLLECTIONS.contains(&name.as_str()).then(start);
@@ -486,7 +491,7 @@ fn subscription_call(
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut raw);
     let key = hex::encode(raw);
     subs.add(key.clone(), arg.clone(), || forward_events(app, session.clone(), tx.clone(), Dialect::JsonRpc, arg))
-        .map_err(|r| ServiceError::call(crate::error::EBUSY, r))?;
+        .map_err(|r| ServiceError::call(crate::error::EBUSY, r.to_string()))?;
     Ok(json!(key))
 }
 
