@@ -5,7 +5,8 @@
 # aiotruenas-client), Chromium and chromedriver, Firefox ESR and geckodriver (web
 # UI tests; Debian does not package geckodriver, so it is built from crates.io),
 # and for the Debian package's test: lintian, systemd-analyze (package systemd),
-# strip (binutils) and cargo-deb (built from crates.io by scripts/build-deb.sh).
+# strip (binutils), age (the backup tests open keyhaven's backups with `age -d`,
+# typing the passphrase through `script`'s terminal) and cargo-deb (built from crates.io by scripts/build-deb.sh).
 set -euo pipefail
 
 missing=()
@@ -25,6 +26,8 @@ need firefox-esr firefox-esr
 need lintian lintian
 need systemd-analyze systemd
 need strip binutils
+need age age
+need script bsdutils
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
 
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,5 +1,6 @@
 //! Command-line parsing and the subcommands.
 
+mod backup;
 mod call;
 mod keypair;
 mod package;
@@ -126,6 +127,11 @@ enum Cmd {
     /// Rsync tasks: list them, run one now (--wait shows progress).
     #[command(subcommand)]
     Rsync(rsync::RsyncCmd),
+    /// Write an encrypted backup (database, master key, sshd host keys, TLS
+    /// material) of the data dir; works whether or not the daemon runs.
+    Backup(backup::BackupArgs),
+    /// Restore an encrypted backup into the data dir (stop the daemon first).
+    Restore(backup::RestoreArgs),
     /// Re-encrypt every stored secret under a new master key (stop the daemon first).
     RotateMasterKey {
         #[command(flatten)]
@@ -191,13 +197,25 @@ pub fn run() -> Result<ExitCode, String> {
             let set_log_filter = init_logging(&cfg);
             let reload =
                 keyhaven_server::startup::Reload { resolve: Box::new(move || resolve(&flags)), set_log_filter };
+            // Before any thread starts: a listener handed over by a restart in place.
+            keyhaven_server::backup::restart::adopt_inherited_listener();
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
             rt.block_on(keyhaven_server::startup::serve(cfg, reload)).map_err(|e| e.to_string())?;
+            if keyhaven_server::backup::restart::pending() {
+                // Onto the restored state (config.upload): same pid, same listener.
+                rt.shutdown_timeout(std::time::Duration::from_secs(5));
+                return Err(format!(
+                    "restarting after the restore failed: {}",
+                    keyhaven_server::backup::restart::exec_self()
+                ));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Call(args) => call::run(args),
         Cmd::Keypair(k) => keypair::run(k),
         Cmd::Rsync(r) => rsync::run(r),
+        Cmd::Backup(a) => backup::backup(a),
+        Cmd::Restore(a) => backup::restore(a),
         Cmd::RotateMasterKey { common } => {
             let cfg = resolve_config(&common)?;
             let _ = init_logging(&cfg);

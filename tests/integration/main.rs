@@ -6,6 +6,7 @@ mod util;
 mod accounts;
 mod api_auth;
 mod api_protocol;
+mod backup;
 mod badinput;
 mod daemon;
 mod hostile;

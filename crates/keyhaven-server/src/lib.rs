@@ -8,10 +8,12 @@
 //! * [`transport`] carries [`api`] over JSON-RPC 2.0 (`/api/current`), TrueNAS's
 //!   legacy dialect (`/websocket`), the download endpoints and the local
 //!   unix socket used by `keyhaven call`.
+//! * [`backup`] makes and restores encrypted backups of a data dir.
 //! * [`remote`] is the client for another system's API (JSON-RPC or legacy),
 //!   used by pairing and by `keyhaven call --url`.
 
 pub mod api;
+pub mod backup;
 pub mod config;
 pub mod error;
 pub mod remote;

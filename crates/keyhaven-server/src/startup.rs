@@ -38,6 +38,8 @@ pub enum StartupError {
     Bootstrap(String),
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Backup(#[from] crate::backup::BackupError),
 }
 
 /// Refuse files or folders that group or others can read (DESIGN.md §2).
@@ -247,6 +249,17 @@ fn load_tls(cfg: &Config) -> Result<LoadedTls, transport::tls::TlsError> {
 /// Run the daemon until SIGTERM/SIGINT.
 pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
     let started = Instant::now();
+    prepare_data_dir(&cfg.data_dir)?;
+    // One daemon per data dir; `keyhaven restore` checks this lock too.
+    let _lock = crate::backup::lock::DataDirLock::acquire(&cfg.data_dir)?;
+    // A restore staged by `config.upload` (or interrupted) is put in place
+    // before anything opens the files it replaces.
+    if let Some(previous) = crate::backup::apply_staged(&cfg.data_dir)? {
+        tracing::warn!(
+            "restored the staged backup; the state it replaced is in {} until this start completes",
+            previous.display()
+        );
+    }
     let store = open_store(&cfg)?;
     if let Some(problem) = keyhaven_ssh::reach::strict_modes_problem(&cfg.data_dir) {
         tracing::warn!("{problem}");
@@ -260,8 +273,13 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
     let tls_fingerprint = tls.as_ref().and_then(|(_, fp, _)| fp.clone());
     let tls_validity = tls.as_ref().and_then(|(_, _, v)| *v);
     let tls = tls.map(|(a, _, _)| Arc::new(std::sync::RwLock::new(a)));
-    let listener =
-        TcpListener::bind(cfg.listen).await.map_err(|source| StartupError::Listen { addr: cfg.listen, source })?;
+    let listener = match crate::backup::restart::take_inherited() {
+        // Restarted in place after a restore: the same socket, same port.
+        Some(l) => l.set_nonblocking(true).and_then(|_| TcpListener::from_std(l)),
+        None => TcpListener::bind(cfg.listen).await,
+    }
+    .map_err(|source| StartupError::Listen { addr: cfg.listen, source })?;
+    crate::backup::restart::keep_listener(&listener);
     let local = listener.local_addr().map_err(|source| StartupError::Listen { addr: cfg.listen, source })?;
     let metrics_listener = match cfg.metrics_listen {
         Some(addr) => {
@@ -398,7 +416,15 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
         }
     });
 
-    let shutdown = shutdown_signal();
+    let shutdown = {
+        let signal = shutdown_signal();
+        async move {
+            tokio::select! {
+                _ = signal => {}
+                _ = crate::backup::restart::requested() => tracing::info!("restarting onto the restored state"),
+            }
+        }
+    };
     println!("keyhaven listening on {scheme}://{local}");
     let _ = std::io::stdout().flush();
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "ready");
@@ -408,6 +434,11 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&format!("listening on {scheme}://{local}")),
     ]);
+    // The restored state (if any) has started: the one it replaced goes.
+    let forgotten = crate::backup::forget_previous(&data_dir);
+    if forgotten > 0 {
+        tracing::info!("removed {forgotten} state(s) kept aside by a restore, now that the restored one runs");
+    }
 
     transport::serve_tcp(listener, router, tls, edge, shutdown).await;
 

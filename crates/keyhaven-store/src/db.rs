@@ -30,8 +30,17 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("migrations/0004_audit.sql")),
         M::up(include_str!("migrations/0005_rsync_tasks.sql")),
         M::up(include_str!("migrations/0006_rsync_last_success.sql")),
+        M::up(include_str!("migrations/0007_schema_history.sql")),
     ])
 }
+
+/// How many migration steps this binary has (its latest schema version).
+pub(crate) fn migration_count() -> usize {
+    MIGRATION_COUNT
+}
+
+/// Keep in step with [`migrations`] (checked by a test).
+const MIGRATION_COUNT: usize = 7;
 
 /// The database and the key that seals its secret columns.
 pub struct Store {
@@ -273,7 +282,21 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // A newer keyhaven's database is refused before anything touches it.
+        let from = crate::snapshot::check_schema_known(&conn, &db_path)?;
+        let latest = crate::snapshot::latest_schema();
+        if from < latest && from > 0 {
+            // Upgrades keep data: a consistent copy first, then the migration.
+            let copy = crate::snapshot::pre_migrate_copy(&conn, dir, from)?;
+            tracing::info!(
+                "database schema {from} is older than this keyhaven's ({latest}): copied it to {} before migrating",
+                copy.display()
+            );
+        }
         migrations().to_latest(&mut conn)?;
+        if from < latest {
+            crate::snapshot::record_migration(&conn, from, latest)?;
+        }
 
         let key = recover_rotation(&conn, &key_path)?;
         check_or_set_key(&conn, &key, &key_path)?;
@@ -440,7 +463,7 @@ fn recover_rotation(conn: &Connection, key_path: &Path) -> Result<MasterKey> {
     MasterKey::load(key_path)
 }
 
-fn key_check_matches(conn: &Connection, key: &MasterKey) -> Result<Option<bool>> {
+pub(crate) fn key_check_matches(conn: &Connection, key: &MasterKey) -> Result<Option<bool>> {
     let sealed: Option<Vec<u8>> =
         conn.query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| r.get(0)).optional()?;
     Ok(sealed.map(|s| key.open("meta", 0, "key_check", &s).is_some_and(|p| p.as_slice() == KEY_CHECK)))
@@ -460,6 +483,65 @@ fn check_or_set_key(conn: &Connection, key: &MasterKey, key_path: &Path) -> Resu
         Some(true) => Ok(()),
         Some(false) => Err(StoreError::WrongMasterKey { path: key_path.to_path_buf() }),
         None => set_key_check(conn, key),
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+
+    #[test]
+    fn the_migration_count_matches_the_migrations() {
+        assert!(migrations().validate().is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let conn = store.conn();
+        assert_eq!(crate::snapshot::schema_version(&conn).unwrap() as usize, MIGRATION_COUNT);
+        let recorded: i64 = conn.query_row("SELECT max(version) FROM schema_history", [], |r| r.get(0)).unwrap();
+        assert_eq!(recorded as usize, MIGRATION_COUNT);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_naming_the_version_needed_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        let db = dir.path().join(DB_FILE);
+        {
+            let c = Connection::open(&db).unwrap();
+            c.execute_batch("PRAGMA user_version = 99; INSERT INTO schema_history VALUES (99, 7, '9.9.9', 0);")
+                .unwrap();
+        }
+        let before = std::fs::read(&db).unwrap();
+        let e = Store::open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("schema version 99") && e.contains("keyhaven 9.9.9"), "{e}");
+        assert_eq!(std::fs::read(&db).unwrap(), before, "the refused database was changed");
+        assert!(!dir.path().join(crate::snapshot::PRE_MIGRATE_DIR).exists());
+    }
+
+    #[test]
+    fn an_older_schema_is_copied_before_migrating_and_five_copies_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..7 {
+            {
+                let (store, _) = Store::open(dir.path()).unwrap();
+                store.setting_set(&format!("k{round}"), &serde_json::json!(round)).unwrap();
+            }
+            // Pretend the last step has not run yet.
+            let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            c.execute_batch("DROP TABLE schema_history; PRAGMA user_version = 6;").unwrap();
+        }
+        let (store, _) = Store::open(dir.path()).unwrap();
+        for round in 0..7 {
+            assert_eq!(store.setting_get(&format!("k{round}")).unwrap(), Some(serde_json::json!(round)));
+        }
+        let copies: Vec<_> = std::fs::read_dir(dir.path().join("backups")).unwrap().flatten().collect();
+        assert_eq!(copies.len(), crate::snapshot::PRE_MIGRATE_KEEP, "{copies:?}");
+        for c in &copies {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(c.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+            let name = c.file_name().to_string_lossy().to_string();
+            assert!(name.starts_with("pre-migrate-v6-"), "{name}");
+        }
     }
 }
 

@@ -18,6 +18,12 @@ pub enum StoreError {
         "a secret in {table}.{column} (row {row}) could not be decrypted; the master key or the row was tampered with"
     )]
     Decrypt { table: &'static str, column: &'static str, row: i64 },
+    #[error(
+        "{path} has database schema version {found}, newer than this keyhaven ({}) knows ({known}); it was made by keyhaven {}: install that version or newer, or restore a backup made by this one",
+        env!("CARGO_PKG_VERSION"),
+        needed.as_deref().unwrap_or("of a later release")
+    )]
+    NewerSchema { path: PathBuf, found: u32, known: u32, needed: Option<String> },
     #[error("{0} already exists")]
     Conflict(String),
     #[error("{0} not found")]

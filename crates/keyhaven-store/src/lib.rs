@@ -16,6 +16,7 @@ mod db;
 mod error;
 pub mod records;
 pub mod rsync;
+pub mod snapshot;
 
 pub use audit::*;
 pub use crypto::{MasterKey, MASTER_KEY_FILE};
