@@ -337,7 +337,7 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
     {
         let app = app.clone();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = app.report_unusable_keys() {
+            if let Err(e) = app.accounts().report_unusable_keys() {
                 tracing::warn!("checking the accounts' keys: {e}");
             }
         });
@@ -349,7 +349,7 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
         tokio::spawn(async move {
             loop {
                 let a = app.clone();
-                match tokio::task::spawn_blocking(move || a.reconcile_user_keys()).await {
+                match tokio::task::spawn_blocking(move || a.accounts().reconcile_keys()).await {
                     Ok(Ok(withdrawn)) => {
                         for user in withdrawn {
                             let session = crate::service::auth::Session::new("system".into());
@@ -401,7 +401,7 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
     let scheduler = app.rsync_scheduler();
     {
         let app = app.clone();
-        tokio::spawn(async move { app.start_enabled_services().await });
+        tokio::spawn(async move { app.sshd().start_enabled_services().await });
     }
     // glibc keeps freed memory after bursts (bulk creates, large queries);
     // hand it back to the system now and then so an idle daemon stays small.
@@ -451,7 +451,7 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
     }
     scheduler.abort();
     app.rsync_stop_all();
-    if let Err(e) = app.sshd.stop().await {
+    if let Err(e) = app.sshd().supervisor().stop().await {
         tracing::warn!("stopping sshd: {e}");
     }
     let _ = std::fs::remove_file(transport::unix::socket_path(&data_dir));

@@ -203,7 +203,11 @@ async fn set_attribute(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> 
     let key: Str = p.req(0, "auth_set_attribute.key")?;
     let value: Value = p.req(1, "auth_set_attribute.value")?;
     let caller = ctx.caller()?;
-    ctx.app.set_attribute(&caller.username, &key.0, value).await.map_err(|e| e.in_schema("auth_set_attribute"))?;
+    ctx.app
+        .accounts()
+        .set_attribute(&caller.username, &key.0, value)
+        .await
+        .map_err(|e| e.in_schema("auth_set_attribute"))?;
     Ok(Value::Null)
 }
 

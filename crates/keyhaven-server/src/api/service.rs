@@ -20,7 +20,7 @@ pub fn methods() -> Vec<MethodDef> {
 }
 
 async fn query_m(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    query(&[ctx.app.ssh_service_entry()?], &p, "service.query")
+    query(&[ctx.app.sshd().service_entry()?], &p, "service.query")
 }
 
 fn check_service(v: &Value, attr: &str) -> Result<(), ServiceError> {
@@ -47,8 +47,8 @@ async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     check_service(&id, "service_update.id_or_name")?;
     let u: UpdateIn = p.req(1, "service_update")?;
     ctx.describe(format!("Update service ssh: enable={}", u.enable));
-    ctx.app.ssh_set_enabled(u.enable)?;
-    ctx.app.ssh_service_entry()
+    ctx.app.sshd().set_enabled(u.enable)?;
+    ctx.app.sshd().service_entry()
 }
 
 #[derive(Deserialize, Default)]
@@ -80,7 +80,7 @@ async fn control(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let app = ctx.app.clone();
     let id = ctx.app.jobs.spawn("service.control", move |job| async move {
         job.progress(10.0, format!("{} ssh", verb.as_str()));
-        app.ssh_control(verb).await?;
+        app.sshd().control(verb).await?;
         job.progress(100.0, format!("{} ssh: done", verb.as_str()));
         Ok(json!(true))
     });

@@ -20,7 +20,7 @@ pub fn methods() -> Vec<MethodDef> {
 }
 
 async fn config(ctx: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
-    to_json(&ctx.app.ssh_config().await?)
+    to_json(&ctx.app.sshd().config().await?)
 }
 
 const FIELDS: &[&str] = &[
@@ -49,7 +49,7 @@ async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     // A partial update: merged over the current settings, then decoded
     // strictly (the port's range first, then every type, as TrueNAS reports them).
     let mut merged =
-        serde_json::to_value(ctx.app.ssh_settings()?).map_err(|e| ServiceError::internal("ssh.update", e))?;
+        serde_json::to_value(ctx.app.sshd().settings()?).map_err(|e| ServiceError::internal("ssh.update", e))?;
     for (k, v) in patch {
         merged[k] = v;
     }
@@ -58,7 +58,7 @@ async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     }
     let new: SshSettings = super::params::decode(merged, S)?;
     let options = new.options.clone();
-    let updated = ctx.app.ssh_update(new).await.map_err(|e| e.in_schema(S))?;
+    let updated = ctx.app.sshd().update(new).await.map_err(|e| e.in_schema(S))?;
     if updated.previous_options != options {
         ctx.describe(options_change_description(&options));
     }

@@ -25,7 +25,7 @@ pub fn methods() -> Vec<MethodDef> {
 }
 
 async fn query_m(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    let entries = ctx.app.user_entries()?;
+    let entries = ctx.app.accounts().entries()?;
     let as_json = |entries: &[UserEntry]| entries.iter().map(to_json).collect::<Result<Vec<Value>, _>>();
     if ctx.caller()?.scope == Scope::Pairing {
         // A pairing session sees the one account it pairs; the first query
@@ -61,9 +61,9 @@ fn exact_username(filters: &Value) -> Option<String> {
 
 async fn get_instance(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, "user_get_instance.id")?;
-    let (r, _) = ctx.app.user_by_id(id)?;
+    let (r, _) = ctx.app.accounts().by_id(id)?;
     pairing_bound(&ctx, &r.username)?;
-    to_json(&ctx.app.user_entry(&r))
+    to_json(&ctx.app.accounts().entry(&r))
 }
 
 /// In a pairing session, only the account it pairs (already named by a query
@@ -92,7 +92,7 @@ async fn create(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     // refused call reads as it always has.
     u.check_size().map_err(|e| e.in_schema(S))?;
     ctx.describe(format!("Create user: {}", u.username.as_deref().unwrap_or("")));
-    to_json(&ctx.app.user_create(u).await.map_err(|e| e.in_schema(S))?)
+    to_json(&ctx.app.accounts().create(u).await.map_err(|e| e.in_schema(S))?)
 }
 
 async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
@@ -100,7 +100,7 @@ async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, "user_update.id")?;
     let u: UserInput = p.req(1, S)?;
     u.check_size().map_err(|e| e.in_schema(S))?;
-    let (r, _) = ctx.app.user_by_id(id)?;
+    let (r, _) = ctx.app.accounts().by_id(id)?;
     pairing_bound(&ctx, &r.username)?;
     if ctx.caller()?.scope == Scope::Pairing {
         if let Some(Value::Object(m)) = p.raw(1) {
@@ -113,7 +113,7 @@ async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
         }
     }
     ctx.describe(format!("Update user: {}", r.username));
-    to_json(&ctx.app.user_update(id, u).await.map_err(|e| e.in_schema(S))?)
+    to_json(&ctx.app.accounts().update(id, u).await.map_err(|e| e.in_schema(S))?)
 }
 
 #[derive(Deserialize, Default)]
@@ -127,10 +127,10 @@ struct DeleteOptions {
 async fn delete(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, "user_delete.id")?;
     let _: DeleteOptions = p.opt(1, "user_delete.options")?;
-    if let Ok((r, _)) = ctx.app.user_by_id(id) {
+    if let Ok((r, _)) = ctx.app.accounts().by_id(id) {
         ctx.describe(format!("Delete user: {}", r.username));
     }
-    ctx.app.user_delete(id).await?;
+    ctx.app.accounts().delete(id).await?;
     Ok(json!(true))
 }
 
@@ -139,13 +139,13 @@ async fn renew_2fa(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let username: Str = p.req(0, "user_renew_2fa_secret.username")?;
     let _: Option<serde_json::Map<String, Value>> = p.opt(1, "user_renew_2fa_secret.twofactor_options")?;
     ctx.describe(format!("Renew two-factor secret: {}", &*username));
-    to_json(&ctx.app.twofactor_renew(&username).await.map_err(|e| e.in_schema(S))?)
+    to_json(&ctx.app.accounts().twofactor_renew(&username).await.map_err(|e| e.in_schema(S))?)
 }
 
 async fn unset_2fa(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     const S: &str = "user_unset_2fa_secret";
     let username: Str = p.req(0, "user_unset_2fa_secret.username")?;
     ctx.describe(format!("Disable two-factor login: {}", &*username));
-    ctx.app.twofactor_unset(&username).await.map_err(|e| e.in_schema(S))?;
+    ctx.app.accounts().twofactor_unset(&username).await.map_err(|e| e.in_schema(S))?;
     Ok(Value::Null)
 }

@@ -51,11 +51,11 @@ impl App {
             tracing::warn!("health: the database check failed: {why}");
             failed.push(CHECKS[0]);
         }
-        if let Some(down) = self.sshd.down_for().filter(|d| *d > SSHD_GRACE) {
+        if let Some(down) = self.sshd().supervisor().down_for().filter(|d| *d > SSHD_GRACE) {
             tracing::warn!(
                 "health: sshd should be running but has been down for {} s: {}",
                 down.as_secs(),
-                self.sshd.last_error().unwrap_or_default()
+                self.sshd().supervisor().last_error().unwrap_or_default()
             );
             failed.push(CHECKS[1]);
         }

@@ -204,7 +204,7 @@ impl App {
     /// (version 0.0.4). Reads the store (rsync tasks): call off the async workers.
     pub fn metrics_text(&self) -> Result<String, ServiceError> {
         let m = &self.metrics;
-        let dir = self.sshd.paths().dir.clone();
+        let dir = self.sshd().supervisor().paths().dir.clone();
         let host_keys = HOST_KEY_FILES
             .iter()
             .filter_map(|(alg, file)| {
@@ -214,8 +214,8 @@ impl App {
             .collect();
         let rsync = self.store.rsync_last_successes()?.into_iter().map(|(id, at)| (id, at.unwrap_or(0.0))).collect();
         let snapshot = Snapshot {
-            sshd_up: self.sshd.state() == keyhaven_ssh::supervisor::SshdState::Running,
-            sshd_restarts: self.sshd.restarts_total(),
+            sshd_up: self.sshd().supervisor().state() == keyhaven_ssh::supervisor::SshdState::Running,
+            sshd_restarts: self.sshd().supervisor().restarts_total(),
             tls_validity: *m.tls_validity.read().unwrap_or_else(|p| p.into_inner()),
             host_keys,
             rsync,

@@ -38,14 +38,12 @@ pub struct App {
     pub keychain: keychain::KeychainCache,
     /// Rsync tasks' runs going on and their schedules.
     pub rsync: rsync::RsyncState,
-    /// The supervised OpenSSH sshd.
-    pub sshd: keyhaven_ssh::supervisor::Supervisor,
+    /// The SSH service area's state (see [`App::sshd`]).
+    sshd_area: sshd::SshdArea,
     /// Where account keys are written for sshd.
     pub keys_location: keyhaven_ssh::files::KeysLocation,
-    /// Serialises SSH configuration changes (render, check, swap, reload).
-    pub ssh_lock: tokio::sync::Mutex<()>,
-    /// Serialises account writes (each is a read-modify-write of the row's data).
-    pub users_lock: tokio::sync::Mutex<()>,
+    /// The accounts area's state (see [`App::accounts`]).
+    accounts_area: users::AccountsArea,
     /// SHA-256 fingerprint of the certificate served, when serving TLS
     /// (a reload on SIGHUP re-reads the certificate).
     pub tls_fingerprint: std::sync::RwLock<Option<String>>,
@@ -87,10 +85,9 @@ impl App {
             events,
             keychain: keychain::KeychainCache::default(),
             rsync: rsync::RsyncState::default(),
-            sshd,
+            sshd_area: sshd::SshdArea::new(sshd),
             keys_location,
-            ssh_lock: tokio::sync::Mutex::new(()),
-            users_lock: tokio::sync::Mutex::new(()),
+            accounts_area: users::AccountsArea::default(),
             tls_fingerprint: std::sync::RwLock::new(None),
             metrics,
             health: health::HealthCache::default(),
@@ -98,7 +95,20 @@ impl App {
     }
 }
 
+/// Each area of use cases is reached through a handle that borrows the
+/// [`App`] and owns its area's locks: `app.sshd().update(…)`,
+/// `app.accounts().create(…)`.
 impl App {
+    /// The SSH service: settings, sshd_config, host keys, the supervised sshd.
+    pub fn sshd(&self) -> sshd::Sshd<'_> {
+        sshd::Sshd::new(self)
+    }
+
+    /// Local accounts, their OS accounts and authorized keys.
+    pub fn accounts(&self) -> users::Accounts<'_> {
+        users::Accounts::new(self)
+    }
+
     /// The configuration as last (re)loaded: read the reloadable settings here.
     pub fn live_config(&self) -> Arc<Config> {
         self.live.read().unwrap_or_else(|e| e.into_inner()).clone()

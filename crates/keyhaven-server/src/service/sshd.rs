@@ -23,7 +23,7 @@ use crate::error::{ServiceError, EFAULT};
 use keyhaven_core::keys::{self, GenerateOptions, KeyAlgorithm};
 use keyhaven_core::sshd_config::{self, HostFacts, RenderContext, SshSettings};
 use keyhaven_ssh::files;
-use keyhaven_ssh::supervisor::{SshdError, SshdState};
+use keyhaven_ssh::supervisor::{SshdError, SshdState, Supervisor};
 
 const SETTINGS_KEY: &str = "ssh";
 const SERVICE_KEY: &str = "service.ssh";
@@ -86,23 +86,51 @@ fn interface_addresses(name: &str) -> Vec<String> {
     out
 }
 
-impl App {
-    pub fn ssh_settings(&self) -> Result<SshSettings, ServiceError> {
-        Ok(match self.store.setting_get(SETTINGS_KEY)? {
+/// The SSH service area's state: the supervised sshd and the lock that
+/// serialises configuration changes (render, check, swap, reload). Reached
+/// through [`App::sshd`].
+pub struct SshdArea {
+    supervisor: Supervisor,
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl SshdArea {
+    pub fn new(supervisor: Supervisor) -> SshdArea {
+        SshdArea { supervisor, lock: tokio::sync::Mutex::new(()) }
+    }
+}
+
+/// The SSH service (`ssh.*`, `service.*` for `ssh`): settings, sshd_config,
+/// host keys and the supervised sshd.
+pub struct Sshd<'a> {
+    app: &'a App,
+}
+
+impl<'a> Sshd<'a> {
+    pub(super) fn new(app: &'a App) -> Self {
+        Sshd { app }
+    }
+
+    /// The supervised OpenSSH sshd.
+    pub fn supervisor(&self) -> &'a Supervisor {
+        &self.app.sshd_area.supervisor
+    }
+    pub fn settings(&self) -> Result<SshSettings, ServiceError> {
+        Ok(match self.app.store.setting_get(SETTINGS_KEY)? {
             Some(v) => serde_json::from_value(v).map_err(|e| ServiceError::internal("reading the SSH settings", e))?,
             None => SshSettings::default(),
         })
     }
 
-    pub fn ssh_enabled(&self) -> Result<bool, ServiceError> {
-        Ok(self.store.setting_get(SERVICE_KEY)?.and_then(|v| v["enable"].as_bool()).unwrap_or(false))
+    pub fn enabled(&self) -> Result<bool, ServiceError> {
+        Ok(self.app.store.setting_get(SERVICE_KEY)?.and_then(|v| v["enable"].as_bool()).unwrap_or(false))
     }
 
     /// Generate missing host keys (stored sealed) and write all of them for sshd.
     pub async fn ensure_host_keys(&self) -> Result<Vec<String>, ServiceError> {
-        let dir = sshd_dir(self);
+        let dir = sshd_dir(self.app);
         files::ensure_dir(&dir, 0o755).map_err(|e| ServiceError::internal("creating the sshd directory", e))?;
-        let existing = self.store.host_keys_list()?;
+        let existing = self.app.store.host_keys_list()?;
         let mut paths = vec![];
         for (alg_name, alg, bits, stem) in HOST_KEYS {
             if !existing.iter().any(|k| k.algorithm == *alg_name) {
@@ -111,17 +139,19 @@ impl App {
                     .await
                     .map_err(|e| ServiceError::internal("host key generation", e))?
                     .map_err(|e| ServiceError::internal("host key generation", e.message))?;
-                match self.store.host_key_insert(alg_name, &kp.private_key, &kp.public_key) {
+                match self.app.store.host_key_insert(alg_name, &kp.private_key, &kp.public_key) {
                     // Another caller generated it first: keep theirs.
                     Ok(()) | Err(keyhaven_store::StoreError::Conflict(_)) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
             let private = self
+                .app
                 .store
                 .host_key_private(alg_name)?
                 .ok_or_else(|| ServiceError::internal("host keys", "missing after generation"))?;
             let public = self
+                .app
                 .store
                 .host_keys_list()?
                 .into_iter()
@@ -147,7 +177,7 @@ impl App {
 
     /// Public host keys as `type base64` lines with fingerprints.
     pub fn host_public_keys(&self) -> Result<Vec<keys::HostKeyLine>, ServiceError> {
-        let text: Vec<String> = self.store.host_keys_list()?.into_iter().map(|k| k.public_key).collect();
+        let text: Vec<String> = self.app.store.host_keys_list()?.into_iter().map(|k| k.public_key).collect();
         keys::parse_host_key_lines(&text.join("\n")).map_err(|(_, m)| ServiceError::internal("reading host keys", m))
     }
 
@@ -156,7 +186,7 @@ impl App {
         for i in &s.bindiface {
             listen.extend(interface_addresses(i));
         }
-        let users = self.store.users_list()?;
+        let users = self.app.store.users_list()?;
         let mut password_users = vec![];
         let mut root_pw = false;
         for u in &users {
@@ -168,12 +198,12 @@ impl App {
                 password_users.push(u.username.clone());
             }
         }
-        let dir = sshd_dir(self);
+        let dir = sshd_dir(self.app);
         Ok(RenderContext {
             listen_addresses: listen,
             host_key_paths,
             pid_file: abs(&dir.join("sshd.pid")),
-            authorized_keys_file: self.keys_location.sshd_pattern(),
+            authorized_keys_file: self.app.keys_location.sshd_pattern(),
             password_users,
             root_password_login: root_pw,
             twofactor_ssh: false,
@@ -181,7 +211,7 @@ impl App {
         })
     }
 
-    async fn render_ssh(&self, s: &SshSettings) -> Result<String, ServiceError> {
+    async fn render(&self, s: &SshSettings) -> Result<String, ServiceError> {
         let paths = self.ensure_host_keys().await?;
         let ctx = self.render_context(s, paths)?;
         Ok(sshd_config::render(s, &ctx))
@@ -189,16 +219,16 @@ impl App {
 
     /// `ssh.config`: the entry, with host keys made on first use (under the
     /// SSH lock, like every other change).
-    pub async fn ssh_config(&self) -> Result<SshConfigEntry, ServiceError> {
+    pub async fn config(&self) -> Result<SshConfigEntry, ServiceError> {
         {
-            let _guard = self.ssh_lock.lock().await;
+            let _guard = self.app.sshd_area.lock.lock().await;
             self.ensure_host_keys().await?;
         }
-        self.ssh_config_entry()
+        self.config_entry()
     }
 
-    pub fn ssh_config_entry(&self) -> Result<SshConfigEntry, ServiceError> {
-        let settings = self.ssh_settings()?;
+    pub fn config_entry(&self) -> Result<SshConfigEntry, ServiceError> {
+        let settings = self.settings()?;
         let hk = self.host_public_keys()?;
         use base64::Engine;
         let public = |pred: fn(&str) -> bool| {
@@ -238,46 +268,46 @@ impl App {
     /// `ssh.update`: validate, render, `sshd -t`, then save and apply.
     /// Returns the new `ssh.config` entry and the `options` it replaced
     /// (read under the lock, so the caller can audit an options change).
-    pub async fn ssh_update(&self, new: SshSettings) -> Result<SshUpdated, ServiceError> {
-        let _guard = self.ssh_lock.lock().await;
-        let old = self.ssh_settings()?;
+    pub async fn update(&self, new: SshSettings) -> Result<SshUpdated, ServiceError> {
+        let _guard = self.app.sshd_area.lock.lock().await;
+        let old = self.settings()?;
         {
             // NSS (possibly LDAP) and filesystem look-ups: off the executor.
-            let (settings, facts) = (new.clone(), SystemFacts { data_dir: self.config.data_dir.clone() });
+            let (settings, facts) = (new.clone(), SystemFacts { data_dir: self.app.config.data_dir.clone() });
             tokio::task::spawn_blocking(move || sshd_config::validate_settings(&settings, &interfaces(), &facts, ""))
                 .await
                 .map_err(|e| ServiceError::internal("checking the SSH settings", e))??;
         }
-        if new.tcpport != old.tcpport || self.sshd.state() != SshdState::Running {
+        if new.tcpport != old.tcpport || self.supervisor().state() != SshdState::Running {
             if let Some(msg) = port_in_use(new.tcpport) {
                 return Err(ServiceError::field("tcpport", msg));
             }
         }
-        let text = self.render_ssh(&new).await?;
+        let text = self.render(&new).await?;
         // apply_config runs `sshd -t` first and touches nothing on refusal;
         // the settings are saved only once sshd has them.
-        self.sshd.apply_config(&text).await.map_err(sshd_error)?;
-        self.store.setting_set(
+        self.supervisor().apply_config(&text).await.map_err(sshd_error)?;
+        self.app.store.setting_set(
             SETTINGS_KEY,
             &serde_json::to_value(&new).map_err(|e| ServiceError::internal("ssh.update", e))?,
         )?;
-        Ok(SshUpdated { entry: self.ssh_config_entry()?, previous_options: old.options })
+        Ok(SshUpdated { entry: self.config_entry()?, previous_options: old.options })
     }
 
     /// Re-render after account changes (password users); keys files are read
     /// by sshd at each login, so they need no reload.
-    pub async fn ssh_users_changed(&self) {
-        if self.sshd.state() == SshdState::Stopped {
+    pub async fn users_changed(&self) {
+        if self.supervisor().state() == SshdState::Stopped {
             return;
         }
-        let _guard = self.ssh_lock.lock().await;
+        let _guard = self.app.sshd_area.lock.lock().await;
         let r = async {
-            let s = self.ssh_settings()?;
-            let text = self.render_ssh(&s).await?;
-            if std::fs::read_to_string(self.sshd.paths().config_file()).is_ok_and(|cur| cur == text) {
+            let s = self.settings()?;
+            let text = self.render(&s).await?;
+            if std::fs::read_to_string(self.supervisor().paths().config_file()).is_ok_and(|cur| cur == text) {
                 return Ok(());
             }
-            self.sshd.apply_config(&text).await.map_err(sshd_error_in_ssh)
+            self.supervisor().apply_config(&text).await.map_err(sshd_error_in_ssh)
         }
         .await;
         if let Err(e) = r {
@@ -286,48 +316,50 @@ impl App {
     }
 
     /// `service.query` row for ssh.
-    pub fn ssh_service_entry(&self) -> Result<Value, ServiceError> {
-        let state = match self.sshd.state() {
+    pub fn service_entry(&self) -> Result<Value, ServiceError> {
+        let state = match self.supervisor().state() {
             SshdState::Running => "RUNNING",
             SshdState::Stopped => "STOPPED",
             SshdState::Crashed => "CRASHED",
         };
-        Ok(json!({"id": 1, "service": "ssh", "enable": self.ssh_enabled()?, "state": state, "pids": self.sshd.pids()}))
+        Ok(
+            json!({"id": 1, "service": "ssh", "enable": self.enabled()?, "state": state, "pids": self.supervisor().pids()}),
+        )
     }
 
-    pub fn ssh_set_enabled(&self, enable: bool) -> Result<(), ServiceError> {
-        self.store.setting_set(SERVICE_KEY, &json!({"enable": enable}))?;
+    pub fn set_enabled(&self, enable: bool) -> Result<(), ServiceError> {
+        self.app.store.setting_set(SERVICE_KEY, &json!({"enable": enable}))?;
         Ok(())
     }
 
     /// Render, write and start sshd (keys synced first).
-    pub async fn ssh_start(&self) -> Result<(), ServiceError> {
-        let _guard = self.ssh_lock.lock().await;
-        self.ssh_start_locked().await
+    pub async fn start(&self) -> Result<(), ServiceError> {
+        let _guard = self.app.sshd_area.lock.lock().await;
+        self.start_locked().await
     }
 
     /// `ssh_start` for a caller that holds `ssh_lock`. A failure leaves sshd
     /// counted as down (what `/healthz` reports) until it runs or is stopped.
-    async fn ssh_start_locked(&self) -> Result<(), ServiceError> {
-        let r = self.ssh_start_checked().await;
+    async fn start_locked(&self) -> Result<(), ServiceError> {
+        let r = self.start_checked().await;
         if let Err(e) = &r {
-            self.sshd.start_failed(&e.to_string());
+            self.supervisor().start_failed(&e.to_string());
         }
         r
     }
 
-    async fn ssh_start_checked(&self) -> Result<(), ServiceError> {
-        if !self.config.authorized_keys_in_home() {
-            if let Some(problem) = keyhaven_ssh::reach::strict_modes_problem(&self.config.data_dir) {
+    async fn start_checked(&self) -> Result<(), ServiceError> {
+        if !self.app.config.authorized_keys_in_home() {
+            if let Some(problem) = keyhaven_ssh::reach::strict_modes_problem(&self.app.config.data_dir) {
                 return Err(ServiceError::call(EFAULT, format!("Cannot start the SSH service: {problem}")));
             }
         }
-        self.sync_all_user_keys()?;
-        let s = self.ssh_settings()?;
+        self.app.accounts().sync_all_keys()?;
+        let s = self.settings()?;
         // Settings saved by an older keyhaven may hold what is refused now
         // (e.g. a Banner naming a secret file): never start sshd with them.
         {
-            let (settings, facts) = (s.clone(), SystemFacts { data_dir: self.config.data_dir.clone() });
+            let (settings, facts) = (s.clone(), SystemFacts { data_dir: self.app.config.data_dir.clone() });
             let checked = tokio::task::spawn_blocking(move || {
                 sshd_config::validate_settings(&settings, &interfaces(), &facts, "")
             })
@@ -344,43 +376,43 @@ impl App {
                 ));
             }
         }
-        let text = self.render_ssh(&s).await?;
-        self.sshd.apply_config(&text).await.map_err(sshd_error_in_ssh)?;
-        self.sshd.start().await.map_err(sshd_error_in_ssh)
+        let text = self.render(&s).await?;
+        self.supervisor().apply_config(&text).await.map_err(sshd_error_in_ssh)?;
+        self.supervisor().start().await.map_err(sshd_error_in_ssh)
     }
 
-    pub async fn ssh_control(&self, verb: SshVerb) -> Result<(), ServiceError> {
+    pub async fn control(&self, verb: SshVerb) -> Result<(), ServiceError> {
         // One change at a time: a restart must not interleave with an update.
-        let _guard = self.ssh_lock.lock().await;
+        let _guard = self.app.sshd_area.lock.lock().await;
         match verb {
             SshVerb::Start => {
-                if self.sshd.state() == SshdState::Running {
+                if self.supervisor().state() == SshdState::Running {
                     return Ok(());
                 }
-                self.ssh_start_locked().await
+                self.start_locked().await
             }
-            SshVerb::Stop => self.sshd.stop().await.map_err(sshd_error_in_ssh),
+            SshVerb::Stop => self.supervisor().stop().await.map_err(sshd_error_in_ssh),
             SshVerb::Restart => {
-                self.sshd.stop().await.map_err(sshd_error_in_ssh)?;
-                self.ssh_start_locked().await
+                self.supervisor().stop().await.map_err(sshd_error_in_ssh)?;
+                self.start_locked().await
             }
             SshVerb::Reload => {
-                if self.sshd.state() != SshdState::Running {
-                    return self.ssh_start_locked().await;
+                if self.supervisor().state() != SshdState::Running {
+                    return self.start_locked().await;
                 }
-                self.sync_all_user_keys()?;
-                let s = self.ssh_settings()?;
-                let text = self.render_ssh(&s).await?;
-                self.sshd.apply_config(&text).await.map_err(sshd_error_in_ssh)
+                self.app.accounts().sync_all_keys()?;
+                let s = self.settings()?;
+                let text = self.render(&s).await?;
+                self.supervisor().apply_config(&text).await.map_err(sshd_error_in_ssh)
             }
         }
     }
 
     /// At daemon start: start sshd if the service is enabled.
     pub async fn start_enabled_services(&self) {
-        match self.ssh_enabled() {
+        match self.enabled() {
             Ok(true) => {
-                if let Err(e) = self.ssh_start().await {
+                if let Err(e) = self.start().await {
                     tracing::error!("the SSH service is enabled but did not start: {e}");
                 }
             }

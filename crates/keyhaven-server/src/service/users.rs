@@ -146,9 +146,34 @@ pub fn bootstrap(store: &Store, admin_password: Option<Zeroizing<String>>) -> Re
     Ok(Bootstrap { generated_admin_password: generated })
 }
 
-impl App {
-    pub fn user(&self, username: &str) -> Result<Option<(UserRecord, UserData)>, ServiceError> {
-        Ok(self.store.user_by_name(username)?.map(|r| {
+/// The accounts area's state: the lock that serialises account writes
+/// (each is a read-modify-write of the row's data). Reached through
+/// [`App::accounts`].
+#[derive(Default)]
+pub struct AccountsArea {
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// Local accounts (`user.*`, `auth.set_attribute`, two-factor): their rows,
+/// OS accounts and the authorized keys sshd reads.
+pub struct Accounts<'a> {
+    app: &'a App,
+}
+
+impl<'a> Accounts<'a> {
+    pub(super) fn new(app: &'a App) -> Self {
+        Accounts { app }
+    }
+
+    /// Hold the accounts lock: no other account write runs until the guard is dropped.
+    pub(crate) async fn lock(&self) -> tokio::sync::MutexGuard<'a, ()> {
+        self.app.accounts_area.lock.lock().await
+    }
+}
+
+impl<'a> Accounts<'a> {
+    pub fn by_name(&self, username: &str) -> Result<Option<(UserRecord, UserData)>, ServiceError> {
+        Ok(self.app.store.user_by_name(username)?.map(|r| {
             let d = UserData::from_record(&r);
             (r, d)
         }))
@@ -434,10 +459,10 @@ fn valid_username(u: &str) -> bool {
         && u.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-' || c == '.')
 }
 
-impl App {
+impl<'a> Accounts<'a> {
     /// TrueNAS's `user` entry for an account, with its OS counterpart as the
     /// system has it now (one NSS look-up).
-    pub fn user_entry(&self, r: &UserRecord) -> UserEntry {
+    pub fn entry(&self, r: &UserRecord) -> UserEntry {
         user_entry_with(r, accounts::lookup(&r.username).as_ref())
     }
 
@@ -445,15 +470,15 @@ impl App {
     /// by one only for names the enumeration lacks.
     /// An account found without its OS counterpart has its keys withdrawn
     /// at once (the periodic reconcile would within 30 s).
-    pub fn user_entries(&self) -> Result<Vec<UserEntry>, ServiceError> {
+    pub fn entries(&self) -> Result<Vec<UserEntry>, ServiceError> {
         let all = accounts::all();
         let mut out = Vec::new();
-        for r in self.store.users_list()? {
+        for r in self.app.store.users_list()? {
             let os = all.get(&r.username).cloned().or_else(|| accounts::lookup(&r.username));
             let entry = user_entry_with(&r, os.as_ref());
             if entry.os_account.state != "OK" && entry.sshpubkey.is_some() {
                 let d = UserData::from_record(&r);
-                if let Err(e) = self.write_user_keys(&r.username, &d) {
+                if let Err(e) = self.write_keys(&r.username, &d) {
                     tracing::warn!(user = %r.username, "withdrawing keys: {e}");
                 }
             }
@@ -462,8 +487,8 @@ impl App {
         Ok(out)
     }
 
-    pub fn user_by_id(&self, id: i64) -> Result<(UserRecord, UserData), ServiceError> {
-        let r = self.store.user_by_id(id)?.ok_or_else(|| {
+    pub fn by_id(&self, id: i64) -> Result<(UserRecord, UserData), ServiceError> {
+        let r = self.app.store.user_by_id(id)?.ok_or_else(|| {
             ServiceError::Validation(FieldError::new("", format!("User {id} does not exist")).with_errno(ENOENT).into())
         })?;
         let d = UserData::from_record(&r);
@@ -545,16 +570,16 @@ impl App {
     }
 
     /// `user.create`.
-    pub async fn user_create(&self, input: UserInput) -> Result<UserEntry, ServiceError> {
+    pub async fn create(&self, input: UserInput) -> Result<UserEntry, ServiceError> {
         input.check_size()?;
         if input.username.is_none() {
             return Err(ServiceError::field("username", "Field required"));
         }
-        let _guard = self.users_lock.lock().await;
-        self.user_create_locked(input).await
+        let _guard = self.lock().await;
+        self.create_locked(input).await
     }
 
-    async fn user_create_locked(&self, input: UserInput) -> Result<UserEntry, ServiceError> {
+    async fn create_locked(&self, input: UserInput) -> Result<UserEntry, ServiceError> {
         let mut errs = ValidationErrors::new();
         let username = input.username.clone().unwrap_or_default();
         if !valid_username(&username) {
@@ -562,7 +587,7 @@ impl App {
                 "username",
                 "Username must start with a lowercase letter or underscore and contain only lowercase letters, digits, `_`, `-` and `.` (at most 32 characters)",
             );
-        } else if self.store.user_by_name(&username)?.is_some() {
+        } else if self.app.store.user_by_name(&username)?.is_some() {
             errs.add("username", format!("A user with the username \"{username}\" already exists"));
         }
         let disabled = input.password_disabled.unwrap_or(false);
@@ -574,7 +599,7 @@ impl App {
         }
         self.validate_common(&input, &mut errs);
         let os = accounts::lookup(&username);
-        let manage = self.config.manage_os_accounts;
+        let manage = self.app.config.manage_os_accounts;
         if errs.is_empty() && os.is_none() && !manage {
             errs.add(
                 "username",
@@ -622,7 +647,7 @@ impl App {
         }
         let full_name = input.full_name.clone().unwrap_or_default();
         let hash = match &input.password {
-            Some(p) => Some(self.auth.hash(&p.0).await?),
+            Some(p) => Some(self.app.auth.hash(&p.0).await?),
             None => None,
         };
         // An OS account made here is removed again if a later step fails (its
@@ -677,12 +702,12 @@ impl App {
             os_account: true,
         };
         let mut data = data;
-        let keep_existing = input.sshpubkey.is_none() && self.config.authorized_keys_in_home();
+        let keep_existing = input.sshpubkey.is_none() && self.app.config.authorized_keys_in_home();
         if keep_existing {
             // As TrueNAS shows it: an existing ~/.ssh/authorized_keys is the
             // account's keys, adopted (when valid), never deleted.
             let owner = KeysOwner { username: &username, uid: os.uid, gid: os.gid, home: &os.home };
-            match self.keys_location.read_existing(&owner, authorized_keys::MAX_AUTHORIZED_KEYS_BYTES) {
+            match self.app.keys_location.read_existing(&owner, authorized_keys::MAX_AUTHORIZED_KEYS_BYTES) {
                 Ok(Some(text)) if authorized_keys::parse_authorized_keys(&text).is_ok() => {
                     data.sshpubkey = Some(authorized_keys::normalize(&text)).filter(|t| !t.is_empty());
                 }
@@ -697,11 +722,11 @@ impl App {
             undo_os();
             return Err(ServiceError::field("sshpubkey", format!("sshd could not use these keys: {p}")));
         }
-        let id = self.store.user_insert(&username, &data.to_value(), hash.as_deref()).inspect_err(|_| undo_os())?;
-        let write = if keep_existing { Ok(()) } else { self.write_user_keys(&username, &data) };
+        let id = self.app.store.user_insert(&username, &data.to_value(), hash.as_deref()).inspect_err(|_| undo_os())?;
+        let write = if keep_existing { Ok(()) } else { self.write_keys(&username, &data) };
         if let Err(e) = write {
             // No half-made account: without its keys file the row goes too.
-            let _ = self.store.user_delete(id);
+            let _ = self.app.store.user_delete(id);
             undo_os();
             return Err(e);
         }
@@ -709,9 +734,9 @@ impl App {
         if manage {
             let pw = input.password.as_ref().map(|p| zeroize::Zeroizing::new(p.expose().to_string()));
             if let Err(e) = accounts::set_password(&username, pw.as_ref().map(|p| p.as_str())) {
-                let _ = self.store.user_delete(id);
+                let _ = self.app.store.user_delete(id);
                 let no_keys = UserData { sshpubkey: None, ..data.clone() };
-                let undo = if keep_existing { Ok(()) } else { self.write_user_keys(&username, &no_keys) };
+                let undo = if keep_existing { Ok(()) } else { self.write_keys(&username, &no_keys) };
                 if let Err(e) = undo {
                     tracing::error!(user = %username, "removing the keys of a failed user.create failed: {e}");
                 }
@@ -721,22 +746,22 @@ impl App {
         }
         // sshd_config lists password users only; keys files need no reload.
         if data.ssh_password_enabled {
-            self.ssh_users_changed().await;
+            self.app.sshd().users_changed().await;
         }
-        let r = self.store.user_by_id(id)?.ok_or_else(|| ServiceError::internal("user.create", "row vanished"))?;
-        Ok(self.user_entry(&r))
+        let r = self.app.store.user_by_id(id)?.ok_or_else(|| ServiceError::internal("user.create", "row vanished"))?;
+        Ok(self.entry(&r))
     }
 
     /// `user.update`.
-    pub async fn user_update(&self, id: i64, input: UserInput) -> Result<UserEntry, ServiceError> {
+    pub async fn update(&self, id: i64, input: UserInput) -> Result<UserEntry, ServiceError> {
         input.check_size()?;
-        let _guard = self.users_lock.lock().await;
-        self.user_update_locked(id, input).await
+        let _guard = self.lock().await;
+        self.update_locked(id, input).await
     }
 
-    /// `user.update` for a caller that holds `users_lock`.
-    pub(crate) async fn user_update_locked(&self, id: i64, input: UserInput) -> Result<UserEntry, ServiceError> {
-        let (rec, mut data) = self.user_by_id(id)?;
+    /// `user.update` for a caller that holds the accounts lock.
+    pub(crate) async fn update_locked(&self, id: i64, input: UserInput) -> Result<UserEntry, ServiceError> {
+        let (rec, mut data) = self.by_id(id)?;
         let mut errs = ValidationErrors::new();
         if let Some(u) = &input.username {
             if u != &rec.username {
@@ -759,7 +784,7 @@ impl App {
             errs.add("roles", format!("{} is a built-in administrator and keeps FULL_ADMIN", rec.username));
         }
         self.validate_common(&input, &mut errs);
-        let manage = self.config.manage_os_accounts;
+        let manage = self.app.config.manage_os_accounts;
         if let (Some(os), false) = (&os, manage) {
             self.check_os_owned(&input, os, &rec.username, &mut errs);
         }
@@ -853,7 +878,7 @@ impl App {
             }
         }
         let hash = match &input.password {
-            Some(p) => Some(Some(self.auth.hash(&p.0).await?)),
+            Some(p) => Some(Some(self.app.auth.hash(&p.0).await?)),
             None => None,
         };
         // Side effects in the order most likely to fail first, each undone when
@@ -862,7 +887,7 @@ impl App {
         let old = UserData::from_record(&rec);
         let undo_keys = || {
             if keys_changed {
-                if let Err(e) = self.write_user_keys(&rec.username, &old) {
+                if let Err(e) = self.write_keys(&rec.username, &old) {
                     tracing::error!(user = %rec.username, "restoring the authorized keys failed: {e}");
                 }
             }
@@ -893,12 +918,13 @@ impl App {
             }
         }
         if keys_changed {
-            if let Err(e) = self.write_user_keys(&rec.username, &data) {
+            if let Err(e) = self.write_keys(&rec.username, &data) {
                 undo_os();
                 return Err(e);
             }
         }
-        if let Err(e) = self.store.user_update(id, &rec.username, &data.to_value(), hash.as_ref().map(|h| h.as_deref()))
+        if let Err(e) =
+            self.app.store.user_update(id, &rec.username, &data.to_value(), hash.as_ref().map(|h| h.as_deref()))
         {
             undo_os();
             undo_keys();
@@ -907,7 +933,7 @@ impl App {
         if let (true, Some(p)) = (os_managed, &input.password) {
             if let Err(e) = accounts::set_password(&rec.username, Some(p.expose())) {
                 let old_hash = hash.as_ref().map(|_| rec.password_hash.as_deref());
-                if let Err(e) = self.store.user_update(id, &rec.username, &rec.data, old_hash) {
+                if let Err(e) = self.app.store.user_update(id, &rec.username, &rec.data, old_hash) {
                     tracing::error!(user = %rec.username, "restoring the account record failed: {e}");
                 }
                 undo_os();
@@ -916,20 +942,20 @@ impl App {
             }
         }
         if password_login_changed {
-            self.ssh_users_changed().await;
+            self.app.sshd().users_changed().await;
         }
-        let r = self.store.user_by_id(id)?.ok_or_else(|| ServiceError::internal("user.update", "row vanished"))?;
-        Ok(self.user_entry(&r))
+        let r = self.app.store.user_by_id(id)?.ok_or_else(|| ServiceError::internal("user.update", "row vanished"))?;
+        Ok(self.entry(&r))
     }
 
     /// `user.delete`.
-    pub async fn user_delete(&self, id: i64) -> Result<String, ServiceError> {
-        let _guard = self.users_lock.lock().await;
-        self.user_delete_locked(id).await
+    pub async fn delete(&self, id: i64) -> Result<String, ServiceError> {
+        let _guard = self.lock().await;
+        self.delete_locked(id).await
     }
 
-    async fn user_delete_locked(&self, id: i64) -> Result<String, ServiceError> {
-        let (rec, data) = self.user_by_id(id)?;
+    async fn delete_locked(&self, id: i64) -> Result<String, ServiceError> {
+        let (rec, data) = self.by_id(id)?;
         if data.builtin {
             return Err(ServiceError::call(
                 EPERM,
@@ -937,17 +963,17 @@ impl App {
             ));
         }
         // The OS account first: if userdel fails, nothing else has changed.
-        if self.config.manage_os_accounts && accounts::lookup(&rec.username).is_some() {
+        if self.app.config.manage_os_accounts && accounts::lookup(&rec.username).is_some() {
             accounts::delete(&rec.username)
                 .map_err(|e| ServiceError::call(EACCES, format!("Deleting the OS account failed: {e}")))?;
         }
-        self.store.user_delete_with_credentials(id, &rec.username)?;
+        self.app.store.user_delete_with_credentials(id, &rec.username)?;
         let empty = UserData { sshpubkey: None, ..data.clone() };
-        if let Err(e) = self.write_user_keys(&rec.username, &empty) {
+        if let Err(e) = self.write_keys(&rec.username, &empty) {
             tracing::warn!(user = %rec.username, "account deleted but its keys file could not be removed: {e}");
         }
         if data.ssh_password_enabled {
-            self.ssh_users_changed().await;
+            self.app.sshd().users_changed().await;
         }
         Ok(rec.username)
     }
@@ -965,28 +991,28 @@ impl App {
     /// account whose OS counterpart is missing or has another uid gets none:
     /// its file is withdrawn (best effort) so sshd never serves its keys to
     /// whoever holds the name now.
-    pub fn write_user_keys(&self, username: &str, data: &UserData) -> Result<(), ServiceError> {
+    pub fn write_keys(&self, username: &str, data: &UserData) -> Result<(), ServiceError> {
         let os = accounts::lookup(username);
         let state = OsState::of(data, os.as_ref());
         let (uid, gid, home) = Self::keys_owner_of(os.as_ref(), data);
         let owner = KeysOwner { username, uid, gid, home: &home };
         if state.ok().is_none() {
-            if let Err(e) = self.keys_location.write(&owner, "") {
+            if let Err(e) = self.app.keys_location.write(&owner, "") {
                 tracing::debug!(user = %username, "withdrawing the keys of an account without its OS account: {e}");
             }
             return Ok(());
         }
-        self.keys_location.write(&owner, data.sshpubkey.as_deref().unwrap_or("")).map_err(keys_file_error)?;
+        self.app.keys_location.write(&owner, data.sshpubkey.as_deref().unwrap_or("")).map_err(keys_file_error)?;
         Ok(())
     }
 
     /// Whether `write_user_keys` would find a usable home and `~/.ssh`, without
     /// changing anything: for callers with side effects to do first.
-    pub fn check_user_keys(&self, username: &str, data: &UserData) -> Result<(), ServiceError> {
+    pub fn check_keys(&self, username: &str, data: &UserData) -> Result<(), ServiceError> {
         let os = accounts::lookup(username);
         let (uid, gid, home) = Self::keys_owner_of(os.as_ref(), data);
         let owner = KeysOwner { username, uid, gid, home: &home };
-        self.keys_location.check(&owner).map_err(keys_file_error)
+        self.app.keys_location.check(&owner).map_err(keys_file_error)
     }
 
     /// Why sshd, reading this account's keys file as the account, would not
@@ -997,22 +1023,23 @@ impl App {
             return None;
         }
         let owner = KeysOwner { username, uid: os.uid, gid: os.gid, home: &os.home };
-        let path = self.keys_location.path_for(&owner);
-        let home = matches!(self.keys_location, keyhaven_ssh::files::KeysLocation::Home).then_some(os.home.as_path());
+        let path = self.app.keys_location.path_for(&owner);
+        let home =
+            matches!(self.app.keys_location, keyhaven_ssh::files::KeysLocation::Home).then_some(os.home.as_path());
         let reader = keyhaven_ssh::reach::Reader { username, uid: os.uid, gids: &os.gids };
         keyhaven_ssh::reach::sshd_read_problem(&path, home, &reader)
     }
 
     /// Rewrite every account's keys (start of the SSH service), saying which
     /// accounts' keys sshd will not use and why.
-    pub fn sync_all_user_keys(&self) -> Result<(), ServiceError> {
-        for r in self.store.users_list()? {
+    pub fn sync_all_keys(&self) -> Result<(), ServiceError> {
+        for r in self.app.store.users_list()? {
             let d = UserData::from_record(&r);
             // In the home location a file keyhaven has no keys for is the
             // account's own (it predates keyhaven, or was kept on create):
             // never removed here, only by an explicit clear.
             if d.sshpubkey.is_some() {
-                if let Err(e) = self.write_user_keys(&r.username, &d) {
+                if let Err(e) = self.write_keys(&r.username, &d) {
                     tracing::warn!(user = %r.username, "{e}");
                 }
                 let os = accounts::lookup(&r.username);
@@ -1034,7 +1061,7 @@ impl App {
     pub fn report_unusable_keys(&self) -> Result<usize, ServiceError> {
         let mut n = 0;
         let all = accounts::all();
-        for r in self.store.users_list()? {
+        for r in self.app.store.users_list()? {
             let d = UserData::from_record(&r);
             if d.sshpubkey.as_deref().is_none_or(|k| k.trim().is_empty()) {
                 continue;
@@ -1056,11 +1083,11 @@ impl App {
     /// when the account is back as it was. Cheap (one enumeration, a stat per
     /// account with keys); run periodically. Returns the accounts whose keys
     /// it withdrew.
-    pub fn reconcile_user_keys(&self) -> Result<Vec<String>, ServiceError> {
-        let keyhaven_ssh::files::KeysLocation::Data(_) = &self.keys_location else { return Ok(vec![]) };
+    pub fn reconcile_keys(&self) -> Result<Vec<String>, ServiceError> {
+        let keyhaven_ssh::files::KeysLocation::Data(_) = &self.app.keys_location else { return Ok(vec![]) };
         let all = accounts::all();
         let mut withdrawn = vec![];
-        for r in self.store.users_list()? {
+        for r in self.app.store.users_list()? {
             let d = UserData::from_record(&r);
             if d.sshpubkey.as_deref().is_none_or(|k| k.trim().is_empty()) {
                 continue;
@@ -1068,17 +1095,17 @@ impl App {
             let os = all.get(&r.username).cloned().or_else(|| accounts::lookup(&r.username));
             let state = OsState::of(&d, os.as_ref());
             let (uid, gid, home) = Self::keys_owner_of(os.as_ref(), &d);
-            let path = self.keys_location.path_for(&KeysOwner { username: &r.username, uid, gid, home: &home });
+            let path = self.app.keys_location.path_for(&KeysOwner { username: &r.username, uid, gid, home: &home });
             let present = path.exists();
             if state.ok().is_none() && present {
-                self.write_user_keys(&r.username, &d)?;
+                self.write_keys(&r.username, &d)?;
                 if let Some(p) = state.problem(&r.username, &d) {
                     tracing::warn!(user = %r.username, "{p}");
                 }
                 withdrawn.push(r.username.clone());
             } else if state.ok().is_some() && !present {
                 tracing::info!(user = %r.username, "the OS account is back as keyhaven set it up: its keys are served again");
-                self.write_user_keys(&r.username, &d)?;
+                self.write_keys(&r.username, &d)?;
             }
         }
         Ok(withdrawn)
@@ -1089,9 +1116,9 @@ impl App {
     /// Enable (or renew) TOTP for an account: a new seed, sealed at rest.
     /// Returns the account's entry and the provisioning URI, shown this once.
     pub async fn twofactor_renew(&self, username: &str) -> Result<TwoFactorRenewed, ServiceError> {
-        let _guard = self.users_lock.lock().await;
+        let _guard = self.lock().await;
         let (rec, mut data) = self
-            .user(username)?
+            .by_name(username)?
             .ok_or_else(|| ServiceError::field_errno("username", format!("User {username} does not exist"), ENOENT))?;
         let secret = totp_rs::Secret::generate();
         let b32 = secret.to_base32();
@@ -1101,21 +1128,21 @@ impl App {
             .build()
             .map_err(|e| ServiceError::internal("TOTP setup", e))?;
         let uri = totp.to_url().map_err(|e| ServiceError::internal("TOTP setup", e))?;
-        self.store.user_set_twofactor_secret(rec.id, Some(&b32))?;
+        self.app.store.user_set_twofactor_secret(rec.id, Some(&b32))?;
         data.twofactor_enabled = true;
-        self.store.user_update(rec.id, &rec.username, &data.to_value(), None)?;
-        let r = self.store.user_by_id(rec.id)?.ok_or_else(|| ServiceError::internal("2FA", "user vanished"))?;
-        Ok(TwoFactorRenewed { entry: self.user_entry(&r), provisioning_uri: uri })
+        self.app.store.user_update(rec.id, &rec.username, &data.to_value(), None)?;
+        let r = self.app.store.user_by_id(rec.id)?.ok_or_else(|| ServiceError::internal("2FA", "user vanished"))?;
+        Ok(TwoFactorRenewed { entry: self.entry(&r), provisioning_uri: uri })
     }
 
     pub async fn twofactor_unset(&self, username: &str) -> Result<(), ServiceError> {
-        let _guard = self.users_lock.lock().await;
+        let _guard = self.lock().await;
         let (rec, mut data) = self
-            .user(username)?
+            .by_name(username)?
             .ok_or_else(|| ServiceError::field_errno("username", format!("User {username} does not exist"), ENOENT))?;
-        self.store.user_set_twofactor_secret(rec.id, None)?;
+        self.app.store.user_set_twofactor_secret(rec.id, None)?;
         data.twofactor_enabled = false;
-        self.store.user_update(rec.id, &rec.username, &data.to_value(), None)?;
+        self.app.store.user_update(rec.id, &rec.username, &data.to_value(), None)?;
         Ok(())
     }
 
@@ -1126,8 +1153,8 @@ impl App {
         if key.trim().is_empty() || key.len() > MAX_ATTRIBUTE_KEY {
             return Err(ServiceError::field("key", format!("Key must be 1 to {MAX_ATTRIBUTE_KEY} characters")));
         }
-        let _guard = self.users_lock.lock().await;
-        let (rec, mut data) = self.user(username)?.ok_or_else(|| {
+        let _guard = self.lock().await;
+        let (rec, mut data) = self.by_name(username)?.ok_or_else(|| {
             ServiceError::call(ENOENT, format!("User {username} does not exist; attributes belong to a local account"))
         })?;
         data.attributes.insert(key.to_string(), value);
@@ -1138,7 +1165,7 @@ impl App {
                 format!("Attributes would take {size} bytes; at most {MAX_ATTRIBUTES_BYTES} are kept per account"),
             ));
         }
-        self.store.user_update(rec.id, &rec.username, &data.to_value(), None)?;
+        self.app.store.user_update(rec.id, &rec.username, &data.to_value(), None)?;
         Ok(())
     }
 }

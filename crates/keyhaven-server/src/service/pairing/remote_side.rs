@@ -65,7 +65,8 @@ impl App {
     ) -> Result<PairReply, ServiceError> {
         let public_key = public_key.0.as_str();
         let (_, data) = self
-            .user(username)?
+            .accounts()
+            .by_name(username)?
             .ok_or_else(|| ServiceError::call(EFAULT, format!("User {username} does not exist")))?;
         if let KeysLocation::Home = self.keys_location {
             let home = data.home.as_str();
@@ -77,7 +78,7 @@ impl App {
             }
             // A home or ~/.ssh that is a symbolic link or another account's:
             // refused now, before sshd is enabled and started for nothing.
-            self.check_user_keys(username, &data)?;
+            self.accounts().check_keys(username, &data)?;
         }
         // Before anything changes: an account that cannot run commands makes a
         // connection that fails every backup. With manage_os the pairing side
@@ -99,13 +100,13 @@ impl App {
                 ));
             }
         }
-        if !self.ssh_enabled()? {
-            self.ssh_set_enabled(true)?;
+        if !self.sshd().enabled()? {
+            self.sshd().set_enabled(true)?;
         }
-        if self.sshd.state() != SshdState::Running {
-            self.ssh_control(crate::service::sshd::SshVerb::Start).await?;
+        if self.sshd().supervisor().state() != SshdState::Running {
+            self.sshd().control(crate::service::sshd::SshVerb::Start).await?;
         }
-        let host_keys = self.host_public_keys()?;
+        let host_keys = self.sshd().host_public_keys()?;
         let mut lines = Vec::new();
         for (label, pred) in [
             ("RSA", (|t: &str| t == "ssh-rsa") as fn(&str) -> bool),
@@ -121,9 +122,10 @@ impl App {
         {
             // Read and write the keys under the accounts lock: two pairings at
             // once must both end up authorized.
-            let _guard = self.users_lock.lock().await;
+            let _guard = self.accounts().lock().await;
             let (rec, data) = self
-                .user(username)?
+                .accounts()
+                .by_name(username)?
                 .ok_or_else(|| ServiceError::call(EFAULT, format!("User {username} does not exist")))?;
             let current = data.sshpubkey.clone().unwrap_or_default();
             if !current.contains(public_key) {
@@ -135,9 +137,9 @@ impl App {
                 new.push('\n');
                 let input = UserInput { sshpubkey: Some(Some(new)), ..UserInput::default() };
                 // Its field errors keep naming user.update's schema, as they always have.
-                self.user_update_locked(rec.id, input).await.map_err(|e| e.in_schema("user_update"))?;
+                self.accounts().update_locked(rec.id, input).await.map_err(|e| e.in_schema("user_update"))?;
             }
         }
-        Ok(PairReply { port: self.ssh_settings()?.tcpport, host_key: lines.concat() })
+        Ok(PairReply { port: self.sshd().settings()?.tcpport, host_key: lines.concat() })
     }
 }
