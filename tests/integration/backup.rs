@@ -465,3 +465,209 @@ async fn bad_backups_are_refused_and_change_nothing() {
     let mut c = d.admin().await;
     assert_eq!(c.call("keychaincredential.query", json!([[["name", "=", "k"]], {"count": true}])).await, 1);
 }
+
+/// One HTTP/1.1 request with a binary body; (status, body).
+pub async fn post_bytes(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut has_length = false;
+    for (k, v) in headers {
+        has_length |= k.eq_ignore_ascii_case("content-length");
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !has_length {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let _ = s.write_all(body).await;
+    let mut buf = vec![];
+    let _ = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut buf)).await.expect("a reply within 60 s");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// TrueNAS's upload form: `data` (the call) and `file`.
+pub fn upload_form(passphrase: &str, file: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "keyhaven-test-boundary-7d1f";
+    let data = json!({"method": "config.upload", "params": [{"passphrase": passphrase}]}).to_string();
+    let mut body = Vec::new();
+    body.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\n{data}\r\n").bytes());
+    body.extend(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b.age\"\r\nContent-Type: application/octet-stream\r\n\r\n")
+            .bytes(),
+    );
+    body.extend_from_slice(file);
+    body.extend(format!("\r\n--{boundary}--\r\n").bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// `config.save` (a job whose result is a single-use download link) and
+/// `config.upload` (`POST /_upload`): refused without login, too large, with
+/// the wrong passphrase or a costly header (nothing changed, the daemon keeps
+/// serving); a good upload restarts the daemon in place (same pid and port)
+/// onto the saved state: records, sshd host keys, a connection that tests OK.
+#[tokio::test]
+async fn config_save_and_upload_restore_in_place() {
+    let dir = Arc::new(TestDir::new("backup-api"));
+    let files = Files::new("backup-api-files");
+    let d = Daemon::start_in(dir.clone(), DaemonOpts::default());
+    let mut c = d.admin().await;
+    let with_sshd = sshd_available();
+    let mut conn = Value::Null;
+    let (mut kh, mut port, mut login_key) = (PathBuf::new(), 0, PathBuf::new());
+    if with_sshd {
+        c.call("service.update", json!(["ssh", {"enable": true}])).await;
+        port = start_ssh(&mut c).await;
+        kh = known_hosts(&mut c, files.0.path(), port).await;
+        let kp = c.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
+        let kp = c
+            .call("keychaincredential.create", json!([{"name": "k", "type": "SSH_KEY_PAIR", "attributes": pair(&kp)}]))
+            .await;
+        login_key = crate::sshd::key_file(files.0.path(), "login", kp["attributes"]["private_key"].as_str().unwrap());
+        let rid = c.call("user.query", json!([[["username", "=", "root"]], {"get": true}])).await["id"].clone();
+        c.call("user.update", json!([rid, {"sshpubkey": kp["attributes"]["public_key"]}])).await;
+        let hk =
+            c.call("keychaincredential.remote_ssh_host_key_scan", json!([{"host": "127.0.0.1", "port": port}])).await;
+        conn = c
+            .call(
+                "keychaincredential.create",
+                json!([{"name": "local", "type": "SSH_CREDENTIALS", "attributes": {
+                    "host": "127.0.0.1", "port": port, "username": "root", "private_key": kp["id"], "remote_host_key": hk}}]),
+            )
+            .await;
+    } else {
+        let kp = c.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
+        c.call("keychaincredential.create", json!([{"name": "k", "type": "SSH_KEY_PAIR", "attributes": pair(&kp)}]))
+            .await;
+    }
+    let saved = all_records(&mut c).await;
+
+    // config.save: the passphrase is required, and never shows up in the job or the audit log.
+    let e = c.err("config.save", json!([{}])).await;
+    assert_field(&e, "config_save.passphrase", "Field required");
+    let job = c.call("config.save", json!([{"passphrase": PASSPHRASE, "secretseed": true}])).await;
+    let j = crate::sshd::wait_job(&mut c, &job).await;
+    assert_eq!(j["state"], "SUCCESS", "{j}");
+    let url = j["result"].as_str().unwrap().to_string();
+    assert!(url.starts_with("/_download/config/"), "{url}");
+    assert!(!j.to_string().contains(PASSPHRASE));
+    let audit = c.call("audit.query", json!([[]])).await;
+    assert!(!audit.to_string().contains(PASSPHRASE), "the passphrase reached the audit log");
+    let anon = http(&d, "GET", &url, &[], None).await;
+    assert_eq!(anon.status, 401);
+    let token = c.call("auth.generate_token", json!([600, {}, false, false])).await;
+    let token = token.as_str().unwrap();
+    let got = http(&d, "GET", &format!("{url}?auth_token={token}"), &[], None).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert!(got.header("content-disposition").unwrap().contains(".age"));
+    let backup_file = got.body.clone();
+    let entries = tar_entries(&decrypt_bytes(&backup_file, PASSPHRASE));
+    assert_eq!(entries[0].0, "manifest.json");
+    let again = http(&d, "GET", &format!("{url}?auth_token={token}"), &[], None).await;
+    assert_eq!(again.status, 404, "download links are single use");
+    assert!(!d.stderr().contains(PASSPHRASE), "the passphrase reached the log");
+
+    // Change things after the save: the upload must undo them.
+    let kp = c.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
+    c.call(
+        "keychaincredential.create",
+        json!([{"name": "after-save", "type": "SSH_KEY_PAIR", "attributes": pair(&kp)}]),
+    )
+    .await;
+    let changed = all_records(&mut c).await;
+    let pid = d.pid();
+
+    // Refused uploads, each leaving the daemon serving the same state.
+    let (ct, form) = upload_form(PASSPHRASE, &backup_file);
+    let (status, body) = post_bytes(d.addr, "/_upload", &[("Content-Type", &ct)], &form).await;
+    assert_eq!(status, 401, "{body}");
+    let auth = format!(
+        "Bearer {}",
+        c.call("api_key.create", json!([{"name": "up", "username": "admin"}])).await["key"].as_str().unwrap()
+    );
+    let (status, body) = post_bytes(
+        d.addr,
+        "/_upload",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/octet-stream"),
+            ("X-Keyhaven-Passphrase", "x"),
+            ("Content-Length", "300000000"),
+        ],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    let (ct2, wrong) = upload_form("wrong passphrase", &backup_file);
+    let (status, body) =
+        post_bytes(d.addr, "/_upload", &[("Authorization", &auth), ("Content-Type", &ct2)], &wrong).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("passphrase does not open this backup"), "{body}");
+    let text = String::from_utf8_lossy(&backup_file[..200]).to_string();
+    let line = text.lines().find(|l| l.starts_with("-> scrypt ")).unwrap().to_string();
+    let mut costly = backup_file.clone();
+    let at = costly.windows(line.len()).position(|w| w == line.as_bytes()).unwrap();
+    costly.splice(at..at + line.len(), format!("{} 40", line.rsplit_once(' ').unwrap().0).bytes());
+    let started = Instant::now();
+    let (status, body) = post_bytes(
+        d.addr,
+        "/_upload",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/octet-stream"),
+            ("X-Keyhaven-Passphrase", PASSPHRASE),
+        ],
+        &costly,
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("work factor 2^40") && started.elapsed() < Duration::from_secs(5), "{body}");
+    assert_eq!(all_records(&mut c).await["keychain"], changed["keychain"], "a refused upload changed records");
+    assert!(!dir.path().join("restore-staged").exists());
+
+    // The good upload: staged, then the daemon restarts in place.
+    let (status, body) =
+        post_bytes(d.addr, "/_upload", &[("Authorization", &auth), ("Content-Type", &ct)], &form).await;
+    assert_eq!(status, 200, "{body}");
+    let reply: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["result"]["restarting"], true, "{reply}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(d.stderr().contains("restored the staged backup") && d.stderr().matches(" ready").count() >= 2) {
+        assert!(Instant::now() < deadline, "no restart onto the restored state:\n{}", d.stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(d.pid(), pid, "restarted in place (same process)");
+    let mut c = d.admin().await;
+    let restored = all_records(&mut c).await;
+    assert_eq!(restored["keychain"], saved["keychain"], "keychain differs from the saved state");
+    assert_eq!(restored["users"], saved["users"]);
+    assert_eq!(restored["ssh"]["host_keys"], saved["ssh"]["host_keys"]);
+    if with_sshd {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = c.call("service.query", json!([[["service", "=", "ssh"]], {"get": true}])).await;
+            if s["state"] == "RUNNING" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "sshd did not come back after the restart: {s}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let t = c.call("keychaincredential.test_ssh_connection", json!([conn["id"]])).await;
+        assert_eq!(t["ok"], true, "{t}");
+        let o = crate::sshd::ssh_key_login(&login_key, &kh, port, "root");
+        assert!(o.status.success(), "ssh with the old known_hosts: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert!(!std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("restore-")));
+}

@@ -5,6 +5,7 @@
 mod api_key;
 mod audit;
 mod auth;
+pub(crate) mod config;
 mod core;
 mod keychaincredential;
 mod keyhaven;
@@ -123,6 +124,7 @@ fn declared() -> Vec<MethodDef> {
     all.extend(auth::methods());
     all.extend(api_key::methods());
     all.extend(audit::methods());
+    all.extend(config::methods());
     all.extend(core::methods());
     all.extend(keychaincredential::methods());
     all.extend(keyhaven::methods());

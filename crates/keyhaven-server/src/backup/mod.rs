@@ -21,11 +21,13 @@
 //! * [`create`]: making a backup file.
 //! * [`restore`]: staging and applying one.
 //! * [`lock`]: the data dir lock that tells a running daemon apart.
+//! * [`online`]: `config.save` and `config.upload` in the running daemon.
 //! * [`restart`]: re-executing the daemon onto a restored state, keeping its listener.
 
 pub mod create;
 pub mod format;
 pub mod lock;
+pub mod online;
 pub mod restart;
 pub mod restore;
 

@@ -22,7 +22,7 @@ use crate::service::keychain::SSH_KEY_PAIR;
 use crate::service::App;
 use keyhaven_core::keys::{self, KeyAlgorithm};
 
-fn plain(status: StatusCode, msg: &str) -> Response {
+pub(crate) fn plain(status: StatusCode, msg: &str) -> Response {
     (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{msg}\n")).into_response()
 }
 
@@ -38,7 +38,7 @@ fn unauthorized() -> Response {
 /// Authenticate a download request through the auth service (limited and
 /// audited like a login); `Err` is the response to send.
 #[allow(clippy::result_large_err)] // the error is the HTTP response to send
-async fn authenticate(
+pub(crate) async fn authenticate(
     app: &App,
     headers: &HeaderMap,
     q: &HashMap<String, String>,

@@ -2,6 +2,7 @@
 //! health and metrics), plain or TLS listeners, the local unix socket for `keyhaven call`, and
 //! graceful shutdown.
 
+pub mod config_files;
 pub mod download;
 pub mod limits;
 pub mod monitoring;
@@ -39,6 +40,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/versions", get(|| async { Json(json!(["current"])) }))
         .route("/websocket", get(legacy))
         .route("/_download/keychaincredential/{id}/{which}", get(download::get_key).post(download::post_key))
+        .route("/_download/config/{token}", get(config_files::download))
+        .route(
+            "/_upload",
+            axum::routing::post(config_files::upload)
+                .layer(axum::extract::DefaultBodyLimit::max(crate::backup::online::UPLOAD_MAX as usize + 64 * 1024)),
+        )
         .route("/healthz", get(monitoring::healthz))
         .route("/metrics", get(monitoring::metrics_with_key))
         .merge(ui::routes())
