@@ -15,12 +15,13 @@ cd "$(dirname "$0")/.."
 out=tests/fixtures/upgrade-v1
 cargo build --quiet --bin keyhaven
 bin=target/debug/keyhaven
-data=$(mktemp -d /var/tmp/keyhaven-fixture.XXXXXX)
+mkdir -p /var/lib/keyhaven-fixture && chmod 0755 /var/lib/keyhaven-fixture
+data=$(mktemp -d /var/lib/keyhaven-fixture/data.XXXXXX)
 chmod 0711 "$data"
-pass='fixture admin password'
+pass='correct horse battery staple'  # the tests' admin password (tests/integration/util.rs)
 KEYHAVEN_ADMIN_PASSWORD="$pass" KEYHAVEN_LOG=warn "$bin" serve --data-dir "$data" --listen 127.0.0.1:0 >"$data/.out" 2>"$data/.err" &
 pid=$!
-trap 'kill $pid 2>/dev/null || true; rm -rf "$data"' EXIT
+trap 'kill $pid 2>/dev/null || true; rm -rf "$data"; rmdir /var/lib/keyhaven-fixture 2>/dev/null || true' EXIT
 for _ in $(seq 100); do grep -q 'listening on' "$data/.out" 2>/dev/null && break; sleep 0.1; done
 call() { "$bin" call --data-dir "$data" "$@"; }
 for alg in ED25519 RSA ECDSA; do

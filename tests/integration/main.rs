@@ -20,3 +20,4 @@ mod rsync;
 mod service;
 mod sshd;
 mod ui;
+mod upgrade;
