@@ -1322,3 +1322,84 @@ async fn run_firefox(driver: &WebDriver, d: &Daemon) {
     .await;
     shot(driver, "firefox-06-logged-out").await;
 }
+
+/// System › General › Manage Configuration: Download Config saves an
+/// encrypted backup the browser downloads; Upload Config sends it back, and
+/// keyhaven restarts onto it (a key pair made in between is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_ui_manage_configuration_saves_and_restores() {
+    let d = Daemon::start();
+    let downloads = TestDir::new("ui-config");
+    std::fs::create_dir_all(downloads.path()).unwrap();
+    let (cd, driver) = start_chromium(downloads.path()).await;
+    let outcome = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run_manage_configuration(
+        &driver,
+        &d,
+        downloads.path(),
+    )))
+    .await;
+    let _ = driver.quit().await;
+    drop(cd);
+    if let Err(p) = outcome {
+        eprintln!("daemon stderr:\n{}", d.stderr());
+        std::panic::resume_unwind(p);
+    }
+}
+
+async fn run_manage_configuration(driver: &WebDriver, d: &Daemon, downloads: &Path) {
+    use crate::backup::{decrypt_bytes, pair, tar_entries, PASSPHRASE};
+    ui_login(driver, d).await;
+    driver.goto(format!("{}/#/system/general/config", d.url)).await.unwrap();
+    wait_js(driver, "manage configuration page", "return document.querySelector('#view-config h1');", vec![]).await;
+    click(driver, "#config-save").await;
+    fill(driver, &field("passphrase"), PASSPHRASE).await;
+    fill(driver, &field("confirm"), "something else").await;
+    click(driver, "#form-submit").await;
+    wait_js(
+        driver,
+        "mismatch error",
+        "return document.querySelector(\"[data-error-for='confirm']\").textContent;",
+        vec![],
+    )
+    .await;
+    fill(driver, &field("confirm"), PASSPHRASE).await;
+    click(driver, "#form-submit").await;
+    modal_closed(driver, "save dialog closed").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let file = loop {
+        let found = std::fs::read_dir(downloads)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "age") && std::fs::metadata(p).is_ok_and(|m| m.len() > 0));
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "no .age download appeared");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let entries = tar_entries(&decrypt_bytes(&std::fs::read(&file).unwrap(), PASSPHRASE));
+    assert_eq!(entries[0].0, "manifest.json");
+
+    let mut c = d.admin().await;
+    let kp = c.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
+    c.call(
+        "keychaincredential.create",
+        json!([{"name": "made-after-save", "type": "SSH_KEY_PAIR", "attributes": pair(&kp)}]),
+    )
+    .await;
+    click(driver, "#config-upload").await;
+    driver.find(By::Css("#config-file")).await.unwrap().send_keys(file.to_str().unwrap()).await.unwrap();
+    fill(driver, &field("passphrase"), PASSPHRASE).await;
+    click(driver, "#form-submit").await;
+    wait_js(driver, "restored toast", "return document.body.innerText.includes('Configuration restored');", vec![])
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(d.stderr().contains("restored the staged backup") && d.stderr().matches(" ready").count() >= 2) {
+        assert!(Instant::now() < deadline, "no restart onto the restored state");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut c = d.admin().await;
+    let n = c.call("keychaincredential.query", json!([[["name", "=", "made-after-save"]], {"count": true}])).await;
+    assert_eq!(n, 0, "the upload did not restore the saved state");
+}

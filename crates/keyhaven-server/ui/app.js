@@ -4,6 +4,7 @@
 // unload, when the server closes the socket, and when the session token expires
 // (the account's session timeout without activity).
 import { viewAudit } from './audit.js';
+import { viewConfig } from './config.js';
 import { updateAttribute, viewBackup } from './backup.js';
 import { $, busy, formModal, h, toast, toastError } from './dom.js';
 import { errText, rpc } from './rpc.js';
@@ -18,6 +19,7 @@ export const ROUTES = {
   '#/credentials/users': ['users', viewUsers],
   '#/data-protection/rsync': ['rsync', viewRsync],
   '#/system/services/ssh': ['ssh', viewSsh],
+  '#/system/general/config': ['config', viewConfig],
   '#/audit': ['audit', viewAudit],
 };
 
