@@ -379,7 +379,7 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(std::time::Duration::from_secs(15)).await;
-                app.flush_refusal_summaries(false);
+                app.auth().flush_refusal_summaries(false);
                 app.auth.limiter.prune();
                 crate::service::crypto::release_idle_hash_memory(crate::service::crypto::HASH_MEMORY_IDLE);
             }
@@ -444,7 +444,7 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
 
     tracing::info!("shutting down");
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
-    app.flush_refusal_summaries(true);
+    app.auth().flush_refusal_summaries(true);
     unix_task.abort();
     if let Some(t) = metrics_task {
         t.abort();

@@ -43,7 +43,7 @@ struct Create {
 async fn create(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let c: Create = p.req(0, "api_key_create")?;
     ctx.describe(format!("Create API key: {}", &*c.name));
-    let (rec, key) = ctx.app.create_api_key(&c.name, &c.username)?;
+    let (rec, key) = ctx.app.auth().create_api_key(&c.name, &c.username)?;
     let mut v = entry(&rec);
     v["key"] = json!(key.expose_secret());
     Ok(v)

@@ -83,7 +83,7 @@ struct OtpToken {
 fn response(ctx: &Ctx, outcome: LoginOutcome, opts: &LoginOptions) -> Result<Value, ServiceError> {
     Ok(match outcome {
         LoginOutcome::Success(caller) => {
-            let user_info = if opts.user_info.unwrap_or(true) { ctx.app.me(&caller)? } else { Value::Null };
+            let user_info = if opts.user_info.unwrap_or(true) { ctx.app.auth().me(&caller)? } else { Value::Null };
             let _ = opts.reconnect_token;
             json!({"response_type": "SUCCESS", "user_info": user_info, "authenticator": "LEVEL_1", "reconnect_token": null})
         }
@@ -114,22 +114,22 @@ async fn login_ex(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     match mechanism.as_str() {
         "PASSWORD_PLAIN" => {
             let d: PasswordPlain = decode(data, S)?;
-            let out = app.login_password(session, &d.username, &d.password.0, None).await;
+            let out = app.auth().login_password(session, &d.username, &d.password.0, None).await;
             response(&ctx, out, &d.login_options)
         }
         "API_KEY_PLAIN" => {
             let d: ApiKeyPlain = decode(data, S)?;
-            let out = app.login_api_key(session, Some(&d.username), &d.api_key.0).await;
+            let out = app.auth().login_api_key(session, Some(&d.username), &d.api_key.0).await;
             response(&ctx, out, &d.login_options)
         }
         "TOKEN_PLAIN" => {
             let d: TokenPlain = decode(data, S)?;
-            let out = app.login_token(session, &d.token.0).await;
+            let out = app.auth().login_token(session, &d.token.0).await;
             response(&ctx, out, &d.login_options)
         }
         _ => {
             let d: OtpToken = decode(data, S)?;
-            let out = app.login_otp(session, d.otp_token.expose()).await;
+            let out = app.auth().login_otp(session, d.otp_token.expose()).await;
             response(&ctx, out, &d.login_options)
         }
     }
@@ -140,7 +140,8 @@ async fn login(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let password: Secret = p.req(1, "auth_login.password")?;
     let otp: Option<Secret> = p.opt(2, "auth_login.otp_token")?;
     let otp = otp.filter(|o| !o.expose().is_empty());
-    let out = ctx.app.login_password(&ctx.session, &username, &password.0, otp.as_ref().map(|o| o.expose())).await;
+    let out =
+        ctx.app.auth().login_password(&ctx.session, &username, &password.0, otp.as_ref().map(|o| o.expose())).await;
     match out {
         LoginOutcome::Busy(m) => Err(ServiceError::call(EBUSY, m)),
         LoginOutcome::Success(_) => Ok(json!(true)),
@@ -154,13 +155,13 @@ async fn login(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
 
 async fn login_with_api_key(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let key: Secret = p.req(0, "auth_login_with_api_key.api_key")?;
-    let out = ctx.app.login_api_key(&ctx.session, None, &key.0).await;
+    let out = ctx.app.auth().login_api_key(&ctx.session, None, &key.0).await;
     bool_outcome(out)
 }
 
 async fn login_with_token(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let token: Secret = p.req(0, "auth_login_with_token.token")?;
-    let out = ctx.app.login_token(&ctx.session, &token.0).await;
+    let out = ctx.app.auth().login_token(&ctx.session, &token.0).await;
     bool_outcome(out)
 }
 
@@ -183,7 +184,7 @@ async fn generate_token(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError>
     let single_use: Option<bool> = p.opt(3, "auth_generate_token.single_use")?;
     let caller = ctx.caller()?;
     let attrs = Value::Object(attrs.unwrap_or_default());
-    let token = ctx.app.generate_token(
+    let token = ctx.app.auth().generate_token(
         &caller,
         &ctx.session,
         ttl,
@@ -196,7 +197,7 @@ async fn generate_token(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError>
 }
 
 async fn me(ctx: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
-    ctx.app.me(&ctx.caller()?)
+    ctx.app.auth().me(&ctx.caller()?)
 }
 
 async fn set_attribute(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
@@ -212,6 +213,6 @@ async fn set_attribute(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> 
 }
 
 async fn logout(ctx: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
-    ctx.app.logout(&ctx.session);
+    ctx.app.auth().logout(&ctx.session);
     Ok(json!(true))
 }

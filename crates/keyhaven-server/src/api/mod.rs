@@ -177,7 +177,7 @@ async fn dispatch_uncounted(
 ) -> Result<Value, CallFailure> {
     let def = registry().get(method).ok_or(CallFailure::NoMethod)?;
     if def.access != Access::Public {
-        match app.current_caller(session) {
+        match app.auth().current_caller(session) {
             Err(e) => return Err(CallFailure::Failed(e)),
             Ok(c) if c.may_call(def.name).is_err() => {
                 let e = c.may_call(def.name).unwrap_err();

@@ -140,21 +140,31 @@ pub enum LoginOutcome {
 
 /// The TOTP time step (RFC 6238, SHA-1, 6 digits, 30 s, ±1 step) at which
 /// `code` is valid for the base32 seed at `now`, if any. The caller must
-/// accept each step once (RFC 6238 §5.2): see [`App::check_otp`].
+/// accept each step once (RFC 6238 §5.2): see [`Auth::check_otp`].
 pub fn totp_step(seed_b32: &str, code: &str, now: u64) -> Option<u64> {
     let secret = totp_rs::Secret::try_from_base32(seed_b32).ok()?;
     let totp = super::crypto::totp_builder(secret).build().ok()?;
     totp.check(code.trim(), now)
 }
 
-/// Checks a TOTP code against a base32 seed (no replay check: see [`App::check_otp`]).
+/// Checks a TOTP code against a base32 seed (no replay check: see [`Auth::check_otp`]).
 pub fn verify_totp(seed_b32: &str, code: &str) -> bool {
     totp_step(seed_b32, code, now_secs() as u64).is_some()
 }
 
 // ------------------------------------------------------------ logins
 
-impl App {
+/// Authentication (logins of every mechanism, tokens, API keys, downloads
+/// and metrics scrapes) and the checks every call of a session goes through.
+pub struct Auth<'a> {
+    app: &'a App,
+}
+
+impl<'a> Auth<'a> {
+    pub(super) fn new(app: &'a App) -> Self {
+        Auth { app }
+    }
+
     /// Start a limited attempt: `Err` is the outcome to return at once
     /// (refused while locked — counted, not audited row by row).
     async fn begin_attempt(
@@ -163,7 +173,7 @@ impl App {
         username: Option<&str>,
         mechanism: &'static str,
     ) -> Result<Attempt<'_>, LoginOutcome> {
-        match self.auth.limiter.begin(username, &session.address) {
+        match self.app.auth.limiter.begin(username, &session.address) {
             Ok(a) => {
                 if !a.delay.is_zero() {
                     tokio::time::sleep(a.delay).await;
@@ -171,7 +181,7 @@ impl App {
                 Ok(a)
             }
             Err(r) => {
-                self.metrics.login(mechanism, "refused");
+                self.app.metrics.login(mechanism, "refused");
                 if r.first {
                     tracing::warn!(
                         address = %session.address,
@@ -196,16 +206,16 @@ impl App {
         reason: &str,
     ) {
         let out = attempt.failed();
-        self.metrics.login(mechanism, "failed");
+        self.app.metrics.login(mechanism, "failed");
         let mut msg = reason.to_string();
         for what in &out.locked {
             msg.push_str(&format!(
                 "; further attempts for {what} refused for {} s",
-                self.auth.limiter.limits().lockout.as_secs()
+                self.app.auth.limiter.limits().lockout.as_secs()
             ));
         }
         tracing::warn!(address = %session.address, username = username.unwrap_or("-"), mechanism, "login failed: {msg}");
-        audit::record(self, session, AuditEvent::login(username, mechanism, false, Some(msg)));
+        audit::record(self.app, session, AuditEvent::login(username, mechanism, false, Some(msg)));
     }
 
     fn login_succeeded(
@@ -216,17 +226,17 @@ impl App {
         mechanism: &'static str,
     ) -> LoginOutcome {
         attempt.succeeded();
-        self.metrics.login(mechanism, "ok");
+        self.app.metrics.login(mechanism, "ok");
         session.set(SessionAuth::Authenticated(caller.clone()));
-        audit::record(self, session, AuditEvent::login(Some(&caller.username), mechanism, true, None));
+        audit::record(self.app, session, AuditEvent::login(Some(&caller.username), mechanism, true, None));
         LoginOutcome::Success(caller)
     }
 
     /// Write the summaries of refused attempts whose lock has ended (all of
     /// them with `all`, at shutdown): one audit entry and one log line each.
     pub fn flush_refusal_summaries(&self, all: bool) {
-        for s in self.auth.limiter.take_summaries(all) {
-            write_summary(self, &s);
+        for s in self.app.auth.limiter.take_summaries(all) {
+            write_summary(self.app, &s);
         }
     }
 
@@ -244,11 +254,11 @@ impl App {
             Ok(a) => a,
             Err(o) => return o,
         };
-        let user = self.store.user_by_name(username).ok().flatten();
+        let user = self.app.store.user_by_name(username).ok().flatten();
         let hash = user.as_ref().and_then(|u| u.password_hash.clone());
         let pw = zeroize::Zeroizing::new(password.expose_secret().to_string());
         let hash_for_check = hash.clone().unwrap_or_else(|| dummy_hash().to_string());
-        let ok = match self.auth.with_hash_slot(move || verify_password(&hash_for_check, &pw)).await {
+        let ok = match self.app.auth.with_hash_slot(move || verify_password(&hash_for_check, &pw)).await {
             Ok(ok) => ok,
             Err(e) => {
                 // Not checked, so not a failure: only the attempt's slot is returned.
@@ -297,12 +307,12 @@ impl App {
     /// A TOTP code for account `user_id`, accepted once: a code already used
     /// (in its 90 s window) is refused as a replay.
     fn check_otp(&self, user_id: i64, code: &str) -> Result<(), &'static str> {
-        let seed = match self.store.user_twofactor_secret(user_id) {
+        let seed = match self.app.store.user_twofactor_secret(user_id) {
             Ok(Some(seed)) => seed,
             _ => return Err("wrong one-time password"),
         };
         let step = totp_step(&seed, code, now_secs() as u64).ok_or("wrong one-time password")?;
-        match self.store.user_totp_consume(user_id, step as i64) {
+        match self.app.store.user_totp_consume(user_id, step as i64) {
             Ok(true) => Ok(()),
             Ok(false) => Err("one-time password already used; wait for the next one"),
             Err(_) => Err("one-time password could not be recorded"),
@@ -337,7 +347,7 @@ impl App {
                 return o;
             }
         };
-        let user = self.store.user_by_name(&username).ok().flatten();
+        let user = self.app.store.user_by_name(&username).ok().flatten();
         let role = user.as_ref().and_then(|u| Role::from_roles(&users::UserData::from_record(u).roles));
         let checked = match (&user, role) {
             (Some(u), Some(role)) => self.check_otp(u.id, code).map(|()| role),
@@ -398,7 +408,7 @@ impl App {
 
     /// The API role of an account that may log in now.
     fn account_role(&self, username: &str) -> Result<Role, AccountRefusal> {
-        let user = self.store.user_by_name(username).ok().flatten().ok_or(AccountRefusal::MissingOrLocked)?;
+        let user = self.app.store.user_by_name(username).ok().flatten().ok_or(AccountRefusal::MissingOrLocked)?;
         let d = users::UserData::from_record(&user);
         if d.locked {
             return Err(AccountRefusal::MissingOrLocked);
@@ -410,7 +420,7 @@ impl App {
     pub fn check_api_key(&self, key: &str) -> Option<keyhaven_store::ApiKeyRecord> {
         let (id, secret) = key.split_once('-')?;
         let id: i64 = id.parse().ok()?;
-        let rec = self.store.api_key_by_id(id).ok()??;
+        let rec = self.app.store.api_key_by_id(id).ok()??;
         if rec.expires_at.is_some_and(|e| e < now_secs()) {
             return None;
         }
@@ -449,7 +459,7 @@ impl App {
     /// Consume a token (single-use ones are deleted): its owner, lifetime and scope.
     pub fn take_token(&self, token: &str, origin: &str) -> Result<TokenGrant, &'static str> {
         let rec =
-            self.store.token_take(&sha256_hex(token)).map_err(|_| "token lookup failed")?.ok_or("invalid token")?;
+            self.app.store.token_take(&sha256_hex(token)).map_err(|_| "token lookup failed")?.ok_or("invalid token")?;
         if rec.expires_at < now_secs() {
             return Err("token expired");
         }
@@ -533,7 +543,7 @@ impl App {
         match self.account_role(&grant.username) {
             Ok(role) => {
                 attempt.succeeded();
-                self.metrics.login(mechanism, "ok");
+                self.app.metrics.login(mechanism, "ok");
                 Ok(Caller::new(grant.username, role, via))
             }
             Err(AccountRefusal::NoApiAccess) => {
@@ -585,7 +595,7 @@ impl App {
         }
         let token = random_alnum(64);
         let origin = match_origin.then_some(session.origin.as_str());
-        self.store.token_insert(&sha256_hex(&token), &caller.username, ttl, single_use, origin, attrs)?;
+        self.app.store.token_insert(&sha256_hex(&token), &caller.username, ttl, single_use, origin, attrs)?;
         Ok(SecretString::from(token))
     }
 
@@ -601,25 +611,25 @@ impl App {
         if let Err(e) = keyhaven_core::text::check_single_line(name) {
             return Err(ServiceError::field("api_key_create.name", e.to_string()));
         }
-        if self.store.user_by_name(username)?.is_none() {
+        if self.app.store.user_by_name(username)?.is_none() {
             return Err(ServiceError::field_errno(
                 "api_key_create.username",
                 format!("{username}: user does not exist"),
                 ENOENT,
             ));
         }
-        if self.store.api_keys_list()?.iter().any(|k| k.name == name) {
+        if self.app.store.api_keys_list()?.iter().any(|k| k.name == name) {
             return Err(ServiceError::field("api_key_create.name", "Object with this name already exists"));
         }
         let secret = random_alnum(64);
-        let rec = self.store.api_key_insert(name, username, None, |id| api_key_hash(id, &secret))?;
+        let rec = self.app.store.api_key_insert(name, username, None, |id| api_key_hash(id, &secret))?;
         let key = SecretString::from(format!("{}-{}", rec.id, secret));
         Ok((rec, key))
     }
 
     pub fn logout(&self, session: &Session) {
         if let Some(u) = session.username() {
-            audit::record(self, session, AuditEvent::method("auth.logout", "Logout", Some(&u), true, None));
+            audit::record(self.app, session, AuditEvent::method("auth.logout", "Logout", Some(&u), true, None));
         }
         session.set(SessionAuth::Anonymous);
     }
@@ -627,6 +637,7 @@ impl App {
     /// TrueNAS's `auth.me` shape for the caller.
     pub fn me(&self, caller: &Caller) -> Result<Value, ServiceError> {
         let user = self
+            .app
             .store
             .user_by_name(&caller.username)?
             .ok_or_else(|| ServiceError::call(ENOENT, format!("User {} does not exist", caller.username)))?;
@@ -700,7 +711,7 @@ pub fn user_info(user: &keyhaven_store::UserRecord, role: Role) -> Value {
         "account_attributes": ["LOCAL", if user.password_hash.is_some() {"PASSWORD_LOGIN"} else {"SYS_ADMIN"}],
     })
 }
-impl App {
+impl<'a> Auth<'a> {
     /// The caller as the account stands now: a session keeps working only
     /// while its account exists, is not locked and still has API access, and
     /// always with the account's current role. `None` ends the session.
@@ -727,7 +738,7 @@ impl App {
             session.set(SessionAuth::Anonymous);
             tracing::info!(address = %session.address, username = %c.username, "session expired after {} s idle", ttl.as_secs());
             audit::record(
-                self,
+                self.app,
                 session,
                 AuditEvent::method(
                     "auth.logout",
@@ -741,11 +752,11 @@ impl App {
         }
         // What the session knows of its account is current unless an account
         // changed since it last looked: checked without I/O on every call.
-        let generation = self.store.users_generation();
+        let generation = self.app.store.users_generation();
         if session.checked_generation.load(std::sync::atomic::Ordering::Acquire) == generation {
             return Ok(c);
         }
-        let fresh = self.store.user_by_name(&c.username).ok().flatten().and_then(|u| {
+        let fresh = self.app.store.user_by_name(&c.username).ok().flatten().and_then(|u| {
             let d = users::UserData::from_record(&u);
             if d.locked {
                 None

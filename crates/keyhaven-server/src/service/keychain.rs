@@ -165,7 +165,7 @@ pub struct ConnectionInput {
 
 pub enum AttributesInput {
     KeyPair(KeyPairInput),
-    /// A key pair already parsed and checked (see [`App::check_key_material`]).
+    /// A key pair already parsed and checked (see [`Keychain::check_key_material`]).
     CheckedKeyPair(keys::ValidatedKeyPair),
     Connection(ConnectionInput),
 }
@@ -179,17 +179,27 @@ pub struct Dependent {
     pub task: bool,
 }
 
-impl App {
-    fn keychain_cached(&self) -> Result<Arc<Cached>, ServiceError> {
-        if let Some(c) = self.keychain.inner.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+/// Keychain credentials (`keychaincredential.*`): key pairs and SSH
+/// connections, their cache and the writes that keep it in line with the store.
+pub struct Keychain<'a> {
+    app: &'a App,
+}
+
+impl<'a> Keychain<'a> {
+    pub(super) fn new(app: &'a App) -> Self {
+        Keychain { app }
+    }
+
+    fn cached(&self) -> Result<Arc<Cached>, ServiceError> {
+        if let Some(c) = self.app.keychain.inner.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return Ok(c.clone());
         }
-        let mut guard = self.keychain.inner.write().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.app.keychain.inner.write().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
         let mut c = Cached::default();
-        for r in self.store.keychain_list()? {
+        for r in self.app.store.keychain_list()? {
             c.put(&r);
         }
         let c = Arc::new(c);
@@ -200,12 +210,12 @@ impl App {
     /// Bring the cache in line with the store after a write to rows `ids`:
     /// patched in place (a full rebuild per write made bulk inserts quadratic).
     /// On any doubt the cache is dropped and rebuilt by the next reader.
-    fn keychain_changed(&self, ids: &[i64]) {
-        let mut guard = self.keychain.inner.write().unwrap_or_else(|p| p.into_inner());
+    fn changed(&self, ids: &[i64]) {
+        let mut guard = self.app.keychain.inner.write().unwrap_or_else(|p| p.into_inner());
         let Some(arc) = guard.as_mut() else { return };
         let cached = Arc::make_mut(arc);
         for &id in ids {
-            match self.store.keychain_get(id) {
+            match self.app.store.keychain_get(id) {
                 Ok(Some(r)) => cached.put(&r),
                 Ok(None) => cached.remove(id),
                 Err(_) => {
@@ -217,19 +227,19 @@ impl App {
     }
 
     /// Entries without private keys (for filtering).
-    pub fn keychain_entries(&self) -> Result<Arc<Cached>, ServiceError> {
-        self.keychain_cached()
+    pub fn entries(&self) -> Result<Arc<Cached>, ServiceError> {
+        self.cached()
     }
 
     /// Fill in `attributes.private_key` of a key-pair entry from the store.
-    pub fn keychain_fill_private(&self, entry: &mut Value, cached: &Cached) -> Result<(), ServiceError> {
+    pub fn fill_private(&self, entry: &mut Value, cached: &Cached) -> Result<(), ServiceError> {
         let Some(id) = entry.get("id").and_then(Value::as_i64) else { return Ok(()) };
         if !cached.with_private.contains(&id) {
             return Ok(());
         }
         if let Some(Value::Object(attrs)) = entry.get_mut("attributes") {
             if attrs.contains_key("private_key") {
-                let pk = self.store.keychain_private_key(id)?;
+                let pk = self.app.store.keychain_private_key(id)?;
                 attrs.insert("private_key".into(), pk.map(|p| json!(p.as_str())).unwrap_or(Value::Null));
             }
         }
@@ -237,21 +247,21 @@ impl App {
     }
 
     /// One entry with its private key (if any).
-    pub fn keychain_get(&self, id: i64) -> Result<Value, ServiceError> {
-        let cached = self.keychain_cached()?;
+    pub fn get(&self, id: i64) -> Result<Value, ServiceError> {
+        let cached = self.cached()?;
         let mut e = cached.get(id).ok_or_else(|| not_found(id))?;
-        self.keychain_fill_private(&mut e, &cached)?;
+        self.fill_private(&mut e, &cached)?;
         Ok(e)
     }
 
-    fn keychain_name_taken(&self, name: &str, except: Option<i64>) -> Result<bool, ServiceError> {
-        let cached = self.keychain_cached()?;
+    fn name_taken(&self, name: &str, except: Option<i64>) -> Result<bool, ServiceError> {
+        let cached = self.cached()?;
         Ok(cached.names.get(name).is_some_and(|id| Some(*id) != except))
     }
 
     /// The private key of a key pair, for use (connections, downloads).
-    pub fn keypair_private_key(&self, id: i64) -> Result<Option<Zeroizing<String>>, ServiceError> {
-        Ok(self.store.keychain_private_key(id)?)
+    pub fn private_key(&self, id: i64) -> Result<Option<Zeroizing<String>>, ServiceError> {
+        Ok(self.app.store.keychain_private_key(id)?)
     }
 
     /// Parse a passphrase-protected private key before any lock is taken: its
@@ -263,7 +273,7 @@ impl App {
             AttributesInput::KeyPair(kp) if kp.passphrase.as_ref().is_some_and(|p| !p.expose().is_empty()) => kp,
             other => return Ok(other),
         };
-        let _slot = self.keychain.kdf_slots.acquire().await.map_err(|e| ServiceError::internal("key import", e))?;
+        let _slot = self.app.keychain.kdf_slots.acquire().await.map_err(|e| ServiceError::internal("key import", e))?;
         let v = tokio::task::spawn_blocking(move || {
             let pass = kp.passphrase.as_ref().map(|p| Zeroizing::new(p.expose().to_string()));
             keys::validate_key_pair(
@@ -279,31 +289,31 @@ impl App {
     }
 
     /// Validate and store a new credential; returns the stored entry.
-    pub async fn keychain_create(&self, name: &str, attrs: AttributesInput) -> Result<Value, ServiceError> {
+    pub async fn create(&self, name: &str, attrs: AttributesInput) -> Result<Value, ServiceError> {
         // TrueNAS reports a taken name before anything else; checked again under the lock.
-        if !name.trim().is_empty() && self.keychain_name_taken(name, None)? {
+        if !name.trim().is_empty() && self.name_taken(name, None)? {
             return Err(ServiceError::field("name", "Object with this name already exists"));
         }
         let attrs = self.check_key_material(attrs).await?;
-        let (out, durable) = self.store.deferring_sync(|| self.keychain_create_now(name, attrs));
+        let (out, durable) = self.app.store.deferring_sync(|| self.create_now(name, attrs));
         wait_durable(durable).await;
         out
     }
 
-    fn keychain_create_now(&self, name: &str, attrs: AttributesInput) -> Result<Value, ServiceError> {
-        let _writes = self.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
+    fn create_now(&self, name: &str, attrs: AttributesInput) -> Result<Value, ServiceError> {
+        let _writes = self.app.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
         if name.trim().is_empty() {
             return Err(ServiceError::field("name", "String should have at least 1 character"));
         }
         check_name(name)?;
         // TrueNAS checks the name first and stops there when it is taken.
-        if self.keychain_name_taken(name, None)? {
+        if self.name_taken(name, None)? {
             return Err(ServiceError::field("name", "Object with this name already exists"));
         }
         let (kind, attributes, private) = self.validate_attributes(attrs, None)?;
-        let id = self.store.keychain_insert(name, kind, &attributes, private.as_deref().map(|s| s.as_str()));
+        let id = self.app.store.keychain_insert(name, kind, &attributes, private.as_deref().map(|s| s.as_str()));
         if let Ok(id) = &id {
-            self.keychain_changed(&[*id]);
+            self.changed(&[*id]);
         }
         let id = id.map_err(|e| match e {
             keyhaven_store::StoreError::Conflict(_) => {
@@ -311,11 +321,11 @@ impl App {
             }
             other => other.into(),
         })?;
-        self.keychain_get(id)
+        self.get(id)
     }
 
     /// Replace name and/or attributes of a credential (type cannot change).
-    pub async fn keychain_update(
+    pub async fn update(
         &self,
         id: i64,
         name: Option<&str>,
@@ -325,29 +335,24 @@ impl App {
             Some(a) => Some(self.check_key_material(a).await?),
             None => None,
         };
-        let (out, durable) = self.store.deferring_sync(|| self.keychain_update_now(id, name, attrs));
+        let (out, durable) = self.app.store.deferring_sync(|| self.update_now(id, name, attrs));
         wait_durable(durable).await;
         out
     }
 
-    fn keychain_update_now(
-        &self,
-        id: i64,
-        name: Option<&str>,
-        attrs: Option<AttributesInput>,
-    ) -> Result<Value, ServiceError> {
-        let _writes = self.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
-        let rec = self.store.keychain_get(id)?.ok_or_else(|| not_found(id))?;
+    fn update_now(&self, id: i64, name: Option<&str>, attrs: Option<AttributesInput>) -> Result<Value, ServiceError> {
+        let _writes = self.app.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = self.app.store.keychain_get(id)?.ok_or_else(|| not_found(id))?;
         let name = name.unwrap_or(&rec.name).to_string();
         if name.trim().is_empty() {
             return Err(ServiceError::field("name", "String should have at least 1 character"));
         }
         check_name(&name)?;
-        if self.keychain_name_taken(&name, Some(id))? {
+        if self.name_taken(&name, Some(id))? {
             return Err(ServiceError::field("name", "Object with this name already exists"));
         }
         let (attributes, private) = match attrs {
-            None => (rec.attributes.clone(), self.store.keychain_private_key(id)?),
+            None => (rec.attributes.clone(), self.app.store.keychain_private_key(id)?),
             Some(a) => {
                 let (kind, attributes, private) = self.validate_attributes(a, Some(id))?;
                 if kind != rec.kind {
@@ -356,7 +361,7 @@ impl App {
                         format!("This credential is of type {}; its type cannot be changed", rec.kind),
                     ));
                 }
-                if private.is_none() && rec.has_private_key && !self.keychain_used_by(id)?.is_empty() {
+                if private.is_none() && rec.has_private_key && !self.used_by(id)?.is_empty() {
                     return Err(ServiceError::field(
                         "attributes.private_key",
                         "SSH connections use this key pair: keep its private key (or delete those connections first)",
@@ -365,15 +370,15 @@ impl App {
                 (attributes, private)
             }
         };
-        let r = self.store.keychain_update(id, &name, &attributes, private.as_deref().map(|s| s.as_str()));
-        self.keychain_changed(&[id]);
+        let r = self.app.store.keychain_update(id, &name, &attributes, private.as_deref().map(|s| s.as_str()));
+        self.changed(&[id]);
         r.map_err(|e| match e {
             keyhaven_store::StoreError::Conflict(_) => {
                 ServiceError::field("name", "Object with this name already exists")
             }
             other => other.into(),
         })?;
-        self.keychain_get(id)
+        self.get(id)
     }
 
     fn validate_attributes(
@@ -409,7 +414,7 @@ impl App {
                     errs.add(format!("{prefix}.username"), "Username must not be empty");
                 }
                 errs.take_all(prefix, ep.check());
-                match self.store.keychain_get(c.private_key)? {
+                match self.app.store.keychain_get(c.private_key)? {
                     Some(r) if r.kind == SSH_KEY_PAIR && r.has_private_key => {}
                     Some(r) if r.kind == SSH_KEY_PAIR => errs.add(
                         format!("{prefix}.private_key"),
@@ -451,12 +456,12 @@ impl App {
     }
 
     /// What uses a credential, recursively (TrueNAS `used_by`).
-    pub fn keychain_used_by(&self, id: i64) -> Result<Vec<Dependent>, ServiceError> {
-        let cached = self.keychain_cached()?;
+    pub fn used_by(&self, id: i64) -> Result<Vec<Dependent>, ServiceError> {
+        let cached = self.cached()?;
         let me = cached.get(id).ok_or_else(|| not_found(id))?;
         let mut out = Vec::new();
         let tasks = |conn: i64, out: &mut Vec<Dependent>| -> Result<(), ServiceError> {
-            for (task, title) in self.rsync_tasks_using(conn)? {
+            for (task, title) in self.app.rsync_tasks_using(conn)? {
                 out.push(Dependent { id: task, title, unbind_method: "disable", task: true });
             }
             Ok(())
@@ -483,10 +488,10 @@ impl App {
     }
 
     /// Delete a credential; with `cascade`, its dependents too, all in one transaction.
-    pub fn keychain_delete(&self, id: i64, cascade: bool) -> Result<String, ServiceError> {
-        let _writes = self.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
-        let rec = self.store.keychain_get(id)?.ok_or_else(|| not_found(id))?;
-        let deps = self.keychain_used_by(id)?;
+    pub fn delete(&self, id: i64, cascade: bool) -> Result<String, ServiceError> {
+        let _writes = self.app.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = self.app.store.keychain_get(id)?.ok_or_else(|| not_found(id))?;
+        let deps = self.used_by(id)?;
         if !deps.is_empty() && !cascade {
             return Err(ServiceError::field(
                 "options.cascade",
@@ -496,9 +501,9 @@ impl App {
         let mut ids: Vec<i64> = deps.iter().filter(|d| !d.task).map(|d| d.id).collect();
         ids.push(id);
         // Tasks that used a deleted connection are disabled and unbound in the same transaction.
-        let r = self.store.keychain_delete_unbinding_tasks(&ids);
-        self.keychain_changed(&ids);
-        self.rsync_schedules_changed();
+        let r = self.app.store.keychain_delete_unbinding_tasks(&ids);
+        self.changed(&ids);
+        self.app.rsync_schedules_changed();
         r?;
         Ok(rec.name)
     }
@@ -580,18 +585,18 @@ pub fn redact(entry: &mut Value) {
 
 // ------------------------------------------------------------ reading, per role
 
-impl App {
+impl<'a> Keychain<'a> {
     /// `keychaincredential.query` as a caller of `role` may see it: read-only
     /// callers get no attributes (and cannot filter or select on them); full
     /// admins get private keys filled in for the entries returned.
-    pub fn keychain_query(
+    pub fn query(
         &self,
         role: Role,
         filters_in: Option<&Value>,
         options_in: Option<&Value>,
     ) -> Result<Value, ServiceError> {
         use keyhaven_core::query::{matches, parse_filters, QueryOptions};
-        let cached = self.keychain_entries()?;
+        let cached = self.entries()?;
         let can_write = role.can_write();
         let needs_private = can_write
             && (filters_in.is_some_and(|f| f.to_string().contains("private_key"))
@@ -610,7 +615,7 @@ impl App {
             (Ok(_), Ok(_), Some(id)) => id.and_then(|id| cached.get(id)).into_iter().collect(),
             (Ok(f), Ok(_), None) => cached.matching(|v| {
                 if needs_private {
-                    self.keychain_fill_private(v, &cached)?;
+                    self.fill_private(v, &cached)?;
                 }
                 // Read-only callers filter what they may see, so filters and
                 // `select` cannot be used to read redacted attributes.
@@ -627,7 +632,7 @@ impl App {
         }
         if needs_private {
             for e in &mut items {
-                self.keychain_fill_private(e, &cached)?;
+                self.fill_private(e, &cached)?;
             }
         }
         let mut out = super::run_query(&items, filters_in, options_in)?;
@@ -635,10 +640,10 @@ impl App {
             match &mut out {
                 Value::Array(a) => {
                     for e in a {
-                        self.keychain_fill_private(e, &cached)?;
+                        self.fill_private(e, &cached)?;
                     }
                 }
-                Value::Object(_) => self.keychain_fill_private(&mut out, &cached)?,
+                Value::Object(_) => self.fill_private(&mut out, &cached)?,
                 _ => {}
             }
         }
@@ -646,8 +651,8 @@ impl App {
     }
 
     /// One entry as a caller of `role` may see it.
-    pub fn keychain_get_as(&self, id: i64, role: Role) -> Result<Value, ServiceError> {
-        Ok(redact_for(role, self.keychain_get(id)?))
+    pub fn get_as(&self, id: i64, role: Role) -> Result<Value, ServiceError> {
+        Ok(redact_for(role, self.get(id)?))
     }
 }
 

@@ -53,6 +53,9 @@ pub struct App {
     pub health: health::HealthCache,
 }
 
+/// Each area of use cases is reached through a handle that borrows the
+/// [`App`] and owns its area's locks: `app.sshd().update(…)`,
+/// `app.accounts().create(…)`.
 impl App {
     pub fn new(config: Config, store: Store) -> Arc<App> {
         let data = std::fs::canonicalize(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
@@ -93,15 +96,25 @@ impl App {
             health: health::HealthCache::default(),
         })
     }
-}
 
-/// Each area of use cases is reached through a handle that borrows the
-/// [`App`] and owns its area's locks: `app.sshd().update(…)`,
-/// `app.accounts().create(…)`.
-impl App {
     /// The SSH service: settings, sshd_config, host keys, the supervised sshd.
     pub fn sshd(&self) -> sshd::Sshd<'_> {
         sshd::Sshd::new(self)
+    }
+
+    /// Logins, tokens, API keys and the check of every call's caller.
+    pub fn auth(&self) -> auth::Auth<'_> {
+        auth::Auth::new(self)
+    }
+
+    /// Keychain credentials: SSH key pairs and SSH connections.
+    pub fn keychain(&self) -> keychain::Keychain<'_> {
+        keychain::Keychain::new(self)
+    }
+
+    /// Pairing with other systems and checking stored SSH connections.
+    pub fn pairing(&self) -> pairing::Pairing<'_> {
+        pairing::Pairing::new(self)
     }
 
     /// Local accounts, their OS accounts and authorized keys.

@@ -272,7 +272,7 @@ impl App {
     ) -> Result<RsyncTaskEntry, ServiceError> {
         let task = RsyncTaskInput::from_record(r)?;
         let conn = match r.ssh_credentials {
-            Some(c) => self.keychain_get_as(c, role).unwrap_or(Value::Null),
+            Some(c) => self.keychain().get_as(c, role).unwrap_or(Value::Null),
             None => Value::Null,
         };
         Ok(RsyncTaskEntry {
@@ -465,7 +465,7 @@ impl App {
                 }
                 match t.ssh_credentials {
                     Some(c) => {
-                        let ok = self.keychain_entries()?.get(c).is_some_and(|e| e["type"] == SSH_CREDENTIALS);
+                        let ok = self.keychain().entries()?.get(c).is_some_and(|e| e["type"] == SSH_CREDENTIALS);
                         if !ok {
                             v.add("ssh_credentials", format!("SSH connection {c} does not exist"));
                         }
@@ -531,7 +531,7 @@ impl App {
 
     /// Check over SSH, with the connection's pinned host key, that the remote path is a directory.
     async fn rsync_check_remote_path(&self, connection: i64, remotepath: &str) -> Result<(), ServiceError> {
-        let target = self.connection_target(connection, None)?;
+        let target = self.pairing().connection_target(connection, None)?;
         let command = format!("test -d {}", shell_quote(remotepath));
         match keyhaven_ssh::client::run_command(&target, &command).await {
             Ok((0, _)) => Ok(()),
@@ -721,7 +721,7 @@ impl App {
                 opt(&mut ssh, "StrictHostKeyChecking=yes".into());
                 let (host, port, username) = match t.ssh_credentials {
                     Some(c) => {
-                        let target = self.connection_target(c, None)?;
+                        let target = self.pairing().connection_target(c, None)?;
                         // ssh would read a host or user starting with '-' as an option.
                         for (what, v) in [("host", &target.host), ("username", &target.username)] {
                             if v.starts_with('-')

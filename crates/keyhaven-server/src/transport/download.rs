@@ -52,7 +52,7 @@ pub(crate) async fn authenticate(
         None => None,
     };
     let token = if bearer.is_none() { q.get("auth_token").map(String::as_str) } else { None };
-    app.authenticate_download(origin, bearer.as_deref(), token).await.map_err(|r| match r {
+    app.auth().authenticate_download(origin, bearer.as_deref(), token).await.map_err(|r| match r {
         DownloadRefusal::Unauthenticated => unauthorized(),
         DownloadRefusal::Forbidden(m) => plain(StatusCode::FORBIDDEN, m),
     })
@@ -113,7 +113,7 @@ async fn serve_key(
     };
     let session = Session::authenticated(origin, caller.clone());
     let Ok(id) = id.parse::<i64>() else { return plain(StatusCode::NOT_FOUND, "No such credential") };
-    let entry = match app.keychain_get(id) {
+    let entry = match app.keychain().get(id) {
         Ok(e) if e["type"] == SSH_KEY_PAIR => e,
         _ => return plain(StatusCode::NOT_FOUND, &format!("SSH key pair {id} does not exist")),
     };
@@ -135,7 +135,7 @@ async fn serve_key(
                 );
                 return plain(StatusCode::FORBIDDEN, "Not authorized: read-only admins cannot download private keys");
             }
-            let pk = match app.keypair_private_key(id) {
+            let pk = match app.keychain().private_key(id) {
                 Ok(Some(pk)) => pk,
                 Ok(None) => return plain(StatusCode::NOT_FOUND, "This key pair has no private key (public key only)"),
                 Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),

@@ -51,7 +51,7 @@ pub async fn metrics_with_key(
             None => return unauthorized(),
         },
     };
-    match app.authenticate_metrics(&peer.ip().to_string(), key.as_deref()).await {
+    match app.auth().authenticate_metrics(&peer.ip().to_string(), key.as_deref()).await {
         Ok(_) => render(app).await,
         Err(DownloadRefusal::Unauthenticated) => unauthorized(),
         Err(DownloadRefusal::Forbidden(m)) => plain(StatusCode::FORBIDDEN, m),

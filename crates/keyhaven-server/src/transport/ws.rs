@@ -170,7 +170,7 @@ fn forward_events(
                 r = rx.recv() => r,
             };
             match next {
-                Ok(e) if e.collection == name && app.may_receive_events(&session) => {
+                Ok(e) if e.collection == name && app.auth().may_receive_events(&session) => {
                     let m = match dialect {
                         Dialect::JsonRpc => {
                             json!({"jsonrpc": "2.0", "method": "collection_update", "params": e.body()})
@@ -345,7 +345,7 @@ pub async fn serve(
                         break;
                     }
                 }
-                Incoming::Subscribe { id, .. } if app.current_caller(&session).is_err() => {
+                Incoming::Subscribe { id, .. } if app.auth().current_caller(&session).is_err() => {
                     let reply = json!({"msg": "result", "id": id, "error": {
                             "error": EACCES.code(), "errname": EACCES.name(), "type": null, "reason": "Not authorized", "trace": null, "extra": null}});
                     if tx.send(Message::Text(reply.to_string().into())).await.is_err() {
@@ -465,7 +465,7 @@ fn subscription_call(
     params: &[Value],
 ) -> Result<Value, crate::error::ServiceError> {
     use crate::error::ServiceError;
-    app.current_caller(session)?;
+    app.auth().current_caller(session)?;
     let schema = method.replace('.', "_");
     let arg = match params {
         [Value::String(s)] if !s.is_empty() => s.clone(),

@@ -64,7 +64,8 @@ pub(super) async fn test_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Valu
                 .map_err(|m| ServiceError::field(format!("{S}.options.timeout"), m))?,
         ),
     };
-    let report = ctx.app.test_ssh_connection_with(id, timeout, o.private_key).await.map_err(|e| e.in_schema(S))?;
+    let report =
+        ctx.app.pairing().test_connection_with(id, timeout, o.private_key).await.map_err(|e| e.in_schema(S))?;
     to_json(&report)
 }
 
@@ -72,6 +73,6 @@ pub(super) async fn test_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Valu
 /// ordered like any TrueNAS query (`[{id, ok, stage, error, latency_ms, tested_at}]`).
 pub(super) async fn ssh_connection_status(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let all: Vec<Value> =
-        ctx.app.ssh_connection_status(ctx.caller()?.role)?.iter().map(to_json).collect::<Result<_, _>>()?;
+        ctx.app.pairing().connection_status(ctx.caller()?.role)?.iter().map(to_json).collect::<Result<_, _>>()?;
     query(&all, &p, "keychaincredential.ssh_connection_status")
 }

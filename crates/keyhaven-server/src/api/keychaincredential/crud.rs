@@ -5,12 +5,12 @@ use super::*;
 
 pub(super) async fn query_m(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let role = ctx.caller()?.role;
-    ctx.app.keychain_query(role, p.raw(0), p.raw(1)).map_err(|e| e.in_schema("keychaincredential_query"))
+    ctx.app.keychain().query(role, p.raw(0), p.raw(1)).map_err(|e| e.in_schema("keychaincredential_query"))
 }
 
 pub(super) async fn get_instance(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, "keychaincredential_get_instance.id")?;
-    ctx.app.keychain_get_as(id, ctx.caller()?.role)
+    ctx.app.keychain().get_as(id, ctx.caller()?.role)
 }
 
 #[derive(Deserialize)]
@@ -42,7 +42,7 @@ pub(super) async fn create(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceErr
     let c: CreateIn = p.req(0, CREATE)?;
     ctx.describe(format!("Create Keychain Credential: {}", &*c.name));
     let attrs = decode_attributes(c.kind.as_str(), c.attributes, CREATE)?;
-    ctx.app.keychain_create(&c.name, attrs).await.map_err(|e| e.in_schema(CREATE))
+    ctx.app.keychain().create(&c.name, attrs).await.map_err(|e| e.in_schema(CREATE))
 }
 
 #[derive(Deserialize)]
@@ -57,11 +57,11 @@ pub(super) struct UpdateIn {
 pub(super) async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, &format!("{UPDATE}.id"))?;
     let u: UpdateIn = p.req(1, UPDATE)?;
-    let current = ctx.app.keychain_get(id)?;
+    let current = ctx.app.keychain().get(id)?;
     ctx.describe(format!("Update Keychain Credential: {}", current["name"].as_str().unwrap_or("")));
     let kind = current["type"].as_str().unwrap_or(SSH_KEY_PAIR).to_string();
     let attrs = u.attributes.map(|a| decode_attributes(&kind, a, UPDATE)).transpose()?;
-    ctx.app.keychain_update(id, u.name.as_deref(), attrs).await.map_err(|e| e.in_schema(UPDATE))
+    ctx.app.keychain().update(id, u.name.as_deref(), attrs).await.map_err(|e| e.in_schema(UPDATE))
 }
 
 #[derive(Deserialize, Default)]
@@ -74,16 +74,16 @@ pub(super) struct DeleteOptions {
 pub(super) async fn delete(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, "keychaincredential_delete.id")?;
     let o: DeleteOptions = p.opt(1, "options")?;
-    if let Ok(e) = ctx.app.keychain_get(id) {
+    if let Ok(e) = ctx.app.keychain().get(id) {
         ctx.describe(format!("Delete Keychain Credential: {}", e["name"].as_str().unwrap_or("")));
     }
-    ctx.app.keychain_delete(id, o.cascade)?;
+    ctx.app.keychain().delete(id, o.cascade)?;
     Ok(Value::Null)
 }
 
 pub(super) async fn used_by(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, "keychaincredential_used_by.id")?;
-    let deps = ctx.app.keychain_used_by(id)?;
+    let deps = ctx.app.keychain().used_by(id)?;
     Ok(Value::Array(deps.into_iter().map(|d| json!({"title": d.title, "unbind_method": d.unbind_method})).collect()))
 }
 
@@ -110,7 +110,7 @@ pub(super) async fn generate_ssh_key_pair(ctx: Arc<Ctx>, p: Params) -> Result<Va
     const S: &str = "keychain_credential_generate_ssh_key_pair";
     let g: GenerateIn = p.opt(0, S)?;
     let opts = generate_options(&g.options, g.comment.map(|s| s.0)).map_err(|e| e.in_schema(S))?;
-    let kp = ctx.app.generate_key_pair(opts).await.map_err(|e| e.in_schema(S))?;
+    let kp = ctx.app.keychain().generate_key_pair(opts).await.map_err(|e| e.in_schema(S))?;
     Ok(json!({"private_key": kp.private_key.as_str(), "public_key": kp.public_key}))
 }
 
@@ -127,7 +127,7 @@ pub(super) async fn download_private_key(ctx: Arc<Ctx>, p: Params) -> Result<Val
     const S: &str = "keychaincredential_download_private_key";
     let id: i64 = p.req(0, &format!("{S}.id"))?;
     let o: DownloadIn = p.opt(1, &format!("{S}.options"))?;
-    let e = ctx.app.keychain_get(id)?;
+    let e = ctx.app.keychain().get(id)?;
     let name = e["name"].as_str().unwrap_or("key").to_string();
     ctx.describe(format!(
         "Download private key: {name}{}",
@@ -136,10 +136,10 @@ pub(super) async fn download_private_key(ctx: Arc<Ctx>, p: Params) -> Result<Val
     if e["type"] != SSH_KEY_PAIR {
         return Err(ServiceError::field(format!("{S}.id"), format!("Credential {id} is not an SSH key pair")));
     }
-    let pk = ctx
-        .app
-        .keypair_private_key(id)?
-        .ok_or_else(|| ServiceError::field(format!("{S}.id"), "This key pair has no private key (public key only)"))?;
+    let pk =
+        ctx.app.keychain().private_key(id)?.ok_or_else(|| {
+            ServiceError::field(format!("{S}.id"), "This key pair has no private key (public key only)")
+        })?;
     let text = match o.passphrase {
         None => pk,
         Some(pass) => {

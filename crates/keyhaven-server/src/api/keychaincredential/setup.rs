@@ -11,7 +11,7 @@ pub(super) async fn ssh_pair(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceE
     ctx.describe(format!("SSH pair: authorize a key for {}", a.username));
     let key = a.authorized_key().map_err(|e| e.in_schema(S))?;
     // Not placed in this method's schema: ssh_pair's own errors name other schemas.
-    to_json(&ctx.app.ssh_pair(a.remote_hostname.trim(), &a.username, &key).await?)
+    to_json(&ctx.app.pairing().pair(a.remote_hostname.trim(), &a.username, &key).await?)
 }
 
 /// Add an error on `attribute` if a credential name is not one line of
@@ -159,7 +159,7 @@ pub(super) async fn remote_ssh_semiautomatic_setup(ctx: Arc<Ctx>, p: Params) -> 
     errs.check()?;
     ctx.describe(format!("SSH Semi-automatic Setup: {}", &*own.name));
     let semi = semi.semi().map_err(|e| e.in_schema(S))?;
-    ctx.app.remote_semiautomatic_setup(&own.name, own.private_key, &semi).await
+    ctx.app.pairing().semiautomatic_setup(&own.name, own.private_key, &semi).await
 }
 
 /// A validation error joins `errs` under `prefix` (so one reply lists every
@@ -326,7 +326,7 @@ pub(super) async fn setup_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Val
         return Err(ServiceError::internal("setup_ssh_connection", "arguments not decoded"));
     };
     ctx.describe(format!("Setup SSH Connection: {}", &*a.connection_name));
-    ctx.app.setup_ssh_connection(&a.connection_name, key, kind).await
+    ctx.app.pairing().setup_connection(&a.connection_name, key, kind).await
 }
 
 #[derive(Deserialize)]
@@ -353,7 +353,7 @@ pub(super) async fn re_pair_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<V
     const S: &str = "keychain_re_pair_ssh_connection";
     let id: i64 = p.req(0, &format!("{S}.id"))?;
     let a: RePairIn = p.req(1, &format!("{S}.options"))?;
-    let name = ctx.app.keychain_get(id)?["name"].as_str().unwrap_or_default().to_string();
+    let name = ctx.app.keychain().get(id)?["name"].as_str().unwrap_or_default().to_string();
     ctx.describe(format!("Re-pair SSH Connection: {name}{}", if a.new_key.is_some() { " (new key pair)" } else { "" }));
     let mut errs = keyhaven_core::ValidationErrors::new();
     let new_key = match a.new_key {
@@ -371,7 +371,7 @@ pub(super) async fn re_pair_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<V
     let Some(semi) = semi else {
         return Err(ServiceError::internal("re_pair_ssh_connection", "arguments not decoded"));
     };
-    let out = ctx.app.re_pair_ssh_connection(id, &semi, new_key, a.remove_old_key).await?;
+    let out = ctx.app.pairing().re_pair(id, &semi, new_key, a.remove_old_key).await?;
     Ok(json!({
         "connection": out.connection,
         "old_key_pair": out.old_key_pair,

@@ -6,20 +6,16 @@ use keyhaven_core::net::{ConnectTimeout, Port};
 /// The field of `keychaincredential.test_ssh_connection` that names another key pair.
 const KEY_FIELD: &str = "options.private_key";
 
-impl App {
+impl<'a> Pairing<'a> {
     /// Test a stored SSH connection: pinned host keys, its key pair, `true`.
-    pub async fn test_ssh_connection(
-        &self,
-        id: i64,
-        timeout: Option<ConnectTimeout>,
-    ) -> Result<TestReport, ServiceError> {
-        self.test_ssh_connection_with(id, timeout, None).await
+    pub async fn test_connection(&self, id: i64, timeout: Option<ConnectTimeout>) -> Result<TestReport, ServiceError> {
+        self.test_connection_with(id, timeout, None).await
     }
 
-    /// [`App::test_ssh_connection`], optionally logging in with another key
+    /// [`Pairing::test_connection`], optionally logging in with another key
     /// pair than the connection's (named `options.private_key` in errors, as
     /// in `keychaincredential.test_ssh_connection`'s input).
-    pub async fn test_ssh_connection_with(
+    pub async fn test_connection_with(
         &self,
         id: i64,
         timeout: Option<ConnectTimeout>,
@@ -27,7 +23,7 @@ impl App {
     ) -> Result<TestReport, ServiceError> {
         let target = self.connection_target_with(id, timeout, key_pair)?;
         let r = ssh_client::test_connection(&target).await;
-        self.metrics.connection_test(r.ok);
+        self.app.metrics.connection_test(r.ok);
         // A test with the connection's own key is its status in the connection list.
         if key_pair.is_none() {
             let rec = keyhaven_store::ConnectionTestRecord {
@@ -38,7 +34,7 @@ impl App {
                 latency_ms: r.latency_ms as i64,
                 tested_at: crate::service::now_secs(),
             };
-            if let Err(e) = self.store.connection_test_record(&rec) {
+            if let Err(e) = self.app.store.connection_test_record(&rec) {
                 tracing::warn!(connection = id, "could not keep the test result: {e}");
             }
         }
@@ -57,21 +53,21 @@ impl App {
         timeout: Option<ConnectTimeout>,
         key_pair: Option<i64>,
     ) -> Result<TestTarget, ServiceError> {
-        let e = self.keychain_get(id)?;
+        let e = self.app.keychain().get(id)?;
         if e["type"] != crate::service::keychain::SSH_CREDENTIALS {
             return Err(ServiceError::call(EINVAL, "Credential is not of type SSH_CREDENTIALS"));
         }
         let a = &e["attributes"];
         if let Some(k) = key_pair {
             // The cached entry is enough to check the type; the key itself is read once, below.
-            if !self.keychain_entries()?.get(k).is_some_and(|kp| kp["type"] == SSH_KEY_PAIR) {
+            if !self.app.keychain().entries()?.get(k).is_some_and(|kp| kp["type"] == SSH_KEY_PAIR) {
                 return Err(ServiceError::field(KEY_FIELD, format!("SSH key pair {k} does not exist")));
             }
         }
         let kp_id = key_pair.unwrap_or_else(|| a["private_key"].as_i64().unwrap_or_default());
         let private =
-            self.keypair_private_key(kp_id).ok().flatten().filter(|p| !p.trim().is_empty()).ok_or_else(|| {
-                match key_pair {
+            self.app.keychain().private_key(kp_id).ok().flatten().filter(|p| !p.trim().is_empty()).ok_or_else(
+                || match key_pair {
                     Some(k) => ServiceError::field(
                         KEY_FIELD,
                         format!("SSH key pair {k} has no private key (public key only); it cannot log in"),
@@ -80,8 +76,8 @@ impl App {
                         ENOENT,
                         format!("SSH key pair {kp_id} of this connection does not exist or has no private key"),
                     ),
-                }
-            })?;
+                },
+            )?;
         let pinned = keys::parse_host_key_lines(a["remote_host_key"].as_str().unwrap_or(""))
             .map_err(|(line, m)| ServiceError::call(EINVAL, format!("Stored remote_host_key, line {line}: {m}")))?;
         let port = a["port"].as_i64().and_then(|p| Port::new(p).ok()).unwrap_or(Port::SSH);
@@ -104,7 +100,7 @@ impl App {
         name: &str,
         options: keys::GenerateOptions,
     ) -> Result<(i64, String), ServiceError> {
-        let kp = self.generate_key_pair(options).await?;
+        let kp = self.app.keychain().generate_key_pair(options).await?;
         let input = KeyPairInput {
             private_key: Some(crate::service::input::SecretText(secrecy::SecretString::from(
                 kp.private_key.to_string(),
@@ -112,7 +108,8 @@ impl App {
             public_key: Some(kp.public_key.clone()),
             passphrase: None,
         };
-        let e = self.keychain_create(name, AttributesInput::KeyPair(input)).await.map_err(|e| e.in_schema(CREATE))?;
+        let e =
+            self.app.keychain().create(name, AttributesInput::KeyPair(input)).await.map_err(|e| e.in_schema(CREATE))?;
         Ok((e["id"].as_i64().unwrap_or_default(), kp.public_key.trim().to_string()))
     }
 
@@ -120,8 +117,8 @@ impl App {
     /// extension), as a caller of `role` may see it: error texts name hosts
     /// and users, which read-only admins do not see (connection attributes
     /// are redacted for them too).
-    pub fn ssh_connection_status(&self, role: Role) -> Result<Vec<ConnectionStatus>, ServiceError> {
-        let tests = self.store.connection_tests()?;
+    pub fn connection_status(&self, role: Role) -> Result<Vec<ConnectionStatus>, ServiceError> {
+        let tests = self.app.store.connection_tests()?;
         Ok(tests
             .into_iter()
             .map(|t| ConnectionStatus {

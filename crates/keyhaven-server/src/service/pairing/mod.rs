@@ -31,6 +31,18 @@ pub use connections::{ConnectionStatus, EpochMillis};
 pub use remote_side::{PairInput, PairKey, PairReply};
 pub use repair::RePairOutcome;
 
+/// Pairing and stored connections (`keychaincredential.ssh_pair`, the
+/// setup methods, re-pairing, connection tests): the handle of this area.
+pub struct Pairing<'a> {
+    app: &'a App,
+}
+
+impl<'a> Pairing<'a> {
+    pub(in crate::service) fn new(app: &'a App) -> Self {
+        Pairing { app }
+    }
+}
+
 /// Discover the host keys of `host:port` (keyhaven's `ssh-keyscan`).
 pub async fn host_key_scan(host: &str, port: u16, timeout: Duration) -> Result<Vec<ScannedKey>, ServiceError> {
     match ssh_client::scan_host_keys(host, port, timeout).await {

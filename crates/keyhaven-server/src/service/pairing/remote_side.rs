@@ -51,13 +51,13 @@ pub struct PairReply {
     pub host_key: String,
 }
 
-impl App {
+impl<'a> Pairing<'a> {
     /// `keychaincredential.ssh_pair`, the remote side of semi-automatic setup:
     /// check the account, enable and start sshd if needed, authorize
     /// `public_key` once, report the SSH port and the host keys. Its errors
     /// name no field of its input: changes it makes to the account fail as
     /// `user_update`'s, sshd's refusals as the `ssh` settings'.
-    pub async fn ssh_pair(
+    pub async fn pair(
         &self,
         remote_hostname: &str,
         username: &str,
@@ -65,10 +65,11 @@ impl App {
     ) -> Result<PairReply, ServiceError> {
         let public_key = public_key.0.as_str();
         let (_, data) = self
+            .app
             .accounts()
             .by_name(username)?
             .ok_or_else(|| ServiceError::call(EFAULT, format!("User {username} does not exist")))?;
-        if let KeysLocation::Home = self.keys_location {
+        if let KeysLocation::Home = self.app.keys_location {
             let home = data.home.as_str();
             if home.starts_with("/var/empty")
                 || home.starts_with("/nonexistent")
@@ -78,12 +79,12 @@ impl App {
             }
             // A home or ~/.ssh that is a symbolic link or another account's:
             // refused now, before sshd is enabled and started for nothing.
-            self.accounts().check_keys(username, &data)?;
+            self.app.accounts().check_keys(username, &data)?;
         }
         // Before anything changes: an account that cannot run commands makes a
         // connection that fails every backup. With manage_os the pairing side
         // changes the shell afterwards (as TrueNAS does); without, it cannot.
-        if !self.config.manage_os_accounts {
+        if !self.app.config.manage_os_accounts {
             let os = keyhaven_ssh::accounts::lookup(username).ok_or_else(|| {
                 ServiceError::call(
                     EFAULT,
@@ -100,13 +101,13 @@ impl App {
                 ));
             }
         }
-        if !self.sshd().enabled()? {
-            self.sshd().set_enabled(true)?;
+        if !self.app.sshd().enabled()? {
+            self.app.sshd().set_enabled(true)?;
         }
-        if self.sshd().supervisor().state() != SshdState::Running {
-            self.sshd().control(crate::service::sshd::SshVerb::Start).await?;
+        if self.app.sshd().supervisor().state() != SshdState::Running {
+            self.app.sshd().control(crate::service::sshd::SshVerb::Start).await?;
         }
-        let host_keys = self.sshd().host_public_keys()?;
+        let host_keys = self.app.sshd().host_public_keys()?;
         let mut lines = Vec::new();
         for (label, pred) in [
             ("RSA", (|t: &str| t == "ssh-rsa") as fn(&str) -> bool),
@@ -122,8 +123,9 @@ impl App {
         {
             // Read and write the keys under the accounts lock: two pairings at
             // once must both end up authorized.
-            let _guard = self.accounts().lock().await;
+            let _guard = self.app.accounts().lock().await;
             let (rec, data) = self
+                .app
                 .accounts()
                 .by_name(username)?
                 .ok_or_else(|| ServiceError::call(EFAULT, format!("User {username} does not exist")))?;
@@ -137,9 +139,9 @@ impl App {
                 new.push('\n');
                 let input = UserInput { sshpubkey: Some(Some(new)), ..UserInput::default() };
                 // Its field errors keep naming user.update's schema, as they always have.
-                self.accounts().update_locked(rec.id, input).await.map_err(|e| e.in_schema("user_update"))?;
+                self.app.accounts().update_locked(rec.id, input).await.map_err(|e| e.in_schema("user_update"))?;
             }
         }
-        Ok(PairReply { port: self.sshd().settings()?.tcpport, host_key: lines.concat() })
+        Ok(PairReply { port: self.app.sshd().settings()?.tcpport, host_key: lines.concat() })
     }
 }

@@ -13,13 +13,13 @@ pub struct RePairOutcome {
     pub old_key_kept_because: Option<String>,
 }
 
-impl App {
+impl<'a> Pairing<'a> {
     /// `keychaincredential.re_pair_ssh_connection` (keyhaven extension): pair an
     /// existing connection again through the remote's API, optionally with a
     /// new key pair (key rotation). The new key must log in before the
     /// connection switches to it and before the old key leaves the remote;
     /// any failure restores the connection and removes a generated key pair.
-    pub async fn re_pair_ssh_connection(
+    pub async fn re_pair(
         &self,
         id: i64,
         s: &SemiAutomatic,
@@ -27,7 +27,7 @@ impl App {
         remove_old_key: bool,
     ) -> Result<RePairOutcome, ServiceError> {
         const S: &str = "keychain_re_pair_ssh_connection";
-        let conn = self.keychain_get(id)?;
+        let conn = self.app.keychain().get(id)?;
         if conn["type"] != crate::service::keychain::SSH_CREDENTIALS {
             return Err(ServiceError::field(format!("{S}.id"), format!("Credential {id} is not an SSH connection")));
         }
@@ -35,17 +35,19 @@ impl App {
         let old_attrs = conn["attributes"].clone();
         let old_key_id = old_attrs["private_key"].as_i64().unwrap_or_default();
         let old_public = self
-            .keychain_get(old_key_id)
+            .app
+            .keychain()
+            .get(old_key_id)
             .ok()
             .and_then(|k| k["attributes"]["public_key"].as_str().map(|p| p.trim().to_string()));
         if let Some((key_name, _)) = &new_key {
-            if self.keychain_entries()?.names.contains_key(key_name.as_str()) {
+            if self.app.keychain().entries()?.names.contains_key(key_name.as_str()) {
                 return Err(ServiceError::field(
                     format!("{S}.new_key.name"),
                     "Is already in use by another Keychain Credential",
                 ));
             }
-        } else if !matches!(self.keypair_private_key(old_key_id), Ok(Some(k)) if !k.trim().is_empty()) {
+        } else if !matches!(self.app.keychain().private_key(old_key_id), Ok(Some(k)) if !k.trim().is_empty()) {
             return Err(ServiceError::call(
                 ENOENT,
                 format!("The key pair of {name} has no private key; re-pair with a new key instead"),
@@ -60,7 +62,7 @@ impl App {
         let rotated = key_id != old_key_id;
         let discard_new_key = |why: &str| {
             if rotated {
-                if let Err(e) = self.keychain_delete(key_id, false) {
+                if let Err(e) = self.app.keychain().delete(key_id, false) {
                     tracing::error!("could not remove the key pair generated to re-pair {name} ({why}): {e}");
                 }
             }
@@ -79,7 +81,9 @@ impl App {
         // Field errors are named as keychaincredential.update names them.
         let schema = "keychain_credential_update";
         let connection = match self
-            .keychain_update(id, None, Some(AttributesInput::Connection(updated)))
+            .app
+            .keychain()
+            .update(id, None, Some(AttributesInput::Connection(updated)))
             .await
             .map_err(|e| e.in_schema(schema))
         {
@@ -92,7 +96,7 @@ impl App {
             }
         };
         // The new key must work before anything old goes away.
-        let (passed, stage, why) = match self.test_ssh_connection(id, None).await {
+        let (passed, stage, why) = match self.test_connection(id, None).await {
             Ok(r) => (r.ok, r.stage.as_str(), r.error.unwrap_or_default()),
             Err(e) => (false, "connect", e.to_string()),
         };
@@ -109,7 +113,7 @@ impl App {
                 private_key: old_key_id,
                 remote_host_key: old_attrs["remote_host_key"].as_str().unwrap_or_default().to_string(),
             };
-            let restore = self.keychain_update(id, None, Some(AttributesInput::Connection(old))).await;
+            let restore = self.app.keychain().update(id, None, Some(AttributesInput::Connection(old))).await;
             if let Err(e) = restore {
                 tracing::error!("could not restore connection {name} after a failed re-pair: {e}");
             }
@@ -140,7 +144,7 @@ impl App {
             let old_user = old_attrs["username"].as_str().unwrap_or_default().to_string();
             let old_host = old_attrs["host"].as_str().unwrap_or_default().to_lowercase();
             let host = url_host(&s.url);
-            let cached = self.keychain_entries()?;
+            let cached = self.app.keychain().entries()?;
             let others: Vec<String> = cached
                 .connection_keys
                 .iter()

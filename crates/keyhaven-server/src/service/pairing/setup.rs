@@ -2,18 +2,13 @@
 
 use super::*;
 
-impl App {
+impl<'a> Pairing<'a> {
     /// `keychaincredential.remote_ssh_semiautomatic_setup` (reference §2.8).
-    pub async fn remote_semiautomatic_setup(
-        &self,
-        name: &str,
-        key_id: i64,
-        s: &SemiAutomatic,
-    ) -> Result<Value, ServiceError> {
+    pub async fn semiautomatic_setup(&self, name: &str, key_id: i64, s: &SemiAutomatic) -> Result<Value, ServiceError> {
         let not_found = || ServiceError::call(EFAULT, "Specified key pair not found");
-        let kp = self.keychain_get(key_id).map_err(|_| not_found())?;
+        let kp = self.app.keychain().get(key_id).map_err(|_| not_found())?;
         if kp["type"] != SSH_KEY_PAIR
-            || !matches!(self.keypair_private_key(key_id), Ok(Some(k)) if !k.trim().is_empty())
+            || !matches!(self.app.keychain().private_key(key_id), Ok(Some(k)) if !k.trim().is_empty())
         {
             return Err(not_found());
         }
@@ -28,7 +23,7 @@ impl App {
         };
         let conn = paired_connection(s, port, &host_key, key_id);
         let created =
-            self.keychain_create(name, AttributesInput::Connection(conn)).await.map_err(|e| e.in_schema(CREATE));
+            self.app.keychain().create(name, AttributesInput::Connection(conn)).await.map_err(|e| e.in_schema(CREATE));
         if created.is_err() {
             changes.undo(&mut c, &s.username).await;
         }
@@ -138,14 +133,14 @@ impl App {
 
     /// `keychaincredential.setup_ssh_connection` (reference §2.10). Names are
     /// checked first; a key pair generated here is removed again on failure.
-    pub async fn setup_ssh_connection(
+    pub async fn setup_connection(
         &self,
         connection_name: &str,
         key: KeyChoice,
         kind: SetupKind,
     ) -> Result<Value, ServiceError> {
         const S: &str = "setup_ssh_connection";
-        let cached = self.keychain_entries()?;
+        let cached = self.app.keychain().entries()?;
         let taken = |n: &str| cached.names.contains_key(n);
         let mut errs = keyhaven_core::ValidationErrors::new();
         match &key {
@@ -165,7 +160,8 @@ impl App {
         let (key_id, generated) = match key {
             KeyChoice::Generate { name, options } => (self.create_generated_key(&name, options).await?.0, true),
             KeyChoice::Existing(id) => {
-                let e = self.keychain_get(id).map_err(|_| ServiceError::call(ENOENT, "Credential does not exist"))?;
+                let e =
+                    self.app.keychain().get(id).map_err(|_| ServiceError::call(ENOENT, "Credential does not exist"))?;
                 if e["type"] != SSH_KEY_PAIR {
                     return Err(ServiceError::call(EINVAL, "Credential is not of type SSH_KEY_PAIR"));
                 }
@@ -173,7 +169,7 @@ impl App {
             }
         };
         let r = match kind {
-            SetupKind::SemiAutomatic(s) => self.remote_semiautomatic_setup(connection_name, key_id, &s).await,
+            SetupKind::SemiAutomatic(s) => self.semiautomatic_setup(connection_name, key_id, &s).await,
             SetupKind::Manual(m) => {
                 let conn = ConnectionInput {
                     endpoint: m.endpoint,
@@ -181,13 +177,15 @@ impl App {
                     private_key: key_id,
                     remote_host_key: m.remote_host_key,
                 };
-                self.keychain_create(connection_name, AttributesInput::Connection(conn))
+                self.app
+                    .keychain()
+                    .create(connection_name, AttributesInput::Connection(conn))
                     .await
                     .map_err(|e| e.in_schema(CREATE))
             }
         };
         if r.is_err() && generated {
-            if let Err(e) = self.keychain_delete(key_id, false) {
+            if let Err(e) = self.app.keychain().delete(key_id, false) {
                 tracing::error!("could not remove the key pair generated for {connection_name}: {e}");
             }
         }
