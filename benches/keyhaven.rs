@@ -1,6 +1,6 @@
 //! keyhaven's benchmarks, measured against OpenSSH's own tools on the same
 //! machine in the same run. `cargo bench --bench keyhaven [-- GROUP…]` prints a
-//! Markdown report (groups: daemon, keygen, keychain, sshd, pairing, hostile, perf, rsync, metrics;
+//! Markdown report (groups: daemon, keygen, keychain, sshd, pairing, hostile, perf, rsync, metrics, backup;
 //! default all). `KEYHAVEN_BENCH_BASELINE=/path/to/older/keyhaven` adds the
 //! figures of that build, measured in the same run, where a group compares.
 //!
@@ -694,6 +694,9 @@ fn main() {
     if want("metrics") {
         rt.block_on(bench_metrics());
     }
+    if want("backup") {
+        rt.block_on(bench_backup());
+    }
 }
 
 // ---------------------------------------------------------------- hostile (issue 10)
@@ -1382,5 +1385,135 @@ async fn bench_metrics() {
     let (p50, p90) = (pct(&mut times.clone(), 0.5), pct(&mut times, 0.9));
     println!("| `/healthz` (checks at most once a second, the rest served from the last result) | 10000 | {p50:.2} ms | {p90:.2} ms | | |\n");
     let _ = std::fs::remove_dir_all(&src);
+    drop(d);
+}
+
+// ---------------------------------------------------------------- backup and restore (issue 13, part 2)
+
+/// `GET` to the last byte, as bytes; (status, body, time).
+async fn http_get_bytes(addr: std::net::SocketAddr, path: &str) -> (u16, Vec<u8>, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = vec![];
+    s.read_to_end(&mut buf).await.unwrap();
+    let took = t.elapsed();
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let status = String::from_utf8_lossy(&buf[..split]).split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, buf[split + 4..].to_vec(), took)
+}
+
+fn keyhaven_cli(args: &[&str], dir: &std::path::Path) -> Duration {
+    let t = Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_keyhaven")).args(args).arg("--data-dir").arg(dir).output().unwrap();
+    assert!(o.status.success(), "keyhaven {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    t.elapsed()
+}
+
+async fn bench_backup() {
+    println!("## Backup and restore (issue 13, part 2)\n");
+    const N: usize = 10_000;
+    let (d, _) = start(None);
+    let mut ws = connect(&d, true).await;
+    // 10,000 ED25519 key pairs (private halves sealed in the database).
+    let pairs: Vec<(String, String)> = (0..N)
+        .map(|_| {
+            let o = keyhaven_core::keys::GenerateOptions {
+                algorithm: keyhaven_core::keys::KeyAlgorithm::Ed25519,
+                bits: None,
+                comment: None,
+            };
+            let kp = keyhaven_core::keys::generate(&o).unwrap();
+            (kp.private_key.to_string(), kp.public_key.to_string())
+        })
+        .collect();
+    let pairs = std::sync::Arc::new(pairs);
+    let p2 = pairs.clone();
+    pipelined(&mut ws, N, 16, move |i| {
+        json!({"jsonrpc":"2.0","id":i,"method":"keychaincredential.create","params":[{"name": format!("bench-{i}"),
+            "type": "SSH_KEY_PAIR", "attributes": {"private_key": p2[i].0, "public_key": p2[i].1}}]})
+        .to_string()
+    })
+    .await;
+    let count = call(&mut ws, "keychaincredential.query", json!([[], {"count": true}])).await;
+    assert_eq!(count, json!(N));
+    let db = db_bytes(&d.dir);
+    let scratch = base().join(format!("backup-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let pass = scratch.join("pass");
+    std::fs::write(&pass, "bench backup passphrase\n").unwrap();
+    let file = scratch.join("b.age");
+    let args = |out: &std::path::Path| {
+        vec![
+            "backup".to_string(),
+            "--out".into(),
+            out.display().to_string(),
+            "--passphrase-file".into(),
+            pass.display().to_string(),
+        ]
+    };
+    let mut cli = vec![];
+    for _ in 0..3 {
+        let a = args(&file);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        cli.push(keyhaven_cli(&a, &d.dir).as_secs_f64() * 1000.0);
+    }
+    let size = std::fs::metadata(&file).unwrap().len();
+    // config.save: the job, then the download of its link.
+    let main: std::net::SocketAddr = d.url.trim_start_matches("ws://").parse().unwrap();
+    let (mut job_ms, mut dl_ms) = (vec![], vec![]);
+    for _ in 0..3 {
+        let t = Instant::now();
+        let job = call(&mut ws, "config.save", json!([{"passphrase": "bench backup passphrase"}])).await;
+        let j = job_end(&mut ws, &job).await;
+        assert_eq!(j["state"], "SUCCESS", "{j}");
+        job_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        let token = call(&mut ws, "auth.generate_token", json!([60, {}, true, true])).await;
+        let url = format!("{}?auth_token={}", j["result"].as_str().unwrap(), token.as_str().unwrap());
+        let (status, body, took) = http_get_bytes(main, &url).await;
+        assert_eq!(status, 200);
+        assert!(body.len() as u64 > size / 2);
+        dl_ms.push(took.as_secs_f64() * 1000.0);
+    }
+    drop(ws);
+    // Restore into fresh data dirs, then the first start on the restored state.
+    let (mut restore_ms, mut first_ms, mut query_ms) = (vec![], vec![], vec![]);
+    for _ in 0..3 {
+        let dir = fresh_dir();
+        let t = Instant::now();
+        let o = Command::new(env!("CARGO_BIN_EXE_keyhaven"))
+            .args(["restore", "--in"])
+            .arg(&file)
+            .arg("--passphrase-file")
+            .arg(&pass)
+            .arg("--data-dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        restore_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        let (r, ready) = start(Some(dir));
+        first_ms.push(ready.as_secs_f64() * 1000.0);
+        let mut ws = connect(&r, true).await;
+        let t = Instant::now();
+        assert_eq!(call(&mut ws, "keychaincredential.query", json!([[], {"count": true}])).await, json!(N));
+        query_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        drop(ws);
+        drop(r);
+    }
+    println!("| with {N} key pairs | median of 3 | note |\n|---|---|---|");
+    println!("| database size (`keyhaven.db` + WAL) | {:.1} MB | |", db as f64 / 1e6);
+    println!("| backup file size | {:.1} MB | age (scrypt 2^18) around a tar: VACUUM INTO copy, master.key, host keys, TLS |", size as f64 / 1e6);
+    println!(
+        "| `keyhaven backup` (CLI, daemon running) | {:.0} ms | process start to file renamed in place |",
+        median(&mut cli)
+    );
+    println!("| `config.save` job | {:.0} ms | call to job SUCCESS |", median(&mut job_ms));
+    println!("| download of the `config.save` link | {:.0} ms | |", median(&mut dl_ms));
+    println!("| `keyhaven restore` into an empty data dir | {:.0} ms | decrypt, verify every hash and the database, swap in |", median(&mut restore_ms));
+    println!("| first start after the restore (spawn to ready line) | {:.0} ms | |", median(&mut first_ms));
+    println!("| then `keychaincredential.query` count | {:.1} ms | every record there |\n", median(&mut query_ms));
+    let _ = std::fs::remove_dir_all(&scratch);
     drop(d);
 }

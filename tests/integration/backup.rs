@@ -590,6 +590,20 @@ async fn config_save_and_upload_restore_in_place() {
     let (ct, form) = upload_form(PASSPHRASE, &backup_file);
     let (status, body) = post_bytes(d.addr, "/_upload", &[("Content-Type", &ct)], &form).await;
     assert_eq!(status, 401, "{body}");
+    // A read-only admin may not restore (nor download a saved configuration).
+    c.call(
+        "user.create",
+        json!([{"username": "daemon", "full_name": "ro", "password": "ro-password-1", "roles": ["READONLY_ADMIN"]}]),
+    )
+    .await;
+    let mut ro = d.client().await;
+    ro.login("daemon", "ro-password-1").await;
+    let ro_token = ro.call("auth.generate_token", json!([600, {}, false, false])).await;
+    let ro_path = format!("/_upload?auth_token={}", ro_token.as_str().unwrap());
+    let (status, body) = post_bytes(d.addr, &ro_path, &[("Content-Type", &ct)], &form).await;
+    assert_eq!(status, 403, "{body}");
+    let e = ro.err("config.save", json!([{"passphrase": PASSPHRASE}])).await;
+    assert_eq!(e["data"]["errname"], "EACCES", "{e}");
     let auth = format!(
         "Bearer {}",
         c.call("api_key.create", json!([{"name": "up", "username": "admin"}])).await["key"].as_str().unwrap()
