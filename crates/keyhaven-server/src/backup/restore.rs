@@ -273,3 +273,68 @@ pub fn restore_offline(data_dir: &Path, input: &Path, pass: &Passphrase) -> Resu
     let previous = apply_staged(data_dir)?;
     Ok((staged.manifest, previous))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A data dir with a store in it, and a backup of it.
+    fn dir_with_backup(pass: &Passphrase) -> (tempfile::TempDir, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = keyhaven_store::Store::open(dir.path()).unwrap();
+        store.setting_set("marker", &serde_json::json!("backed up")).unwrap();
+        drop(store);
+        let mut file = Vec::new();
+        crate::backup::create_backup(dir.path(), &mut file, pass).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn an_apply_interrupted_half_way_carries_on_without_losing_either_state() {
+        let pass = Passphrase::new("test passphrase").unwrap();
+        let (dir, file) = dir_with_backup(&pass);
+        let d = dir.path();
+        // Change the live state after the backup, then stage the backup.
+        {
+            let (store, _) = keyhaven_store::Store::open(d).unwrap();
+            store.setting_set("marker", &serde_json::json!("after")).unwrap();
+        }
+        let staged = stage(d, &file[..], &pass).unwrap();
+        let staged_db = std::fs::read(staged.dir.join(DB_FILE)).unwrap();
+        let live_key = std::fs::read(d.join(MASTER_KEY_FILE)).unwrap();
+        // A crash after the previous dir was chosen and only the database moved aside.
+        let previous = d.join(format!("{PREVIOUS_PREFIX}crashed"));
+        std::fs::create_dir(&previous).unwrap();
+        std::fs::write(staged.dir.join(PREVIOUS_NOTE), format!("{PREVIOUS_PREFIX}crashed")).unwrap();
+        let live_db = std::fs::read(d.join(DB_FILE)).unwrap();
+        std::fs::rename(d.join(DB_FILE), previous.join(DB_FILE)).unwrap();
+
+        assert_eq!(apply_staged(d).unwrap().as_deref(), Some(previous.as_path()));
+        assert_eq!(std::fs::read(d.join(DB_FILE)).unwrap(), staged_db);
+        assert_eq!(std::fs::read(previous.join(DB_FILE)).unwrap(), live_db, "the previous database was lost");
+        assert_eq!(std::fs::read(previous.join(MASTER_KEY_FILE)).unwrap(), live_key);
+        assert!(!d.join(STAGED_DIR).exists());
+        assert!(apply_staged(d).unwrap().is_none(), "nothing left to apply");
+        let (store, _) = keyhaven_store::Store::open(d).unwrap();
+        assert_eq!(store.setting_get("marker").unwrap(), Some(serde_json::json!("backed up")));
+        drop(store);
+        assert_eq!(forget_previous(d), 1);
+        assert!(!previous.exists());
+    }
+
+    #[test]
+    fn a_failed_stage_leaves_nothing_behind() {
+        let pass = Passphrase::new("test passphrase").unwrap();
+        let (dir, file) = dir_with_backup(&pass);
+        let wrong = Passphrase::new("another").unwrap();
+        assert!(matches!(stage(dir.path(), &file[..], &wrong), Err(BackupError::WrongPassphrase)));
+        assert!(matches!(stage(dir.path(), &file[..file.len() - 20], &pass), Err(BackupError::Damaged(_))));
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.contains("restore"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
