@@ -35,7 +35,8 @@ fn prepared() -> &'static Mutex<HashMap<String, Prepared>> {
     P.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// Remove expired downloads, and files no entry knows (left by an earlier process).
+/// Remove expired downloads, and files no entry knows (left by an earlier
+/// process), except an upload being received.
 fn sweep(dir: &Path) {
     let mut all = prepared().lock().unwrap_or_else(|p| p.into_inner());
     let now = Instant::now();
@@ -48,7 +49,9 @@ fn sweep(dir: &Path) {
     });
     let known: Vec<PathBuf> = all.values().map(|p| p.path.clone()).collect();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if !known.contains(&e.path()) {
+        // An upload being received is the upload handler's to remove.
+        let receiving = e.file_name().to_str().is_some_and(|n| n.starts_with(".upload-"));
+        if !receiving && !known.contains(&e.path()) {
             let _ = std::fs::remove_file(e.path());
         }
     }
