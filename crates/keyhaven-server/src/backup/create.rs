@@ -24,8 +24,24 @@ pub struct BackupSummary {
 /// removed on drop.
 pub(crate) struct Scratch(pub PathBuf);
 
+/// The prefixes of scratch directories (`<prefix>-<pid>-<nanos>`).
+const SCRATCH_PREFIXES: [&str; 2] = [".backup-tmp-", ".restore-tmp-"];
+
+/// Remove scratch directories whose process is gone (killed mid-backup).
+fn sweep_scratch(data_dir: &Path) {
+    for e in std::fs::read_dir(data_dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = SCRATCH_PREFIXES.iter().find_map(|p| name.strip_prefix(p)) else { continue };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 impl Scratch {
     pub(crate) fn new(data_dir: &Path, prefix: &str) -> Result<Scratch> {
+        sweep_scratch(data_dir);
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         let path = data_dir.join(format!("{prefix}-{}-{nanos}", std::process::id()));
         std::fs::DirBuilder::new().mode(0o700).create(&path).map_err(|e| BackupError::io(&path, e))?;
@@ -154,4 +170,24 @@ pub fn create_backup_file(data_dir: &Path, out: &Path, pass: &Passphrase) -> Res
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scratch_dirs_of_dead_processes_are_swept_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        // A pid above the kernel's maximum is never alive.
+        let dead = dir.path().join(".backup-tmp-999999999-1");
+        let live = dir.path().join(format!(".restore-tmp-{}-1", std::process::id()));
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::create_dir(&live).unwrap();
+        let s = Scratch::new(dir.path(), ".backup-tmp").unwrap();
+        assert!(!dead.exists() && live.exists() && s.0.exists());
+        let path = s.0.clone();
+        drop(s);
+        assert!(!path.exists());
+    }
 }
