@@ -224,8 +224,8 @@ async fn scan_family(
 // Connection test
 // ---------------------------------------------------------------------------
 
-/// What to connect to and how to log in. `Debug` does not show the private key.
-#[derive(Clone)]
+/// What to connect to and how to log in. `Debug` does not show the private key,
+/// and it cannot be cloned: the key has one owner.
 pub struct TestTarget {
     pub host: String,
     pub port: u16,

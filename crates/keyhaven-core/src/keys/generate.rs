@@ -111,8 +111,8 @@ pub fn validate_generate_options(o: &GenerateOptions) -> Result<u32, FieldError>
     Ok(bits)
 }
 
-/// A freshly generated key pair, as text. `Debug` does not show the private key.
-#[derive(Clone)]
+/// A freshly generated key pair, as text. `Debug` does not show the private key,
+/// and it cannot be cloned: the key has one owner.
 pub struct KeyPairText {
     /// Unencrypted OpenSSH private key (`-----BEGIN OPENSSH PRIVATE KEY-----`), ending in `\n`.
     pub private_key: Zeroizing<String>,

@@ -69,8 +69,7 @@ impl From<KeyPairError> for FieldError {
 }
 
 /// A key pair that passed [`validate_key_pair`], normalised for storage. `Debug` does
-/// not show the private key.
-#[derive(Clone)]
+/// not show the private key, and it cannot be cloned: the key has one owner.
 pub struct ValidatedKeyPair {
     /// Unencrypted OpenSSH private key text ending in `\n`; `None` for a public-only pair.
     pub private_key: Option<Zeroizing<String>>,

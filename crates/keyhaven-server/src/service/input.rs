@@ -43,8 +43,9 @@ impl<'de> Deserialize<'de> for Str {
     }
 }
 
-/// A secret string parameter (password, token, OTP): redacted in Debug and zeroed on drop.
-#[derive(Clone, Default)]
+/// A secret string parameter (password, token, OTP): redacted in Debug, zeroed on
+/// drop, not `Clone`.
+#[derive(Default)]
 pub struct Secret(pub secrecy::SecretString);
 
 impl fmt::Debug for Secret {
