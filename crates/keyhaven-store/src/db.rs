@@ -6,41 +6,18 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
-use rusqlite_migration::{Migrations, M};
+use rusqlite::{params, Connection, Transaction};
 
 use crate::crypto::{MasterKey, MASTER_KEY_FILE};
 use crate::error::{Result, StoreError};
+use crate::schema::{key_check_matches, migrations, DB_FILE, KEY_CHECK};
 
-pub const DB_FILE: &str = "keyhaven.db";
 const NEW_KEY_SUFFIX: &str = ".new";
-const KEY_CHECK: &[u8] = b"keyhaven master key check";
 
 /// Every sealed column: what `rotate-master-key` re-encrypts. A new secret
 /// column must be listed here or rotation would leave it unreadable.
 pub(crate) const SECRET_COLUMNS: &[(&str, &str)] =
     &[("users", "twofactor_secret"), ("keychain", "private_key"), ("host_keys", "private_key")];
-
-/// Forward-only; never edit a released step, append a new one.
-fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![
-        M::up(include_str!("migrations/0001_initial.sql")),
-        M::up(include_str!("migrations/0002_connection_tests.sql")),
-        M::up(include_str!("migrations/0003_totp_replay.sql")),
-        M::up(include_str!("migrations/0004_audit.sql")),
-        M::up(include_str!("migrations/0005_rsync_tasks.sql")),
-        M::up(include_str!("migrations/0006_rsync_last_success.sql")),
-        M::up(include_str!("migrations/0007_schema_history.sql")),
-    ])
-}
-
-/// How many migration steps this binary has (its latest schema version).
-pub(crate) fn migration_count() -> usize {
-    MIGRATION_COUNT
-}
-
-/// Keep in step with [`migrations`] (checked by a test).
-const MIGRATION_COUNT: usize = 7;
 
 /// The database and the key that seals its secret columns.
 pub struct Store {
@@ -463,12 +440,6 @@ fn recover_rotation(conn: &Connection, key_path: &Path) -> Result<MasterKey> {
     MasterKey::load(key_path)
 }
 
-pub(crate) fn key_check_matches(conn: &Connection, key: &MasterKey) -> Result<Option<bool>> {
-    let sealed: Option<Vec<u8>> =
-        conn.query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| r.get(0)).optional()?;
-    Ok(sealed.map(|s| key.open("meta", 0, "key_check", &s).is_some_and(|p| p.as_slice() == KEY_CHECK)))
-}
-
 fn set_key_check(conn: &Connection, key: &MasterKey) -> Result<()> {
     let sealed = key.seal("meta", 0, "key_check", KEY_CHECK);
     conn.execute(
@@ -489,6 +460,7 @@ fn check_or_set_key(conn: &Connection, key: &MasterKey, key_path: &Path) -> Resu
 #[cfg(test)]
 mod schema_tests {
     use super::*;
+    use crate::schema::MIGRATION_COUNT;
 
     #[test]
     fn the_migration_count_matches_the_migrations() {

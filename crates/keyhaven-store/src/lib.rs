@@ -16,11 +16,13 @@ mod db;
 mod error;
 pub mod records;
 pub mod rsync;
+mod schema;
 pub mod snapshot;
 
 pub use audit::*;
 pub use crypto::{MasterKey, MASTER_KEY_FILE};
-pub use db::{Store, SyncTicket, DB_FILE};
+pub use db::{Store, SyncTicket};
 pub use error::StoreError;
 pub use records::*;
 pub use rsync::*;
+pub use schema::DB_FILE;

@@ -17,7 +17,7 @@ use crate::error::{Result, StoreError};
 
 /// The schema version this binary migrates to (the number of migrations).
 pub fn latest_schema() -> u32 {
-    crate::db::migration_count() as u32
+    crate::schema::migration_count() as u32
 }
 
 /// The keyhaven release that first shipped each schema version, for messages
@@ -64,7 +64,7 @@ pub(crate) fn check_schema_known(conn: &Connection, path: &Path) -> Result<u32> 
 /// consistent snapshot, whether or not the daemon runs. Returns the copy's
 /// schema version. The copy has no journal beside it (`journal_mode=DELETE`).
 pub fn snapshot_db(dir: &Path, dest: &Path) -> Result<u32> {
-    let src = dir.join(crate::db::DB_FILE);
+    let src = dir.join(crate::schema::DB_FILE);
     if !src.exists() {
         return Err(StoreError::io(
             &src,
@@ -110,7 +110,7 @@ pub fn check_copy(db: &Path, key_path: &Path) -> Result<u32> {
     }
     let version = check_schema_known(&conn, db)?;
     let key = MasterKey::load(key_path)?;
-    match crate::db::key_check_matches(&conn, &key)? {
+    match crate::schema::key_check_matches(&conn, &key)? {
         Some(true) => Ok(version),
         Some(false) => Err(StoreError::WrongMasterKey { path: key_path.to_path_buf() }),
         None => Err(StoreError::Corrupt(format!("{} has no master key check", db.display()))),
