@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::params::Str;
-use super::{query, Ctx, MethodDef, Params};
+use super::{query, to_json, Ctx, MethodDef, Params};
 use crate::error::{ServiceError, ENOENT};
 use crate::method;
 use crate::service::sshd::SshVerb;
@@ -20,7 +20,7 @@ pub fn methods() -> Vec<MethodDef> {
 }
 
 async fn query_m(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    query(&[ctx.app.sshd().service_entry()?], &p, "service.query")
+    query(&[to_json(&ctx.app.sshd().service_entry()?)?], &p, "service.query")
 }
 
 fn check_service(v: &Value, attr: &str) -> Result<(), ServiceError> {
@@ -48,7 +48,7 @@ async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let u: UpdateIn = p.req(1, "service_update")?;
     ctx.describe(format!("Update service ssh: enable={}", u.enable));
     ctx.app.sshd().set_enabled(u.enable)?;
-    ctx.app.sshd().service_entry()
+    to_json(&ctx.app.sshd().service_entry()?)
 }
 
 #[derive(Deserialize, Default)]

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use secrecy::ExposeSecret;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use zeroize::Zeroizing;
 
@@ -396,9 +396,9 @@ impl<'a> Keychain<'a> {
                     pass.as_deref().map(|s| s.as_str()),
                 )
                 .map_err(|e| ServiceError::Validation(FieldError::from(e).prefixed(prefix).into()))?;
-                Ok(key_pair_attributes(v))
+                key_pair_attributes(v)
             }
-            AttributesInput::CheckedKeyPair(v) => Ok(key_pair_attributes(v)),
+            AttributesInput::CheckedKeyPair(v) => key_pair_attributes(v),
             AttributesInput::Connection(c) => {
                 let mut errs = ValidationErrors::new();
                 let (ep, username) = (&c.endpoint, &c.username);
@@ -442,15 +442,15 @@ impl<'a> Keychain<'a> {
                 }
                 errs.check()?;
                 let remote_host_key = host_keys.iter().map(|h| h.to_line()).collect::<Vec<_>>().join("\n");
-                let attributes = json!({
-                    "host": ep.host.trim(),
-                    "port": ep.port,
-                    "username": username,
-                    "private_key": c.private_key,
-                    "remote_host_key": remote_host_key,
-                    "connect_timeout": ep.connect_timeout,
-                });
-                Ok((SSH_CREDENTIALS, attributes, None))
+                let attributes = ConnectionAttributes {
+                    host: ep.host.trim(),
+                    port: ep.port,
+                    username,
+                    private_key: c.private_key,
+                    remote_host_key,
+                    connect_timeout: ep.connect_timeout,
+                };
+                Ok((SSH_CREDENTIALS, stored(&attributes)?, None))
             }
         }
     }
@@ -562,18 +562,52 @@ async fn wait_durable(t: keyhaven_store::SyncTicket) {
     }
 }
 
+/// The stored `attributes` of an `SSH_KEY_PAIR` (TrueNAS field names plus
+/// keyhaven's additive `key_type`/`algorithm`/`bits`/`comment`/`fingerprint`).
+/// The private key is never stored here: it is sealed apart and filled in
+/// per reader (`fill_private`), so `private_key` is always null.
+#[derive(Serialize)]
+struct KeyPairAttributes<'a> {
+    private_key: Option<&'a str>,
+    public_key: &'a str,
+    key_type: &'a str,
+    algorithm: &'static str,
+    bits: u32,
+    comment: &'a str,
+    fingerprint: &'a str,
+}
+
+/// The stored `attributes` of an `SSH_CREDENTIALS` connection (TrueNAS
+/// field names; `private_key` is the id of the key pair it uses).
+#[derive(Serialize)]
+struct ConnectionAttributes<'a> {
+    host: &'a str,
+    port: i64,
+    username: &'a str,
+    private_key: i64,
+    remote_host_key: String,
+    connect_timeout: i64,
+}
+
+/// Attributes as the store keeps them (JSON text in the credential row).
+fn stored<T: Serialize>(attributes: &T) -> Result<Value, ServiceError> {
+    serde_json::to_value(attributes).map_err(|e| ServiceError::internal("encoding credential attributes", e))
+}
+
 /// The stored attributes of a checked key pair, and its private key to seal.
-fn key_pair_attributes(v: keys::ValidatedKeyPair) -> (&'static str, Value, Option<Zeroizing<String>>) {
-    let attributes = json!({
-        "private_key": Value::Null,
-        "public_key": v.public_key,
-        "key_type": v.info.key_type,
-        "algorithm": v.info.algorithm.as_str(),
-        "bits": v.info.bits,
-        "comment": v.info.comment,
-        "fingerprint": v.info.fingerprint,
-    });
-    (SSH_KEY_PAIR, attributes, v.private_key)
+fn key_pair_attributes(
+    v: keys::ValidatedKeyPair,
+) -> Result<(&'static str, Value, Option<Zeroizing<String>>), ServiceError> {
+    let attributes = stored(&KeyPairAttributes {
+        private_key: None,
+        public_key: &v.public_key,
+        key_type: &v.info.key_type,
+        algorithm: v.info.algorithm.as_str(),
+        bits: v.info.bits,
+        comment: &v.info.comment,
+        fingerprint: &v.info.fingerprint,
+    })?;
+    Ok((SSH_KEY_PAIR, attributes, v.private_key))
 }
 
 /// Read-only admins see `attributes` redacted (TrueNAS's Secret field).

@@ -15,7 +15,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::users::UserData;
 use super::App;
@@ -316,15 +316,13 @@ impl<'a> Sshd<'a> {
     }
 
     /// `service.query` row for ssh.
-    pub fn service_entry(&self) -> Result<Value, ServiceError> {
+    pub fn service_entry(&self) -> Result<ServiceStatus, ServiceError> {
         let state = match self.supervisor().state() {
             SshdState::Running => "RUNNING",
             SshdState::Stopped => "STOPPED",
             SshdState::Crashed => "CRASHED",
         };
-        Ok(
-            json!({"id": 1, "service": "ssh", "enable": self.enabled()?, "state": state, "pids": self.supervisor().pids()}),
-        )
+        Ok(ServiceStatus { id: 1, service: "ssh", enable: self.enabled()?, state, pids: self.supervisor().pids() })
     }
 
     pub fn set_enabled(&self, enable: bool) -> Result<(), ServiceError> {
@@ -754,4 +752,16 @@ mod tests {
             assert!(msg.contains(&format!("directory {} can be written", temp_dir.display())), "{msg}");
         }
     }
+}
+
+/// The `service.query` row for the one supervised service (TrueNAS field
+/// names; serialised at the API edge).
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceStatus {
+    pub id: i64,
+    pub service: &'static str,
+    pub enable: bool,
+    /// `RUNNING`, `STOPPED` or `CRASHED`.
+    pub state: &'static str,
+    pub pids: Vec<u32>,
 }
