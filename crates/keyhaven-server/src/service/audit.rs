@@ -21,7 +21,8 @@
 //! object `{"$date": ms}`; as everywhere in keyhaven's engine, ordering
 //! comparisons with an object are false (TrueNAS compares it as a datetime).
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::session::Session;
 use super::App;
@@ -101,22 +102,66 @@ pub fn record(app: &App, session: &Session, ev: AuditEvent) {
     }
 }
 
-/// One entry in TrueNAS's `audit.query` shape.
-pub fn to_entry(r: AuditRecord) -> Value {
-    let e = r.entry;
-    json!({
-        "audit_id": r.id,
-        "message_timestamp": r.ts as i64,
-        "timestamp": {"$date": (r.ts * 1000.0) as i64},
-        "address": e.address,
-        "username": e.username,
-        "session": null,
-        "service": e.service,
-        "service_data": {},
-        "event": e.event,
-        "event_data": {"method": e.method, "description": e.target, "error": e.error},
-        "success": e.success,
-    })
+/// One entry in TrueNAS's `audit.query` shape (field names and nesting are
+/// the wire contract; `session` is always null, `service_data` always `{}`).
+#[derive(Debug, Serialize)]
+pub struct AuditRow {
+    pub audit_id: i64,
+    /// Seconds since the epoch.
+    pub message_timestamp: i64,
+    pub timestamp: WireDate,
+    pub address: Option<String>,
+    pub username: Option<String>,
+    pub session: Option<String>,
+    pub service: String,
+    pub service_data: NoData,
+    pub event: String,
+    pub event_data: AuditEventData,
+    pub success: bool,
+}
+
+/// A datetime as TrueNAS's JSON carries it: `{"$date": <milliseconds>}`.
+#[derive(Debug, Serialize)]
+pub struct WireDate {
+    #[serde(rename = "$date")]
+    pub millis: i64,
+}
+
+/// An always-empty object (`{}`).
+#[derive(Debug, Serialize)]
+pub struct NoData {}
+
+/// `event_data` of an audit entry: the method called, what it did, its error.
+#[derive(Debug, Serialize)]
+pub struct AuditEventData {
+    pub method: Option<String>,
+    pub description: Option<String>,
+    pub error: Option<String>,
+}
+
+impl From<AuditRecord> for AuditRow {
+    fn from(r: AuditRecord) -> Self {
+        let e = r.entry;
+        AuditRow {
+            audit_id: r.id,
+            message_timestamp: r.ts as i64,
+            timestamp: WireDate { millis: (r.ts * 1000.0) as i64 },
+            address: e.address,
+            username: e.username,
+            session: None,
+            service: e.service,
+            service_data: NoData {},
+            event: e.event,
+            event_data: AuditEventData { method: e.method, description: e.target, error: e.error },
+            success: e.success,
+        }
+    }
+}
+
+/// One entry as JSON, for the query engine (filters and `select` work on
+/// the wire shape).
+pub fn to_entry(r: AuditRecord) -> Result<Value, ServiceError> {
+    serde_json::to_value(AuditRow::from(r)).map_err(|e| ServiceError::internal("encoding an audit entry", e))
 }
 
 /// Run `audit.query`. Validation errors name `filters` or `options.*`; the
@@ -187,7 +232,7 @@ fn in_sql(
             ),
         ));
     }
-    let page: Vec<Value> = rows.into_iter().map(to_entry).collect();
+    let page: Vec<Value> = rows.into_iter().map(to_entry).collect::<Result<_, _>>()?;
     // Filtered, ordered and paged already: what remains is `get` and `select`.
     let rest = QueryOptions { get: options.get, select: options.select.clone(), ..Default::default() };
     engine(filter_list(&page, &Filters::all(), &rest))
@@ -223,7 +268,7 @@ fn in_memory(
         let last_batch = batch.len() < MEMORY_BATCH;
         after = batch.last().map(|r| r.id).or(after);
         for r in batch {
-            let entry = to_entry(r);
+            let entry = to_entry(r)?;
             // Every filter, the translated ones included: SQL only narrowed.
             if !matcher.try_matches(&entry).map_err(query_error)? {
                 continue;
@@ -528,6 +573,7 @@ fn translate_order(options: &QueryOptions) -> Option<Vec<AuditOrder>> {
 mod tests {
     use super::*;
     use keyhaven_core::query::parse_filters;
+    use serde_json::json;
 
     /// A small deterministic generator (no test-only dependency needed).
     struct Lcg(u64);
@@ -783,7 +829,7 @@ mod tests {
     #[test]
     fn sql_and_in_memory_paths_answer_like_the_generic_engine() {
         let (_d, store) = store_with_rows();
-        let entries: Vec<Value> = store.audit_list().unwrap().into_iter().map(to_entry).collect();
+        let entries: Vec<Value> = store.audit_list().unwrap().into_iter().map(|r| to_entry(r).unwrap()).collect();
         assert_eq!(entries.len(), 300);
         let (mut in_sql, mut in_memory, mut non_empty) = (0, 0, 0);
         for fv in filters() {
