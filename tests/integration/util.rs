@@ -523,7 +523,32 @@ impl OsUserGuard {
     }
 
     /// `userdel -r NAME` now (behind keyhaven's back).
+    ///
+    /// An `ssh` client returns as soon as its command's exit status arrives,
+    /// while sshd's session child running as the user is still tearing down;
+    /// under load it outlives the client long enough for `userdel` to refuse
+    /// with "user ... is currently used by process". So first wait (bounded)
+    /// for the account's processes to end, then SIGKILL any left by PID.
     pub fn userdel(&self) {
+        let uid = self.uid();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = processes_of_uid(uid);
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                for pid in left {
+                    signal(pid, libc::SIGKILL);
+                }
+                let gone = Instant::now() + Duration::from_secs(5);
+                while !processes_of_uid(uid).is_empty() && Instant::now() < gone {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let o = Command::new("userdel").args(["-r", &self.name]).output().unwrap();
         assert!(o.status.success(), "userdel {}: {}", self.name, String::from_utf8_lossy(&o.stderr));
     }
@@ -538,6 +563,25 @@ impl Drop for OsUserGuard {
     fn drop(&mut self) {
         let _ = Command::new("userdel").args(["-r", &self.name]).stderr(Stdio::null()).status();
     }
+}
+
+/// PIDs of the live processes whose real or effective uid is `uid` (from `/proc/PID/status`).
+pub fn processes_of_uid(uid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut pids = Vec::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let owned = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .is_some_and(|ids| ids.split_whitespace().take(2).any(|id| id.parse::<u32>().ok() == Some(uid)));
+        // Zombies count too: userdel refuses until their parent reaps them.
+        if owned {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// The effective uid of the test process.
