@@ -685,3 +685,141 @@ async fn config_save_and_upload_restore_in_place() {
         .flatten()
         .any(|e| e.file_name().to_string_lossy().starts_with("restore-")));
 }
+
+/// A raw `POST /_upload` with a chunked body (no Content-Length): `chunks`
+/// chunks of `chunk` bytes, then, when `finish`, the last chunk. The reply is
+/// read while the body is being sent (the server answers and closes early).
+async fn post_chunked(
+    addr: std::net::SocketAddr,
+    auth: &str,
+    chunk: usize,
+    chunks: usize,
+    finish: bool,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![];
+        let mut part = [0u8; 4096];
+        loop {
+            match rd.read(&mut part).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&part[..n]),
+            }
+        }
+        buf
+    });
+    let head = format!(
+        "POST /_upload HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: {auth}\r\n\
+         Content-Type: application/octet-stream\r\nX-Keyhaven-Passphrase: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    let body = vec![b'k'; chunk];
+    let mut ok = wr.write_all(head.as_bytes()).await.is_ok();
+    for _ in 0..chunks {
+        if !ok {
+            break;
+        }
+        ok = wr.write_all(format!("{chunk:x}\r\n").as_bytes()).await.is_ok()
+            && wr.write_all(&body).await.is_ok()
+            && wr.write_all(b"\r\n").await.is_ok();
+    }
+    if ok && finish {
+        let _ = wr.write_all(b"0\r\n\r\n").await;
+    }
+    let buf = tokio::time::timeout(Duration::from_secs(60), reader).await.expect("a reply within 60 s").unwrap();
+    drop(wr);
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Files named `.upload-*` anywhere under `dir` (staged uploads).
+fn staged_uploads(dir: &Path) -> Vec<PathBuf> {
+    let mut found = vec![];
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if e.file_name().to_string_lossy().starts_with(".upload-") {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// An admin streaming a chunked body (no Content-Length to refuse up front)
+/// past the 256 MiB cap gets 413 with the cap in the message, no staged file
+/// is left in the data dir, and the daemon keeps serving the admin.
+#[tokio::test]
+async fn chunked_upload_past_the_cap_is_refused_and_cleaned_up() {
+    let d = Daemon::start_in(Arc::new(TestDir::new("upload-cap")), DaemonOpts::default());
+    let mut c = d.admin().await;
+    let key = c.call("api_key.create", json!([{"name": "up", "username": "admin"}])).await;
+    let auth = format!("Bearer {}", key["key"].as_str().unwrap());
+    let started = Instant::now();
+    // 257 chunks of 1 MiB: one more than the cap, never a Content-Length.
+    let (status, body) = post_chunked(d.addr, &auth, 1 << 20, 257, true).await;
+    eprintln!("streaming past the cap took {:?}", started.elapsed());
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains(&format!("larger than {} bytes", 256u64 << 20)), "{body}");
+    assert!(staged_uploads(d.dir.path()).is_empty(), "a staged upload was left: {:?}", staged_uploads(d.dir.path()));
+    let me = c.call("auth.me", json!([])).await;
+    assert_eq!(me["pw_name"], "admin", "{me}");
+}
+
+/// A half-open upload (headers and a few bytes, then nothing) holds the one
+/// upload slot only until the idle timeout (shortened here): meanwhile the
+/// admin's API calls are served and a second upload is told to wait (409);
+/// then the stalled one gets 408, its staged file is removed, and the second
+/// admin's upload gets the slot (refused as not a backup, 422).
+#[tokio::test]
+async fn stalled_upload_times_out_and_frees_the_slot() {
+    let mut opts = DaemonOpts::default();
+    opts.env.push(("KEYHAVEN_TEST_UPLOAD_IDLE_MS".into(), "2000".into()));
+    let d = Daemon::start_in(Arc::new(TestDir::new("upload-stall")), opts);
+    let mut c = d.admin().await;
+    let key = c.call("api_key.create", json!([{"name": "stall", "username": "admin"}])).await;
+    let auth = format!("Bearer {}", key["key"].as_str().unwrap());
+    let key2 = c.call("api_key.create", json!([{"name": "second", "username": "admin"}])).await;
+    let auth2 = format!("Bearer {}", key2["key"].as_str().unwrap());
+    let addr = d.addr;
+    let started = Instant::now();
+    let stalled = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!(
+            "POST /_upload HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: {auth}\r\n\
+             Content-Type: application/octet-stream\r\nX-Keyhaven-Passphrase: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+             4\r\nkeyh\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        // Never sends more; read what the server says and when.
+        let mut buf = vec![];
+        let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf)).await;
+        (String::from_utf8_lossy(&buf).to_string(), started.elapsed())
+    });
+    // Wait until the stalled upload holds the slot (its staged file exists).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while staged_uploads(d.dir.path()).is_empty() {
+        assert!(Instant::now() < deadline, "the stalled upload never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t = Instant::now();
+    let me = c.call("auth.me", json!([])).await;
+    assert_eq!(me["pw_name"], "admin", "{me}");
+    assert!(t.elapsed() < Duration::from_secs(1), "an API call waited on the stalled upload");
+    let (status, body) = post_chunked(addr, &auth2, 16, 1, true).await;
+    assert_eq!(status, 409, "{body}");
+    let (reply, after) = stalled.await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("sent nothing for 2000 ms"), "{reply}");
+    assert!(after < Duration::from_secs(10), "the stalled upload was dropped only after {after:?}");
+    assert!(staged_uploads(d.dir.path()).is_empty(), "the stalled upload's file was left");
+    let (status, body) = post_chunked(addr, &auth2, 16, 1, true).await;
+    assert_eq!(status, 422, "{body}");
+}

@@ -21,6 +21,19 @@ pub const EXPORTS_DIR: &str = "exports";
 pub const DOWNLOAD_TTL: Duration = Duration::from_secs(600);
 /// The most an upload may carry.
 pub const UPLOAD_MAX: u64 = 256 << 20;
+/// How long an upload may send nothing before it is dropped (and the one
+/// upload slot freed): 60 s. Tests shorten it with
+/// `KEYHAVEN_TEST_UPLOAD_IDLE_MS`, read once, the first time it is needed.
+pub fn upload_idle() -> Duration {
+    static IDLE: OnceLock<Duration> = OnceLock::new();
+    *IDLE.get_or_init(|| {
+        std::env::var("KEYHAVEN_TEST_UPLOAD_IDLE_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|ms| *ms > 0)
+            .map_or(Duration::from_secs(60), Duration::from_millis)
+    })
+}
 /// The path prefix of prepared downloads.
 pub const DOWNLOAD_PREFIX: &str = "/_download/config/";
 

@@ -5,7 +5,9 @@
 //! field; or the file as the raw body with the passphrase in the
 //! `X-Keyhaven-Passphrase` header). Both authenticate as every download does
 //! (API key or token) and need a full admin; the upload is at most
-//! [`UPLOAD_MAX`] bytes, refused before it is read when it says it is larger.
+//! [`UPLOAD_MAX`] bytes, refused before it is read when it says it is larger,
+//! and dropped (408) when it sends nothing for [`online::upload_idle`], so a
+//! stalled client cannot hold the one upload slot forever.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -124,6 +126,18 @@ fn too_large() -> Response {
     plain(StatusCode::PAYLOAD_TOO_LARGE, &format!("The upload is larger than {UPLOAD_MAX} bytes; keyhaven refuses it"))
 }
 
+/// Await the next part of the body, or the 408 response once it stalls.
+#[allow(clippy::result_large_err)] // the error is the HTTP response to send
+async fn within_idle<T>(next: impl std::future::Future<Output = T>) -> Result<T, Response> {
+    let idle = online::upload_idle();
+    tokio::time::timeout(idle, next).await.map_err(|_| {
+        plain(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!("The upload sent nothing for {} ms; keyhaven dropped it, send it again", idle.as_millis()),
+        )
+    })
+}
+
 fn bad(msg: &str) -> Response {
     plain(StatusCode::BAD_REQUEST, msg)
 }
@@ -180,14 +194,22 @@ pub async fn upload(
         let mut data: Option<UploadData> = None;
         let mut got_file = false;
         loop {
-            let mut field = match form.next_field().await {
+            let next = match within_idle(form.next_field()).await {
+                Ok(n) => n,
+                Err(r) => return r,
+            };
+            let mut field = match next {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => return bad(&format!("The multipart form is malformed: {e}")),
             };
             match field.name() {
                 Some("data") => {
-                    let text = match field.text().await {
+                    let text = match within_idle(field.text()).await {
+                        Ok(t) => t,
+                        Err(r) => return r,
+                    };
+                    let text = match text {
                         Ok(t) if t.len() <= 64 * 1024 => t,
                         _ => return bad("The `data` field must be a short JSON text"),
                     };
@@ -198,7 +220,11 @@ pub async fn upload(
                 }
                 Some("file") => {
                     loop {
-                        match field.chunk().await {
+                        let next = match within_idle(field.chunk()).await {
+                            Ok(n) => n,
+                            Err(r) => return r,
+                        };
+                        match next {
                             Ok(Some(c)) => {
                                 if let Err(r) = incoming.push(&c).await {
                                     return r;
@@ -233,7 +259,12 @@ pub async fn upload(
             _ => return bad("Send the passphrase in the X-Keyhaven-Passphrase header, or use the multipart form"),
         };
         let mut body = Body::into_data_stream(request.into_body());
-        while let Some(chunk) = body.next().await {
+        loop {
+            let chunk = match within_idle(body.next()).await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(r) => return r,
+            };
             match chunk {
                 Ok(c) => {
                     if let Err(r) = incoming.push(&c).await {
