@@ -36,14 +36,27 @@ fn utf8(bytes: Zeroizing<Vec<u8>>, table: &'static str, column: &'static str, ro
 
 // ---------------------------------------------------------------- users
 
-/// An account row. `data` holds the non-secret TrueNAS fields.
-#[derive(Debug, Clone)]
+/// An account row. `data` holds the non-secret TrueNAS fields; `Debug`
+/// never shows the password hash.
+#[derive(Clone)]
 pub struct UserRecord {
     pub id: i64,
     pub username: String,
     pub data: Value,
     pub password_hash: Option<String>,
     pub has_twofactor_secret: bool,
+}
+
+impl std::fmt::Debug for UserRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserRecord")
+            .field("id", &self.id)
+            .field("username", &self.username)
+            .field("data", &self.data)
+            .field("password_hash", &self.password_hash.as_ref().map(|_| "[REDACTED]"))
+            .field("has_twofactor_secret", &self.has_twofactor_secret)
+            .finish()
+    }
 }
 
 const USER_COLS: &str = "id, username, data, password_hash, twofactor_secret IS NOT NULL";
@@ -570,6 +583,20 @@ impl Store {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn user_record_debug_hides_the_password_hash() {
+        let r = UserRecord {
+            id: 1,
+            username: "alice".into(),
+            data: json!({}),
+            password_hash: Some("$6$salt$hashvalue".into()),
+            has_twofactor_secret: false,
+        };
+        let shown = format!("{r:?}");
+        assert!(!shown.contains("hashvalue"), "{shown}");
+        assert!(shown.contains("[REDACTED]") && shown.contains("alice"), "{shown}");
+    }
 
     fn store() -> (tempfile::TempDir, Store) {
         let d = tempfile::tempdir().unwrap();
