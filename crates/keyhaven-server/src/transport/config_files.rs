@@ -16,14 +16,14 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, FromRequest, Multipart, Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use super::download::{authenticate, plain};
+use super::download::{attachment, authenticate, plain};
 use crate::backup::online::{self, UploadSlot, UPLOAD_MAX};
 use crate::backup::Passphrase;
 use crate::service::audit::{record, AuditEvent};
@@ -65,14 +65,7 @@ pub async fn download(
         );
     };
     record(&app, &session, AuditEvent::method("download.config", "Download configuration backup", None, true, None));
-    let mut r = (StatusCode::OK, bytes).into_response();
-    let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
-        h.insert(header::CONTENT_DISPOSITION, v);
-    }
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
+    attachment(bytes, &filename)
 }
 
 #[derive(Deserialize)]

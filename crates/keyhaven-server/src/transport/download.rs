@@ -157,11 +157,16 @@ async fn serve_key(
         }
         _ => return plain(StatusCode::NOT_FOUND, "Use public_key or private_key"),
     };
-    let disposition = format!("attachment; filename=\"{file}\"");
-    let mut r = (StatusCode::OK, body.as_str().to_string()).into_response();
+    attachment(body.as_str().to_string(), &file)
+}
+
+/// A file download response: octet-stream, saved as `filename`, never cached
+/// (key material and configuration backups must not linger in a proxy or browser cache).
+pub(crate) fn attachment(body: impl Into<axum::body::Body>, filename: &str) -> Response {
+    let mut r = (StatusCode::OK, body.into()).into_response();
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-    if let Ok(v) = HeaderValue::from_str(&disposition) {
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
