@@ -6,7 +6,8 @@
 # UI tests; Debian does not package geckodriver, so it is built from crates.io),
 # and for the Debian package's test: lintian, systemd-analyze (package systemd),
 # strip (binutils), age (the backup tests open keyhaven's backups with `age -d`,
-# typing the passphrase through `script`'s terminal) and cargo-deb (built from crates.io by scripts/build-deb.sh).
+# typing the passphrase through `script`'s terminal), cargo-deb (built from crates.io by scripts/build-deb.sh)
+# and PostgreSQL's server (the PostgreSQL store tests start a throwaway cluster of their own).
 set -euo pipefail
 
 missing=()
@@ -28,6 +29,10 @@ need systemd-analyze systemd
 need strip binutils
 need age age
 need script bsdutils
+# Debian's postgresql puts initdb under /usr/lib/postgresql/<major>/bin, not on PATH.
+if ! command -v initdb >/dev/null 2>&1 && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+  missing+=(postgresql)
+fi
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then missing+=(python3-venv); fi
 
 if [ ${#missing[@]} -gt 0 ]; then

@@ -161,7 +161,7 @@ async fn push_and_pull_a_tree_with_the_key_served_from_memory() {
             "rsynctask.create",
             json!([{"path": src.path(), "user": "root", "mode": "SSH", "direction": "PUSH",
                     "ssh_credentials": s.conn["id"], "remotepath": dst.path(), "archive": true,
-                    "desc": "push test", "extra": ["--bwlimit=12000"]}]),
+                    "desc": "push test", "extra": ["--bwlimit=6000"]}]),
         )
         .await;
     // TrueNAS's shape: the connection entry, defaults, read-only fields.
@@ -185,9 +185,30 @@ async fn push_and_pull_a_tree_with_the_key_served_from_memory() {
         .to_string();
     let marker = key_marker(&private);
     let since = std::time::SystemTime::now() - Duration::from_secs(2);
+    let run_dir = s.d.dir.path().join("run");
+    // The agent's directory is watched by a thread of its own, every 10 ms, so
+    // that seeing it does not depend on how long one scan of /tmp takes (in CI
+    // /tmp may hold a whole cargo target directory).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        let run_dir = run_dir.clone();
+        std::thread::spawn(move || {
+            let mut modes = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(rd) = std::fs::read_dir(&run_dir) {
+                    // Gone already if the run just ended.
+                    modes.extend(
+                        rd.flatten().filter_map(|e| std::fs::symlink_metadata(e.path()).ok()).map(|m| m.mode()),
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            modes
+        })
+    };
     let job = s.c.call("rsynctask.run", json!([task["id"]])).await;
     let mut scans = 0;
-    let mut saw_agent = false;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let j = s.c.call("core.get_jobs", json!([[["id", "=", job]], {"get": true}])).await;
@@ -195,16 +216,6 @@ async fn push_and_pull_a_tree_with_the_key_served_from_memory() {
             break;
         }
         assert!(Instant::now() < deadline, "run still going: {j}");
-        let run_dir = s.d.dir.path().join("run");
-        if let Ok(rd) = std::fs::read_dir(&run_dir) {
-            for e in rd.flatten() {
-                // Gone already if the run just ended.
-                if let Ok(m) = std::fs::symlink_metadata(e.path()) {
-                    assert_eq!(m.mode() & 0o777, 0o700, "the run's agent directory is private");
-                    saw_agent = true;
-                }
-            }
-        }
         let found = files_holding(
             &[s.d.dir.path(), Path::new("/tmp"), Path::new("/var/tmp"), Path::new("/dev/shm"), Path::new("/root/.ssh")],
             marker.as_bytes(),
@@ -214,7 +225,22 @@ async fn push_and_pull_a_tree_with_the_key_served_from_memory() {
         scans += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(scans > 0 && saw_agent, "the run lasted long enough to be checked ({scans} scans)");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let modes = watcher.join().unwrap();
+    assert!(!modes.is_empty(), "the run's agent directory was seen");
+    for m in &modes {
+        assert_eq!(m & 0o777, 0o700, "the run's agent directory is private");
+    }
+    // The scan above runs at least once only if the run outlasts one status
+    // call; --bwlimit makes it last ~3 s. Scanned after the run as well:
+    // nothing may be left behind either.
+    let found = files_holding(
+        &[s.d.dir.path(), Path::new("/tmp"), Path::new("/var/tmp"), Path::new("/dev/shm"), Path::new("/root/.ssh")],
+        marker.as_bytes(),
+        since,
+    );
+    assert!(found.is_empty(), "files holding the private key after the run: {found:?}");
+    assert!(scans > 0, "the run lasted long enough to be scanned during it ({scans} scans)");
     let j = wait_job(&mut s.c, &job).await;
     assert_eq!(j["state"], "SUCCESS", "{j}");
     assert_eq!(j["arguments"], json!([task["id"]]));
