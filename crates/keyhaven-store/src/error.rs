@@ -30,6 +30,26 @@ pub enum StoreError {
     NotFound(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// PostgreSQL could not be reached (or the connection broke). `target`
+    /// is host:port/database, never the password.
+    #[error("cannot reach PostgreSQL at {target}: {detail}; check the database setting and that the server is up and accepts this node")]
+    PgConnect { target: String, detail: String },
+    #[error("PostgreSQL error: {0}")]
+    Postgres(String),
+    #[error("invalid database setting: {0}; give a URL like postgres://user:password@host:5432/keyhaven, or leave it empty for the embedded SQLite database")]
+    BadDatabaseUrl(String),
+    #[error(
+        "the PostgreSQL database {target} has keyhaven schema version {found}, newer than this keyhaven ({}) knows ({known}); it was migrated by keyhaven {}: upgrade this node to that version or newer",
+        env!("CARGO_PKG_VERSION"),
+        needed.as_deref().unwrap_or("of a later release")
+    )]
+    PgNewerSchema { target: String, found: u32, known: u32, needed: Option<String> },
+    #[error("the master key in {path} does not match the PostgreSQL database {target}: every node must hold the same master.key; copy it from a node that already uses this database")]
+    PgWrongMasterKey { path: PathBuf, target: String },
+    #[error("{path} is missing but the PostgreSQL database {target} already holds secrets sealed with a master key: copy master.key from a node that already uses this database")]
+    PgMissingMasterKey { path: PathBuf, target: String },
+    #[error("keyhaven backup copies the embedded SQLite database only; this node stores its data in PostgreSQL ({target}): back it up with pg_dump (or your PostgreSQL backups) and keep a copy of master.key apart from it")]
+    BackupOnPostgres { target: String },
     /// A caller asked for something the store cannot do (a programming error).
     #[error("invalid store request: {0}")]
     InvalidArgument(String),

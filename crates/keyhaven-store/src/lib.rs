@@ -1,5 +1,7 @@
-//! keyhaven's store layer: the SQLite schema, its embedded forward-only
-//! migrations, the encryption of secret columns and the transactions around them.
+//! keyhaven's store layer: the SQLite schema (the default, embedded backend)
+//! and the PostgreSQL one ([`pg::PgStore`]), each with its own forward-only
+//! migrations, the encryption of secret columns shared by both, and the
+//! transactions around them.
 //!
 //! No business rules live here: callers hand in validated records and get records
 //! back. Secret columns (private keys, sshd host private keys, TOTP seeds) are
@@ -11,9 +13,12 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+#[cfg(test)]
+mod backend_tests;
 mod crypto;
 mod db;
 mod error;
+pub mod pg;
 pub mod records;
 pub mod rsync;
 mod schema;
@@ -23,6 +28,7 @@ pub use audit::*;
 pub use crypto::{MasterKey, MASTER_KEY_FILE};
 pub use db::{Store, SyncTicket};
 pub use error::StoreError;
+pub use pg::PgStore;
 pub use records::*;
 pub use rsync::*;
 pub use schema::DB_FILE;

@@ -1,0 +1,224 @@
+//! The record tests, run against both backends: each `both!` test body runs
+//! once on SQLite in a temp data dir and once on a throwaway PostgreSQL
+//! cluster (skipped, saying why, only when no PostgreSQL is installed).
+
+use serde_json::json;
+
+use crate::error::StoreError;
+use crate::pg::PgStore;
+use crate::records::ConnectionTestRecord;
+use crate::rsync::RsyncRunRecord;
+use crate::{AuditEntry, Store};
+
+/// Runs `$body` with `$s` bound to a fresh store of each backend.
+macro_rules! both {
+    ($name:ident, |$s:ident| $body:block) => {
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn sqlite() {
+                let dir = tempfile::tempdir().unwrap();
+                let (store, first) = Store::open(dir.path()).unwrap();
+                assert!(first);
+                let $s = &store;
+                $body
+            }
+
+            #[test]
+            fn postgres() {
+                let Some(pg) = keyhaven_testpg::start_or_skip(concat!(stringify!($name), "::postgres")) else {
+                    return;
+                };
+                let dir = tempfile::tempdir().unwrap();
+                let (store, first) = PgStore::open(dir.path(), &pg.url("postgres")).unwrap();
+                assert!(first);
+                let $s = &store;
+                $body
+            }
+        }
+    };
+}
+
+both!(users_round_trip_and_unique_names, |s| {
+    let id = s.user_insert("alice", &json!({"full_name": "Alice"}), Some("$6$h")).unwrap();
+    assert!(matches!(s.user_insert("alice", &json!({}), None), Err(StoreError::Conflict(_))));
+    let u = s.user_by_name("alice").unwrap().unwrap();
+    assert_eq!((u.id, u.data.clone(), u.password_hash.as_deref()), (id, json!({"full_name": "Alice"}), Some("$6$h")));
+    let g = s.users_generation();
+    s.user_update(id, "alice2", &json!({"x": 1}), None).unwrap();
+    assert!(s.users_generation() > g, "a change to users bumps the generation");
+    let u = s.user_by_id(id).unwrap().unwrap();
+    assert_eq!((u.username.as_str(), u.password_hash.as_deref()), ("alice2", Some("$6$h")), "hash kept");
+    s.user_update(id, "alice2", &json!({}), Some(None)).unwrap();
+    assert_eq!(s.user_by_id(id).unwrap().unwrap().password_hash, None);
+    assert!(matches!(s.user_update(id + 100, "x", &json!({}), None), Err(StoreError::NotFound(_))));
+    s.user_insert("bob", &json!({}), None).unwrap();
+    assert_eq!(s.users_list().unwrap().iter().map(|u| u.username.as_str()).collect::<Vec<_>>(), ["alice2", "bob"]);
+    s.user_delete(id).unwrap();
+    assert!(s.user_by_id(id).unwrap().is_none());
+    assert!(s.user_by_name("nobody").unwrap().is_none());
+});
+
+both!(totp_seed_is_sealed_and_a_step_is_used_once, |s| {
+    let id = s.user_insert("alice", &json!({}), None).unwrap();
+    assert!(s.user_twofactor_secret(id).unwrap().is_none());
+    s.user_set_twofactor_secret(id, Some("JBSWY3DPEHPK3PXP")).unwrap();
+    assert!(s.user_by_id(id).unwrap().unwrap().has_twofactor_secret);
+    assert_eq!(s.user_twofactor_secret(id).unwrap().unwrap().as_str(), "JBSWY3DPEHPK3PXP");
+    assert!(s.user_totp_consume(id, 100).unwrap());
+    assert!(!s.user_totp_consume(id, 100).unwrap(), "a replayed step is refused");
+    assert!(!s.user_totp_consume(id, 99).unwrap(), "an older step is refused");
+    assert!(s.user_totp_consume(id, 101).unwrap());
+    // A new seed forgets the used steps.
+    s.user_set_twofactor_secret(id, Some("OTHER")).unwrap();
+    assert!(s.user_totp_consume(id, 50).unwrap());
+    s.user_set_twofactor_secret(id, None).unwrap();
+    assert!(!s.user_by_id(id).unwrap().unwrap().has_twofactor_secret);
+});
+
+both!(api_keys_hash_their_own_id_and_go_with_the_user, |s| {
+    let k = s.api_key_insert("k1", "alice", Some(99), |id| format!("hash-of-{id}")).unwrap();
+    assert_eq!(k.key_hash, format!("hash-of-{}", k.id));
+    let got = s.api_key_by_id(k.id).unwrap().unwrap();
+    assert_eq!((got.name.as_str(), got.key_hash.as_str(), got.expires_at), ("k1", k.key_hash.as_str(), Some(99)));
+    assert!(matches!(s.api_key_insert("k1", "bob", None, |_| "h".into()), Err(StoreError::Conflict(_))));
+    let k2 = s.api_key_insert("k2", "bob", None, |id| format!("h{id}")).unwrap();
+    assert!(k2.id > k.id);
+    assert_eq!(s.api_keys_list().unwrap().len(), 2);
+    assert!(s.api_key_delete(k2.id).unwrap());
+    assert!(!s.api_key_delete(k2.id).unwrap());
+    let uid = s.user_insert("alice", &json!({}), None).unwrap();
+    s.token_insert("t-alice", "alice", 60, false, None, &json!({})).unwrap();
+    s.user_delete_with_credentials(uid, "alice").unwrap();
+    assert!(s.api_keys_list().unwrap().is_empty());
+    assert!(s.token_take("t-alice").unwrap().is_none());
+    s.api_key_insert("k3", "carol", None, |_| "h".into()).unwrap();
+    s.api_keys_delete_for_user("carol").unwrap();
+    assert!(s.api_keys_list().unwrap().is_empty());
+});
+
+both!(tokens_single_use_expiry_and_attrs, |s| {
+    s.token_insert("h1", "admin", 60, true, Some("127.0.0.1"), &json!({"a": 1})).unwrap();
+    let t = s.token_take("h1").unwrap().unwrap();
+    assert_eq!((t.username.as_str(), t.single_use, t.origin.as_deref()), ("admin", true, Some("127.0.0.1")));
+    assert_eq!(t.expires_at - t.created_at, 60);
+    assert_eq!(t.attrs, json!({"a": 1}));
+    assert!(s.token_take("h1").unwrap().is_none(), "single use");
+    s.token_insert("h2", "admin", 60, false, None, &json!({})).unwrap();
+    assert!(s.token_take("h2").unwrap().is_some());
+    assert!(s.token_take("h2").unwrap().is_some(), "reusable until it expires");
+    // An expired token is returned once (the caller refuses it) and removed.
+    s.token_insert("h3", "admin", -10, false, None, &json!({})).unwrap();
+    assert!(s.token_take("h3").unwrap().is_some());
+    assert!(s.token_take("h3").unwrap().is_none());
+});
+
+both!(keychain_secrets_names_and_connection_tests, |s| {
+    let secret = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAAsecretmaterialZZZZ\n-----END OPENSSH PRIVATE KEY-----\n";
+    let id = s.keychain_insert("k", "SSH_KEY_PAIR", &json!({"public_key": "ssh-ed25519 AAAA"}), Some(secret)).unwrap();
+    assert_eq!(s.keychain_private_key(id).unwrap().unwrap().as_str(), secret);
+    assert!(s.keychain_get(id).unwrap().unwrap().has_private_key);
+    assert!(matches!(s.keychain_insert("k", "SSH_CREDENTIALS", &json!({}), None), Err(StoreError::Conflict(_))));
+    let c1 = s.keychain_insert("c1", "SSH_CREDENTIALS", &json!({"port": 22}), None).unwrap();
+    assert!(s.keychain_private_key(c1).unwrap().is_none());
+    let t = |id, ok, at| ConnectionTestRecord {
+        connection_id: id,
+        ok,
+        stage: "exec".into(),
+        error: (!ok).then(|| "HOST KEY MISMATCH".to_string()),
+        latency_ms: 12,
+        tested_at: at,
+    };
+    s.connection_test_record(&t(c1, false, 100)).unwrap();
+    s.connection_test_record(&t(c1, true, 200)).unwrap();
+    assert_eq!(s.connection_tests().unwrap(), vec![t(c1, true, 200)]);
+    // A rename keeps the status; changed settings clear it.
+    s.keychain_update(c1, "c1-renamed", &json!({"port": 22}), None).unwrap();
+    assert_eq!(s.connection_tests().unwrap().len(), 1);
+    s.keychain_update(c1, "c1-renamed", &json!({"port": 2222}), None).unwrap();
+    assert!(s.connection_tests().unwrap().is_empty());
+    assert!(matches!(s.keychain_update(c1, "k", &json!({}), None), Err(StoreError::Conflict(_))));
+    assert!(matches!(s.keychain_update(c1 + 100, "zz", &json!({}), None), Err(StoreError::NotFound(_))));
+    // Replacing and clearing the private key.
+    s.keychain_update(id, "k", &json!({}), Some("NEW")).unwrap();
+    assert_eq!(s.keychain_private_key(id).unwrap().unwrap().as_str(), "NEW");
+    s.keychain_update(id, "k", &json!({}), None).unwrap();
+    assert!(s.keychain_private_key(id).unwrap().is_none());
+    assert_eq!(s.keychain_list().unwrap().len(), 2);
+    s.connection_test_record(&t(c1, true, 300)).unwrap();
+    s.keychain_delete_many(&[id, c1]).unwrap();
+    assert!(s.keychain_list().unwrap().is_empty());
+    assert!(s.connection_tests().unwrap().is_empty(), "a test goes with its connection");
+    assert!(s.connection_test_record(&t(c1, true, 400)).is_err(), "no test of a connection that is gone");
+});
+
+both!(settings_and_host_keys, |s| {
+    assert_eq!(s.setting_get("ssh").unwrap(), None);
+    s.setting_set("ssh", &json!({"port": 22})).unwrap();
+    s.setting_set("ssh", &json!({"port": 2222})).unwrap();
+    assert_eq!(s.setting_get("ssh").unwrap(), Some(json!({"port": 2222})));
+    s.host_key_insert("ssh-ed25519", "HOSTSECRET", "ssh-ed25519 AAAA").unwrap();
+    assert!(matches!(s.host_key_insert("ssh-ed25519", "X", "Y"), Err(StoreError::Conflict(_))));
+    assert_eq!(s.host_key_private("ssh-ed25519").unwrap().unwrap().as_str(), "HOSTSECRET");
+    assert!(s.host_key_private("ssh-rsa").unwrap().is_none());
+    let keys = s.host_keys_list().unwrap();
+    assert_eq!((keys.len(), keys[0].public_key.as_str()), (1, "ssh-ed25519 AAAA"));
+});
+
+both!(rsync_tasks_runs_and_the_keychain_cascade, |s| {
+    let conn_id = s.keychain_insert("c", "SSH_CREDENTIALS", &json!({}), None).unwrap();
+    let t = s.rsync_task_insert(&json!({"path": "/x"}), true, Some(conn_id)).unwrap();
+    let other = s.rsync_task_insert(&json!({"path": "/y"}), true, None).unwrap();
+    let run = |state: &str, finished: Option<f64>| RsyncRunRecord {
+        task_id: t,
+        job_id: 7,
+        state: state.into(),
+        started: 1.0,
+        finished,
+        error: None,
+        log: "log".into(),
+    };
+    s.rsync_run_record(&run("RUNNING", None)).unwrap();
+    assert_eq!(s.rsync_runs_fail_interrupted("stopped", 2.0).unwrap(), 1);
+    assert_eq!(s.rsync_run(t).unwrap().unwrap().state, "FAILED");
+    assert_eq!(s.rsync_runs().unwrap()[0].log, "", "the list leaves logs out");
+    assert_eq!(s.rsync_run(t).unwrap().unwrap().log, "log");
+    s.rsync_run_record(&run("SUCCESS", Some(4.0))).unwrap();
+    s.rsync_run_record(&run("FAILED", Some(5.0))).unwrap();
+    assert_eq!(s.rsync_last_successes().unwrap(), vec![(t, Some(4.0)), (other, None)]);
+    s.rsync_task_update(other, &json!({"path": "/z"}), false, None).unwrap();
+    assert_eq!(s.rsync_task(other).unwrap().unwrap().data, json!({"path": "/z"}));
+    assert!(matches!(s.rsync_task_update(9999, &json!({}), true, None), Err(StoreError::NotFound(_))));
+
+    assert_eq!(s.keychain_delete_unbinding_tasks(&[conn_id]).unwrap(), vec![t]);
+    let r = s.rsync_task(t).unwrap().unwrap();
+    assert!(!r.enabled && r.ssh_credentials.is_none());
+    assert!(s.keychain_get(conn_id).unwrap().is_none());
+    s.rsync_task_delete(t).unwrap();
+    assert!(s.rsync_run(t).unwrap().is_none(), "the run goes with its task");
+    assert_eq!(s.rsync_last_successes().unwrap(), vec![(other, None)]);
+    assert!(matches!(s.rsync_task_delete(t), Err(StoreError::NotFound(_))));
+    assert_eq!(s.rsync_tasks().unwrap().len(), 1);
+});
+
+both!(audit_insert_list_and_prune, |s| {
+    let e = |event: &str| AuditEntry {
+        username: Some("alice".into()),
+        address: None,
+        service: "MIDDLEWARE".into(),
+        method: Some("auth.login".into()),
+        event: event.into(),
+        target: None,
+        success: true,
+        error: None,
+    };
+    let old = s.audit_insert_at(1000.5, &e("OLD")).unwrap();
+    let new = s.audit_insert(&e("NEW")).unwrap();
+    let all = s.audit_list().unwrap();
+    assert_eq!(all.iter().map(|r| r.id).collect::<Vec<_>>(), vec![old, new]);
+    assert_eq!((all[0].ts, all[0].entry.event.as_str(), all[0].entry.success), (1000.5, "OLD", true));
+    assert!(matches!(s.audit_prune(-1), Err(StoreError::InvalidArgument(_))));
+    assert_eq!(s.audit_prune(3600).unwrap(), 1);
+    assert_eq!(s.audit_list().unwrap().len(), 1);
+});

@@ -1,0 +1,154 @@
+//! PostgreSQL-only behaviour: migrating under the advisory lock, the master
+//! key shared by every node, refusals that say what to do, and that the
+//! database never holds a plaintext secret.
+
+use serde_json::json;
+
+use super::*;
+
+fn cluster(test: &str) -> Option<keyhaven_testpg::TestPg> {
+    keyhaven_testpg::start_or_skip(test)
+}
+
+#[test]
+fn nodes_starting_together_migrate_once_and_share_one_master_key() {
+    let Some(pg) = cluster("nodes_starting_together_migrate_once_and_share_one_master_key") else { return };
+    let url = pg.url("postgres");
+    // The first node makes the key; the others hold copies of it.
+    let first = tempfile::tempdir().unwrap();
+    let (a, new) = PgStore::open(first.path(), &url).unwrap();
+    assert!(new);
+    assert_eq!(a.schema_version().unwrap(), latest_pg_schema());
+    drop(a);
+    pg.psql("postgres", "DROP SCHEMA public CASCADE; CREATE SCHEMA public;").unwrap();
+    let key = std::fs::read(first.path().join(MASTER_KEY_FILE)).unwrap();
+    let dirs: Vec<_> = (0..4)
+        .map(|_| {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join(MASTER_KEY_FILE), &key).unwrap();
+            d
+        })
+        .collect();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = dirs.iter().map(|d| s.spawn(|| PgStore::open(d.path(), &url))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut firsts = 0;
+    let mut stores = Vec::new();
+    for r in results {
+        let (s, first) = r.unwrap();
+        firsts += usize::from(first);
+        stores.push(s);
+    }
+    assert_eq!(firsts, 1, "exactly one node found the database new");
+    assert_eq!(pg.psql("postgres", "SELECT count(*) FROM keyhaven_schema_history").unwrap(), "1");
+    // A write on one node is read on another, secrets included.
+    let id = stores[0].keychain_insert("k", "SSH_KEY_PAIR", &json!({}), Some("PRIVATE")).unwrap();
+    assert_eq!(stores[3].keychain_private_key(id).unwrap().unwrap().as_str(), "PRIVATE");
+    let tok = stores[1].token_insert("h", "admin", 60, true, None, &json!({})).unwrap();
+    assert_eq!(stores[2].token_take("h").unwrap().unwrap().id, tok, "a token minted on one node works on another");
+    assert!(stores[1].token_take("h").unwrap().is_none());
+}
+
+#[test]
+fn a_node_with_another_or_no_master_key_refuses_to_start_saying_so() {
+    let Some(pg) = cluster("a_node_with_another_or_no_master_key_refuses_to_start_saying_so") else { return };
+    let url = pg.url("postgres");
+    let a = tempfile::tempdir().unwrap();
+    let (store, _) = PgStore::open(a.path(), &url).unwrap();
+    store.setting_set("x", &json!(1)).unwrap();
+    drop(store);
+    let b = tempfile::tempdir().unwrap();
+    let e = PgStore::open(b.path(), &url).unwrap_err();
+    assert!(matches!(e, StoreError::PgMissingMasterKey { .. }), "{e}");
+    assert!(e.to_string().contains("copy master.key"), "{e}");
+    assert!(!b.path().join(MASTER_KEY_FILE).exists(), "no key invented for a database that has one");
+    MasterKey::generate().create_file(&b.path().join(MASTER_KEY_FILE)).unwrap();
+    let e = PgStore::open(b.path(), &url).unwrap_err();
+    assert!(matches!(e, StoreError::PgWrongMasterKey { .. }), "{e}");
+    assert!(e.to_string().contains("every node must hold the same master.key"), "{e}");
+    // The right key still opens it.
+    let (store, first) = PgStore::open(a.path(), &url).unwrap();
+    assert!(!first);
+    assert_eq!(store.setting_get("x").unwrap(), Some(json!(1)));
+}
+
+#[test]
+fn a_newer_schema_is_refused_naming_the_version_needed() {
+    let Some(pg) = cluster("a_newer_schema_is_refused_naming_the_version_needed") else { return };
+    let url = pg.url("postgres");
+    let d = tempfile::tempdir().unwrap();
+    drop(PgStore::open(d.path(), &url).unwrap());
+    pg.psql("postgres", "INSERT INTO keyhaven_schema_history VALUES (99, 1, '9.9.9', 0)").unwrap();
+    let e = PgStore::open(d.path(), &url).unwrap_err().to_string();
+    assert!(e.contains("schema version 99") && e.contains("keyhaven 9.9.9"), "{e}");
+}
+
+#[test]
+fn postgres_never_holds_a_plaintext_secret() {
+    let Some(pg) = cluster("postgres_never_holds_a_plaintext_secret") else { return };
+    let d = tempfile::tempdir().unwrap();
+    let (s, _) = PgStore::open(d.path(), &pg.url("postgres")).unwrap();
+    let id = s.keychain_insert("k", "SSH_KEY_PAIR", &json!({}), Some("KEYSECRETMATERIAL")).unwrap();
+    let uid = s.user_insert("alice", &json!({}), None).unwrap();
+    s.user_set_twofactor_secret(uid, Some("TOTPSECRETSEED")).unwrap();
+    s.host_key_insert("ssh-ed25519", "HOSTSECRETMATERIAL", "ssh-ed25519 AAAA").unwrap();
+    // Everything the database holds, as text.
+    let dump = pg
+        .psql(
+            "postgres",
+            "SELECT encode(private_key, 'hex') FROM keychain UNION ALL SELECT encode(twofactor_secret, 'hex') FROM users
+             UNION ALL SELECT encode(private_key, 'hex') FROM host_keys",
+        )
+        .unwrap();
+    assert_eq!(dump.lines().count(), 3, "{dump}");
+    for secret in ["KEYSECRETMATERIAL", "TOTPSECRETSEED", "HOSTSECRETMATERIAL"] {
+        let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+        assert!(!dump.contains(&hex), "{secret} stored in plaintext");
+    }
+    // A ciphertext moved to another row does not open.
+    let other = s.keychain_insert("k2", "SSH_KEY_PAIR", &json!({}), None).unwrap();
+    pg.psql(
+        "postgres",
+        &format!(
+            "UPDATE keychain SET private_key = (SELECT private_key FROM keychain WHERE id = {id}) WHERE id = {other}"
+        ),
+    )
+    .unwrap();
+    assert!(matches!(s.keychain_private_key(other), Err(StoreError::Decrypt { .. })));
+}
+
+#[test]
+fn backups_point_to_pg_dump_and_unreachable_servers_are_named_without_the_password() {
+    let Some(pg) = cluster("backups_point_to_pg_dump_and_unreachable_servers_are_named_without_the_password") else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let (s, _) = PgStore::open(d.path(), &pg.url("postgres")).unwrap();
+    let e = s.snapshot_db(&d.path().join("copy.db")).unwrap_err();
+    assert!(matches!(e, StoreError::BackupOnPostgres { .. }) && e.to_string().contains("pg_dump"), "{e}");
+    s.health_check(Duration::from_secs(5)).unwrap();
+    // Work from inside another runtime's worker thread (as the server calls it).
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().unwrap();
+    let s = std::sync::Arc::new(s);
+    let s2 = s.clone();
+    let n = rt.block_on(async move { tokio::spawn(async move { s2.users_list().map(|u| u.len()) }).await.unwrap() });
+    assert_eq!(n.unwrap(), 0);
+    drop(rt);
+
+    let port = pg.port();
+    drop(s);
+    drop(pg);
+    let url = format!("postgres://keyhaven:hunter2secret@127.0.0.1:{port}/keyhaven");
+    let started = std::time::Instant::now();
+    let e = PgStore::open(d.path(), &url).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, StoreError::PgConnect { .. }), "{msg}");
+    assert!(msg.contains(&format!("127.0.0.1:{port}/keyhaven")) && msg.contains("check the database setting"), "{msg}");
+    assert!(!msg.contains("hunter2secret"), "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let e = PgStore::open(d.path(), "mysql://root:hunter2secret@db/x").unwrap_err().to_string();
+    assert!(e.contains("postgres://") && !e.contains("hunter2secret"), "{e}");
+    let e = PgStore::open(d.path(), "postgres://u:hunter2secret@db/x?sslmode=require").unwrap_err().to_string();
+    assert!(e.contains("TLS") && !e.contains("hunter2secret"), "{e}");
+}
