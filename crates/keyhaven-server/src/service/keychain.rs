@@ -2,8 +2,8 @@
 //! sharing one name space as in TrueNAS. Validation, normalisation, used-by
 //! tracking and cascade deletes live here; key parsing is the domain's.
 //!
-//! Entries without their private keys are cached in memory (rebuilt after each
-//! write) so that `keychaincredential.query` filters thousands of credentials
+//! Entries are typed ([`KeychainEntry`]) and cached in memory without their
+//! private keys (patched after each write) so that `keychaincredential.query` filters thousands of credentials
 //! without touching SQLite or decrypting anything it will not return.
 
 use std::collections::{HashMap, HashSet};
@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use zeroize::Zeroizing;
 
 use super::input::{self, Secret, SecretText, SshEndpoint};
@@ -46,18 +46,10 @@ impl Default for KeychainCache {
     }
 }
 
-/// One cached entry as compact JSON text: thousands of credentials stay a
-/// few megabytes, where parsed `Value` trees took ten times that.
-#[derive(Clone)]
-struct CachedEntry {
-    id: i64,
-    json: Arc<str>,
-}
-
 #[derive(Clone, Default)]
 pub struct Cached {
-    /// In id order.
-    entries: Vec<CachedEntry>,
+    /// In id order; typed entries (private keys never held here).
+    entries: Vec<Arc<KeychainEntry>>,
     pub with_private: HashSet<i64>,
     /// name → id (uniqueness checks and the `name =` fast path).
     pub names: HashMap<String, i64>,
@@ -67,7 +59,7 @@ pub struct Cached {
 
 impl Cached {
     fn pos(&self, id: i64) -> Result<usize, usize> {
-        self.entries.binary_search_by_key(&id, |e| e.id)
+        self.entries.binary_search_by_key(&id, |e| e.id())
     }
 
     pub fn contains(&self, id: i64) -> bool {
@@ -82,36 +74,21 @@ impl Cached {
         self.entries.is_empty()
     }
 
-    /// One entry, parsed (private key null).
-    pub fn get(&self, id: i64) -> Option<Value> {
-        self.pos(id).ok().and_then(|i| serde_json::from_str(&self.entries[i].json).ok())
+    /// One entry (private key left out).
+    pub fn get(&self, id: i64) -> Option<&KeychainEntry> {
+        self.pos(id).ok().map(|i| &*self.entries[i])
     }
 
-    /// The entries `keep` accepts, parsed one at a time (private keys null),
-    /// in id order: only the matches are ever held in memory together.
-    pub fn matching(
-        &self,
-        mut keep: impl FnMut(&mut Value) -> Result<bool, ServiceError>,
-    ) -> Result<Vec<Value>, ServiceError> {
-        let mut out = Vec::new();
-        for e in &self.entries {
-            let Ok(mut v) = serde_json::from_str::<Value>(&e.json) else { continue };
-            if keep(&mut v)? {
-                out.push(v);
-            }
-        }
-        Ok(out)
+    /// All entries, in id order (private keys left out).
+    pub fn iter(&self) -> impl Iterator<Item = &KeychainEntry> {
+        self.entries.iter().map(|e| &**e)
     }
 
     fn remove(&mut self, id: i64) {
         if let Ok(i) = self.pos(id) {
             let old = self.entries.remove(i);
-            if let Ok(v) = serde_json::from_str::<Value>(&old.json) {
-                if let Some(n) = v["name"].as_str() {
-                    if self.names.get(n) == Some(&id) {
-                        self.names.remove(n);
-                    }
-                }
+            if self.names.get(old.name()) == Some(&id) {
+                self.names.remove(old.name());
             }
         }
         self.with_private.remove(&id);
@@ -124,14 +101,12 @@ impl Cached {
             self.with_private.insert(r.id);
         }
         self.names.insert(r.name.clone(), r.id);
-        if r.kind == SSH_CREDENTIALS {
-            if let Some(k) = r.attributes["private_key"].as_i64() {
-                self.connection_keys.insert(r.id, k);
-            }
+        let entry = KeychainEntry::from_record(r);
+        if let Some(Shown::Full(a)) = entry.connection().map(|c| &c.attributes) {
+            self.connection_keys.insert(r.id, a.private_key);
         }
-        let json: Arc<str> = Arc::from(entry_value(r).to_string());
         let i = self.pos(r.id).unwrap_or_else(|i| i);
-        self.entries.insert(i, CachedEntry { id: r.id, json });
+        self.entries.insert(i, Arc::new(entry));
     }
 }
 
@@ -232,26 +207,29 @@ impl<'a> Keychain<'a> {
     }
 
     /// Fill in `attributes.private_key` of a key-pair entry from the store.
-    pub fn fill_private(&self, entry: &mut Value, cached: &Cached) -> Result<(), ServiceError> {
-        let Some(id) = entry.get("id").and_then(Value::as_i64) else { return Ok(()) };
-        if !cached.with_private.contains(&id) {
-            return Ok(());
-        }
-        if let Some(Value::Object(attrs)) = entry.get_mut("attributes") {
-            if attrs.contains_key("private_key") {
-                let pk = self.app.store.keychain_private_key(id)?;
-                attrs.insert("private_key".into(), pk.map(|p| json!(p.as_str())).unwrap_or(Value::Null));
+    fn fill_private(&self, entry: &mut KeychainEntry, cached: &Cached) -> Result<(), ServiceError> {
+        if let KeychainEntry::KeyPair(KeyPairEntry { id, attributes: Shown::Full(a), .. }) = entry {
+            if cached.with_private.contains(id) {
+                a.private_key = self.app.store.keychain_private_key(*id)?;
             }
         }
         Ok(())
     }
 
+    /// One entry as a caller sees it: full admins get its private key (if
+    /// any), read-only callers no attributes.
+    fn view(&self, e: &KeychainEntry, cached: &Cached, full: bool) -> Result<KeychainEntry, ServiceError> {
+        let mut v = e.view(full);
+        if full {
+            self.fill_private(&mut v, cached)?;
+        }
+        Ok(v)
+    }
+
     /// One entry with its private key (if any).
-    pub fn get(&self, id: i64) -> Result<Value, ServiceError> {
+    pub fn get(&self, id: i64) -> Result<KeychainEntry, ServiceError> {
         let cached = self.cached()?;
-        let mut e = cached.get(id).ok_or_else(|| not_found(id))?;
-        self.fill_private(&mut e, &cached)?;
-        Ok(e)
+        self.view(cached.get(id).ok_or_else(|| not_found(id))?, &cached, true)
     }
 
     fn name_taken(&self, name: &str, except: Option<i64>) -> Result<bool, ServiceError> {
@@ -289,7 +267,7 @@ impl<'a> Keychain<'a> {
     }
 
     /// Validate and store a new credential; returns the stored entry.
-    pub async fn create(&self, name: &str, attrs: AttributesInput) -> Result<Value, ServiceError> {
+    pub async fn create(&self, name: &str, attrs: AttributesInput) -> Result<KeychainEntry, ServiceError> {
         // TrueNAS reports a taken name before anything else; checked again under the lock.
         if !name.trim().is_empty() && self.name_taken(name, None)? {
             return Err(ServiceError::field("name", "Object with this name already exists"));
@@ -300,7 +278,7 @@ impl<'a> Keychain<'a> {
         out
     }
 
-    fn create_now(&self, name: &str, attrs: AttributesInput) -> Result<Value, ServiceError> {
+    fn create_now(&self, name: &str, attrs: AttributesInput) -> Result<KeychainEntry, ServiceError> {
         let _writes = self.app.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
         if name.trim().is_empty() {
             return Err(ServiceError::field("name", "String should have at least 1 character"));
@@ -330,7 +308,7 @@ impl<'a> Keychain<'a> {
         id: i64,
         name: Option<&str>,
         attrs: Option<AttributesInput>,
-    ) -> Result<Value, ServiceError> {
+    ) -> Result<KeychainEntry, ServiceError> {
         let attrs = match attrs {
             Some(a) => Some(self.check_key_material(a).await?),
             None => None,
@@ -340,7 +318,12 @@ impl<'a> Keychain<'a> {
         out
     }
 
-    fn update_now(&self, id: i64, name: Option<&str>, attrs: Option<AttributesInput>) -> Result<Value, ServiceError> {
+    fn update_now(
+        &self,
+        id: i64,
+        name: Option<&str>,
+        attrs: Option<AttributesInput>,
+    ) -> Result<KeychainEntry, ServiceError> {
         let _writes = self.app.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
         let rec = self.app.store.keychain_get(id)?.ok_or_else(|| not_found(id))?;
         let name = name.unwrap_or(&rec.name).to_string();
@@ -466,12 +449,12 @@ impl<'a> Keychain<'a> {
             }
             Ok(())
         };
-        if me["type"] == SSH_KEY_PAIR {
+        if me.is_key_pair() {
             let mut users: Vec<i64> =
                 cached.connection_keys.iter().filter(|(_, k)| **k == id).map(|(c, _)| *c).collect();
             users.sort_unstable();
             for c in users {
-                let name = cached.get(c).and_then(|e| e["name"].as_str().map(str::to_string)).unwrap_or_default();
+                let name = cached.get(c).map(KeychainEntry::name).unwrap_or_default();
                 out.push(Dependent {
                     id: c,
                     title: format!("SSH credentials {name}"),
@@ -536,24 +519,6 @@ pub fn not_found(id: i64) -> ServiceError {
     )
 }
 
-/// Build the wire entry from a record (private key left null).
-fn entry_value(r: &keyhaven_store::KeychainRecord) -> Value {
-    let mut attrs = r.attributes.as_object().cloned().unwrap_or_default();
-    let mut e = Map::new();
-    e.insert("id".into(), json!(r.id));
-    e.insert("name".into(), json!(r.name));
-    e.insert("type".into(), json!(r.kind));
-    if r.kind == SSH_KEY_PAIR {
-        // keyhaven extensions, additive: never rename or drop a TrueNAS field.
-        for k in ["key_type", "bits", "comment", "fingerprint", "algorithm"] {
-            e.insert(k.into(), attrs.remove(k).unwrap_or(Value::Null));
-        }
-        attrs.insert("private_key".into(), Value::Null);
-    }
-    e.insert("attributes".into(), Value::Object(attrs));
-    Value::Object(e)
-}
-
 /// Wait, off the async workers, until writes made under the keychain's lock
 /// are durable: the lock is released first, so concurrent writers share fsyncs.
 async fn wait_durable(t: keyhaven_store::SyncTicket) {
@@ -610,13 +575,6 @@ fn key_pair_attributes(
     Ok((SSH_KEY_PAIR, attributes, v.private_key))
 }
 
-/// Read-only admins see `attributes` redacted (TrueNAS's Secret field).
-pub fn redact(entry: &mut Value) {
-    if let Some(a) = entry.get_mut("attributes") {
-        *a = json!(REDACTED);
-    }
-}
-
 // ------------------------------------------------------------ reading, per role
 
 impl<'a> Keychain<'a> {
@@ -640,67 +598,57 @@ impl<'a> Keychain<'a> {
         let filters = parse_filters(filters_in.unwrap_or(&Value::Null));
         let options = QueryOptions::from_value(options_in.unwrap_or(&Value::Null));
         // Candidates: the one entry an indexed equality filter names, or the
-        // entries that pass the filters, parsed one at a time. Invalid filters or
-        // options fall through to `query`, which reports them.
+        // entries that pass the filters, encoded one at a time as the caller
+        // sees them (read-only callers filter what they may see, so filters and
+        // `select` cannot read redacted attributes). Invalid filters or options
+        // fall through to `run_query`, which reports them.
+        let seen = |e: &KeychainEntry| -> Result<Value, ServiceError> {
+            if needs_private {
+                self.view(e, &cached, true)?.to_value()
+            } else {
+                e.view(can_write).to_value()
+            }
+        };
         let items: Vec<Value> = match (&filters, &options, pinned_id(&cached, filters_in)) {
             (Ok(f), Ok(o), None) if f.is_empty() && o.count && !needs_private => {
-                return Ok(json!(cached.len()));
+                return Ok(Value::from(cached.len()));
             }
-            (Ok(_), Ok(_), Some(id)) => id.and_then(|id| cached.get(id)).into_iter().collect(),
-            (Ok(f), Ok(_), None) => cached.matching(|v| {
-                if needs_private {
-                    self.fill_private(v, &cached)?;
-                }
-                // Read-only callers filter what they may see, so filters and
-                // `select` cannot be used to read redacted attributes.
-                if !can_write {
-                    redact(v);
-                }
-                Ok(matches(v, f))
-            })?,
-            _ => vec![],
-        };
-        let mut items = items;
-        if !can_write {
-            items.iter_mut().for_each(redact);
-        }
-        if needs_private {
-            for e in &mut items {
-                self.fill_private(e, &cached)?;
-            }
-        }
-        let mut out = super::run_query(&items, filters_in, options_in)?;
-        if can_write && !needs_private {
-            match &mut out {
-                Value::Array(a) => {
-                    for e in a {
-                        self.fill_private(e, &cached)?;
+            (Ok(_), Ok(_), Some(id)) => id.and_then(|id| cached.get(id)).map(seen).transpose()?.into_iter().collect(),
+            (Ok(f), Ok(_), None) => {
+                let mut out = Vec::new();
+                for e in cached.iter() {
+                    let v = seen(e)?;
+                    if matches(&v, f) {
+                        out.push(v);
                     }
                 }
-                Value::Object(_) => self.fill_private(&mut out, &cached)?,
-                _ => {}
+                out
             }
+            _ => vec![],
+        };
+        let out = super::run_query(&items, filters_in, options_in)?;
+        if !can_write || needs_private {
+            return Ok(out);
         }
-        Ok(redact_for(role, out))
+        // Private keys are read for the entries returned only (after limit/offset).
+        let filled = |v: Value| -> Result<Value, ServiceError> {
+            match v.get("id").and_then(Value::as_i64).and_then(|id| cached.get(id)) {
+                Some(e) if e.is_key_pair() => self.view(e, &cached, true)?.to_value(),
+                _ => Ok(v),
+            }
+        };
+        match out {
+            Value::Array(a) => Ok(Value::Array(a.into_iter().map(filled).collect::<Result<_, _>>()?)),
+            v @ Value::Object(_) => filled(v),
+            v => Ok(v),
+        }
     }
 
     /// One entry as a caller of `role` may see it.
-    pub fn get_as(&self, id: i64, role: Role) -> Result<Value, ServiceError> {
-        Ok(redact_for(role, self.get(id)?))
+    pub fn get_as(&self, id: i64, role: Role) -> Result<KeychainEntry, ServiceError> {
+        let cached = self.cached()?;
+        self.view(cached.get(id).ok_or_else(|| not_found(id))?, &cached, role.can_write())
     }
-}
-
-/// What a caller of `role` may see of entries: read-only callers see no attributes.
-fn redact_for(role: Role, mut v: Value) -> Value {
-    if role.can_write() {
-        return v;
-    }
-    match &mut v {
-        Value::Array(a) => a.iter_mut().for_each(redact),
-        Value::Object(_) => redact(&mut v),
-        _ => {}
-    }
-    v
 }
 
 /// The entry a top-level `["name", "=", s]` or `["id", "=", n]` filter pins
@@ -733,6 +681,234 @@ pub fn parse_algorithm(s: &str, attr: &str) -> Result<KeyAlgorithm, ServiceError
     })
 }
 
+// ------------------------------------------------------------ typed entries
+
+/// A keychain credential as TrueNAS shows it (`keychaincredential` entry):
+/// a key pair or an SSH connection. Serialised once, at the API edge.
+/// Entries in the cache never carry a private key; one is filled in per
+/// reader ([`Keychain::get`]). No `Clone`/`Debug`: an entry may hold a secret.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum KeychainEntry {
+    KeyPair(KeyPairEntry),
+    Connection(ConnectionEntry),
+}
+
+/// An `SSH_KEY_PAIR` entry: TrueNAS's fields plus keyhaven's additive
+/// `key_type`/`bits`/`comment`/`fingerprint`/`algorithm` (null on rows that lack them).
+#[derive(Serialize)]
+pub struct KeyPairEntry {
+    pub id: i64,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub key_type: Option<String>,
+    pub bits: Option<u32>,
+    pub comment: Option<String>,
+    pub fingerprint: Option<String>,
+    pub algorithm: Option<String>,
+    pub attributes: Shown<KeyPairEntryAttributes>,
+}
+
+/// `attributes` of a key pair entry.
+#[derive(Serialize, Deserialize)]
+pub struct KeyPairEntryAttributes {
+    #[serde(default, skip_deserializing, serialize_with = "expose_private")]
+    pub private_key: Option<Zeroizing<String>>,
+    #[serde(default)]
+    pub public_key: String,
+}
+
+/// An `SSH_CREDENTIALS` entry (TrueNAS's shape).
+#[derive(Serialize)]
+pub struct ConnectionEntry {
+    pub id: i64,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub attributes: Shown<ConnectionEntryAttributes>,
+}
+
+/// `attributes` of a connection entry; `private_key` is the id of the key pair it uses.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct ConnectionEntryAttributes {
+    #[serde(default)]
+    pub host: String,
+    #[serde(default = "input::default_port")]
+    pub port: i64,
+    #[serde(default)]
+    pub username: String,
+    #[serde(default)]
+    pub private_key: i64,
+    #[serde(default)]
+    pub remote_host_key: String,
+    #[serde(default = "input::default_connect_timeout")]
+    pub connect_timeout: i64,
+}
+
+/// Attributes as a caller may see them: read-only callers get TrueNAS's
+/// Secret placeholder instead.
+pub enum Shown<T> {
+    Full(T),
+    Redacted,
+}
+
+impl<T: Serialize> Serialize for Shown<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Shown::Full(t) => t.serialize(s),
+            Shown::Redacted => s.serialize_str(REDACTED),
+        }
+    }
+}
+
+impl<T> Shown<T> {
+    pub fn full(&self) -> Option<&T> {
+        match self {
+            Shown::Full(t) => Some(t),
+            Shown::Redacted => None,
+        }
+    }
+}
+
+fn expose_private<S: serde::Serializer>(k: &Option<Zeroizing<String>>, s: S) -> Result<S::Ok, S::Error> {
+    match k {
+        Some(k) => s.serialize_str(k.as_str()),
+        None => s.serialize_none(),
+    }
+}
+
+/// Stored key-pair attributes: the additive fields move up to the entry.
+#[derive(Deserialize)]
+struct StoredKeyPair {
+    #[serde(default)]
+    key_type: Option<String>,
+    #[serde(default)]
+    bits: Option<u32>,
+    #[serde(default)]
+    comment: Option<String>,
+    #[serde(default)]
+    fingerprint: Option<String>,
+    #[serde(default)]
+    algorithm: Option<String>,
+    #[serde(flatten)]
+    attributes: KeyPairEntryAttributes,
+}
+
+impl KeychainEntry {
+    /// The entry of a stored record (private key left out). Attributes are
+    /// written by this module only; a field that does not decode reads as its default.
+    fn from_record(r: &keyhaven_store::KeychainRecord) -> Self {
+        if r.kind == SSH_CREDENTIALS {
+            KeychainEntry::Connection(ConnectionEntry {
+                id: r.id,
+                name: r.name.clone(),
+                kind: SSH_CREDENTIALS,
+                attributes: Shown::Full(ConnectionEntryAttributes::deserialize(&r.attributes).unwrap_or_default()),
+            })
+        } else {
+            let s = StoredKeyPair::deserialize(&r.attributes).unwrap_or(StoredKeyPair {
+                key_type: None,
+                bits: None,
+                comment: None,
+                fingerprint: None,
+                algorithm: None,
+                attributes: KeyPairEntryAttributes { private_key: None, public_key: String::new() },
+            });
+            KeychainEntry::KeyPair(KeyPairEntry {
+                id: r.id,
+                name: r.name.clone(),
+                kind: SSH_KEY_PAIR,
+                key_type: s.key_type,
+                bits: s.bits,
+                comment: s.comment,
+                fingerprint: s.fingerprint,
+                algorithm: s.algorithm,
+                attributes: Shown::Full(s.attributes),
+            })
+        }
+    }
+
+    pub fn id(&self) -> i64 {
+        match self {
+            KeychainEntry::KeyPair(k) => k.id,
+            KeychainEntry::Connection(c) => c.id,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            KeychainEntry::KeyPair(k) => &k.name,
+            KeychainEntry::Connection(c) => &c.name,
+        }
+    }
+
+    pub fn is_key_pair(&self) -> bool {
+        matches!(self, KeychainEntry::KeyPair(_))
+    }
+
+    pub fn key_pair(&self) -> Option<&KeyPairEntry> {
+        match self {
+            KeychainEntry::KeyPair(k) => Some(k),
+            KeychainEntry::Connection(_) => None,
+        }
+    }
+
+    pub fn connection(&self) -> Option<&ConnectionEntry> {
+        match self {
+            KeychainEntry::Connection(c) => Some(c),
+            KeychainEntry::KeyPair(_) => None,
+        }
+    }
+
+    /// A connection's attributes (None for a key pair or a redacted view).
+    pub fn connection_attributes(&self) -> Option<&ConnectionEntryAttributes> {
+        self.connection().and_then(|c| c.attributes.full())
+    }
+
+    /// A key pair's public key (None for a connection or a redacted view).
+    pub fn public_key(&self) -> Option<&str> {
+        self.key_pair().and_then(|k| k.attributes.full()).map(|a| a.public_key.as_str())
+    }
+
+    /// A copy as a caller sees it: without private key, attributes redacted
+    /// unless `full`. (Cache entries never hold a private key.)
+    fn view(&self, full: bool) -> KeychainEntry {
+        match self {
+            KeychainEntry::KeyPair(k) => KeychainEntry::KeyPair(KeyPairEntry {
+                id: k.id,
+                name: k.name.clone(),
+                kind: k.kind,
+                key_type: k.key_type.clone(),
+                bits: k.bits,
+                comment: k.comment.clone(),
+                fingerprint: k.fingerprint.clone(),
+                algorithm: k.algorithm.clone(),
+                attributes: match (&k.attributes, full) {
+                    (Shown::Full(a), true) => {
+                        Shown::Full(KeyPairEntryAttributes { private_key: None, public_key: a.public_key.clone() })
+                    }
+                    _ => Shown::Redacted,
+                },
+            }),
+            KeychainEntry::Connection(c) => KeychainEntry::Connection(ConnectionEntry {
+                id: c.id,
+                name: c.name.clone(),
+                kind: c.kind,
+                attributes: match (&c.attributes, full) {
+                    (Shown::Full(a), true) => Shown::Full(a.clone()),
+                    _ => Shown::Redacted,
+                },
+            }),
+        }
+    }
+
+    /// The wire form (for the query engine and the API edge).
+    pub fn to_value(&self) -> Result<Value, ServiceError> {
+        serde_json::to_value(self).map_err(|e| ServiceError::internal("encoding a credential", e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -749,5 +925,60 @@ mod tests {
         let shown = format!("{k:?}");
         assert!(!shown.contains("BEGIN") && !shown.contains("b3Blbn") && !shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("ssh-ed25519"), "{shown}");
+    }
+
+    fn record(id: i64, kind: &str, attributes: Value) -> keyhaven_store::KeychainRecord {
+        keyhaven_store::KeychainRecord {
+            id,
+            name: format!("n{id}"),
+            kind: kind.into(),
+            attributes,
+            has_private_key: true,
+        }
+    }
+
+    /// The wire form of typed entries is TrueNAS's entry, byte for byte as the
+    /// JSON-built entries were: additive key-pair fields at the top, the
+    /// private key null until filled, connections' attributes as stored.
+    #[test]
+    fn entries_serialise_to_the_truenas_shape() {
+        let kp = record(
+            1,
+            SSH_KEY_PAIR,
+            serde_json::json!({"private_key": null, "public_key": "ssh-ed25519 AAAA c", "key_type": "ssh-ed25519",
+                "algorithm": "ED25519", "bits": 256, "comment": "c", "fingerprint": "SHA256:x"}),
+        );
+        let e = KeychainEntry::from_record(&kp);
+        assert_eq!(
+            e.to_value().unwrap().to_string(),
+            r#"{"algorithm":"ED25519","attributes":{"private_key":null,"public_key":"ssh-ed25519 AAAA c"},"bits":256,"comment":"c","fingerprint":"SHA256:x","id":1,"key_type":"ssh-ed25519","name":"n1","type":"SSH_KEY_PAIR"}"#
+        );
+        let mut full = e.view(true);
+        if let KeychainEntry::KeyPair(KeyPairEntry { attributes: Shown::Full(a), .. }) = &mut full {
+            a.private_key = Some(Zeroizing::new("PRIV".into()));
+        }
+        assert_eq!(full.to_value().unwrap()["attributes"]["private_key"], "PRIV");
+        assert_eq!(e.view(false).to_value().unwrap()["attributes"], REDACTED);
+        assert_eq!(e.view(false).to_value().unwrap()["fingerprint"], "SHA256:x");
+
+        // A row written before the additive fields existed reads them as null.
+        let old = KeychainEntry::from_record(&record(2, SSH_KEY_PAIR, serde_json::json!({"public_key": "k"})));
+        assert_eq!(
+            old.to_value().unwrap().to_string(),
+            r#"{"algorithm":null,"attributes":{"private_key":null,"public_key":"k"},"bits":null,"comment":null,"fingerprint":null,"id":2,"key_type":null,"name":"n2","type":"SSH_KEY_PAIR"}"#
+        );
+
+        let conn = KeychainEntry::from_record(&record(
+            3,
+            SSH_CREDENTIALS,
+            serde_json::json!({"host": "h", "port": 2222, "username": "u", "private_key": 1,
+                "remote_host_key": "ssh-ed25519 AAAA", "connect_timeout": 10}),
+        ));
+        assert_eq!(
+            conn.to_value().unwrap().to_string(),
+            r#"{"attributes":{"connect_timeout":10,"host":"h","port":2222,"private_key":1,"remote_host_key":"ssh-ed25519 AAAA","username":"u"},"id":3,"name":"n3","type":"SSH_CREDENTIALS"}"#
+        );
+        assert_eq!(conn.view(false).to_value().unwrap()["attributes"], REDACTED);
+        assert_eq!(conn.connection_attributes().map(|a| a.port), Some(2222));
     }
 }

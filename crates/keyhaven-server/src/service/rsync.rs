@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::jobs::JobHandle;
-use super::keychain::SSH_CREDENTIALS;
+use super::keychain::KeychainEntry;
 use super::session::Role;
 use super::App;
 use crate::error::{ServiceError, EBUSY, EINVAL, ENOENT};
@@ -196,13 +196,13 @@ impl From<&RsyncRunRecord> for LastRun {
 }
 
 /// A task as `rsynctask.query` returns it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Serialize)]
 pub struct RsyncTaskEntry {
     pub id: i64,
     #[serde(flatten)]
     pub task: RsyncTaskInput,
     /// The connection's keychain entry (TrueNAS returns the entry, not the id).
-    pub ssh_credentials_entry: Value,
+    pub ssh_credentials_entry: Option<KeychainEntry>,
     pub locked: bool,
     pub job: Option<LastRun>,
     pub dataset: Option<String>,
@@ -271,10 +271,7 @@ impl App {
         role: Role,
     ) -> Result<RsyncTaskEntry, ServiceError> {
         let task = RsyncTaskInput::from_record(r)?;
-        let conn = match r.ssh_credentials {
-            Some(c) => self.keychain().get_as(c, role).unwrap_or(Value::Null),
-            None => Value::Null,
-        };
+        let conn = r.ssh_credentials.and_then(|c| self.keychain().get_as(c, role).ok());
         Ok(RsyncTaskEntry {
             id: r.id,
             task,
@@ -465,7 +462,7 @@ impl App {
                 }
                 match t.ssh_credentials {
                     Some(c) => {
-                        let ok = self.keychain().entries()?.get(c).is_some_and(|e| e["type"] == SSH_CREDENTIALS);
+                        let ok = self.keychain().entries()?.get(c).is_some_and(|e| !e.is_key_pair());
                         if !ok {
                             v.add("ssh_credentials", format!("SSH connection {c} does not exist"));
                         }

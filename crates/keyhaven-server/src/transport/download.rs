@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::service::audit::{record, AuditEvent};
 use crate::service::auth::{Caller, DownloadRefusal, Session};
-use crate::service::keychain::SSH_KEY_PAIR;
+use crate::service::keychain::KeychainEntry;
 use crate::service::App;
 use keyhaven_core::keys::{self, KeyAlgorithm};
 
@@ -114,14 +114,14 @@ async fn serve_key(
     let session = Session::authenticated(origin, caller.clone());
     let Ok(id) = id.parse::<i64>() else { return plain(StatusCode::NOT_FOUND, "No such credential") };
     let entry = match app.keychain().get(id) {
-        Ok(e) if e["type"] == SSH_KEY_PAIR => e,
+        Ok(KeychainEntry::KeyPair(e)) => e,
         _ => return plain(StatusCode::NOT_FOUND, &format!("SSH key pair {id} does not exist")),
     };
-    let name = entry["name"].as_str().unwrap_or("key").to_string();
-    let alg: KeyAlgorithm = entry["algorithm"].as_str().and_then(|a| a.parse().ok()).unwrap_or_default();
+    let name = entry.name.clone();
+    let alg: KeyAlgorithm = entry.algorithm.as_deref().and_then(|a| a.parse().ok()).unwrap_or_default();
     let stem = keys::download_file_name(&name, alg, false);
     let (body, file) = match which.as_str() {
-        "public_key" => match entry["attributes"]["public_key"].as_str() {
+        "public_key" => match entry.attributes.full().map(|a| a.public_key.as_str()) {
             Some(p) => (zeroize::Zeroizing::new(p.to_string()), keys::download_file_name(&name, alg, true)),
             None => return plain(StatusCode::NOT_FOUND, "This key pair has no public key"),
         },

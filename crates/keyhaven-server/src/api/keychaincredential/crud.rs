@@ -10,7 +10,7 @@ pub(super) async fn query_m(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceEr
 
 pub(super) async fn get_instance(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, "keychaincredential_get_instance.id")?;
-    ctx.app.keychain().get_as(id, ctx.caller()?.role)
+    to_json(&ctx.app.keychain().get_as(id, ctx.caller()?.role)?)
 }
 
 #[derive(Deserialize)]
@@ -42,7 +42,7 @@ pub(super) async fn create(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceErr
     let c: CreateIn = p.req(0, CREATE)?;
     ctx.describe(format!("Create Keychain Credential: {}", &*c.name));
     let attrs = decode_attributes(c.kind.as_str(), c.attributes, CREATE)?;
-    ctx.app.keychain().create(&c.name, attrs).await.map_err(|e| e.in_schema(CREATE))
+    to_json(&ctx.app.keychain().create(&c.name, attrs).await.map_err(|e| e.in_schema(CREATE))?)
 }
 
 #[derive(Deserialize)]
@@ -58,10 +58,10 @@ pub(super) async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceErr
     let id: i64 = p.req(0, &format!("{UPDATE}.id"))?;
     let u: UpdateIn = p.req(1, UPDATE)?;
     let current = ctx.app.keychain().get(id)?;
-    ctx.describe(format!("Update Keychain Credential: {}", current["name"].as_str().unwrap_or("")));
-    let kind = current["type"].as_str().unwrap_or(SSH_KEY_PAIR).to_string();
-    let attrs = u.attributes.map(|a| decode_attributes(&kind, a, UPDATE)).transpose()?;
-    ctx.app.keychain().update(id, u.name.as_deref(), attrs).await.map_err(|e| e.in_schema(UPDATE))
+    ctx.describe(format!("Update Keychain Credential: {}", current.name()));
+    let kind = if current.is_key_pair() { SSH_KEY_PAIR } else { SSH_CREDENTIALS };
+    let attrs = u.attributes.map(|a| decode_attributes(kind, a, UPDATE)).transpose()?;
+    to_json(&ctx.app.keychain().update(id, u.name.as_deref(), attrs).await.map_err(|e| e.in_schema(UPDATE))?)
 }
 
 #[derive(Deserialize, Default)]
@@ -75,7 +75,7 @@ pub(super) async fn delete(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceErr
     let id: i64 = p.req(0, "keychaincredential_delete.id")?;
     let o: DeleteOptions = p.opt(1, "options")?;
     if let Ok(e) = ctx.app.keychain().get(id) {
-        ctx.describe(format!("Delete Keychain Credential: {}", e["name"].as_str().unwrap_or("")));
+        ctx.describe(format!("Delete Keychain Credential: {}", e.name()));
     }
     ctx.app.keychain().delete(id, o.cascade)?;
     Ok(Value::Null)
@@ -128,14 +128,14 @@ pub(super) async fn download_private_key(ctx: Arc<Ctx>, p: Params) -> Result<Val
     let id: i64 = p.req(0, &format!("{S}.id"))?;
     let o: DownloadIn = p.opt(1, &format!("{S}.options"))?;
     let e = ctx.app.keychain().get(id)?;
-    let name = e["name"].as_str().unwrap_or("key").to_string();
+    let name = e.name().to_string();
     ctx.describe(format!(
         "Download private key: {name}{}",
         if o.passphrase.is_some() { " (passphrase-protected)" } else { "" }
     ));
-    if e["type"] != SSH_KEY_PAIR {
+    let Some(kp) = e.key_pair() else {
         return Err(ServiceError::field(format!("{S}.id"), format!("Credential {id} is not an SSH key pair")));
-    }
+    };
     let pk =
         ctx.app.keychain().private_key(id)?.ok_or_else(|| {
             ServiceError::field(format!("{S}.id"), "This key pair has no private key (public key only)")
@@ -150,6 +150,6 @@ pub(super) async fn download_private_key(ctx: Arc<Ctx>, p: Params) -> Result<Val
                 .map_err(|e| ServiceError::internal("key encryption", e))?
         }
     };
-    let alg: KeyAlgorithm = e["algorithm"].as_str().and_then(|a| a.parse().ok()).unwrap_or_default();
+    let alg: KeyAlgorithm = kp.algorithm.as_deref().and_then(|a| a.parse().ok()).unwrap_or_default();
     Ok(json!({"file_name": keyhaven_core::keys::download_file_name(&name, alg, false), "private_key": text.as_str()}))
 }

@@ -159,7 +159,7 @@ pub(super) async fn remote_ssh_semiautomatic_setup(ctx: Arc<Ctx>, p: Params) -> 
     errs.check()?;
     ctx.describe(format!("SSH Semi-automatic Setup: {}", &*own.name));
     let semi = semi.semi().map_err(|e| e.in_schema(S))?;
-    ctx.app.pairing().semiautomatic_setup(&own.name, own.private_key, &semi).await
+    to_json(&ctx.app.pairing().semiautomatic_setup(&own.name, own.private_key, &semi).await?)
 }
 
 /// A validation error joins `errs` under `prefix` (so one reply lists every
@@ -326,7 +326,7 @@ pub(super) async fn setup_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<Val
         return Err(ServiceError::internal("setup_ssh_connection", "arguments not decoded"));
     };
     ctx.describe(format!("Setup SSH Connection: {}", &*a.connection_name));
-    ctx.app.pairing().setup_connection(&a.connection_name, key, kind).await
+    to_json(&ctx.app.pairing().setup_connection(&a.connection_name, key, kind).await?)
 }
 
 #[derive(Deserialize)]
@@ -353,7 +353,7 @@ pub(super) async fn re_pair_ssh_connection(ctx: Arc<Ctx>, p: Params) -> Result<V
     const S: &str = "keychain_re_pair_ssh_connection";
     let id: i64 = p.req(0, &format!("{S}.id"))?;
     let a: RePairIn = p.req(1, &format!("{S}.options"))?;
-    let name = ctx.app.keychain().get(id)?["name"].as_str().unwrap_or_default().to_string();
+    let name = ctx.app.keychain().get(id)?.name().to_string();
     ctx.describe(format!("Re-pair SSH Connection: {name}{}", if a.new_key.is_some() { " (new key pair)" } else { "" }));
     let mut errs = keyhaven_core::ValidationErrors::new();
     let new_key = match a.new_key {

@@ -54,17 +54,16 @@ impl<'a> Pairing<'a> {
         key_pair: Option<i64>,
     ) -> Result<TestTarget, ServiceError> {
         let e = self.app.keychain().get(id)?;
-        if e["type"] != crate::service::keychain::SSH_CREDENTIALS {
+        let Some(a) = e.connection_attributes() else {
             return Err(ServiceError::call(EINVAL, "Credential is not of type SSH_CREDENTIALS"));
-        }
-        let a = &e["attributes"];
+        };
         if let Some(k) = key_pair {
             // The cached entry is enough to check the type; the key itself is read once, below.
-            if !self.app.keychain().entries()?.get(k).is_some_and(|kp| kp["type"] == SSH_KEY_PAIR) {
+            if !self.app.keychain().entries()?.get(k).is_some_and(|kp| kp.is_key_pair()) {
                 return Err(ServiceError::field(KEY_FIELD, format!("SSH key pair {k} does not exist")));
             }
         }
-        let kp_id = key_pair.unwrap_or_else(|| a["private_key"].as_i64().unwrap_or_default());
+        let kp_id = key_pair.unwrap_or(a.private_key);
         let private =
             self.app.keychain().private_key(kp_id).ok().flatten().filter(|p| !p.trim().is_empty()).ok_or_else(
                 || match key_pair {
@@ -78,16 +77,15 @@ impl<'a> Pairing<'a> {
                     ),
                 },
             )?;
-        let pinned = keys::parse_host_key_lines(a["remote_host_key"].as_str().unwrap_or(""))
+        let pinned = keys::parse_host_key_lines(&a.remote_host_key)
             .map_err(|(line, m)| ServiceError::call(EINVAL, format!("Stored remote_host_key, line {line}: {m}")))?;
-        let port = a["port"].as_i64().and_then(|p| Port::new(p).ok()).unwrap_or(Port::SSH);
-        let timeout = timeout.unwrap_or_else(|| {
-            a["connect_timeout"].as_i64().and_then(|t| ConnectTimeout::new(t).ok()).unwrap_or(ConnectTimeout::DEFAULT)
-        });
+        let port = Port::new(a.port).unwrap_or(Port::SSH);
+        let timeout =
+            timeout.unwrap_or_else(|| ConnectTimeout::new(a.connect_timeout).unwrap_or(ConnectTimeout::DEFAULT));
         Ok(TestTarget {
-            host: a["host"].as_str().unwrap_or("").to_string(),
+            host: a.host.clone(),
             port: port.get(),
-            username: a["username"].as_str().unwrap_or("root").to_string(),
+            username: if a.username.is_empty() { "root".into() } else { a.username.clone() },
             private_key_openssh: private,
             pinned_host_keys: pinned.into_iter().map(|k| (k.key_type, k.base64)).collect(),
             timeout: timeout.duration(),
@@ -110,7 +108,7 @@ impl<'a> Pairing<'a> {
         };
         let e =
             self.app.keychain().create(name, AttributesInput::KeyPair(input)).await.map_err(|e| e.in_schema(CREATE))?;
-        Ok((e["id"].as_i64().unwrap_or_default(), kp.public_key.trim().to_string()))
+        Ok((e.id(), kp.public_key.trim().to_string()))
     }
 
     /// The last test of every SSH connection tested so far (keyhaven

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::input::{self, SshEndpoint};
-use super::keychain::{AttributesInput, ConnectionInput, KeyPairInput, SSH_KEY_PAIR};
+use super::input::SshEndpoint;
+use super::keychain::{AttributesInput, ConnectionInput, KeyPairInput, KeychainEntry};
 use super::session::Role;
 use super::users::UserInput;
 use super::App;

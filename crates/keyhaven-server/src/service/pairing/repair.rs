@@ -4,7 +4,7 @@ use super::*;
 
 /// What re-pairing did, besides updating the connection.
 pub struct RePairOutcome {
-    pub connection: Value,
+    pub connection: KeychainEntry,
     /// The key pair the connection used before, when a new one replaced it.
     pub old_key_pair: Option<i64>,
     /// Whether the old public key was taken off the remote account.
@@ -28,18 +28,13 @@ impl<'a> Pairing<'a> {
     ) -> Result<RePairOutcome, ServiceError> {
         const S: &str = "keychain_re_pair_ssh_connection";
         let conn = self.app.keychain().get(id)?;
-        if conn["type"] != crate::service::keychain::SSH_CREDENTIALS {
+        let Some(old_attrs) = conn.connection_attributes().cloned() else {
             return Err(ServiceError::field(format!("{S}.id"), format!("Credential {id} is not an SSH connection")));
-        }
-        let name = conn["name"].as_str().unwrap_or_default().to_string();
-        let old_attrs = conn["attributes"].clone();
-        let old_key_id = old_attrs["private_key"].as_i64().unwrap_or_default();
-        let old_public = self
-            .app
-            .keychain()
-            .get(old_key_id)
-            .ok()
-            .and_then(|k| k["attributes"]["public_key"].as_str().map(|p| p.trim().to_string()));
+        };
+        let name = conn.name().to_string();
+        let old_key_id = old_attrs.private_key;
+        let old_public =
+            self.app.keychain().get(old_key_id).ok().and_then(|k| k.public_key().map(|p| p.trim().to_string()));
         if let Some((key_name, _)) = &new_key {
             if self.app.keychain().entries()?.names.contains_key(key_name.as_str()) {
                 return Err(ServiceError::field(
@@ -103,15 +98,13 @@ impl<'a> Pairing<'a> {
         if !passed {
             let old = ConnectionInput {
                 endpoint: SshEndpoint {
-                    host: old_attrs["host"].as_str().unwrap_or_default().to_string(),
-                    port: old_attrs["port"].as_i64().unwrap_or_else(input::default_port),
-                    connect_timeout: old_attrs["connect_timeout"]
-                        .as_i64()
-                        .unwrap_or_else(input::default_connect_timeout),
+                    host: old_attrs.host.clone(),
+                    port: old_attrs.port,
+                    connect_timeout: old_attrs.connect_timeout,
                 },
-                username: old_attrs["username"].as_str().unwrap_or_default().to_string(),
+                username: old_attrs.username.clone(),
                 private_key: old_key_id,
-                remote_host_key: old_attrs["remote_host_key"].as_str().unwrap_or_default().to_string(),
+                remote_host_key: old_attrs.remote_host_key.clone(),
             };
             let restore = self.app.keychain().update(id, None, Some(AttributesInput::Connection(old))).await;
             if let Err(e) = restore {
@@ -141,15 +134,15 @@ impl<'a> Pairing<'a> {
             // The old key was authorized for the connection's previous account;
             // it can only be taken off through this session when that account
             // is on the host just paired with.
-            let old_user = old_attrs["username"].as_str().unwrap_or_default().to_string();
-            let old_host = old_attrs["host"].as_str().unwrap_or_default().to_lowercase();
+            let old_user = old_attrs.username.clone();
+            let old_host = old_attrs.host.to_lowercase();
             let host = url_host(&s.url);
             let cached = self.app.keychain().entries()?;
             let others: Vec<String> = cached
                 .connection_keys
                 .iter()
                 .filter(|(c, k)| **k == old_key_id && **c != id)
-                .filter_map(|(c, _)| cached.get(*c).and_then(|e| e["name"].as_str().map(str::to_string)))
+                .filter_map(|(c, _)| cached.get(*c).map(|e| e.name().to_string()))
                 .collect();
             drop(cached);
             out.old_key_kept_because = if !others.is_empty() {

@@ -4,15 +4,19 @@ use super::*;
 
 impl<'a> Pairing<'a> {
     /// `keychaincredential.remote_ssh_semiautomatic_setup` (reference §2.8).
-    pub async fn semiautomatic_setup(&self, name: &str, key_id: i64, s: &SemiAutomatic) -> Result<Value, ServiceError> {
+    pub async fn semiautomatic_setup(
+        &self,
+        name: &str,
+        key_id: i64,
+        s: &SemiAutomatic,
+    ) -> Result<KeychainEntry, ServiceError> {
         let not_found = || ServiceError::call(EFAULT, "Specified key pair not found");
         let kp = self.app.keychain().get(key_id).map_err(|_| not_found())?;
-        if kp["type"] != SSH_KEY_PAIR
-            || !matches!(self.app.keychain().private_key(key_id), Ok(Some(k)) if !k.trim().is_empty())
+        if !kp.is_key_pair() || !matches!(self.app.keychain().private_key(key_id), Ok(Some(k)) if !k.trim().is_empty())
         {
             return Err(not_found());
         }
-        let public_key = kp["attributes"]["public_key"].as_str().unwrap_or("").trim().to_string();
+        let public_key = kp.public_key().unwrap_or("").trim().to_string();
         let mut c = connect_remote(s).await?;
         let (port, host_key, changes) = match self.pair_with(&mut c, &public_key, s).await {
             Ok(r) => r,
@@ -138,7 +142,7 @@ impl<'a> Pairing<'a> {
         connection_name: &str,
         key: KeyChoice,
         kind: SetupKind,
-    ) -> Result<Value, ServiceError> {
+    ) -> Result<KeychainEntry, ServiceError> {
         const S: &str = "setup_ssh_connection";
         let cached = self.app.keychain().entries()?;
         let taken = |n: &str| cached.names.contains_key(n);
@@ -162,7 +166,7 @@ impl<'a> Pairing<'a> {
             KeyChoice::Existing(id) => {
                 let e =
                     self.app.keychain().get(id).map_err(|_| ServiceError::call(ENOENT, "Credential does not exist"))?;
-                if e["type"] != SSH_KEY_PAIR {
+                if !e.is_key_pair() {
                     return Err(ServiceError::call(EINVAL, "Credential is not of type SSH_KEY_PAIR"));
                 }
                 (id, false)
