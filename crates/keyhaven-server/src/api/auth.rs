@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::params::{decode, Secret, Str};
-use super::{Ctx, MethodDef, Params};
+use super::{to_json, Ctx, MethodDef, Params};
 use crate::error::{ServiceError, EBUSY};
 use crate::method;
 use crate::service::auth::{LoginOutcome, SessionAuth};
@@ -83,7 +83,8 @@ struct OtpToken {
 fn response(ctx: &Ctx, outcome: LoginOutcome, opts: &LoginOptions) -> Result<Value, ServiceError> {
     Ok(match outcome {
         LoginOutcome::Success(caller) => {
-            let user_info = if opts.user_info.unwrap_or(true) { ctx.app.auth().me(&caller)? } else { Value::Null };
+            let user_info =
+                if opts.user_info.unwrap_or(true) { to_json(&ctx.app.auth().me(&caller)?)? } else { Value::Null };
             let _ = opts.reconnect_token;
             json!({"response_type": "SUCCESS", "user_info": user_info, "authenticator": "LEVEL_1", "reconnect_token": null})
         }
@@ -197,7 +198,7 @@ async fn generate_token(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError>
 }
 
 async fn me(ctx: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
-    ctx.app.auth().me(&ctx.caller()?)
+    to_json(&ctx.app.auth().me(&ctx.caller()?)?)
 }
 
 async fn set_attribute(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use super::{query, Ctx, MethodDef, Params};
+use super::{query, to_json, Ctx, MethodDef, Params};
 use crate::error::ServiceError;
 use crate::method;
 
@@ -25,7 +25,8 @@ async fn ping(_: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
 }
 
 async fn get_jobs(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    query(&ctx.app.jobs.list(), &p, "core.get_jobs")
+    let rows = ctx.app.jobs.list().iter().map(to_json).collect::<Result<Vec<_>, _>>()?;
+    query(&rows, &p, "core.get_jobs")
 }
 
 async fn get_methods(_: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 
 use super::params::decode;
-use super::{Ctx, MethodDef, Params};
+use super::{to_json, Ctx, MethodDef, Params};
 use crate::error::ServiceError;
 use crate::method;
 use crate::service::rsync::{RsyncTaskInput, Trigger};
@@ -32,7 +32,7 @@ async fn query(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
 
 async fn get_instance(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, "rsync_task_get_instance.id")?;
-    ctx.app.rsync_get(id, ctx.caller()?.role)
+    to_json(&ctx.app.rsync_get(id, ctx.caller()?.role)?)
 }
 
 fn describe(ctx: &Ctx, verb: &str, t: &RsyncTaskInput) {
@@ -42,7 +42,7 @@ fn describe(ctx: &Ctx, verb: &str, t: &RsyncTaskInput) {
 async fn create(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let t: RsyncTaskInput = p.req(0, CREATE)?;
     describe(&ctx, "Create", &t);
-    ctx.app.rsync_create(t).await.map_err(|e| e.in_schema(CREATE))
+    to_json(&ctx.app.rsync_create(t).await.map_err(|e| e.in_schema(CREATE))?)
 }
 
 async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
@@ -51,7 +51,7 @@ async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let merged = ctx.app.rsync_merge(id, changes).map_err(|e| e.in_schema(UPDATE))?;
     let t: RsyncTaskInput = decode(merged, UPDATE)?;
     describe(&ctx, "Update", &t);
-    ctx.app.rsync_update(id, t).await.map_err(|e| e.in_schema(UPDATE))
+    to_json(&ctx.app.rsync_update(id, t).await.map_err(|e| e.in_schema(UPDATE))?)
 }
 
 async fn delete(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {

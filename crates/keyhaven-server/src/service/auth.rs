@@ -8,7 +8,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::audit::{self, AuditEvent};
 use super::crypto::{
@@ -635,7 +636,7 @@ impl<'a> Auth<'a> {
     }
 
     /// TrueNAS's `auth.me` shape for the caller.
-    pub fn me(&self, caller: &Caller) -> Result<Value, ServiceError> {
+    pub fn me(&self, caller: &Caller) -> Result<UserInfo, ServiceError> {
         let user = self
             .app
             .store
@@ -692,24 +693,63 @@ fn api_key_hash(id: i64, secret: &str) -> String {
 }
 
 /// `user_info` / `auth.me` for an account.
-pub fn user_info(user: &keyhaven_store::UserRecord, role: Role) -> Value {
+pub fn user_info(user: &keyhaven_store::UserRecord, role: Role) -> UserInfo {
     let d = users::UserData::from_record(user);
-    json!({
-        "pw_name": user.username,
-        "pw_gecos": d.full_name,
-        "pw_dir": d.home,
-        "pw_shell": d.shell,
-        "pw_uid": d.uid,
-        "pw_gid": d.uid,
-        "grouplist": [d.uid],
-        "sid": null,
-        "source": "LOCAL",
-        "local": true,
-        "attributes": d.attributes,
-        "two_factor_config": {"secret_configured": user.has_twofactor_secret && d.twofactor_enabled},
-        "privilege": {"roles": {"$set": [role.as_str()]}, "web_shell": false},
-        "account_attributes": ["LOCAL", if user.password_hash.is_some() {"PASSWORD_LOGIN"} else {"SYS_ADMIN"}],
-    })
+    UserInfo {
+        pw_name: user.username.clone(),
+        pw_gecos: d.full_name,
+        pw_dir: d.home,
+        pw_shell: d.shell,
+        pw_uid: d.uid,
+        pw_gid: d.uid,
+        grouplist: vec![d.uid],
+        sid: None,
+        source: "LOCAL",
+        local: true,
+        attributes: d.attributes,
+        two_factor_config: TwoFactorConfig { secret_configured: user.has_twofactor_secret && d.twofactor_enabled },
+        privilege: Privilege { roles: RoleSet { set: vec![role.as_str()] }, web_shell: false },
+        account_attributes: ["LOCAL", if user.password_hash.is_some() { "PASSWORD_LOGIN" } else { "SYS_ADMIN" }],
+    }
+}
+
+/// TrueNAS's `user_info` / `auth.me` reply. `attributes` is the account's
+/// free-form attribute object (`user.set_attribute`), kept as JSON.
+#[derive(Serialize)]
+pub struct UserInfo {
+    pub pw_name: String,
+    pub pw_gecos: String,
+    pub pw_dir: String,
+    pub pw_shell: String,
+    pub pw_uid: i64,
+    pub pw_gid: i64,
+    pub grouplist: Vec<i64>,
+    /// Always null (no directory services).
+    pub sid: Option<String>,
+    pub source: &'static str,
+    pub local: bool,
+    pub attributes: serde_json::Map<String, Value>,
+    pub two_factor_config: TwoFactorConfig,
+    pub privilege: Privilege,
+    pub account_attributes: [&'static str; 2],
+}
+
+#[derive(Serialize)]
+pub struct TwoFactorConfig {
+    pub secret_configured: bool,
+}
+
+#[derive(Serialize)]
+pub struct Privilege {
+    pub roles: RoleSet,
+    pub web_shell: bool,
+}
+
+/// TrueNAS encodes a Python set as `{"$set": [...]}`.
+#[derive(Serialize)]
+pub struct RoleSet {
+    #[serde(rename = "$set")]
+    pub set: Vec<&'static str>,
 }
 impl<'a> Auth<'a> {
     /// The caller as the account stands now: a session keeps working only

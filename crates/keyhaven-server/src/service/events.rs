@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use tokio::sync::broadcast;
 
 /// Collections keyhaven publishes. Subscribing to another name is accepted
@@ -16,7 +17,7 @@ pub const COLLECTIONS: &[&str] = &["core.get_jobs"];
 const BACKLOG: usize = 1024;
 
 /// One change to a collection: `msg` is `added`, `changed` or `removed`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Event {
     pub collection: &'static str,
     pub msg: &'static str,
@@ -28,7 +29,7 @@ impl Event {
     /// The `params` of a JSON-RPC `collection_update` notification, which is
     /// also the legacy message body.
     pub fn body(&self) -> Value {
-        json!({"msg": self.msg, "collection": self.collection, "id": self.id, "fields": self.fields})
+        serde_json::to_value(self).unwrap_or(Value::Null)
     }
 }
 

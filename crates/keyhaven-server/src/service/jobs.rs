@@ -6,7 +6,8 @@ use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::events::{Event, Events};
 use super::metrics::Metrics;
@@ -25,7 +26,7 @@ struct Job {
     description: String,
     result: Value,
     error: Option<String>,
-    exc_info: Value,
+    exc_info: Option<ExcInfo>,
     started: f64,
     finished: Option<f64>,
     /// The end of the job's log (TrueNAS's `logs_excerpt`), when it keeps one.
@@ -96,7 +97,7 @@ impl Jobs {
 
     /// Published under the jobs lock, so subscribers see changes in order.
     fn publish(&self, msg: &'static str, j: &Job) {
-        self.events.publish(Event { collection: "core.get_jobs", msg, id: json!(j.id), fields: to_value(j) });
+        self.events.publish(Event { collection: "core.get_jobs", msg, id: Value::from(j.id), fields: to_value(j) });
     }
 
     /// Start `body` in the background and return the job id at once.
@@ -126,7 +127,7 @@ impl Jobs {
                 description: String::new(),
                 result: Value::Null,
                 error: None,
-                exc_info: Value::Null,
+                exc_info: None,
                 started: now(),
                 finished: None,
                 logs: None,
@@ -158,7 +159,11 @@ impl Jobs {
                     }
                     Err(e) => {
                         j.state = "FAILED";
-                        j.exc_info = json!({"type": if matches!(e, ServiceError::Validation(_)) {"VALIDATION"} else {"CallError"}, "errno": e.errno().code(), "errname": e.errno().name()});
+                        j.exc_info = Some(ExcInfo {
+                            kind: if matches!(e, ServiceError::Validation(_)) { "VALIDATION" } else { "CallError" },
+                            errno: e.errno().code(),
+                            errname: e.errno().name(),
+                        });
                         j.error = Some(e.to_string());
                     }
                 }
@@ -168,19 +173,20 @@ impl Jobs {
         id
     }
 
-    pub fn get(&self, id: i64) -> Option<Value> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(to_value)
+    pub fn get(&self, id: i64) -> Option<JobEntry> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(JobEntry::from)
     }
 
-    pub fn list(&self) -> Vec<Value> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values().map(to_value).collect()
+    /// Every job kept, in id order (`core.get_jobs`).
+    pub fn list(&self) -> Vec<JobEntry> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values().map(JobEntry::from).collect()
     }
 
     /// Wait until a job has finished and return its entry.
-    pub async fn wait(&self, id: i64) -> Option<Value> {
+    pub async fn wait(&self, id: i64) -> Option<JobEntry> {
         loop {
             let j = self.get(id)?;
-            if j["state"] != "RUNNING" {
+            if j.state != "RUNNING" {
                 return Some(j);
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -188,21 +194,109 @@ impl Jobs {
     }
 }
 
+/// A job as `core.get_jobs` lists it (TrueNAS's shape). `arguments` and
+/// `result` are the call's own parameters and reply: free-form JSON.
+#[derive(Serialize)]
+pub struct JobEntry {
+    pub id: i64,
+    pub method: &'static str,
+    pub arguments: Value,
+    pub state: &'static str,
+    pub progress: Progress,
+    pub result: Value,
+    pub error: Option<String>,
+    /// Always null: tracebacks stay in the server log.
+    pub exception: Option<String>,
+    pub exc_info: Option<ExcInfo>,
+    pub time_started: Date,
+    pub time_finished: Option<Date>,
+    pub abortable: bool,
+    pub transient: bool,
+    pub logs_excerpt: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct Progress {
+    pub percent: f64,
+    pub description: String,
+    /// Always null.
+    pub extra: Option<String>,
+}
+
+/// What a failed job's error was (`exc_info`).
+#[derive(Serialize, Clone, Debug)]
+pub struct ExcInfo {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub errno: i32,
+    pub errname: &'static str,
+}
+
+/// A point in time as TrueNAS's entries carry it: `{"$date": milliseconds}`.
+#[derive(Serialize, Clone, Copy, Debug)]
+pub struct Date {
+    #[serde(rename = "$date")]
+    pub ms: i64,
+}
+
+impl Date {
+    /// From seconds since the epoch.
+    pub fn from_secs(secs: f64) -> Date {
+        Date { ms: (secs * 1000.0) as i64 }
+    }
+}
+
+impl From<&Job> for JobEntry {
+    fn from(j: &Job) -> JobEntry {
+        JobEntry {
+            id: j.id,
+            method: j.method,
+            arguments: j.arguments.clone(),
+            state: j.state,
+            progress: Progress { percent: j.percent, description: j.description.clone(), extra: None },
+            result: j.result.clone(),
+            error: j.error.clone(),
+            exception: None,
+            exc_info: j.exc_info.clone(),
+            time_started: Date::from_secs(j.started),
+            time_finished: j.finished.map(Date::from_secs),
+            abortable: false,
+            transient: false,
+            logs_excerpt: j.logs.clone(),
+        }
+    }
+}
+
+/// The entry as an event's `fields`.
 fn to_value(j: &Job) -> Value {
-    json!({
-        "id": j.id,
-        "method": j.method,
-        "arguments": j.arguments,
-        "state": j.state,
-        "progress": {"percent": j.percent, "description": j.description, "extra": null},
-        "result": j.result,
-        "error": j.error,
-        "exception": null,
-        "exc_info": j.exc_info,
-        "time_started": {"$date": (j.started * 1000.0) as i64},
-        "time_finished": j.finished.map(|f| json!({"$date": (f * 1000.0) as i64})),
-        "abortable": false,
-        "transient": false,
-        "logs_excerpt": j.logs,
-    })
+    serde_json::to_value(JobEntry::from(j)).unwrap_or(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed job's entry is TrueNAS's shape, byte for byte as the
+    /// `json!`-built entry was (keys sorted by the `Value` the reply goes through).
+    #[test]
+    fn job_entry_wire_form() {
+        let j = Job {
+            id: 7,
+            method: "rsynctask.run",
+            arguments: serde_json::json!([3]),
+            state: "FAILED",
+            percent: 50.0,
+            description: "copying".into(),
+            result: Value::Null,
+            error: Some("[EFAULT] no route".into()),
+            exc_info: Some(ExcInfo { kind: "CallError", errno: 14, errname: "EFAULT" }),
+            started: 1.5,
+            finished: Some(2.25),
+            logs: None,
+        };
+        assert_eq!(
+            to_value(&j).to_string(),
+            r#"{"abortable":false,"arguments":[3],"error":"[EFAULT] no route","exc_info":{"errname":"EFAULT","errno":14,"type":"CallError"},"exception":null,"id":7,"logs_excerpt":null,"method":"rsynctask.run","progress":{"description":"copying","extra":null,"percent":50.0},"result":null,"state":"FAILED","time_finished":{"$date":2250},"time_started":{"$date":1500},"transient":false}"#
+        );
+    }
 }

@@ -15,7 +15,7 @@ use keyhaven_store::{RsyncRunRecord, RsyncTaskRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::jobs::JobHandle;
+use super::jobs::{Date, JobHandle};
 use super::keychain::KeychainEntry;
 use super::session::Role;
 use super::App;
@@ -93,7 +93,8 @@ pub struct RsyncTaskInput {
     pub remoteport: Option<i64>,
     #[serde(default)]
     pub remotemodule: Option<String>,
-    #[serde(default)]
+    /// Shown in entries as the connection's whole entry (see [`RsyncTaskEntry`]).
+    #[serde(default, skip_serializing)]
     pub ssh_credentials: Option<i64>,
     #[serde(default)]
     pub remotepath: String,
@@ -149,23 +150,22 @@ impl RsyncTaskInput {
         }
     }
 
-    /// The stored document: every field but the columns and the write-only ones.
+    /// The stored document: every field but the columns (`enabled`,
+    /// `ssh_credentials`) and the write-only ones.
     fn data(&self) -> Value {
         let mut v = serde_json::to_value(self).unwrap_or(Value::Null);
         if let Some(o) = v.as_object_mut() {
             o.remove("enabled");
-            o.remove("ssh_credentials");
         }
         v
     }
 
     fn from_record(r: &RsyncTaskRecord) -> Result<RsyncTaskInput, ServiceError> {
-        let mut v = r.data.clone();
-        if let Some(o) = v.as_object_mut() {
-            o.insert("enabled".into(), json!(r.enabled));
-            o.insert("ssh_credentials".into(), json!(r.ssh_credentials));
-        }
-        serde_json::from_value(v).map_err(|e| ServiceError::internal(&format!("reading rsync task {}", r.id), e))
+        let mut t = RsyncTaskInput::deserialize(&r.data)
+            .map_err(|e| ServiceError::internal(&format!("reading rsync task {}", r.id), e))?;
+        t.enabled = r.enabled;
+        t.ssh_credentials = r.ssh_credentials;
+        Ok(t)
     }
 }
 
@@ -174,13 +174,9 @@ impl RsyncTaskInput {
 pub struct LastRun {
     pub id: i64,
     pub state: String,
-    pub time_started: Value,
-    pub time_finished: Option<Value>,
+    pub time_started: Date,
+    pub time_finished: Option<Date>,
     pub error: Option<String>,
-}
-
-fn date(secs: f64) -> Value {
-    json!({"$date": (secs * 1000.0) as i64})
 }
 
 impl From<&RsyncRunRecord> for LastRun {
@@ -188,8 +184,8 @@ impl From<&RsyncRunRecord> for LastRun {
         LastRun {
             id: r.job_id,
             state: r.state.clone(),
-            time_started: date(r.started),
-            time_finished: r.finished.map(date),
+            time_started: Date::from_secs(r.started),
+            time_finished: r.finished.map(Date::from_secs),
             error: r.error.clone(),
         }
     }
@@ -202,22 +198,11 @@ pub struct RsyncTaskEntry {
     #[serde(flatten)]
     pub task: RsyncTaskInput,
     /// The connection's keychain entry (TrueNAS returns the entry, not the id).
-    pub ssh_credentials_entry: Option<KeychainEntry>,
+    pub ssh_credentials: Option<KeychainEntry>,
     pub locked: bool,
     pub job: Option<LastRun>,
     pub dataset: Option<String>,
     pub relative_path: Option<String>,
-}
-
-impl RsyncTaskEntry {
-    fn to_value(&self) -> Value {
-        let mut v = serde_json::to_value(self).unwrap_or(Value::Null);
-        if let Some(o) = v.as_object_mut() {
-            let entry = o.remove("ssh_credentials_entry").unwrap_or(Value::Null);
-            o.insert("ssh_credentials".into(), entry);
-        }
-        v
-    }
 }
 
 /// Enabled tasks' schedules, by task id.
@@ -255,11 +240,11 @@ fn not_found(id: i64) -> ServiceError {
 
 impl App {
     /// Every task as a caller of `role` sees it (connection attributes are redacted for read-only callers).
-    pub fn rsync_entries(&self, role: Role) -> Result<Vec<Value>, ServiceError> {
+    pub fn rsync_entries(&self, role: Role) -> Result<Vec<RsyncTaskEntry>, ServiceError> {
         let runs: HashMap<i64, RsyncRunRecord> = self.store.rsync_runs()?.into_iter().map(|r| (r.task_id, r)).collect();
         let mut out = Vec::new();
         for r in self.store.rsync_tasks()? {
-            out.push(self.rsync_entry(&r, runs.get(&r.id), role)?.to_value());
+            out.push(self.rsync_entry(&r, runs.get(&r.id), role)?);
         }
         Ok(out)
     }
@@ -275,7 +260,7 @@ impl App {
         Ok(RsyncTaskEntry {
             id: r.id,
             task,
-            ssh_credentials_entry: conn,
+            ssh_credentials: conn,
             locked: false,
             job: run.map(LastRun::from),
             dataset: None,
@@ -290,14 +275,21 @@ impl App {
         filters: Option<&Value>,
         options: Option<&Value>,
     ) -> Result<Value, ServiceError> {
-        super::run_query(&self.rsync_entries(role)?, filters, options)
+        // The query engine filters the wire form: each entry is encoded once, here.
+        let rows = self
+            .rsync_entries(role)?
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ServiceError::internal("encoding rsync tasks", e))?;
+        super::run_query(&rows, filters, options)
     }
 
     /// One task's entry.
-    pub fn rsync_get(&self, id: i64, role: Role) -> Result<Value, ServiceError> {
+    pub fn rsync_get(&self, id: i64, role: Role) -> Result<RsyncTaskEntry, ServiceError> {
         let r = self.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
         let run = self.store.rsync_run(id)?;
-        Ok(self.rsync_entry(&r, run.as_ref(), role)?.to_value())
+        self.rsync_entry(&r, run.as_ref(), role)
     }
 
     /// The output of the task's last run (empty before its first run).
@@ -307,7 +299,7 @@ impl App {
     }
 
     /// `rsynctask.create`: field errors are relative (the caller prefixes its schema).
-    pub async fn rsync_create(&self, input: RsyncTaskInput) -> Result<Value, ServiceError> {
+    pub async fn rsync_create(&self, input: RsyncTaskInput) -> Result<RsyncTaskEntry, ServiceError> {
         let _w = self.rsync.writes.lock().await;
         self.rsync_validate(&input).await?;
         let id = self.store.rsync_task_insert(&input.data(), input.enabled, input.ssh_credentials)?;
@@ -321,6 +313,7 @@ impl App {
         let r = self.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
         let current = RsyncTaskInput::from_record(&r)?;
         let mut merged = serde_json::to_value(&current).map_err(|e| ServiceError::internal("rsync task", e))?;
+        merged["ssh_credentials"] = Value::from(current.ssh_credentials);
         for (k, v) in changes {
             match (merged.get_mut(&k), v) {
                 (Some(Value::Object(old)), Value::Object(new)) if k == "schedule" => old.extend(new),
@@ -333,7 +326,7 @@ impl App {
     }
 
     /// `rsynctask.update` with the merged task (see [`App::rsync_merge`]).
-    pub async fn rsync_update(&self, id: i64, input: RsyncTaskInput) -> Result<Value, ServiceError> {
+    pub async fn rsync_update(&self, id: i64, input: RsyncTaskInput) -> Result<RsyncTaskEntry, ServiceError> {
         let _w = self.rsync.writes.lock().await;
         self.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
         self.rsync_validate(&input).await?;

@@ -14,8 +14,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
 use super::users::UserData;
 use super::App;
@@ -27,6 +26,12 @@ use keyhaven_ssh::supervisor::{SshdError, SshdState, Supervisor};
 
 const SETTINGS_KEY: &str = "ssh";
 const SERVICE_KEY: &str = "service.ssh";
+
+/// The stored `service.ssh` setting: whether sshd starts with the daemon.
+#[derive(Serialize, Deserialize)]
+struct ServiceRow {
+    enable: bool,
+}
 
 /// Host key algorithms keyhaven generates, with their file stems and TrueNAS field names.
 const HOST_KEYS: &[(&str, KeyAlgorithm, Option<u32>, &str)] = &[
@@ -123,7 +128,8 @@ impl<'a> Sshd<'a> {
     }
 
     pub fn enabled(&self) -> Result<bool, ServiceError> {
-        Ok(self.app.store.setting_get(SERVICE_KEY)?.and_then(|v| v["enable"].as_bool()).unwrap_or(false))
+        let row = self.app.store.setting_get(SERVICE_KEY)?;
+        Ok(row.and_then(|v| ServiceRow::deserialize(&v).ok()).is_some_and(|r| r.enable))
     }
 
     /// Generate missing host keys (stored sealed) and write all of them for sshd.
@@ -326,7 +332,9 @@ impl<'a> Sshd<'a> {
     }
 
     pub fn set_enabled(&self, enable: bool) -> Result<(), ServiceError> {
-        self.app.store.setting_set(SERVICE_KEY, &json!({"enable": enable}))?;
+        let row = serde_json::to_value(ServiceRow { enable })
+            .map_err(|e| ServiceError::internal("encoding the service setting", e))?;
+        self.app.store.setting_set(SERVICE_KEY, &row)?;
         Ok(())
     }
 

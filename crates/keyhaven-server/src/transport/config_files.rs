@@ -283,12 +283,12 @@ pub async fn upload(
         let _slot = slot;
         online::upload(job_app, file, pass, job).await
     });
-    let entry = app.jobs.wait(id).await.unwrap_or_default();
-    let ok = entry["state"] == "SUCCESS";
-    let error = entry["error"].as_str().map(str::to_string);
+    let entry = app.jobs.wait(id).await;
+    let ok = entry.as_ref().is_some_and(|e| e.state == "SUCCESS");
+    let error = entry.as_ref().and_then(|e| e.error.clone());
     record(&app, &session, AuditEvent::method("config.upload", "Upload configuration backup", None, ok, error.clone()));
     if ok {
-        (StatusCode::OK, axum::Json(json!({"job_id": id, "result": entry["result"]}))).into_response()
+        (StatusCode::OK, axum::Json(json!({"job_id": id, "result": entry.map(|e| e.result)}))).into_response()
     } else {
         let status = if error.as_deref().is_some_and(|e| e.contains("failed; the server log")) {
             StatusCode::INTERNAL_SERVER_ERROR
