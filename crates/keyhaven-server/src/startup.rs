@@ -397,8 +397,8 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
         tokio::spawn(transport::serve_tcp(listener, router, None, limits, std::future::pending()))
     });
     // Rsync tasks: runs a killed daemon left RUNNING are failed, then the scheduler starts.
-    app.rsync_recover();
-    let scheduler = app.rsync_scheduler();
+    app.rsync().recover();
+    let scheduler = app.rsync().scheduler();
     {
         let app = app.clone();
         tokio::spawn(async move { app.sshd().start_enabled_services().await });
@@ -450,7 +450,7 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
         t.abort();
     }
     scheduler.abort();
-    app.rsync_stop_all();
+    app.rsync().stop_all();
     if let Err(e) = app.sshd().supervisor().stop().await {
         tracing::warn!("stopping sshd: {e}");
     }

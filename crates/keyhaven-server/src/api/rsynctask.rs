@@ -27,12 +27,12 @@ pub fn methods() -> Vec<MethodDef> {
 }
 
 async fn query(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    ctx.app.rsync_query(ctx.caller()?.role, p.raw(0), p.raw(1)).map_err(|e| e.in_schema("rsync_task_query"))
+    ctx.app.rsync().query(ctx.caller()?.role, p.raw(0), p.raw(1)).map_err(|e| e.in_schema("rsync_task_query"))
 }
 
 async fn get_instance(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, "rsync_task_get_instance.id")?;
-    to_json(&ctx.app.rsync_get(id, ctx.caller()?.role)?)
+    to_json(&ctx.app.rsync().get(id, ctx.caller()?.role)?)
 }
 
 fn describe(ctx: &Ctx, verb: &str, t: &RsyncTaskInput) {
@@ -42,32 +42,32 @@ fn describe(ctx: &Ctx, verb: &str, t: &RsyncTaskInput) {
 async fn create(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let t: RsyncTaskInput = p.req(0, CREATE)?;
     describe(&ctx, "Create", &t);
-    to_json(&ctx.app.rsync_create(t).await.map_err(|e| e.in_schema(CREATE))?)
+    to_json(&ctx.app.rsync().create(t).await.map_err(|e| e.in_schema(CREATE))?)
 }
 
 async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, &format!("{UPDATE}.id"))?;
     let changes: serde_json::Map<String, Value> = p.req(1, UPDATE)?;
-    let merged = ctx.app.rsync_merge(id, changes).map_err(|e| e.in_schema(UPDATE))?;
+    let merged = ctx.app.rsync().merge(id, changes).map_err(|e| e.in_schema(UPDATE))?;
     let t: RsyncTaskInput = decode(merged, UPDATE)?;
     describe(&ctx, "Update", &t);
-    to_json(&ctx.app.rsync_update(id, t).await.map_err(|e| e.in_schema(UPDATE))?)
+    to_json(&ctx.app.rsync().update(id, t).await.map_err(|e| e.in_schema(UPDATE))?)
 }
 
 async fn delete(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, "rsync_task_delete.id")?;
     ctx.describe(format!("Delete Rsync Task: {id}"));
-    ctx.app.rsync_delete(id).await?;
+    ctx.app.rsync().delete(id).await?;
     Ok(json!(true))
 }
 
 async fn run(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, "rsync_task_run.id")?;
     ctx.describe(format!("Run Rsync Task: {id}"));
-    Ok(json!(ctx.app.rsync_run(id, Trigger::Manual)?))
+    Ok(json!(ctx.app.rsync().run(id, Trigger::Manual)?))
 }
 
 async fn last_log(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let id: i64 = p.req(0, "rsync_task_last_log.id")?;
-    Ok(json!(ctx.app.rsync_last_log(id)?))
+    Ok(json!(ctx.app.rsync().last_log(id)?))
 }

@@ -37,10 +37,20 @@ pub struct HealthCache {
     last: tokio::sync::Mutex<Option<(Instant, Vec<&'static str>)>>,
 }
 
-impl App {
+/// Monitoring (`GET /healthz` here, `GET /metrics` in `metrics.rs`): reads
+/// the other areas' state, owns only the health cache.
+pub struct Monitoring<'a> {
+    pub(super) app: &'a App,
+}
+
+impl<'a> Monitoring<'a> {
+    pub(super) fn new(app: &'a App) -> Self {
+        Monitoring { app }
+    }
+
     /// The checks that fail now (empty: healthy).
     pub async fn health_failures(&self) -> Vec<&'static str> {
-        let mut last = self.health.last.lock().await;
+        let mut last = self.app.health_area.last.lock().await;
         if let Some((at, failed)) = last.as_ref() {
             if at.elapsed() < CACHE_FOR {
                 return failed.clone();
@@ -51,15 +61,15 @@ impl App {
             tracing::warn!("health: the database check failed: {why}");
             failed.push(CHECKS[0]);
         }
-        if let Some(down) = self.sshd().supervisor().down_for().filter(|d| *d > SSHD_GRACE) {
+        if let Some(down) = self.app.sshd().supervisor().down_for().filter(|d| *d > SSHD_GRACE) {
             tracing::warn!(
                 "health: sshd should be running but has been down for {} s: {}",
                 down.as_secs(),
-                self.sshd().supervisor().last_error().unwrap_or_default()
+                self.app.sshd().supervisor().last_error().unwrap_or_default()
             );
             failed.push(CHECKS[1]);
         }
-        if let Err(why) = disk_ok(&self.config.data_dir, self.live_config().disk_min_free_mib) {
+        if let Err(why) = disk_ok(&self.app.config.data_dir, self.app.live_config().disk_min_free_mib) {
             tracing::warn!("health: the disk check failed: {why}");
             failed.push(CHECKS[2]);
         }
@@ -68,7 +78,7 @@ impl App {
     }
 
     async fn database_ok(&self) -> Result<(), HealthError> {
-        let dir = self.config.data_dir.clone();
+        let dir = self.app.config.data_dir.clone();
         let check = tokio::task::spawn_blocking(move || keyhaven_store::Store::health_check_at(&dir, DB_WAIT));
         // The blocking check gives up after DB_WAIT; this bound is for a
         // blocking pool so busy that the check never starts.

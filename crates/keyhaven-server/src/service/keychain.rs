@@ -444,7 +444,7 @@ impl<'a> Keychain<'a> {
         let me = cached.get(id).ok_or_else(|| not_found(id))?;
         let mut out = Vec::new();
         let tasks = |conn: i64, out: &mut Vec<Dependent>| -> Result<(), ServiceError> {
-            for (task, title) in self.app.rsync_tasks_using(conn)? {
+            for (task, title) in self.app.rsync().tasks_using(conn)? {
                 out.push(Dependent { id: task, title, unbind_method: "disable", task: true });
             }
             Ok(())
@@ -486,7 +486,7 @@ impl<'a> Keychain<'a> {
         // Tasks that used a deleted connection are disabled and unbound in the same transaction.
         let r = self.app.store.keychain_delete_unbinding_tasks(&ids);
         self.changed(&ids);
-        self.app.rsync_schedules_changed();
+        self.app.rsync().schedules_changed();
         r?;
         Ok(rec.name)
     }

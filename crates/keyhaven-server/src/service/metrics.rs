@@ -20,10 +20,10 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::App;
+use super::health::Monitoring;
 use crate::error::{CallFailure, ServiceError};
 
-/// The `Content-Type` of what [`App::metrics_text`] returns.
+/// The `Content-Type` of what [`Monitoring::metrics_text`] returns.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// The method label of calls to names no method has.
@@ -199,12 +199,12 @@ const HOST_KEY_FILES: &[(&str, &str)] = &[
     ("ssh-rsa", "ssh_host_rsa_key"),
 ];
 
-impl App {
+impl Monitoring<'_> {
     /// Everything `GET /metrics` serves, in the Prometheus text format
     /// (version 0.0.4). Reads the store (rsync tasks): call off the async workers.
     pub fn metrics_text(&self) -> Result<String, ServiceError> {
-        let m = &self.metrics;
-        let dir = self.sshd().supervisor().paths().dir.clone();
+        let m = &self.app.metrics;
+        let dir = self.app.sshd().supervisor().paths().dir.clone();
         let host_keys = HOST_KEY_FILES
             .iter()
             .filter_map(|(alg, file)| {
@@ -212,10 +212,11 @@ impl App {
                 Some((*alg, modified.duration_since(UNIX_EPOCH).ok()?.as_secs_f64()))
             })
             .collect();
-        let rsync = self.store.rsync_last_successes()?.into_iter().map(|(id, at)| (id, at.unwrap_or(0.0))).collect();
+        let rsync =
+            self.app.store.rsync_last_successes()?.into_iter().map(|(id, at)| (id, at.unwrap_or(0.0))).collect();
         let snapshot = Snapshot {
-            sshd_up: self.sshd().supervisor().state() == keyhaven_ssh::supervisor::SshdState::Running,
-            sshd_restarts: self.sshd().supervisor().restarts_total(),
+            sshd_up: self.app.sshd().supervisor().state() == keyhaven_ssh::supervisor::SshdState::Running,
+            sshd_restarts: self.app.sshd().supervisor().restarts_total(),
             tls_validity: *m.tls_validity.read().unwrap_or_else(|p| p.into_inner()),
             host_keys,
             rsync,

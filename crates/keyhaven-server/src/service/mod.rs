@@ -36,8 +36,8 @@ pub struct App {
     /// What `core.subscribe` / legacy `sub` deliver.
     pub events: Arc<events::Events>,
     pub keychain: keychain::KeychainCache,
-    /// Rsync tasks' runs going on and their schedules.
-    pub rsync: rsync::RsyncState,
+    /// Rsync tasks' runs going on and their schedules (see [`App::rsync`]).
+    rsync_area: rsync::RsyncState,
     /// The SSH service area's state (see [`App::sshd`]).
     sshd_area: sshd::SshdArea,
     /// Where account keys are written for sshd.
@@ -49,8 +49,11 @@ pub struct App {
     pub tls_fingerprint: std::sync::RwLock<Option<String>>,
     /// What `GET /metrics` serves.
     pub metrics: Arc<metrics::Metrics>,
-    /// The last `GET /healthz` result.
-    pub health: health::HealthCache,
+    /// The last `GET /healthz` result (see [`App::monitoring`]).
+    health_area: health::HealthCache,
+    /// This `App` itself, for work that outlives a call (rsync runs, the
+    /// scheduler): see [`App::shared`].
+    me: std::sync::Weak<App>,
 }
 
 /// Each area of use cases is reached through a handle that borrows the
@@ -79,7 +82,8 @@ impl App {
             },
             password_checks(config.password_checks),
         );
-        Arc::new(App {
+        Arc::new_cyclic(|me| App {
+            me: me.clone(),
             live: std::sync::RwLock::new(Arc::new(config.clone())),
             config,
             store,
@@ -87,13 +91,13 @@ impl App {
             jobs: Arc::new(jobs::Jobs::new(events.clone(), metrics.clone())),
             events,
             keychain: keychain::KeychainCache::default(),
-            rsync: rsync::RsyncState::default(),
+            rsync_area: rsync::RsyncState::default(),
             sshd_area: sshd::SshdArea::new(sshd),
             keys_location,
             accounts_area: users::AccountsArea::default(),
             tls_fingerprint: std::sync::RwLock::new(None),
             metrics,
-            health: health::HealthCache::default(),
+            health_area: health::HealthCache::default(),
         })
     }
 
@@ -120,6 +124,21 @@ impl App {
     /// Local accounts, their OS accounts and authorized keys.
     pub fn accounts(&self) -> users::Accounts<'_> {
         users::Accounts::new(self)
+    }
+
+    /// Rsync tasks: CRUD, runs as jobs and the scheduler.
+    pub fn rsync(&self) -> rsync::Rsync<'_> {
+        rsync::Rsync::new(self)
+    }
+
+    /// `GET /healthz` and `GET /metrics`.
+    pub fn monitoring(&self) -> health::Monitoring<'_> {
+        health::Monitoring::new(self)
+    }
+
+    /// This `App` as an `Arc`, for work that outlives the call that starts it.
+    pub fn shared(&self) -> Result<Arc<App>, ServiceError> {
+        self.me.upgrade().ok_or_else(|| ServiceError::internal("starting background work", "the daemon is stopping"))
     }
 
     /// The configuration as last (re)loaded: read the reloadable settings here.

@@ -238,25 +238,36 @@ fn not_found(id: i64) -> ServiceError {
     ServiceError::call(ENOENT, format!("rsync task {id} does not exist"))
 }
 
-impl App {
+/// The rsync area (`rsynctask.*`): tasks, their runs as jobs and the
+/// scheduler. Borrows the [`App`]; a run or the scheduler outlives the call,
+/// so they take the `App` as an `Arc` from [`App::shared`].
+pub struct Rsync<'a> {
+    app: &'a App,
+}
+
+impl<'a> Rsync<'a> {
+    pub(super) fn new(app: &'a App) -> Self {
+        Rsync { app }
+    }
     /// Every task as a caller of `role` sees it (connection attributes are redacted for read-only callers).
-    pub fn rsync_entries(&self, role: Role) -> Result<Vec<RsyncTaskEntry>, ServiceError> {
-        let runs: HashMap<i64, RsyncRunRecord> = self.store.rsync_runs()?.into_iter().map(|r| (r.task_id, r)).collect();
+    pub fn entries(&self, role: Role) -> Result<Vec<RsyncTaskEntry>, ServiceError> {
+        let runs: HashMap<i64, RsyncRunRecord> =
+            self.app.store.rsync_runs()?.into_iter().map(|r| (r.task_id, r)).collect();
         let mut out = Vec::new();
-        for r in self.store.rsync_tasks()? {
-            out.push(self.rsync_entry(&r, runs.get(&r.id), role)?);
+        for r in self.app.store.rsync_tasks()? {
+            out.push(self.entry(&r, runs.get(&r.id), role)?);
         }
         Ok(out)
     }
 
-    fn rsync_entry(
+    fn entry(
         &self,
         r: &RsyncTaskRecord,
         run: Option<&RsyncRunRecord>,
         role: Role,
     ) -> Result<RsyncTaskEntry, ServiceError> {
         let task = RsyncTaskInput::from_record(r)?;
-        let conn = r.ssh_credentials.and_then(|c| self.keychain().get_as(c, role).ok());
+        let conn = r.ssh_credentials.and_then(|c| self.app.keychain().get_as(c, role).ok());
         Ok(RsyncTaskEntry {
             id: r.id,
             task,
@@ -269,15 +280,10 @@ impl App {
     }
 
     /// `rsynctask.query`.
-    pub fn rsync_query(
-        &self,
-        role: Role,
-        filters: Option<&Value>,
-        options: Option<&Value>,
-    ) -> Result<Value, ServiceError> {
+    pub fn query(&self, role: Role, filters: Option<&Value>, options: Option<&Value>) -> Result<Value, ServiceError> {
         // The query engine filters the wire form: each entry is encoded once, here.
         let rows = self
-            .rsync_entries(role)?
+            .entries(role)?
             .iter()
             .map(serde_json::to_value)
             .collect::<Result<Vec<_>, _>>()
@@ -286,31 +292,31 @@ impl App {
     }
 
     /// One task's entry.
-    pub fn rsync_get(&self, id: i64, role: Role) -> Result<RsyncTaskEntry, ServiceError> {
-        let r = self.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
-        let run = self.store.rsync_run(id)?;
-        self.rsync_entry(&r, run.as_ref(), role)
+    pub fn get(&self, id: i64, role: Role) -> Result<RsyncTaskEntry, ServiceError> {
+        let r = self.app.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
+        let run = self.app.store.rsync_run(id)?;
+        self.entry(&r, run.as_ref(), role)
     }
 
     /// The output of the task's last run (empty before its first run).
-    pub fn rsync_last_log(&self, id: i64) -> Result<String, ServiceError> {
-        self.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
-        Ok(self.store.rsync_run(id)?.map(|r| r.log).unwrap_or_default())
+    pub fn last_log(&self, id: i64) -> Result<String, ServiceError> {
+        self.app.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
+        Ok(self.app.store.rsync_run(id)?.map(|r| r.log).unwrap_or_default())
     }
 
     /// `rsynctask.create`: field errors are relative (the caller prefixes its schema).
-    pub async fn rsync_create(&self, input: RsyncTaskInput) -> Result<RsyncTaskEntry, ServiceError> {
-        let _w = self.rsync.writes.lock().await;
-        self.rsync_validate(&input).await?;
-        let id = self.store.rsync_task_insert(&input.data(), input.enabled, input.ssh_credentials)?;
-        self.rsync_schedules_changed();
-        self.rsync_get(id, Role::FullAdmin)
+    pub async fn create(&self, input: RsyncTaskInput) -> Result<RsyncTaskEntry, ServiceError> {
+        let _w = self.app.rsync_area.writes.lock().await;
+        self.validate(&input).await?;
+        let id = self.app.store.rsync_task_insert(&input.data(), input.enabled, input.ssh_credentials)?;
+        self.schedules_changed();
+        self.get(id, Role::FullAdmin)
     }
 
     /// The stored task with `changes` (an object of task fields) laid over
     /// it: what `rsynctask.update` decodes into an [`RsyncTaskInput`].
-    pub fn rsync_merge(&self, id: i64, changes: serde_json::Map<String, Value>) -> Result<Value, ServiceError> {
-        let r = self.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
+    pub fn merge(&self, id: i64, changes: serde_json::Map<String, Value>) -> Result<Value, ServiceError> {
+        let r = self.app.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
         let current = RsyncTaskInput::from_record(&r)?;
         let mut merged = serde_json::to_value(&current).map_err(|e| ServiceError::internal("rsync task", e))?;
         merged["ssh_credentials"] = Value::from(current.ssh_credentials);
@@ -325,31 +331,32 @@ impl App {
         Ok(merged)
     }
 
-    /// `rsynctask.update` with the merged task (see [`App::rsync_merge`]).
-    pub async fn rsync_update(&self, id: i64, input: RsyncTaskInput) -> Result<RsyncTaskEntry, ServiceError> {
-        let _w = self.rsync.writes.lock().await;
-        self.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
-        self.rsync_validate(&input).await?;
-        self.store.rsync_task_update(id, &input.data(), input.enabled, input.ssh_credentials)?;
-        self.rsync_schedules_changed();
-        self.rsync_get(id, Role::FullAdmin)
+    /// `rsynctask.update` with the merged task (see [`Rsync::merge`]).
+    pub async fn update(&self, id: i64, input: RsyncTaskInput) -> Result<RsyncTaskEntry, ServiceError> {
+        let _w = self.app.rsync_area.writes.lock().await;
+        self.app.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
+        self.validate(&input).await?;
+        self.app.store.rsync_task_update(id, &input.data(), input.enabled, input.ssh_credentials)?;
+        self.schedules_changed();
+        self.get(id, Role::FullAdmin)
     }
 
     /// `rsynctask.delete`. A run going on is stopped first.
-    pub async fn rsync_delete(&self, id: i64) -> Result<(), ServiceError> {
-        let _w = self.rsync.writes.lock().await;
-        self.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
-        if let Some((_, pid)) = self.rsync.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+    pub async fn delete(&self, id: i64) -> Result<(), ServiceError> {
+        let _w = self.app.rsync_area.writes.lock().await;
+        self.app.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
+        if let Some((_, pid)) = self.app.rsync_area.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
             keyhaven_ssh::rsync::kill(*pid);
         }
-        self.store.rsync_task_delete(id)?;
-        self.rsync_schedules_changed();
+        self.app.store.rsync_task_delete(id)?;
+        self.schedules_changed();
         Ok(())
     }
 
     /// Tasks that use a connection (for `keychaincredential.used_by`).
-    pub fn rsync_tasks_using(&self, connection: i64) -> Result<Vec<(i64, String)>, ServiceError> {
+    pub fn tasks_using(&self, connection: i64) -> Result<Vec<(i64, String)>, ServiceError> {
         Ok(self
+            .app
             .store
             .rsync_tasks()?
             .into_iter()
@@ -362,16 +369,16 @@ impl App {
             .collect())
     }
 
-    pub(crate) fn rsync_schedules_changed(&self) {
-        *self.rsync.schedules.write().unwrap_or_else(|p| p.into_inner()) = None;
+    pub(crate) fn schedules_changed(&self) {
+        *self.app.rsync_area.schedules.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    fn rsync_schedules(&self) -> Result<Schedules, ServiceError> {
-        if let Some(s) = self.rsync.schedules.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+    fn schedules(&self) -> Result<Schedules, ServiceError> {
+        if let Some(s) = self.app.rsync_area.schedules.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return Ok(s.clone());
         }
         let mut all = Vec::new();
-        for r in self.store.rsync_tasks()? {
+        for r in self.app.store.rsync_tasks()? {
             if !r.enabled {
                 continue;
             }
@@ -382,14 +389,14 @@ impl App {
             }
         }
         let all = Arc::new(all);
-        *self.rsync.schedules.write().unwrap_or_else(|p| p.into_inner()) = Some(all.clone());
+        *self.app.rsync_area.schedules.write().unwrap_or_else(|p| p.into_inner()) = Some(all.clone());
         Ok(all)
     }
 
     /// TrueNAS's rules, keyhaven's paths, and the remote path over SSH.
-    async fn rsync_validate(&self, t: &RsyncTaskInput) -> Result<(), ServiceError> {
+    async fn validate(&self, t: &RsyncTaskInput) -> Result<(), ServiceError> {
         let mut v = ValidationErrors::new();
-        self.rsync_check_path(&t.path, &mut v);
+        self.check_path(&t.path, &mut v);
         if t.user.is_empty() || t.user.contains(char::is_whitespace) || t.user.len() > 32 {
             v.add("user", "Enter the name of an existing account, without spaces");
         } else if let Some(a) = keyhaven_ssh::accounts::lookup(&t.user) {
@@ -455,7 +462,7 @@ impl App {
                 }
                 match t.ssh_credentials {
                     Some(c) => {
-                        let ok = self.keychain().entries()?.get(c).is_some_and(|e| !e.is_key_pair());
+                        let ok = self.app.keychain().entries()?.get(c).is_some_and(|e| !e.is_key_pair());
                         if !ok {
                             v.add("ssh_credentials", format!("SSH connection {c} does not exist"));
                         }
@@ -488,14 +495,14 @@ impl App {
         v.check().map_err(ServiceError::Validation)?;
         if t.mode == Mode::SSH && t.enabled && t.validate_rpath {
             match t.ssh_credentials {
-                Some(c) => self.rsync_check_remote_path(c, &t.remotepath).await?,
-                None => self.rsync_check_remote_path_as_user(t).await?,
+                Some(c) => self.check_remote_path(c, &t.remotepath).await?,
+                None => self.check_remote_path_as_user(t).await?,
             }
         }
         Ok(())
     }
 
-    fn rsync_check_path(&self, path: &str, v: &mut ValidationErrors) {
+    fn check_path(&self, path: &str, v: &mut ValidationErrors) {
         if !path.starts_with('/') {
             return v.add("path", "Enter an absolute path (starting with /)");
         }
@@ -507,7 +514,8 @@ impl App {
             Ok(_) => return v.add("path", format!("{path} is not a directory")),
             Err(_) => return v.add("path", format!("{path} does not exist")),
         };
-        let data = std::fs::canonicalize(&self.config.data_dir).unwrap_or_else(|_| self.config.data_dir.clone());
+        let data =
+            std::fs::canonicalize(&self.app.config.data_dir).unwrap_or_else(|_| self.app.config.data_dir.clone());
         if real.starts_with(&data) || data.starts_with(&real) {
             v.add(
                 "path",
@@ -520,8 +528,8 @@ impl App {
     }
 
     /// Check over SSH, with the connection's pinned host key, that the remote path is a directory.
-    async fn rsync_check_remote_path(&self, connection: i64, remotepath: &str) -> Result<(), ServiceError> {
-        let target = self.pairing().connection_target(connection, None)?;
+    async fn check_remote_path(&self, connection: i64, remotepath: &str) -> Result<(), ServiceError> {
+        let target = self.app.pairing().connection_target(connection, None)?;
         let command = format!("test -d {}", shell_quote(remotepath));
         match keyhaven_ssh::client::run_command(&target, &command).await {
             Ok((0, _)) => Ok(()),
@@ -542,7 +550,7 @@ impl App {
 
     /// Without a connection (TrueNAS's way): real `ssh` as the task's account,
     /// with its own key and known_hosts, checks that the remote path is a directory.
-    async fn rsync_check_remote_path_as_user(&self, t: &RsyncTaskInput) -> Result<(), ServiceError> {
+    async fn check_remote_path_as_user(&self, t: &RsyncTaskInput) -> Result<(), ServiceError> {
         let Some(account) = keyhaven_ssh::accounts::lookup(&t.user) else { return Ok(()) };
         let port = t.remoteport.and_then(|p| u16::try_from(p).ok()).unwrap_or(22);
         let host = t.remotehost.as_deref().unwrap_or("");
@@ -592,22 +600,22 @@ impl App {
     }
 
     /// `rsynctask.run`: start a run as a job; refused while one is going on.
-    pub fn rsync_run(self: &Arc<Self>, id: i64, trigger: Trigger) -> Result<i64, ServiceError> {
-        let r = self.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
+    pub fn run(&self, id: i64, trigger: Trigger) -> Result<i64, ServiceError> {
+        let r = self.app.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
         if matches!(trigger, Trigger::Schedule) && !r.enabled {
             return Err(ServiceError::call(EINVAL, format!("rsync task {id} is disabled")));
         }
-        let mut running = self.rsync.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = self.app.rsync_area.running.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((job, _)) = running.get(&id) {
             return Err(ServiceError::call(
                 EBUSY,
                 format!("rsync task {id} is already running (job {job}); wait for it to finish or stop it first"),
             ));
         }
-        let app = self.clone();
+        let app = self.app.shared()?;
         // The job id is known only once spawned; the slot is taken under the lock first.
         running.insert(id, (0, 0));
-        let job = self.jobs.spawn_with("rsynctask.run", json!([id]), move |h| async move {
+        let job = self.app.jobs.spawn_with("rsynctask.run", json!([id]), move |h| async move {
             let started = super::jobs::now();
             // Recorded here, before the run can end: a RUNNING written after a
             // fast failure would overwrite it.
@@ -623,7 +631,7 @@ impl App {
             if let Err(e) = app.store.rsync_run_record(&rec) {
                 tracing::warn!(task = id, "could not record the run: {e}");
             }
-            let out = app.rsync_execute(&r, &h, trigger).await;
+            let out = app.rsync().execute(&r, &h, trigger).await;
             let finished = super::jobs::now();
             // The job keeps only the end of its log (64 KiB): that is what the task keeps.
             let log = h.logs();
@@ -642,7 +650,7 @@ impl App {
                     tracing::warn!(task = id, "could not record the run: {e}");
                 }
             }
-            app.rsync.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            app.rsync_area.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             out
         });
         running.insert(id, (job, 0));
@@ -650,7 +658,7 @@ impl App {
     }
 
     /// One run, start to end.
-    async fn rsync_execute(&self, r: &RsyncTaskRecord, h: &JobHandle, trigger: Trigger) -> Result<Value, ServiceError> {
+    async fn execute(&self, r: &RsyncTaskRecord, h: &JobHandle, trigger: Trigger) -> Result<Value, ServiceError> {
         let t = RsyncTaskInput::from_record(r)?;
         h.log(&format!(
             "{} run of rsync task {} ({} {})",
@@ -671,7 +679,7 @@ impl App {
         // parent directory may have swapped the path for a symlink into the data
         // directory. rsync gets the resolved path, which holds no symlinks.
         let mut problems = ValidationErrors::new();
-        self.rsync_check_path(&t.path, &mut problems);
+        self.check_path(&t.path, &mut problems);
         if let Some(p) = problems.0.first() {
             return Err(ServiceError::call(EINVAL, format!("path: {}; the run did not start", p.message)));
         }
@@ -711,7 +719,7 @@ impl App {
                 opt(&mut ssh, "StrictHostKeyChecking=yes".into());
                 let (host, port, username) = match t.ssh_credentials {
                     Some(c) => {
-                        let target = self.pairing().connection_target(c, None)?;
+                        let target = self.app.pairing().connection_target(c, None)?;
                         // ssh would read a host or user starting with '-' as an option.
                         for (what, v) in [("host", &target.host), ("username", &target.username)] {
                             if v.starts_with('-')
@@ -805,7 +813,7 @@ impl App {
         if let Some(agent) = &_agent {
             agent.admit_process_group(running.pid);
         }
-        if let Some(slot) = self.rsync.running.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&r.id) {
+        if let Some(slot) = self.app.rsync_area.running.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&r.id) {
             slot.1 = running.pid;
         }
         h.progress(0.0, "Starting rsync");
@@ -891,7 +899,7 @@ impl App {
     /// account reaches its own directory inside, and lists nothing).
     fn run_dir(&self) -> Result<PathBuf, ServiceError> {
         use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-        let dir = self.config.data_dir.join("run");
+        let dir = self.app.config.data_dir.join("run");
         match std::fs::symlink_metadata(&dir) {
             Ok(m) if m.is_dir() && !m.file_type().is_symlink() => {
                 let me = keyhaven_ssh::uid::effective();
@@ -920,8 +928,8 @@ impl App {
     }
 
     /// At shutdown: stop every run (each is then recorded as stopped by a signal).
-    pub fn rsync_stop_all(&self) {
-        for (_, pid) in self.rsync.running.lock().unwrap_or_else(|p| p.into_inner()).values() {
+    pub fn stop_all(&self) {
+        for (_, pid) in self.app.rsync_area.running.lock().unwrap_or_else(|p| p.into_inner()).values() {
             if *pid != 0 {
                 keyhaven_ssh::rsync::kill(*pid);
             }
@@ -929,16 +937,16 @@ impl App {
     }
 
     /// At start: runs a stopped daemon left RUNNING are failed runs.
-    pub fn rsync_recover(&self) {
+    pub fn recover(&self) {
         let msg = "keyhaven stopped during this run (it was killed or restarted), so the run did not finish; run the task again";
-        match self.store.rsync_runs_fail_interrupted(msg, super::jobs::now()) {
+        match self.app.store.rsync_runs_fail_interrupted(msg, super::jobs::now()) {
             Ok(0) => {}
             Ok(n) => tracing::warn!("{n} rsync run(s) were interrupted when keyhaven stopped; marked FAILED"),
             Err(e) => tracing::warn!("could not mark interrupted rsync runs: {e}"),
         }
         // The agent directories of those runs (a stale socket, known_hosts and a
         // public key; never a private key). remove_dir_all does not follow links.
-        if let Ok(entries) = std::fs::read_dir(self.config.data_dir.join("run")) {
+        if let Ok(entries) = std::fs::read_dir(self.app.config.data_dir.join("run")) {
             for e in entries.flatten() {
                 let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
                 if is_dir && e.file_name().to_string_lossy().starts_with("agent-") {
@@ -950,8 +958,8 @@ impl App {
 
     /// The scheduler: at the start of each minute, run the enabled tasks due
     /// then. A minute missed while keyhaven was down is not made up (as cron).
-    pub fn rsync_scheduler(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let app = Arc::downgrade(self);
+    pub fn scheduler(&self) -> tokio::task::JoinHandle<()> {
+        let app = self.app.me.clone();
         tokio::spawn(async move {
             loop {
                 let now = chrono::Local::now();
@@ -967,7 +975,7 @@ impl App {
                     month: t.month(),
                     dow: t.weekday().num_days_from_sunday(),
                 };
-                let due: Vec<i64> = match app.rsync_schedules() {
+                let due: Vec<i64> = match app.rsync().schedules() {
                     Ok(s) => s.iter().filter(|(_, s)| s.matches(minute)).map(|(id, _)| *id).collect(),
                     Err(e) => {
                         tracing::warn!("rsync scheduler: {e}");
@@ -975,7 +983,7 @@ impl App {
                     }
                 };
                 for id in due {
-                    match app.rsync_run(id, Trigger::Schedule) {
+                    match app.rsync().run(id, Trigger::Schedule) {
                         Ok(job) => tracing::info!(task = id, job, "scheduled rsync run started"),
                         Err(e) => tracing::warn!(task = id, "scheduled rsync run not started: {e}"),
                     }

@@ -29,7 +29,7 @@ fn unauthorized() -> Response {
 /// `GET /healthz`: 200 `{"status":"ok"}`, or 503
 /// `{"status":"fail","failed":["database"|"sshd"|"disk", …]}`.
 pub async fn healthz(State(app): State<Arc<App>>) -> Response {
-    let failed = app.health_failures().await;
+    let failed = app.monitoring().health_failures().await;
     let (status, body) = if failed.is_empty() {
         (StatusCode::OK, json!({"status": "ok"}))
     } else {
@@ -64,7 +64,7 @@ async fn metrics_open(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn render(app: Arc<App>) -> Response {
-    match tokio::task::spawn_blocking(move || app.metrics_text()).await {
+    match tokio::task::spawn_blocking(move || app.monitoring().metrics_text()).await {
         Ok(Ok(text)) => {
             (StatusCode::OK, [(header::CONTENT_TYPE, metrics::CONTENT_TYPE), (header::CACHE_CONTROL, "no-store")], text)
                 .into_response()
