@@ -20,10 +20,10 @@ use rusqlite::functions::FunctionFlags;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, params_from_iter};
 
-use crate::db::Store;
+use crate::db::SqliteStore;
 use crate::error::{Result, StoreError};
 
-/// Rows deleted per statement by [`Store::audit_prune`]: small enough that
+/// Rows deleted per statement by [`SqliteStore::audit_prune`]: small enough that
 /// no statement holds the database lock for long.
 pub const AUDIT_PRUNE_BATCH: usize = 10_000;
 
@@ -48,14 +48,14 @@ pub struct AuditRecord {
     pub entry: AuditEntry,
 }
 
-impl Store {
+impl SqliteStore {
     pub fn audit_insert(&self, e: &AuditEntry) -> Result<i64> {
         let ts =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         self.audit_insert_at(ts, e)
     }
 
-    /// [`Store::audit_insert`] with a given time (seconds since the epoch),
+    /// [`SqliteStore::audit_insert`] with a given time (seconds since the epoch),
     /// for imports and tests.
     pub fn audit_insert_at(&self, ts: f64, e: &AuditEntry) -> Result<i64> {
         // Not waited on: an audit entry rides with the next durable write, so
@@ -70,7 +70,7 @@ impl Store {
     }
 
     /// Every entry, in insertion (`id`) order. `audit.query` filters in SQL
-    /// instead ([`Store::audit_query`]); this is for tests and exports.
+    /// instead ([`SqliteStore::audit_query`]); this is for tests and exports.
     pub fn audit_list(&self) -> Result<Vec<AuditRecord>> {
         self.audit_query(&AuditQuery::default())
     }
@@ -499,7 +499,7 @@ fn register_casefold(conn: &rusqlite::Connection, q: &AuditQuery, sql: &Sql) -> 
     Ok(())
 }
 
-impl Store {
+impl SqliteStore {
     /// The rows `q` selects, in its order, after its offset, up to its limit.
     pub fn audit_query(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
         let mut sql = where_clause(q)?;
@@ -573,9 +573,9 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, Store) {
+    fn store() -> (tempfile::TempDir, SqliteStore) {
         let d = tempfile::tempdir().unwrap();
-        let (s, _) = Store::open(d.path()).unwrap();
+        let (s, _) = SqliteStore::open(d.path()).unwrap();
         (d, s)
     }
 
@@ -592,7 +592,7 @@ mod tests {
         }
     }
 
-    fn ids(s: &Store, q: &AuditQuery) -> Vec<i64> {
+    fn ids(s: &SqliteStore, q: &AuditQuery) -> Vec<i64> {
         s.audit_query(q).unwrap().into_iter().map(|r| r.id).collect()
     }
 

@@ -5,7 +5,6 @@
 use serde_json::json;
 
 use crate::error::StoreError;
-use crate::pg::PgStore;
 use crate::records::ConnectionTestRecord;
 use crate::rsync::RsyncRunRecord;
 use crate::{AuditEntry, Store};
@@ -31,7 +30,8 @@ macro_rules! both {
                     return;
                 };
                 let dir = tempfile::tempdir().unwrap();
-                let (store, first) = PgStore::open(dir.path(), &pg.url("postgres")).unwrap();
+                let (store, first) = Store::open_postgres(dir.path(), &pg.url("postgres")).unwrap();
+                assert_eq!(store.backend_name(), "postgresql");
                 assert!(first);
                 let $s = &store;
                 $body
@@ -222,3 +222,30 @@ both!(audit_insert_list_and_prune, |s| {
     assert_eq!(s.audit_prune(3600).unwrap(), 1);
     assert_eq!(s.audit_list().unwrap().len(), 1);
 });
+
+/// What only one backend can do answers with a typed error on the other,
+/// never a panic; the rest of the interface is the same.
+#[test]
+fn the_store_says_what_postgres_cannot_do_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = Store::open_database(dir.path(), " ").unwrap();
+    assert_eq!(s.backend_name(), "sqlite");
+    s.check_backup_supported().unwrap();
+    let Some(pg) = keyhaven_testpg::start_or_skip("the_store_says_what_postgres_cannot_do_yet") else { return };
+    let pdir = tempfile::tempdir().unwrap();
+    let (p, _) = Store::open_database(pdir.path(), &pg.url("postgres")).unwrap();
+    assert_eq!(p.backend_name(), "postgresql");
+    let e = p.check_backup_supported().unwrap_err();
+    assert!(matches!(e, StoreError::BackupOnPostgres { .. }) && e.to_string().contains("pg_dump"), "{e}");
+    let e = p.audit_query(&crate::AuditQuery::default()).unwrap_err();
+    assert!(matches!(e, StoreError::NotOnPostgres { .. }), "{e}");
+    assert!(matches!(p.rotate_master_key(), Err(StoreError::NotOnPostgres { .. })));
+    // Commits are durable when they return: the ticket has nothing to wait for.
+    let (id, ticket) = p.deferring_sync(|| p.rsync_task_insert(&json!({}), true, None).unwrap());
+    assert!(ticket.is_done());
+    ticket.wait();
+    assert!(p.rsync_task(id).unwrap().is_some());
+    assert_eq!(p.journal_syncs(), 0);
+    p.health_check(pdir.path(), std::time::Duration::from_secs(5)).unwrap();
+    assert_eq!(p.key_path(), pdir.path().join(crate::MASTER_KEY_FILE));
+}

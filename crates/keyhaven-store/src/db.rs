@@ -1,4 +1,5 @@
-//! Opening the database, migrations, the master-key check and key rotation.
+//! The embedded SQLite backend: opening the database, migrations, the
+//! master-key check, key rotation and group commit.
 
 use std::fs::OpenOptions;
 use std::ops::{Deref, DerefMut};
@@ -19,8 +20,9 @@ const NEW_KEY_SUFFIX: &str = ".new";
 pub(crate) const SECRET_COLUMNS: &[(&str, &str)] =
     &[("users", "twofactor_secret"), ("keychain", "private_key"), ("host_keys", "private_key")];
 
-/// The database and the key that seals its secret columns.
-pub struct Store {
+/// The embedded SQLite backend: the database and the key that seals its
+/// secret columns. Reached through [`crate::Store`].
+pub struct SqliteStore {
     conn: Mutex<Connection>,
     key: Mutex<MasterKey>,
     key_path: PathBuf,
@@ -32,28 +34,37 @@ pub struct Store {
 }
 
 thread_local! {
-    /// Inside [`Store::deferring_sync`]: the newest commit whose wait was deferred.
+    /// Inside [`SqliteStore::deferring_sync`]: the newest commit whose wait was deferred.
     static DEFERRED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
 }
 
 /// A promise that some writes will be durable; [`SyncTicket::wait`] keeps it.
 #[must_use = "the writes are not acknowledged as durable until the ticket is waited on"]
 pub struct SyncTicket {
-    syncer: std::sync::Arc<Syncer>,
+    /// `None` on PostgreSQL, where a commit is durable when it returns.
+    syncer: Option<std::sync::Arc<Syncer>>,
     upto: u64,
 }
 
 impl SyncTicket {
     /// Block until the writes are on disk.
     pub fn wait(self) {
-        if self.upto > 0 {
-            self.syncer.wait(self.upto);
+        if let (Some(syncer), true) = (&self.syncer, self.upto > 0) {
+            syncer.wait(self.upto);
         }
+    }
+
+    /// A ticket with nothing to wait for.
+    pub(crate) fn done() -> SyncTicket {
+        SyncTicket { syncer: None, upto: 0 }
     }
 
     /// Whether nothing is left to wait for (already synced by someone else).
     pub fn is_done(&self) -> bool {
-        self.upto == 0 || self.syncer.lock().synced >= self.upto
+        match &self.syncer {
+            Some(syncer) => self.upto == 0 || syncer.lock().synced >= self.upto,
+            None => true,
+        }
     }
 }
 
@@ -215,17 +226,17 @@ impl Drop for Conn<'_> {
     }
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("key_path", &self.key_path).finish_non_exhaustive()
+        f.debug_struct("SqliteStore").field("key_path", &self.key_path).finish_non_exhaustive()
     }
 }
 
-impl Store {
+impl SqliteStore {
     /// Open (creating on first start) `<dir>/keyhaven.db` and `<dir>/master.key`,
     /// run migrations and check that the key belongs to the database.
     /// Returns the store and whether this was a first start.
-    pub fn open(dir: &Path) -> Result<(Store, bool)> {
+    pub fn open(dir: &Path) -> Result<(SqliteStore, bool)> {
         let db_path = dir.join(DB_FILE);
         let key_path = dir.join(MASTER_KEY_FILE);
         let first_start = !db_path.exists();
@@ -278,7 +289,7 @@ impl Store {
         let key = recover_rotation(&conn, &key_path)?;
         check_or_set_key(&conn, &key, &key_path)?;
         let syncer = std::sync::Arc::new(Syncer::new(&db_path));
-        let store = Store {
+        let store = SqliteStore {
             conn: Mutex::new(conn),
             key: Mutex::new(key),
             key_path,
@@ -320,7 +331,7 @@ impl Store {
         let out = f();
         let upto = DEFERRED.with(|d| d.get()).unwrap_or(0);
         drop(reset);
-        (out, SyncTicket { syncer: self.syncer.clone(), upto })
+        (out, SyncTicket { syncer: Some(self.syncer.clone()), upto })
     }
 
     /// The accounts' generation: changes whenever a `users` row changed
@@ -466,7 +477,7 @@ mod schema_tests {
     fn the_migration_count_matches_the_migrations() {
         assert!(migrations().validate().is_ok());
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path()).unwrap();
+        let (store, _) = SqliteStore::open(dir.path()).unwrap();
         let conn = store.conn();
         assert_eq!(crate::snapshot::schema_version(&conn).unwrap() as usize, MIGRATION_COUNT);
         let recorded: i64 = conn.query_row("SELECT max(version) FROM schema_history", [], |r| r.get(0)).unwrap();
@@ -476,7 +487,7 @@ mod schema_tests {
     #[test]
     fn a_newer_schema_is_refused_naming_the_version_needed_and_left_alone() {
         let dir = tempfile::tempdir().unwrap();
-        drop(Store::open(dir.path()).unwrap());
+        drop(SqliteStore::open(dir.path()).unwrap());
         let db = dir.path().join(DB_FILE);
         {
             let c = Connection::open(&db).unwrap();
@@ -484,7 +495,7 @@ mod schema_tests {
                 .unwrap();
         }
         let before = std::fs::read(&db).unwrap();
-        let e = Store::open(dir.path()).unwrap_err().to_string();
+        let e = SqliteStore::open(dir.path()).unwrap_err().to_string();
         assert!(e.contains("schema version 99") && e.contains("keyhaven 9.9.9"), "{e}");
         assert_eq!(std::fs::read(&db).unwrap(), before, "the refused database was changed");
         assert!(!dir.path().join(crate::snapshot::PRE_MIGRATE_DIR).exists());
@@ -495,14 +506,14 @@ mod schema_tests {
         let dir = tempfile::tempdir().unwrap();
         for round in 0..7 {
             {
-                let (store, _) = Store::open(dir.path()).unwrap();
+                let (store, _) = SqliteStore::open(dir.path()).unwrap();
                 store.setting_set(&format!("k{round}"), &serde_json::json!(round)).unwrap();
             }
             // Pretend the last step has not run yet.
             let c = Connection::open(dir.path().join(DB_FILE)).unwrap();
             c.execute_batch("DROP TABLE schema_history; PRAGMA user_version = 6;").unwrap();
         }
-        let (store, _) = Store::open(dir.path()).unwrap();
+        let (store, _) = SqliteStore::open(dir.path()).unwrap();
         for round in 0..7 {
             assert_eq!(store.setting_get(&format!("k{round}")).unwrap(), Some(serde_json::json!(round)));
         }
@@ -525,7 +536,7 @@ mod durability_tests {
     #[test]
     fn every_write_returns_durable_and_concurrent_writers_share_syncs() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut store, _) = Store::open(dir.path()).unwrap();
+        let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
         std::sync::Arc::get_mut(&mut store.syncer).expect("not shared yet").test_slow_disk =
             std::time::Duration::from_millis(30);
         // One writer: each write returns only after a sync covering it.

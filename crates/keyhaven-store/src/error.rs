@@ -50,6 +50,8 @@ pub enum StoreError {
     PgMissingMasterKey { path: PathBuf, target: String },
     #[error("keyhaven backup copies the embedded SQLite database only; this node stores its data in PostgreSQL ({target}): back it up with pg_dump (or your PostgreSQL backups) and keep a copy of master.key apart from it")]
     BackupOnPostgres { target: String },
+    #[error("{what} is not available with a PostgreSQL database in this keyhaven version; use the embedded SQLite database (an empty database setting) for it")]
+    NotOnPostgres { what: &'static str },
     /// A caller asked for something the store cannot do (a programming error).
     #[error("invalid store request: {0}")]
     InvalidArgument(String),

@@ -23,12 +23,14 @@ pub mod records;
 pub mod rsync;
 mod schema;
 pub mod snapshot;
+mod store;
 
 pub use audit::*;
 pub use crypto::{MasterKey, MASTER_KEY_FILE};
-pub use db::{Store, SyncTicket};
+pub use db::SyncTicket;
 pub use error::StoreError;
 pub use pg::PgStore;
 pub use records::*;
 pub use rsync::*;
 pub use schema::DB_FILE;
+pub use store::Store;

@@ -5,7 +5,7 @@ use rusqlite::{params, OptionalExtension, Row};
 use serde_json::Value;
 use zeroize::Zeroizing;
 
-use crate::db::Store;
+use crate::db::SqliteStore;
 use crate::error::{Result, StoreError};
 
 fn now_secs() -> i64 {
@@ -71,7 +71,7 @@ fn user_row(r: &Row<'_>) -> rusqlite::Result<UserRecord> {
     })
 }
 
-impl Store {
+impl SqliteStore {
     pub fn users_list(&self) -> Result<Vec<UserRecord>> {
         let conn = self.conn();
         let mut st = conn.prepare_cached(&format!("SELECT {USER_COLS} FROM users ORDER BY id"))?;
@@ -219,7 +219,7 @@ fn api_key_row(r: &Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
 
 const API_KEY_COLS: &str = "id, name, username, key_hash, created_at, expires_at";
 
-impl Store {
+impl SqliteStore {
     pub fn api_keys_list(&self) -> Result<Vec<ApiKeyRecord>> {
         let conn = self.conn();
         let mut st = conn.prepare_cached(&format!("SELECT {API_KEY_COLS} FROM api_keys ORDER BY id"))?;
@@ -288,7 +288,7 @@ pub struct TokenRecord {
     pub attrs: Value,
 }
 
-impl Store {
+impl SqliteStore {
     /// Store a token valid for `ttl_secs` from now (one clock reading, so
     /// `expires_at - created_at` is exactly the lifetime).
     pub fn token_insert(
@@ -365,7 +365,7 @@ fn keychain_row(r: &Row<'_>) -> rusqlite::Result<KeychainRecord> {
     })
 }
 
-impl Store {
+impl SqliteStore {
     pub fn keychain_list(&self) -> Result<Vec<KeychainRecord>> {
         let conn = self.conn();
         let mut st = conn.prepare_cached(&format!("SELECT {KEYCHAIN_COLS} FROM keychain ORDER BY id"))?;
@@ -470,7 +470,7 @@ pub struct ConnectionTestRecord {
     pub tested_at: i64,
 }
 
-impl Store {
+impl SqliteStore {
     /// Keep `t` as the connection's last test (replacing the one before).
     pub fn connection_test_record(&self, t: &ConnectionTestRecord) -> Result<()> {
         self.conn().execute(
@@ -512,7 +512,7 @@ pub struct HostKeyRecord {
     pub public_key: String,
 }
 
-impl Store {
+impl SqliteStore {
     pub fn setting_get(&self, key: &str) -> Result<Option<Value>> {
         let conn = self.conn();
         let s: Option<String> =
@@ -598,9 +598,9 @@ mod tests {
         assert!(shown.contains("[REDACTED]") && shown.contains("alice"), "{shown}");
     }
 
-    fn store() -> (tempfile::TempDir, Store) {
+    fn store() -> (tempfile::TempDir, SqliteStore) {
         let d = tempfile::tempdir().unwrap();
-        let (s, first) = Store::open(d.path()).unwrap();
+        let (s, first) = SqliteStore::open(d.path()).unwrap();
         assert!(first);
         (d, s)
     }
@@ -625,7 +625,7 @@ mod tests {
         drop(s);
 
         // Reopen with the rotated key file.
-        let (s2, first) = Store::open(d.path()).unwrap();
+        let (s2, first) = SqliteStore::open(d.path()).unwrap();
         assert!(!first);
         assert_eq!(s2.keychain_private_key(id).unwrap().unwrap().as_str(), secret);
         drop(s2);
@@ -649,7 +649,7 @@ mod tests {
         // Crash before commit: a stray master.key.new that the DB does not answer to.
         let stray = d.path().join("master.key.new");
         crate::MasterKey::generate().create_file(&stray).unwrap();
-        let (s, _) = Store::open(d.path()).unwrap();
+        let (s, _) = SqliteStore::open(d.path()).unwrap();
         assert!(!stray.exists());
         assert_eq!(s.keychain_private_key(id).unwrap().unwrap().as_str(), "PRIV");
 
@@ -660,7 +660,7 @@ mod tests {
         std::fs::rename(&key_path, &stray).unwrap();
         // Put back some other (old) key in master.key.
         crate::MasterKey::generate().create_file(&key_path).unwrap();
-        let (s, _) = Store::open(d.path()).unwrap();
+        let (s, _) = SqliteStore::open(d.path()).unwrap();
         assert!(!stray.exists());
         assert_eq!(s.keychain_private_key(id).unwrap().unwrap().as_str(), "PRIV");
     }
@@ -694,7 +694,7 @@ mod tests {
         s.keychain_update(c3, "c3", &json!({"port": 2222}), None).unwrap();
         assert_eq!(s.connection_tests().unwrap(), vec![t(c1, true, "exec", 200)]);
         drop(s);
-        let (s, _) = Store::open(d.path()).unwrap();
+        let (s, _) = SqliteStore::open(d.path()).unwrap();
         assert_eq!(s.connection_tests().unwrap(), vec![t(c1, true, "exec", 200)], "kept across a restart");
     }
 
@@ -705,7 +705,7 @@ mod tests {
         let key_path = d.path().join("master.key");
         std::fs::remove_file(&key_path).unwrap();
         crate::MasterKey::generate().create_file(&key_path).unwrap();
-        assert!(matches!(Store::open(d.path()), Err(StoreError::WrongMasterKey { .. })));
+        assert!(matches!(SqliteStore::open(d.path()), Err(StoreError::WrongMasterKey { .. })));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use rusqlite::{params, OptionalExtension, Row};
 use serde_json::Value;
 
-use crate::db::Store;
+use crate::db::SqliteStore;
 use crate::error::{Result, StoreError};
 
 /// A task row. `data` holds the TrueNAS fields but `enabled` and `ssh_credentials`.
@@ -52,7 +52,7 @@ fn run_row(r: &Row<'_>) -> rusqlite::Result<RsyncRunRecord> {
 
 const RUN_COLS: &str = "task_id, job_id, state, started, finished, error, log";
 
-impl Store {
+impl SqliteStore {
     pub fn rsync_tasks(&self) -> Result<Vec<RsyncTaskRecord>> {
         let conn = self.conn();
         let mut st = conn.prepare_cached("SELECT id, data, enabled, ssh_credentials FROM rsync_tasks ORDER BY id")?;
@@ -117,7 +117,7 @@ impl Store {
         })
     }
 
-    /// Every task's last run, without its log (`log` is empty; see [`Store::rsync_run`]).
+    /// Every task's last run, without its log (`log` is empty; see [`SqliteStore::rsync_run`]).
     pub fn rsync_runs(&self) -> Result<Vec<RsyncRunRecord>> {
         let conn = self.conn();
         let mut st = conn.prepare_cached(
@@ -187,7 +187,7 @@ mod tests {
     #[test]
     fn tasks_runs_and_the_cascade() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path()).unwrap();
+        let (store, _) = SqliteStore::open(dir.path()).unwrap();
         let conn_id = store.keychain_insert("c", "SSH_CREDENTIALS", &serde_json::json!({}), None).unwrap();
         let t = store.rsync_task_insert(&serde_json::json!({"path": "/x"}), true, Some(conn_id)).unwrap();
         let other = store.rsync_task_insert(&serde_json::json!({"path": "/y"}), true, None).unwrap();
