@@ -35,6 +35,12 @@ pub struct RestoreArgs {
 
 pub fn backup(a: BackupArgs) -> Result<ExitCode, String> {
     let cfg = resolve_config(&a.common)?;
+    if cfg.database.is_postgres() {
+        return Err(format!(
+            "backup failed, no file was written: {}",
+            keyhaven_store::StoreError::BackupOnPostgres { target: cfg.database.masked() }
+        ));
+    }
     let pass = backup::read_passphrase_file(&a.passphrase_file).map_err(|e| e.to_string())?;
     let started = std::time::Instant::now();
     let s = backup::create::create_backup_file(&cfg.data_dir, &a.out, &pass)

@@ -16,6 +16,7 @@ mod keychain;
 mod monitoring;
 mod package;
 mod pairing;
+mod postgres;
 mod rsync;
 mod service;
 mod sshd;

@@ -131,6 +131,14 @@ settings! {
         kind: Kind::Path,
         doc: "Directory holding the database, master.key, sshd files and TLS material (created 0711 on first start).",
     },
+    database: DatabaseUrl {
+        name: "database",
+        env: "KEYHAVEN_DATABASE",
+        flag: Some("--database"),
+        default: "",
+        kind: Kind::Str,
+        doc: "Where the state lives: empty = the embedded SQLite database in data_dir (the default); `postgres://user:password@host:5432/dbname` = a PostgreSQL database (see docs/cluster.md; master.key stays in data_dir and every node needs the same one). The password is never logged.",
+    },
     listen: SocketAddr {
         name: "listen",
         env: "KEYHAVEN_LISTEN",
@@ -420,6 +428,9 @@ pub enum BadValue {
     NotOneOf { value: String, choices: &'static str },
     #[error("`{0}` is not an origin such as https://nas.example:8443 (scheme, host, optional port; no path)")]
     NotOrigin(String),
+    /// The value is not repeated: it may carry a password.
+    #[error("the value is not a postgres:// or postgresql:// URL; leave it empty for the embedded SQLite database")]
+    NotDatabaseUrl,
 }
 
 /// Conversion of a checked setting value into its [`Config`] field.
@@ -449,6 +460,76 @@ impl FromSetting for Option<PathBuf> {
 impl FromSetting for SocketAddr {
     fn from_setting(v: &str) -> Result<Self, BadValue> {
         v.parse().map_err(|_| BadValue::NotAddress(v.to_string()))
+    }
+}
+
+/// The `database` setting: `None` = embedded SQLite. The URL may carry a
+/// password, so it is kept secret and `Debug` shows it with the password masked.
+#[derive(Clone, Default)]
+pub struct DatabaseUrl(Option<secrecy::SecretString>);
+
+impl DatabaseUrl {
+    /// The URL to connect with (empty for SQLite). Never log it.
+    pub fn expose(&self) -> &str {
+        use secrecy::ExposeSecret;
+        self.0.as_ref().map(|s| s.expose_secret()).unwrap_or("")
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The URL with any password replaced by `***`, for messages.
+    pub fn masked(&self) -> String {
+        let url = self.expose();
+        let Some((scheme, rest)) = url.split_once("://") else { return String::new() };
+        let (authority, tail) = match rest.find(['/', '?']) {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map(|(u, _)| format!("{u}:***")).unwrap_or(userinfo.to_string());
+                // A password may also come as a query parameter.
+                let tail = match tail.split_once("password=") {
+                    Some((before, after)) => {
+                        let end = after.find('&').map(|i| &after[i..]).unwrap_or("");
+                        format!("{before}password=***{end}")
+                    }
+                    None => tail.to_string(),
+                };
+                format!("{scheme}://{user}@{host}{tail}")
+            }
+            None => match tail.split_once("password=") {
+                Some((before, after)) => {
+                    let end = after.find('&').map(|i| &after[i..]).unwrap_or("");
+                    format!("{scheme}://{authority}{before}password=***{end}")
+                }
+                None => url.to_string(),
+            },
+        }
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            None => f.write_str("DatabaseUrl(embedded SQLite)"),
+            Some(_) => write!(f, "DatabaseUrl({})", self.masked()),
+        }
+    }
+}
+
+impl FromSetting for DatabaseUrl {
+    fn from_setting(v: &str) -> Result<Self, BadValue> {
+        let v = v.trim();
+        if v.is_empty() {
+            return Ok(DatabaseUrl(None));
+        }
+        if !(v.starts_with("postgres://") || v.starts_with("postgresql://")) {
+            return Err(BadValue::NotDatabaseUrl);
+        }
+        Ok(DatabaseUrl(Some(secrecy::SecretString::from(v.to_string()))))
     }
 }
 
@@ -728,6 +809,20 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_database_url_is_checked_and_its_password_never_shown() {
+        assert!(!DatabaseUrl::from_setting("").unwrap().is_postgres());
+        let u = DatabaseUrl::from_setting("postgres://kh:s3cret@db.example:5432/keyhaven?sslmode=disable").unwrap();
+        assert!(u.is_postgres());
+        assert_eq!(u.expose(), "postgres://kh:s3cret@db.example:5432/keyhaven?sslmode=disable");
+        let shown = format!("{u:?}");
+        assert!(!shown.contains("s3cret") && shown.contains("kh:***@db.example:5432/keyhaven"), "{shown}");
+        let q = DatabaseUrl::from_setting("postgresql://db/k?user=kh&password=s3cret&sslmode=disable").unwrap();
+        assert!(!format!("{q:?}").contains("s3cret"), "{q:?}");
+        let e = DatabaseUrl::from_setting("mysql://root:s3cret@db/x").unwrap_err().to_string();
+        assert!(e.contains("postgres://") && !e.contains("s3cret"), "{e}");
+    }
 
     fn resolve(
         flags: &[(&'static str, &str)],

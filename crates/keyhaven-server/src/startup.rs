@@ -80,9 +80,13 @@ pub fn prepare_data_dir(dir: &Path) -> Result<(), StartupError> {
 /// Open the store and create the built-in accounts on first start.
 pub fn open_store(cfg: &Config) -> Result<Store, StartupError> {
     prepare_data_dir(&cfg.data_dir)?;
-    let (store, first_start) = Store::open(&cfg.data_dir)?;
-    // SQLite creates -wal/-shm files with the DB's mode; check them as well.
-    check_mode(&cfg.data_dir.join(format!("{DB_FILE}-wal")), "database journal", 0, 0o600)?;
+    let (store, first_start) = Store::open_database(&cfg.data_dir, cfg.database.expose())?;
+    if cfg.database.is_postgres() {
+        tracing::info!("the state is in PostgreSQL at {}", store.location());
+    } else {
+        // SQLite creates -wal/-shm files with the DB's mode; check them as well.
+        check_mode(&cfg.data_dir.join(format!("{DB_FILE}-wal")), "database journal", 0, 0o600)?;
+    }
     let admin_pw = std::env::var(ADMIN_PASSWORD_ENV).ok().filter(|s| !s.is_empty()).map(Zeroizing::new);
     let boot = users::bootstrap(&store, admin_pw).map_err(|e| StartupError::Bootstrap(e.to_string()))?;
     if let Some(pw) = boot.generated_admin_password {

@@ -426,6 +426,11 @@ impl SqliteStore {
     pub fn key_path(&self) -> &Path {
         &self.key_path
     }
+
+    /// Path of the database file (for messages).
+    pub fn db_path(&self) -> PathBuf {
+        self.key_path.parent().unwrap_or(Path::new(".")).join(DB_FILE)
+    }
 }
 
 fn new_key_path(key_path: &Path) -> PathBuf {

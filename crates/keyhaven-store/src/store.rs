@@ -167,6 +167,15 @@ impl Store {
         }
     }
 
+    /// Where the data is, for messages: the SQLite file, or PostgreSQL's
+    /// host:port/database (never a password).
+    pub fn location(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite(s) => s.db_path().display().to_string(),
+            Backend::Postgres(p) => p.target().to_string(),
+        }
+    }
+
     /// Which backend this is: `"sqlite"` or `"postgresql"`.
     pub fn backend_name(&self) -> &'static str {
         match &self.backend {

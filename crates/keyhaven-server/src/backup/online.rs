@@ -88,6 +88,8 @@ fn to_service(e: BackupError) -> ServiceError {
 /// return its single-use download link (valid [`DOWNLOAD_TTL`], same
 /// authentication as every download).
 pub async fn save(app: Arc<App>, pass: Passphrase, job: JobHandle) -> Result<Value, ServiceError> {
+    // On PostgreSQL the database is backed up with pg_dump: say so, write nothing.
+    app.store.check_backup_supported().map_err(|e| to_service(BackupError::Store(e)))?;
     job.progress(10.0, "Writing an encrypted copy of the database and keys");
     let dir = app.config.data_dir.join(EXPORTS_DIR);
     let data_dir = app.config.data_dir.clone();

@@ -78,6 +78,16 @@ impl<'a> Monitoring<'a> {
     }
 
     async fn database_ok(&self) -> Result<(), HealthError> {
+        if self.app.config.database.is_postgres() {
+            // PostgreSQL: a query on the store's own pool, bounded by DB_WAIT
+            // inside the store. It waits on a channel, so keep it off this
+            // worker's other tasks where the runtime allows.
+            let dir = self.app.config.data_dir.clone();
+            let check = || self.app.store.health_check(&dir, DB_WAIT);
+            let multi = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            return Ok(if multi { tokio::task::block_in_place(check) } else { check() }?);
+        }
         let dir = self.app.config.data_dir.clone();
         let check = tokio::task::spawn_blocking(move || keyhaven_store::Store::health_check_at(&dir, DB_WAIT));
         // The blocking check gives up after DB_WAIT; this bound is for a
