@@ -5,6 +5,7 @@ mod call;
 mod keypair;
 mod package;
 mod rsync;
+mod store;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -132,6 +133,10 @@ enum Cmd {
     Backup(backup::BackupArgs),
     /// Restore an encrypted backup into the data dir (stop the daemon first).
     Restore(backup::RestoreArgs),
+    /// The store itself: `store migrate` copies an installation between the
+    /// embedded SQLite database and PostgreSQL (either way).
+    #[command(subcommand)]
+    Store(store::StoreCmd),
     /// Re-encrypt every stored secret under a new master key (stop the daemon first).
     RotateMasterKey {
         #[command(flatten)]
@@ -216,6 +221,7 @@ pub fn run() -> Result<ExitCode, String> {
         Cmd::Rsync(r) => rsync::run(r),
         Cmd::Backup(a) => backup::backup(a),
         Cmd::Restore(a) => backup::restore(a),
+        Cmd::Store(s) => store::run(s),
         Cmd::RotateMasterKey { common } => {
             let cfg = resolve_config(&common)?;
             let _ = init_logging(&cfg);

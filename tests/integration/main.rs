@@ -20,5 +20,6 @@ mod postgres;
 mod rsync;
 mod service;
 mod sshd;
+mod store_migrate;
 mod ui;
 mod upgrade;

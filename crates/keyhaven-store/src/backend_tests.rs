@@ -7,7 +7,9 @@ use serde_json::json;
 use crate::error::StoreError;
 use crate::records::ConnectionTestRecord;
 use crate::rsync::RsyncRunRecord;
-use crate::{AuditEntry, Store};
+use crate::{
+    AuditCmp, AuditEntry, AuditExpr, AuditField, AuditFilter, AuditNulls, AuditOrder, AuditQuery, AuditValue, Store,
+};
 
 /// Runs `$body` with `$s` bound to a fresh store of each backend.
 macro_rules! both {
@@ -237,8 +239,6 @@ fn the_store_says_what_postgres_cannot_do_yet() {
     assert_eq!(p.backend_name(), "postgresql");
     let e = p.check_backup_supported().unwrap_err();
     assert!(matches!(e, StoreError::BackupOnPostgres { .. }) && e.to_string().contains("pg_dump"), "{e}");
-    let e = p.audit_query(&crate::AuditQuery::default()).unwrap_err();
-    assert!(matches!(e, StoreError::NotOnPostgres { .. }), "{e}");
     assert!(matches!(p.rotate_master_key(), Err(StoreError::NotOnPostgres { .. })));
     // Commits are durable when they return: the ticket has nothing to wait for.
     let (id, ticket) = p.deferring_sync(|| p.rsync_task_insert(&json!({}), true, None).unwrap());
@@ -249,3 +249,157 @@ fn the_store_says_what_postgres_cannot_do_yet() {
     p.health_check(pdir.path(), std::time::Duration::from_secs(5)).unwrap();
     assert_eq!(p.key_path(), pdir.path().join(crate::MASTER_KEY_FILE));
 }
+
+fn audit_entry(username: Option<&str>, target: Option<&str>, success: bool) -> AuditEntry {
+    AuditEntry {
+        username: username.map(str::to_string),
+        address: Some("10.0.0.1".into()),
+        service: "MIDDLEWARE".into(),
+        method: Some("auth.login_ex".into()),
+        event: "AUTHENTICATION".into(),
+        target: target.map(str::to_string),
+        success,
+        error: None,
+    }
+}
+
+fn audit_ids(s: &Store, q: &AuditQuery) -> Vec<i64> {
+    let rows: Vec<i64> = s.audit_query(q).unwrap().into_iter().map(|r| r.id).collect();
+    let unpaged = AuditQuery { filter: q.filter.clone(), casefold: q.casefold, ..Default::default() };
+    assert_eq!(s.audit_count(&unpaged).unwrap(), s.audit_query(&unpaged).unwrap().len() as u64, "{:?}", q.filter);
+    rows
+}
+
+fn where_(filter: AuditFilter) -> AuditQuery {
+    AuditQuery { filter, ..Default::default() }
+}
+
+fn txt(s: &str) -> AuditValue {
+    AuditValue::Text(s.into())
+}
+
+// audit.query's primitives give the same rows on both backends: byte-wise
+// text (wildcards, case and NUL in filter values are literal), NULL rules,
+// integers and whole seconds, SQLite's NULL order, ties in id order, paging.
+both!(audit_query_filters_order_and_pages_alike, |s| {
+    let names = [Some("admin"), Some("bob"), None, Some("admin"), Some("a*b?[c]%_"), Some("Ädmin"), Some("admin2")];
+    for (i, name) in names.iter().enumerate() {
+        s.audit_insert_at(1_000.0 + i as f64 * 0.5, &audit_entry(*name, Some("Authentication attempt"), i % 2 == 0))
+            .unwrap();
+    }
+    let user = AuditExpr::from(AuditField::Username);
+    assert_eq!(audit_ids(s, &where_(AuditFilter::Cmp(user, AuditCmp::Eq, txt("admin")))), [1, 4]);
+    assert_eq!(audit_ids(s, &where_(AuditFilter::Cmp(user, AuditCmp::Ne, txt("admin")))), [2, 5, 6, 7]);
+    assert_eq!(audit_ids(s, &where_(AuditFilter::Differs(user, txt("admin")))), [2, 3, 5, 6, 7]);
+    assert_eq!(audit_ids(s, &where_(AuditFilter::Differs(user, txt("ad\0min")))), [1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(audit_ids(s, &where_(AuditFilter::Cmp(user, AuditCmp::Eq, txt("ad\0min")))), Vec::<i64>::new());
+    // Byte order: "a*b?[c]%_" < "admin" < "admin2" < "bob" < "Ädmin"; "ad\0" sorts before "admin".
+    assert_eq!(audit_ids(s, &where_(AuditFilter::Cmp(user, AuditCmp::Gt, txt("bob")))), [6]);
+    assert_eq!(audit_ids(s, &where_(AuditFilter::Cmp(user, AuditCmp::Gt, txt("ad\0zz")))), [1, 2, 4, 6, 7]);
+    assert_eq!(audit_ids(s, &where_(AuditFilter::Cmp(user, AuditCmp::Lt, txt("admin")))), [5]);
+    assert_eq!(audit_ids(s, &where_(AuditFilter::IsNull(user))), [3]);
+    assert_eq!(audit_ids(s, &where_(AuditFilter::NotIn(user, vec![txt("bob"), txt("x\0")]))), [1, 4, 5, 6, 7]);
+    assert_eq!(audit_ids(s, &where_(AuditFilter::NotIn(user, vec![txt("x\0")]))), [1, 2, 4, 5, 6, 7]);
+    assert_eq!(audit_ids(s, &where_(AuditFilter::In(user, vec![txt("bob"), txt("admin2")]))), [2, 7]);
+    assert_eq!(audit_ids(s, &where_(AuditFilter::In(user, vec![]))), Vec::<i64>::new());
+    let starts = |t: &str, negated| AuditFilter::StartsWith { expr: user, text: t.into(), negated };
+    assert_eq!(audit_ids(s, &where_(starts("a*b?[", false))), [5]);
+    assert_eq!(audit_ids(s, &where_(starts("a%", false))), Vec::<i64>::new());
+    assert_eq!(audit_ids(s, &where_(starts("a", false))), [1, 4, 5, 7]);
+    assert_eq!(audit_ids(s, &where_(starts("A", false))), Vec::<i64>::new());
+    assert_eq!(audit_ids(s, &where_(starts("Ä", false))), [6]);
+    assert_eq!(audit_ids(s, &where_(starts("ad\0", false))), Vec::<i64>::new());
+    assert_eq!(audit_ids(s, &where_(starts("ad", true))), [2, 5, 6]);
+    assert_eq!(audit_ids(s, &where_(starts("", false))), [1, 2, 4, 5, 6, 7]);
+    let ends = |t: &str, negated| AuditFilter::EndsWith { expr: user, text: t.into(), negated };
+    assert_eq!(audit_ids(s, &where_(ends("min", false))), [1, 4, 6]);
+    assert_eq!(audit_ids(s, &where_(ends("", false))), [1, 2, 4, 5, 6, 7]);
+    assert_eq!(audit_ids(s, &where_(ends("", true))), Vec::<i64>::new());
+    assert_eq!(audit_ids(s, &where_(ends("min", true))), [2, 5, 7]);
+    assert_eq!(audit_ids(s, &where_(ends("a longer suffix than any", true))), [1, 2, 4, 5, 6, 7]);
+    let contains = |t: &str, negated| AuditFilter::Contains { expr: user, text: t.into(), negated };
+    assert_eq!(audit_ids(s, &where_(contains("dmi", false))), [1, 4, 6, 7]);
+    assert_eq!(audit_ids(s, &where_(contains("_", false))), [5]);
+    assert_eq!(audit_ids(s, &where_(contains("\0", false))), Vec::<i64>::new());
+    assert_eq!(audit_ids(s, &where_(contains("", true))), Vec::<i64>::new());
+    assert_eq!(audit_ids(s, &where_(contains("dmi", true))), [2, 5]);
+    let within = |t: &str, negated| AuditFilter::ContainedIn { expr: user, text: t.into(), negated };
+    assert_eq!(audit_ids(s, &where_(within("xadminx\0bob", false))), [1, 2, 4]);
+    assert_eq!(audit_ids(s, &where_(within("xadminx bob", true))), [5, 6, 7]);
+    // Integers, booleans, whole seconds, milliseconds, OR and AND.
+    let secs = AuditExpr::from(AuditField::MessageTimestamp);
+    let any = AuditFilter::Any(vec![
+        AuditFilter::Cmp(secs, AuditCmp::Ge, AuditValue::Int(1_002)),
+        AuditFilter::Cmp(AuditField::Id.into(), AuditCmp::Eq, AuditValue::Int(1)),
+    ]);
+    assert_eq!(audit_ids(s, &where_(any)), [1, 5, 6, 7]);
+    let ms = AuditFilter::Cmp(AuditField::TimestampMs.into(), AuditCmp::Eq, AuditValue::Int(1_001_500));
+    assert_eq!(audit_ids(s, &where_(ms)), [4]);
+    let ok = AuditFilter::All(vec![
+        AuditFilter::Cmp(AuditField::Success.into(), AuditCmp::Eq, AuditValue::Int(1)),
+        AuditFilter::NotIn(AuditField::Id.into(), vec![AuditValue::Int(7)]),
+    ]);
+    assert_eq!(audit_ids(s, &where_(ok)), [1, 3, 5]);
+    assert_eq!(audit_ids(s, &where_(AuditFilter::Any(vec![]))), Vec::<i64>::new());
+    assert_eq!(audit_ids(s, &where_(AuditFilter::Const(true))).len(), 7);
+    // Order: SQLite's NULL is the lowest; ties keep id order in either direction.
+    let order = |field, descending, nulls| AuditOrder { field, descending, nulls };
+    let by = |keys: Vec<AuditOrder>| AuditQuery { order_by: keys, ..Default::default() };
+    assert_eq!(audit_ids(s, &by(vec![order(AuditField::MessageTimestamp, true, AuditNulls::Natural)])), [7, 5, 6, 3, 4, 1, 2]);
+    assert_eq!(audit_ids(s, &by(vec![order(AuditField::Username, false, AuditNulls::Natural)])), [3, 5, 1, 4, 7, 2, 6]);
+    assert_eq!(audit_ids(s, &by(vec![order(AuditField::Username, true, AuditNulls::Natural)])), [6, 2, 7, 1, 4, 5, 3]);
+    assert_eq!(audit_ids(s, &by(vec![order(AuditField::Username, false, AuditNulls::Last)])), [5, 1, 4, 7, 2, 6, 3]);
+    assert_eq!(audit_ids(s, &by(vec![order(AuditField::Username, true, AuditNulls::First)])), [3, 6, 2, 7, 1, 4, 5]);
+    assert_eq!(audit_ids(s, &by(vec![order(AuditField::Success, true, AuditNulls::Natural)])), [1, 3, 5, 7, 2, 4, 6]);
+    let q = AuditQuery {
+        order_by: vec![order(AuditField::Id, true, AuditNulls::Natural), order(AuditField::Username, false, AuditNulls::First)],
+        limit: Some(2),
+        offset: 1,
+        ..Default::default()
+    };
+    assert_eq!(audit_ids(s, &q), [6, 5]);
+    assert_eq!(audit_ids(s, &AuditQuery { offset: 5, ..Default::default() }), [6, 7]);
+    assert_eq!(audit_ids(s, &AuditQuery { limit: Some(0), ..Default::default() }), Vec::<i64>::new());
+});
+
+fn fold_like_the_service(s: &str) -> String {
+    // The service's folding (keyhaven_core::query::casefold) is close to
+    // Python's str.casefold: the special cases that differ from lowercasing.
+    let mut out = String::new();
+    for c in s.chars() {
+        match c {
+            'ß' | 'ẞ' => out.push_str("ss"),
+            'ς' => out.push('σ'),
+            _ => out.extend(c.to_lowercase()),
+        }
+    }
+    out
+}
+
+// Folded comparisons use the caller's Rust folding on both backends, not
+// the database's idea of lower case.
+both!(audit_query_folds_with_the_callers_function, |s| {
+    for name in [Some("Admin"), None, Some("STRASSE"), Some("Straße"), Some("ΣΟΦΟΣ"), Some("admin"), Some("İx")] {
+        s.audit_insert_at(1.0, &audit_entry(name, Some("Authentication attempt"), true)).unwrap();
+    }
+    let folded = AuditExpr { field: AuditField::Username, folded: true };
+    let q = where_(AuditFilter::Cmp(folded, AuditCmp::Eq, txt("admin")));
+    assert!(matches!(s.audit_query(&q), Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(s.audit_count(&q), Err(StoreError::InvalidArgument(_))));
+    let f = |filter| AuditQuery { filter, casefold: Some(fold_like_the_service), ..Default::default() };
+    assert_eq!(audit_ids(s, &f(AuditFilter::Cmp(folded, AuditCmp::Eq, txt("admin")))), [1, 6]);
+    assert_eq!(audit_ids(s, &f(AuditFilter::Cmp(folded, AuditCmp::Eq, txt("strasse")))), [3, 4]);
+    assert_eq!(audit_ids(s, &f(AuditFilter::Cmp(folded, AuditCmp::Eq, txt("σοφοσ")))), [5]);
+    assert_eq!(audit_ids(s, &f(AuditFilter::Cmp(folded, AuditCmp::Eq, txt("i\u{307}x")))), [7]);
+    assert_eq!(audit_ids(s, &f(AuditFilter::Differs(folded, txt("admin")))), [2, 3, 4, 5, 7]);
+    assert_eq!(audit_ids(s, &f(AuditFilter::In(folded, vec![txt("admin"), txt("strasse")]))), [1, 3, 4, 6]);
+    let starts = AuditFilter::StartsWith { expr: folded, text: "stra".into(), negated: false };
+    assert_eq!(audit_ids(s, &f(starts)), [3, 4]);
+    let both_folded = AuditFilter::All(vec![
+        AuditFilter::Contains { expr: folded, text: "ss".into(), negated: false },
+        AuditFilter::Cmp(AuditExpr { field: AuditField::Target, folded: true }, AuditCmp::Eq, txt("authentication attempt")),
+    ]);
+    assert_eq!(audit_ids(s, &f(both_folded)), [3, 4]);
+    // Unfolded, the same value is compared as stored.
+    assert_eq!(audit_ids(s, &f(AuditFilter::Cmp(AuditField::Username.into(), AuditCmp::Eq, txt("admin")))), [6]);
+});

@@ -64,6 +64,11 @@ impl MasterKey {
         Ok(Self { bytes })
     }
 
+    /// Whether `other` is the same key (compared without early exit).
+    pub(crate) fn same_as(&self, other: &MasterKey) -> bool {
+        self.bytes.iter().zip(other.bytes.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
     fn cipher(&self) -> XChaCha20Poly1305 {
         let mut k = Key::default();
         k.copy_from_slice(self.bytes.as_ref());

@@ -52,6 +52,12 @@ pub enum StoreError {
     BackupOnPostgres { target: String },
     #[error("{what} is not available with a PostgreSQL database in this keyhaven version; use the embedded SQLite database (an empty database setting) for it")]
     NotOnPostgres { what: &'static str },
+    #[error("the destination {target} is not empty: table {table} has {rows} row(s); store migrate copies into an empty PostgreSQL database (create a new one with createdb) or an empty data dir only; nothing was changed")]
+    MigrateNotEmpty { target: String, table: &'static str, rows: u64 },
+    #[error("{path} holds another master key than the source's; migrate into a data dir without master.key (or with the same key)")]
+    MigrateKeyMismatch { path: PathBuf },
+    #[error("the copy of table {table} does not match the source ({detail}); nothing was committed: check the destination (disk, server log) and run store migrate again")]
+    MigrateVerify { table: &'static str, detail: String },
     /// A caller asked for something the store cannot do (a programming error).
     #[error("invalid store request: {0}")]
     InvalidArgument(String),

@@ -18,6 +18,7 @@ mod backend_tests;
 mod crypto;
 mod db;
 mod error;
+pub mod migrate;
 pub mod pg;
 pub mod records;
 pub mod rsync;

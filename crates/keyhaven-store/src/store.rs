@@ -241,12 +241,12 @@ impl Store {
         }
     }
 
-    /// `audit.query`: filter, order and page in SQL. SQLite only so far; on
-    /// PostgreSQL a typed error (the filtered query is not ported yet).
+    /// `audit.query`: filter, order and page in SQL, with the same meaning
+    /// on both backends (see `crate::audit` and the PostgreSQL compiler).
     pub fn audit_query(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>> {
         match &self.backend {
             Backend::Sqlite(s) => s.audit_query(q),
-            Backend::Postgres(_) => Err(not_on_postgres("audit.query's filtered queries")),
+            Backend::Postgres(p) => p.audit_query(q),
         }
     }
 
@@ -254,7 +254,7 @@ impl Store {
     pub fn audit_count(&self, q: &AuditQuery) -> Result<u64> {
         match &self.backend {
             Backend::Sqlite(s) => s.audit_count(q),
-            Backend::Postgres(_) => Err(not_on_postgres("audit.query's counts")),
+            Backend::Postgres(p) => p.audit_count(q),
         }
     }
 

@@ -13,11 +13,11 @@
 //! SQL is sent: PostgreSQL only ever stores ciphertexts.
 //!
 //! What this backend does not do (yet): TLS to the server (a URL asking for
-//! `sslmode=require` is refused with a message), `audit.query`'s filtered
-//! queries, master-key rotation (every node would need the new key at once)
-//! and cross-node change notification. Backups are pg_dump's job:
-//! [`PgStore::snapshot_db`] says so.
+//! `sslmode=require` is refused with a message), master-key rotation (every
+//! node would need the new key at once) and cross-node change notification.
+//! Backups are pg_dump's job: [`PgStore::snapshot_db`] says so.
 
+mod audit;
 mod records;
 
 use std::future::Future;
@@ -167,6 +167,11 @@ impl Pg {
         pg_err(&self.target, e)
     }
 
+    /// host:port/database (never the password).
+    pub(crate) fn target(&self) -> &str {
+        &self.target
+    }
+
     pub(crate) fn unique(&self, e: tokio_postgres::Error, what: &str) -> StoreError {
         unique_err(&self.target, e, what)
     }
@@ -178,6 +183,11 @@ impl PgStore {
     /// created when neither it nor any sealed secret exists yet. Returns the
     /// store and whether the database was new.
     pub fn open(dir: &Path, url: &str) -> Result<(PgStore, bool)> {
+        PgStore::open_key_file(dir.join(MASTER_KEY_FILE), url)
+    }
+
+    /// [`PgStore::open`] with the master key in `key_path` (any file name).
+    pub fn open_key_file(key_path: PathBuf, url: &str) -> Result<(PgStore, bool)> {
         let cfg = parse_url(url)?;
         let target = describe(&cfg);
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -194,7 +204,6 @@ impl PgStore {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::PgConnect { target: target.clone(), detail: e.to_string() })?;
-        let key_path = dir.join(MASTER_KEY_FILE);
         let handle = rt.handle().clone();
         let store = PgStore {
             rt: Some(rt),

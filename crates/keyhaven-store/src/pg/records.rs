@@ -808,9 +808,9 @@ impl PgStore {
 
 // ---------------------------------------------------------------- audit
 
-const AUDIT_COLUMNS: &str = "id, ts, username, address, service, method, event, target, success, error";
+pub(super) const AUDIT_COLUMNS: &str = "id, ts, username, address, service, method, event, target, success, error";
 
-fn audit_row(r: &Row) -> Result<AuditRecord> {
+pub(super) fn audit_row(r: &Row) -> Result<AuditRecord> {
     Ok(AuditRecord {
         id: col(r, 0)?,
         ts: col(r, 1)?,
