@@ -118,8 +118,8 @@ fn sqlite_to_postgres_and_back_keeps_every_row_id_counter_and_secret() {
     let r = sqlite_to_postgres(src.path(), &pg.url("dest"), quiet()).unwrap();
     assert_eq!((count(&r, "users"), count(&r, "keychain"), count(&r, "audit")), (2, 2, 5));
     assert_eq!((count(&r, "rsync_runs"), count(&r, "rsync_last_success"), count(&r, "meta")), (1, 1, 0));
-    // Two keychain keys and a host key, a TOTP seed, both key checks.
-    assert_eq!(r.secrets_verified, 6);
+    // The key pair's private key, the host key, the TOTP seed, both key checks.
+    assert_eq!(r.secrets_verified, 5);
     assert!(!r.to.contains("postgres://"), "{}", r.to);
     assert!(std::fs::read_dir(src.path()).unwrap().flatten().all(|e| !e.file_name().to_string_lossy().starts_with(".store-migrate")), "the snapshot was left behind");
 
@@ -206,4 +206,35 @@ fn an_unreadable_source_is_refused_before_the_destination_is_touched() {
 
 fn is_empty_dir(p: &Path) -> bool {
     std::fs::read_dir(p).unwrap().next().is_none()
+}
+
+/// The verification is what makes a commit safe: a row that differs, or a
+/// sealed value that opens to other bytes, stops it.
+#[test]
+fn verification_catches_a_differing_row_and_a_secret_that_does_not_open() {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let make = || {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let (s, _) = Store::open(d.path()).unwrap();
+            fill(&s);
+        }
+        let c = Connection::open(d.path().join(DB_FILE)).unwrap();
+        (d, Mutex::new(c))
+    };
+    let (da, a) = make();
+    let (_db, b) = make();
+    let key = MasterKey::load(&da.path().join(MASTER_KEY_FILE)).unwrap();
+    // Same records, but sealed with another key (each store made its own).
+    let e = rt.block_on(verify(&Side::Lite(&a), &Side::Lite(&b), &key)).unwrap_err();
+    assert!(matches!(e, StoreError::MigrateVerify { table: "users", .. }), "{e}");
+    // A copy of a itself verifies; then one changed byte in one row does not.
+    let (_dc, c) = make();
+    let copy_of_a = da.path().join("copy.db");
+    crate::snapshot::snapshot_db(da.path(), &copy_of_a).unwrap();
+    *c.lock().unwrap() = Connection::open(&copy_of_a).unwrap();
+    assert_eq!(rt.block_on(verify(&Side::Lite(&a), &Side::Lite(&c), &key)).unwrap(), 5);
+    c.lock().unwrap().execute("UPDATE audit SET ts = ts + 0.001 WHERE id = 3", []).unwrap();
+    let e = rt.block_on(verify(&Side::Lite(&a), &Side::Lite(&c), &key)).unwrap_err();
+    assert!(matches!(&e, StoreError::MigrateVerify { table: "audit", detail } if detail == "row 3 differs"), "{e}");
 }
