@@ -55,7 +55,9 @@ fn migrate(a: MigrateArgs) -> Result<ExitCode, String> {
     let report = match (is_url(&a.from), is_url(&a.to)) {
         (false, true) => {
             if a.master_key.is_some() {
-                return Err("--master-key applies to a PostgreSQL source; a data dir's key is its own master.key".into());
+                return Err(
+                    "--master-key applies to a PostgreSQL source; a data dir's key is its own master.key".into()
+                );
             }
             let dir = PathBuf::from(&a.from);
             println!("copying {} into PostgreSQL (a snapshot: keyhaven may keep running)", dir.display());
@@ -78,7 +80,10 @@ fn migrate(a: MigrateArgs) -> Result<ExitCode, String> {
             migrate::postgres_to_sqlite(&a.from, &key, &dir, progress).map_err(refused)?
         }
         (true, true) => {
-            return Err("both --from and --to are PostgreSQL: copy between databases with pg_dump | psql (keep master.key)".into())
+            return Err(
+                "both --from and --to are PostgreSQL: copy between databases with pg_dump | psql (keep master.key)"
+                    .into(),
+            )
         }
         (false, false) => {
             return Err("both --from and --to are data dirs: copy one with keyhaven backup and keyhaven restore".into())

@@ -31,12 +31,16 @@ fn text(o: &Output) -> String {
 }
 
 fn copy_key(from: &TestDir, to: &TestDir) {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
-    std::fs::create_dir_all(to.path()).unwrap();
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o711).create(to.path()).unwrap();
     let key = std::fs::read(from.path().join("master.key")).unwrap();
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(to.path().join("master.key")).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to.path().join("master.key"))
+        .unwrap();
     f.write_all(&key).unwrap();
 }
 
@@ -44,9 +48,8 @@ async fn logs_in_with_password_and_api_key(d: &Daemon, api_key: &str) {
     let mut c = d.client().await;
     c.login("daemon", "pw-for-daemon-migrated").await;
     let mut k = d.client().await;
-    let r = k
-        .call("auth.login_ex", json!([{"mechanism": "API_KEY_PLAIN", "username": "admin", "api_key": api_key}]))
-        .await;
+    let r =
+        k.call("auth.login_ex", json!([{"mechanism": "API_KEY_PLAIN", "username": "admin", "api_key": api_key}])).await;
     assert_eq!(r["response_type"], "SUCCESS", "{r}");
     let mut bad = d.client().await;
     let r = bad
@@ -78,7 +81,8 @@ async fn a_running_sqlite_install_moves_to_postgres_and_back_unchanged() {
         )
         .await;
     let host = a.call("keychaincredential.generate_ssh_key_pair", json!([])).await;
-    let host_key: String = host["public_key"].as_str().unwrap().split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    let host_key: String =
+        host["public_key"].as_str().unwrap().split_whitespace().take(2).collect::<Vec<_>>().join(" ");
     let conn = a
         .call(
             "keychaincredential.create",
@@ -124,6 +128,7 @@ async fn a_running_sqlite_install_moves_to_postgres_and_back_unchanged() {
     let o = migrate(&["--from", src.path().to_str().unwrap(), "--to", &url("keyhaven")]);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
+    eprintln!("keyhaven store migrate (SQLite to PostgreSQL):\n{out}");
     assert!(!out.contains(password), "the URL's password was printed:\n{out}");
     assert!(out.contains(&format!("127.0.0.1:{}/keyhaven", pg.port())), "{out}");
     for table in ["users", "api_keys", "keychain", "rsync_tasks", "audit", "host_keys", "settings"] {
@@ -194,11 +199,21 @@ async fn a_running_sqlite_install_moves_to_postgres_and_back_unchanged() {
     let out = text(&o);
     assert!(!o.status.success() && out.contains("does not match"), "{out}");
     assert!(!back.path().join("keyhaven.db").exists() && !back.path().join("master.key").exists(), "{out}");
-    let o = migrate(&["--from", &url("keyhaven"), "--to", back.path().to_str().unwrap(), "--data-dir", pg_dir.path().to_str().unwrap()]);
+    let o = migrate(&[
+        "--from",
+        &url("keyhaven"),
+        "--to",
+        back.path().to_str().unwrap(),
+        "--data-dir",
+        pg_dir.path().to_str().unwrap(),
+    ]);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     assert!(!out.contains(password), "{out}");
-    assert_eq!(std::fs::read(back.path().join("master.key")).unwrap(), std::fs::read(src.path().join("master.key")).unwrap());
+    assert_eq!(
+        std::fs::read(back.path().join("master.key")).unwrap(),
+        std::fs::read(src.path().join("master.key")).unwrap()
+    );
     let r = Daemon::start_in(back.clone(), DaemonOpts::default());
     let mut c = r.admin().await;
     assert_eq!(answers(&mut c).await, want, "the copy back to SQLite answers differently");

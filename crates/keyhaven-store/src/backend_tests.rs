@@ -345,14 +345,20 @@ both!(audit_query_filters_order_and_pages_alike, |s| {
     // Order: SQLite's NULL is the lowest; ties keep id order in either direction.
     let order = |field, descending, nulls| AuditOrder { field, descending, nulls };
     let by = |keys: Vec<AuditOrder>| AuditQuery { order_by: keys, ..Default::default() };
-    assert_eq!(audit_ids(s, &by(vec![order(AuditField::MessageTimestamp, true, AuditNulls::Natural)])), [7, 5, 6, 3, 4, 1, 2]);
+    assert_eq!(
+        audit_ids(s, &by(vec![order(AuditField::MessageTimestamp, true, AuditNulls::Natural)])),
+        [7, 5, 6, 3, 4, 1, 2]
+    );
     assert_eq!(audit_ids(s, &by(vec![order(AuditField::Username, false, AuditNulls::Natural)])), [3, 5, 1, 4, 7, 2, 6]);
     assert_eq!(audit_ids(s, &by(vec![order(AuditField::Username, true, AuditNulls::Natural)])), [6, 2, 7, 1, 4, 5, 3]);
     assert_eq!(audit_ids(s, &by(vec![order(AuditField::Username, false, AuditNulls::Last)])), [5, 1, 4, 7, 2, 6, 3]);
     assert_eq!(audit_ids(s, &by(vec![order(AuditField::Username, true, AuditNulls::First)])), [3, 6, 2, 7, 1, 4, 5]);
     assert_eq!(audit_ids(s, &by(vec![order(AuditField::Success, true, AuditNulls::Natural)])), [1, 3, 5, 7, 2, 4, 6]);
     let q = AuditQuery {
-        order_by: vec![order(AuditField::Id, true, AuditNulls::Natural), order(AuditField::Username, false, AuditNulls::First)],
+        order_by: vec![
+            order(AuditField::Id, true, AuditNulls::Natural),
+            order(AuditField::Username, false, AuditNulls::First),
+        ],
         limit: Some(2),
         offset: 1,
         ..Default::default()
@@ -379,7 +385,8 @@ fn fold_like_the_service(s: &str) -> String {
 // Folded comparisons use the caller's Rust folding on both backends, not
 // the database's idea of lower case.
 both!(audit_query_folds_with_the_callers_function, |s| {
-    for name in [Some("Admin"), None, Some("STRASSE"), Some("Straße"), Some("ΣΟΦΟΣ"), Some("admin"), Some("İx")] {
+    for name in [Some("Admin"), None, Some("STRASSE"), Some("Straße"), Some("ΣΟΦΟΣ"), Some("admin"), Some("İx")]
+    {
         s.audit_insert_at(1.0, &audit_entry(name, Some("Authentication attempt"), true)).unwrap();
     }
     let folded = AuditExpr { field: AuditField::Username, folded: true };
@@ -397,7 +404,11 @@ both!(audit_query_folds_with_the_callers_function, |s| {
     assert_eq!(audit_ids(s, &f(starts)), [3, 4]);
     let both_folded = AuditFilter::All(vec![
         AuditFilter::Contains { expr: folded, text: "ss".into(), negated: false },
-        AuditFilter::Cmp(AuditExpr { field: AuditField::Target, folded: true }, AuditCmp::Eq, txt("authentication attempt")),
+        AuditFilter::Cmp(
+            AuditExpr { field: AuditField::Target, folded: true },
+            AuditCmp::Eq,
+            txt("authentication attempt"),
+        ),
     ]);
     assert_eq!(audit_ids(s, &f(both_folded)), [3, 4]);
     // Unfolded, the same value is compared as stored.

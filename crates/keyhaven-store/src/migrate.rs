@@ -249,7 +249,9 @@ fn lite_cell(t: &Table, i: usize, v: ValueRef<'_>) -> Result<Cell> {
         (Real, ValueRef::Real(f)) => Cell::Real(f),
         (Real, ValueRef::Integer(n)) => Cell::Real(n as f64),
         (Bool, ValueRef::Integer(n)) => Cell::Bool(n != 0),
-        (Text, ValueRef::Text(b)) => Cell::Text(String::from_utf8(b.to_vec()).map_err(|_| bad("text that is not UTF-8"))?),
+        (Text, ValueRef::Text(b)) => {
+            Cell::Text(String::from_utf8(b.to_vec()).map_err(|_| bad("text that is not UTF-8"))?)
+        }
         (Bytes, ValueRef::Blob(b)) => Cell::Bytes(b.to_vec()),
         (_, ValueRef::Integer(_)) => return Err(bad("an integer")),
         (_, ValueRef::Real(_)) => return Err(bad("a real")),
@@ -280,7 +282,8 @@ fn lite_chunk(conn: &Mutex<Connection>, t: &Table, after: Option<i64>) -> Result
 
 fn lite_count(conn: &Mutex<Connection>, t: &Table) -> Result<u64> {
     let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-    let n: i64 = conn.query_row(&format!("SELECT count(*) FROM {}{}", t.name, lite_where(t, false)), [], |r| r.get(0))?;
+    let n: i64 =
+        conn.query_row(&format!("SELECT count(*) FROM {}{}", t.name, lite_where(t, false)), [], |r| r.get(0))?;
     Ok(n.max(0) as u64)
 }
 
@@ -354,8 +357,11 @@ fn pg_cell(t: &Table, i: usize, r: &tokio_postgres::Row) -> Result<Cell> {
 async fn pg_chunk(pg: &Pg, tx: &tokio_postgres::Transaction<'_>, t: &Table, after: Option<i64>) -> Result<Vec<Row>> {
     let keyed = t.int_key() && after.is_some();
     // Text keys in byte order, as SQLite's BINARY collation sorts them.
-    let (order, limit) =
-        if t.int_key() { (t.key().to_string(), format!(" LIMIT {CHUNK}")) } else { (format!("{} COLLATE \"C\"", t.key()), String::new()) };
+    let (order, limit) = if t.int_key() {
+        (t.key().to_string(), format!(" LIMIT {CHUNK}"))
+    } else {
+        (format!("{} COLLATE \"C\"", t.key()), String::new())
+    };
     let sql = format!("SELECT {} FROM {}{} ORDER BY {order}{limit}", t.col_list(), t.name, pg_where(t, keyed));
     let rows = match after.filter(|_| keyed) {
         Some(a) => tx.query(&sql, &[&a]).await,
@@ -569,7 +575,11 @@ async fn verify(src: &Side<'_>, dst: &Side<'_>, key: &MasterKey) -> Result<u64> 
                 }
                 for &(i, column) in &sealed {
                     let (Cell::Bytes(ls), Cell::Bytes(rs)) = (&l[i], &r[i]) else { continue };
-                    let lp = key.open(t.name, id, column, ls).ok_or(StoreError::Decrypt { table: t.name, column, row: id })?;
+                    let lp = key.open(t.name, id, column, ls).ok_or(StoreError::Decrypt {
+                        table: t.name,
+                        column,
+                        row: id,
+                    })?;
                     let rp = key.open(t.name, id, column, rs).ok_or(StoreError::MigrateVerify {
                         table: t.name,
                         detail: format!("{column} of row {id} does not decrypt in the copy"),

@@ -25,7 +25,9 @@ fn fill(s: &Store) {
     s.user_insert("bob", &json!({}), None).unwrap();
     s.api_key_insert("k1", "alice", Some(2_000_000_000), |id| format!("hash-of-{id}")).unwrap();
     s.token_insert("tok-hash", "alice", 600, true, Some("127.0.0.1"), &json!({"a": 1})).unwrap();
-    let pair = s.keychain_insert("pair", "SSH_KEY_PAIR", &json!({"public_key": "ssh-ed25519 AAA"}), Some("-----PRIVATE-----")).unwrap();
+    let pair = s
+        .keychain_insert("pair", "SSH_KEY_PAIR", &json!({"public_key": "ssh-ed25519 AAA"}), Some("-----PRIVATE-----"))
+        .unwrap();
     let conn = s.keychain_insert("conn", "SSH_CREDENTIALS", &json!({"private_key": pair}), None).unwrap();
     let gone = s.keychain_insert("gone", "SSH_KEY_PAIR", &json!({}), Some("x")).unwrap();
     s.keychain_delete_many(&[gone]).unwrap();
@@ -84,7 +86,12 @@ fn dump(s: &Store) -> String {
     out += &format!("tests {:?}\n", s.connection_tests().unwrap());
     out += &format!("settings {:?} {:?}\n", s.setting_get("ssh").unwrap(), s.setting_get("Zeta").unwrap());
     for h in s.host_keys_list().unwrap() {
-        out += &format!("host_key {} {} {:?}\n", h.algorithm, h.public_key, s.host_key_private(&h.algorithm).unwrap().map(|z| z.to_string()));
+        out += &format!(
+            "host_key {} {} {:?}\n",
+            h.algorithm,
+            h.public_key,
+            s.host_key_private(&h.algorithm).unwrap().map(|z| z.to_string())
+        );
     }
     out += &format!("tasks {:?}\nruns {:?}\n", s.rsync_tasks().unwrap(), s.rsync_runs().unwrap());
     out += &format!("last {:?}\n", s.rsync_last_successes().unwrap());
@@ -121,7 +128,13 @@ fn sqlite_to_postgres_and_back_keeps_every_row_id_counter_and_secret() {
     // The key pair's private key, the host key, the TOTP seed, both key checks.
     assert_eq!(r.secrets_verified, 5);
     assert!(!r.to.contains("postgres://"), "{}", r.to);
-    assert!(std::fs::read_dir(src.path()).unwrap().flatten().all(|e| !e.file_name().to_string_lossy().starts_with(".store-migrate")), "the snapshot was left behind");
+    assert!(
+        std::fs::read_dir(src.path())
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with(".store-migrate")),
+        "the snapshot was left behind"
+    );
 
     let (on_pg, first) = Store::open_postgres(src.path(), &pg.url("dest")).unwrap();
     assert!(!first);
@@ -187,8 +200,13 @@ fn a_wrong_master_key_is_refused_on_either_side_and_nothing_is_left() {
     assert!(matches!(e, StoreError::MigrateKeyMismatch { .. }), "{e}");
     assert!(!dest.path().join(DB_FILE).exists());
     // And a key file that is not the database's.
-    let e = postgres_to_sqlite(&pg.url("good"), &dest.path().join(MASTER_KEY_FILE), tempfile::tempdir().unwrap().path(), quiet())
-        .unwrap_err();
+    let e = postgres_to_sqlite(
+        &pg.url("good"),
+        &dest.path().join(MASTER_KEY_FILE),
+        tempfile::tempdir().unwrap().path(),
+        quiet(),
+    )
+    .unwrap_err();
     assert!(matches!(e, StoreError::PgWrongMasterKey { .. }), "{e}");
 }
 

@@ -27,7 +27,9 @@ use tokio_postgres::IsolationLevel;
 
 use super::records::{audit_row, AUDIT_COLUMNS};
 use super::{Pg, PgStore};
-use crate::audit::{AuditCmp, AuditExpr, AuditField, AuditFilter, AuditNulls, AuditOrder, AuditQuery, AuditRecord, AuditValue};
+use crate::audit::{
+    AuditCmp, AuditExpr, AuditField, AuditFilter, AuditNulls, AuditOrder, AuditQuery, AuditRecord, AuditValue,
+};
 use crate::error::{Result, StoreError};
 
 type Param = Box<dyn ToSql + Sync + Send>;
