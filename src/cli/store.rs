@@ -60,6 +60,13 @@ fn migrate(a: MigrateArgs) -> Result<ExitCode, String> {
                 );
             }
             let dir = PathBuf::from(&a.from);
+            if !dir.join(keyhaven_store::DB_FILE).exists() {
+                return Err(format!(
+                    "store migrate failed, nothing was copied: {} holds no {}; --from names the data dir of the installation to copy",
+                    dir.display(),
+                    keyhaven_store::DB_FILE
+                ));
+            }
             println!("copying {} into PostgreSQL (a snapshot: keyhaven may keep running)", dir.display());
             migrate::sqlite_to_postgres(&dir, &a.to, progress).map_err(refused)?
         }

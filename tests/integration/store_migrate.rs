@@ -185,6 +185,11 @@ async fn a_running_sqlite_install_moves_to_postgres_and_back_unchanged() {
     assert!(!out.contains(password), "{out}");
     assert_eq!(pg.psql("taken", "SELECT count(*) FROM users").unwrap(), users_before);
 
+    // A source that is not a data dir: refused, naming it.
+    let o = migrate(&["--from", other.path().join("nowhere").to_str().unwrap(), "--to", &url("keyhaven")]);
+    let out = text(&o);
+    assert!(!o.status.success() && out.contains("holds no keyhaven.db"), "{out}");
+
     // Back into a fresh data dir while the PostgreSQL node keeps serving; a
     // wrong key file first (refused, nothing left behind).
     let back = Arc::new(TestDir::new("mig-back"));
