@@ -1523,3 +1523,40 @@ async fn every_keychain_method_rejects_bad_input_and_changes_nothing() {
     let mut fresh = d.admin().await;
     assert_eq!(fresh.call("keychaincredential.query", json!([])).await, before);
 }
+
+// ---------------------------------------------------------------------------
+// get_of_type (TrueNAS's private method)
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn get_of_type_returns_the_entry_only_for_its_type() {
+    let d = Daemon::start();
+    let mut a = d.admin().await;
+    let kp = new_pair(&mut a, "k1").await;
+    let kp_id = kp["id"].as_i64().unwrap();
+    let (_, host_pub) = generate(&mut a, json!({"key_type": "ECDSA"})).await;
+    let conn = create_conn(&mut a, "c1", conn_attrs(kp_id, &key_blob(&host_pub))).await;
+    let conn_id = conn["id"].as_i64().unwrap();
+
+    // The right type: the same entry get_instance returns (private key included).
+    assert_eq!(a.call("keychaincredential.get_of_type", json!([kp_id, "SSH_KEY_PAIR"])).await, kp);
+    assert_eq!(a.call("keychaincredential.get_of_type", json!([conn_id, "SSH_CREDENTIALS"])).await, conn);
+
+    // TrueNAS's call errors: wrong type EINVAL, missing ENOENT.
+    let e = a.err("keychaincredential.get_of_type", json!([conn_id, "SSH_KEY_PAIR"])).await;
+    assert_eq!(e["code"], -32001, "{e}");
+    assert_eq!(e["data"]["errname"], "EINVAL", "{e}");
+    assert_eq!(e["data"]["reason"], "[EINVAL] Credential is not of type SSH_KEY_PAIR", "{e}");
+    let e = a.err("keychaincredential.get_of_type", json!([kp_id, "SSH_CREDENTIALS"])).await;
+    assert_eq!(e["data"]["reason"], "[EINVAL] Credential is not of type SSH_CREDENTIALS", "{e}");
+    let e = a.err("keychaincredential.get_of_type", json!([999, "SSH_KEY_PAIR"])).await;
+    assert_eq!(e["data"]["errname"], "ENOENT", "{e}");
+    assert_eq!(e["data"]["reason"], "[ENOENT] Credential does not exist", "{e}");
+
+    // A type that is not one: a field error on the parameter, nothing returned.
+    let e = a.err("keychaincredential.get_of_type", json!([kp_id, "PASSWORD"])).await;
+    assert_eq!(e["code"], -32602, "{e}");
+    assert_eq!(e["data"]["extra"][0][0], "keychaincredential_get_of_type.type", "{e}");
+    let e = a.err("keychaincredential.get_of_type", json!([kp_id])).await;
+    assert_eq!(e["code"], -32602, "{e}");
+}

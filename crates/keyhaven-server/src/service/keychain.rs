@@ -232,6 +232,18 @@ impl<'a> Keychain<'a> {
         self.view(cached.get(id).ok_or_else(|| not_found(id))?, &cached, true)
     }
 
+    /// `keychaincredential.get_of_type` (TrueNAS's private method, also what
+    /// setup uses): one entry with its private key, refused with TrueNAS's
+    /// call errors when it does not exist or is not of type `kind`.
+    pub fn get_of_type(&self, id: i64, kind: &str) -> Result<KeychainEntry, ServiceError> {
+        let cached = self.cached()?;
+        let e = cached.get(id).ok_or_else(|| ServiceError::call(ENOENT, "Credential does not exist"))?;
+        if (if e.is_key_pair() { SSH_KEY_PAIR } else { SSH_CREDENTIALS }) != kind {
+            return Err(ServiceError::call(EINVAL, format!("Credential is not of type {kind}")));
+        }
+        self.view(e, &cached, true)
+    }
+
     fn name_taken(&self, name: &str, except: Option<i64>) -> Result<bool, ServiceError> {
         let cached = self.cached()?;
         Ok(cached.names.get(name).is_some_and(|id| Some(*id) != except))

@@ -64,6 +64,14 @@ pub(super) async fn update(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceErr
     to_json(&ctx.app.keychain().update(id, u.name.as_deref(), attrs).await.map_err(|e| e.in_schema(UPDATE))?)
 }
 
+/// TrueNAS's private `get_of_type`: a credential only if it has the type the
+/// caller needs (full admins: it carries the private key).
+pub(super) async fn get_of_type(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
+    let id: i64 = p.req(0, "keychaincredential_get_of_type.id")?;
+    let kind: CredType = p.req(1, "keychaincredential_get_of_type.type")?;
+    to_json(&ctx.app.keychain().get_of_type(id, kind.as_str())?)
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct DeleteOptions {

@@ -28,6 +28,7 @@ pub fn methods() -> Vec<MethodDef> {
     vec![
         method!("keychaincredential.query", Read, query_m, 2, heavy),
         method!("keychaincredential.get_instance", Read, get_instance, 2),
+        method!("keychaincredential.get_of_type", Write, get_of_type, 2),
         method!("keychaincredential.create", Write, create, 1),
         method!("keychaincredential.update", Write, update, 2),
         method!("keychaincredential.delete", Write, delete, 2),

@@ -164,11 +164,7 @@ impl<'a> Pairing<'a> {
         let (key_id, generated) = match key {
             KeyChoice::Generate { name, options } => (self.create_generated_key(&name, options).await?.0, true),
             KeyChoice::Existing(id) => {
-                let e =
-                    self.app.keychain().get(id).map_err(|_| ServiceError::call(ENOENT, "Credential does not exist"))?;
-                if !e.is_key_pair() {
-                    return Err(ServiceError::call(EINVAL, "Credential is not of type SSH_KEY_PAIR"));
-                }
+                self.app.keychain().get_of_type(id, crate::service::keychain::SSH_KEY_PAIR)?;
                 (id, false)
             }
         };
