@@ -133,6 +133,8 @@ pub struct TestPg {
     dir: tempfile::TempDir,
     bin: PgBin,
     account: Option<(u32, u32)>,
+    /// Started with `ssl=on` (its certificate in the data dir).
+    tls: bool,
 }
 
 impl std::fmt::Debug for TestPg {
@@ -144,6 +146,17 @@ impl std::fmt::Debug for TestPg {
 impl TestPg {
     /// initdb + start, waiting until it accepts connections.
     pub fn start() -> Result<TestPg, TestPgError> {
+        Self::start_with(None)
+    }
+
+    /// [`TestPg::start`] with TLS on (`ssl=on`): `cert_pem` (the server's
+    /// certificate, chain after it) and `key_pem` become the cluster's
+    /// `server.crt` and `server.key`. Plaintext connections still work.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<TestPg, TestPgError> {
+        Self::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> Result<TestPg, TestPgError> {
         let bin = PgBin::find().ok_or(TestPgError::NotInstalled)?;
         let account = postgres_account()?;
         let dir = tempfile::Builder::new().prefix("keyhaven-testpg-").tempdir().map_err(io("creating a temp dir"))?;
@@ -169,7 +182,23 @@ impl TestPg {
                 output: format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
             });
         }
-        let mut pg = TestPg { child: None, port: 0, dir, bin, account };
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::OpenOptionsExt;
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = data.join(name);
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(io(format!("creating {}", path.display())))?;
+                std::io::Write::write_all(&mut f, pem.as_bytes()).map_err(io(format!("writing {}", path.display())))?;
+                if let Some((uid, gid)) = account {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(io(format!("chown of {name}")))?;
+                }
+            }
+        }
+        let mut pg = TestPg { child: None, port: 0, dir, bin, account, tls: tls.is_some() };
         let mut last = None;
         // A free port can be taken by someone else before postgres binds it: retry.
         for _ in 0..5 {
@@ -208,6 +237,7 @@ impl TestPg {
             .arg(self.dir.path())
             .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"])
             .args(["-c", "synchronous_commit=off", "-c", "max_connections=200"])
+            .args(["-c", if self.tls { "ssl=on" } else { "ssl=off" }])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -326,7 +356,16 @@ impl Drop for TestPg {
 /// `None` — only when no PostgreSQL is installed; every other failure panics
 /// (a test harness must not hide a broken setup).
 pub fn start_or_skip(test: &str) -> Option<TestPg> {
-    match TestPg::start() {
+    skip_if_not_installed(test, TestPg::start())
+}
+
+/// [`start_or_skip`] with TLS on (see [`TestPg::start_tls`]).
+pub fn start_tls_or_skip(test: &str, cert_pem: &str, key_pem: &str) -> Option<TestPg> {
+    skip_if_not_installed(test, TestPg::start_tls(cert_pem, key_pem))
+}
+
+fn skip_if_not_installed(test: &str, started: Result<TestPg, TestPgError>) -> Option<TestPg> {
+    match started {
         Ok(pg) => Some(pg),
         Err(TestPgError::NotInstalled) => {
             eprintln!("skipping {test}: {}", TestPgError::NotInstalled);

@@ -12,9 +12,12 @@
 //! associated data (table, row, column) as the SQLite backend, before any
 //! SQL is sent: PostgreSQL only ever stores ciphertexts.
 //!
-//! What this backend does not do (yet): TLS to the server (a URL asking for
-//! `sslmode=require` is refused with a message), master-key rotation (every
-//! node would need the new key at once) and cross-node change notification.
+//! TLS to the server: `sslmode=verify-full` or `require` (both check the
+//! certificate and the host name, against `sslrootcert=FILE` or the system's
+//! roots) with rustls; `prefer` (the default) and `disable` do not encrypt.
+//!
+//! What this backend does not do (yet): master-key rotation (every node
+//! would need the new key at once) and cross-node change notification.
 //! Backups are pg_dump's job: [`PgStore::snapshot_db`] says so.
 
 mod audit;
@@ -99,26 +102,103 @@ fn describe(cfg: &tokio_postgres::Config) -> String {
     format!("{host}/{db}")
 }
 
-/// Parse a `postgres://` URL (or key=value string). The message never
-/// repeats the URL, which may carry a password.
-fn parse_url(url: &str) -> Result<tokio_postgres::Config> {
+/// How this node talks to the server: in plaintext (`sslmode` disable or
+/// prefer, as before TLS was supported: prefer never encrypts here), or over
+/// TLS that checks the server's certificate and host name against `roots`
+/// (a PEM file of trusted certificates, `sslrootcert=`) or the system's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tls {
+    Off,
+    Verify { roots: Option<PathBuf> },
+}
+
+/// Parse a `postgres://` URL. The message never repeats the URL, which may
+/// carry a password. Two libpq parameters tokio-postgres does not know are
+/// taken out first: `sslmode=verify-full` (TLS, certificate and host name
+/// checked) and `sslrootcert=FILE`. `sslmode=require` is verified the same
+/// way (stricter than libpq, which checks nothing unless given a root file).
+fn parse_url(url: &str) -> Result<(tokio_postgres::Config, Tls)> {
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
         return Err(StoreError::BadDatabaseUrl("it does not start with postgres:// or postgresql://".into()));
     }
-    let mut cfg: tokio_postgres::Config =
-        url.parse().map_err(|e: tokio_postgres::Error| StoreError::BadDatabaseUrl(e.to_string()))?;
-    if cfg.get_ssl_mode() == SslMode::Require {
-        return Err(StoreError::BadDatabaseUrl(
-            "sslmode=require: TLS to PostgreSQL is not supported by this keyhaven yet; connect over a trusted network or a local tunnel with sslmode=disable or prefer".into(),
-        ));
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut kept: Vec<&str> = Vec::new();
+    let mut verify_full = false;
+    let mut roots = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("sslmode", "verify-full")) => {
+                verify_full = true;
+                kept.push("sslmode=require");
+            }
+            Some(("sslmode", "verify-ca")) => {
+                return Err(StoreError::BadDatabaseUrl(
+                    "sslmode=verify-ca: use sslmode=verify-full (the certificate and the host name are checked)".into(),
+                ));
+            }
+            Some(("sslrootcert", path)) if !path.is_empty() => roots = Some(PathBuf::from(path)),
+            _ => kept.push(pair),
+        }
     }
+    let rest = if kept.is_empty() { base.to_string() } else { format!("{base}?{}", kept.join("&")) };
+    let mut cfg: tokio_postgres::Config =
+        rest.parse().map_err(|e: tokio_postgres::Error| StoreError::BadDatabaseUrl(e.to_string()))?;
     if cfg.get_connect_timeout().is_none() {
         cfg.connect_timeout(CONNECT_TIMEOUT);
     }
     if cfg.get_application_name().is_none() {
         cfg.application_name("keyhaven");
     }
-    Ok(cfg)
+    let tls = if verify_full || cfg.get_ssl_mode() == SslMode::Require {
+        Tls::Verify { roots }
+    } else if roots.is_some() {
+        return Err(StoreError::BadDatabaseUrl(
+            "sslrootcert is given but TLS is not asked for: add sslmode=verify-full".into(),
+        ));
+    } else {
+        Tls::Off
+    };
+    Ok((cfg, tls))
+}
+
+/// The rustls connector for [`Tls::Verify`]: the roots from the file, or
+/// the system's (`SSL_CERT_FILE`/`SSL_CERT_DIR` are honoured).
+fn tls_connector(roots: Option<&Path>) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut store = rustls::RootCertStore::empty();
+    match roots {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| StoreError::BadDatabaseUrl(format!("sslrootcert {}: {e}", path.display())))?;
+            for cert in certs {
+                let cert =
+                    cert.map_err(|e| StoreError::BadDatabaseUrl(format!("sslrootcert {}: {e}", path.display())))?;
+                store
+                    .add(cert)
+                    .map_err(|e| StoreError::BadDatabaseUrl(format!("sslrootcert {}: {e}", path.display())))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                // A system certificate rustls cannot use is skipped, as by other clients.
+                let _ = store.add(cert);
+            }
+        }
+    }
+    if store.is_empty() {
+        return Err(StoreError::BadDatabaseUrl(match roots {
+            Some(p) => format!("sslrootcert {} holds no certificate", p.display()),
+            None => "TLS asked for but the system has no trusted root certificates: install ca-certificates or give sslrootcert=FILE".into(),
+        }));
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| StoreError::BadDatabaseUrl(format!("TLS: {e}")))?
+            .with_root_certificates(store)
+            .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 /// A PostgreSQL error as a [`StoreError`]: a broken or refused connection
@@ -188,7 +268,7 @@ impl PgStore {
 
     /// [`PgStore::open`] with the master key in `key_path` (any file name).
     pub fn open_key_file(key_path: PathBuf, url: &str) -> Result<(PgStore, bool)> {
-        let cfg = parse_url(url)?;
+        let (cfg, tls) = parse_url(url)?;
         let target = describe(&cfg);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -196,7 +276,11 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError::io("tokio runtime for PostgreSQL", e))?;
-        let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let mgr = match &tls {
+            Tls::Off => Manager::from_config(cfg, NoTls, manager_config),
+            Tls::Verify { roots } => Manager::from_config(cfg, tls_connector(roots.as_deref())?, manager_config),
+        };
         let pool = Pool::builder(mgr)
             .max_size(POOL_SIZE)
             .runtime(deadpool_postgres::Runtime::Tokio1)

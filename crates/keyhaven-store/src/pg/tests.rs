@@ -149,6 +149,96 @@ fn backups_point_to_pg_dump_and_unreachable_servers_are_named_without_the_passwo
     assert!(started.elapsed() < Duration::from_secs(20));
     let e = PgStore::open(d.path(), "mysql://root:hunter2secret@db/x").unwrap_err().to_string();
     assert!(e.contains("postgres://") && !e.contains("hunter2secret"), "{e}");
-    let e = PgStore::open(d.path(), "postgres://u:hunter2secret@db/x?sslmode=require").unwrap_err().to_string();
-    assert!(e.contains("TLS") && !e.contains("hunter2secret"), "{e}");
+    let e = PgStore::open(d.path(), "postgres://u:hunter2secret@db/x?sslmode=verify-ca").unwrap_err().to_string();
+    assert!(e.contains("verify-full") && !e.contains("hunter2secret"), "{e}");
+    let e =
+        PgStore::open(d.path(), "postgres://u:hunter2secret@db/x?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem")
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("sslrootcert /nonexistent/ca.pem") && !e.contains("hunter2secret"), "{e}");
+    let e = PgStore::open(d.path(), "postgres://u:hunter2secret@db/x?sslrootcert=/ca.pem").unwrap_err().to_string();
+    assert!(e.contains("add sslmode=verify-full") && !e.contains("hunter2secret"), "{e}");
+}
+
+/// A CA and a server certificate for `names`, signed by it: (CA PEM, server
+/// certificate PEM, server key PEM).
+fn ca_and_server_cert(names: &[&str]) -> (String, String, String) {
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "keyhaven test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let cert = rcgen::CertificateParams::new(names).unwrap().signed_by(&key, &ca).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// Whether the store's connections are encrypted, as the server sees them.
+fn uses_tls(s: &PgStore) -> bool {
+    s.run(|pg| async move {
+        let c = pg.client().await?;
+        let row = c
+            .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+            .await
+            .map_err(|e| pg.err(e))?;
+        Ok(row.get::<_, bool>(0))
+    })
+    .unwrap()
+}
+
+#[test]
+fn tls_verify_full_checks_the_servers_certificate_and_name() {
+    let (ca, cert, key) = ca_and_server_cert(&["127.0.0.1"]);
+    let Some(pg) = keyhaven_testpg::start_tls_or_skip("pg::tests::tls_verify_full", &cert, &key) else { return };
+    let d = tempfile::tempdir().unwrap();
+    let ca_file = d.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let base = format!("postgres://postgres:pw-not-shown@127.0.0.1:{}/postgres", pg.port());
+
+    // Verified against the given root: encrypted.
+    let (s, _) =
+        PgStore::open(d.path(), &format!("{base}?sslmode=verify-full&sslrootcert={}", ca_file.display())).unwrap();
+    assert!(uses_tls(&s));
+    s.setting_set("over-tls", &json!(1)).unwrap();
+    assert_eq!(s.setting_get("over-tls").unwrap(), Some(json!(1)));
+    drop(s);
+    // `require` is verified the same way.
+    let (s, _) = PgStore::open(d.path(), &format!("{base}?sslmode=require&sslrootcert={}", ca_file.display())).unwrap();
+    assert!(uses_tls(&s));
+    drop(s);
+    // Without TLS asked for, nothing changes: plaintext, as before.
+    let (s, _) = PgStore::open(d.path(), &base).unwrap();
+    assert!(!uses_tls(&s));
+    drop(s);
+
+    // Another CA's root: refused, naming the server and the certificate problem.
+    let (other_ca, _, _) = ca_and_server_cert(&["127.0.0.1"]);
+    let other_file = d.path().join("other.pem");
+    std::fs::write(&other_file, &other_ca).unwrap();
+    let e = PgStore::open(d.path(), &format!("{base}?sslmode=verify-full&sslrootcert={}", other_file.display()))
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, StoreError::PgConnect { .. }), "{msg}");
+    assert!(msg.contains(&format!("127.0.0.1:{}/postgres", pg.port())) && msg.contains("certificate"), "{msg}");
+    assert!(!msg.contains("pw-not-shown"), "{msg}");
+    // The system's roots do not know the test CA either.
+    let e = PgStore::open(d.path(), &format!("{base}?sslmode=verify-full")).unwrap_err().to_string();
+    assert!(e.contains("certificate") || e.contains("root certificates"), "{e}");
+}
+
+#[test]
+fn tls_verify_full_refuses_a_certificate_for_another_name() {
+    let (ca, cert, key) = ca_and_server_cert(&["db.example"]);
+    let Some(pg) = keyhaven_testpg::start_tls_or_skip("pg::tests::tls_another_name", &cert, &key) else { return };
+    let d = tempfile::tempdir().unwrap();
+    let ca_file = d.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        pg.port(),
+        ca_file.display()
+    );
+    let e = PgStore::open(d.path(), &url).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, StoreError::PgConnect { .. }) && msg.contains("certificate"), "{msg}");
 }
