@@ -2,6 +2,7 @@
 
 mod backup;
 mod call;
+mod cluster;
 mod keypair;
 mod package;
 mod rsync;
@@ -128,6 +129,9 @@ enum Cmd {
     /// Rsync tasks: list them, run one now (--wait shows progress).
     #[command(subcommand)]
     Rsync(rsync::RsyncCmd),
+    /// Cluster: the nodes sharing this keyhaven's database and the leader.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
     /// Write an encrypted backup (database, master key, sshd host keys, TLS
     /// material) of the data dir; works whether or not the daemon runs.
     Backup(backup::BackupArgs),
@@ -219,6 +223,7 @@ pub fn run() -> Result<ExitCode, String> {
         Cmd::Call(args) => call::run(args),
         Cmd::Keypair(k) => keypair::run(k),
         Cmd::Rsync(r) => rsync::run(r),
+        Cmd::Cluster(c) => cluster::run(c),
         Cmd::Backup(a) => backup::backup(a),
         Cmd::Restore(a) => backup::restore(a),
         Cmd::Store(s) => store::run(s),

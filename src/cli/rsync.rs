@@ -40,6 +40,16 @@ pub struct ListOut {
     common: Common,
 }
 
+impl ListOut {
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    pub fn common(&self) -> &Common {
+        &self.common
+    }
+}
+
 fn remote(t: &Value) -> String {
     if t["mode"] == "MODULE" {
         return format!("{}::{}", s(&t["remotehost"]), s(&t["remotemodule"]));

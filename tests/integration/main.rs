@@ -8,6 +8,7 @@ mod api_auth;
 mod api_protocol;
 mod backup;
 mod badinput;
+mod cluster;
 mod daemon;
 mod hostile;
 mod hostile_home;

@@ -1023,6 +1023,20 @@ async fn run(driver: &WebDriver, d: &Daemon, downloads: &Path) {
     wait_js(driver, "audit rows", "return document.querySelectorAll('#view-audit tbody tr').length > 2;", vec![]).await;
     shot(driver, "12-audit").await;
 
+    // System › Cluster: on SQLite, this node alone, up and leading.
+    click(driver, "a[data-nav='cluster']").await;
+    let node = d.cli_json(&["keyhaven.cluster_status"])["node_id"].as_str().unwrap().to_string();
+    wait_js(
+        driver,
+        "the cluster's node list",
+        "const rows = document.querySelectorAll('#view-cluster tbody tr[data-node]'); \
+         return rows.length === 1 && rows[0].dataset.node === arguments[0] && rows[0].textContent.includes('leader') \
+           && rows[0].textContent.includes('up') && document.getElementById('cluster-leader').textContent === arguments[0];",
+        vec![json!(node)],
+    )
+    .await;
+    shot(driver, "12b-cluster").await;
+
     // Logout ends the session.
     click(driver, "#logout").await;
     wait_js(driver, "login after logout", "return !document.getElementById('login').hidden;", vec![]).await;

@@ -40,6 +40,8 @@ pub enum StartupError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Backup(#[from] crate::backup::BackupError),
+    #[error("{0}")]
+    NodeId(#[from] crate::service::cluster::NodeIdError),
 }
 
 /// Refuse files or folders that group or others can read (DESIGN.md §2).
@@ -298,7 +300,21 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
 
     let data_dir = cfg.data_dir.clone();
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let node_id = crate::service::cluster::node_id(&data_dir)?;
     let app = App::new(cfg, store);
+    // Membership first: on PostgreSQL the scheduled work below waits for
+    // this node to lead the cluster.
+    let membership = app
+        .cluster()
+        .start(keyhaven_store::cluster::NodeRecord {
+            node_id,
+            hostname: crate::service::cluster::hostname(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            address: format!("{scheme}://{local}"),
+            started_at: crate::service::jobs::now(),
+        })
+        .await
+        .map_err(|e| StartupError::Bootstrap(e.to_string()))?;
     *app.tls_fingerprint.write().unwrap_or_else(|e| e.into_inner()) = tls_fingerprint;
     app.metrics.set_tls_validity(tls_validity);
     let router = transport::router(app.clone());
@@ -317,11 +333,21 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
     };
     let audit_wake = Arc::new(tokio::sync::Notify::new());
     {
-        // Audit retention: at start, then hourly, and when a reload changes it.
+        // Audit retention: at start, then hourly, and when a reload changes
+        // it; on the cluster's leader only (and at once when this node
+        // becomes the leader).
         let app = app.clone();
         let wake = audit_wake.clone();
+        let gained = app.cluster().leadership_gained();
         tokio::spawn(async move {
             loop {
+                if !app.cluster().is_leader() {
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = gained.notified() => {}
+                    }
+                    continue;
+                }
                 let keep = (app.live_config().audit_retention_days * 86_400) as i64;
                 let a = app.clone();
                 match tokio::task::spawn_blocking(move || a.store.audit_prune(keep)).await {
@@ -333,6 +359,7 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
                 tokio::select! {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
                     _ = wake.notified() => {}
+                    _ = gained.notified() => {}
                 }
             }
         });
@@ -454,6 +481,8 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
         t.abort();
     }
     scheduler.abort();
+    membership.abort();
+    app.cluster().resign();
     app.rsync().stop_all();
     if let Err(e) = app.sshd().supervisor().stop().await {
         tracing::warn!("stopping sshd: {e}");

@@ -4,6 +4,7 @@
 // unload, when the server closes the socket, and when the session token expires
 // (the account's session timeout without activity).
 import { viewAudit } from './audit.js';
+import { viewCluster } from './cluster.js';
 import { viewConfig } from './config.js';
 import { updateAttribute, viewBackup } from './backup.js';
 import { $, busy, formModal, h, toast, toastError } from './dom.js';
@@ -20,6 +21,7 @@ export const ROUTES = {
   '#/data-protection/rsync': ['rsync', viewRsync],
   '#/system/services/ssh': ['ssh', viewSsh],
   '#/system/general/config': ['config', viewConfig],
+  '#/system/cluster': ['cluster', viewCluster],
   '#/audit': ['audit', viewAudit],
 };
 

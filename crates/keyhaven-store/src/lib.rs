@@ -15,6 +15,7 @@
 pub mod audit;
 #[cfg(test)]
 mod backend_tests;
+pub mod cluster;
 mod crypto;
 mod db;
 mod error;

@@ -10,6 +10,7 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use crate::audit::{AuditEntry, AuditQuery, AuditRecord};
+use crate::cluster::{ClusterView, NodeRecord, NodeStatus};
 use crate::db::{SqliteStore, SyncTicket};
 use crate::error::{Result, StoreError};
 use crate::pg::PgStore;
@@ -275,6 +276,51 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(_) => Ok(()),
             Backend::Postgres(p) => Err(StoreError::BackupOnPostgres { target: p.target().to_string() }),
+        }
+    }
+}
+
+/// Cluster membership and leadership (see [`crate::cluster`]). On SQLite
+/// the process is the only node and always leads.
+impl Store {
+    /// Stamp this node's heartbeat (creating its row). Nothing to keep on SQLite.
+    pub fn node_heartbeat(&self, me: &NodeRecord) -> Result<()> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(p) => p.node_heartbeat(me),
+        }
+    }
+
+    /// Whether node `node_id` leads the scheduled work now (taking the lead
+    /// when it is free). Always `true` on SQLite.
+    pub fn try_lead(&self, node_id: &str) -> Result<bool> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(true),
+            Backend::Postgres(p) => p.try_lead(node_id),
+        }
+    }
+
+    /// Give up leadership at shutdown so another node takes it at once.
+    pub fn resign(&self) {
+        if let Backend::Postgres(p) = &self.backend {
+            p.resign();
+        }
+    }
+
+    /// Every node and the leader. On SQLite: `me`, up and leading.
+    pub fn cluster_view(&self, me: &NodeRecord) -> Result<ClusterView> {
+        match &self.backend {
+            Backend::Sqlite(_) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                Ok(ClusterView {
+                    nodes: vec![NodeStatus { node: me.clone(), heartbeat_at: now, up: true }],
+                    leader: Some(me.node_id.clone()),
+                })
+            }
+            Backend::Postgres(p) => p.cluster_view(),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod cluster;
 pub mod crypto;
 pub mod events;
 pub mod health;
@@ -49,6 +50,8 @@ pub struct App {
     pub tls_fingerprint: std::sync::RwLock<Option<String>>,
     /// What `GET /metrics` serves.
     pub metrics: Arc<metrics::Metrics>,
+    /// This node and its leadership of scheduled work (see [`App::cluster`]).
+    cluster_area: cluster::ClusterState,
     /// The last `GET /healthz` result (see [`App::monitoring`]).
     health_area: health::HealthCache,
     /// This `App` itself, for work that outlives a call (rsync runs, the
@@ -98,6 +101,7 @@ impl App {
             tls_fingerprint: std::sync::RwLock::new(None),
             metrics,
             health_area: health::HealthCache::default(),
+            cluster_area: cluster::ClusterState::default(),
         })
     }
 
@@ -129,6 +133,11 @@ impl App {
     /// Rsync tasks: CRUD, runs as jobs and the scheduler.
     pub fn rsync(&self) -> rsync::Rsync<'_> {
         rsync::Rsync::new(self)
+    }
+
+    /// The nodes sharing the database and which one leads scheduled work.
+    pub fn cluster(&self) -> cluster::Cluster<'_> {
+        cluster::Cluster::new(self)
     }
 
     /// `GET /healthz` and `GET /metrics`.

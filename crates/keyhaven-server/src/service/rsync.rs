@@ -958,6 +958,9 @@ impl<'a> Rsync<'a> {
 
     /// The scheduler: at the start of each minute, run the enabled tasks due
     /// then. A minute missed while keyhaven was down is not made up (as cron).
+    /// With several nodes on one database only the leader runs them (checked
+    /// with the database at each minute), with the tasks read afresh: another
+    /// node may have changed them.
     pub fn scheduler(&self) -> tokio::task::JoinHandle<()> {
         let app = self.app.me.clone();
         tokio::spawn(async move {
@@ -966,6 +969,12 @@ impl<'a> Rsync<'a> {
                 let into = (now.timestamp_subsec_millis() as u64) + 1000 * u64::from(chrono::Timelike::second(&now));
                 tokio::time::sleep(Duration::from_millis(60_000u64.saturating_sub(into) + 5)).await;
                 let Some(app) = app.upgrade() else { return };
+                if !app.cluster().confirm_leader().await {
+                    continue;
+                }
+                if app.store.backend_name() != "sqlite" {
+                    app.rsync().schedules_changed();
+                }
                 let t = chrono::Local::now();
                 use chrono::{Datelike, Timelike};
                 let minute = rules::Minute {

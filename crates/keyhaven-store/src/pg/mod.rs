@@ -18,9 +18,11 @@
 //!
 //! What this backend does not do (yet): master-key rotation (every node
 //! would need the new key at once) and cross-node change notification.
-//! Backups are pg_dump's job: [`PgStore::snapshot_db`] says so.
+//! Cluster membership and the leadership of scheduled work are in
+//! `cluster.rs`. Backups are pg_dump's job: [`PgStore::snapshot_db`] says so.
 
 mod audit;
+mod cluster;
 mod records;
 
 use std::future::Future;
@@ -38,8 +40,14 @@ use crate::crypto::{MasterKey, MASTER_KEY_FILE};
 use crate::error::{Result, StoreError};
 use crate::schema::KEY_CHECK;
 
-/// Forward-only; never edit a released step, append a new one.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_initial.sql")];
+/// Forward-only; never edit a released step, append a new one. Each step
+/// carries its own version (its file's number) and is applied when the
+/// database has not recorded that version yet, so steps that land out of
+/// order (a gap filled later) are still each applied once.
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("migrations/0001_initial.sql")),
+    (3, include_str!("migrations/0003_cluster.sql")),
+];
 
 /// The advisory lock every node takes to migrate and to check the master
 /// key: two nodes starting together migrate once. ("keyhaven" in ASCII.)
@@ -52,7 +60,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema version this binary migrates a PostgreSQL database to.
 pub fn latest_pg_schema() -> u32 {
-    MIGRATIONS.len() as u32
+    MIGRATIONS.iter().map(|(v, _)| *v as u32).max().unwrap_or(0)
 }
 
 /// A store on PostgreSQL. Same record API as [`crate::Store`].
@@ -65,6 +73,12 @@ pub struct PgStore {
     /// host:port/database, for messages (never the password).
     target: String,
     users_generation: AtomicU64,
+    /// For sessions of its own (leadership), outside the pool.
+    cfg: tokio_postgres::Config,
+    /// The TLS of those sessions: as the pool's (`None`: plain).
+    session_tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// This node's leadership session (see `cluster.rs`).
+    leader: cluster::SharedSession,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -277,9 +291,13 @@ impl PgStore {
             .build()
             .map_err(|e| StoreError::io("tokio runtime for PostgreSQL", e))?;
         let manager_config = ManagerConfig { recycling_method: RecyclingMethod::Fast };
-        let mgr = match &tls {
-            Tls::Off => Manager::from_config(cfg, NoTls, manager_config),
-            Tls::Verify { roots } => Manager::from_config(cfg, tls_connector(roots.as_deref())?, manager_config),
+        let session_tls = match &tls {
+            Tls::Off => None,
+            Tls::Verify { roots } => Some(tls_connector(roots.as_deref())?),
+        };
+        let mgr = match &session_tls {
+            None => Manager::from_config(cfg.clone(), NoTls, manager_config),
+            Some(connector) => Manager::from_config(cfg.clone(), connector.clone(), manager_config),
         };
         let pool = Pool::builder(mgr)
             .max_size(POOL_SIZE)
@@ -298,6 +316,9 @@ impl PgStore {
             key_path: key_path.clone(),
             target: target.clone(),
             users_generation: AtomicU64::new(0),
+            cfg,
+            session_tls,
+            leader: Default::default(),
         };
         let (key, first) = store.run(move |pg| migrate_and_check_key(pg, key_path))?;
         *store.key_lock() = key;
@@ -447,17 +468,26 @@ async fn migrate_and_check_key(pg: Pg, key_path: PathBuf) -> Result<(MasterKey, 
     let first = found == 0;
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+    let applied: Vec<i32> = tx
+        .query("SELECT version FROM keyhaven_schema_history", &[])
+        .await
+        .map_err(|e| pg.err(e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut migrated = false;
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| !applied.contains(v)) {
         tx.batch_execute(sql).await.map_err(|e| pg.err(e))?;
         tx.execute(
             "INSERT INTO keyhaven_schema_history(version, from_version, keyhaven_version, applied_at)
              VALUES($1, $2, $3, $4)",
-            &[&(i as i32 + 1), &found, &env!("CARGO_PKG_VERSION"), &now],
+            &[version, &found, &env!("CARGO_PKG_VERSION"), &now],
         )
         .await
         .map_err(|e| pg.err(e))?;
+        migrated = true;
     }
-    if (found as u32) < known {
+    if migrated {
         tracing::info!("migrated the PostgreSQL database {} from schema {found} to {known}", pg.target);
     }
 

@@ -41,7 +41,11 @@ fn nodes_starting_together_migrate_once_and_share_one_master_key() {
         stores.push(s);
     }
     assert_eq!(firsts, 1, "exactly one node found the database new");
-    assert_eq!(pg.psql("postgres", "SELECT count(*) FROM keyhaven_schema_history").unwrap(), "1");
+    assert_eq!(
+        pg.psql("postgres", "SELECT count(*) FROM keyhaven_schema_history").unwrap(),
+        MIGRATIONS.len().to_string(),
+        "each step applied once"
+    );
     // A write on one node is read on another, secrets included.
     let id = stores[0].keychain_insert("k", "SSH_KEY_PAIR", &json!({}), Some("PRIVATE")).unwrap();
     assert_eq!(stores[3].keychain_private_key(id).unwrap().unwrap().as_str(), "PRIVATE");
@@ -241,4 +245,59 @@ fn tls_verify_full_refuses_a_certificate_for_another_name() {
     let e = PgStore::open(d.path(), &url).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, StoreError::PgConnect { .. }) && msg.contains("certificate"), "{msg}");
+}
+
+fn node(id: &str) -> crate::cluster::NodeRecord {
+    crate::cluster::NodeRecord {
+        node_id: id.into(),
+        hostname: "host".into(),
+        version: "1".into(),
+        address: format!("https://{id}:443"),
+        started_at: 1.0,
+    }
+}
+
+#[test]
+fn one_node_leads_and_leadership_moves_when_its_session_ends() {
+    let Some(pg) = cluster("one_node_leads_and_leadership_moves_when_its_session_ends") else { return };
+    let url = pg.url("postgres");
+    let da = tempfile::tempdir().unwrap();
+    let (a, _) = PgStore::open(da.path(), &url).unwrap();
+    let db = tempfile::tempdir().unwrap();
+    std::fs::copy(da.path().join(MASTER_KEY_FILE), db.path().join(MASTER_KEY_FILE)).unwrap();
+    let (b, _) = PgStore::open(db.path(), &url).unwrap();
+    a.node_heartbeat(&node("a")).unwrap();
+    b.node_heartbeat(&node("b")).unwrap();
+    assert!(a.try_lead("a").unwrap());
+    assert!(!b.try_lead("b").unwrap(), "two leaders at once");
+    assert!(a.try_lead("a").unwrap(), "the holder keeps leading");
+    let v = b.cluster_view().unwrap();
+    assert_eq!(v.leader.as_deref(), Some("a"));
+    assert_eq!(v.nodes.iter().map(|n| (n.node.node_id.as_str(), n.up)).collect::<Vec<_>>(), [("a", true), ("b", true)]);
+    assert_eq!(v.nodes[1].node, node("b"));
+
+    // The holder's session dies (as with kill -9 of its node): the lock is
+    // free at once and the other node takes it on its next poll.
+    pg.psql(
+        "postgres",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'keyhaven-leadership'",
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !b.try_lead("b").unwrap() {
+        assert!(std::time::Instant::now() < deadline, "b never took the lead");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!a.try_lead("a").unwrap_or(false), "a leads again while b holds the lock");
+    assert_eq!(a.cluster_view().unwrap().leader.as_deref(), Some("b"));
+
+    // A node silent for longer than the limit is down (database clock).
+    pg.psql("postgres", "UPDATE cluster_nodes SET heartbeat_at = heartbeat_at - 11 WHERE node_id = 'a'").unwrap();
+    let v = b.cluster_view().unwrap();
+    assert_eq!(v.nodes.iter().map(|n| (n.node.node_id.as_str(), n.up)).collect::<Vec<_>>(), [("a", false), ("b", true)]);
+
+    // Resigning hands the lead over without waiting for anything.
+    b.resign();
+    assert!(a.try_lead("a").unwrap());
+    assert_eq!(b.cluster_view().unwrap().leader.as_deref(), Some("a"));
 }
