@@ -112,7 +112,7 @@ pub fn bootstrap(store: &Store, admin_password: Option<Zeroizing<String>>) -> Re
             roles: vec!["FULL_ADMIN".into()],
             ..UserData::default()
         };
-        store.user_insert("root", &data.to_value(), None)?;
+        created_here(store.user_insert("root", &data.to_value(), None))?;
     }
     let mut generated = None;
     if store.user_by_name("admin")?.is_none() {
@@ -141,9 +141,23 @@ pub fn bootstrap(store: &Store, admin_password: Option<Zeroizing<String>>) -> Re
         };
         let pw = password.clone();
         let hash = hash_password(&pw);
-        store.user_insert("admin", &data.to_value(), Some(&hash))?;
+        if !created_here(store.user_insert("admin", &data.to_value(), Some(&hash)))? {
+            // Another node won: its password (or file) is the one that counts.
+            generated = None;
+        }
     }
     Ok(Bootstrap { generated_admin_password: generated })
+}
+
+/// Whether a built-in account was created here: `false` when another node
+/// sharing the database created it between the check and the insert (nodes
+/// started together on one PostgreSQL database).
+fn created_here(r: Result<i64, keyhaven_store::StoreError>) -> Result<bool, ServiceError> {
+    match r {
+        Ok(_) => Ok(true),
+        Err(keyhaven_store::StoreError::Conflict(_)) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The accounts area's state: the lock that serialises account writes
