@@ -1584,6 +1584,10 @@ async fn bench_cluster() {
     }
     let max = times.iter().cloned().fold(0.0, f64::max);
     println!("| measure | value | goal |\n|---|---|---|");
-    println!("| failover: kill -9 of the leader until the survivor leads (median of {}) | {:.0} ms | < 10 s |", times.len(), median(&mut times));
+    println!(
+        "| failover: kill -9 of the leader until the survivor leads (median of {}) | {:.0} ms | < 10 s |",
+        times.len(),
+        median(&mut times)
+    );
     println!("| failover, worst | {max:.0} ms | < 10 s |\n");
 }

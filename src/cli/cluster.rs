@@ -35,10 +35,22 @@ pub fn run(cmd: ClusterCmd) -> Result<ExitCode, String> {
             }
             println!("backend: {}", s(&st["backend"]));
             println!("this node: {}", s(&st["node_id"]));
-            println!("leader: {}", if st["leader"].is_null() { "none (failover under way)".into() } else { s(&st["leader"]) });
-            let mut rows = vec![["NODE", "HOSTNAME", "VERSION", "ADDRESS", "STARTED (epoch s)", "HEARTBEAT (epoch s)", "STATE", "ROLE"]
-                .map(String::from)
-                .to_vec()];
+            println!(
+                "leader: {}",
+                if st["leader"].is_null() { "none (failover under way)".into() } else { s(&st["leader"]) }
+            );
+            let mut rows = vec![[
+                "NODE",
+                "HOSTNAME",
+                "VERSION",
+                "ADDRESS",
+                "STARTED (epoch s)",
+                "HEARTBEAT (epoch s)",
+                "STATE",
+                "ROLE",
+            ]
+            .map(String::from)
+            .to_vec()];
             for n in st["nodes"].as_array().into_iter().flatten() {
                 let role = match (n["leader"] == true, n["this_node"] == true) {
                     (true, true) => "leader (this node)",

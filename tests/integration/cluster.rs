@@ -122,11 +122,8 @@ async fn one_leader_runs_the_schedule_once_and_the_survivor_takes_over_after_kil
     let id_file = std::fs::read_to_string(a.dir.path().join("node-id")).unwrap();
     assert_eq!(id_file.trim(), sa["node_id"].as_str().unwrap());
     // The CLI shows the same.
-    let out = std::process::Command::new(bin())
-        .args(["cluster", "status", "--data-dir"])
-        .arg(b.dir.path())
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new(bin()).args(["cluster", "status", "--data-dir"]).arg(b.dir.path()).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("backend: postgresql"), "{text}");
@@ -177,10 +174,8 @@ async fn one_leader_runs_the_schedule_once_and_the_survivor_takes_over_after_kil
     let leader_id = status(&leader).await["leader"].clone();
     let killed_at = Instant::now();
     kill9(&mut leader);
-    let st = wait_status(&follower, "the survivor leads", Duration::from_secs(10), |st| {
-        st["leader"] == st["node_id"]
-    })
-    .await;
+    let st =
+        wait_status(&follower, "the survivor leads", Duration::from_secs(10), |st| st["leader"] == st["node_id"]).await;
     let failover = killed_at.elapsed();
     eprintln!("failover (kill -9 of the leader until the survivor leads): {failover:?}");
     assert_ne!(st["leader"], leader_id);
@@ -225,13 +220,15 @@ async fn nodes_started_at_once_migrate_once_and_another_master_key_is_refused() 
         let started: Vec<_> = dirs.iter().map(|d| s.spawn(|| Daemon::start_in(d.clone(), opts(&url)))).collect();
         started.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let steps = pg.psql("keyhaven", "SELECT count(*) || ' ' || count(DISTINCT version) FROM keyhaven_schema_history").unwrap();
+    let steps =
+        pg.psql("keyhaven", "SELECT count(*) || ' ' || count(DISTINCT version) FROM keyhaven_schema_history").unwrap();
     let (n, distinct) = steps.split_once(' ').unwrap();
     assert_eq!(n, distinct, "a migration step recorded twice");
     let migrated = nodes.iter().filter(|d| d.stderr().contains("migrated the PostgreSQL database")).count();
     assert_eq!(migrated, 1, "exactly one node migrates");
-    let st = wait_status(&nodes[1], "two nodes", Duration::from_secs(10), |st| st["nodes"].as_array().unwrap().len() == 2)
-        .await;
+    let st =
+        wait_status(&nodes[1], "two nodes", Duration::from_secs(10), |st| st["nodes"].as_array().unwrap().len() == 2)
+            .await;
     assert!(!st["leader"].is_null(), "{st}");
 
     // A third node with a master key of its own is refused, saying why.

@@ -55,12 +55,7 @@ pub fn node_id(data_dir: &Path) -> Result<String, NodeIdError> {
             let mut b = [0u8; 16];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
             let id = hex::encode(b);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(io)?;
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io)?;
             f.write_all(format!("{id}\n").as_bytes()).and_then(|_| f.sync_all()).map_err(io)?;
             Ok(id)
         }
@@ -197,7 +192,7 @@ impl<'a> Cluster<'a> {
                 tokio::time::sleep(LEAD_POLL).await;
                 tick += 1;
                 let Some(app) = weak.upgrade() else { return };
-                let beat = tick % HEARTBEAT_SECS == 0;
+                let beat = tick.is_multiple_of(HEARTBEAT_SECS);
                 let _ = tokio::task::spawn_blocking(move || {
                     let c = app.cluster();
                     if beat {

@@ -87,8 +87,13 @@ impl PgStore {
             for r in &rows {
                 let get = |i| r.try_get::<_, String>(i).map_err(|e| StoreError::Corrupt(format!("cluster_nodes: {e}")));
                 let f = |i| r.try_get::<_, f64>(i).map_err(|e| StoreError::Corrupt(format!("cluster_nodes: {e}")));
-                let node =
-                    NodeRecord { node_id: get(0)?, hostname: get(1)?, version: get(2)?, address: get(3)?, started_at: f(4)? };
+                let node = NodeRecord {
+                    node_id: get(0)?,
+                    hostname: get(1)?,
+                    version: get(2)?,
+                    address: get(3)?,
+                    started_at: f(4)?,
+                };
                 let heartbeat_at = f(5)?;
                 let now = f(6)?;
                 let leads: bool = r.try_get(7).map_err(|e| StoreError::Corrupt(format!("cluster_nodes: {e}")))?;
@@ -107,7 +112,7 @@ impl PgStore {
     /// session, so this node stops leading and the lock is freed.
     pub fn try_lead(&self, node_id: &str) -> Result<bool> {
         let session = self.leader.clone();
-        let mut cfg = self.cfg.clone();
+        let mut cfg = (*self.cfg).clone();
         cfg.application_name("keyhaven-leadership");
         // A half-open connection (the network, not the process, died) is
         // noticed by keepalives rather than never.

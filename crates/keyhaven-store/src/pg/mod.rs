@@ -44,10 +44,8 @@ use crate::schema::KEY_CHECK;
 /// carries its own version (its file's number) and is applied when the
 /// database has not recorded that version yet, so steps that land out of
 /// order (a gap filled later) are still each applied once.
-const MIGRATIONS: &[(i32, &str)] = &[
-    (1, include_str!("migrations/0001_initial.sql")),
-    (3, include_str!("migrations/0003_cluster.sql")),
-];
+const MIGRATIONS: &[(i32, &str)] =
+    &[(1, include_str!("migrations/0001_initial.sql")), (3, include_str!("migrations/0003_cluster.sql"))];
 
 /// The advisory lock every node takes to migrate and to check the master
 /// key: two nodes starting together migrate once. ("keyhaven" in ASCII.)
@@ -73,8 +71,8 @@ pub struct PgStore {
     /// host:port/database, for messages (never the password).
     target: String,
     users_generation: AtomicU64,
-    /// For sessions of its own (leadership), outside the pool.
-    cfg: tokio_postgres::Config,
+    /// For sessions of its own (leadership), outside the pool (boxed: it is large).
+    cfg: Box<tokio_postgres::Config>,
     /// The TLS of those sessions: as the pool's (`None`: plain).
     session_tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     /// This node's leadership session (see `cluster.rs`).
@@ -316,7 +314,7 @@ impl PgStore {
             key_path: key_path.clone(),
             target: target.clone(),
             users_generation: AtomicU64::new(0),
-            cfg,
+            cfg: Box::new(cfg),
             session_tls,
             leader: Default::default(),
         };

@@ -294,7 +294,10 @@ fn one_node_leads_and_leadership_moves_when_its_session_ends() {
     // A node silent for longer than the limit is down (database clock).
     pg.psql("postgres", "UPDATE cluster_nodes SET heartbeat_at = heartbeat_at - 11 WHERE node_id = 'a'").unwrap();
     let v = b.cluster_view().unwrap();
-    assert_eq!(v.nodes.iter().map(|n| (n.node.node_id.as_str(), n.up)).collect::<Vec<_>>(), [("a", false), ("b", true)]);
+    assert_eq!(
+        v.nodes.iter().map(|n| (n.node.node_id.as_str(), n.up)).collect::<Vec<_>>(),
+        [("a", false), ("b", true)]
+    );
 
     // Resigning hands the lead over without waiting for anything.
     b.resign();
