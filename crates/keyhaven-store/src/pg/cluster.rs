@@ -143,7 +143,14 @@ impl PgStore {
     pub fn resign(&self) {
         let session = self.leader.clone();
         let _ = self.run(move |_| async move {
-            *session.lock().await = LeaderSession::default();
+            let mut s = session.lock().await;
+            // Unlocked first: closing the session frees the lock too, but
+            // only once the server has seen the connection end.
+            if let (true, Some(c)) = (s.holds, s.client.as_ref()) {
+                let unlock = c.execute("SELECT pg_advisory_unlock($1)", &[&LEADER_LOCK]);
+                let _ = tokio::time::timeout(LEAD_POLL_WAIT, unlock).await;
+            }
+            *s = LeaderSession::default();
             Ok(())
         });
     }
