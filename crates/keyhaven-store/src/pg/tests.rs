@@ -278,11 +278,17 @@ fn one_node_leads_and_leadership_moves_when_its_session_ends() {
 
     // The holder's session dies (as with kill -9 of its node): the lock is
     // free at once and the other node takes it on its next poll.
-    pg.psql(
-        "postgres",
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'keyhaven-leadership'",
-    )
-    .unwrap();
+    let killed = pg
+        .psql(
+            "postgres",
+            &format!(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND ((classid::bigint << 32) | objid::bigint) = {}",
+                super::cluster::LEADER_LOCK
+            ),
+        )
+        .unwrap();
+    assert_eq!(killed, "1", "the holder's session");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !b.try_lead("b").unwrap() {
         assert!(std::time::Instant::now() < deadline, "b never took the lead");
