@@ -167,6 +167,7 @@ async fn keys_sshd_cannot_read_are_refused_until_the_data_dir_moves() {
     // Moved to a path every account can traverse: the same key is accepted and works.
     let moved = Arc::new(TestDir::new("moved"));
     std::fs::rename(hidden.path(), moved.path()).unwrap();
+    test_database_moved(hidden.path(), moved.path());
     let d = Daemon::start_in(moved, managed(false));
     let mut a = d.admin().await;
     a.call("user.update", json!([u["id"], {"sshpubkey": public}])).await;

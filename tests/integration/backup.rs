@@ -178,6 +178,7 @@ fn sha256_hex(b: &[u8]) -> String {
 /// serves the same host keys (a client with the old known_hosts logs in).
 #[tokio::test]
 async fn backup_under_write_load_wipe_restore_keeps_every_record() {
+    sqlite_only!("a backup is a copy of keyhaven.db (PostgreSQL: pg_dump)");
     let dir = Arc::new(TestDir::new("backup-load"));
     let files = Files::new("backup-load-files");
     let mut d = Daemon::start_in(dir.clone(), DaemonOpts::default());
@@ -359,6 +360,7 @@ async fn backup_under_write_load_wipe_restore_keeps_every_record() {
 /// not a backup at all — each with a clear error, and the data dir unchanged.
 #[tokio::test]
 async fn bad_backups_are_refused_and_change_nothing() {
+    sqlite_only!("backups are copies of keyhaven.db (PostgreSQL: pg_dump)");
     let dir = Arc::new(TestDir::new("backup-bad"));
     let files = Files::new("backup-bad-files");
     let mut d = Daemon::start_in(dir.clone(), DaemonOpts::default());
@@ -517,6 +519,7 @@ pub fn upload_form(passphrase: &str, file: &[u8]) -> (String, Vec<u8>) {
 /// onto the saved state: records, sshd host keys, a connection that tests OK.
 #[tokio::test]
 async fn config_save_and_upload_restore_in_place() {
+    sqlite_only!("config.save/upload carry keyhaven.db (PostgreSQL: pg_dump)");
     let dir = Arc::new(TestDir::new("backup-api"));
     let files = Files::new("backup-api-files");
     let d = Daemon::start_in(dir.clone(), DaemonOpts::default());

@@ -144,6 +144,7 @@ async fn login_storm_is_bounded_and_the_admin_still_logs_in() {
 /// failure map stays bounded; one summary follows the lock.
 #[tokio::test]
 async fn refused_attempts_cost_no_storage() {
+    sqlite_only!("measures keyhaven.db's size");
     let d = Daemon::start();
     let url = d.ws_url("/api/current");
     let mut c = Client::connect_from(&url, d.addr, ip("127.0.0.20")).await;
@@ -545,6 +546,7 @@ async fn one_login_at_a_time_per_connection() {
 /// Audit entries older than `audit.retention_days` are deleted (at start, then hourly).
 #[tokio::test]
 async fn audit_retention_deletes_old_entries() {
+    sqlite_only!("ages audit rows by writing keyhaven.db");
     let dir = Arc::new(TestDir::new("retention"));
     let mut d = Daemon::start_in(dir.clone(), opts(&[("KEYHAVEN_AUDIT_RETENTION_DAYS", "30")]));
     let mut a = d.admin().await;

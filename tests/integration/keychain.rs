@@ -88,8 +88,8 @@ fn secret_lines(private: &str, public: &str) -> Vec<String> {
 fn assert_no_key_material(d: &mut Daemon, control: &str, keys: &[(String, String)], passphrases: &[&str]) {
     d.stop();
     std::thread::sleep(Duration::from_millis(100));
-    let files = all_bytes_under(d.dir.path());
-    assert!(files.iter().any(|(p, _)| p.ends_with("keyhaven.db")), "no database under {}", d.dir.path().display());
+    let files = stored_bytes(d.dir.path());
+    assert!(files.iter().any(|(p, _)| is_database(p)), "no database under {}", d.dir.path().display());
     assert!(
         files.iter().any(|(_, b)| contains(b, control.as_bytes())),
         "the search does not see stored data ({control})"
@@ -102,14 +102,19 @@ fn assert_no_key_material(d: &mut Daemon, control: &str, keys: &[(String, String
         for l in &lines {
             checked += 1;
             for (path, bytes) in &files {
-                assert!(!contains(bytes, l.as_bytes()), "{} contains private key material ({l})", path.display());
+                // pg_dump writes bytea as hex.
+                for form in [l.as_bytes().to_vec(), hex(l.as_bytes()).into_bytes()] {
+                    assert!(!contains(bytes, &form), "{} contains private key material ({l})", path.display());
+                }
             }
             assert!(!log.contains(l.as_str()), "the daemon log contains private key material ({l})");
         }
     }
     for p in passphrases {
         for (path, bytes) in &files {
-            assert!(!contains(bytes, p.as_bytes()), "{} contains a passphrase", path.display());
+            for form in [p.as_bytes().to_vec(), hex(p.as_bytes()).into_bytes()] {
+                assert!(!contains(bytes, &form), "{} contains a passphrase", path.display());
+            }
         }
         assert!(!log.contains(p), "the daemon log contains a passphrase");
     }
@@ -1114,9 +1119,11 @@ async fn keypair_cli_generate_import_list_show_download_delete() {
     assert_eq!(d.cli_json(&["keychaincredential.query", "[]", r#"{"count": true}"#]), 3);
 
     d.stop();
-    for (path, bytes) in all_bytes_under(d.dir.path()) {
+    for (path, bytes) in stored_bytes(d.dir.path()) {
         for s in ["cli secret pass", "download pass"] {
-            assert!(!contains(&bytes, s.as_bytes()), "{} contains a passphrase", path.display());
+            for form in [s.as_bytes().to_vec(), hex(s.as_bytes()).into_bytes()] {
+                assert!(!contains(&bytes, &form), "{} contains a passphrase", path.display());
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! keyhaven's integration tests: one binary (like ripgrep's), real daemons,
 //! real sockets. Modules follow the capabilities they test.
 
+#[macro_use]
 mod util;
 
 mod accounts;

@@ -90,6 +90,7 @@ async fn healthz_until(d: &Daemon, status: u16, patience: Duration) -> Value {
 
 #[tokio::test]
 async fn healthz_is_ok_then_names_only_a_locked_database() {
+    sqlite_only!("locks keyhaven.db with a SQLite transaction");
     let d = Daemon::start();
     let (status, body) = healthz(&d).await;
     assert_eq!((status, body), (200, json!({"status": "ok"})));

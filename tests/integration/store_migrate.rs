@@ -60,6 +60,7 @@ async fn logs_in_with_password_and_api_key(d: &Daemon, api_key: &str) {
 
 #[tokio::test]
 async fn a_running_sqlite_install_moves_to_postgres_and_back_unchanged() {
+    sqlite_only!("the source is a SQLite data dir");
     let Some(pg) = keyhaven_testpg::start_or_skip("store_migrate::a_running_sqlite_install_moves_to_postgres_and_back")
     else {
         return;

@@ -34,6 +34,7 @@ fn user_version(db: &Path) -> i64 {
 
 #[tokio::test]
 async fn first_release_database_migrates_and_keeps_every_record() {
+    sqlite_only!("the fixture is a first-release keyhaven.db");
     let expected: Value =
         serde_json::from_slice(&std::fs::read(Path::new(FIXTURE).join("expected.json")).unwrap()).unwrap();
     let dir = fixture_dir("upgrade-v1");
@@ -102,6 +103,7 @@ async fn first_release_database_migrates_and_keeps_every_record() {
 
 #[tokio::test]
 async fn a_newer_schema_is_refused_naming_the_version_and_left_alone() {
+    sqlite_only!("edits keyhaven.db's schema history");
     let dir = Arc::new(TestDir::new("upgrade-newer"));
     let mut d = Daemon::start_in(dir.clone(), DaemonOpts::default());
     d.stop();

@@ -1,14 +1,19 @@
 //! Test harness: real `keyhaven serve` processes on random loopback ports, real
 //! WebSocket clients, data dirs on a StrictModes-safe path, cleanup by PID.
+//!
+//! `KEYHAVEN_TEST_BACKEND=postgres` puts every daemon's state in PostgreSQL:
+//! one throwaway cluster per test process (started on first use), one fresh
+//! database per data dir. Tests about SQLite files say so with [`sqlite_only!`].
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -52,6 +57,7 @@ impl TestDir {
 impl Drop for TestDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+        drop_test_database(&self.0);
     }
 }
 
@@ -100,6 +106,11 @@ impl Daemon {
         cmd.arg("serve").arg("--data-dir").arg(dir.path()).arg("--listen").arg(&opts.listen);
         cmd.args(&opts.args);
         cmd.env("KEYHAVEN_ADMIN_PASSWORD", ADMIN_PASSWORD).env("KEYHAVEN_LOG", "info");
+        // A test that names its own database (or removes the variable) keeps it.
+        let harness_pg = on_postgres() && !opts.env.iter().any(|(k, _)| k == "KEYHAVEN_DATABASE");
+        if harness_pg {
+            cmd.env("KEYHAVEN_DATABASE", test_database(dir.path()));
+        }
         for (k, v) in &opts.env {
             match v.as_str() {
                 "" => cmd.env_remove(k),
@@ -146,6 +157,11 @@ impl Daemon {
         let url = line.trim().trim_start_matches("keyhaven listening on ").to_string();
         let hostport = url.split("://").nth(1).unwrap().to_string();
         let addr: SocketAddr = hostport.parse().unwrap();
+        assert!(
+            !harness_pg || !dir.path().join("keyhaven.db").exists(),
+            "KEYHAVEN_TEST_BACKEND=postgres, yet the daemon made a SQLite database in {}",
+            dir.path().display()
+        );
         Ok(Daemon { child: Some(child), dir, url, addr, stderr })
     }
 
@@ -611,4 +627,152 @@ pub async fn ws_with_origin(d: &Daemon, origin: Option<&str>) -> Result<(), u16>
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(r.status().as_u16()),
         Err(e) => panic!("unexpected error: {e}"),
     }
+}
+
+// ---------------------------------------------------------------- backend
+
+/// Whether this run keeps the daemons' state in PostgreSQL
+/// (`KEYHAVEN_TEST_BACKEND=postgres`) instead of SQLite in the data dir.
+pub fn on_postgres() -> bool {
+    std::env::var("KEYHAVEN_TEST_BACKEND").is_ok_and(|v| v == "postgres")
+}
+
+/// Skip the test on the PostgreSQL run, saying why: for tests about SQLite
+/// files (keyhaven.db, backups, snapshots, upgrade fixtures).
+macro_rules! sqlite_only {
+    ($why:expr) => {
+        if $crate::util::on_postgres() {
+            eprintln!("skipping on PostgreSQL ({}:{}): {}", file!(), line!(), $why);
+            return;
+        }
+    };
+}
+
+/// The run's one cluster and the database of each data dir.
+struct SharedPg {
+    /// Taken (stopped and deleted) by [`stop_shared_pg`] at exit.
+    pg: Mutex<Option<keyhaven_testpg::TestPg>>,
+    databases: Mutex<HashMap<PathBuf, String>>,
+    next: std::sync::atomic::AtomicU32,
+    /// The write end of the watchdog's stdin: never written, closed only by
+    /// the kernel when this process ends, however it ends.
+    _watchdog: Mutex<Child>,
+}
+
+static SHARED_PG: OnceLock<SharedPg> = OnceLock::new();
+
+/// The cluster, started on first use. A static is never dropped, so two
+/// things stop it: an `atexit` handler stops it (by PID) and deletes its
+/// directory when the test binary exits normally; a watchdog `sh`, in a
+/// process group of its own, blocks reading a pipe only this process holds
+/// and, when that pipe closes (the test binary ended in any way: exit, panic
+/// abort, SIGKILL), kills the postmaster by PID and deletes the directory.
+fn shared_pg() -> &'static SharedPg {
+    SHARED_PG.get_or_init(|| {
+        let pg = keyhaven_testpg::TestPg::start()
+            .unwrap_or_else(|e| panic!("KEYHAVEN_TEST_BACKEND=postgres: no throwaway PostgreSQL: {e}"));
+        let pid = pg.pid().expect("a running postmaster");
+        use std::os::unix::process::CommandExt;
+        let watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(
+                r#"read -r _; kill -QUIT "$1" 2>/dev/null; i=0
+while kill -0 "$1" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+kill -KILL "$1" 2>/dev/null; rm -rf "$2""#,
+            )
+            .arg("keyhaven-testpg-watchdog")
+            .arg(pid.to_string())
+            .arg(pg.dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start the PostgreSQL watchdog (sh)");
+        // SAFETY: registers a plain `extern "C"` function without arguments.
+        let registered = unsafe { libc::atexit(stop_shared_pg) };
+        assert_eq!(registered, 0, "atexit");
+        SharedPg {
+            pg: Mutex::new(Some(pg)),
+            databases: Mutex::new(HashMap::new()),
+            next: std::sync::atomic::AtomicU32::new(0),
+            _watchdog: Mutex::new(watchdog),
+        }
+    })
+}
+
+extern "C" fn stop_shared_pg() {
+    if let Some(shared) = SHARED_PG.get() {
+        // TestPg's drop stops the postmaster by PID and removes its directory.
+        let taken = shared.pg.lock().map(|mut g| g.take()).unwrap_or(None);
+        drop(taken);
+    }
+}
+
+fn with_pg<T>(f: impl FnOnce(&keyhaven_testpg::TestPg) -> T) -> T {
+    let guard = shared_pg().pg.lock().unwrap();
+    f(guard.as_ref().expect("the shared PostgreSQL is still running"))
+}
+
+/// The URL of `dir`'s database on the shared cluster, created on first use:
+/// a restart of the same data dir finds its state again.
+pub fn test_database(dir: &Path) -> String {
+    let shared = shared_pg();
+    let mut dbs = shared.databases.lock().unwrap();
+    let name = match dbs.get(dir) {
+        Some(n) => n.clone(),
+        None => {
+            let n = format!("kh{}", shared.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            with_pg(|pg| pg.create_database(&n)).unwrap_or_else(|e| panic!("CREATE DATABASE {n}: {e}"));
+            dbs.insert(dir.to_path_buf(), n.clone());
+            n
+        }
+    };
+    with_pg(|pg| pg.url(&name))
+}
+
+/// A data dir was renamed: its database goes with it.
+pub fn test_database_moved(from: &Path, to: &Path) {
+    if !on_postgres() {
+        return;
+    }
+    let mut dbs = shared_pg().databases.lock().unwrap();
+    if let Some(n) = dbs.remove(from) {
+        dbs.insert(to.to_path_buf(), n);
+    }
+}
+
+/// Dropped with its data dir, so a long run does not fill the disk.
+fn drop_test_database(dir: &Path) {
+    let Some(shared) = SHARED_PG.get() else { return };
+    let Some(name) = shared.databases.lock().unwrap().remove(dir) else { return };
+    let guard = shared.pg.lock().unwrap();
+    if let Some(pg) = guard.as_ref() {
+        let _ = pg.psql("postgres", &format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"));
+    }
+}
+
+/// What a daemon has stored: every file under its data dir and, on the
+/// PostgreSQL run, a plain `pg_dump` of its database (named `<dir>/pg_dump.sql`,
+/// bytea columns hex-encoded in it: see [`hex`]).
+pub fn stored_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = all_bytes_under(dir);
+    if on_postgres() {
+        let url = test_database(dir);
+        // Beside the real initdb (PATH may hold a symlink to it alone).
+        let pg_dump = keyhaven_testpg::PgBin::find()
+            .and_then(|b| std::fs::canonicalize(b.initdb).ok())
+            .and_then(|initdb| initdb.parent().map(|d| d.join("pg_dump")))
+            .filter(|p| p.is_file())
+            .expect("pg_dump beside initdb");
+        let o = Command::new(pg_dump).args(["--data-only", "--no-owner"]).arg(&url).output().expect("run pg_dump");
+        assert!(o.status.success(), "pg_dump: {}", String::from_utf8_lossy(&o.stderr));
+        out.push((dir.join("pg_dump.sql"), o.stdout));
+    }
+    out
+}
+
+/// Whether `path` (from [`stored_bytes`]) is the database itself.
+pub fn is_database(path: &Path) -> bool {
+    path.ends_with("keyhaven.db") || path.ends_with("pg_dump.sql")
 }

@@ -137,7 +137,7 @@ settings! {
         flag: Some("--database"),
         default: "",
         kind: Kind::Str,
-        doc: "Where the state lives: empty = the embedded SQLite database in data_dir (the default); `postgres://user:password@host:5432/dbname` = a PostgreSQL database (see docs/cluster.md; master.key stays in data_dir and every node needs the same one). The password is never logged.",
+        doc: "Where the state lives: empty = the embedded SQLite database in data_dir (the default); `postgres://user:password@host:5432/dbname` = a PostgreSQL database (see docs/cluster.md; master.key stays in data_dir and every node needs the same one). TLS: add `sslmode=verify-full` or `sslmode=require` (both verify the server's certificate and host name with rustls, so `require` is stricter than libpq's) and `sslrootcert=FILE` (PEM; default: the system's roots). The password is never logged.",
     },
     listen: SocketAddr {
         name: "listen",
