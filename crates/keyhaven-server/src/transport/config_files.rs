@@ -49,12 +49,10 @@ pub async fn download(
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    let origin = peer.ip().to_string();
-    let caller = match authenticate(&app, &headers, &q, &origin).await {
-        Ok(c) => c,
+    let (session, caller) = match authenticate(&app, &headers, &q, peer).await {
+        Ok(s) => s,
         Err(r) => return r,
     };
-    let session = Session::authenticated(origin, caller.clone());
     if let Err(r) = require_admin(&app, &session, &caller, "download.config") {
         return r;
     }
@@ -152,13 +150,11 @@ pub async fn upload(
     request: Request,
 ) -> Response {
     let headers = request.headers().clone();
-    let origin = peer.ip().to_string();
     // Who and how much, before a byte of the body is read.
-    let caller = match authenticate(&app, &headers, &q, &origin).await {
-        Ok(c) => c,
+    let (session, caller) = match authenticate(&app, &headers, &q, peer).await {
+        Ok(s) => s,
         Err(r) => return r,
     };
-    let session = Session::authenticated(origin, caller.clone());
     if let Err(r) = require_admin(&app, &session, &caller, "config.upload") {
         return r;
     }

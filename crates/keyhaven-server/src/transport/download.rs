@@ -35,15 +35,17 @@ fn unauthorized() -> Response {
     r
 }
 
-/// Authenticate a download request through the auth service (limited and
-/// audited like a login); `Err` is the response to send.
+/// Authenticate a download or upload request through the auth service
+/// (limited and audited like a login) and open its session; `Err` is the
+/// response to send.
 #[allow(clippy::result_large_err)] // the error is the HTTP response to send
 pub(crate) async fn authenticate(
     app: &App,
     headers: &HeaderMap,
     q: &HashMap<String, String>,
-    origin: &str,
-) -> Result<Caller, Response> {
+    peer: SocketAddr,
+) -> Result<(Session, Caller), Response> {
+    let origin = peer.ip().to_string();
     let bearer = match headers.get(header::AUTHORIZATION) {
         Some(h) => match h.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")) {
             Some(k) => Some(k.trim().to_string()),
@@ -52,10 +54,11 @@ pub(crate) async fn authenticate(
         None => None,
     };
     let token = if bearer.is_none() { q.get("auth_token").map(String::as_str) } else { None };
-    app.auth().authenticate_download(origin, bearer.as_deref(), token).await.map_err(|r| match r {
+    let caller = app.auth().authenticate_download(&origin, bearer.as_deref(), token).await.map_err(|r| match r {
         DownloadRefusal::Unauthenticated => unauthorized(),
         DownloadRefusal::Forbidden(m) => plain(StatusCode::FORBIDDEN, m),
-    })
+    })?;
+    Ok((Session::authenticated(origin, caller.clone()), caller))
 }
 
 #[derive(Deserialize)]
@@ -106,12 +109,10 @@ async fn serve_key(
     headers: HeaderMap,
     passphrase: Option<SecretString>,
 ) -> Response {
-    let origin = peer.ip().to_string();
-    let caller = match authenticate(&app, &headers, &q, &origin).await {
-        Ok(c) => c,
+    let (session, caller) = match authenticate(&app, &headers, &q, peer).await {
+        Ok(s) => s,
         Err(r) => return r,
     };
-    let session = Session::authenticated(origin, caller.clone());
     let Ok(id) = id.parse::<i64>() else { return plain(StatusCode::NOT_FOUND, "No such credential") };
     let entry = match app.keychain().get(id) {
         Ok(KeychainEntry::KeyPair(e)) => e,
