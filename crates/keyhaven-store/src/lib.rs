@@ -16,6 +16,7 @@ pub mod audit;
 #[cfg(test)]
 mod backend_tests;
 pub mod cluster;
+mod changes;
 mod crypto;
 mod db;
 mod error;
@@ -28,6 +29,7 @@ pub mod snapshot;
 mod store;
 
 pub use audit::*;
+pub use changes::{ChangeFeed, Changes};
 pub use crypto::{MasterKey, MASTER_KEY_FILE};
 pub use db::SyncTicket;
 pub use error::StoreError;

@@ -263,14 +263,17 @@ impl SqliteStore {
         })
     }
 
+    /// Delete one key; sessions opened with it look again (the accounts'
+    /// generation changes).
     pub fn api_key_delete(&self, id: i64) -> Result<bool> {
-        let conn = self.conn();
-        Ok(conn.execute("DELETE FROM api_keys WHERE id = ?1", [id])? > 0)
+        let n = self.conn().execute("DELETE FROM api_keys WHERE id = ?1", [id])?;
+        self.users_changed();
+        Ok(n > 0)
     }
 
     pub fn api_keys_delete_for_user(&self, username: &str) -> Result<()> {
-        let conn = self.conn();
-        conn.execute("DELETE FROM api_keys WHERE username = ?1", [username])?;
+        self.conn().execute("DELETE FROM api_keys WHERE username = ?1", [username])?;
+        self.users_changed();
         Ok(())
     }
 }
@@ -510,6 +513,27 @@ impl SqliteStore {
 pub struct HostKeyRecord {
     pub algorithm: String,
     pub public_key: String,
+}
+
+/// One login-limiter key's failures as shared by every node (PostgreSQL only:
+/// on SQLite the one node's memory is the state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginFailureRecord {
+    pub key: String,
+    /// Failures in the current window.
+    pub failures: u32,
+    /// The last failure, Unix seconds.
+    pub last_at: i64,
+    /// Locked until then (Unix seconds), once the key's limit was reached.
+    pub locked_until: Option<i64>,
+}
+
+/// What counting one failure for a key came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginFailure {
+    pub failures: u32,
+    /// This failure locked the key (exactly one node sees `true`).
+    pub locked_now: bool,
 }
 
 impl SqliteStore {

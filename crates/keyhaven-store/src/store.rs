@@ -11,10 +11,14 @@ use zeroize::Zeroizing;
 
 use crate::audit::{AuditEntry, AuditQuery, AuditRecord};
 use crate::cluster::{ClusterView, NodeRecord, NodeStatus};
+use crate::changes::ChangeFeed;
 use crate::db::{SqliteStore, SyncTicket};
 use crate::error::{Result, StoreError};
 use crate::pg::PgStore;
-use crate::records::{ApiKeyRecord, ConnectionTestRecord, HostKeyRecord, KeychainRecord, TokenRecord, UserRecord};
+use crate::records::{
+    ApiKeyRecord, ConnectionTestRecord, HostKeyRecord, KeychainRecord, LoginFailure, LoginFailureRecord, TokenRecord,
+    UserRecord,
+};
 use crate::rsync::{RsyncRunRecord, RsyncTaskRecord};
 
 /// The store: the database and the master key that seals its secret columns.
@@ -138,8 +142,9 @@ forward! {
     /// Delete entries older than `older_than_secs`, in batches. Returns how
     /// many rows were deleted.
     fn audit_prune(&self, older_than_secs: i64) -> Result<usize>;
-    /// The accounts' generation: changes whenever a `users` row changed
-    /// (after the change is committed). Read without I/O.
+    /// The accounts' generation: changes whenever a `users` row or an API
+    /// key changed (after the change is committed; on PostgreSQL also when
+    /// another node's notification of such a change arrives). Read without I/O.
     fn users_generation(&self) -> u64;
 }
 
@@ -321,6 +326,63 @@ impl Store {
                 })
             }
             Backend::Postgres(p) => p.cluster_view(),
+        }
+    }
+}
+
+/// Several nodes on one database: change notification and shared login limits.
+impl Store {
+    /// Other nodes' changes (see [`ChangeFeed`]): on PostgreSQL a
+    /// subscription to the node's listening connection; `None` on SQLite,
+    /// where this node is the only writer.
+    pub fn changes(&self) -> Option<ChangeFeed> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(p) => Some(p.changes()),
+        }
+    }
+
+    /// Whether failed logins are counted in the database (PostgreSQL: every
+    /// node shares them) rather than in the node's memory alone (SQLite).
+    pub fn shares_login_failures(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// The shared failures of limiter `keys` (empty on SQLite).
+    pub fn login_failures(&self, keys: &[String]) -> Result<Vec<LoginFailureRecord>> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Postgres(p) => p.login_failures(keys),
+        }
+    }
+
+    /// Count one shared failure per key (see [`PgStore::login_failures_add`]);
+    /// nothing is counted on SQLite (empty answer).
+    pub fn login_failures_add(
+        &self,
+        keys: &[(String, Option<u32>)],
+        window_secs: i64,
+        lockout_secs: i64,
+    ) -> Result<Vec<LoginFailure>> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Postgres(p) => p.login_failures_add(keys, window_secs, lockout_secs),
+        }
+    }
+
+    /// Forget the shared failures of `keys` (no-op on SQLite).
+    pub fn login_failures_clear(&self, keys: &[String]) -> Result<()> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(p) => p.login_failures_clear(keys),
+        }
+    }
+
+    /// Drop shared failures whose window and lock are over (0 on SQLite).
+    pub fn login_failures_prune(&self, window_secs: i64) -> Result<usize> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(0),
+            Backend::Postgres(p) => p.login_failures_prune(window_secs),
         }
     }
 }

@@ -16,19 +16,26 @@
 //! certificate and the host name, against `sslrootcert=FILE` or the system's
 //! roots) with rustls; `prefer` (the default) and `disable` do not encrypt.
 //!
+//! Other nodes' writes reach this one through `LISTEN/NOTIFY` (migration
+//! 0002's triggers, [`notify`]'s listening connection): [`PgStore::changes`].
+//!
 //! What this backend does not do (yet): master-key rotation (every node
-//! would need the new key at once) and cross-node change notification.
+//! would need the new key at once). Other nodes' writes reach this one
+//! through `LISTEN/NOTIFY` (migration 0002's triggers, `notify.rs`'s
+//! listening connection): [`PgStore::changes`].
 //! Cluster membership and the leadership of scheduled work are in
 //! `cluster.rs`. Backups are pg_dump's job: [`PgStore::snapshot_db`] says so.
 
 mod audit;
 mod cluster;
+mod limits;
+mod notify;
 mod records;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -36,6 +43,7 @@ use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 
+use crate::changes::ChangeFeed;
 use crate::crypto::{MasterKey, MASTER_KEY_FILE};
 use crate::error::{Result, StoreError};
 use crate::schema::KEY_CHECK;
@@ -45,7 +53,9 @@ use crate::schema::KEY_CHECK;
 /// database has not recorded that version yet, so steps that land out of
 /// order (a gap filled later) are still each applied once.
 const MIGRATIONS: &[(i32, &str)] =
-    &[(1, include_str!("migrations/0001_initial.sql")), (3, include_str!("migrations/0003_cluster.sql"))];
+    &[(1, include_str!("migrations/0001_initial.sql")),
+    (2, include_str!("migrations/0002_change_notify.sql")),
+    (3, include_str!("migrations/0003_cluster.sql"))];
 
 /// The advisory lock every node takes to migrate and to check the master
 /// key: two nodes starting together migrate once. ("keyhaven" in ASCII.)
@@ -70,7 +80,9 @@ pub struct PgStore {
     key_path: PathBuf,
     /// host:port/database, for messages (never the password).
     target: String,
-    users_generation: AtomicU64,
+    /// Shared with the listening connection, which bumps it for other nodes' changes.
+    users_generation: Arc<AtomicU64>,
+    listening: Arc<notify::Listening>,
     /// For sessions of its own (leadership), outside the pool (boxed: it is large).
     cfg: Box<tokio_postgres::Config>,
     /// The TLS of those sessions: as the pool's (`None`: plain).
@@ -89,6 +101,7 @@ impl Drop for PgStore {
     fn drop(&mut self) {
         // Dropping a runtime blocks, which panics inside another runtime
         // (the server drops its store on a worker thread): let it go.
+        self.listening.close();
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
@@ -280,8 +293,17 @@ impl PgStore {
 
     /// [`PgStore::open`] with the master key in `key_path` (any file name).
     pub fn open_key_file(key_path: PathBuf, url: &str) -> Result<(PgStore, bool)> {
-        let (cfg, tls) = parse_url(url)?;
+        let (mut cfg, tls) = parse_url(url)?;
         let target = describe(&cfg);
+        // Every connection of this node names it, so the change triggers can
+        // tell its own writes apart (see migration 0002).
+        let node = format!("{:016x}", rand::random::<u64>());
+        let options = match cfg.get_options() {
+            Some(o) if !o.trim().is_empty() => format!("{o} -c keyhaven.node={node}"),
+            _ => format!("-c keyhaven.node={node}"),
+        };
+        cfg.options(&options);
+        let listen_cfg = cfg.clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("keyhaven-pg")
@@ -304,7 +326,18 @@ impl PgStore {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::PgConnect { target: target.clone(), detail: e.to_string() })?;
+        let listen_tls = match &session_tls {
+            None => notify::ListenTls::Off,
+            Some(c) => notify::ListenTls::Verify(c.clone()),
+        };
         let handle = rt.handle().clone();
+        let users_generation = Arc::new(AtomicU64::new(0));
+        let listening = Arc::new(notify::Listening {
+            node,
+            feeds: Mutex::new(Vec::new()),
+            users_generation: users_generation.clone(),
+            connects: AtomicU64::new(0),
+        });
         let store = PgStore {
             rt: Some(rt),
             handle,
@@ -313,13 +346,15 @@ impl PgStore {
             key: Mutex::new(MasterKey::generate()),
             key_path: key_path.clone(),
             target: target.clone(),
-            users_generation: AtomicU64::new(0),
+            users_generation,
+            listening: listening.clone(),
             cfg: Box::new(cfg),
             session_tls,
             leader: Default::default(),
         };
         let (key, first) = store.run(move |pg| migrate_and_check_key(pg, key_path))?;
         *store.key_lock() = key;
+        store.handle.spawn(notify::listen(listen_cfg, listen_tls, target, listening));
         Ok((store, first))
     }
 
@@ -378,14 +413,28 @@ impl PgStore {
         &self.key_path
     }
 
-    /// See [`crate::Store::users_generation`]. Counts this node's changes
-    /// only: another node's are not seen until cross-node notification lands.
+    /// See [`crate::Store::users_generation`]: this node's changes, and
+    /// other nodes' as their notifications arrive.
     pub fn users_generation(&self) -> u64 {
         self.users_generation.load(Ordering::Acquire)
     }
 
     pub(crate) fn users_changed(&self) {
         self.users_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A subscription to other nodes' changes (this node's own writes are
+    /// not in it). Each call is a subscription of its own.
+    pub fn changes(&self) -> ChangeFeed {
+        let (feed, state) = ChangeFeed::new();
+        self.listening.feeds.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::downgrade(&state));
+        feed
+    }
+
+    /// How many times the listening connection has connected (1 once it
+    /// listens; more after reconnects). For tests.
+    pub fn listen_connects(&self) -> u64 {
+        self.listening.connects.load(Ordering::Acquire)
     }
 
     /// The database's schema version (0 before the first migration).

@@ -279,11 +279,15 @@ impl PgStore {
         Ok(rec)
     }
 
+    /// Delete one key; sessions opened with it look again (the accounts'
+    /// generation changes, on other nodes through the notification).
     pub fn api_key_delete(&self, id: i64) -> Result<bool> {
-        self.run(move |pg| async move {
+        let deleted = self.run(move |pg| async move {
             let c = pg.client().await?;
             Ok(c.execute("DELETE FROM api_keys WHERE id = $1", &[&id]).await.map_err(|e| pg.err(e))? > 0)
-        })
+        })?;
+        self.users_changed();
+        Ok(deleted)
     }
 
     pub fn api_keys_delete_for_user(&self, username: &str) -> Result<()> {
@@ -292,7 +296,9 @@ impl PgStore {
             let c = pg.client().await?;
             c.execute("DELETE FROM api_keys WHERE username = $1", &[&username]).await.map_err(|e| pg.err(e))?;
             Ok(())
-        })
+        })?;
+        self.users_changed();
+        Ok(())
     }
 }
 

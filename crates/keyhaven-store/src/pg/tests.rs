@@ -310,3 +310,136 @@ fn one_node_leads_and_leadership_moves_when_its_session_ends() {
     assert!(a.try_lead("a").unwrap());
     assert_eq!(b.cluster_view().unwrap().leader.as_deref(), Some("a"));
 }
+
+/// Wait (bounded) for the next batch of a feed.
+fn next_changes(feed: &crate::ChangeFeed, rt: &tokio::runtime::Runtime) -> crate::Changes {
+    rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(10), feed.next()).await })
+        .expect("no notification within 10 s")
+        .expect("the feed ended")
+}
+
+/// Two stores on one database, as two nodes.
+fn two_nodes(pg: &keyhaven_testpg::TestPg) -> (PgStore, PgStore, tempfile::TempDir, tempfile::TempDir) {
+    let url = pg.url("postgres");
+    let da = tempfile::tempdir().unwrap();
+    let (a, _) = PgStore::open(da.path(), &url).unwrap();
+    let db = tempfile::tempdir().unwrap();
+    std::fs::copy(da.path().join(MASTER_KEY_FILE), db.path().join(MASTER_KEY_FILE)).unwrap();
+    let (b, _) = PgStore::open(db.path(), &url).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (a.listen_connects() == 0 || b.listen_connects() == 0) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(a.listen_connects() == 1 && b.listen_connects() == 1, "the listening connections did not connect");
+    (a, b, da, db)
+}
+
+#[test]
+fn a_write_on_one_node_is_announced_to_the_other_not_to_itself() {
+    let Some(pg) = cluster("a_write_on_one_node_is_announced_to_the_other_not_to_itself") else { return };
+    let (a, b, _da, _db) = two_nodes(&pg);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let feed_a = a.changes();
+    let feed_b = b.changes();
+    let generation = b.users_generation();
+
+    let id = a.keychain_insert("k1", "SSH_KEY_PAIR", &json!({}), Some("PRIVATE")).unwrap();
+    let got = next_changes(&feed_b, &rt);
+    assert_eq!(got.keychain.iter().copied().collect::<Vec<_>>(), vec![id], "{got:?}");
+    a.user_insert("alice", &json!({}), None).unwrap();
+    a.setting_set("ssh", &json!({"tcpport": 22})).unwrap();
+    a.host_key_insert("ssh-ed25519", "PRIVATE", "ssh-ed25519 AAAA").unwrap();
+    let rec = a.api_key_insert("k", "alice", None, |id| format!("hash{id}")).unwrap();
+    a.api_key_delete(rec.id).unwrap();
+    let mut got = crate::Changes::default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !(got.host_keys && got.api_keys && got.users.contains("alice") && got.settings.contains("ssh")) {
+        assert!(std::time::Instant::now() < deadline, "not all changes arrived: {got:?}");
+        got.merge(next_changes(&feed_b, &rt));
+    }
+    assert!(b.users_generation() > generation, "the accounts' generation did not move on the other node");
+    // Deleting a user names it (its keys file is withdrawn by name).
+    let alice = a.user_by_name("alice").unwrap().unwrap();
+    a.user_delete(alice.id).unwrap();
+    let got = next_changes(&feed_b, &rt);
+    assert!(got.users.contains("alice"), "{got:?}");
+    // Writes from a client that is no node (psql) reach every node.
+    pg.psql("postgres", "UPDATE settings SET value = '{}' WHERE key = 'ssh'").unwrap();
+    assert!(next_changes(&feed_b, &rt).settings.contains("ssh"));
+    let from_psql = next_changes(&feed_a, &rt);
+    assert!(from_psql.settings.contains("ssh") && from_psql.keychain.is_empty(), "{from_psql:?}");
+    // A node's own writes were not announced to itself.
+    assert!(feed_a.take().is_empty());
+}
+
+#[test]
+fn a_broken_listening_connection_reconnects_and_announces_everything() {
+    let Some(pg) = cluster("a_broken_listening_connection_reconnects_and_announces_everything") else { return };
+    let (a, b, _da, _db) = two_nodes(&pg);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let feed_b = b.changes();
+    // Cut every listening connection (the pool's are not listening).
+    pg.psql(
+        "postgres",
+        "SELECT pg_terminate_backend(l.pid) FROM pg_stat_activity l WHERE l.query LIKE 'LISTEN%' AND l.pid <> pg_backend_pid()",
+    )
+    .unwrap();
+    let got = next_changes(&feed_b, &rt);
+    assert!(got.everything, "{got:?}");
+    assert!(b.listen_connects() >= 2);
+    // And it listens again.
+    let id = a.keychain_insert("after", "SSH_KEY_PAIR", &json!({}), None).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = next_changes(&feed_b, &rt);
+        if got.keychain.contains(&id) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no notification after the reconnect");
+    }
+}
+
+#[test]
+fn failed_logins_are_counted_once_across_nodes_and_one_node_locks() {
+    let Some(pg) = cluster("failed_logins_are_counted_once_across_nodes_and_one_node_locks") else { return };
+    let (a, b, _da, _db) = two_nodes(&pg);
+    let key = |k: &str| vec![(k.to_string(), Some(4u32))];
+    for node in [&a, &b, &a] {
+        let r = node.login_failures_add(&key("ua:admin\n10.0.0.9"), 900, 300).unwrap();
+        assert!(!r[0].locked_now);
+    }
+    let r = b.login_failures_add(&key("ua:admin\n10.0.0.9"), 900, 300).unwrap();
+    assert_eq!(r[0], crate::LoginFailure { failures: 4, locked_now: true });
+    let rows = a.login_failures(&["ua:admin\n10.0.0.9".to_string(), "a:10.0.0.9".to_string()]).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0].locked_until.is_some_and(|t| t > rows[0].last_at));
+    // A success does not lift a lock; a key's window over starts afresh.
+    a.login_failures_clear(&["ua:admin\n10.0.0.9".to_string()]).unwrap();
+    assert_eq!(b.login_failures(&["ua:admin\n10.0.0.9".to_string()]).unwrap().len(), 1);
+    b.login_failures_add(&[("u:admin".to_string(), None)], 900, 300).unwrap();
+    pg.psql("postgres", "UPDATE login_failures SET last_at = last_at - 1000 WHERE key = 'u:admin'").unwrap();
+    let r = a.login_failures_add(&[("u:admin".to_string(), None)], 900, 300).unwrap();
+    assert_eq!(r[0], crate::LoginFailure { failures: 1, locked_now: false });
+    a.login_failures_clear(&["u:admin".to_string()]).unwrap();
+    assert!(b.login_failures(&["u:admin".to_string()]).unwrap().is_empty());
+    // Concurrent failures from both nodes: none lost, one lock.
+    let k = "a:10.9.9.9".to_string();
+    let locks: usize = std::thread::scope(|s| {
+        let hs: Vec<_> = [&a, &b]
+            .into_iter()
+            .map(|n| {
+                let k = k.clone();
+                s.spawn(move || {
+                    (0..10)
+                        .filter(|_| n.login_failures_add(&[(k.clone(), Some(20))], 900, 300).unwrap()[0].locked_now)
+                        .count()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    assert_eq!(locks, 1);
+    assert_eq!(a.login_failures(&[k]).unwrap()[0].failures, 20);
+    pg.psql("postgres", "UPDATE login_failures SET last_at = last_at - 1000, locked_until = NULL").unwrap();
+    assert_eq!(a.login_failures_prune(900).unwrap(), 2);
+}
