@@ -10,6 +10,7 @@ mod api_protocol;
 mod backup;
 mod badinput;
 mod cluster;
+mod cluster_sync;
 mod daemon;
 mod hostile;
 mod hostile_home;

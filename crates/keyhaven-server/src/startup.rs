@@ -365,6 +365,8 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
         });
     }
     tokio::spawn(reload_on_sighup(app.clone(), reload, audit_wake, tls.clone()));
+    // Several nodes on one PostgreSQL: other nodes' changes (returns at once on SQLite).
+    tokio::spawn(crate::service::sync::follow(Arc::downgrade(&app)));
     {
         let app = app.clone();
         tokio::task::spawn_blocking(move || {

@@ -174,7 +174,8 @@ impl<'a> Auth<'a> {
         username: Option<&str>,
         mechanism: &'static str,
     ) -> Result<Attempt<'_>, LoginOutcome> {
-        match self.app.auth.limiter.begin(username, &session.address) {
+        let shared = self.app.store.shares_login_failures().then_some(&self.app.store);
+        match self.app.auth.limiter.begin_shared(username, &session.address, shared) {
             Ok(a) => {
                 if !a.delay.is_zero() {
                     tokio::time::sleep(a.delay).await;
@@ -384,12 +385,11 @@ impl<'a> Auth<'a> {
             return LoginOutcome::AuthErr;
         };
         match self.account_role(&rec.username) {
-            Ok(role) => self.login_succeeded(
-                session,
-                attempt,
-                Caller::new(rec.username, role, AuthVia::ApiKey),
-                "API_KEY_PLAIN",
-            ),
+            Ok(role) => {
+                let mut caller = Caller::new(rec.username, role, AuthVia::ApiKey);
+                caller.api_key_id = Some(rec.id);
+                self.login_succeeded(session, attempt, caller, "API_KEY_PLAIN")
+            }
             Err(AccountRefusal::NoApiAccess) => {
                 self.login_failed(session, attempt, Some(&rec.username), "API_KEY_PLAIN", "account has no API access");
                 LoginOutcome::Denied
@@ -796,7 +796,18 @@ impl<'a> Auth<'a> {
         if session.checked_generation.load(std::sync::atomic::Ordering::Acquire) == generation {
             return Ok(c);
         }
-        let fresh = self.app.store.user_by_name(&c.username).ok().flatten().and_then(|u| {
+        // A session opened with an API key lasts as long as the key does.
+        let key_ok = match c.api_key_id {
+            None => true,
+            Some(id) => self
+                .app
+                .store
+                .api_key_by_id(id)
+                .ok()
+                .flatten()
+                .is_some_and(|k| k.username == c.username && k.expires_at.is_none_or(|e| e >= now_secs())),
+        };
+        let fresh = self.app.store.user_by_name(&c.username).ok().flatten().filter(|_| key_ok).and_then(|u| {
             let d = users::UserData::from_record(&u);
             if d.locked {
                 None

@@ -201,6 +201,29 @@ impl<'a> Keychain<'a> {
         }
     }
 
+    /// Another node changed credentials `ids` (`None`: any of them, after a
+    /// missed notification or for the periodic reconcile): patch those rows,
+    /// or rebuild the whole cache and swap it in (readers keep the old one
+    /// until then). Under the write lock, so a local write cannot interleave
+    /// and be overwritten by an older read. A cache not built yet stays so.
+    pub fn follow_shared_state(&self, ids: Option<&std::collections::BTreeSet<i64>>) -> Result<(), ServiceError> {
+        let _writes = self.app.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
+        if self.app.keychain.inner.read().unwrap_or_else(|p| p.into_inner()).is_none() {
+            return Ok(());
+        }
+        match ids {
+            Some(ids) => self.changed(&ids.iter().copied().collect::<Vec<_>>()),
+            None => {
+                let mut c = Cached::default();
+                for r in self.app.store.keychain_list()? {
+                    c.put(&r);
+                }
+                *self.app.keychain.inner.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(c));
+            }
+        }
+        Ok(())
+    }
+
     /// Entries without private keys (for filtering).
     pub fn entries(&self) -> Result<Arc<Cached>, ServiceError> {
         self.cached()

@@ -19,10 +19,19 @@
 //! into one audit entry per key and lock period instead of a row and a log
 //! line each. The map is bounded: expired entries are pruned, and past
 //! `max_entries` the least recently used go (their summaries are kept).
+//!
+//! With several nodes on one PostgreSQL database the failures and locks are
+//! the database's (`login_failures`, shared by every node: an attacker
+//! cannot multiply the limits by the number of nodes): an attempt begun
+//! with [`Limiter::begin_shared`] reads its keys' rows first and records its
+//! outcome there. In-flight counts and refusal summaries stay per node. On
+//! SQLite (one node) nothing of this runs: [`Limiter::begin`] is memory only.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
+
+use keyhaven_store::Store;
 
 /// Failures after which every further attempt is delayed.
 pub const SLOW_AFTER: u32 = 3;
@@ -58,6 +67,15 @@ enum Key {
 }
 
 impl Key {
+    /// The key's row in the shared table (see migration 0002 of the PostgreSQL schema).
+    fn shared_key(&self) -> String {
+        match self {
+            Key::UserAddress(u, a) => format!("ua:{u}\n{a}"),
+            Key::Address(a) => format!("a:{a}"),
+            Key::User(u) => format!("u:{u}"),
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Key::UserAddress(u, a) => format!("user {u} from {a}"),
@@ -130,6 +148,8 @@ pub struct Refusal {
 /// or [`Attempt::succeeded`]. Dropped without either, it counts as failed.
 pub struct Attempt<'a> {
     limiter: &'a Limiter,
+    /// Where failures are shared with other nodes, if anywhere.
+    shared: Option<&'a Store>,
     keys: Vec<Key>,
     /// How long to wait before checking the credential.
     pub delay: Duration,
@@ -146,12 +166,12 @@ pub struct FailureOutcome {
 impl Attempt<'_> {
     pub fn failed(mut self) -> FailureOutcome {
         self.done = true;
-        self.limiter.finish(&self.keys, false)
+        self.limiter.finish(&self.keys, false, self.shared)
     }
 
     pub fn succeeded(mut self) {
         self.done = true;
-        self.limiter.finish(&self.keys, true);
+        self.limiter.finish(&self.keys, true, self.shared);
     }
 
     /// The credential was never checked (the server was busy): only the
@@ -165,7 +185,7 @@ impl Attempt<'_> {
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.limiter.finish(&self.keys, false);
+            self.limiter.finish(&self.keys, false, self.shared);
         }
     }
 }
@@ -215,9 +235,46 @@ impl Limiter {
 
     /// Start an attempt for `username` (if known) from `address`.
     pub fn begin(&self, username: Option<&str>, address: &str) -> Result<Attempt<'_>, Refusal> {
+        self.begin_shared(username, address, None)
+    }
+
+    /// [`Limiter::begin`] with the failures and locks of `shared` (the
+    /// store, when several nodes share it) instead of this node's memory.
+    /// Should the database not answer, the node's memory decides alone.
+    pub fn begin_shared<'a>(
+        &'a self,
+        username: Option<&str>,
+        address: &str,
+        shared: Option<&'a Store>,
+    ) -> Result<Attempt<'a>, Refusal> {
         let now = Instant::now();
         let keys = Self::keys(username, address);
+        let rows = shared.and_then(|store| {
+            let names: Vec<String> = keys.iter().map(Key::shared_key).collect();
+            store.login_failures(&names).map_err(|e| tracing::warn!("reading the shared failed logins: {e}")).ok()
+        });
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rows) = &rows {
+            let unix = unix_now();
+            for k in &keys {
+                let name = k.shared_key();
+                let e = map.entry(k.clone()).or_insert_with(|| Entry::new(now));
+                match rows.iter().find(|r| r.key == name) {
+                    Some(r) => {
+                        let lock_over = r.locked_until.is_some_and(|t| t <= unix);
+                        let age = Duration::from_secs(unix.saturating_sub(r.last_at).max(0) as u64);
+                        e.failures = if lock_over || age > FAILURE_WINDOW { 0 } else { r.failures };
+                        e.locked_until =
+                            r.locked_until.filter(|t| *t > unix).map(|t| now + Duration::from_secs((t - unix) as u64));
+                        e.last = now.checked_sub(age).unwrap_or(e.last);
+                    }
+                    None => {
+                        e.failures = 0;
+                        e.locked_until = None;
+                    }
+                }
+            }
+        }
         // Refused: a locked key, or one whose failures plus attempts still
         // being checked already reach its limit.
         for k in &keys {
@@ -260,7 +317,7 @@ impl Limiter {
             self.prune_locked(&mut map, now);
         }
         drop(map);
-        Ok(Attempt { limiter: self, keys, delay, done: false })
+        Ok(Attempt { limiter: self, shared, keys, delay, done: false })
     }
 
     fn release(&self, keys: &[Key]) {
@@ -272,12 +329,35 @@ impl Limiter {
         }
     }
 
-    fn finish(&self, keys: &[Key], success: bool) -> FailureOutcome {
+    fn finish(&self, keys: &[Key], success: bool, shared: Option<&Store>) -> FailureOutcome {
+        // The shared rows first, outside the map's lock (a round trip).
+        let counted = shared.and_then(|store| {
+            let r = if success {
+                let names: Vec<String> = keys.iter().map(Key::shared_key).collect();
+                store.login_failures_clear(&names).map(|()| Vec::new())
+            } else {
+                let rows: Vec<(String, Option<u32>)> =
+                    keys.iter().map(|k| (k.shared_key(), self.threshold(k))).collect();
+                store.login_failures_add(&rows, FAILURE_WINDOW.as_secs() as i64, self.limits.lockout.as_secs() as i64)
+            };
+            r.map_err(|e| tracing::warn!("recording a login outcome in the shared failed logins: {e}")).ok()
+        });
         let now = Instant::now();
         let mut out = FailureOutcome::default();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        for k in keys {
+        for (i, k) in keys.iter().enumerate() {
             let Some(e) = map.get_mut(k) else { continue };
+            if let (false, Some(c)) = (success, counted.as_ref().and_then(|c| c.get(i))) {
+                // Counted by the database, across nodes: take its numbers.
+                e.in_flight = e.in_flight.saturating_sub(1);
+                e.last = now;
+                e.failures = c.failures;
+                if c.locked_now {
+                    e.locked_until = Some(now + self.limits.lockout);
+                    out.locked.push(k.describe());
+                }
+                continue;
+            }
             e.in_flight = e.in_flight.saturating_sub(1);
             e.last = now;
             if success {
@@ -357,6 +437,10 @@ impl Limiter {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 fn summary_of(k: &Key, e: &Entry) -> Option<Summary> {

@@ -15,6 +15,7 @@ pub mod pairing;
 pub mod rsync;
 pub mod session;
 pub mod sshd;
+pub mod sync;
 pub mod users;
 
 use std::sync::Arc;

@@ -78,11 +78,14 @@ pub struct Caller {
     pub role: Role,
     pub via: AuthVia,
     pub scope: Scope,
+    /// The API key a session logged in with: once it is deleted (on any
+    /// node) the session ends.
+    pub api_key_id: Option<i64>,
 }
 
 impl Caller {
     pub fn new(username: impl Into<String>, role: Role, via: AuthVia) -> Caller {
-        Caller { username: username.into(), role, via, scope: Scope::Full }
+        Caller { username: username.into(), role, via, scope: Scope::Full, api_key_id: None }
     }
 
     /// Whether this caller may call `method` at all (the role is checked separately).

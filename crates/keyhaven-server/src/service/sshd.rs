@@ -134,6 +134,15 @@ impl<'a> Sshd<'a> {
 
     /// Generate missing host keys (stored sealed) and write all of them for sshd.
     pub async fn ensure_host_keys(&self) -> Result<Vec<String>, ServiceError> {
+        Ok(self.host_key_files().await?.0)
+    }
+
+    /// [`Sshd::ensure_host_keys`], also saying whether a file was rewritten.
+    /// A key another node inserted first (the nodes started together) wins:
+    /// this node's insert is refused as a conflict and it writes the
+    /// stored one, so every node serves the same host keys.
+    async fn host_key_files(&self) -> Result<(Vec<String>, bool), ServiceError> {
+        let mut rewrote = false;
         let dir = sshd_dir(self.app);
         files::ensure_dir(&dir, 0o755).map_err(|e| ServiceError::internal("creating the sshd directory", e))?;
         let existing = self.app.store.host_keys_list()?;
@@ -171,14 +180,38 @@ impl<'a> Sshd<'a> {
             if !same(&path, private.as_bytes()) {
                 files::write_atomic(&path, private.as_bytes(), 0o600, None)
                     .map_err(|e| ServiceError::internal("writing host keys", e))?;
+                rewrote = true;
             }
             if !same(&pub_path, public.as_bytes()) {
                 files::write_atomic(&pub_path, public.as_bytes(), 0o644, None)
                     .map_err(|e| ServiceError::internal("writing host keys", e))?;
+                rewrote = true;
             }
             paths.push(path.display().to_string());
         }
-        Ok(paths)
+        Ok((paths, rewrote))
+    }
+
+    /// Another node changed the SSH settings, the accounts (who may log in
+    /// with a password) or the host keys: render again and, when the
+    /// configuration differs, check and apply it (a reload when only host
+    /// key files changed). A stopped sshd is left alone: it renders
+    /// everything when it starts.
+    pub async fn follow_shared_state(&self) -> Result<(), ServiceError> {
+        if self.supervisor().state() == SshdState::Stopped {
+            return Ok(());
+        }
+        let _guard = self.app.sshd_area.lock.lock().await;
+        let s = self.settings()?;
+        let (paths, rewrote) = self.host_key_files().await?;
+        let text = sshd_config::render(&s, &self.render_context(&s, paths)?);
+        if std::fs::read_to_string(self.supervisor().paths().config_file()).is_ok_and(|cur| cur == text) {
+            if rewrote {
+                self.supervisor().reload().await.map_err(sshd_error_in_ssh)?;
+            }
+            return Ok(());
+        }
+        self.supervisor().apply_config(&text).await.map_err(sshd_error_in_ssh)
     }
 
     /// Public host keys as `type base64` lines with fingerprints.

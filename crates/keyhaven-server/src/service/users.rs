@@ -161,11 +161,15 @@ fn created_here(r: Result<i64, keyhaven_store::StoreError>) -> Result<bool, Serv
 }
 
 /// The accounts area's state: the lock that serialises account writes
-/// (each is a read-modify-write of the row's data). Reached through
-/// [`App::accounts`].
+/// (each is a read-modify-write of the row's data), and which accounts'
+/// keys this node serves. Reached through [`App::accounts`].
 #[derive(Default)]
 pub struct AccountsArea {
     lock: tokio::sync::Mutex<()>,
+    /// Accounts whose keys this node last wrote for sshd (non-empty), with
+    /// the data they were written from: what another node's change is
+    /// compared with, and whose file to withdraw when the account goes.
+    served: std::sync::Mutex<std::collections::HashMap<String, UserData>>,
 }
 
 /// Local accounts (`user.*`, `auth.set_attribute`, two-factor): their rows,
@@ -1011,13 +1015,103 @@ impl<'a> Accounts<'a> {
         let (uid, gid, home) = Self::keys_owner_of(os.as_ref(), data);
         let owner = KeysOwner { username, uid, gid, home: &home };
         if state.ok().is_none() {
+            self.served().remove(username);
             if let Err(e) = self.app.keys_location.write(&owner, "") {
                 tracing::debug!(user = %username, "withdrawing the keys of an account without its OS account: {e}");
             }
             return Ok(());
         }
-        self.app.keys_location.write(&owner, data.sshpubkey.as_deref().unwrap_or("")).map_err(keys_file_error)?;
+        let keys = data.sshpubkey.as_deref().unwrap_or("");
+        self.app.keys_location.write(&owner, keys).map_err(keys_file_error)?;
+        if keys.trim().is_empty() {
+            self.served().remove(username);
+        } else {
+            self.served().insert(username.to_string(), data.clone());
+        }
         Ok(())
+    }
+
+    fn served(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, UserData>> {
+        self.app.accounts_area.served.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Another node changed accounts (`names`; `None`: any of them, after a
+    /// missed notification or for the periodic reconcile): write the keys
+    /// files of those whose keys differ from what this node serves, and
+    /// withdraw those of accounts deleted or cleared there. Accounts whose
+    /// keys this node never served are left alone when they have none, so a
+    /// file in a home that keyhaven did not write stays. With `None`, keys
+    /// files in the data dir that belong to no served account are removed.
+    ///
+    /// Blocking (takes the accounts lock): call it off the async workers.
+    pub fn follow_shared_state(&self, names: Option<&std::collections::BTreeSet<String>>) -> Result<(), ServiceError> {
+        // No local account write interleaves with the comparison and the writes.
+        let _guard = self.app.accounts_area.lock.blocking_lock();
+        let records: Vec<UserRecord> = match names {
+            None => self.app.store.users_list()?,
+            Some(names) => {
+                let mut v = Vec::with_capacity(names.len());
+                for n in names {
+                    match self.app.store.user_by_name(n)? {
+                        Some(r) => v.push(r),
+                        None => self.withdraw_served(n),
+                    }
+                }
+                v
+            }
+        };
+        let mut present = std::collections::HashSet::new();
+        let mut wanted = std::collections::HashSet::new();
+        for r in &records {
+            present.insert(r.username.clone());
+            let d = UserData::from_record(r);
+            let wants = d.sshpubkey.as_deref().is_some_and(|k| !k.trim().is_empty());
+            if wants {
+                wanted.insert(r.username.clone());
+            }
+            let served = self.served().get(&r.username).map(|s| s.sshpubkey.clone());
+            let write = match served {
+                Some(keys) => keys != d.sshpubkey,
+                None => wants,
+            };
+            if write {
+                if let Err(e) = self.write_keys(&r.username, &d) {
+                    tracing::warn!(user = %r.username, "applying another node's change to the keys: {e}");
+                }
+            }
+        }
+        if names.is_none() {
+            let gone: Vec<String> = self.served().keys().filter(|n| !present.contains(*n)).cloned().collect();
+            for n in gone {
+                self.withdraw_served(&n);
+            }
+            if let keyhaven_ssh::files::KeysLocation::Data(dir) = &self.app.keys_location {
+                let stray: Vec<String> = std::fs::read_dir(dir)
+                    .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                    .unwrap_or_default();
+                for n in stray {
+                    if !self.served().contains_key(&n) && !wanted.contains(&n) && !n.starts_with('.') {
+                        let owner = KeysOwner { username: &n, uid: 0, gid: 0, home: std::path::Path::new("/") };
+                        match self.app.keys_location.write(&owner, "") {
+                            Ok(_) => {
+                                tracing::info!(user = %n, "removed the keys file of an account that has no keys any more")
+                            }
+                            Err(e) => tracing::warn!(user = %n, "{e}"),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Withdraw the keys this node served for `username` (the account is gone).
+    fn withdraw_served(&self, username: &str) {
+        let Some(old) = self.served().remove(username) else { return };
+        let empty = UserData { sshpubkey: None, ..old };
+        if let Err(e) = self.write_keys(username, &empty) {
+            tracing::warn!(user = %username, "withdrawing the keys of an account deleted on another node: {e}");
+        }
     }
 
     /// Whether `write_user_keys` would find a usable home and `~/.ssh`, without
