@@ -702,6 +702,7 @@ fn main() {
     }
     if want("cluster") {
         rt.block_on(bench_cluster());
+        rt.block_on(bench_cluster_propagation());
     }
 }
 
@@ -1590,4 +1591,93 @@ async fn bench_cluster() {
         median(&mut times)
     );
     println!("| failover, worst | {max:.0} ms | < 10 s |\n");
+/// Whether `ssh` logs in with `key` (no assertion: the caller retries).
+fn ssh_ok(key: &std::path::Path, kh: &std::path::Path, port: u16, user: &str) -> bool {
+    Command::new("ssh")
+        .arg("-i")
+        .arg(key)
+        .args(["-p", &port.to_string(), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes"])
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=5"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", kh.display()))
+        .arg(format!("{user}@127.0.0.1"))
+        .arg("true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Two nodes on one throwaway PostgreSQL cluster: the time from setting a
+/// key on an account through node A until `ssh` through node B's sshd logs
+/// in with it (LISTEN/NOTIFY → B writes the keys file).
+async fn bench_cluster_propagation() {
+    println!("### Propagation of a key between nodes\n");
+    if euid() != 0 || !std::path::Path::new("/usr/sbin/sshd").exists() {
+        println!("skipped: needs root and /usr/sbin/sshd\n");
+        return;
+    }
+    let pg = match keyhaven_testpg::TestPg::start() {
+        Ok(pg) => pg,
+        Err(e) => {
+            println!("skipped: no PostgreSQL to run on ({e})\n");
+            return;
+        }
+    };
+    pg.create_database("keyhaven").unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:{}/keyhaven", pg.port());
+    let env = [("KEYHAVEN_DATABASE", url.as_str())];
+    let bin = env!("CARGO_BIN_EXE_keyhaven");
+    let (a, _) = start_env(bin, None, &env);
+    let dir_b = fresh_dir();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    std::fs::copy(a.dir.join("master.key"), dir_b.join("master.key")).unwrap();
+    let (b, _) = start_env(bin, Some(dir_b), &env);
+    let mut wa = connect(&a, true).await;
+    let mut wb = connect(&b, true).await;
+    // The SSH settings are shared; B runs the sshd (one port on one machine).
+    let (port, kh) = start_sshd(&mut wb, &b).await;
+    let root = call(&mut wa, "user.query", json!([[["username", "=", "root"]], {"get": true}])).await["id"].clone();
+    let mut times = vec![];
+    let mut lost = 0;
+    for i in 0..10 {
+        let kp = call(&mut wa, "keychaincredential.generate_ssh_key_pair", json!([])).await;
+        let key = a.dir.join(format!("bench_cluster_{i}"));
+        std::fs::write(&key, kp["private_key"].as_str().unwrap()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let t = Instant::now();
+        call(&mut wa, "user.update", json!([root, {"sshpubkey": kp["public_key"]}])).await;
+        loop {
+            if ssh_ok(&key, &kh, port, "root") {
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                lost += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    call(&mut wa, "user.update", json!([root, {"sshpubkey": null}])).await;
+    println!("| measure | result | goal |\n|---|---|---|");
+    if times.is_empty() {
+        println!("| key set via A → ssh via B's sshd | never logged in (10 tries, 10 s each) | < 1 s |\n");
+        return;
+    }
+    let n = times.len();
+    println!(
+        "| key set via A → ssh via B's sshd logs in ({n} keys{}) | median {:.0} ms, p90 {:.0} ms, max {:.0} ms | < 1 s |",
+        if lost > 0 { format!(", {lost} never") } else { String::new() },
+        median(&mut times.clone()),
+        pct(&mut times.clone(), 0.9),
+        times.iter().cloned().fold(0.0, f64::max)
+    );
+    println!(
+        "| one `ssh` login to B's sshd (part of the above) | {:.0} ms | — |\n",
+        ssh_login_ms(&a.dir.join("bench_cluster_9"), &kh, port, "root")
+    );
+    drop((wa, wb, b, a));
 }
