@@ -1591,6 +1591,8 @@ async fn bench_cluster() {
         median(&mut times)
     );
     println!("| failover, worst | {max:.0} ms | < 10 s |\n");
+}
+
 /// Whether `ssh` logs in with `key` (no assertion: the caller retries).
 fn ssh_ok(key: &std::path::Path, kh: &std::path::Path, port: u16, user: &str) -> bool {
     Command::new("ssh")

@@ -15,8 +15,8 @@
 pub mod audit;
 #[cfg(test)]
 mod backend_tests;
-pub mod cluster;
 mod changes;
+pub mod cluster;
 mod crypto;
 mod db;
 mod error;

@@ -10,8 +10,8 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use crate::audit::{AuditEntry, AuditQuery, AuditRecord};
-use crate::cluster::{ClusterView, NodeRecord, NodeStatus};
 use crate::changes::ChangeFeed;
+use crate::cluster::{ClusterView, NodeRecord, NodeStatus};
 use crate::db::{SqliteStore, SyncTicket};
 use crate::error::{Result, StoreError};
 use crate::pg::PgStore;

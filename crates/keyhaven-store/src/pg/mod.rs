@@ -52,10 +52,11 @@ use crate::schema::KEY_CHECK;
 /// carries its own version (its file's number) and is applied when the
 /// database has not recorded that version yet, so steps that land out of
 /// order (a gap filled later) are still each applied once.
-const MIGRATIONS: &[(i32, &str)] =
-    &[(1, include_str!("migrations/0001_initial.sql")),
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("migrations/0001_initial.sql")),
     (2, include_str!("migrations/0002_change_notify.sql")),
-    (3, include_str!("migrations/0003_cluster.sql"))];
+    (3, include_str!("migrations/0003_cluster.sql")),
+];
 
 /// The advisory lock every node takes to migrate and to check the master
 /// key: two nodes starting together migrate once. ("keyhaven" in ASCII.)
