@@ -985,8 +985,8 @@ mod tests {
         );
         let e = KeychainEntry::from_record(&kp);
         assert_eq!(
-            e.to_value().unwrap().to_string(),
-            r#"{"algorithm":"ED25519","attributes":{"private_key":null,"public_key":"ssh-ed25519 AAAA c"},"bits":256,"comment":"c","fingerprint":"SHA256:x","id":1,"key_type":"ssh-ed25519","name":"n1","type":"SSH_KEY_PAIR"}"#
+            e.to_value().unwrap(),
+            serde_json::from_str::<serde_json::Value>(r#"{"algorithm":"ED25519","attributes":{"private_key":null,"public_key":"ssh-ed25519 AAAA c"},"bits":256,"comment":"c","fingerprint":"SHA256:x","id":1,"key_type":"ssh-ed25519","name":"n1","type":"SSH_KEY_PAIR"}"#).unwrap()
         );
         let mut full = e.view(true);
         if let KeychainEntry::KeyPair(KeyPairEntry { attributes: Shown::Full(a), .. }) = &mut full {
@@ -999,8 +999,8 @@ mod tests {
         // A row written before the additive fields existed reads them as null.
         let old = KeychainEntry::from_record(&record(2, SSH_KEY_PAIR, serde_json::json!({"public_key": "k"})));
         assert_eq!(
-            old.to_value().unwrap().to_string(),
-            r#"{"algorithm":null,"attributes":{"private_key":null,"public_key":"k"},"bits":null,"comment":null,"fingerprint":null,"id":2,"key_type":null,"name":"n2","type":"SSH_KEY_PAIR"}"#
+            old.to_value().unwrap(),
+            serde_json::from_str::<serde_json::Value>(r#"{"algorithm":null,"attributes":{"private_key":null,"public_key":"k"},"bits":null,"comment":null,"fingerprint":null,"id":2,"key_type":null,"name":"n2","type":"SSH_KEY_PAIR"}"#).unwrap()
         );
 
         let conn = KeychainEntry::from_record(&record(
@@ -1010,8 +1010,8 @@ mod tests {
                 "remote_host_key": "ssh-ed25519 AAAA", "connect_timeout": 10}),
         ));
         assert_eq!(
-            conn.to_value().unwrap().to_string(),
-            r#"{"attributes":{"connect_timeout":10,"host":"h","port":2222,"private_key":1,"remote_host_key":"ssh-ed25519 AAAA","username":"u"},"id":3,"name":"n3","type":"SSH_CREDENTIALS"}"#
+            conn.to_value().unwrap(),
+            serde_json::from_str::<serde_json::Value>(r#"{"attributes":{"connect_timeout":10,"host":"h","port":2222,"private_key":1,"remote_host_key":"ssh-ed25519 AAAA","username":"u"},"id":3,"name":"n3","type":"SSH_CREDENTIALS"}"#).unwrap()
         );
         assert_eq!(conn.view(false).to_value().unwrap()["attributes"], REDACTED);
         assert_eq!(conn.connection_attributes().map(|a| a.port), Some(2222));
