@@ -28,7 +28,6 @@ use std::sync::Mutex;
 use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{params_from_iter, Connection, OptionalExtension};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::IsolationLevel;
 
 use crate::crypto::{MasterKey, MASTER_KEY_FILE};
 use crate::db::{SqliteStore, SECRET_COLUMNS};
@@ -722,13 +721,7 @@ pub fn postgres_to_sqlite(url: &str, key_file: &Path, dir: &Path, progress: Prog
         let target = db.display().to_string();
         store.run(move |pg| async move {
             let mut client = pg.client().await?;
-            let tx = client
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(|e| pg.err(e))?;
+            let tx = pg.read_snapshot(&mut client).await?;
             let (src, dst) = (Side::Pg(&pg, &tx), Side::Lite(&conn));
             check_empty(&dst, &target).await?;
             let tables = copy(&src, &dst, &progress).await?;

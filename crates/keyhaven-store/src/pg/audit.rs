@@ -23,7 +23,6 @@
 //! the database's locale.
 
 use tokio_postgres::types::ToSql;
-use tokio_postgres::IsolationLevel;
 
 use super::records::{audit_row, AUDIT_COLUMNS};
 use super::{Pg, PgStore};
@@ -410,13 +409,7 @@ async fn query(
     statement: impl FnOnce(&str) -> String,
 ) -> Result<Vec<tokio_postgres::Row>> {
     let mut client = pg.client().await?;
-    let tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await
-        .map_err(|e| pg.err(e))?;
+    let tx = pg.read_snapshot(&mut client).await?;
     if let (false, Some(fold)) = (sql.folded.is_empty(), fold) {
         let maps = fold_maps(pg, &tx, &sql.folded, fold).await?;
         sql.fold_params(maps);

@@ -273,6 +273,21 @@ impl Pg {
         pg_err(&self.target, e)
     }
 
+    /// A read-only transaction on one snapshot (REPEATABLE READ): all its
+    /// statements see the same rows while other nodes write.
+    pub(crate) async fn read_snapshot<'c>(
+        &self,
+        client: &'c mut tokio_postgres::Client,
+    ) -> Result<tokio_postgres::Transaction<'c>> {
+        client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(|e| self.err(e))
+    }
+
     /// host:port/database (never the password).
     pub(crate) fn target(&self) -> &str {
         &self.target
