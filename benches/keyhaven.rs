@@ -89,6 +89,11 @@ fn start_env(bin: &str, dir: Option<std::path::PathBuf>, env: &[(&str, &str)]) -
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let ready = t.elapsed();
+    assert!(
+        line.starts_with("keyhaven listening on "),
+        "keyhaven serve --data-dir {} did not start (first line {line:?}; run it by hand to see why)",
+        dir.display()
+    );
     let url = line.trim().trim_start_matches("keyhaven listening on ").replacen("http", "ws", 1);
     (Daemon { child, url, dir }, ready)
 }
@@ -1634,6 +1639,10 @@ async fn bench_cluster_propagation() {
     let (a, _) = start_env(bin, None, &env);
     let dir_b = fresh_dir();
     std::fs::create_dir_all(&dir_b).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir_b, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
     std::fs::copy(a.dir.join("master.key"), dir_b.join("master.key")).unwrap();
     let (b, _) = start_env(bin, Some(dir_b), &env);
     let mut wa = connect(&a, true).await;
@@ -1641,6 +1650,12 @@ async fn bench_cluster_propagation() {
     // The SSH settings are shared; B runs the sshd (one port on one machine).
     let (port, kh) = start_sshd(&mut wb, &b).await;
     let root = call(&mut wa, "user.query", json!([[["username", "=", "root"]], {"get": true}])).await["id"].clone();
+    // Two figures per key: when B's keys file for the account holds it (the
+    // propagation itself, polled every 2 ms), and when `ssh` through B's sshd
+    // logs in with it (end to end; each refused `ssh` attempt costs a whole
+    // handshake, so this one is coarser).
+    let keys_file = b.dir.join("sshd/authorized_keys/root");
+    let mut in_file = vec![];
     let mut times = vec![];
     let mut lost = 0;
     for i in 0..10 {
@@ -1649,8 +1664,19 @@ async fn bench_cluster_propagation() {
         std::fs::write(&key, kp["private_key"].as_str().unwrap()).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let public = kp["public_key"].as_str().unwrap().split_whitespace().nth(1).unwrap().to_string();
         let t = Instant::now();
         call(&mut wa, "user.update", json!([root, {"sshpubkey": kp["public_key"]}])).await;
+        loop {
+            if std::fs::read_to_string(&keys_file).is_ok_and(|k| k.contains(&public)) {
+                in_file.push(t.elapsed().as_secs_f64() * 1000.0);
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         loop {
             if ssh_ok(&key, &kh, port, "root") {
                 times.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -1663,11 +1689,20 @@ async fn bench_cluster_propagation() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    call(&mut wa, "user.update", json!([root, {"sshpubkey": null}])).await;
     println!("| measure | result | goal |\n|---|---|---|");
     if times.is_empty() {
         println!("| key set via A → ssh via B's sshd | never logged in (10 tries, 10 s each) | < 1 s |\n");
+        call(&mut wa, "user.update", json!([root, {"sshpubkey": null}])).await;
         return;
+    }
+    if !in_file.is_empty() {
+        println!(
+            "| key set via A → in B's keys file for the account ({} keys) | median {:.0} ms, p90 {:.0} ms, max {:.0} ms | < 1 s |",
+            in_file.len(),
+            median(&mut in_file.clone()),
+            pct(&mut in_file.clone(), 0.9),
+            in_file.iter().cloned().fold(0.0, f64::max)
+        );
     }
     let n = times.len();
     println!(
@@ -1681,5 +1716,6 @@ async fn bench_cluster_propagation() {
         "| one `ssh` login to B's sshd (part of the above) | {:.0} ms | — |\n",
         ssh_login_ms(&a.dir.join("bench_cluster_9"), &kh, port, "root")
     );
+    call(&mut wa, "user.update", json!([root, {"sshpubkey": null}])).await;
     drop((wa, wb, b, a));
 }
