@@ -13,6 +13,7 @@ mod cluster;
 mod cluster_sync;
 mod daemon;
 mod hostile;
+mod hostile_cluster;
 mod hostile_home;
 mod hostile_sshd;
 mod keychain;

@@ -319,7 +319,12 @@ impl PgStore {
             _ => format!("-c keyhaven.node={node}"),
         };
         cfg.options(&options);
-        let listen_cfg = cfg.clone();
+        let mut listen_cfg = cfg.clone();
+        // Named apart from the pool's connections (operators see it in
+        // pg_stat_activity), with TCP keepalives so the kernel too gives up
+        // on a peer that vanished (the ping in `notify` covers a stall).
+        listen_cfg.application_name("keyhaven-listen");
+        listen_cfg.keepalives(true).keepalives_idle(Duration::from_secs(5));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("keyhaven-pg")

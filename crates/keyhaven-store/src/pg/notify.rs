@@ -10,8 +10,11 @@
 //!
 //! When the connection breaks it is re-established with backoff (0.2 s
 //! doubling to 10 s); notifications sent meanwhile are lost, so the first
-//! batch after a reconnect is "everything". A ping every 15 s notices a
-//! connection that died silently.
+//! batch after a reconnect is "everything". A connection that stops
+//! answering without breaking (a half-open TCP connection: a stalled
+//! network, a firewall that drops the flow, a stuck proxy) is noticed by a
+//! ping every [`PING_EVERY`] that must be answered within [`PING_WAIT`], so
+//! it is replaced within seconds rather than at the next 30 s reconcile.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -30,8 +33,14 @@ use crate::changes::{Changes, FeedState};
 
 /// The channel migration 0002's triggers notify.
 pub(crate) const CHANNEL: &str = "keyhaven_changes";
-const PING_EVERY: Duration = Duration::from_secs(15);
-const PING_WAIT: Duration = Duration::from_secs(5);
+/// A `SELECT 1` on the listening connection this often: one round trip
+/// every 2 s per node is nothing to the server, and it bounds how long a
+/// stalled connection can keep the node deaf to other nodes' changes
+/// (`PING_EVERY + PING_WAIT`, then a reconnect and a full reload).
+const PING_EVERY: Duration = Duration::from_secs(2);
+/// Generous against a busy server (the ping queues behind notifications on
+/// the wire): a false alarm costs a reconnect and a full reload, no more.
+const PING_WAIT: Duration = Duration::from_secs(4);
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How long notifications are gathered into one batch after the first.
