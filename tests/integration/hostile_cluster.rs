@@ -86,7 +86,7 @@ async fn hostile_notify_flood_on_one_node_starves_no_admin_on_the_other_and_conv
                     .await;
                 c.call("keychaincredential.update", json!([made["id"], {"name": format!("{name}-renamed")}])).await;
                 let mut n = 2;
-                if i % 10 != 0 {
+                if !i.is_multiple_of(10) {
                     c.call("keychaincredential.delete", json!([made["id"]])).await;
                     n += 1;
                 }
