@@ -182,7 +182,7 @@ both!(rsync_tasks_runs_and_the_keychain_cascade, |s| {
         log: "log".into(),
     };
     s.rsync_run_record(&run("RUNNING", None)).unwrap();
-    assert_eq!(s.rsync_runs_fail_interrupted("stopped", 2.0).unwrap(), 1);
+    assert_eq!(s.rsync_runs_fail_interrupted("n1", "stopped", 2.0).unwrap(), 1);
     assert_eq!(s.rsync_run(t).unwrap().unwrap().state, "FAILED");
     assert_eq!(s.rsync_runs().unwrap()[0].log, "", "the list leaves logs out");
     assert_eq!(s.rsync_run(t).unwrap().unwrap().log, "log");
@@ -202,6 +202,46 @@ both!(rsync_tasks_runs_and_the_keychain_cascade, |s| {
     assert_eq!(s.rsync_last_successes().unwrap(), vec![(other, None)]);
     assert!(matches!(s.rsync_task_delete(t), Err(StoreError::NotFound(_))));
     assert_eq!(s.rsync_tasks().unwrap().len(), 1);
+});
+
+both!(rsync_runs_claimed_finished_and_failed_per_node, |s| {
+    let t = s.rsync_task_insert(&json!({"path": "/x"}), true, None).unwrap();
+    // A claim records the run RUNNING under its job.
+    assert_eq!(s.rsync_run_claim(t, 11, 1.0, "n1").unwrap(), None);
+    let r = s.rsync_run(t).unwrap().unwrap();
+    assert_eq!((r.job_id, r.state.as_str(), r.finished, r.log.as_str()), (11, "RUNNING", None, ""));
+    // The node's own leftover RUNNING row is taken over by its next claim.
+    assert_eq!(s.rsync_run_claim(t, 12, 2.0, "n1").unwrap(), None);
+    let end = |job_id: i64, state: &str| RsyncRunRecord {
+        task_id: t,
+        job_id,
+        state: state.into(),
+        started: 2.0,
+        finished: Some(3.0),
+        error: None,
+        log: "done".into(),
+    };
+    // Only the run that holds the row records its end.
+    assert!(!s.rsync_run_finish(&end(11, "SUCCESS")).unwrap(), "job 11 no longer holds the row");
+    assert_eq!(s.rsync_run(t).unwrap().unwrap().state, "RUNNING");
+    assert_eq!(s.rsync_last_successes().unwrap(), vec![(t, None)]);
+    assert!(s.rsync_run_finish(&end(12, "SUCCESS")).unwrap());
+    let r = s.rsync_run(t).unwrap().unwrap();
+    assert_eq!((r.job_id, r.state.as_str(), r.log.as_str()), (12, "SUCCESS", "done"));
+    assert_eq!(s.rsync_last_successes().unwrap(), vec![(t, Some(3.0))]);
+    // A node's start fails its interrupted run.
+    assert_eq!(s.rsync_run_claim(t, 13, 4.0, "n1").unwrap(), None);
+    assert_eq!(s.rsync_runs_fail_interrupted("n1", "stopped", 5.0).unwrap(), 1);
+    let r = s.rsync_run(t).unwrap().unwrap();
+    assert_eq!((r.state.as_str(), r.error.as_deref(), r.finished), ("FAILED", Some("stopped"), Some(5.0)));
+    assert!(!s.rsync_run_finish(&end(99, "SUCCESS")).unwrap());
+    // The run of a deleted task has no row to end.
+    assert_eq!(s.rsync_run_claim(t, 14, 6.0, "n1").unwrap(), None);
+    s.rsync_task_delete(t).unwrap();
+    assert!(!s.rsync_run_finish(&end(14, "FAILED")).unwrap());
+    assert!(s.rsync_run(t).unwrap().is_none());
+    // No node of a cluster is down on SQLite; on PostgreSQL none ran anything here.
+    assert_eq!(s.rsync_runs_fail_down_nodes("down", 7.0).unwrap(), 0);
 });
 
 both!(audit_insert_list_and_prune, |s| {
@@ -233,6 +273,7 @@ fn the_store_says_what_postgres_cannot_do_yet() {
     let (s, _) = Store::open_database(dir.path(), " ").unwrap();
     assert_eq!(s.backend_name(), "sqlite");
     s.check_backup_supported().unwrap();
+    assert!(s.shared_jobs().is_none(), "one node keeps its jobs in memory");
     let Some(pg) = keyhaven_testpg::start_or_skip("the_store_says_what_postgres_cannot_do_yet") else { return };
     let pdir = tempfile::tempdir().unwrap();
     let (p, _) = Store::open_database(pdir.path(), &pg.url("postgres")).unwrap();
@@ -240,6 +281,7 @@ fn the_store_says_what_postgres_cannot_do_yet() {
     let e = p.check_backup_supported().unwrap_err();
     assert!(matches!(e, StoreError::BackupOnPostgres { .. }) && e.to_string().contains("pg_dump"), "{e}");
     assert!(matches!(p.rotate_master_key(), Err(StoreError::NotOnPostgres { .. })));
+    assert!(p.shared_jobs().is_some(), "the nodes share their jobs");
     // Commits are durable when they return: the ticket has nothing to wait for.
     let (id, ticket) = p.deferring_sync(|| p.rsync_task_insert(&json!({}), true, None).unwrap());
     assert!(ticket.is_done());

@@ -169,9 +169,44 @@ impl SqliteStore {
         Ok(rows)
     }
 
-    /// Runs left RUNNING by a daemon that stopped: mark them FAILED with `error`.
+    /// Start a run of `task_id` (RUNNING, job `job_id`). One node: the
+    /// server's own map of running tasks decides, so the row is always taken
+    /// (`None`); `node` matters on PostgreSQL only ([`crate::PgStore::rsync_run_claim`]).
+    pub fn rsync_run_claim(&self, task_id: i64, job_id: i64, started: f64, _node: &str) -> Result<Option<i64>> {
+        let conn = self.conn();
+        conn.execute(
+            &format!("INSERT OR REPLACE INTO rsync_runs({RUN_COLS}) VALUES(?1, ?2, 'RUNNING', ?3, NULL, NULL, '')"),
+            params![task_id, job_id, started],
+        )?;
+        Ok(None)
+    }
+
+    /// Record the end of run `r.job_id` while the task's row is still that
+    /// run (not when the task was deleted meanwhile); a successful one is
+    /// also the task's last success. `true` when recorded.
+    pub fn rsync_run_finish(&self, r: &RsyncRunRecord) -> Result<bool> {
+        self.tx(|tx, _| {
+            let n = tx.execute(
+                "UPDATE rsync_runs SET state = ?3, finished = ?4, error = ?5, log = ?6 WHERE task_id = ?1 AND job_id = ?2",
+                params![r.task_id, r.job_id, r.state, r.finished, r.error, r.log],
+            )?;
+            if n == 0 {
+                return Ok(false);
+            }
+            if let (true, Some(at)) = (r.state == "SUCCESS", r.finished) {
+                tx.execute(
+                    "INSERT OR REPLACE INTO rsync_last_success(task_id, at) VALUES(?1, ?2)",
+                    params![r.task_id, at],
+                )?;
+            }
+            Ok(true)
+        })
+    }
+
+    /// Runs left RUNNING by a daemon that stopped: mark them FAILED with
+    /// `error`. One node: every RUNNING run is its own (`node` is for PostgreSQL).
     /// Returns how many there were.
-    pub fn rsync_runs_fail_interrupted(&self, error: &str, finished: f64) -> Result<usize> {
+    pub fn rsync_runs_fail_interrupted(&self, _node: &str, error: &str, finished: f64) -> Result<usize> {
         let conn = self.conn();
         Ok(conn.execute(
             "UPDATE rsync_runs SET state = 'FAILED', error = ?1, finished = ?2 WHERE state = 'RUNNING'",
@@ -202,7 +237,7 @@ mod tests {
                 log: String::new(),
             })
             .unwrap();
-        assert_eq!(store.rsync_runs_fail_interrupted("stopped", 2.0).unwrap(), 1);
+        assert_eq!(store.rsync_runs_fail_interrupted("n1", "stopped", 2.0).unwrap(), 1);
         assert_eq!(store.rsync_run(t).unwrap().unwrap().state, "FAILED");
         assert_eq!(store.rsync_last_successes().unwrap(), vec![(t, None), (other, None)]);
         let run = |state: &str, finished: f64| RsyncRunRecord {

@@ -14,6 +14,7 @@ use crate::changes::ChangeFeed;
 use crate::cluster::{ClusterView, NodeRecord, NodeStatus};
 use crate::db::{SqliteStore, SyncTicket};
 use crate::error::{Result, StoreError};
+use crate::jobs::SharedJobs;
 use crate::pg::PgStore;
 use crate::records::{
     ApiKeyRecord, ConnectionTestRecord, HostKeyRecord, KeychainRecord, LoginFailure, LoginFailureRecord, TokenRecord,
@@ -130,9 +131,19 @@ forward! {
     /// Every task's id with the time (Unix seconds) its last successful run
     /// ended, `None` for a task that never succeeded; by task id.
     fn rsync_last_successes(&self) -> Result<Vec<(i64, Option<f64>)>>;
-    /// Runs left RUNNING by a daemon that stopped: mark them FAILED with `error`.
-    /// Returns how many there were.
-    fn rsync_runs_fail_interrupted(&self, error: &str, finished: f64) -> Result<usize>;
+    /// Start a run of `task_id` on node `node` (RUNNING, job `job_id`), one
+    /// statement: `None` when this node now runs it, `Some(job)` when another
+    /// node's run (job `job`) is RUNNING — the task is busy. A RUNNING row of
+    /// `node` itself is taken (the caller checks its own runs first). On
+    /// SQLite, one node, the row is always taken.
+    fn rsync_run_claim(&self, task_id: i64, job_id: i64, started: f64, node: &str) -> Result<Option<i64>>;
+    /// Record the end of run `r.job_id` if the task's row is still that run;
+    /// a successful one is also the task's last success. `true` when recorded.
+    fn rsync_run_finish(&self, r: &RsyncRunRecord) -> Result<bool>;
+    /// At start: runs node `node` left RUNNING are FAILED with `error`
+    /// (SQLite: every RUNNING run; PostgreSQL: this node's and those recorded
+    /// without a node). Returns how many there were.
+    fn rsync_runs_fail_interrupted(&self, node: &str, error: &str, finished: f64) -> Result<usize>;
     fn audit_insert(&self, e: &AuditEntry) -> Result<i64>;
     /// [`Store::audit_insert`] with a given time (seconds since the epoch),
     /// for imports and tests.
@@ -375,6 +386,26 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(_) => Ok(()),
             Backend::Postgres(p) => p.login_failures_clear(keys),
+        }
+    }
+
+    /// The leader's sweep: RUNNING rsync runs of nodes that are down (no
+    /// heartbeat for [`crate::cluster::DOWN_AFTER_SECS`]) are FAILED with
+    /// `error`. 0 on SQLite, whose one node fails its runs at start.
+    pub fn rsync_runs_fail_down_nodes(&self, error: &str, finished: f64) -> Result<usize> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(0),
+            Backend::Postgres(p) => p.rsync_runs_fail_down_nodes(error, finished),
+        }
+    }
+
+    /// The cluster's job history ([`SharedJobs`]): on PostgreSQL the `jobs`
+    /// table every node writes; `None` on SQLite, where the one node keeps
+    /// its jobs in memory.
+    pub fn shared_jobs(&self) -> Option<SharedJobs<'_>> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(pg) => Some(SharedJobs { pg }),
         }
     }
 

@@ -35,7 +35,7 @@ pub(crate) struct LeaderSession {
 
 pub(crate) type SharedSession = Arc<tokio::sync::Mutex<LeaderSession>>;
 
-const DB_NOW: &str = "extract(epoch from clock_timestamp())::float8";
+pub(super) const DB_NOW: &str = "extract(epoch from clock_timestamp())::float8";
 
 impl PgStore {
     /// Create or refresh this node's row, stamped with the database's clock;

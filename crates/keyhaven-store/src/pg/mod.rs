@@ -28,6 +28,7 @@
 
 mod audit;
 mod cluster;
+mod jobs;
 mod limits;
 mod notify;
 mod records;
@@ -56,6 +57,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("migrations/0001_initial.sql")),
     (2, include_str!("migrations/0002_change_notify.sql")),
     (3, include_str!("migrations/0003_cluster.sql")),
+    (4, include_str!("migrations/0004_jobs.sql")),
 ];
 
 /// The advisory lock every node takes to migrate and to check the master

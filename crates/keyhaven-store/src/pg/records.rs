@@ -21,17 +21,17 @@ fn now_secs() -> i64 {
 }
 
 /// One column, or [`StoreError::Corrupt`] when its type is not the expected one.
-fn col<'a, T: FromSql<'a>>(r: &'a Row, i: usize) -> Result<T> {
+pub(super) fn col<'a, T: FromSql<'a>>(r: &'a Row, i: usize) -> Result<T> {
     r.try_get(i).map_err(|e| StoreError::Corrupt(format!("column {i}: {e}")))
 }
 
-fn json(r: &Row, i: usize) -> Result<Value> {
+pub(super) fn json(r: &Row, i: usize) -> Result<Value> {
     let s: String = col(r, i)?;
     serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("column {i} is not JSON: {e}")))
 }
 
 /// The next id of `table`'s identity column.
-async fn next_id(pg: &Pg, c: &tokio_postgres::Client, table: &str) -> Result<i64> {
+pub(super) async fn next_id(pg: &Pg, c: &tokio_postgres::Client, table: &str) -> Result<i64> {
     let row = c
         .query_one(&format!("SELECT nextval(pg_get_serial_sequence('{table}', 'id'))"), &[])
         .await
@@ -792,22 +792,6 @@ impl PgStore {
                 .await
                 .map_err(|e| pg.err(e))?;
             rows.iter().map(|r| Ok((col(r, 0)?, col(r, 1)?))).collect()
-        })
-    }
-
-    /// Runs left RUNNING by a daemon that stopped: mark them FAILED with `error`.
-    pub fn rsync_runs_fail_interrupted(&self, error: &str, finished: f64) -> Result<usize> {
-        let error = error.to_string();
-        self.run(move |pg| async move {
-            let c = pg.client().await?;
-            let n = c
-                .execute(
-                    "UPDATE rsync_runs SET state = 'FAILED', error = $1, finished = $2 WHERE state = 'RUNNING'",
-                    &[&error, &finished],
-                )
-                .await
-                .map_err(|e| pg.err(e))?;
-            Ok(n as usize)
         })
     }
 }

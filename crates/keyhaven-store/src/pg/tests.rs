@@ -4,6 +4,8 @@
 
 use serde_json::json;
 
+use crate::rsync::RsyncRunRecord;
+
 use super::*;
 
 fn cluster(test: &str) -> Option<keyhaven_testpg::TestPg> {
@@ -442,4 +444,131 @@ fn failed_logins_are_counted_once_across_nodes_and_one_node_locks() {
     assert_eq!(a.login_failures(&[k]).unwrap()[0].failures, 20);
     pg.psql("postgres", "UPDATE login_failures SET last_at = last_at - 1000, locked_until = NULL").unwrap();
     assert_eq!(a.login_failures_prune(900).unwrap(), 2);
+}
+
+fn job(id: i64, node: &str) -> crate::JobRecord {
+    crate::JobRecord {
+        id,
+        node: node.into(),
+        method: "rsynctask.run".into(),
+        arguments: json!([1]),
+        state: "RUNNING".into(),
+        percent: 0.0,
+        description: String::new(),
+        result: serde_json::Value::Null,
+        error: None,
+        exc_info: None,
+        started: 1.0,
+        finished: None,
+    }
+}
+
+#[test]
+fn jobs_are_listed_on_every_node_with_ids_unique_across_nodes() {
+    let Some(pg) = cluster("jobs_are_listed_on_every_node_with_ids_unique_across_nodes") else { return };
+    let (a, b, _da, _db) = two_nodes(&pg);
+    let (sa, sb) = (crate::SharedJobs { pg: &a }, crate::SharedJobs { pg: &b });
+    // Ids drawn on both nodes at once never collide.
+    let mut ids: Vec<i64> = std::thread::scope(|s| {
+        let hs: Vec<_> = [&sa, &sb]
+            .into_iter()
+            .map(|j| s.spawn(move || (0..20).map(|_| j.next_id().unwrap()).collect::<Vec<_>>()))
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 40);
+    let ja = job(sa.next_id().unwrap(), "na");
+    sa.insert(&ja).unwrap();
+    let jb = job(sb.next_id().unwrap(), "nb");
+    sb.insert(&jb).unwrap();
+    assert_eq!(sb.list().unwrap(), vec![ja.clone(), jb.clone()], "B lists A's job as A recorded it");
+    let done = crate::JobRecord {
+        state: "SUCCESS".into(),
+        percent: 100.0,
+        description: "done".into(),
+        result: json!({"ok": true}),
+        finished: Some(2.0),
+        ..ja.clone()
+    };
+    sa.finish(&done).unwrap();
+    assert_eq!(sb.list().unwrap()[0], done);
+    // Interrupted work: a starting node fails its own jobs only; the leader
+    // those of nodes without a fresh heartbeat (or without a row at all).
+    let exc = json!({"type": "CallError", "errno": 14, "errname": "EFAULT"});
+    let jb2 = job(sb.next_id().unwrap(), "nb");
+    sb.insert(&jb2).unwrap();
+    assert_eq!(sa.fail_interrupted("na", "stopped", &exc, 3.0).unwrap(), 0);
+    assert_eq!(sb.fail_interrupted("nb", "stopped", &exc, 3.0).unwrap(), 2);
+    let failed = &sa.list().unwrap()[1];
+    assert_eq!((failed.state.as_str(), failed.error.as_deref()), ("FAILED", Some("stopped")));
+    assert_eq!(failed.exc_info, Some(exc.clone()));
+    a.node_heartbeat(&node("na")).unwrap();
+    b.node_heartbeat(&node("nb")).unwrap();
+    let (j1, j2, j3) =
+        (job(sa.next_id().unwrap(), "na"), job(sb.next_id().unwrap(), "nb"), job(sa.next_id().unwrap(), "gone"));
+    for j in [&j1, &j2, &j3] {
+        sa.insert(j).unwrap();
+    }
+    assert_eq!(sa.fail_down_nodes("down", &exc, 4.0).unwrap(), 1, "only the node without a row is down");
+    pg.psql("postgres", "UPDATE cluster_nodes SET heartbeat_at = heartbeat_at - 11 WHERE node_id = 'nb'").unwrap();
+    assert_eq!(sa.fail_down_nodes("down", &exc, 4.0).unwrap(), 1);
+    let states: Vec<_> = sb.list().unwrap().into_iter().rev().take(3).map(|j| (j.node, j.state)).collect();
+    assert_eq!(
+        states,
+        [("gone".into(), "FAILED".into()), ("nb".into(), "FAILED".into()), ("na".into(), "RUNNING".into())]
+    );
+}
+
+#[test]
+fn one_run_of_a_task_at_a_time_across_nodes_and_down_nodes_runs_failed() {
+    let Some(pg) = cluster("one_run_of_a_task_at_a_time_across_nodes_and_down_nodes_runs_failed") else { return };
+    let (a, b, _da, _db) = two_nodes(&pg);
+    let t = a.rsync_task_insert(&json!({}), true, None).unwrap();
+    // Both nodes claim the task at once, many times: each time exactly one wins.
+    for round in 0..10i64 {
+        let got: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = [(&a, "na", 100 + 2 * round), (&b, "nb", 101 + 2 * round)]
+                .into_iter()
+                .map(|(n, id, job)| s.spawn(move || (id, job, n.rsync_run_claim(t, job, 1.0, id).unwrap())))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let winners: Vec<_> = got.iter().filter(|g| g.2.is_none()).collect();
+        assert_eq!(winners.len(), 1, "round {round}: {got:?}");
+        let (_, won_job, _) = winners[0];
+        let loser = got.iter().find(|g| g.2.is_some()).unwrap();
+        assert_eq!(loser.2, Some(*won_job), "the loser is told the running job");
+        let r = b.rsync_run(t).unwrap().unwrap();
+        assert_eq!((r.job_id, r.state.as_str()), (*won_job, "RUNNING"));
+        // Another node's start leaves the run alone; its own end frees the task.
+        let other = if winners[0].0 == "na" { &b } else { &a };
+        let other_id = if winners[0].0 == "na" { "nb" } else { "na" };
+        assert_eq!(other.rsync_runs_fail_interrupted(other_id, "stopped", 2.0).unwrap(), 0);
+        let end = RsyncRunRecord {
+            task_id: t,
+            job_id: *won_job,
+            state: "FAILED".into(),
+            started: 1.0,
+            finished: Some(2.0),
+            error: Some("x".into()),
+            log: String::new(),
+        };
+        assert!(a.rsync_run_finish(&end).unwrap());
+    }
+    // The leader fails the run of a node that is down, then the task is free.
+    a.node_heartbeat(&node("na")).unwrap();
+    b.node_heartbeat(&node("nb")).unwrap();
+    assert_eq!(b.rsync_run_claim(t, 500, 1.0, "nb").unwrap(), None);
+    assert_eq!(a.rsync_run_claim(t, 501, 1.0, "na").unwrap(), Some(500));
+    assert_eq!(a.rsync_runs_fail_down_nodes("down", 3.0).unwrap(), 0, "nb is up");
+    pg.psql("postgres", "UPDATE cluster_nodes SET heartbeat_at = heartbeat_at - 11 WHERE node_id = 'nb'").unwrap();
+    assert_eq!(a.rsync_runs_fail_down_nodes("nb is down", 3.0).unwrap(), 1);
+    let r = a.rsync_run(t).unwrap().unwrap();
+    assert_eq!((r.state.as_str(), r.error.as_deref()), ("FAILED", Some("nb is down")));
+    assert_eq!(a.rsync_run_claim(t, 502, 4.0, "na").unwrap(), None);
+    // Runs recorded before migration 0004 (no node) are failed by a starting node.
+    pg.psql("postgres", "UPDATE rsync_runs SET node = NULL").unwrap();
+    assert_eq!(b.rsync_runs_fail_interrupted("nb", "stopped", 5.0).unwrap(), 1);
 }
