@@ -70,13 +70,15 @@ async fn wait_status(d: &Daemon, what: &str, limit: Duration, ok: impl Fn(&Value
     }
 }
 
-/// The scheduled runs of rsync task `task` a node has run, by minute (Unix minutes).
+/// The scheduled runs of rsync task `task` node `d` has run, by minute (Unix
+/// minutes). Every node lists every node's jobs; each names its node.
 async fn scheduled_runs(d: &Daemon, task: &Value) -> Vec<i64> {
+    let me = status(d).await["node_id"].clone();
     let jobs = d.admin().await.call("core.get_jobs", json!([[["method", "=", "rsynctask.run"]]])).await;
     jobs.as_array()
         .unwrap()
         .iter()
-        .filter(|j| j["arguments"] == json!([task]))
+        .filter(|j| j["arguments"] == json!([task]) && j["node"] == me)
         .filter(|j| j["logs_excerpt"].as_str().is_some_and(|l| l.starts_with("Scheduled run")))
         .map(|j| j["time_started"]["$date"].as_i64().unwrap() / 60_000)
         .collect()
@@ -374,4 +376,94 @@ async fn on_sqlite_the_node_is_alone_and_leads() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(cli["node_id"], id);
+}
+
+/// The last run of rsync task `task` as node `d` reports it (`job`).
+async fn last_run(d: &Daemon, task: &Value) -> Value {
+    d.admin().await.call("rsynctask.get_instance", json!([task])).await["job"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_and_rsync_runs_are_shared_one_run_at_a_time_and_a_dead_nodes_run_is_failed() {
+    let Some((_pg, url)) =
+        database("cluster::jobs_and_rsync_runs_are_shared_one_run_at_a_time_and_a_dead_nodes_run_is_failed")
+    else {
+        return;
+    };
+    let (a, b) = two_nodes(&url);
+    wait_status(&a, "A sees two nodes up", Duration::from_secs(10), |st| {
+        st["nodes"].as_array().unwrap().iter().filter(|n| n["up"] == true).count() == 2
+    })
+    .await;
+    // rsync to a port that accepts and never answers: a run lasts until stopped.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let src = TestDir::new("cl-jobs-src");
+    std::fs::create_dir_all(src.path()).unwrap();
+    let mut ca = a.admin().await;
+    let mut cb = b.admin().await;
+    let task = |n: &str| {
+        json!([{"path": src.path(), "user": "root", "mode": "MODULE", "remotehost": "127.0.0.1",
+                "remoteport": port, "remotemodule": n, "enabled": false}])
+    };
+    let t1 = ca.call("rsynctask.create", task("one")).await["id"].clone();
+    let t2 = ca.call("rsynctask.create", task("two")).await["id"].clone();
+
+    // Both nodes asked to run task 1 at the same moment: one run.
+    let (ra, rb) = tokio::join!(ca.raw("rsynctask.run", json!([t1])), cb.raw("rsynctask.run", json!([t1])));
+    let (won, lost, winner_is_a) = match (ra.get("error"), rb.get("error")) {
+        (None, Some(e)) => (ra["result"].clone(), e.clone(), true),
+        (Some(e), None) => (rb["result"].clone(), e.clone(), false),
+        _ => panic!("not exactly one run started: {ra}\n{rb}"),
+    };
+    let lost = lost.to_string();
+    assert!(lost.contains("EBUSY") && lost.contains(&format!("already running (job {won})")), "{lost}");
+    let (mut w, mut o) = if winner_is_a { (a, b) } else { (b, a) };
+    let (w_id, o_id) = (status(&w).await["node_id"].clone(), status(&o).await["node_id"].clone());
+    // A run of task 2 on the other node: its job id is another one.
+    let other_job = o.admin().await.call("rsynctask.run", json!([t2])).await;
+    assert_ne!(other_job, won, "job ids are unique across nodes");
+    // Each node lists both jobs, each with the node that runs it.
+    for d in [&w, &o] {
+        let jobs = d.admin().await.call("core.get_jobs", json!([[["method", "=", "rsynctask.run"]]])).await;
+        let jobs = jobs.as_array().unwrap();
+        let ids: Vec<_> = jobs.iter().map(|j| j["id"].clone()).collect();
+        assert_eq!(ids, [won.clone(), other_job.clone()], "{jobs:?}");
+        assert_eq!((jobs[0]["node"].clone(), jobs[0]["state"].clone()), (w_id.clone(), json!("RUNNING")));
+        assert_eq!((jobs[1]["node"].clone(), jobs[1]["arguments"].clone()), (o_id.clone(), json!([t2])));
+        let one = d.admin().await.call("core.get_jobs", json!([[["id", "=", won]], {"get": true}])).await;
+        assert_eq!(one["arguments"], json!([t1]));
+    }
+    assert_eq!(last_run(&o, &t1).await["state"], "RUNNING");
+
+    // The other node restarts: its own run of task 2 is over, the live
+    // node's run of task 1 goes on.
+    o.stop();
+    let mut o = Daemon::start_in(o.dir.clone(), opts(&url));
+    let run1 = last_run(&o, &t1).await;
+    assert_eq!((run1["id"].clone(), run1["state"].clone()), (won.clone(), json!("RUNNING")), "{run1}");
+    assert_eq!(last_run(&o, &t2).await["state"], "FAILED");
+    let busy = o.admin().await.err("rsynctask.run", json!([t1])).await.to_string();
+    assert!(busy.contains("EBUSY"), "{busy}");
+
+    // kill -9 of the node running task 1: once it is down the leader (the
+    // survivor) records the run and its job FAILED, and the task runs again.
+    kill9(&mut w);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let failed = loop {
+        let r = last_run(&o, &t1).await;
+        if r["state"] == "FAILED" {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the dead node's run is not failed after 40 s: {r}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(failed["error"].as_str().unwrap().contains("stopped answering"), "{failed}");
+    let job = o.admin().await.call("core.get_jobs", json!([[["id", "=", won]], {"get": true}])).await;
+    assert_eq!((job["state"].clone(), job["node"].clone()), (json!("FAILED"), w_id.clone()), "{job}");
+    let again = o.admin().await.call("rsynctask.run", json!([t1])).await;
+    assert_ne!(again, won);
+    assert_eq!(last_run(&o, &t1).await["state"], "RUNNING");
+    drop(silent);
+    o.stop();
 }

@@ -315,6 +315,11 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
         })
         .await
         .map_err(|e| StartupError::Bootstrap(e.to_string()))?;
+    // Jobs and rsync runs this node's previous process left RUNNING did not
+    // finish (on PostgreSQL only this node's: others may be running theirs);
+    // failed before any call can start new ones.
+    app.jobs.recover();
+    app.rsync().recover();
     *app.tls_fingerprint.write().unwrap_or_else(|e| e.into_inner()) = tls_fingerprint;
     app.metrics.set_tls_validity(tls_validity);
     let router = transport::router(app.clone());
@@ -429,8 +434,7 @@ pub async fn serve(cfg: Config, reload: Reload) -> Result<(), StartupError> {
         let router = transport::monitoring::metrics_router(app.clone());
         tokio::spawn(transport::serve_tcp(listener, router, None, limits, std::future::pending()))
     });
-    // Rsync tasks: runs a killed daemon left RUNNING are failed, then the scheduler starts.
-    app.rsync().recover();
+    // Rsync tasks: the scheduler starts (interrupted runs were failed above).
     let scheduler = app.rsync().scheduler();
     {
         let app = app.clone();

@@ -52,7 +52,7 @@ async fn save(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
     let pass = passphrase(opts, "config_save")?;
     ctx.describe("Save configuration (encrypted backup)");
     let app = ctx.app.clone();
-    let id = ctx.app.jobs.spawn("config.save", move |job| crate::backup::online::save(app, pass, job));
+    let id = ctx.app.jobs.spawn("config.save", move |job| crate::backup::online::save(app, pass, job))?;
     Ok(json!(id))
 }
 

@@ -83,6 +83,6 @@ async fn control(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
         app.sshd().control(verb).await?;
         job.progress(100.0, format!("{} ssh: done", verb.as_str()));
         Ok(json!(true))
-    });
+    })?;
     Ok(json!(id))
 }

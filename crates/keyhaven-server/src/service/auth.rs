@@ -174,7 +174,7 @@ impl<'a> Auth<'a> {
         username: Option<&str>,
         mechanism: &'static str,
     ) -> Result<Attempt<'_>, LoginOutcome> {
-        let shared = self.app.store.shares_login_failures().then_some(&self.app.store);
+        let shared = self.app.store.shares_login_failures().then_some(&*self.app.store);
         match self.app.auth.limiter.begin_shared(username, &session.address, shared) {
             Ok(a) => {
                 if !a.delay.is_zero() {

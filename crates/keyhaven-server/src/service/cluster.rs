@@ -170,6 +170,7 @@ impl<'a> Cluster<'a> {
     /// heartbeat and poll happen before this returns, so a single node leads
     /// from its first request on.
     pub async fn start(&self, me: NodeRecord) -> Result<tokio::task::JoinHandle<()>, ServiceError> {
+        self.app.jobs.set_node(&me.node_id);
         let _ = self.app.cluster_area.me.set(me);
         let app = self.app.shared()?;
         let weak = Arc::downgrade(&app);
@@ -200,7 +201,11 @@ impl<'a> Cluster<'a> {
                             tracing::warn!("cluster heartbeat: {e}");
                         }
                     }
-                    c.poll_leadership();
+                    // The leader fails the work of nodes that went down.
+                    if c.poll_leadership() && beat {
+                        app.jobs.fail_down_nodes();
+                        app.rsync().fail_down_nodes();
+                    }
                 })
                 .await;
             }

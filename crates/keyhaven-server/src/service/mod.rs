@@ -32,7 +32,7 @@ pub struct App {
     /// reloads (`SettingDef::reload`) are read from [`App::live_config`] instead.
     pub config: Config,
     live: std::sync::RwLock<Arc<Config>>,
-    pub store: Store,
+    pub store: Arc<Store>,
     pub auth: auth::AuthState,
     pub jobs: Arc<jobs::Jobs>,
     /// What `core.subscribe` / legacy `sub` deliver.
@@ -86,13 +86,15 @@ impl App {
             },
             password_checks(config.password_checks),
         );
+        let store = Arc::new(store);
+        let jobs = Arc::new(jobs::Jobs::new(events.clone(), metrics.clone(), store.clone()));
         Arc::new_cyclic(|me| App {
             me: me.clone(),
             live: std::sync::RwLock::new(Arc::new(config.clone())),
             config,
             store,
             auth,
-            jobs: Arc::new(jobs::Jobs::new(events.clone(), metrics.clone())),
+            jobs,
             events,
             keychain: keychain::KeychainCache::default(),
             rsync_area: rsync::RsyncState::default(),

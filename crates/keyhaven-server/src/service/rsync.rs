@@ -599,42 +599,38 @@ impl<'a> Rsync<'a> {
         }
     }
 
-    /// `rsynctask.run`: start a run as a job; refused while one is going on.
+    /// `rsynctask.run`: start a run as a job; refused while one is going on
+    /// — on this node (its map of running tasks) or, on PostgreSQL, on any
+    /// node (the store's claim of the task's run row decides, in one
+    /// statement, so two nodes starting a task at once run it once).
     pub fn run(&self, id: i64, trigger: Trigger) -> Result<i64, ServiceError> {
         let r = self.app.store.rsync_task(id)?.ok_or_else(|| not_found(id))?;
         if matches!(trigger, Trigger::Schedule) && !r.enabled {
             return Err(ServiceError::call(EINVAL, format!("rsync task {id} is disabled")));
         }
-        let mut running = self.app.rsync_area.running.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((job, _)) = running.get(&id) {
-            return Err(ServiceError::call(
+        let busy = |job: i64| {
+            ServiceError::call(
                 EBUSY,
                 format!("rsync task {id} is already running (job {job}); wait for it to finish or stop it first"),
-            ));
+            )
+        };
+        let mut running = self.app.rsync_area.running.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((job, _)) = running.get(&id) {
+            return Err(busy(*job));
         }
         let app = self.app.shared()?;
-        // The job id is known only once spawned; the slot is taken under the lock first.
-        running.insert(id, (0, 0));
-        let job = self.app.jobs.spawn_with("rsynctask.run", json!([id]), move |h| async move {
-            let started = super::jobs::now();
-            // Recorded here, before the run can end: a RUNNING written after a
-            // fast failure would overwrite it.
-            let rec = RsyncRunRecord {
-                task_id: id,
-                job_id: h.id,
-                state: "RUNNING".into(),
-                started,
-                finished: None,
-                error: None,
-                log: String::new(),
-            };
-            if let Err(e) = app.store.rsync_run_record(&rec) {
-                tracing::warn!(task = id, "could not record the run: {e}");
-            }
+        let job = self.app.jobs.allocate()?;
+        let started = super::jobs::now();
+        // Recorded before the run starts (so before it can end: a RUNNING
+        // written after a fast failure would overwrite it).
+        if let Some(other) = self.app.store.rsync_run_claim(id, job, started, &self.app.cluster().me().node_id)? {
+            return Err(busy(other));
+        }
+        running.insert(id, (job, 0));
+        let spawned = self.app.jobs.spawn_as(job, "rsynctask.run", json!([id]), move |h| async move {
             let out = app.rsync().execute(&r, &h, trigger).await;
             let finished = super::jobs::now();
             // The job keeps only the end of its log (64 KiB): that is what the task keeps.
-            let log = h.logs();
             let rec = RsyncRunRecord {
                 task_id: id,
                 job_id: h.id,
@@ -642,18 +638,35 @@ impl<'a> Rsync<'a> {
                 started,
                 finished: Some(finished),
                 error: out.as_ref().err().map(|e| e.to_string()),
-                log,
+                log: h.logs(),
             };
-            // A task deleted during its run has no row to keep the run with.
-            if app.store.rsync_task(id).ok().flatten().is_some() {
-                if let Err(e) = app.store.rsync_run_record(&rec) {
-                    tracing::warn!(task = id, "could not record the run: {e}");
-                }
+            // Not recorded when the task was deleted during the run, or
+            // (PostgreSQL) when the leader took this node for down and the
+            // row is another run's now.
+            match app.store.rsync_run_finish(&rec) {
+                Ok(true) => {}
+                Ok(false) => tracing::info!(task = id, job = h.id, "the run's end is not recorded: its row is gone"),
+                Err(e) => tracing::warn!(task = id, "could not record the run: {e}"),
             }
             app.rsync_area.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             out
         });
-        running.insert(id, (job, 0));
+        if let Err(e) = spawned {
+            running.remove(&id);
+            let rec = RsyncRunRecord {
+                task_id: id,
+                job_id: job,
+                state: "FAILED".into(),
+                started,
+                finished: Some(super::jobs::now()),
+                error: Some(e.to_string()),
+                log: String::new(),
+            };
+            if let Err(e) = self.app.store.rsync_run_finish(&rec) {
+                tracing::warn!(task = id, "could not record the run: {e}");
+            }
+            return Err(e);
+        }
         Ok(job)
     }
 
@@ -939,7 +952,8 @@ impl<'a> Rsync<'a> {
     /// At start: runs a stopped daemon left RUNNING are failed runs.
     pub fn recover(&self) {
         let msg = "keyhaven stopped during this run (it was killed or restarted), so the run did not finish; run the task again";
-        match self.app.store.rsync_runs_fail_interrupted(msg, super::jobs::now()) {
+        let node = self.app.cluster().me().node_id;
+        match self.app.store.rsync_runs_fail_interrupted(&node, msg, super::jobs::now()) {
             Ok(0) => {}
             Ok(n) => tracing::warn!("{n} rsync run(s) were interrupted when keyhaven stopped; marked FAILED"),
             Err(e) => tracing::warn!("could not mark interrupted rsync runs: {e}"),
@@ -953,6 +967,17 @@ impl<'a> Rsync<'a> {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
+        }
+    }
+
+    /// The leader's sweep (PostgreSQL; blocking): runs of nodes that are
+    /// down (no heartbeat for `DOWN_AFTER_SECS`) did not finish.
+    pub fn fail_down_nodes(&self) {
+        let msg = "the node running this task stopped answering (no heartbeat), so the run did not finish; run the task again";
+        match self.app.store.rsync_runs_fail_down_nodes(msg, super::jobs::now()) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!("{n} rsync run(s) of nodes that are down marked FAILED"),
+            Err(e) => tracing::warn!("could not mark the rsync runs of nodes that are down: {e}"),
         }
     }
 

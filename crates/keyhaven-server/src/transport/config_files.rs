@@ -271,14 +271,17 @@ pub async fn upload(
     if incoming.size == 0 {
         return bad("The uploaded file is empty");
     }
-    // The job removes the file once read.
-    incoming.keep = true;
     let file = incoming.path.clone();
     let job_app = app.clone();
-    let id = app.jobs.spawn("config.upload", move |job| async move {
+    let id = match app.jobs.spawn("config.upload", move |job| async move {
         let _slot = slot;
         online::upload(job_app, file, pass, job).await
-    });
+    }) {
+        Ok(id) => id,
+        Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, &format!("Cannot start the restore: {e}")),
+    };
+    // The job removes the file once read.
+    incoming.keep = true;
     let entry = app.jobs.wait(id).await;
     let ok = entry.as_ref().is_some_and(|e| e.state == "SUCCESS");
     let error = entry.as_ref().and_then(|e| e.error.clone());
