@@ -25,7 +25,7 @@ async fn ping(_: Arc<Ctx>, _: Params) -> Result<Value, ServiceError> {
 }
 
 async fn get_jobs(ctx: Arc<Ctx>, p: Params) -> Result<Value, ServiceError> {
-    let rows = ctx.app.jobs.list()?.iter().map(to_json).collect::<Result<Vec<_>, _>>()?;
+    let rows = ctx.app.jobs.list().iter().map(to_json).collect::<Result<Vec<_>, _>>()?;
     query(&rows, &p, "core.get_jobs")
 }
 

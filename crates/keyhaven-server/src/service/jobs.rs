@@ -227,7 +227,6 @@ impl Jobs {
         Fut: Future<Output = Result<Value, ServiceError>> + Send + 'static,
     {
         {
-            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
             let job = Job {
                 id,
                 method,
@@ -242,9 +241,11 @@ impl Jobs {
                 finished: None,
                 logs: None,
             };
+            // Before the lock: other jobs report progress under it meanwhile.
             if let Some(shared) = self.store.shared_jobs() {
                 shared.insert(&self.record(&job))?;
             }
+            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
             self.publish("added", &job);
             jobs.insert(id, job);
             while jobs.len() > KEEP_FINISHED {
@@ -302,19 +303,25 @@ impl Jobs {
 
     /// Every job kept, in id order (`core.get_jobs`): on PostgreSQL every
     /// node's (blocking: read from the database), this node's own as its
-    /// memory has them (live progress, logs).
-    pub fn list(&self) -> Result<Vec<JobEntry>, ServiceError> {
-        let Some(shared) = self.store.shared_jobs() else {
-            return Ok(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values().map(JobEntry::from).collect());
+    /// memory has them (live progress, logs). Should the database not
+    /// answer, this node's jobs alone (logged).
+    pub fn list(&self) -> Vec<JobEntry> {
+        let shared = self.store.shared_jobs();
+        let node = shared.as_ref().map(|_| self.node().to_string());
+        let mut all: BTreeMap<i64, JobEntry> = match shared.map(|s| s.list()) {
+            None => BTreeMap::new(),
+            Some(Ok(rows)) => rows.into_iter().map(|r| (r.id, JobEntry::from(r))).collect(),
+            Some(Err(e)) => {
+                tracing::warn!("core.get_jobs lists this node's jobs only: the cluster's cannot be read: {e}");
+                BTreeMap::new()
+            }
         };
-        let mut all: BTreeMap<i64, JobEntry> = shared.list()?.into_iter().map(|r| (r.id, JobEntry::from(r))).collect();
-        let node = self.node();
         for j in self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values() {
             let mut e = JobEntry::from(j);
-            e.node = Some(node.to_string());
+            e.node = node.clone();
             all.insert(j.id, e);
         }
-        Ok(all.into_values().collect())
+        all.into_values().collect()
     }
 
     /// Wait until a job has finished and return its entry.
