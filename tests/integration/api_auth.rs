@@ -180,6 +180,60 @@ async fn token_sessions_end_when_idle_for_the_token_lifetime() {
     assert_eq!(expired[0]["username"], "admin");
 }
 
+/// A session opened with a reusable token lasts as long as the token: it
+/// ends once the token expires, even while active (a single-use token is
+/// gone at login: its session ends only when idle, above), and once the
+/// token is removed with its account — even when an account of the same
+/// name is created again before the session's next call. Both are audited.
+#[tokio::test]
+async fn reusable_token_sessions_end_with_their_token() {
+    let d = Daemon::start();
+    let mut a = d.admin().await;
+    let t = a.call("auth.generate_token", json!([3, {}, false, false])).await.as_str().unwrap().to_string();
+    let mut c = d.client().await;
+    assert_eq!(c.call("auth.login_with_token", json!([t])).await, true);
+    let started = Instant::now();
+    let ended = loop {
+        let r = c.raw("auth.me", json!([])).await;
+        if let Some(e) = r.get("error") {
+            break Some((started.elapsed(), e.clone()));
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let (after, e) = ended.expect("a session opened with a reusable token outlived the token");
+    assert!(after >= Duration::from_secs(2), "the session ended after {after:?}, before its token expired");
+    assert_call_error(&e, "ENOTAUTHENTICATED", "Not authenticated");
+
+    let account = json!([{"username": "bin", "full_name": "", "password": "pw-for-tok-1", "roles": ["FULL_ADMIN"]}]);
+    let u = a.call("user.create", account.clone()).await;
+    let mut owner = d.client().await;
+    owner.login("bin", "pw-for-tok-1").await;
+    let t = owner.call("auth.generate_token", json!([600, {}, false, false])).await.as_str().unwrap().to_string();
+    let mut s = d.client().await;
+    assert_eq!(s.call("auth.login_with_token", json!([t.clone()])).await, true);
+    assert_eq!(s.call("auth.me", json!([])).await["pw_name"], "bin");
+    a.call("user.delete", json!([u["id"]])).await;
+    a.call("user.create", account).await;
+    let e = s.err("auth.me", json!([])).await;
+    assert_call_error(&e, "ENOTAUTHENTICATED", "Not authenticated");
+    let mut again = d.client().await;
+    assert_eq!(again.call("auth.login_with_token", json!([t])).await, false, "the deleted account's token still works");
+    // The new account's own password session is unaffected.
+    s.login("bin", "pw-for-tok-1").await;
+    assert_eq!(s.call("auth.me", json!([])).await["pw_name"], "bin");
+
+    let ends = a
+        .call(
+            "audit.query",
+            json!([[["event_data.description", "=", "Session ended"]], {"select": ["username"], "order_by": ["audit_id"]}]),
+        )
+        .await;
+    assert_eq!(ends, json!([{"username": "admin"}, {"username": "bin"}]));
+}
+
 /// `auth.set_attribute` keeps per-account preferences that `auth.me` returns.
 #[tokio::test]
 async fn set_attribute_keeps_preferences() {

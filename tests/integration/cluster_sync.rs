@@ -110,6 +110,21 @@ async fn two_nodes_share_credentials_tokens_api_keys_and_failed_logins() {
     let r = login_ex(&mut again, json!({"mechanism": "TOKEN_PLAIN", "token": token})).await;
     assert_eq!(r["response_type"], "AUTH_ERR", "a single-use token worked twice across nodes");
 
+    // A reusable token minted on A: B's session opened with it ends once the
+    // token is removed on A, with its account (created again at once).
+    let account = json!([{"username": "bin", "full_name": "", "password": "pw-for-tok-1", "roles": ["FULL_ADMIN"]}]);
+    let u = a.call("user.create", account.clone()).await;
+    let mut owner = p.a.client().await;
+    owner.login("bin", "pw-for-tok-1").await;
+    let token = owner.call("auth.generate_token", json!([600, {}, false, false])).await.as_str().unwrap().to_string();
+    let mut s = p.b.client().await;
+    assert_eq!(s.call("auth.login_with_token", json!([token])).await, true);
+    assert_eq!(s.call("auth.me", json!([])).await["pw_name"], "bin");
+    a.call("user.delete", json!([u["id"]])).await;
+    a.call("user.create", account).await;
+    let ended = eventually!(Duration::from_secs(5), s.raw("auth.me", json!([])).await.get("error").is_some());
+    assert!(ended, "B's session opened with a reusable token removed on A still works");
+
     // An API key deleted on A: refused on B, and B's session opened with it ends.
     let k = a.call("api_key.create", json!([{"name": "shared-key", "username": "admin"}])).await;
     let key = k["key"].as_str().unwrap().to_string();

@@ -116,6 +116,38 @@ both!(tokens_single_use_expiry_and_attrs, |s| {
     assert!(s.token_take("h3").unwrap().is_none());
 });
 
+// Sessions opened with a reusable token look at it again when the accounts'
+// generation moves: removing one (taken once expired, pruned, the account
+// deleted) moves it; taking a single-use token does not.
+both!(removing_a_reusable_token_moves_the_accounts_generation, |s| {
+    let id = s.token_insert("r1", "admin", 60, false, None, &json!({})).unwrap();
+    let t = s.token_by_id(id).unwrap().unwrap();
+    assert_eq!((t.id, t.username.as_str(), t.single_use), (id, "admin", false));
+    assert!(s.token_by_id(id + 1000).unwrap().is_none());
+    let g = s.users_generation();
+    s.token_insert("s1", "admin", 60, true, None, &json!({})).unwrap();
+    s.token_take("s1").unwrap().unwrap();
+    s.token_take("r1").unwrap().unwrap();
+    assert_eq!(s.users_generation(), g, "taking a token that stays, or a single-use one, moved the generation");
+    // Expired, then taken: removed.
+    let e1 = s.token_insert("e1", "admin", -10, false, None, &json!({})).unwrap();
+    s.token_take("e1").unwrap().unwrap();
+    assert!(s.token_by_id(e1).unwrap().is_none());
+    let g2 = s.users_generation();
+    assert!(g2 > g, "removing an expired reusable token did not move the generation");
+    // Expired, then pruned by the next insert: removed.
+    let e2 = s.token_insert("e2", "admin", -10, false, None, &json!({})).unwrap();
+    s.token_insert("s2", "admin", 60, true, None, &json!({})).unwrap();
+    assert!(s.token_by_id(e2).unwrap().is_none());
+    assert!(s.users_generation() > g2, "pruning an expired reusable token did not move the generation");
+    // With its account.
+    let uid = s.user_insert("bob", &json!({}), None).unwrap();
+    let b1 = s.token_insert("b1", "bob", 60, false, None, &json!({})).unwrap();
+    s.user_delete_with_credentials(uid, "bob").unwrap();
+    assert!(s.token_by_id(b1).unwrap().is_none());
+    assert!(s.token_by_id(id).unwrap().is_some(), "another account's token went too");
+});
+
 both!(keychain_secrets_names_and_connection_tests, |s| {
     let secret = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAAsecretmaterialZZZZ\n-----END OPENSSH PRIVATE KEY-----\n";
     let id = s.keychain_insert("k", "SSH_KEY_PAIR", &json!({"public_key": "ssh-ed25519 AAAA"}), Some(secret)).unwrap();

@@ -25,6 +25,8 @@ pub struct Changes {
     pub users: BTreeSet<String>,
     /// Some API key was created, changed or deleted.
     pub api_keys: bool,
+    /// Some reusable token was removed (sessions opened with it end).
+    pub tokens: bool,
     /// Keychain credentials, by id.
     pub keychain: BTreeSet<i64>,
     /// Settings, by key (`ssh`, `service.ssh`, …).
@@ -59,6 +61,10 @@ impl Changes {
                 self.api_keys = true;
                 true
             }
+            "tokens" => {
+                self.tokens = true;
+                true
+            }
             "keychain" => key.parse().is_ok_and(|id| insert(&mut self.keychain, id)),
             "settings" => insert(&mut self.settings, key.to_string()),
             "host_keys" => {
@@ -80,6 +86,7 @@ impl Changes {
             return;
         }
         self.api_keys |= other.api_keys;
+        self.tokens |= other.tokens;
         self.host_keys |= other.host_keys;
         let fits = extend(&mut self.users, other.users)
             && extend(&mut self.keychain, other.keychain)
@@ -177,9 +184,10 @@ mod tests {
         c.add("keychain", "42");
         c.add("settings", "ssh");
         c.add("api_keys", "7");
+        c.add("tokens", "3");
         assert_eq!(c.users.len(), 1);
         assert_eq!(c.keychain.iter().copied().collect::<Vec<_>>(), vec![42]);
-        assert!(c.api_keys && !c.host_keys && !c.everything);
+        assert!(c.api_keys && c.tokens && !c.host_keys && !c.everything);
         // A key that does not parse, or a table this node does not know: reload everything.
         let mut bad = c.clone();
         bad.add("keychain", "not-a-number");

@@ -305,7 +305,13 @@ impl SqliteStore {
     ) -> Result<i64> {
         let conn = self.conn();
         let now = now_secs();
+        // Sessions opened with a reusable token last as long as it does:
+        // removing one moves the accounts' generation, so they look again.
+        let reusable = conn.execute("DELETE FROM tokens WHERE expires_at < ?1 AND NOT single_use", [now])?;
         conn.execute("DELETE FROM tokens WHERE expires_at < ?1", [now])?;
+        if reusable > 0 {
+            self.users_changed();
+        }
         conn.execute(
             "INSERT INTO tokens(token_hash, username, created_at, expires_at, single_use, origin, attrs)
              VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -338,9 +344,35 @@ impl SqliteStore {
         if let Some(t) = &rec {
             if t.single_use || t.expires_at < now_secs() {
                 conn.execute("DELETE FROM tokens WHERE id = ?1", [t.id])?;
+                if !t.single_use {
+                    self.users_changed();
+                }
             }
         }
         Ok(rec)
+    }
+
+    /// A token by id, whatever its state (sessions opened with a reusable
+    /// token check that it is still there).
+    pub fn token_by_id(&self, id: i64) -> Result<Option<TokenRecord>> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                "SELECT id, username, created_at, expires_at, single_use, origin, attrs FROM tokens WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(TokenRecord {
+                        id: r.get(0)?,
+                        username: r.get(1)?,
+                        created_at: r.get(2)?,
+                        expires_at: r.get(3)?,
+                        single_use: r.get(4)?,
+                        origin: r.get(5)?,
+                        attrs: json_col(r, 6)?,
+                    })
+                },
+            )
+            .optional()?)
     }
 }
 

@@ -94,6 +94,9 @@ forward! {
     /// Look a token up by hash. A single-use (or expired) token is deleted so
     /// it cannot be used twice.
     fn token_take(&self, token_hash: &str) -> Result<Option<TokenRecord>>;
+    /// A token by id. Removing a reusable token (expired, its account
+    /// deleted) moves the accounts' generation, on every node.
+    fn token_by_id(&self, id: i64) -> Result<Option<TokenRecord>>;
     fn keychain_list(&self) -> Result<Vec<KeychainRecord>>;
     fn keychain_get(&self, id: i64) -> Result<Option<KeychainRecord>>;
     fn keychain_private_key(&self, id: i64) -> Result<Option<Zeroizing<String>>>;

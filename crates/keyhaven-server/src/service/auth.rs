@@ -17,7 +17,9 @@ use super::crypto::{
     HASH_MEMORY_IDLE,
 };
 use super::limiter::{Attempt, Limiter, Limits, Summary};
-pub use super::session::{AuthVia, Caller, Role, Scope, Session, SessionAuth, PAIRING_METHODS, PAIRING_USER_FIELDS};
+pub use super::session::{
+    AuthVia, Caller, HeldToken, Role, Scope, Session, SessionAuth, PAIRING_METHODS, PAIRING_USER_FIELDS,
+};
 use super::{now_secs, users, App};
 use crate::error::{ServiceError, EBUSY, EINVAL, ENOENT};
 
@@ -446,6 +448,7 @@ impl<'a> Auth<'a> {
             Ok(role) => {
                 let mut caller = Caller::new(grant.username, role, AuthVia::Token);
                 caller.scope = grant.scope;
+                caller.token = grant.reusable;
                 let out = self.login_succeeded(session, attempt, caller, "TOKEN_PLAIN");
                 session.set_idle_limit(grant.lifetime);
                 out
@@ -475,7 +478,8 @@ impl<'a> Auth<'a> {
         } else {
             Scope::Full
         };
-        Ok(TokenGrant { username: rec.username, lifetime, scope })
+        let reusable = (!rec.single_use).then_some(HeldToken { id: rec.id, expires_at: rec.expires_at });
+        Ok(TokenGrant { username: rec.username, lifetime, scope, reusable })
     }
 
     /// Authenticate a download request (`Authorization: Bearer <API key>` or
@@ -522,6 +526,7 @@ impl<'a> Auth<'a> {
                 username: r.username,
                 lifetime: Duration::ZERO,
                 scope: Scope::Full,
+                reusable: None,
             }),
             (None, Some(t)) => self.take_token(t, address).ok(),
             (None, None) => None,
@@ -652,6 +657,9 @@ pub struct TokenGrant {
     pub username: String,
     pub lifetime: Duration,
     pub scope: Scope,
+    /// A reusable token stays in the store: sessions opened with it end
+    /// when it goes.
+    pub reusable: Option<HeldToken>,
 }
 
 enum AccountRefusal {
@@ -762,6 +770,19 @@ impl<'a> Auth<'a> {
         self.check_caller(session, true)
     }
 
+    /// End a session whose reusable token is gone (logged and audited like
+    /// an idle session's end); the error its call answers.
+    fn end_token_session(&self, session: &Session, c: &Caller, why: &str) -> ServiceError {
+        session.set(SessionAuth::Anonymous);
+        tracing::info!(address = %session.address, username = %c.username, "session ended: {why}");
+        audit::record(
+            self.app,
+            session,
+            AuditEvent::method("auth.logout", "Session ended", Some(&c.username), true, Some(why.to_string())),
+        );
+        ServiceError::NotAuthenticated
+    }
+
     /// Whether events may be pushed to this session now: the same checks as a
     /// call, without counting as activity.
     pub fn may_receive_events(&self, session: &Session) -> bool {
@@ -790,11 +811,23 @@ impl<'a> Auth<'a> {
             );
             return Err(ServiceError::SessionExpired { idle_secs: ttl.as_secs() });
         }
+        // A session opened with a reusable token lasts as long as the token:
+        // its expiry is checked without I/O on every call, its removal when
+        // the accounts' generation moves (below).
+        if c.token.is_some_and(|t| t.expires_at < now_secs()) {
+            return Err(self.end_token_session(session, &c, "its token expired"));
+        }
         // What the session knows of its account is current unless an account
         // changed since it last looked: checked without I/O on every call.
         let generation = self.app.store.users_generation();
         if session.checked_generation.load(std::sync::atomic::Ordering::Acquire) == generation {
             return Ok(c);
+        }
+        if let Some(t) = c.token {
+            let held = self.app.store.token_by_id(t.id).ok().flatten();
+            if !held.is_some_and(|h| h.username == c.username && h.expires_at >= now_secs()) {
+                return Err(self.end_token_session(session, &c, "its token was removed"));
+            }
         }
         // A session opened with an API key lasts as long as the key does.
         let key_ok = match c.api_key_id {

@@ -81,11 +81,23 @@ pub struct Caller {
     /// The API key a session logged in with: once it is deleted (on any
     /// node) the session ends.
     pub api_key_id: Option<i64>,
+    /// The reusable token a session logged in with, and when it expires
+    /// (Unix seconds): the session ends once the token expires or is
+    /// removed (its account deleted), on any node. A single-use token is
+    /// gone at login, so its session holds none.
+    pub token: Option<HeldToken>,
+}
+
+/// A reusable token a session depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeldToken {
+    pub id: i64,
+    pub expires_at: i64,
 }
 
 impl Caller {
     pub fn new(username: impl Into<String>, role: Role, via: AuthVia) -> Caller {
-        Caller { username: username.into(), role, via, scope: Scope::Full, api_key_id: None }
+        Caller { username: username.into(), role, via, scope: Scope::Full, api_key_id: None, token: None }
     }
 
     /// Whether this caller may call `method` at all (the role is checked separately).

@@ -58,6 +58,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("migrations/0002_change_notify.sql")),
     (3, include_str!("migrations/0003_cluster.sql")),
     (4, include_str!("migrations/0004_jobs.sql")),
+    (5, include_str!("migrations/0005_token_notify.sql")),
 ];
 
 /// The advisory lock every node takes to migrate and to check the master

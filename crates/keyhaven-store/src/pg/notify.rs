@@ -4,9 +4,9 @@
 //! subscribers ([`crate::Store::changes`]).
 //!
 //! Notifications written by this node (payload node = ours) are dropped: the
-//! node already applied its own writes. Users and API-key changes bump the
-//! accounts' generation here, before any subscriber runs, so sessions look
-//! at their account again on their next call.
+//! node already applied its own writes. Users, API-key and token-removal
+//! changes bump the accounts' generation here, before any subscriber runs,
+//! so sessions look at their account again on their next call.
 //!
 //! When the connection breaks it is re-established with backoff (0.2 s
 //! doubling to 10 s); notifications sent meanwhile are lost, so the first
@@ -57,7 +57,7 @@ pub(crate) struct Listening {
 
 impl Listening {
     fn deliver(&self, c: Changes) {
-        if c.everything || !c.users.is_empty() || c.api_keys {
+        if c.everything || !c.users.is_empty() || c.api_keys || c.tokens {
             self.users_generation.fetch_add(1, Ordering::AcqRel);
         }
         let mut feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());

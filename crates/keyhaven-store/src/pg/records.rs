@@ -334,7 +334,15 @@ impl PgStore {
         self.run(move |pg| async move {
             let c = pg.client().await?;
             let now = now_secs();
-            c.execute("DELETE FROM tokens WHERE expires_at < $1", &[&now]).await.map_err(|e| pg.err(e))?;
+            let reusable = c
+                .query_one(
+                    "WITH gone AS (DELETE FROM tokens WHERE expires_at < $1 RETURNING single_use)
+                     SELECT count(*) FILTER (WHERE NOT single_use) FROM gone",
+                    &[&now],
+                )
+                .await
+                .map_err(|e| pg.err(e))?;
+            let reusable: i64 = col(&reusable, 0)?;
             let row = c
                 .query_one(
                     "INSERT INTO tokens(token_hash, username, created_at, expires_at, single_use, origin, attrs)
@@ -343,7 +351,15 @@ impl PgStore {
                 )
                 .await
                 .map_err(|e| pg.unique(e, "token"))?;
-            col(&row, 0)
+            Ok((col(&row, 0)?, reusable > 0))
+        })
+        .map(|(id, removed_reusable)| {
+            // Sessions opened with a reusable token last as long as it does
+            // (other nodes hear of it through migration 0005's trigger).
+            if removed_reusable {
+                self.users_changed();
+            }
+            id
         })
     }
 
@@ -367,6 +383,24 @@ impl PgStore {
             }
             let row = c
                 .query_opt(&format!("SELECT {TOKEN_COLS} FROM tokens WHERE token_hash = $1"), &[&hash])
+                .await
+                .map_err(|e| pg.err(e))?;
+            row.as_ref().map(token_row).transpose()
+        })
+        .inspect(|t| {
+            if t.as_ref().is_some_and(|t| !t.single_use && t.expires_at < now_secs()) {
+                self.users_changed();
+            }
+        })
+    }
+
+    /// A token by id, whatever its state (sessions opened with a reusable
+    /// token check that it is still there).
+    pub fn token_by_id(&self, id: i64) -> Result<Option<TokenRecord>> {
+        self.run(move |pg| async move {
+            let c = pg.client().await?;
+            let row = c
+                .query_opt(&format!("SELECT {TOKEN_COLS} FROM tokens WHERE id = $1"), &[&id])
                 .await
                 .map_err(|e| pg.err(e))?;
             row.as_ref().map(token_row).transpose()

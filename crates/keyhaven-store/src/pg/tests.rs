@@ -372,6 +372,23 @@ fn a_write_on_one_node_is_announced_to_the_other_not_to_itself() {
     assert!(from_psql.settings.contains("ssh") && from_psql.keychain.is_empty(), "{from_psql:?}");
     // A node's own writes were not announced to itself.
     assert!(feed_a.take().is_empty());
+
+    // A reusable token removed on A (expired and pruned) is announced, and
+    // moves B's accounts' generation (its sessions look at their token);
+    // single-use tokens, taken by every login, are not announced.
+    a.token_insert("single", "admin", 60, true, None, &json!({})).unwrap();
+    a.token_take("single").unwrap().unwrap();
+    // Notifications arrive in commit order: had the take been announced, it
+    // would be in this batch (or an earlier one) with the setting.
+    a.setting_set("ssh", &json!({"tcpport": 2222})).unwrap();
+    let got = next_changes(&feed_b, &rt);
+    assert!(!got.tokens && got.settings.contains("ssh"), "{got:?}");
+    a.token_insert("old", "admin", -10, false, None, &json!({})).unwrap();
+    let generation = b.users_generation();
+    a.token_insert("new", "admin", 60, true, None, &json!({})).unwrap();
+    let got = next_changes(&feed_b, &rt);
+    assert_eq!(got, crate::Changes { tokens: true, ..Default::default() }, "{got:?}");
+    assert!(b.users_generation() > generation, "the accounts' generation did not move on the other node");
 }
 
 #[test]
