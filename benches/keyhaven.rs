@@ -1,6 +1,6 @@
 //! keyhaven's benchmarks, measured against OpenSSH's own tools on the same
 //! machine in the same run. `cargo bench --bench keyhaven [-- GROUP…]` prints a
-//! Markdown report (groups: daemon, keygen, keychain, sshd, pairing, hostile, perf, rsync, metrics, backup, cluster;
+//! Markdown report (groups: daemon, keygen, keychain, sshd, pairing, hostile, perf, rsync, metrics, backup, backends, cluster;
 //! default all). `KEYHAVEN_BENCH_BASELINE=/path/to/older/keyhaven` adds the
 //! figures of that build, measured in the same run, where a group compares.
 //!
@@ -704,6 +704,9 @@ fn main() {
     }
     if want("backup") {
         rt.block_on(bench_backup());
+    }
+    if want("backends") {
+        rt.block_on(bench_backends());
     }
     if want("cluster") {
         rt.block_on(bench_cluster());
@@ -1718,4 +1721,128 @@ async fn bench_cluster_propagation() {
     );
     call(&mut wa, "user.update", json!([root, {"sshpubkey": null}])).await;
     drop((wa, wb, b, a));
+}
+
+// ---------------------------------------------------------------- backends (issue 14 §4)
+
+/// Sequential round trips of `method(params)`, each on a fresh logged-out
+/// connection opened before the clock starts; ms per call.
+async fn fresh_call_ms(d: &Daemon, method: &str, params: Value) -> f64 {
+    let mut ws = connect(d, false).await;
+    let t = Instant::now();
+    let r = call(&mut ws, method, params).await;
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(r, json!(true), "{method}: {r}");
+    ms
+}
+
+/// PostgreSQL against SQLite on the same machine in the same run: one
+/// `keyhaven serve` per backend, measured in turns so machine noise hits
+/// both. PostgreSQL is a throwaway cluster with its default durability
+/// (a commit returns after its WAL flush, as SQLite's group commit after its
+/// fdatasync), on loopback. `KEYHAVEN_BENCH_BACKENDS_N` sets the number of
+/// credentials (default 10,000; a smaller one to check a debug build).
+async fn bench_backends() {
+    println!("## PostgreSQL against SQLite (issue 14 §4)\n");
+    let Some(pg) = keyhaven_testpg::start_durable_or_skip("bench backends") else {
+        println!("skipped: no PostgreSQL binaries (scripts/install-test-deps.sh installs them)\n");
+        return;
+    };
+    let n: usize = std::env::var("KEYHAVEN_BENCH_BACKENDS_N").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    // Create throughput: the same connections and window on both.
+    const CONNS: usize = 4;
+    let per = n.div_ceil(2 * CONNS);
+    let n = per * 2 * CONNS;
+    let url = pg.create_database("keyhaven").unwrap();
+    let bin = env!("CARGO_BIN_EXE_keyhaven");
+    let (sqlite, _) = start(None);
+    let (postgres, _) = start_env(bin, None, &[("KEYHAVEN_DATABASE", url.as_str())]);
+    let both = [&sqlite, &postgres];
+    let mut first = connect(&sqlite, true).await;
+    let pk = call(&mut first, "keychaincredential.generate_ssh_key_pair", json!([])).await["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    drop(first);
+
+    // Two rounds of n/2 creates each (public-key-only key pairs, CONNS
+    // connections × 16 in flight), SQLite first then PostgreSQL first; they
+    // also fill each store to n credentials.
+    let mut create_s = [0.0f64; 2];
+    for round in 0..2 {
+        for k in [round, 1 - round] {
+            let rate = create_rate(both[k], CONNS, per, &pk, &format!("r{round}")).await;
+            create_s[k] += (CONNS * per) as f64 / rate;
+        }
+    }
+    let create = create_s.map(|s| n as f64 / s);
+
+    // Query by name over n credentials: sequential round trips on one
+    // connection per backend, alternating in blocks of 10.
+    let mut ws = [connect(&sqlite, true).await, connect(&postgres, true).await];
+    for w in ws.iter_mut() {
+        assert_eq!(call(w, "keychaincredential.query", json!([[], {"count": true}])).await, json!(n));
+    }
+    let queries = 2000;
+    let mut lat = [vec![], vec![]];
+    for i in 0..queries * 2 + 200 {
+        let k = (i / 10) % 2;
+        let j = i / 2;
+        let name = format!("r{}-{}-{}", j % 2, (j / 2) % CONNS, (j / (2 * CONNS)) % per);
+        let t = Instant::now();
+        let r = call(&mut ws[k], "keychaincredential.query", json!([[["name", "=", name]]])).await;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        assert_eq!(r.as_array().map(Vec::len), Some(1), "{name}: {r}");
+        // The first 200 calls warm both up.
+        if i >= 200 {
+            lat[k].push(ms);
+        }
+    }
+    let q50 = [median(&mut lat[0]), median(&mut lat[1])];
+    let q95 = [pct(&mut lat[0], 0.95), pct(&mut lat[1], 0.95)];
+
+    // Logins, alternating: an API key (SHA-256 of the key, the account
+    // read and, on PostgreSQL, the shared failed-login rows) 200 times,
+    // and a password (Argon2id dominates) 20 times.
+    let mut keys = vec![];
+    for w in ws.iter_mut() {
+        let k = call(w, "api_key.create", json!([{"name": "bench", "username": "admin"}])).await;
+        keys.push(k["key"].as_str().unwrap().to_string());
+    }
+    let (mut api, mut pass) = ([vec![], vec![]], [vec![], vec![]]);
+    for i in 0..220 {
+        let k = i % 2;
+        let ms = fresh_call_ms(both[k], "auth.login_with_api_key", json!([keys[k]])).await;
+        if i >= 20 {
+            api[k].push(ms);
+        }
+    }
+    for i in 0..44 {
+        let k = i % 2;
+        let ms = fresh_call_ms(both[k], "auth.login", json!(["admin", PASSWORD])).await;
+        if i >= 4 {
+            pass[k].push(ms);
+        }
+    }
+    let api50 = [median(&mut api[0]), median(&mut api[1])];
+    let pass50 = [median(&mut pass[0]), median(&mut pass[1])];
+
+    println!("PostgreSQL 15 on loopback with its default durability; {n} credentials in each store.\n");
+    println!("| measure | SQLite | PostgreSQL | PostgreSQL / SQLite |\n|---|---|---|---|");
+    let row = |what: &str, v: [f64; 2], unit: &str, prec: usize| {
+        println!("| {what} | {:.prec$} {unit} | {:.prec$} {unit} | {:.2} |", v[0], v[1], v[1] / v[0]);
+    };
+    row(&format!("`keychaincredential.query` by name, {n} stored, p50 ({queries} calls each)"), q50, "ms", 3);
+    row(&format!("`keychaincredential.query` by name, {n} stored, p95"), q95, "ms", 3);
+    row(
+        &format!("`keychaincredential.create` ({CONNS} connections × 16 in flight, {n} creates)"),
+        create,
+        "creates/s",
+        0,
+    );
+    row("`auth.login_with_api_key` on a fresh connection, p50 (200 each)", api50, "ms", 3);
+    row("`auth.login` (password) on a fresh connection, p50 (20 each)", pass50, "ms", 1);
+    println!();
+    drop(ws);
+    drop((sqlite, postgres));
 }

@@ -135,6 +135,8 @@ pub struct TestPg {
     account: Option<(u32, u32)>,
     /// Started with `ssl=on` (its certificate in the data dir).
     tls: bool,
+    /// Started with PostgreSQL's own durability settings (see [`TestPg::start_durable`]).
+    durable: bool,
 }
 
 impl std::fmt::Debug for TestPg {
@@ -146,17 +148,26 @@ impl std::fmt::Debug for TestPg {
 impl TestPg {
     /// initdb + start, waiting until it accepts connections.
     pub fn start() -> Result<TestPg, TestPgError> {
-        Self::start_with(None)
+        Self::start_with(None, false)
+    }
+
+    /// [`TestPg::start`] with PostgreSQL's default durability (`fsync`,
+    /// `synchronous_commit`, `full_page_writes` on): a commit returns after
+    /// its WAL flush, as on a production server. For benchmarks that compare
+    /// with SQLite, which keyhaven acknowledges after its fdatasync; tests use
+    /// [`TestPg::start`], which turns those off for speed.
+    pub fn start_durable() -> Result<TestPg, TestPgError> {
+        Self::start_with(None, true)
     }
 
     /// [`TestPg::start`] with TLS on (`ssl=on`): `cert_pem` (the server's
     /// certificate, chain after it) and `key_pem` become the cluster's
     /// `server.crt` and `server.key`. Plaintext connections still work.
     pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<TestPg, TestPgError> {
-        Self::start_with(Some((cert_pem, key_pem)))
+        Self::start_with(Some((cert_pem, key_pem)), false)
     }
 
-    fn start_with(tls: Option<(&str, &str)>) -> Result<TestPg, TestPgError> {
+    fn start_with(tls: Option<(&str, &str)>, durable: bool) -> Result<TestPg, TestPgError> {
         let bin = PgBin::find().ok_or(TestPgError::NotInstalled)?;
         let account = postgres_account()?;
         let dir = tempfile::Builder::new().prefix("keyhaven-testpg-").tempdir().map_err(io("creating a temp dir"))?;
@@ -198,7 +209,7 @@ impl TestPg {
                 }
             }
         }
-        let mut pg = TestPg { child: None, port: 0, dir, bin, account, tls: tls.is_some() };
+        let mut pg = TestPg { child: None, port: 0, dir, bin, account, tls: tls.is_some(), durable };
         let mut last = None;
         // A free port can be taken by someone else before postgres binds it: retry.
         for _ in 0..5 {
@@ -235,8 +246,12 @@ impl TestPg {
             .arg(self.port.to_string())
             .arg("-k")
             .arg(self.dir.path())
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"])
-            .args(["-c", "synchronous_commit=off", "-c", "max_connections=200"])
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"])
+            .args(if self.durable {
+                ["-c", "fsync=on", "-c", "full_page_writes=on", "-c", "synchronous_commit=on"]
+            } else {
+                ["-c", "fsync=off", "-c", "full_page_writes=off", "-c", "synchronous_commit=off"]
+            })
             .args(["-c", if self.tls { "ssl=on" } else { "ssl=off" }])
             .stdin(Stdio::null())
             .stdout(log)
@@ -357,6 +372,11 @@ impl Drop for TestPg {
 /// (a test harness must not hide a broken setup).
 pub fn start_or_skip(test: &str) -> Option<TestPg> {
     skip_if_not_installed(test, TestPg::start())
+}
+
+/// [`start_or_skip`] with PostgreSQL's default durability (see [`TestPg::start_durable`]).
+pub fn start_durable_or_skip(test: &str) -> Option<TestPg> {
+    skip_if_not_installed(test, TestPg::start_durable())
 }
 
 /// [`start_or_skip`] with TLS on (see [`TestPg::start_tls`]).
