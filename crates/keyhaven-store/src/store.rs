@@ -356,6 +356,19 @@ impl Store {
         }
     }
 
+    /// The keychain table's change count (PostgreSQL, migration 0006: moved
+    /// in the transaction of every statement that changes the table, an
+    /// update in place included). Read before [`Store::keychain_list`], it
+    /// tells a node whose cache was built from that list whether anything
+    /// changed since, without reading the rows. `None` on SQLite, where the
+    /// node is the only writer.
+    pub fn keychain_version(&self) -> Result<Option<i64>> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(None),
+            Backend::Postgres(p) => p.table_version("keychain").map(Some),
+        }
+    }
+
     /// Whether failed logins are counted in the database (PostgreSQL: every
     /// node shares them) rather than in the node's memory alone (SQLite).
     pub fn shares_login_failures(&self) -> bool {

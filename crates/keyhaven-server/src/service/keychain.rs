@@ -33,6 +33,48 @@ pub struct KeychainCache {
     writes: std::sync::Mutex<()>,
     /// Passphrase KDFs running at once (half the cores: the rest keep serving).
     kdf_slots: tokio::sync::Semaphore,
+    /// What the reconcile knows of the cache (PostgreSQL; see
+    /// [`Keychain::follow_shared_state`]). Taken last, briefly.
+    sync: std::sync::Mutex<CacheSync>,
+    /// One reconcile at a time (the sync loop runs them one after another;
+    /// this keeps `sync.touched` one recording).
+    reconciling: std::sync::Mutex<()>,
+}
+
+/// How the cache stands with the database's keychain table.
+#[derive(Default)]
+struct CacheSync {
+    /// The table's change count ([`keyhaven_store::Store::keychain_version`])
+    /// read before the rows the cache was last built from: every change up
+    /// to it is in the cache (patches since only add later ones). `None`:
+    /// unknown (SQLite, or not built yet).
+    version: Option<i64>,
+    /// While a reconcile reads the rows outside the write lock: the ids
+    /// patched into the current cache meanwhile, patched again into the new
+    /// one before it replaces the current one (else a local write made
+    /// after the read would vanish from the cache).
+    touched: Option<Vec<i64>>,
+}
+
+/// What a full reconcile of the cache did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconciled {
+    /// No cache built yet: nothing to compare (the next reader builds it).
+    NotBuilt,
+    /// The table's change count is the one the cache was built at.
+    Unchanged,
+    /// Rows read again and the new cache swapped in.
+    Rebuilt,
+}
+
+impl Reconciled {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reconciled::NotBuilt => "not_built",
+            Reconciled::Unchanged => "unchanged",
+            Reconciled::Rebuilt => "rebuilt",
+        }
+    }
 }
 
 impl Default for KeychainCache {
@@ -42,6 +84,8 @@ impl Default for KeychainCache {
             inner: RwLock::default(),
             writes: std::sync::Mutex::default(),
             kdf_slots: tokio::sync::Semaphore::new((cores / 2).max(1)),
+            sync: std::sync::Mutex::default(),
+            reconciling: std::sync::Mutex::default(),
         }
     }
 }
@@ -173,13 +217,25 @@ impl<'a> Keychain<'a> {
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
+        // The change count before the rows: the rows hold at least every change up to it.
+        let version = self.app.store.keychain_version()?;
+        let c = Arc::new(self.read_all()?);
+        *guard = Some(c.clone());
+        self.sync().version = version;
+        Ok(c)
+    }
+
+    /// Every row, as a fresh cache.
+    fn read_all(&self) -> Result<Cached, ServiceError> {
         let mut c = Cached::default();
         for r in self.app.store.keychain_list()? {
             c.put(&r);
         }
-        let c = Arc::new(c);
-        *guard = Some(c.clone());
         Ok(c)
+    }
+
+    fn sync(&self) -> std::sync::MutexGuard<'_, CacheSync> {
+        self.app.keychain.sync.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Bring the cache in line with the store after a write to rows `ids`:
@@ -188,6 +244,9 @@ impl<'a> Keychain<'a> {
     fn changed(&self, ids: &[i64]) {
         let mut guard = self.app.keychain.inner.write().unwrap_or_else(|p| p.into_inner());
         let Some(arc) = guard.as_mut() else { return };
+        if let Some(t) = self.sync().touched.as_mut() {
+            t.extend_from_slice(ids);
+        }
         let cached = Arc::make_mut(arc);
         for &id in ids {
             match self.app.store.keychain_get(id) {
@@ -201,27 +260,55 @@ impl<'a> Keychain<'a> {
         }
     }
 
-    /// Another node changed credentials `ids` (`None`: any of them, after a
-    /// missed notification or for the periodic reconcile): patch those rows,
-    /// or rebuild the whole cache and swap it in (readers keep the old one
-    /// until then). Under the write lock, so a local write cannot interleave
-    /// and be overwritten by an older read. A cache not built yet stays so.
-    pub fn follow_shared_state(&self, ids: Option<&std::collections::BTreeSet<i64>>) -> Result<(), ServiceError> {
+    /// Another node changed credentials `ids`: patch those rows. Under the
+    /// write lock, so a local write cannot interleave and be overwritten by
+    /// an older read. A cache not built yet stays so.
+    pub fn follow_shared_state(&self, ids: &std::collections::BTreeSet<i64>) -> Result<(), ServiceError> {
         let _writes = self.app.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
+        self.changed(&ids.iter().copied().collect::<Vec<_>>());
+        Ok(())
+    }
+
+    /// The full reconcile (after a missed notification, at start and every
+    /// 30 s): compare the table's change count with the one the cache was
+    /// built at and stop there when they are equal, the usual case. Else
+    /// read every row into a new cache *outside* the write lock (writes go
+    /// on meanwhile; the ids they patch are recorded), then, under the lock,
+    /// patch those ids into the new cache and swap it in: the lock is held
+    /// for the few rows written during the read, not for the whole table.
+    /// On SQLite (no change count) it always rebuilds; nothing calls it there.
+    pub fn reconcile(&self) -> Result<Reconciled, ServiceError> {
+        let _one = self.app.keychain.reconciling.lock().unwrap_or_else(|p| p.into_inner());
         if self.app.keychain.inner.read().unwrap_or_else(|p| p.into_inner()).is_none() {
-            return Ok(());
+            return Ok(Reconciled::NotBuilt);
         }
-        match ids {
-            Some(ids) => self.changed(&ids.iter().copied().collect::<Vec<_>>()),
-            None => {
-                let mut c = Cached::default();
-                for r in self.app.store.keychain_list()? {
-                    c.put(&r);
-                }
-                *self.app.keychain.inner.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(c));
+        // The count first: the rows read after it hold at least every change up to it.
+        let version = self.app.store.keychain_version()?;
+        {
+            let mut sync = self.sync();
+            if version.is_some() && sync.version == version {
+                return Ok(Reconciled::Unchanged);
+            }
+            sync.touched = Some(Vec::new());
+        }
+        let built = self.read_all();
+        let _writes = self.app.keychain.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let touched = self.sync().touched.take().unwrap_or_default();
+        let mut c = built?;
+        for id in touched.into_iter().collect::<std::collections::BTreeSet<_>>() {
+            match self.app.store.keychain_get(id)? {
+                Some(r) => c.put(&r),
+                None => c.remove(id),
             }
         }
-        Ok(())
+        let mut guard = self.app.keychain.inner.write().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            // Dropped meanwhile (a patch failed): the next reader builds it afresh.
+            return Ok(Reconciled::NotBuilt);
+        }
+        *guard = Some(Arc::new(c));
+        self.sync().version = version;
+        Ok(Reconciled::Rebuilt)
     }
 
     /// Entries without private keys (for filtering).

@@ -40,6 +40,7 @@ pub struct Metrics {
     calls: Family<Labels2, Counter>,
     jobs: Family<Labels2, Histogram, fn() -> Histogram>,
     connection_tests: Family<Labels1, Counter>,
+    reconciles: Family<Labels2, Counter>,
     /// The served certificate's validity (Unix seconds), when serving TLS;
     /// replaced when a reload reads the certificate again.
     tls_validity: RwLock<Option<(i64, i64)>>,
@@ -74,7 +75,13 @@ impl Default for Metrics {
         );
         let connection_tests = Family::<Labels1, Counter>::default();
         registry.register("connection_tests", "SSH connection tests by result (ok, failed)", connection_tests.clone());
-        Metrics { registry, logins, calls, jobs, connection_tests, tls_validity: RwLock::new(None) }
+        let reconciles = Family::<Labels2, Counter>::default();
+        registry.register(
+            "cluster_reconciles",
+            "Full reconciles of this node's state with the shared database (PostgreSQL) by area and outcome (unchanged: nothing read; rebuilt; not_built)",
+            reconciles.clone(),
+        );
+        Metrics { registry, logins, calls, jobs, connection_tests, reconciles, tls_validity: RwLock::new(None) }
     }
 }
 
@@ -110,6 +117,16 @@ impl Metrics {
     /// A finished connection test.
     pub fn connection_test(&self, ok: bool) {
         self.connection_tests.get_or_create(&[("result", if ok { "ok" } else { "failed" })]).inc();
+    }
+
+    /// A full reconcile of `area` (PostgreSQL's periodic safety net).
+    pub fn reconciled(&self, area: &'static str, outcome: &'static str) {
+        self.reconciles.get_or_create(&[("area", area), ("outcome", outcome)]).inc();
+    }
+
+    /// How many full reconciles of `area` ended with `outcome` (for tests).
+    pub fn reconciles(&self, area: &'static str, outcome: &'static str) -> u64 {
+        self.reconciles.get_or_create(&[("area", area), ("outcome", outcome)]).get()
     }
 
     /// The validity (not before, not after) of the certificate served now.

@@ -17,7 +17,12 @@
 //!
 //! A missed notification (the listening connection broke) arrives as
 //! "everything"; a full reconcile also runs at start and every
-//! [`RECONCILE_EVERY`], the safety net for anything lost another way.
+//! [`RECONCILE_EVERY`], the safety net for anything lost another way. For
+//! the keychain it first compares the table's change count (migration 0006)
+//! with the one its cache was built at, and reads the rows only when they
+//! differ — outside the keychain's write lock, swapping the new cache in
+//! under it (`Keychain::reconcile`; counted in `/metrics` as
+//! `keyhaven_cluster_reconciles_total`).
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -52,9 +57,21 @@ pub async fn follow(app: Weak<App>) {
 /// Bring this node's state in line with `c`.
 pub async fn apply(app: &Arc<App>, c: Changes) {
     let all = c.everything;
-    if all || !c.keychain.is_empty() {
+    if all {
+        let a = app.clone();
+        match tokio::task::spawn_blocking(move || a.keychain().reconcile()).await {
+            Ok(Ok(done)) => {
+                app.metrics.reconciled("keychain", done.as_str());
+                if done == super::keychain::Reconciled::Rebuilt {
+                    tracing::debug!("the keychain changed since the cache was built: rebuilt");
+                }
+            }
+            Ok(Err(e)) => tracing::error!("reconciling the keychain cache with the database: {e}"),
+            Err(e) => tracing::error!("reconciling the keychain cache with the database: {e}"),
+        }
+    } else if !c.keychain.is_empty() {
         let (a, ids) = (app.clone(), c.keychain.clone());
-        let r = tokio::task::spawn_blocking(move || a.keychain().follow_shared_state((!all).then_some(&ids))).await;
+        let r = tokio::task::spawn_blocking(move || a.keychain().follow_shared_state(&ids)).await;
         report("the keychain cache", r);
     }
     if all || !c.users.is_empty() {
@@ -83,5 +100,86 @@ fn report(what: &str, r: Result<Result<(), crate::error::ServiceError>, tokio::t
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!("applying another node's change to {what}: {e}"),
         Err(e) => tracing::error!("applying another node's change to {what}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use serde_json::json;
+
+    use super::super::keychain::Reconciled;
+    use super::*;
+
+    fn key_pair(n: u32) -> serde_json::Value {
+        json!({"public_key": format!("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI{n:040}")})
+    }
+
+    /// One node on a throwaway cluster, without its sync loop: nothing
+    /// patches the keychain cache but the calls below, so rows written
+    /// through the store or psql stand for changes whose notification was
+    /// missed (this node's own notifications are dropped anyway).
+    #[test]
+    fn the_reconcile_reads_the_keychain_only_when_it_changed_and_catches_missed_changes() {
+        let Some(pg) = keyhaven_testpg::start_or_skip("sync::tests") else { return };
+        let url = pg.create_database("kh").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = keyhaven_store::Store::open_database(dir.path(), &url).unwrap();
+        let env = BTreeMap::from([
+            ("KEYHAVEN_DATA_DIR", dir.path().display().to_string()),
+            ("KEYHAVEN_DATABASE", url.clone()),
+        ]);
+        let cfg = crate::config::Config::resolve(&BTreeMap::new(), &|k| env.get(k).cloned(), None).unwrap();
+        let app = App::new(cfg, store);
+        let names = || {
+            let mut v: Vec<String> = app.keychain().entries().unwrap().names.keys().cloned().collect();
+            v.sort();
+            v
+        };
+
+        let a = app.store.keychain_insert("a", "SSH_KEY_PAIR", &key_pair(1), None).unwrap();
+        assert_eq!(app.keychain().reconcile().unwrap(), Reconciled::NotBuilt);
+        assert_eq!(names(), ["a"]);
+        // Built with the table's change count: nothing to read.
+        assert_eq!(app.keychain().reconcile().unwrap(), Reconciled::Unchanged);
+        assert_eq!(app.keychain().reconcile().unwrap(), Reconciled::Unchanged);
+
+        // An insert the cache was not told about.
+        app.store.keychain_insert("b", "SSH_KEY_PAIR", &key_pair(2), None).unwrap();
+        assert_eq!(names(), ["a"]);
+        assert_eq!(app.keychain().reconcile().unwrap(), Reconciled::Rebuilt);
+        assert_eq!(names(), ["a", "b"]);
+        assert_eq!(app.keychain().reconcile().unwrap(), Reconciled::Unchanged);
+
+        // An update in place from psql with the notification trigger off:
+        // same row count, same ids, and still seen.
+        pg.psql(
+            "kh",
+            "ALTER TABLE keychain DISABLE TRIGGER keychain_notify; \
+             UPDATE keychain SET name = 'a2' WHERE name = 'a'; \
+             ALTER TABLE keychain ENABLE TRIGGER keychain_notify",
+        )
+        .unwrap();
+        assert_eq!(names(), ["a", "b"]);
+        assert_eq!(app.keychain().reconcile().unwrap(), Reconciled::Rebuilt);
+        assert_eq!(names(), ["a2", "b"]);
+        assert_eq!(app.keychain().entries().unwrap().names["a2"], a);
+
+        // A rolled-back change moves nothing; a delete does.
+        pg.psql("kh", "BEGIN; DELETE FROM keychain; ROLLBACK").unwrap();
+        assert_eq!(app.keychain().reconcile().unwrap(), Reconciled::Unchanged);
+        pg.psql("kh", "DELETE FROM keychain WHERE name = 'b'").unwrap();
+        assert_eq!(app.keychain().reconcile().unwrap(), Reconciled::Rebuilt);
+        assert_eq!(names(), ["a2"]);
+
+        // The sync loop's "everything" goes through the same reconcile and counts it.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(apply(&app, Changes::everything()));
+        assert_eq!(app.metrics.reconciles("keychain", "unchanged"), 1);
+        app.store.keychain_insert("c", "SSH_KEY_PAIR", &key_pair(3), None).unwrap();
+        rt.block_on(apply(&app, Changes::everything()));
+        assert_eq!(app.metrics.reconciles("keychain", "rebuilt"), 1);
+        assert_eq!(names(), ["a2", "c"]);
     }
 }

@@ -59,6 +59,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("migrations/0003_cluster.sql")),
     (4, include_str!("migrations/0004_jobs.sql")),
     (5, include_str!("migrations/0005_token_notify.sql")),
+    (6, include_str!("migrations/0006_table_versions.sql")),
 ];
 
 /// The advisory lock every node takes to migrate and to check the master
@@ -459,6 +460,19 @@ impl PgStore {
     /// listens; more after reconnects). For tests.
     pub fn listen_connects(&self) -> u64 {
         self.listening.connects.load(Ordering::Acquire)
+    }
+
+    /// The change count of `table` in `keyhaven_table_versions` (migration
+    /// 0006; see [`crate::Store::keychain_version`]).
+    pub fn table_version(&self, table: &'static str) -> Result<i64> {
+        self.run(move |pg| async move {
+            let c = pg.client().await?;
+            let row = c
+                .query_one("SELECT version FROM keyhaven_table_versions WHERE name = $1", &[&table])
+                .await
+                .map_err(|e| pg.err(e))?;
+            Ok(row.get::<_, i64>(0))
+        })
     }
 
     /// The database's schema version (0 before the first migration).
