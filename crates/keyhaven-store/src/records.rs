@@ -291,6 +291,21 @@ pub struct TokenRecord {
     pub attrs: Value,
 }
 
+/// The columns [`token_row`] reads, in order.
+const TOKEN_COLS: &str = "id, username, created_at, expires_at, single_use, origin, attrs";
+
+fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+    Ok(TokenRecord {
+        id: r.get(0)?,
+        username: r.get(1)?,
+        created_at: r.get(2)?,
+        expires_at: r.get(3)?,
+        single_use: r.get(4)?,
+        origin: r.get(5)?,
+        attrs: json_col(r, 6)?,
+    })
+}
+
 impl SqliteStore {
     /// Store a token valid for `ttl_secs` from now (one clock reading, so
     /// `expires_at - created_at` is exactly the lifetime).
@@ -325,21 +340,7 @@ impl SqliteStore {
     pub fn token_take(&self, token_hash: &str) -> Result<Option<TokenRecord>> {
         let conn = self.conn();
         let rec = conn
-            .query_row(
-                "SELECT id, username, created_at, expires_at, single_use, origin, attrs FROM tokens WHERE token_hash = ?1",
-                [token_hash],
-                |r| {
-                    Ok(TokenRecord {
-                        id: r.get(0)?,
-                        username: r.get(1)?,
-                        created_at: r.get(2)?,
-                        expires_at: r.get(3)?,
-                        single_use: r.get(4)?,
-                        origin: r.get(5)?,
-                        attrs: json_col(r, 6)?,
-                    })
-                },
-            )
+            .query_row(&format!("SELECT {TOKEN_COLS} FROM tokens WHERE token_hash = ?1"), [token_hash], token_row)
             .optional()?;
         if let Some(t) = &rec {
             if t.single_use || t.expires_at < now_secs() {
@@ -356,23 +357,7 @@ impl SqliteStore {
     /// token check that it is still there).
     pub fn token_by_id(&self, id: i64) -> Result<Option<TokenRecord>> {
         let conn = self.conn();
-        Ok(conn
-            .query_row(
-                "SELECT id, username, created_at, expires_at, single_use, origin, attrs FROM tokens WHERE id = ?1",
-                [id],
-                |r| {
-                    Ok(TokenRecord {
-                        id: r.get(0)?,
-                        username: r.get(1)?,
-                        created_at: r.get(2)?,
-                        expires_at: r.get(3)?,
-                        single_use: r.get(4)?,
-                        origin: r.get(5)?,
-                        attrs: json_col(r, 6)?,
-                    })
-                },
-            )
-            .optional()?)
+        Ok(conn.query_row(&format!("SELECT {TOKEN_COLS} FROM tokens WHERE id = ?1"), [id], token_row).optional()?)
     }
 }
 

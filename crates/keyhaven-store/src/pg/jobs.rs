@@ -8,7 +8,7 @@ use serde_json::Value;
 use tokio_postgres::Row;
 
 use super::cluster::DB_NOW;
-use super::records::{col, json, next_id};
+use super::records::{col, json, next_id, record_last_success};
 use super::PgStore;
 use crate::cluster::DOWN_AFTER_SECS;
 use crate::error::{Result, StoreError};
@@ -220,15 +220,7 @@ impl PgStore {
             if n == 0 {
                 return Ok(false);
             }
-            if let (true, Some(at)) = (r.state == "SUCCESS", r.finished) {
-                tx.execute(
-                    "INSERT INTO rsync_last_success(task_id, at) VALUES($1, $2)
-                     ON CONFLICT(task_id) DO UPDATE SET at = excluded.at",
-                    &[&r.task_id, &at],
-                )
-                .await
-                .map_err(|e| pg.err(e))?;
-            }
+            record_last_success(&pg, &tx, &r).await?;
             tx.commit().await.map_err(|e| pg.err(e))?;
             Ok(true)
         })

@@ -676,6 +676,25 @@ fn task_row(r: &Row) -> Result<RsyncTaskRecord> {
     Ok(RsyncTaskRecord { id: col(r, 0)?, data: json(r, 1)?, enabled: col(r, 2)?, ssh_credentials: col(r, 3)? })
 }
 
+/// A successful run `r` is also its task's last success (what
+/// `/metrics` reports); in the caller's transaction.
+pub(super) async fn record_last_success(
+    pg: &Pg,
+    tx: &tokio_postgres::Transaction<'_>,
+    r: &RsyncRunRecord,
+) -> Result<()> {
+    if let (true, Some(at)) = (r.state == "SUCCESS", r.finished) {
+        tx.execute(
+            "INSERT INTO rsync_last_success(task_id, at) VALUES($1, $2)
+             ON CONFLICT(task_id) DO UPDATE SET at = excluded.at",
+            &[&r.task_id, &at],
+        )
+        .await
+        .map_err(|e| pg.err(e))?;
+    }
+    Ok(())
+}
+
 fn run_row(r: &Row) -> Result<RsyncRunRecord> {
     Ok(RsyncRunRecord {
         task_id: col(r, 0)?,
@@ -801,15 +820,7 @@ impl PgStore {
             )
             .await
             .map_err(|e| pg.err(e))?;
-            if let (true, Some(at)) = (r.state == "SUCCESS", r.finished) {
-                tx.execute(
-                    "INSERT INTO rsync_last_success(task_id, at) VALUES($1, $2)
-                     ON CONFLICT(task_id) DO UPDATE SET at = excluded.at",
-                    &[&r.task_id, &at],
-                )
-                .await
-                .map_err(|e| pg.err(e))?;
-            }
+            record_last_success(&pg, &tx, &r).await?;
             tx.commit().await.map_err(|e| pg.err(e))
         })
     }
