@@ -663,7 +663,42 @@ fn read_file(path: &Path) -> Result<BTreeMap<String, String>, ConfigError> {
         toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
     let mut out = BTreeMap::new();
     flatten("", &toml::Value::Table(table), &mut out, path)?;
+    if out.get("database").is_some_and(|url| url_carries_password(url)) {
+        refuse_readable_by_others(path)?;
+    }
     Ok(out)
+}
+
+/// Whether a database URL holds a password (in its user info or as a
+/// `password=` parameter).
+fn url_carries_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else { return false };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let in_userinfo = authority.rsplit_once('@').is_some_and(|(userinfo, _)| userinfo.contains(':'));
+    in_userinfo || rest.split_once('?').is_some_and(|(_, q)| q.split('&').any(|kv| kv.starts_with("password=")))
+}
+
+/// A config file holding the database password must be readable by its
+/// owner alone: whoever can write to the database can put a public key on
+/// any account this node serves (the package installs the file 0644, as it
+/// holds no secret until `database` is set).
+fn refuse_readable_by_others(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode =
+        std::fs::metadata(path).map_err(|source| ConfigError::Read { path: path.into(), source })?.permissions().mode();
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        name: "database".into(),
+        source_desc: format!("config file {}", path.display()),
+        message: format!(
+            "the URL holds the database password and the file can be read by other users (mode {:04o}): \
+             run `chmod 0600 {}`, or give the URL through KEYHAVEN_DATABASE from a file only root can read",
+            mode & 0o7777,
+            path.display()
+        ),
+    })
 }
 
 fn flatten(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>, path: &Path) -> Result<(), ConfigError> {
@@ -822,6 +857,31 @@ mod tests {
         assert!(!format!("{q:?}").contains("s3cret"), "{q:?}");
         let e = DatabaseUrl::from_setting("mysql://root:s3cret@db/x").unwrap_err().to_string();
         assert!(e.contains("postgres://") && !e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn a_config_file_holding_the_database_password_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyhaven.toml");
+        let chmod = |m| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(m)).unwrap();
+        for url in ["postgres://kh:s3cret@db.example/k", "postgres://kh@db.example/k?sslmode=disable&password=s3cret"] {
+            std::fs::write(&path, format!("database = \"{url}\"\n")).unwrap();
+            for mode in [0o644, 0o640, 0o604] {
+                chmod(mode);
+                let e = read_file(&path).unwrap_err().to_string();
+                assert!(e.contains("`database`") && e.contains("chmod 0600") && !e.contains("s3cret"), "{e}");
+            }
+            chmod(0o600);
+            assert_eq!(read_file(&path).unwrap()["database"], url);
+        }
+        // Without a password (peer or certificate authentication, a .pgpass)
+        // the file holds no secret and may stay as packaged.
+        std::fs::write(&path, "database = \"postgres://kh@db.example/k?sslmode=verify-full\"\n").unwrap();
+        chmod(0o644);
+        assert!(read_file(&path).is_ok());
+        assert!(!url_carries_password("postgres://kh@db.example/k?passwordless=1"));
+        assert!(url_carries_password("postgresql://kh:pw@db/k"));
     }
 
     fn resolve(
