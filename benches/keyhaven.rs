@@ -1541,11 +1541,21 @@ async fn cluster_status(d: &Daemon) -> Value {
     call(&mut ws, "keyhaven.cluster_status", json!([])).await
 }
 
+/// A second node on node `a`'s database: a fresh data dir (0700, as `serve`
+/// requires) holding a copy of `a`'s master key.
+fn second_node(bin: &str, a: &Daemon, env: &[(&str, &str)]) -> Daemon {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = fresh_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::copy(a.dir.join("master.key"), dir.join("master.key")).unwrap();
+    start_env(bin, Some(dir), env).0
+}
+
 /// Failover: two nodes on one throwaway PostgreSQL; kill -9 of the leader,
 /// then the time until the survivor holds leadership of the scheduled work.
 /// Skipped (saying why) without PostgreSQL binaries.
 async fn bench_cluster() {
-    use std::os::unix::fs::PermissionsExt;
     println!("## Cluster (two nodes on PostgreSQL)\n");
     let Some(pg) = keyhaven_testpg::start_or_skip("bench cluster") else {
         println!("skipped: no PostgreSQL binaries (scripts/install-test-deps.sh installs them)\n");
@@ -1559,11 +1569,7 @@ async fn bench_cluster() {
         let url = format!("postgres://postgres@127.0.0.1:{}/{db}", pg.port());
         let env = [("KEYHAVEN_DATABASE", url.as_str())];
         let (a, _) = start_env(bin, None, &env);
-        let dir_b = fresh_dir();
-        std::fs::create_dir_all(&dir_b).unwrap();
-        std::fs::set_permissions(&dir_b, std::fs::Permissions::from_mode(0o700)).unwrap();
-        std::fs::copy(a.dir.join("master.key"), dir_b.join("master.key")).unwrap();
-        let (b, _) = start_env(bin, Some(dir_b), &env);
+        let b = second_node(bin, &a, &env);
         let deadline = Instant::now() + Duration::from_secs(30);
         let leader = loop {
             let st = cluster_status(&a).await;
@@ -1640,14 +1646,7 @@ async fn bench_cluster_propagation() {
     let env = [("KEYHAVEN_DATABASE", url.as_str())];
     let bin = env!("CARGO_BIN_EXE_keyhaven");
     let (a, _) = start_env(bin, None, &env);
-    let dir_b = fresh_dir();
-    std::fs::create_dir_all(&dir_b).unwrap();
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&dir_b, std::fs::Permissions::from_mode(0o700)).unwrap();
-    }
-    std::fs::copy(a.dir.join("master.key"), dir_b.join("master.key")).unwrap();
-    let (b, _) = start_env(bin, Some(dir_b), &env);
+    let b = second_node(bin, &a, &env);
     let mut wa = connect(&a, true).await;
     let mut wb = connect(&b, true).await;
     // The SSH settings are shared; B runs the sshd (one port on one machine).
